@@ -1,0 +1,18 @@
+//! `keel-consumers`: what runs on the consuming side of Keel.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`serve`] | [`serve()`]: drive a group member's deliveries through a [`Handler`](keel_core::Handler) with bounded concurrency, ack on success, nack with backoff on failure, graceful drain on shutdown |
+//!
+//! Delivery guarantee: at-least-once. An event is acked only after its
+//! handler returned `Ok`; a failed, panicked or abandoned handler leads to
+//! re-delivery (per-key order is kept by the transport). The Kafka and
+//! JetStream group consumers, the handler router with its middleware (retry
+//! budgets, dead letters, inbox, tracing) and replay land here with their
+//! capabilities.
+
+#![forbid(unsafe_code)]
+
+pub mod serve;
+
+pub use serve::{ServeOptions, ServeReport, serve};

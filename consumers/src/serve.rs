@@ -1,0 +1,343 @@
+//! Drive one group member's deliveries through a handler.
+//!
+//! Delivery guarantee: at-least-once. Each delivery runs in its own task
+//! (at most [`ServeOptions::concurrency`] at once; the transport already
+//! keeps one event per key outstanding, so parallel tasks never break
+//! per-key order). `Ok` acks; an error nacks with exponential backoff; a
+//! panicking handler drops its delivery, which nacks it. On shutdown no new
+//! delivery is taken, running handlers finish and settle, then the member
+//! leaves the group gracefully.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use keel_core::{Deliveries, Error, Handler, Result};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// How [`serve()`] runs handlers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Most handlers running at once. Default 64.
+    pub concurrency: usize,
+    /// Delay before re-delivering a failed event; doubles with each attempt.
+    /// Default 100 ms.
+    pub retry_backoff: Duration,
+    /// Upper bound of the retry delay. Default 30 s.
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            concurrency: 64,
+            retry_backoff: Duration::from_millis(100),
+            max_retry_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Refuses settings that cannot work, naming them.
+    pub fn validate(&self) -> Result<()> {
+        if self.concurrency == 0 {
+            return Err(Error::config("concurrency", "must be at least 1"));
+        }
+        if self.max_retry_backoff < self.retry_backoff {
+            return Err(Error::config(
+                "max_retry_backoff",
+                format!(
+                    "{:?} is below retry_backoff ({:?})",
+                    self.max_retry_backoff, self.retry_backoff
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The delay before re-delivery after failed attempt number `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        self.retry_backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_retry_backoff)
+    }
+}
+
+/// What one [`serve()`] run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeReport {
+    /// Events whose handler succeeded (and were acked).
+    pub handled: u64,
+    /// Handler attempts that failed (and were nacked for re-delivery).
+    pub failed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    handled: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs `handler` on every delivery of `deliveries` until `shutdown`
+/// resolves or the stream ends, then drains and leaves the group.
+///
+/// Returns an error when the subscription fails for good (a fatal error
+/// from the stream); retriable stream errors are logged and consumption
+/// goes on.
+pub async fn serve<H: Handler + ?Sized>(
+    mut deliveries: Deliveries,
+    handler: Arc<H>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ServeReport> {
+    options.validate()?;
+    let permits = Arc::new(Semaphore::new(options.concurrency));
+    let counters = Arc::new(Counters::default());
+    let options = Arc::new(options);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    let outcome = loop {
+        while let Some(finished) = tasks.try_join_next() {
+            report_panic(finished);
+        }
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            permit = permits.clone().acquire_owned() => permit.map_err(|_| Error::closed("handler pool"))?,
+        };
+        let next = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            next = deliveries.next() => next,
+        };
+        let delivery = match next {
+            None => break Ok(()),
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) if e.is_retriable() => {
+                tracing::warn!(error = %e, "subscription hiccup; consuming on");
+                continue;
+            }
+            Some(Err(e)) => break Err(e),
+        };
+        let (handler, counters, options) = (handler.clone(), counters.clone(), options.clone());
+        let event = delivery.envelope();
+        let info = delivery.info();
+        let span = tracing::info_span!(
+            "handle",
+            event_id = %event.id(),
+            event_type = event.event_type(),
+            topic = %info.coordinates.topic,
+            partition = info.coordinates.partition,
+            position = info.coordinates.position,
+            attempt = info.attempt,
+        );
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                match handler.handle(delivery.envelope(), delivery.info()).await {
+                    Ok(()) => {
+                        delivery.ack();
+                        counters.handled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        let delay = options.backoff(delivery.info().attempt);
+                        if e.is_retriable() {
+                            tracing::warn!(error = %e, ?delay, "handler failed; will retry");
+                        } else {
+                            // Dead letters arrive with the router; until a
+                            // dead-letter layer is configured, a fatal error
+                            // is retried at the slowest pace rather than lost.
+                            tracing::error!(error = %e, "handler failed fatally; retrying slowly");
+                        }
+                        delivery.nack_with_delay(if e.is_retriable() {
+                            delay
+                        } else {
+                            options.max_retry_backoff
+                        });
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    };
+
+    while let Some(finished) = tasks.join_next().await {
+        report_panic(finished);
+    }
+    let report = ServeReport {
+        handled: counters.handled.load(Ordering::Relaxed),
+        failed: counters.failed.load(Ordering::Relaxed),
+    };
+    let left = deliveries.leave().await;
+    outcome?;
+    left?;
+    Ok(report)
+}
+
+fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = finished
+        && e.is_panic()
+    {
+        tracing::error!("a handler panicked; its event will be re-delivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use keel_core::{
+        DeliveryInfo, Envelope, MemoryTransport, Publisher, Subscriber, Subscription, TopicAdmin,
+        TopicSpec, handler_fn,
+    };
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    async fn topic_with(t: &MemoryTransport, events: &[Envelope]) {
+        t.ensure_topic(&TopicSpec {
+            name: "t".into(),
+            partitions: 2,
+        })
+        .await
+        .unwrap();
+        t.publish_batch("t", events.to_vec()).await.unwrap();
+    }
+
+    fn fast() -> ServeOptions {
+        ServeOptions {
+            retry_backoff: Duration::from_millis(1),
+            max_retry_backoff: Duration::from_millis(5),
+            ..ServeOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_are_retried_until_the_handler_succeeds() {
+        let t = MemoryTransport::new();
+        let events: Vec<_> = (0..20)
+            .map(|i| Envelope::new("e", format!("k{}", i % 4), ""))
+            .collect();
+        topic_with(&t, &events).await;
+        let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = attempts.clone();
+        let (done_tx, done_rx) = oneshot::channel();
+        let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+        let handled = Arc::new(AtomicU64::new(0));
+        let handler = handler_fn(move |e: Envelope, info: DeliveryInfo| {
+            let (seen, done_tx, handled) = (seen.clone(), done_tx.clone(), handled.clone());
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .insert(e.id().to_string(), info.attempt);
+                if info.attempt < 3 {
+                    return Err(Error::retriable("not yet"));
+                }
+                if handled.fetch_add(1, Ordering::SeqCst) + 1 == 20
+                    && let Some(tx) = done_tx.lock().unwrap().take()
+                {
+                    let _ = tx.send(());
+                }
+                Ok(())
+            }
+        });
+        let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let report = serve(member, Arc::new(handler), fast(), async {
+            let _ = done_rx.await;
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            report,
+            ServeReport {
+                handled: 20,
+                failed: 40
+            }
+        );
+        assert!(attempts.lock().unwrap().values().all(|&a| a == 3));
+        assert_eq!(
+            t.committed("t", "g").unwrap().iter().flatten().sum::<u64>(),
+            20
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_leads_to_redelivery() {
+        let t = MemoryTransport::new();
+        topic_with(&t, &[Envelope::new("e", "k", "")]).await;
+        let (done_tx, done_rx) = oneshot::channel();
+        let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+        let handler = handler_fn(move |_e: Envelope, info: DeliveryInfo| {
+            let done_tx = done_tx.clone();
+            async move {
+                assert!(info.attempt > 1, "first attempt panics on purpose");
+                if let Some(tx) = done_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                Ok(())
+            }
+        });
+        let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let report = serve(member, Arc::new(handler), fast(), async {
+            let _ = done_rx.await;
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.handled, 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_running_handlers_before_leaving() {
+        let t = MemoryTransport::new();
+        topic_with(&t, &[Envelope::new("e", "k", "")]).await;
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+        let handler = handler_fn(move |_e: Envelope, _info: DeliveryInfo| {
+            let started_tx = started_tx.clone();
+            async move {
+                if let Some(tx) = started_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(())
+            }
+        });
+        let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let report = serve(member, Arc::new(handler), fast(), async {
+            let _ = started_rx.await;
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.handled, 1, "the running handler finished and acked");
+        assert_eq!(
+            t.committed("t", "g").unwrap().iter().flatten().sum::<u64>(),
+            1
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_bad_options_are_named() {
+        let o = ServeOptions::default();
+        assert_eq!(o.backoff(1), Duration::from_millis(100));
+        assert_eq!(o.backoff(3), Duration::from_millis(400));
+        assert_eq!(o.backoff(1000), Duration::from_secs(30));
+        let bad = ServeOptions {
+            concurrency: 0,
+            ..ServeOptions::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`concurrency`")
+        );
+    }
+}

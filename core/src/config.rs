@@ -1,0 +1,575 @@
+//! Configuration: a `keel.toml` file, overridden by `KEEL_*` environment
+//! variables, overridden by command-line flags.
+//!
+//! Every struct denies unknown fields (a typo is an error, not a silently
+//! ignored setting), every field has a documented default, and
+//! [`KeelConfig::validate`] refuses invalid values and combinations with a
+//! message naming the setting. Nested settings map to environment variables
+//! with `__`: `consumer.max_in_flight` is `KEEL_CONSUMER__MAX_IN_FLIGHT`.
+//! Variables under `KEEL_TEST_` belong to the test harness and are ignored.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where events travel: one URL form for every broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum BrokerUrl {
+    /// `kafka://host:port[,host:port…]` — bootstrap servers (port defaults to 9092).
+    Kafka {
+        /// `host:port` bootstrap servers.
+        bootstrap: Vec<String>,
+    },
+    /// `nats://[user:pass@]host:port[,host:port…]` (port defaults to 4222).
+    Nats {
+        /// Server URLs as `nats://host:port`.
+        servers: Vec<String>,
+    },
+    /// `memory://[name]` — the in-process transport (tests, the demo).
+    Memory {
+        /// Instances with the same name in one process share a broker.
+        name: String,
+    },
+}
+
+impl BrokerUrl {
+    /// The URL scheme (`kafka`, `nats`, `memory`).
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            BrokerUrl::Kafka { .. } => "kafka",
+            BrokerUrl::Nats { .. } => "nats",
+            BrokerUrl::Memory { .. } => "memory",
+        }
+    }
+}
+
+impl Default for BrokerUrl {
+    fn default() -> Self {
+        BrokerUrl::Memory {
+            name: String::new(),
+        }
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason: String| Error::config("broker", format!("`{s}`: {reason}"));
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            bad("expected a URL like kafka://host:9092, nats://host:4222 or memory://".into())
+        })?;
+        match scheme {
+            "kafka" => {
+                let bootstrap = host_list(rest, 9092, false).map_err(bad)?;
+                Ok(BrokerUrl::Kafka { bootstrap })
+            }
+            "nats" => {
+                let servers = host_list(rest, 4222, true)
+                    .map_err(bad)?
+                    .into_iter()
+                    .map(|h| format!("nats://{h}"))
+                    .collect();
+                Ok(BrokerUrl::Nats { servers })
+            }
+            "memory" => {
+                if !rest
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(bad(
+                        "a memory broker name may only use letters, digits, `-` and `_`".into(),
+                    ));
+                }
+                Ok(BrokerUrl::Memory {
+                    name: rest.to_owned(),
+                })
+            }
+            other => Err(bad(format!(
+                "unknown scheme `{other}`; use kafka://, nats:// or memory://"
+            ))),
+        }
+    }
+}
+
+fn host_list(rest: &str, default_port: u16, allow_userinfo: bool) -> Result<Vec<String>, String> {
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err("no host given".into());
+    }
+    rest.split(',')
+        .map(|entry| {
+            let (userinfo, hostport) = match entry.rsplit_once('@') {
+                Some((u, h)) if allow_userinfo => (Some(u), h),
+                Some(_) => {
+                    return Err(format!(
+                        "`{entry}`: credentials do not belong in the URL here"
+                    ));
+                }
+                None => (None, entry),
+            };
+            if hostport.contains(['/', '?', '#', ' ']) {
+                return Err(format!(
+                    "`{entry}`: expected host:port, without a path or query"
+                ));
+            }
+            let (host, port) = match hostport.rsplit_once(':') {
+                // An IPv6 literal without a port: `[::1]`.
+                Some((h, p)) if !p.ends_with(']') => {
+                    let port: u16 = p.parse().map_err(|_| {
+                        format!("`{entry}`: port `{p}` is not a number from 0 to 65535")
+                    })?;
+                    (h, port)
+                }
+                _ => (hostport, default_port),
+            };
+            if host.is_empty() {
+                return Err(format!("`{entry}`: host is empty"));
+            }
+            Ok(match userinfo {
+                Some(u) => format!("{u}@{host}:{port}"),
+                None => format!("{host}:{port}"),
+            })
+        })
+        .collect()
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BrokerUrl::Kafka { bootstrap } => write!(f, "kafka://{}", bootstrap.join(",")),
+            BrokerUrl::Nats { servers } => {
+                let hosts: Vec<&str> = servers
+                    .iter()
+                    .map(|s| s.trim_start_matches("nats://"))
+                    .collect();
+                write!(f, "nats://{}", hosts.join(","))
+            }
+            BrokerUrl::Memory { name } => write!(f, "memory://{name}"),
+        }
+    }
+}
+
+impl TryFrom<String> for BrokerUrl {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<BrokerUrl> for String {
+    fn from(url: BrokerUrl) -> String {
+        url.to_string()
+    }
+}
+
+/// Everything Keel's binary and services read at start-up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeelConfig {
+    /// Broker URL (`kafka://…`, `nats://…`, `memory://`). Default `memory://`.
+    pub broker: BrokerUrl,
+    /// Schema registry URL (`http://host:8081`). Default: none.
+    pub registry: Option<String>,
+    /// Database for outbox, inbox and registry (`postgres://…` or
+    /// `sqlite://path`). Default: none.
+    pub database: Option<String>,
+    /// Name of the producing service, stamped on every event. Default `keel`.
+    pub service: String,
+    /// Defaults for topics Keel creates.
+    pub topics: TopicDefaults,
+    /// Consumer settings.
+    pub consumer: ConsumerConfig,
+    /// Publisher settings.
+    pub publisher: PublisherConfig,
+}
+
+impl Default for KeelConfig {
+    fn default() -> Self {
+        KeelConfig {
+            broker: BrokerUrl::default(),
+            registry: None,
+            database: None,
+            service: "keel".into(),
+            topics: TopicDefaults::default(),
+            consumer: ConsumerConfig::default(),
+            publisher: PublisherConfig::default(),
+        }
+    }
+}
+
+/// Defaults for topics Keel creates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicDefaults {
+    /// Partitions per topic. Default 6. Fixed once a topic exists: keys map
+    /// to partitions by `murmur2(key) % partitions`.
+    pub partitions: u32,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults { partitions: 6 }
+    }
+}
+
+/// Consumer settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Consumer group name. Default: the service name.
+    pub group: Option<String>,
+    /// Most deliveries outstanding per member. Default 256.
+    pub max_in_flight: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group: None,
+            max_in_flight: crate::transport::Subscription::DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// Publisher settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublisherConfig {
+    /// How long to wait for the broker's acknowledgement, in milliseconds.
+    /// Default 30000 (librdkafka's `delivery.timeout.ms` default is 300000;
+    /// Keel fails sooner so callers see a stuck broker).
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            ack_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl PublisherConfig {
+    /// The acknowledgement timeout.
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+}
+
+/// Upper bound on partitions, to catch typos like `600000`.
+pub const MAX_PARTITIONS: u32 = 10_000;
+
+impl KeelConfig {
+    /// Loads defaults ← `file` (when given; it must exist) ← `KEEL_*`
+    /// environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<KeelConfig> {
+        Self::from_figment(Self::layers(file)?)
+    }
+
+    /// Like [`KeelConfig::load`], with `overrides` on top (e.g. command-line
+    /// flags: a struct whose unset fields are skipped when serialized).
+    pub fn load_with(file: Option<&Path>, overrides: &impl Serialize) -> Result<KeelConfig> {
+        Self::from_figment(Self::layers(file)?.merge(Serialized::defaults(overrides)))
+    }
+
+    fn layers(file: Option<&Path>) -> Result<Figment> {
+        let mut figment = Figment::from(Serialized::defaults(KeelConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(Error::config(
+                    "config",
+                    format!("config file `{}` does not exist", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("KEEL_")
+                .split("__")
+                .ignore(&["config", "log"])
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
+        );
+        Ok(figment)
+    }
+
+    /// Parses a TOML document (defaults for missing fields), then validates.
+    pub fn from_toml(toml: &str) -> Result<KeelConfig> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(KeelConfig::default())).merge(Toml::string(toml)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<KeelConfig> {
+        let config: KeelConfig = figment.extract().map_err(figment_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses invalid values and combinations, naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let partitions = self.topics.partitions;
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(Error::config(
+                "topics.partitions",
+                format!("must be between 1 and {MAX_PARTITIONS}, got {partitions}"),
+            ));
+        }
+        if self.consumer.max_in_flight == 0 {
+            return Err(Error::config(
+                "consumer.max_in_flight",
+                "must be at least 1 (it bounds the deliveries a member holds at once)",
+            ));
+        }
+        if self.publisher.ack_timeout_ms == 0 {
+            return Err(Error::config(
+                "publisher.ack_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.service.is_empty() || !self.service.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::config(
+                "service",
+                format!(
+                    "`{}` must be non-empty visible ASCII (it travels in a header)",
+                    self.service
+                ),
+            ));
+        }
+        if let Some(group) = &self.consumer.group
+            && group.is_empty()
+        {
+            return Err(Error::config("consumer.group", "must not be empty"));
+        }
+        if let Some(db) = &self.database {
+            let ok = ["postgres://", "postgresql://", "sqlite://", "sqlite:"]
+                .iter()
+                .any(|p| db.starts_with(p));
+            if !ok {
+                return Err(Error::config(
+                    "database",
+                    format!("`{}` is not a postgres://… or sqlite://… URL", redact(db)),
+                ));
+            }
+        }
+        if let Some(registry) = &self.registry {
+            let parsed = url::Url::parse(registry).map_err(|e| {
+                Error::config("registry", format!("`{registry}` is not a URL: {e}"))
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(Error::config(
+                    "registry",
+                    format!("`{registry}` must be an http:// or https:// URL"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The consumer group: `consumer.group`, or the service name.
+    pub fn group(&self) -> &str {
+        self.consumer.group.as_deref().unwrap_or(&self.service)
+    }
+}
+
+/// Hides a password in a URL before it reaches a message.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn figment_error(err: figment::Error) -> Error {
+    use figment::error::Kind;
+    // Report the first error: one fix at a time reads better than a pile.
+    let err = err
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| figment::Error::from("unknown error".to_string()));
+    let mut path = err.path.clone();
+    let reason = match &err.kind {
+        Kind::UnknownField(field, expected) => {
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            format!("unknown setting; expected one of: {}", expected.join(", "))
+        }
+        Kind::Message(msg) => {
+            // Our own validation errors (from `try_from`) already say
+            // "invalid setting `broker`: …"; keep only the reason.
+            msg.split_once("`: ")
+                .filter(|_| msg.starts_with("invalid setting `"))
+                .map(|(_, r)| r.to_owned())
+                .unwrap_or_else(|| msg.clone())
+        }
+        other => other.to_string(),
+    };
+    let from = err
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(source) => format!(" (from {} {source})", m.name),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    let setting = if path.is_empty() {
+        "config".to_owned()
+    } else {
+        path.join(".")
+    };
+    Error::config(setting, format!("{reason}{from}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse_and_print_back() {
+        let cases = [
+            ("kafka://127.0.0.1:9092", "kafka://127.0.0.1:9092"),
+            ("kafka://a:1,b", "kafka://a:1,b:9092"),
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://u:p@host", "nats://u:p@host:4222"),
+            ("memory://", "memory://"),
+            ("memory://demo", "memory://demo"),
+        ];
+        for (input, printed) in cases {
+            let url: BrokerUrl = input.parse().unwrap();
+            assert_eq!(url.to_string(), printed);
+            assert_eq!(printed.parse::<BrokerUrl>().unwrap(), url);
+        }
+        assert_eq!(
+            "kafka://a:1,b".parse::<BrokerUrl>().unwrap(),
+            BrokerUrl::Kafka {
+                bootstrap: vec!["a:1".into(), "b:9092".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_broker_urls_name_the_setting() {
+        for bad in [
+            "localhost:9092",
+            "kafak://h:1",
+            "kafka://",
+            "kafka://h:port",
+            "kafka://h:99999",
+            "kafka://u:p@h:1",
+            "kafka://h:1/path",
+            "nats://:4222",
+            "memory://a b",
+        ] {
+            let err = bad.parse::<BrokerUrl>().unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("invalid setting `broker`"), "{bad}: {msg}");
+            assert!(msg.contains(bad), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = KeelConfig::from_toml("").unwrap();
+        assert_eq!(c, KeelConfig::default());
+        assert_eq!(c.topics.partitions, 6);
+        assert_eq!(c.consumer.max_in_flight, 256);
+        assert_eq!(c.group(), "keel");
+        assert_eq!(c.publisher.ack_timeout(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_config_names_the_setting() {
+        let cases = [
+            ("brokr = \"kafka://h:1\"", "`brokr`", "unknown setting"),
+            (
+                "[consumer]\nmax_inflight = 3",
+                "`consumer.max_inflight`",
+                "unknown setting",
+            ),
+            ("broker = \"kafka:/h\"", "`broker`", "kafka:/h"),
+            ("[topics]\npartitions = 0", "`topics.partitions`", "got 0"),
+            ("[topics]\npartitions = -1", "`topics.partitions`", "-1"),
+            (
+                "[consumer]\nmax_in_flight = 0",
+                "`consumer.max_in_flight`",
+                "at least 1",
+            ),
+            ("database = \"mysql://x\"", "`database`", "postgres"),
+            ("registry = \"ftp://x\"", "`registry`", "http"),
+            ("service = \"\"", "`service`", "non-empty"),
+            ("broker = [1]", "`broker`", "sequence"),
+        ];
+        for (toml, setting, reason) in cases {
+            let msg = KeelConfig::from_toml(toml).unwrap_err().to_string();
+            assert!(msg.contains(setting), "{toml:?} → {msg}");
+            assert!(msg.contains(reason), "{toml:?} → {msg}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_errors() {
+        let msg = KeelConfig::from_toml("database = \"mysql://u:secret@h/db\"")
+            .unwrap_err()
+            .to_string();
+        assert!(!msg.contains("secret"), "{msg}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn file_then_env_then_overrides() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "keel.toml",
+                "broker = \"kafka://file:9092\"\nservice = \"orders\"\n[topics]\npartitions = 3",
+            )?;
+            jail.set_env("KEEL_BROKER", "nats://env:4222");
+            jail.set_env("KEEL_CONSUMER__MAX_IN_FLIGHT", "7");
+            jail.set_env("KEEL_TEST_KAFKA", "ignored by config");
+            #[derive(Serialize)]
+            struct Flags {
+                topics: TopicDefaults,
+            }
+            let flags = Flags {
+                topics: TopicDefaults { partitions: 12 },
+            };
+            let c = KeelConfig::load_with(Some(Path::new("keel.toml")), &flags)
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.broker.to_string(), "nats://env:4222");
+            assert_eq!(c.service, "orders");
+            assert_eq!(c.consumer.max_in_flight, 7);
+            assert_eq!(c.topics.partitions, 12);
+            assert_eq!(c.group(), "orders");
+
+            jail.set_env("KEEL_PARTITIONS", "4");
+            let msg = KeelConfig::load(None).unwrap_err().to_string();
+            assert!(
+                msg.contains("`partitions`") && msg.contains("KEEL_"),
+                "{msg}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let msg = KeelConfig::load(Some(Path::new("/nonexistent/keel.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("/nonexistent/keel.toml"), "{msg}");
+    }
+}

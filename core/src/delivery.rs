@@ -1,0 +1,303 @@
+//! What a subscriber hands out: a [`Delivery`] per event, settled by ack or
+//! nack, and the [`Deliveries`] stream of one group member.
+//!
+//! Settling is idempotent and never waits: the first `ack`/`nack` wins, later
+//! calls return `false` and do nothing. A delivery dropped unsettled counts
+//! as a nack, so a forgotten or panicked handler leads to re-delivery, never
+//! to a committed position for an unhandled event.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use tokio::sync::watch;
+
+use crate::envelope::Envelope;
+use crate::error::Result;
+
+/// Where an event is stored: topic, partition and position (Kafka offset or
+/// JetStream stream sequence).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Coordinates {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset (Kafka) or stream sequence (JetStream).
+    pub position: u64,
+}
+
+impl fmt::Display for Coordinates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.position)
+    }
+}
+
+/// Facts about one delivery that a handler may want.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// Where the event is stored.
+    pub coordinates: Coordinates,
+    /// The consumer group it was delivered to.
+    pub group: String,
+    /// 1 for the first delivery, 2 after one nack or re-delivery, …
+    pub attempt: u32,
+}
+
+/// How a delivery was settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled: the position may be committed.
+    Ack,
+    /// Not handled: deliver again after `delay` (before any later event of
+    /// the same key).
+    Nack {
+        /// How long to wait before re-delivery.
+        delay: Duration,
+    },
+}
+
+/// The transport side of settling: receives each delivery's outcome once.
+/// Implementations must not block (take a short lock at most).
+pub trait Settle: Send + Sync {
+    /// Records `outcome` for the delivery identified by `token`. Outcomes for
+    /// deliveries the member no longer owns (after a rebalance) are ignored.
+    fn settle(&self, token: u64, outcome: Outcome);
+}
+
+/// One event delivered to one group member, to be acked or nacked.
+pub struct Delivery {
+    envelope: Envelope,
+    info: DeliveryInfo,
+    settler: Arc<dyn Settle>,
+    token: u64,
+    settled: AtomicBool,
+}
+
+impl Delivery {
+    /// A delivery whose outcome goes to `settler` under `token` (for
+    /// transport implementations).
+    pub fn new(
+        envelope: Envelope,
+        info: DeliveryInfo,
+        settler: Arc<dyn Settle>,
+        token: u64,
+    ) -> Self {
+        Delivery {
+            envelope,
+            info,
+            settler,
+            token,
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// The event.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Coordinates, group and attempt number.
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.info
+    }
+
+    /// Marks the event handled. Returns `false` if it was already settled.
+    pub fn ack(&self) -> bool {
+        self.settle(Outcome::Ack)
+    }
+
+    /// Asks for immediate re-delivery. Returns `false` if already settled.
+    pub fn nack(&self) -> bool {
+        self.settle(Outcome::Nack {
+            delay: Duration::ZERO,
+        })
+    }
+
+    /// Asks for re-delivery after `delay`; later events of the same key wait.
+    /// Returns `false` if already settled.
+    pub fn nack_with_delay(&self, delay: Duration) -> bool {
+        self.settle(Outcome::Nack { delay })
+    }
+
+    /// Whether `ack` or `nack` was called.
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    fn settle(&self, outcome: Outcome) -> bool {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.settler.settle(self.token, outcome);
+        true
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        self.nack();
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.envelope.id())
+            .field("type", &self.envelope.event_type())
+            .field("key", self.envelope.key())
+            .field("at", &self.info.coordinates)
+            .field("attempt", &self.info.attempt)
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+/// A member's group membership, owned by its [`Deliveries`]. Dropping it
+/// leaves the group abruptly (like a crash: in-flight events are
+/// re-delivered to the next owner).
+#[async_trait]
+pub trait Membership: Send + Sync {
+    /// Leaves the group gracefully: commits what was acked, then hands the
+    /// partitions over.
+    async fn leave(self: Box<Self>) -> Result<()>;
+}
+
+/// The partitions a member currently owns, sorted.
+pub type Assignment = Vec<u32>;
+
+/// One group member's stream of deliveries.
+///
+/// Yields `Err` for failures the member cannot hide (the broker refused the
+/// group, the connection is gone for good); a transport retries transient
+/// failures itself.
+pub struct Deliveries {
+    // Declared before `stream` so it drops first: the member leaves before
+    // buffered deliveries are dropped, and their nacks are then ignored
+    // instead of re-dispatched to a member that is going away.
+    membership: Option<Box<dyn Membership>>,
+    stream: Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>,
+    assignment: watch::Receiver<Assignment>,
+}
+
+impl Deliveries {
+    /// Assembles a member's stream (for transport implementations).
+    pub fn new(
+        stream: impl Stream<Item = Result<Delivery>> + Send + 'static,
+        assignment: watch::Receiver<Assignment>,
+        membership: Box<dyn Membership>,
+    ) -> Self {
+        Deliveries {
+            membership: Some(membership),
+            stream: Box::pin(stream),
+            assignment,
+        }
+    }
+
+    /// The partitions this member owns right now.
+    pub fn assignment(&self) -> Assignment {
+        self.assignment.borrow().clone()
+    }
+
+    /// A receiver that sees every change of this member's assignment.
+    pub fn assignment_changes(&self) -> watch::Receiver<Assignment> {
+        self.assignment.clone()
+    }
+
+    /// Leaves the group gracefully. Settle the deliveries you still hold
+    /// first: acks arriving after leaving are ignored and those events are
+    /// re-delivered to the next owner.
+    pub async fn leave(mut self) -> Result<()> {
+        match self.membership.take() {
+            Some(membership) => membership.leave().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Stream for Deliveries {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+impl fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deliveries")
+            .field("assignment", &*self.assignment.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Outcome)>>);
+
+    impl Settle for Recorder {
+        fn settle(&self, token: u64, outcome: Outcome) {
+            self.0.lock().unwrap().push((token, outcome));
+        }
+    }
+
+    fn delivery(recorder: &Arc<Recorder>, token: u64) -> Delivery {
+        let info = DeliveryInfo {
+            coordinates: Coordinates {
+                topic: "t".into(),
+                partition: 0,
+                position: token,
+            },
+            group: "g".into(),
+            attempt: 1,
+        };
+        Delivery::new(Envelope::new("e", "k", ""), info, recorder.clone(), token)
+    }
+
+    #[test]
+    fn first_settlement_wins_and_later_calls_are_no_ops() {
+        let recorder = Arc::new(Recorder::default());
+        let d = delivery(&recorder, 1);
+        assert!(d.ack());
+        assert!(!d.ack());
+        assert!(!d.nack());
+        drop(d);
+        assert_eq!(*recorder.0.lock().unwrap(), vec![(1, Outcome::Ack)]);
+    }
+
+    #[test]
+    fn dropping_unsettled_nacks() {
+        let recorder = Arc::new(Recorder::default());
+        drop(delivery(&recorder, 7));
+        let d = delivery(&recorder, 8);
+        assert!(d.nack_with_delay(Duration::from_millis(5)));
+        drop(d);
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            vec![
+                (
+                    7,
+                    Outcome::Nack {
+                        delay: Duration::ZERO
+                    }
+                ),
+                (
+                    8,
+                    Outcome::Nack {
+                        delay: Duration::from_millis(5)
+                    }
+                )
+            ]
+        );
+    }
+}

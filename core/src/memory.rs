@@ -1,0 +1,849 @@
+//! The in-memory transport: a broker inside the process, with the same
+//! contract as Kafka and JetStream — fixed partitions, key → partition by
+//! murmur2, consumer groups that split partitions and rebalance, per-key
+//! order with parallelism across keys, re-delivery after nack, commits up to
+//! the lowest unacked event, and publish-side de-duplication by event id.
+//!
+//! Records are stored in their wire form (headers as the Kafka and NATS
+//! transports write them) and decoded on delivery, so the header codec is
+//! exercised end to end here too. Nothing survives the process: this is for
+//! unit tests, the conformance suite's self-test and the embedded demo,
+//! never a stand-in for a real broker in an integration test.
+//!
+//! One mutex guards the broker's state. Settling a delivery takes it
+//! briefly; deliveries are sent to members after it is released, so a
+//! dropped delivery (which settles itself) can never deadlock the broker.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::delivery::{
+    Assignment, Coordinates, Deliveries, Delivery, DeliveryInfo, Membership, Outcome, Settle,
+};
+use crate::envelope::{Envelope, EventId};
+use crate::error::{Error, Result};
+use crate::partition::partition_for_key;
+use crate::transport::{
+    Capabilities, Publisher, Receipt, StartFrom, Subscriber, Subscription, TopicAdmin, TopicSpec,
+    Transport,
+};
+use crate::wire;
+
+/// How long a published event id is remembered for de-duplication
+/// (JetStream's default duplicate window is also two minutes).
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// An in-process broker. Clones share the same broker.
+#[derive(Clone)]
+pub struct MemoryTransport {
+    broker: Arc<Broker>,
+}
+
+impl MemoryTransport {
+    /// A new, empty broker.
+    pub fn new() -> Self {
+        MemoryTransport {
+            broker: Arc::new_cyclic(|me| Broker {
+                me: me.clone(),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The committed position (next offset to consume) of `group` on each
+    /// partition of `topic`; `None` where the group never started.
+    pub fn committed(&self, topic: &str, group: &str) -> Option<Vec<Option<u64>>> {
+        let state = self.broker.lock();
+        let group = state.topics.get(topic)?.groups.get(group)?;
+        Some(group.partitions.iter().map(|p| p.committed).collect())
+    }
+}
+
+impl Default for MemoryTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTransport").finish_non_exhaustive()
+    }
+}
+
+struct Broker {
+    me: Weak<Broker>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<String, Topic>,
+    /// Outstanding deliveries by token.
+    tokens: HashMap<u64, TokenRef>,
+    next_token: u64,
+    next_member: u64,
+}
+
+struct Topic {
+    partitions: Vec<Vec<Record>>,
+    dedup: HashMap<EventId, Receipt>,
+    dedup_order: VecDeque<(Instant, EventId)>,
+    groups: HashMap<String, Group>,
+}
+
+struct Record {
+    key: Bytes,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct Group {
+    /// Members in join order; the assignment follows this order.
+    members: Vec<Member>,
+    partitions: Vec<PartitionState>,
+}
+
+struct Member {
+    id: u64,
+    tx: mpsc::UnboundedSender<Result<Delivery>>,
+    assignment: watch::Sender<Assignment>,
+    max_in_flight: usize,
+    in_flight: usize,
+    start: StartFrom,
+}
+
+/// A group's view of one partition.
+///
+/// Unacked offsets are queued per key; only a key's head can be delivered,
+/// and only while no delivery of that key is outstanding. `ready` holds the
+/// heads that can go out now, oldest first, so dispatching costs O(1) per
+/// delivery however far a slow key holds the committed position back.
+#[derive(Default)]
+struct PartitionState {
+    owner: Option<u64>,
+    /// Set while the partition is being handed from `owner` to this member:
+    /// no new deliveries go out until the owner's in-flight ones settle.
+    handover_to: Option<u64>,
+    /// Next offset not yet acked contiguously: what a new owner starts from.
+    committed: Option<u64>,
+    /// Offsets below this are in `queues` (or acked).
+    indexed: u64,
+    queues: HashMap<Bytes, VecDeque<u64>>,
+    ready: BTreeSet<u64>,
+    acked: BTreeSet<u64>,
+    in_flight: HashMap<u64, u64>,
+    attempts: HashMap<u64, u32>,
+    /// Key heads nacked with a delay, and when they become ready.
+    retry_at: HashMap<u64, Instant>,
+}
+
+impl PartitionState {
+    /// Starts the group's position on first ownership.
+    fn start(&mut self, start: StartFrom, log_len: u64) {
+        if self.committed.is_none() {
+            let at = match start {
+                StartFrom::Earliest => 0,
+                StartFrom::Latest => log_len,
+            };
+            self.committed = Some(at);
+            self.indexed = at;
+        }
+    }
+
+    /// Queues records appended since the last call.
+    fn index(&mut self, log: &[Record]) {
+        for offset in self.indexed..log.len() as u64 {
+            let queue = self
+                .queues
+                .entry(log[offset as usize].key.clone())
+                .or_default();
+            queue.push_back(offset);
+            if queue.len() == 1 {
+                self.ready.insert(offset);
+            }
+        }
+        self.indexed = self.indexed.max(log.len() as u64);
+    }
+
+    /// Makes delayed heads that are due ready; returns the next due time.
+    fn release_due(&mut self, now: Instant) -> Option<Instant> {
+        let mut next = None;
+        let ready = &mut self.ready;
+        self.retry_at.retain(|&offset, &mut at| {
+            if at <= now {
+                ready.insert(offset);
+                false
+            } else {
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                true
+            }
+        });
+        next
+    }
+
+    /// An acked offset leaves its key's queue; the key's next event is ready.
+    fn acked(&mut self, offset: u64, key: &Bytes) {
+        if let Some(queue) = self.queues.get_mut(key) {
+            if queue.front() == Some(&offset) {
+                queue.pop_front();
+            }
+            match queue.front() {
+                Some(&next) => {
+                    self.ready.insert(next);
+                }
+                None => {
+                    self.queues.remove(key);
+                }
+            }
+        }
+        self.acked.insert(offset);
+        self.attempts.remove(&offset);
+        if let Some(committed) = self.committed.as_mut() {
+            while self.acked.remove(committed) {
+                *committed += 1;
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TokenRef {
+    topic: String,
+    group: String,
+    partition: u32,
+    offset: u64,
+    member: u64,
+}
+
+/// A delivery decided under the lock and sent after it is released.
+struct Outgoing {
+    tx: mpsc::UnboundedSender<Result<Delivery>>,
+    item: Result<Delivery>,
+}
+
+impl Broker {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated
+        // in a way that matters more than stopping the whole broker would.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn settler(&self) -> Arc<dyn Settle> {
+        match self.me.upgrade() {
+            Some(me) => me,
+            None => Arc::new(NoBroker),
+        }
+    }
+
+    fn publish_one(
+        &self,
+        state: &mut State,
+        topic_name: &str,
+        event: &Envelope,
+    ) -> Result<Receipt> {
+        let headers = wire::encode_headers(event)?;
+        let topic = state
+            .topics
+            .get_mut(topic_name)
+            .ok_or_else(|| Error::Publish {
+                topic: topic_name.to_owned(),
+                event_id: event.id().to_string(),
+                reason: "topic does not exist; create it first (TopicAdmin::ensure_topic)".into(),
+                retriable: false,
+                source: None,
+            })?;
+        let now = Instant::now();
+        while let Some((at, id)) = topic.dedup_order.front() {
+            if now.duration_since(*at) < DEDUP_WINDOW {
+                break;
+            }
+            topic.dedup.remove(id);
+            topic.dedup_order.pop_front();
+        }
+        if let Some(original) = topic.dedup.get(&event.id()) {
+            return Ok(Receipt {
+                duplicate: true,
+                ..original.clone()
+            });
+        }
+        let partition = partition_for_key(event.key().as_bytes(), topic.partitions.len() as u32);
+        let log = &mut topic.partitions[partition as usize];
+        log.push(Record {
+            key: Bytes::copy_from_slice(event.key().as_bytes()),
+            headers,
+            payload: event.payload().clone(),
+        });
+        let receipt = Receipt {
+            topic: topic_name.to_owned(),
+            partition,
+            position: (log.len() - 1) as u64,
+            duplicate: false,
+        };
+        topic.dedup.insert(event.id(), receipt.clone());
+        topic.dedup_order.push_back((now, event.id()));
+        Ok(receipt)
+    }
+
+    /// Decides what every member of `group` on `topic` can be sent now.
+    fn dispatch(
+        &self,
+        state: &mut State,
+        topic_name: &str,
+        group_name: &str,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let settler = self.settler();
+        let State {
+            topics,
+            tokens,
+            next_token,
+            ..
+        } = state;
+        let Some(topic) = topics.get_mut(topic_name) else {
+            return;
+        };
+        let Some(group) = topic.groups.get_mut(group_name) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut earliest_retry: Option<Instant> = None;
+        for (p, ps) in group.partitions.iter_mut().enumerate() {
+            let (Some(owner), None) = (ps.owner, ps.handover_to) else {
+                continue;
+            };
+            let Some(member) = group.members.iter_mut().find(|m| m.id == owner) else {
+                continue;
+            };
+            let log = &topic.partitions[p];
+            ps.start(member.start, log.len() as u64);
+            ps.index(log);
+            if let Some(at) = ps.release_due(now) {
+                earliest_retry = Some(earliest_retry.map_or(at, |e| e.min(at)));
+            }
+            while member.in_flight < member.max_in_flight {
+                let Some(offset) = ps.ready.pop_first() else {
+                    break;
+                };
+                let record = &log[offset as usize];
+                let attempt = ps.attempts.entry(offset).or_insert(0);
+                *attempt += 1;
+                let coordinates = Coordinates {
+                    topic: topic_name.to_owned(),
+                    partition: p as u32,
+                    position: offset,
+                };
+                let decoded = wire::decode(
+                    Some(&record.key),
+                    record
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_bytes())),
+                    record.payload.clone(),
+                );
+                let envelope = match decoded {
+                    Ok(envelope) => envelope,
+                    Err(e) => {
+                        // Cannot happen for records this transport encoded;
+                        // report it and move on rather than stall the partition.
+                        ps.acked(offset, &record.key);
+                        out.push(Outgoing {
+                            tx: member.tx.clone(),
+                            item: Err(Error::malformed(format!("{coordinates}: {e}"))),
+                        });
+                        continue;
+                    }
+                };
+                *next_token += 1;
+                let token = *next_token;
+                tokens.insert(
+                    token,
+                    TokenRef {
+                        topic: topic_name.to_owned(),
+                        group: group_name.to_owned(),
+                        partition: p as u32,
+                        offset,
+                        member: owner,
+                    },
+                );
+                ps.in_flight.insert(offset, token);
+                member.in_flight += 1;
+                let info = DeliveryInfo {
+                    coordinates,
+                    group: group_name.to_owned(),
+                    attempt: *attempt,
+                };
+                out.push(Outgoing {
+                    tx: member.tx.clone(),
+                    item: Ok(Delivery::new(envelope, info, settler.clone(), token)),
+                });
+            }
+        }
+        if let Some(at) = earliest_retry {
+            self.dispatch_at(at, topic_name, group_name);
+        }
+    }
+
+    /// Dispatches again once a delayed re-delivery is due.
+    fn dispatch_at(&self, at: Instant, topic: &str, group: &str) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside a runtime the next publish or settle dispatches.
+            return;
+        };
+        let broker = self.me.clone();
+        let (topic, group) = (topic.to_owned(), group.to_owned());
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            if let Some(broker) = broker.upgrade() {
+                broker.dispatch_and_send(&topic, &group);
+            }
+        });
+    }
+
+    fn dispatch_and_send(&self, topic: &str, group: &str) {
+        let mut out = Vec::new();
+        {
+            let mut state = self.lock();
+            self.dispatch(&mut state, topic, group, &mut out);
+        }
+        send(out);
+    }
+
+    /// Recomputes which member owns which partition. Partitions whose owner
+    /// is still a member are handed over only after its in-flight deliveries
+    /// for them settle.
+    fn rebalance(group: &mut Group) {
+        let n = group.members.len();
+        for (p, ps) in group.partitions.iter_mut().enumerate() {
+            let target = (n > 0).then(|| group.members[p % n].id);
+            match (ps.owner, target) {
+                (Some(owner), Some(t)) if owner == t => ps.handover_to = None,
+                (Some(owner), _) if group.members.iter().any(|m| m.id == owner) => {
+                    ps.handover_to = target;
+                    if ps.in_flight.is_empty() {
+                        ps.owner = target;
+                        ps.handover_to = None;
+                    }
+                }
+                _ => {
+                    ps.owner = target;
+                    ps.handover_to = None;
+                }
+            }
+        }
+        publish_assignments(group);
+    }
+
+    fn leave(&self, topic_name: &str, group_name: &str, member_id: u64) {
+        let mut out = Vec::new();
+        {
+            let mut state = self.lock();
+            let State { topics, tokens, .. } = &mut *state;
+            let Some(group) = topics
+                .get_mut(topic_name)
+                .and_then(|t| t.groups.get_mut(group_name))
+            else {
+                return;
+            };
+            if let Some(leaving) = group.members.iter().find(|m| m.id == member_id) {
+                leaving.assignment.send_replace(Vec::new());
+            }
+            group.members.retain(|m| m.id != member_id);
+            // Its unsettled deliveries go back to the pool; their late acks
+            // are ignored (the token is gone).
+            tokens.retain(|_, t| {
+                !(t.member == member_id && t.topic == topic_name && t.group == group_name)
+            });
+            for ps in &mut group.partitions {
+                let ready = &mut ps.ready;
+                ps.in_flight.retain(|&offset, token| {
+                    let kept = tokens.contains_key(token);
+                    if !kept {
+                        ready.insert(offset);
+                    }
+                    kept
+                });
+            }
+            Self::rebalance(group);
+            self.dispatch(&mut state, topic_name, group_name, &mut out);
+        }
+        send(out);
+    }
+}
+
+impl Settle for Broker {
+    fn settle(&self, token: u64, outcome: Outcome) {
+        let mut out = Vec::new();
+        {
+            let mut state = self.lock();
+            let Some(t) = state.tokens.remove(&token) else {
+                return;
+            };
+            let Some(Topic {
+                partitions, groups, ..
+            }) = state.topics.get_mut(&t.topic)
+            else {
+                return;
+            };
+            let Some(group) = groups.get_mut(&t.group) else {
+                return;
+            };
+            if let Some(member) = group.members.iter_mut().find(|m| m.id == t.member) {
+                member.in_flight = member.in_flight.saturating_sub(1);
+            }
+            let ps = &mut group.partitions[t.partition as usize];
+            ps.in_flight.remove(&t.offset);
+            match outcome {
+                Outcome::Ack => {
+                    let key = &partitions[t.partition as usize][t.offset as usize].key;
+                    ps.acked(t.offset, key);
+                }
+                Outcome::Nack { delay } if delay.is_zero() => {
+                    ps.ready.insert(t.offset);
+                }
+                Outcome::Nack { delay } => {
+                    ps.retry_at.insert(t.offset, Instant::now() + delay);
+                }
+            }
+            if ps.handover_to.is_some() && ps.in_flight.is_empty() {
+                ps.owner = ps.handover_to.take();
+                publish_assignments(group);
+            }
+            self.dispatch(&mut state, &t.topic, &t.group, &mut out);
+        }
+        send(out);
+    }
+}
+
+/// Settles nothing: for deliveries outliving their broker.
+struct NoBroker;
+
+impl Settle for NoBroker {
+    fn settle(&self, _token: u64, _outcome: Outcome) {}
+}
+
+fn publish_assignments(group: &Group) {
+    for member in &group.members {
+        let owned: Assignment = group
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, ps)| ps.owner == Some(member.id))
+            .map(|(p, _)| p as u32)
+            .collect();
+        member.assignment.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+    }
+}
+
+fn send(out: Vec<Outgoing>) {
+    for Outgoing { tx, item } in out {
+        // A failed send means the member is leaving; the delivery it carries
+        // settles as a nack whose token the leave has already removed.
+        let _ = tx.send(item);
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryTransport {
+    async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
+        let mut out = Vec::new();
+        let receipt = {
+            let mut state = self.broker.lock();
+            let receipt = self.broker.publish_one(&mut state, topic, &event)?;
+            let groups: Vec<String> = state.topics[topic].groups.keys().cloned().collect();
+            for group in groups {
+                self.broker.dispatch(&mut state, topic, &group, &mut out);
+            }
+            receipt
+        };
+        send(out);
+        Ok(receipt)
+    }
+
+    async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        let mut out = Vec::new();
+        let receipts = {
+            let mut state = self.broker.lock();
+            // Validate every event first so a bad one stores none of the batch.
+            for event in &events {
+                wire::encode_headers(event)?;
+            }
+            let receipts = events
+                .iter()
+                .map(|event| self.broker.publish_one(&mut state, topic, event))
+                .collect::<Result<Vec<_>>>()?;
+            let groups: Vec<String> = state.topics[topic].groups.keys().cloned().collect();
+            for group in groups {
+                self.broker.dispatch(&mut state, topic, &group, &mut out);
+            }
+            receipts
+        };
+        send(out);
+        Ok(receipts)
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryTransport {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries> {
+        let Subscription {
+            topic,
+            group,
+            start,
+            max_in_flight,
+        } = subscription;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (assignment_tx, assignment_rx) = watch::channel(Vec::new());
+        let mut out = Vec::new();
+        let member_id = {
+            let mut state = self.broker.lock();
+            state.next_member += 1;
+            let member_id = state.next_member;
+            let t = state
+                .topics
+                .get_mut(&topic)
+                .ok_or_else(|| Error::Subscribe {
+                    topic: topic.clone(),
+                    group: group.clone(),
+                    reason: "topic does not exist; create it first (TopicAdmin::ensure_topic)"
+                        .into(),
+                    retriable: false,
+                    source: None,
+                })?;
+            let partitions = t.partitions.len();
+            let g = t.groups.entry(group.clone()).or_insert_with(|| Group {
+                members: Vec::new(),
+                partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            });
+            g.members.push(Member {
+                id: member_id,
+                tx,
+                assignment: assignment_tx,
+                max_in_flight: max_in_flight.max(1),
+                in_flight: 0,
+                start,
+            });
+            Broker::rebalance(g);
+            self.broker.dispatch(&mut state, &topic, &group, &mut out);
+            member_id
+        };
+        send(out);
+        tracing::debug!(%topic, %group, member = member_id, "joined group");
+        let membership = MemoryMembership {
+            broker: Arc::downgrade(&self.broker),
+            topic,
+            group,
+            member: member_id,
+            left: false,
+        };
+        Ok(Deliveries::new(
+            UnboundedReceiverStream::new(rx),
+            assignment_rx,
+            Box::new(membership),
+        ))
+    }
+}
+
+struct MemoryMembership {
+    broker: Weak<Broker>,
+    topic: String,
+    group: String,
+    member: u64,
+    left: bool,
+}
+
+impl MemoryMembership {
+    fn leave_now(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        if let Some(broker) = self.broker.upgrade() {
+            broker.leave(&self.topic, &self.group, self.member);
+            tracing::debug!(topic = %self.topic, group = %self.group, member = self.member, "left group");
+        }
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryMembership {
+    async fn leave(mut self: Box<Self>) -> Result<()> {
+        // Acks are applied as they happen, so there is nothing to flush.
+        self.leave_now();
+        Ok(())
+    }
+}
+
+impl Drop for MemoryMembership {
+    fn drop(&mut self) {
+        self.leave_now();
+    }
+}
+
+#[async_trait]
+impl TopicAdmin for MemoryTransport {
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<()> {
+        if spec.partitions == 0 {
+            return Err(Error::Topic {
+                topic: spec.name.clone(),
+                reason: "a topic needs at least 1 partition".into(),
+                retriable: false,
+                source: None,
+            });
+        }
+        let mut state = self.broker.lock();
+        match state.topics.get(&spec.name) {
+            Some(existing) if existing.partitions.len() as u32 != spec.partitions => {
+                Err(Error::Topic {
+                    topic: spec.name.clone(),
+                    reason: format!(
+                        "exists with {} partitions, {} requested; partition counts cannot change without remapping keys",
+                        existing.partitions.len(),
+                        spec.partitions
+                    ),
+                    retriable: false,
+                    source: None,
+                })
+            }
+            Some(_) => Ok(()),
+            None => {
+                state.topics.insert(
+                    spec.name.clone(),
+                    Topic {
+                        partitions: (0..spec.partitions).map(|_| Vec::new()).collect(),
+                        dedup: HashMap::new(),
+                        dedup_order: VecDeque::new(),
+                        groups: HashMap::new(),
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Transport for MemoryTransport {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            consumer_groups: true,
+            per_key_order: true,
+            replay_from_start: true,
+            redelivery_after_nack: true,
+            publish_dedup: true,
+            rebalance_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    crate::conformance_tests!(MemoryTransport::new());
+
+    async fn topic(t: &MemoryTransport, name: &str, partitions: u32) {
+        t.ensure_topic(&TopicSpec {
+            name: name.into(),
+            partitions,
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_topics_and_partition_changes_are_refused() {
+        let t = MemoryTransport::new();
+        let err = t
+            .publish("nope", Envelope::new("e", "k", ""))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("topic `nope`"), "{err}");
+        let err = t
+            .subscribe(Subscription::new("nope", "g"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        topic(&t, "orders", 3).await;
+        topic(&t, "orders", 3).await;
+        let err = t
+            .ensure_topic(&TopicSpec {
+                name: "orders".into(),
+                partitions: 4,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("3 partitions, 4 requested"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_event_in_a_batch_stores_nothing() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        let good = Envelope::new("e", "k", "");
+        let bad = Envelope::new("e", "k", "").with_header("keel-event-id", "forged");
+        assert!(t.publish_batch("orders", vec![good, bad]).await.is_err());
+        let receipt = t
+            .publish("orders", Envelope::new("e", "k", ""))
+            .await
+            .unwrap();
+        assert_eq!(receipt.position, 0);
+    }
+
+    #[tokio::test]
+    async fn commits_stop_at_the_lowest_unacked_event() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        for key in ["a", "b", "c"] {
+            t.publish("orders", Envelope::new("e", key, ""))
+                .await
+                .unwrap();
+        }
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let first = member.next().await.unwrap().unwrap();
+        let second = member.next().await.unwrap().unwrap();
+        let third = member.next().await.unwrap().unwrap();
+        third.ack();
+        second.ack();
+        assert_eq!(t.committed("orders", "g"), Some(vec![Some(0)]));
+        first.ack();
+        assert_eq!(t.committed("orders", "g"), Some(vec![Some(3)]));
+    }
+
+    #[tokio::test]
+    async fn a_crashed_member_loses_its_uncommitted_work_to_the_next_owner() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        t.publish("orders", Envelope::new("e", "a", ""))
+            .await
+            .unwrap();
+        let mut first = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let held = first.next().await.unwrap().unwrap();
+        drop(first); // crash: leaves without settling
+        assert!(held.ack(), "settling is still allowed, but it is stale");
+        let mut second = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let again = second.next().await.unwrap().unwrap();
+        assert_eq!(again.envelope().id(), held.envelope().id());
+        assert_eq!(again.info().attempt, 2);
+    }
+}

@@ -1,0 +1,167 @@
+//! The traits every transport implements: [`Publisher`], [`Subscriber`],
+//! [`TopicAdmin`], bundled as [`Transport`] with the [`Capabilities`] it
+//! claims.
+//!
+//! Delivery contract of a [`Subscriber`]:
+//! - a group's members split the topic's partitions; each event is delivered
+//!   to one member of each group;
+//! - two deliveries with the same key are never outstanding at once: the
+//!   next event of a key is released only after the previous one was acked,
+//!   and a nacked event is delivered again before any later event of its key.
+//!   A consumer may therefore handle every delivery it receives in parallel
+//!   and per-key order still holds;
+//! - a position is committed only when a delivery is acked, and only up to
+//!   the lowest unacked event of the partition, so a crash re-delivers at
+//!   most the in-flight window (at-least-once).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::delivery::Deliveries;
+use crate::envelope::Envelope;
+use crate::error::Result;
+
+/// The broker's acknowledgement of one stored event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// Topic the event was stored in.
+    pub topic: String,
+    /// Partition the key mapped to.
+    pub partition: u32,
+    /// Kafka offset or JetStream stream sequence.
+    pub position: u64,
+    /// The broker recognised the event id as already stored (publish-side
+    /// de-duplication); `position` is then the original's.
+    pub duplicate: bool,
+}
+
+/// Publishes events and returns only after the broker acknowledged them.
+/// A flush is never taken as proof of storage.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes one event; resolves once the broker has stored it.
+    async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt>;
+
+    /// Publishes a batch, pipelining the sends, and resolves once every event
+    /// was acknowledged (receipts in input order).
+    ///
+    /// On error some events may have been stored: the caller retries the
+    /// whole batch, and event ids let consumers de-duplicate. Transports
+    /// keep per-key order within a batch: an event is never acknowledged
+    /// after a failed earlier event of its key.
+    async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        let mut receipts = Vec::with_capacity(events.len());
+        for event in events {
+            receipts.push(self.publish(topic, event).await?);
+        }
+        Ok(receipts)
+    }
+}
+
+/// Where a group starts reading when it has no committed position yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// The oldest event still stored.
+    #[default]
+    Earliest,
+    /// Only events published after the member got the partition.
+    Latest,
+}
+
+/// What to consume, as which group.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    /// The topic to consume.
+    pub topic: String,
+    /// The consumer group: members of one group split the partitions.
+    pub group: String,
+    /// Where to start when the group has no committed position.
+    pub start: StartFrom,
+    /// Most deliveries this member has outstanding (not yet acked or nacked)
+    /// at once, across partitions. Bounds memory and the re-delivery window
+    /// after a crash.
+    pub max_in_flight: usize,
+}
+
+impl Subscription {
+    /// Default for [`Subscription::max_in_flight`].
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
+    /// A subscription starting from the earliest event, with the default
+    /// in-flight limit.
+    pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
+        Subscription {
+            topic: topic.into(),
+            group: group.into(),
+            start: StartFrom::Earliest,
+            max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// Sets where a group without a committed position starts.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Sets the in-flight limit (at least 1).
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(1);
+        self
+    }
+}
+
+/// Joins consumer groups.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Joins `subscription.group` on `subscription.topic` and returns this
+    /// member's stream of deliveries. Dropping the stream leaves the group;
+    /// [`Deliveries::leave`] leaves gracefully.
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries>;
+}
+
+/// A topic's shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Fixed partition count; keys map to partitions by murmur2.
+    pub partitions: u32,
+}
+
+/// Creates topics.
+#[async_trait]
+pub trait TopicAdmin: Send + Sync {
+    /// Creates the topic if it does not exist; succeeds if it exists with the
+    /// same partition count and fails, naming the difference, otherwise.
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<()>;
+}
+
+/// The features a transport claims; the conformance suite tests each one
+/// that is claimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Members of a group split partitions and rebalance on join/leave.
+    pub consumer_groups: bool,
+    /// Per-key order holds while different keys are handled in parallel.
+    pub per_key_order: bool,
+    /// Events stay stored: a new group can read from the start.
+    pub replay_from_start: bool,
+    /// A nacked delivery is delivered again.
+    pub redelivery_after_nack: bool,
+    /// Publishing the same event id twice stores it once.
+    pub publish_dedup: bool,
+    /// How long a rebalance may take on this transport (conformance waits
+    /// this long for assignments to settle).
+    pub rebalance_timeout: Duration,
+}
+
+/// A complete transport: publish, subscribe, create topics.
+pub trait Transport: Publisher + Subscriber + TopicAdmin {
+    /// A short name for logs (`memory`, `kafka`, `nats`).
+    fn name(&self) -> &'static str;
+    /// The features this transport claims.
+    fn capabilities(&self) -> Capabilities;
+}

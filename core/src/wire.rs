@@ -1,0 +1,275 @@
+//! Envelope metadata as broker headers — the same names on Kafka and NATS.
+//!
+//! | header | value |
+//! |---|---|
+//! | `keel-event-id` | UUIDv7, hyphenated (on NATS also `Nats-Msg-Id`) |
+//! | `keel-event-type` | Avro full name of the payload schema |
+//! | `keel-occurred-at` | RFC 3339, UTC, milliseconds |
+//! | `keel-source` | producing service (optional) |
+//! | `keel-correlation-id` | optional |
+//! | `keel-causation-id` | optional |
+//! | `traceparent`, `tracestate` | W3C trace context, verbatim (optional) |
+//!
+//! Any other header is an application header and round-trips untouched.
+//! Values are text so that NATS (text headers) and Kafka (byte headers) carry
+//! the same thing; decoding never panics on foreign bytes and names the
+//! offending header.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::envelope::{Envelope, EnvelopeParts, EventId, Key, TraceContext};
+use crate::error::{Error, Result};
+
+/// Header carrying the event id.
+pub const EVENT_ID: &str = "keel-event-id";
+/// Header carrying the event type.
+pub const EVENT_TYPE: &str = "keel-event-type";
+/// Header carrying the occurred-at timestamp.
+pub const OCCURRED_AT: &str = "keel-occurred-at";
+/// Header carrying the producing service.
+pub const SOURCE: &str = "keel-source";
+/// Header carrying the correlation id.
+pub const CORRELATION_ID: &str = "keel-correlation-id";
+/// Header carrying the causation id.
+pub const CAUSATION_ID: &str = "keel-causation-id";
+/// W3C `traceparent`.
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C `tracestate`.
+pub const TRACESTATE: &str = "tracestate";
+
+const RESERVED_PREFIX: &str = "keel-";
+
+/// The largest header value Keel accepts when decoding, in bytes. Larger
+/// values are refused as malformed rather than copied.
+pub const MAX_HEADER_VALUE: usize = 64 * 1024;
+
+/// The envelope's metadata as `(name, value)` header pairs, Keel's first.
+///
+/// Fails when an application header uses a reserved name or a character
+/// that a broker cannot carry (NATS header names are visible ASCII without
+/// `:`; values cannot contain line breaks).
+pub fn encode_headers(event: &Envelope) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::with_capacity(8 + event.headers().len());
+    out.push((EVENT_ID.to_owned(), event.id().to_string()));
+    out.push((EVENT_TYPE.to_owned(), event.event_type().to_owned()));
+    out.push((
+        OCCURRED_AT.to_owned(),
+        event
+            .occurred_at()
+            .to_rfc3339_opts(SecondsFormat::Millis, true),
+    ));
+    let optional = [
+        (SOURCE, event.source()),
+        (CORRELATION_ID, event.correlation_id()),
+        (CAUSATION_ID, event.causation_id()),
+        (TRACEPARENT, event.trace().traceparent.as_deref()),
+        (TRACESTATE, event.trace().tracestate.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            check_value(name, value)?;
+            out.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    check_value(EVENT_TYPE, event.event_type())?;
+    for (name, value) in event.headers() {
+        if is_reserved(name) {
+            return Err(Error::malformed(format!(
+                "application header `{name}` uses a name reserved for Keel's own metadata; rename it"
+            )));
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(Error::malformed(format!(
+                "application header name `{name}` must be non-empty visible ASCII without `:`"
+            )));
+        }
+        check_value(name, value)?;
+        out.push((name.clone(), value.clone()));
+    }
+    Ok(out)
+}
+
+/// Rebuilds an envelope from a record's key, headers and payload.
+///
+/// Fails with [`Error::MalformedEvent`] naming the header when the record is
+/// not a Keel event (missing key, id, type or time; non-UTF-8 or oversize
+/// values; a Keel header given twice).
+pub fn decode<'a>(
+    key: Option<&[u8]>,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    payload: Bytes,
+) -> Result<Envelope> {
+    let key = key.ok_or_else(|| Error::malformed("record has no key; Keel events are keyed"))?;
+    let mut id = None;
+    let mut event_type = None;
+    let mut occurred_at = None;
+    let mut source = None;
+    let mut correlation_id = None;
+    let mut causation_id = None;
+    let mut trace = TraceContext::default();
+    let mut app = BTreeMap::new();
+
+    for (name, raw) in headers {
+        if raw.len() > MAX_HEADER_VALUE {
+            return Err(Error::malformed(format!(
+                "header `{name}` is {} bytes, over the {MAX_HEADER_VALUE}-byte limit",
+                raw.len()
+            )));
+        }
+        let value = std::str::from_utf8(raw)
+            .map_err(|_| Error::malformed(format!("header `{name}` is not UTF-8 text")))?;
+        let slot = match name {
+            EVENT_ID => {
+                set_once(&mut id, name, value.parse::<EventId>()?)?;
+                continue;
+            }
+            EVENT_TYPE => &mut event_type,
+            OCCURRED_AT => {
+                let at = DateTime::parse_from_rfc3339(value)
+                    .map_err(|e| {
+                        Error::malformed(format!(
+                            "header `{OCCURRED_AT}` = `{value}` is not an RFC 3339 time: {e}"
+                        ))
+                    })?
+                    .with_timezone(&Utc);
+                set_once(&mut occurred_at, name, at)?;
+                continue;
+            }
+            SOURCE => &mut source,
+            CORRELATION_ID => &mut correlation_id,
+            CAUSATION_ID => &mut causation_id,
+            TRACEPARENT => &mut trace.traceparent,
+            TRACESTATE => &mut trace.tracestate,
+            // Unknown `keel-` names come from a newer Keel: keep them
+            // rather than fail.
+            other => {
+                app.insert(other.to_owned(), value.to_owned());
+                continue;
+            }
+        };
+        set_once(slot, name, value.to_owned())?;
+    }
+
+    let missing =
+        |h: &str| Error::malformed(format!("record has no `{h}` header; is it a Keel event?"));
+    Ok(Envelope::from_parts(EnvelopeParts {
+        id: id.ok_or_else(|| missing(EVENT_ID))?,
+        event_type: event_type.ok_or_else(|| missing(EVENT_TYPE))?,
+        key: Key::from_bytes(Bytes::copy_from_slice(key)),
+        occurred_at: occurred_at.ok_or_else(|| missing(OCCURRED_AT))?,
+        source,
+        correlation_id,
+        causation_id,
+        trace,
+        headers: app,
+        payload,
+    }))
+}
+
+fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<()> {
+    if slot.is_some() {
+        return Err(Error::malformed(format!(
+            "header `{name}` appears more than once"
+        )));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn is_reserved(name: &str) -> bool {
+    name.len() >= RESERVED_PREFIX.len()
+        && name[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX)
+        || name.eq_ignore_ascii_case(TRACEPARENT)
+        || name.eq_ignore_ascii_case(TRACESTATE)
+}
+
+fn check_value(name: &str, value: &str) -> Result<()> {
+    if value.contains(['\r', '\n']) {
+        return Err(Error::malformed(format!(
+            "header `{name}` contains a line break, which brokers cannot carry"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(event: &Envelope) -> Envelope {
+        let headers = encode_headers(event).unwrap();
+        decode(
+            Some(event.key().as_bytes()),
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+            event.payload().clone(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_field_round_trips() {
+        let event = Envelope::new(
+            "shop.orders.OrderPlaced",
+            "order-1",
+            &b"\0\0\0\0\x01avro"[..],
+        )
+        .with_source("orders")
+        .with_correlation_id("corr-1")
+        .with_causation_id("cause-1")
+        .with_trace(TraceContext {
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
+        })
+        .with_header("tenant", "acme");
+        assert_eq!(roundtrip(&event), event);
+        let bare = Envelope::new("t", Key::from_bytes(vec![0, 255]), Bytes::new());
+        assert_eq!(roundtrip(&bare), bare);
+    }
+
+    #[test]
+    fn foreign_records_are_refused_by_name() {
+        let err = decode(Some(b"k"), [("foo", &b"bar"[..])], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains(EVENT_ID), "{err}");
+        let err = decode(None, [], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("no key"), "{err}");
+        let id = EventId::new().to_string();
+        let err = decode(
+            Some(b"k"),
+            [(EVENT_ID, id.as_bytes()), (EVENT_ID, id.as_bytes())],
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("more than once"), "{err}");
+        let err = decode(Some(b"k"), [(EVENT_TYPE, &[0xff, 0xfe][..])], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        let err = decode(
+            Some(b"k"),
+            [
+                (EVENT_ID, id.as_bytes()),
+                (EVENT_TYPE, b"t"),
+                (OCCURRED_AT, b"yesterday"),
+            ],
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("yesterday"), "{err}");
+        let huge = vec![b'a'; MAX_HEADER_VALUE + 1];
+        let err = decode(Some(b"k"), [("x", huge.as_slice())], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn reserved_and_uncarriable_application_headers_are_refused() {
+        let err = encode_headers(&Envelope::new("t", "k", "").with_header("Keel-Event-Id", "x"))
+            .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        let err = encode_headers(&Envelope::new("t", "k", "").with_header("a:b", "x")).unwrap_err();
+        assert!(err.to_string().contains("a:b"), "{err}");
+        let err =
+            encode_headers(&Envelope::new("t", "k", "").with_header("a", "x\r\ny")).unwrap_err();
+        assert!(err.to_string().contains("line break"), "{err}");
+    }
+}

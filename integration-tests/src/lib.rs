@@ -1,0 +1,220 @@
+//! `keel-integration-tests`: the harness for tests against real servers.
+//!
+//! | function | the real service |
+//! |---|---|
+//! | [`kafka_bootstrap`] | a Kafka-compatible broker: `KEEL_TEST_KAFKA` (`host:port`), else an Apache Kafka (KRaft) container |
+//! | [`nats_url`] | NATS with JetStream: `KEEL_TEST_NATS` (`nats://host:port`), else a `nats -js` container |
+//! | [`postgres_url`] | PostgreSQL: `KEEL_TEST_DATABASE_URL`, else a `postgres` container |
+//! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
+//! | [`unique_name`] | a topic/stream/group name no other test uses |
+//!
+//! CI (`.ci/run`) starts the local services through `infra/local/` and sets
+//! the variables; a laptop with Docker gets containers through
+//! `testcontainers`. A service that is neither configured nor startable
+//! fails the test with a message naming it — never a silent skip.
+
+#![forbid(unsafe_code)]
+// Test support: failing loudly with the service's name is the point.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, ImageExt};
+use testcontainers_modules::kafka::apache;
+use testcontainers_modules::nats::{Nats, NatsServerCmd};
+use testcontainers_modules::postgres::Postgres;
+use tokio::sync::OnceCell;
+
+/// Environment variable naming the Kafka bootstrap server (`host:port`).
+pub const KAFKA_ENV: &str = "KEEL_TEST_KAFKA";
+/// Environment variable naming the NATS server (`nats://host:port`).
+pub const NATS_ENV: &str = "KEEL_TEST_NATS";
+/// Environment variable naming the PostgreSQL server (`postgres://…`).
+pub const DATABASE_ENV: &str = "KEEL_TEST_DATABASE_URL";
+
+/// A name unique to this test run: `<prefix>-<random hex>`. Valid as a Kafka
+/// topic, a JetStream stream and a PostgreSQL identifier (after `-` → `_`).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+fn from_env(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn no_service(service: &str, var: &str, example: &str, error: impl std::fmt::Display) -> ! {
+    panic!(
+        "{service} is not available: {var} is not set and a container could not be started ({error}).\n\
+         Start the local service (see infra/local/) and export {var}={example}, or run Docker."
+    )
+}
+
+/// The Kafka bootstrap server for this test process.
+pub async fn kafka_bootstrap() -> String {
+    if let Some(addr) = from_env(KAFKA_ENV) {
+        return addr;
+    }
+    static KAFKA: OnceCell<(ContainerAsync<apache::Kafka>, String)> = OnceCell::const_new();
+    let (_, addr) = KAFKA
+        .get_or_init(|| async {
+            let container = apache::Kafka::default()
+                .start()
+                .await
+                .unwrap_or_else(|e| no_service("Kafka", KAFKA_ENV, "127.0.0.1:9092", e));
+            let port = container
+                .get_host_port_ipv4(apache::KAFKA_PORT)
+                .await
+                .unwrap_or_else(|e| no_service("Kafka", KAFKA_ENV, "127.0.0.1:9092", e));
+            (container, format!("127.0.0.1:{port}"))
+        })
+        .await;
+    addr.clone()
+}
+
+/// The NATS (JetStream) server URL for this test process.
+pub async fn nats_url() -> String {
+    if let Some(url) = from_env(NATS_ENV) {
+        return url;
+    }
+    static NATS: OnceCell<(ContainerAsync<Nats>, String)> = OnceCell::const_new();
+    let (_, url) = NATS
+        .get_or_init(|| async {
+            let container = Nats::default()
+                .with_cmd(&NatsServerCmd::default().with_jetstream())
+                .start()
+                .await
+                .unwrap_or_else(|e| no_service("NATS", NATS_ENV, "nats://127.0.0.1:4222", e));
+            let port = container
+                .get_host_port_ipv4(4222)
+                .await
+                .unwrap_or_else(|e| no_service("NATS", NATS_ENV, "nats://127.0.0.1:4222", e));
+            (container, format!("nats://127.0.0.1:{port}"))
+        })
+        .await;
+    url.clone()
+}
+
+/// A URL of the PostgreSQL server (its maintenance database) for this test
+/// process. Tests that write should use [`TestDatabase`] instead.
+pub async fn postgres_url() -> String {
+    const EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+    if let Some(url) = from_env(DATABASE_ENV) {
+        return url;
+    }
+    static POSTGRES: OnceCell<(ContainerAsync<Postgres>, String)> = OnceCell::const_new();
+    let (_, url) = POSTGRES
+        .get_or_init(|| async {
+            let container = Postgres::default()
+                .with_tag("16-alpine")
+                .start()
+                .await
+                .unwrap_or_else(|e| no_service("PostgreSQL", DATABASE_ENV, EXAMPLE, e));
+            let port = container
+                .get_host_port_ipv4(5432)
+                .await
+                .unwrap_or_else(|e| no_service("PostgreSQL", DATABASE_ENV, EXAMPLE, e));
+            (
+                container,
+                format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"),
+            )
+        })
+        .await;
+    url.clone()
+}
+
+/// A fresh database for one test, created on the PostgreSQL server and
+/// dropped (with its connections) when this value is dropped.
+pub struct TestDatabase {
+    name: String,
+    url: String,
+    server: PgConnectOptions,
+    pool: PgPool,
+}
+
+impl TestDatabase {
+    /// Creates `keel_test_<random>` on the server from [`postgres_url`].
+    pub async fn create() -> TestDatabase {
+        let server_url = postgres_url().await;
+        let server: PgConnectOptions = server_url.parse().unwrap_or_else(|e| {
+            panic!("{DATABASE_ENV}=`{server_url}` is not a PostgreSQL URL: {e}")
+        });
+        let name = unique_name("keel_test").replace('-', "_");
+        let mut admin = server
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {server_url}: {e}"));
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        admin.close().await.ok();
+        let options = server.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to test database {name}: {e}"));
+        let url = with_database(&server_url, &name);
+        TestDatabase {
+            name,
+            url,
+            server,
+            pool,
+        }
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A URL that connects to this database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A connection pool on this database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop cannot await; a short-lived runtime on its own thread does the
+        // cleanup so it works from inside or outside a Tokio runtime.
+        // `WITH (FORCE)` ends the pool's connections; the pool itself is not
+        // closed here because its connections belong to the test's runtime.
+        let (server, name) = (self.server.clone(), self.name.clone());
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = server.connect().await {
+                    let _ = admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+fn with_database(server_url: &str, name: &str) -> String {
+    match url::Url::parse(server_url) {
+        Ok(mut url) => {
+            url.set_path(&format!("/{name}"));
+            url.to_string()
+        }
+        Err(_) => server_url.to_owned(),
+    }
+}
