@@ -421,6 +421,8 @@ fn figment_error(err: figment::Error) -> Error {
         .metadata
         .as_ref()
         .map(|m| match &m.source {
+            // Overrides are serialized from code: the command-line flags.
+            Some(figment::Source::Code(_)) => " (from the command line)".to_owned(),
             Some(source) => format!(" (from {} {source})", m.name),
             None => format!(" (from {})", m.name),
         })

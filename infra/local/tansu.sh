@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Kafka-compatible broker: tansu 0.6.0 (a Rust broker; no JVM needed).
+# Installs it into ~/.cargo/bin when missing (about 9 minutes on 2 cores),
+# starts it on 127.0.0.1:9092 when nothing answers there, and prints the
+# bootstrap address.
+#
+#   TANSU_STORAGE=memory://tansu/   (default) or sqlite://tansu.db, a durable
+#                                   file under $KEEL_STATE_DIR/tansu
+#   TANSU_PORT=9092
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+port=${TANSU_PORT:-9092}
+storage=${TANSU_STORAGE:-memory://tansu/}
+tansu=${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}
+
+if ! port_open 127.0.0.1 "$port"; then
+    if [[ ! -x $tansu ]]; then
+        echo "tansu is not installed; installing tansu 0.6.0 from crates.io (about 9 minutes)..." >&2
+        cargo install tansu --version 0.6.0 --locked --features dynostore,libsql >&2 \
+            || fail "Kafka (tansu): cargo install tansu --version 0.6.0 failed"
+        tansu="$HOME/.cargo/bin/tansu"
+    fi
+    mkdir -p "$KEEL_STATE_DIR/tansu" "$KEEL_LOG_DIR"
+    log="$KEEL_LOG_DIR/tansu.log"
+    # sqlite:// paths are relative to the working directory.
+    (cd "$KEEL_STATE_DIR/tansu" && setsid nohup "$tansu" broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine "$storage" >>"$log" 2>&1 </dev/null &)
+    wait_for "Kafka (tansu)" 127.0.0.1 "$port" 60 "$log"
+fi
+echo "127.0.0.1:$port"
