@@ -23,38 +23,27 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn scratch() -> tempdir::Dir {
-    tempdir::Dir::new()
+/// A throwaway working directory (no keel.toml unless a test writes one).
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        &self.0
+    }
 }
 
-/// A throwaway working directory (no keel.toml unless a test writes one).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> Dir {
-            let path = std::env::temp_dir().join(format!("keel-cli-{:016x}", rand_u64()));
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
+}
 
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn rand_u64() -> u64 {
-        use std::hash::{BuildHasher, RandomState};
-        RandomState::new().hash_one(std::process::id())
-    }
+fn scratch() -> Scratch {
+    use std::hash::{BuildHasher, RandomState};
+    let unique = RandomState::new().hash_one(std::process::id());
+    let path = std::env::temp_dir().join(format!("keel-cli-{unique:016x}"));
+    std::fs::create_dir_all(&path).expect("create a scratch directory");
+    Scratch(path)
 }
 
 #[test]
