@@ -198,7 +198,7 @@ mod tests {
         DeliveryInfo, Envelope, MemoryTransport, Publisher, Subscriber, Subscription, TopicAdmin,
         TopicSpec, handler_fn,
     };
-    use tokio::sync::oneshot;
+    use tokio::sync::Notify;
 
     use super::*;
 
@@ -229,8 +229,8 @@ mod tests {
         topic_with(&t, &events).await;
         let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let seen = attempts.clone();
-        let (done_tx, done_rx) = oneshot::channel();
-        let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+        let done = Arc::new(Notify::new());
+        let done_tx = done.clone();
         let handled = Arc::new(AtomicU64::new(0));
         let handler = handler_fn(move |e: Envelope, info: DeliveryInfo| {
             let (seen, done_tx, handled) = (seen.clone(), done_tx.clone(), handled.clone());
@@ -241,20 +241,16 @@ mod tests {
                 if info.attempt < 3 {
                     return Err(Error::retriable("not yet"));
                 }
-                if handled.fetch_add(1, Ordering::SeqCst) + 1 == 20
-                    && let Some(tx) = done_tx.lock().unwrap().take()
-                {
-                    let _ = tx.send(());
+                if handled.fetch_add(1, Ordering::SeqCst) + 1 == 20 {
+                    done_tx.notify_one();
                 }
                 Ok(())
             }
         });
         let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
-        let report = serve(member, Arc::new(handler), fast(), async {
-            let _ = done_rx.await;
-        })
-        .await
-        .unwrap();
+        let report = serve(member, Arc::new(handler), fast(), done.notified())
+            .await
+            .unwrap();
         assert_eq!(
             report,
             ServeReport {
@@ -273,24 +269,20 @@ mod tests {
     async fn a_panicking_handler_leads_to_redelivery() {
         let t = MemoryTransport::new();
         topic_with(&t, &[Envelope::new("e", "k", "")]).await;
-        let (done_tx, done_rx) = oneshot::channel();
-        let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+        let done = Arc::new(Notify::new());
+        let done_tx = done.clone();
         let handler = handler_fn(move |_e: Envelope, info: DeliveryInfo| {
             let done_tx = done_tx.clone();
             async move {
                 assert!(info.attempt > 1, "first attempt panics on purpose");
-                if let Some(tx) = done_tx.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
+                done_tx.notify_one();
                 Ok(())
             }
         });
         let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
-        let report = serve(member, Arc::new(handler), fast(), async {
-            let _ = done_rx.await;
-        })
-        .await
-        .unwrap();
+        let report = serve(member, Arc::new(handler), fast(), done.notified())
+            .await
+            .unwrap();
         assert_eq!(report.handled, 1);
     }
 
@@ -298,24 +290,20 @@ mod tests {
     async fn shutdown_drains_running_handlers_before_leaving() {
         let t = MemoryTransport::new();
         topic_with(&t, &[Envelope::new("e", "k", "")]).await;
-        let (started_tx, started_rx) = oneshot::channel::<()>();
-        let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+        let started = Arc::new(Notify::new());
+        let started_tx = started.clone();
         let handler = handler_fn(move |_e: Envelope, _info: DeliveryInfo| {
             let started_tx = started_tx.clone();
             async move {
-                if let Some(tx) = started_tx.lock().unwrap().take() {
-                    let _ = tx.send(());
-                }
+                started_tx.notify_one();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Ok(())
             }
         });
         let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
-        let report = serve(member, Arc::new(handler), fast(), async {
-            let _ = started_rx.await;
-        })
-        .await
-        .unwrap();
+        let report = serve(member, Arc::new(handler), fast(), started.notified())
+            .await
+            .unwrap();
         assert_eq!(report.handled, 1, "the running handler finished and acked");
         assert_eq!(
             t.committed("t", "g").unwrap().iter().flatten().sum::<u64>(),

@@ -45,6 +45,22 @@ fn from_env(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Fails fast, naming the service, when a configured endpoint does not
+/// accept connections (rather than after a client's long timeout).
+async fn reachable(service: &str, var: &str, endpoint: &str) {
+    let authority = endpoint.rsplit("://").next().unwrap_or(endpoint);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let authority = authority.split(['/', '?']).next().unwrap_or(authority);
+    let connect = tokio::net::TcpStream::connect(authority.to_owned());
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!(
+            "{service} at {endpoint} ({var}) is not reachable: {e}. Start it with infra/local/."
+        ),
+        Err(_) => panic!("{service} at {endpoint} ({var}) did not accept a connection within 5 s"),
+    }
+}
+
 fn no_service(service: &str, var: &str, example: &str, error: impl std::fmt::Display) -> ! {
     panic!(
         "{service} is not available: {var} is not set and a container could not be started ({error}).\n\
@@ -55,6 +71,7 @@ fn no_service(service: &str, var: &str, example: &str, error: impl std::fmt::Dis
 /// The Kafka bootstrap server for this test process.
 pub async fn kafka_bootstrap() -> String {
     if let Some(addr) = from_env(KAFKA_ENV) {
+        reachable("Kafka", KAFKA_ENV, &addr).await;
         return addr;
     }
     static KAFKA: OnceCell<(ContainerAsync<apache::Kafka>, String)> = OnceCell::const_new();
@@ -77,6 +94,7 @@ pub async fn kafka_bootstrap() -> String {
 /// The NATS (JetStream) server URL for this test process.
 pub async fn nats_url() -> String {
     if let Some(url) = from_env(NATS_ENV) {
+        reachable("NATS", NATS_ENV, &url).await;
         return url;
     }
     static NATS: OnceCell<(ContainerAsync<Nats>, String)> = OnceCell::const_new();
@@ -102,6 +120,7 @@ pub async fn nats_url() -> String {
 pub async fn postgres_url() -> String {
     const EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/postgres";
     if let Some(url) = from_env(DATABASE_ENV) {
+        reachable("PostgreSQL", DATABASE_ENV, &url).await;
         return url;
     }
     static POSTGRES: OnceCell<(ContainerAsync<Postgres>, String)> = OnceCell::const_new();
