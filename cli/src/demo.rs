@@ -62,11 +62,17 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         bail!(
             "`keel demo` runs on the embedded in-memory broker (broker = memory://), not {}; \
              demos on kafka:// and nats:// arrive with those transports",
-            config.broker
+            config.broker.redacted()
         );
     }
     let started = Instant::now();
     let partitions = config.topics.partitions;
+    ensure!(
+        args.members <= partitions,
+        "--members {} is more than the topic's {partitions} partitions (topics.partitions): \
+         a member without partitions would have nothing to hand over",
+        args.members
+    );
     let group = config.group().to_owned();
     let transport = MemoryTransport::new();
     transport

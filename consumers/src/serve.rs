@@ -3,8 +3,9 @@
 //! Delivery guarantee: at-least-once. Each delivery runs in its own task
 //! (at most [`ServeOptions::concurrency`] at once; the transport already
 //! keeps one event per key outstanding, so parallel tasks never break
-//! per-key order). `Ok` acks; an error nacks with exponential backoff; a
-//! panicking handler drops its delivery, which nacks it. On shutdown no new
+//! per-key order). `Ok` acks; an error or a panic nacks with exponential
+//! backoff; a record that is not a Keel event is logged and skipped (dead
+//! letters arrive with the router). On shutdown no new
 //! delivery is taken, running handlers finish and settle, then the member
 //! leaves the group gracefully.
 
@@ -13,11 +14,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use keel_core::{Deliveries, Error, Handler, Result};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
+
+/// Upper limit of [`ServeOptions::max_retry_backoff`]: one day.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 
 /// How [`serve()`] runs handlers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +53,15 @@ impl ServeOptions {
         if self.concurrency == 0 {
             return Err(Error::config("concurrency", "must be at least 1"));
         }
+        if self.max_retry_backoff > MAX_RETRY_BACKOFF {
+            return Err(Error::config(
+                "max_retry_backoff",
+                format!(
+                    "{:?} is over the {MAX_RETRY_BACKOFF:?} limit",
+                    self.max_retry_backoff
+                ),
+            ));
+        }
         if self.max_retry_backoff < self.retry_backoff {
             return Err(Error::config(
                 "max_retry_backoff",
@@ -73,14 +88,18 @@ impl ServeOptions {
 pub struct ServeReport {
     /// Events whose handler succeeded (and were acked).
     pub handled: u64,
-    /// Handler attempts that failed (and were nacked for re-delivery).
+    /// Handler attempts that failed or panicked (and were nacked for
+    /// re-delivery).
     pub failed: u64,
+    /// Records that were not Keel events, logged and skipped.
+    pub skipped: u64,
 }
 
 #[derive(Default)]
 struct Counters {
     handled: AtomicU64,
     failed: AtomicU64,
+    skipped: AtomicU64,
 }
 
 /// Runs `handler` on every delivery of `deliveries` until `shutdown`
@@ -119,6 +138,19 @@ pub async fn serve<H: Handler + ?Sized>(
         let delivery = match next {
             None => break Ok(()),
             Some(Ok(delivery)) => delivery,
+            Some(Err(Error::Undecodable(poison))) => {
+                // Dead letters arrive with the router; until then a record
+                // that is not a Keel event is logged with its coordinates and
+                // skipped, so it cannot stop the partition.
+                tracing::error!(
+                    at = %poison.info().coordinates,
+                    reason = poison.reason(),
+                    "skipping a record that is not a Keel event"
+                );
+                counters.skipped.fetch_add(1, Ordering::Relaxed);
+                poison.ack();
+                continue;
+            }
             Some(Err(e)) if e.is_retriable() => {
                 tracing::warn!(error = %e, "subscription hiccup; consuming on");
                 continue;
@@ -140,7 +172,14 @@ pub async fn serve<H: Handler + ?Sized>(
         tasks.spawn(
             async move {
                 let _permit = permit;
-                match handler.handle(delivery.envelope(), delivery.info()).await {
+                let outcome =
+                    AssertUnwindSafe(handler.handle(delivery.envelope(), delivery.info()))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| {
+                            Err(Error::retriable(panic_message(panic.as_ref())))
+                        });
+                match outcome {
                     Ok(()) => {
                         delivery.ack();
                         counters.handled.fetch_add(1, Ordering::Relaxed);
@@ -174,6 +213,7 @@ pub async fn serve<H: Handler + ?Sized>(
     let report = ServeReport {
         handled: counters.handled.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
+        skipped: counters.skipped.load(Ordering::Relaxed),
     };
     let left = deliveries.leave().await;
     outcome?;
@@ -185,8 +225,21 @@ fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
     if let Err(e) = finished
         && e.is_panic()
     {
-        tracing::error!("a handler panicked; its event will be re-delivered");
+        tracing::error!(
+            "a handler task panicked outside the handler; its event will be re-delivered"
+        );
     }
+}
+
+/// A panicking handler is a failed attempt like any other: it is retried
+/// with backoff, not in a tight loop.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    format!("handler panicked: {text}")
 }
 
 #[cfg(test)]
@@ -255,7 +308,8 @@ mod tests {
             report,
             ServeReport {
                 handled: 20,
-                failed: 40
+                failed: 40,
+                skipped: 0
             }
         );
         assert!(attempts.lock().unwrap().values().all(|&a| a == 3));
@@ -283,7 +337,32 @@ mod tests {
         let report = serve(member, Arc::new(handler), fast(), done.notified())
             .await
             .unwrap();
-        assert_eq!(report.handled, 1);
+        assert_eq!((report.handled, report.failed), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn records_that_are_not_events_are_skipped_not_fatal() {
+        let t = MemoryTransport::new();
+        topic_with(&t, &[]).await;
+        // Same partition, before the event: the stream yields it first.
+        let partition = keel_core::partition::partition_for_key(b"k", 2);
+        t.publish_raw("t", partition, keel_core::RawRecord::default())
+            .unwrap();
+        t.publish("t", Envelope::new("e", "k", "")).await.unwrap();
+        let done = Arc::new(Notify::new());
+        let done_tx = done.clone();
+        let handler = handler_fn(move |_e: Envelope, _info: DeliveryInfo| {
+            let done_tx = done_tx.clone();
+            async move {
+                done_tx.notify_one();
+                Ok(())
+            }
+        });
+        let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let report = serve(member, Arc::new(handler), fast(), done.notified())
+            .await
+            .unwrap();
+        assert_eq!((report.handled, report.skipped), (1, 1));
     }
 
     #[tokio::test]

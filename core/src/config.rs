@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Where events travel: one URL form for every broker.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Display` writes the URL back exactly (credentials included, so it can
+/// be saved); `Debug` and [`BrokerUrl::redacted`] hide passwords.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum BrokerUrl {
     /// `kafka://host:port[,host:port…]` — bootstrap servers (port defaults to 9092).
@@ -48,6 +51,41 @@ impl BrokerUrl {
             BrokerUrl::Nats { .. } => "nats",
             BrokerUrl::Memory { .. } => "memory",
         }
+    }
+}
+
+impl BrokerUrl {
+    /// The URL with any password replaced by `***`, for logs and messages.
+    pub fn redacted(&self) -> String {
+        let url = self.to_string();
+        match self {
+            BrokerUrl::Nats { .. } => url
+                .split(',')
+                .map(|part| match part.rsplit_once('@') {
+                    Some((userinfo, host)) => {
+                        let scheme = if userinfo.starts_with("nats://") {
+                            "nats://"
+                        } else {
+                            ""
+                        };
+                        let user = userinfo.trim_start_matches("nats://");
+                        match user.split_once(':') {
+                            Some((user, _)) => format!("{scheme}{user}:***@{host}"),
+                            None => format!("{scheme}***@{host}"),
+                        }
+                    }
+                    None => part.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => url,
+        }
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({})", self.redacted())
     }
 }
 
@@ -462,6 +500,16 @@ mod tests {
                 bootstrap: vec!["a:1".into(), "b:9092".into()]
             }
         );
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug_and_messages() {
+        let url: BrokerUrl = "nats://app:s3cret@a:4222,b".parse().unwrap();
+        assert_eq!(url.redacted(), "nats://app:***@a:4222,b:4222");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert!(url.to_string().contains("s3cret"), "Display round-trips");
+        let token: BrokerUrl = "nats://tok@a".parse().unwrap();
+        assert_eq!(token.redacted(), "nats://***@a:4222");
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! calls return `false` and do nothing. A delivery dropped unsettled counts
 //! as a nack, so a forgotten or panicked handler leads to re-delivery, never
 //! to a committed position for an unhandled event.
+//!
+//! A record that is not a Keel event arrives as
+//! [`Error::Undecodable`](crate::Error::Undecodable) carrying an
+//! [`Undecodable`], which is settled
+//! the same way — bad input takes its turn in the partition, it never stops
+//! it.
 
 use std::fmt;
 use std::pin::Pin;
@@ -14,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
 
@@ -70,13 +77,48 @@ pub trait Settle: Send + Sync {
     fn settle(&self, token: u64, outcome: Outcome);
 }
 
+/// The ack/nack half of a delivery: settles once, nacks when dropped unsettled.
+struct Settlement {
+    settler: Arc<dyn Settle>,
+    token: u64,
+    settled: AtomicBool,
+}
+
+impl Settlement {
+    fn new(settler: Arc<dyn Settle>, token: u64) -> Self {
+        Settlement {
+            settler,
+            token,
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    fn settle(&self, outcome: Outcome) -> bool {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.settler.settle(self.token, outcome);
+        true
+    }
+
+    fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.settle(Outcome::Nack {
+            delay: Duration::ZERO,
+        });
+    }
+}
+
 /// One event delivered to one group member, to be acked or nacked.
 pub struct Delivery {
     envelope: Envelope,
     info: DeliveryInfo,
-    settler: Arc<dyn Settle>,
-    token: u64,
-    settled: AtomicBool,
+    settlement: Settlement,
 }
 
 impl Delivery {
@@ -91,9 +133,7 @@ impl Delivery {
         Delivery {
             envelope,
             info,
-            settler,
-            token,
-            settled: AtomicBool::new(false),
+            settlement: Settlement::new(settler, token),
         }
     }
 
@@ -109,39 +149,23 @@ impl Delivery {
 
     /// Marks the event handled. Returns `false` if it was already settled.
     pub fn ack(&self) -> bool {
-        self.settle(Outcome::Ack)
+        self.settlement.settle(Outcome::Ack)
     }
 
     /// Asks for immediate re-delivery. Returns `false` if already settled.
     pub fn nack(&self) -> bool {
-        self.settle(Outcome::Nack {
-            delay: Duration::ZERO,
-        })
+        self.nack_with_delay(Duration::ZERO)
     }
 
     /// Asks for re-delivery after `delay`; later events of the same key wait.
     /// Returns `false` if already settled.
     pub fn nack_with_delay(&self, delay: Duration) -> bool {
-        self.settle(Outcome::Nack { delay })
+        self.settlement.settle(Outcome::Nack { delay })
     }
 
     /// Whether `ack` or `nack` was called.
     pub fn is_settled(&self) -> bool {
-        self.settled.load(Ordering::Acquire)
-    }
-
-    fn settle(&self, outcome: Outcome) -> bool {
-        if self.settled.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        self.settler.settle(self.token, outcome);
-        true
-    }
-}
-
-impl Drop for Delivery {
-    fn drop(&mut self) {
-        self.nack();
+        self.settlement.is_settled()
     }
 }
 
@@ -155,6 +179,94 @@ impl fmt::Debug for Delivery {
             .field("attempt", &self.info.attempt)
             .field("settled", &self.is_settled())
             .finish()
+    }
+}
+
+/// A record exactly as the broker stored it: what dead letters keep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawRecord {
+    /// The record key, if any.
+    pub key: Option<Bytes>,
+    /// Every header, in broker order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The payload, untouched.
+    pub payload: Bytes,
+}
+
+/// A stored record that is not a valid Keel event (no key, missing or
+/// malformed Keel headers). It arrives as
+/// [`Error::Undecodable`](crate::Error::Undecodable) on the
+/// member's stream and holds its place like any delivery: settle it (ack
+/// once it is dead-lettered or deliberately skipped) or the partition's
+/// committed position cannot move past it.
+pub struct Undecodable {
+    record: RawRecord,
+    info: DeliveryInfo,
+    reason: String,
+    settlement: Settlement,
+}
+
+impl Undecodable {
+    /// An undecodable record whose outcome goes to `settler` under `token`
+    /// (for transport implementations).
+    pub fn new(
+        record: RawRecord,
+        info: DeliveryInfo,
+        reason: impl Into<String>,
+        settler: Arc<dyn Settle>,
+        token: u64,
+    ) -> Self {
+        Undecodable {
+            record,
+            info,
+            reason: reason.into(),
+            settlement: Settlement::new(settler, token),
+        }
+    }
+
+    /// The record as stored.
+    pub fn record(&self) -> &RawRecord {
+        &self.record
+    }
+
+    /// Coordinates, group and attempt number.
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.info
+    }
+
+    /// Why it could not be decoded.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Done with it (dead-lettered or skipped): the position may move on.
+    pub fn ack(&self) -> bool {
+        self.settlement.settle(Outcome::Ack)
+    }
+
+    /// Deliver it again after `delay` (e.g. the dead-letter topic was down).
+    pub fn nack_with_delay(&self, delay: Duration) -> bool {
+        self.settlement.settle(Outcome::Nack { delay })
+    }
+}
+
+impl fmt::Debug for Undecodable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Undecodable")
+            .field("at", &self.info.coordinates)
+            .field("reason", &self.reason)
+            .field("payload_len", &self.record.payload.len())
+            .finish()
+    }
+}
+
+impl fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "undecodable record at {}: {}",
+            self.info.coordinates, self.reason
+        )
     }
 }
 
@@ -199,7 +311,9 @@ impl Deliveries {
         }
     }
 
-    /// The partitions this member owns right now.
+    /// The partitions this member owns right now. A partition is listed only
+    /// once the member's start position on it is fixed, so events published
+    /// after a partition appears here are delivered even from `Latest`.
     pub fn assignment(&self) -> Assignment {
         self.assignment.borrow().clone()
     }

@@ -81,6 +81,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stored record is not a Keel event. It still holds its place in the
+    /// partition: settle it (dead-letter, then ack) so the partition moves on.
+    #[error("{0}")]
+    Undecodable(Box<crate::delivery::Undecodable>),
+
     /// An operation did not finish in time.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
@@ -117,7 +122,10 @@ impl Error {
             | Error::Topic { retriable, .. }
             | Error::Handler { retriable, .. } => *retriable,
             Error::Timeout { .. } => true,
-            Error::Config { .. } | Error::MalformedEvent { .. } | Error::Closed { .. } => false,
+            Error::Config { .. }
+            | Error::MalformedEvent { .. }
+            | Error::Closed { .. }
+            | Error::Undecodable(_) => false,
         }
     }
 

@@ -32,7 +32,7 @@ pub mod transport;
 pub mod wire;
 
 pub use config::{BrokerUrl, KeelConfig};
-pub use delivery::{Coordinates, Deliveries, Delivery, DeliveryInfo};
+pub use delivery::{Coordinates, Deliveries, Delivery, DeliveryInfo, RawRecord, Undecodable};
 pub use envelope::{Envelope, EventId, Key, TraceContext};
 pub use error::{Error, Result};
 pub use handler::{Handler, handler_fn};

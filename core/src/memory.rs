@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::delivery::{
-    Assignment, Coordinates, Deliveries, Delivery, DeliveryInfo, Membership, Outcome, Settle,
+    Assignment, Coordinates, Deliveries, Delivery, DeliveryInfo, Membership, Outcome, RawRecord,
+    Settle, Undecodable,
 };
 use crate::envelope::{Envelope, EventId};
 use crate::error::{Error, Result};
@@ -38,6 +39,9 @@ use crate::wire;
 /// How long a published event id is remembered for de-duplication
 /// (JetStream's default duplicate window is also two minutes).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// Longest re-delivery delay honoured; longer ones are cut to this.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// An in-process broker. Clones share the same broker.
 #[derive(Clone)]
@@ -54,6 +58,51 @@ impl MemoryTransport {
                 state: Mutex::new(State::default()),
             }),
         }
+    }
+
+    /// Stores `record` in `partition` exactly as given, as a foreign
+    /// producer would: for tests of how consumers treat records that are not
+    /// Keel events (no key, missing headers, garbage payloads).
+    pub fn publish_raw(&self, topic: &str, partition: u32, record: RawRecord) -> Result<Receipt> {
+        let mut out = Vec::new();
+        let receipt = {
+            let mut state = self.broker.lock();
+            let t = state.topics.get_mut(topic).ok_or_else(|| Error::Publish {
+                topic: topic.to_owned(),
+                event_id: "raw record".into(),
+                reason: "topic does not exist; create it first (TopicAdmin::ensure_topic)".into(),
+                retriable: false,
+                source: None,
+            })?;
+            let log = t
+                .partitions
+                .get_mut(partition as usize)
+                .ok_or_else(|| Error::Publish {
+                    topic: topic.to_owned(),
+                    event_id: "raw record".into(),
+                    reason: format!("partition {partition} does not exist"),
+                    retriable: false,
+                    source: None,
+                })?;
+            log.push(Record {
+                key: record.key,
+                headers: record.headers,
+                payload: record.payload,
+            });
+            let receipt = Receipt {
+                topic: topic.to_owned(),
+                partition,
+                position: (log.len() - 1) as u64,
+                duplicate: false,
+            };
+            let groups: Vec<String> = t.groups.keys().cloned().collect();
+            for group in groups {
+                self.broker.dispatch(&mut state, topic, &group, &mut out);
+            }
+            receipt
+        };
+        send(out);
+        Ok(receipt)
     }
 
     /// The committed position (next offset to consume) of `group` on each
@@ -99,9 +148,15 @@ struct Topic {
 }
 
 struct Record {
-    key: Bytes,
-    headers: Vec<(String, String)>,
+    key: Option<Bytes>,
+    headers: Vec<(String, Bytes)>,
     payload: Bytes,
+}
+
+impl Record {
+    fn key_bytes(&self) -> Bytes {
+        self.key.clone().unwrap_or_default()
+    }
 }
 
 #[derive(Default)]
@@ -109,6 +164,11 @@ struct Group {
     /// Members in join order; the assignment follows this order.
     members: Vec<Member>,
     partitions: Vec<PartitionState>,
+    /// When a timer will dispatch this group again for delayed re-deliveries.
+    wake_at: Option<Instant>,
+    /// Partition the next dispatch starts from, rotating so that one busy
+    /// partition cannot take a member's whole in-flight budget every time.
+    next_first: usize,
 }
 
 struct Member {
@@ -163,7 +223,7 @@ impl PartitionState {
         for offset in self.indexed..log.len() as u64 {
             let queue = self
                 .queues
-                .entry(log[offset as usize].key.clone())
+                .entry(log[offset as usize].key_bytes())
                 .or_default();
             queue.push_back(offset);
             if queue.len() == 1 {
@@ -279,8 +339,11 @@ impl Broker {
         let partition = partition_for_key(event.key().as_bytes(), topic.partitions.len() as u32);
         let log = &mut topic.partitions[partition as usize];
         log.push(Record {
-            key: Bytes::copy_from_slice(event.key().as_bytes()),
-            headers,
+            key: Some(Bytes::copy_from_slice(event.key().as_bytes())),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v)))
+                .collect(),
             payload: event.payload().clone(),
         });
         let receipt = Receipt {
@@ -317,7 +380,11 @@ impl Broker {
         };
         let now = Instant::now();
         let mut earliest_retry: Option<Instant> = None;
-        for (p, ps) in group.partitions.iter_mut().enumerate() {
+        let count = group.partitions.len();
+        let first = group.next_first % count.max(1);
+        group.next_first = group.next_first.wrapping_add(1);
+        for p in (first..count).chain(0..first) {
+            let ps = &mut group.partitions[p];
             let (Some(owner), None) = (ps.owner, ps.handover_to) else {
                 continue;
             };
@@ -337,32 +404,6 @@ impl Broker {
                 let record = &log[offset as usize];
                 let attempt = ps.attempts.entry(offset).or_insert(0);
                 *attempt += 1;
-                let coordinates = Coordinates {
-                    topic: topic_name.to_owned(),
-                    partition: p as u32,
-                    position: offset,
-                };
-                let decoded = wire::decode(
-                    Some(&record.key),
-                    record
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_bytes())),
-                    record.payload.clone(),
-                );
-                let envelope = match decoded {
-                    Ok(envelope) => envelope,
-                    Err(e) => {
-                        // Cannot happen for records this transport encoded;
-                        // report it and move on rather than stall the partition.
-                        ps.acked(offset, &record.key);
-                        out.push(Outgoing {
-                            tx: member.tx.clone(),
-                            item: Err(Error::malformed(format!("{coordinates}: {e}"))),
-                        });
-                        continue;
-                    }
-                };
                 *next_token += 1;
                 let token = *next_token;
                 tokens.insert(
@@ -378,17 +419,46 @@ impl Broker {
                 ps.in_flight.insert(offset, token);
                 member.in_flight += 1;
                 let info = DeliveryInfo {
-                    coordinates,
+                    coordinates: Coordinates {
+                        topic: topic_name.to_owned(),
+                        partition: p as u32,
+                        position: offset,
+                    },
                     group: group_name.to_owned(),
                     attempt: *attempt,
                 };
+                let decoded = wire::decode(
+                    record.key.as_deref(),
+                    record.headers.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
+                    record.payload.clone(),
+                );
+                let item = match decoded {
+                    Ok(envelope) => Ok(Delivery::new(envelope, info, settler.clone(), token)),
+                    Err(e) => {
+                        let raw = RawRecord {
+                            key: record.key.clone(),
+                            headers: record.headers.clone(),
+                            payload: record.payload.clone(),
+                        };
+                        let reason = e.to_string();
+                        let undecodable =
+                            Undecodable::new(raw, info, reason, settler.clone(), token);
+                        Err(Error::Undecodable(Box::new(undecodable)))
+                    }
+                };
                 out.push(Outgoing {
                     tx: member.tx.clone(),
-                    item: Ok(Delivery::new(envelope, info, settler.clone(), token)),
+                    item,
                 });
             }
         }
-        if let Some(at) = earliest_retry {
+        if group.wake_at.is_some_and(|w| w <= now) {
+            group.wake_at = None;
+        }
+        if let Some(at) = earliest_retry
+            && group.wake_at.is_none_or(|w| at < w)
+        {
+            group.wake_at = Some(at);
             self.dispatch_at(at, topic_name, group_name);
         }
     }
@@ -504,14 +574,16 @@ impl Settle for Broker {
             ps.in_flight.remove(&t.offset);
             match outcome {
                 Outcome::Ack => {
-                    let key = &partitions[t.partition as usize][t.offset as usize].key;
-                    ps.acked(t.offset, key);
+                    let key = partitions[t.partition as usize][t.offset as usize].key_bytes();
+                    ps.acked(t.offset, &key);
                 }
                 Outcome::Nack { delay } if delay.is_zero() => {
                     ps.ready.insert(t.offset);
                 }
                 Outcome::Nack { delay } => {
-                    ps.retry_at.insert(t.offset, Instant::now() + delay);
+                    let now = Instant::now();
+                    let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
+                    ps.retry_at.insert(t.offset, at);
                 }
             }
             if ps.handover_to.is_some() && ps.in_flight.is_empty() {
@@ -625,8 +697,8 @@ impl Subscriber for MemoryTransport {
                 })?;
             let partitions = t.partitions.len();
             let g = t.groups.entry(group.clone()).or_insert_with(|| Group {
-                members: Vec::new(),
                 partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+                ..Group::default()
             });
             g.members.push(Member {
                 id: member_id,
@@ -828,6 +900,57 @@ mod tests {
         assert_eq!(t.committed("orders", "g"), Some(vec![Some(0)]));
         first.ack();
         assert_eq!(t.committed("orders", "g"), Some(vec![Some(3)]));
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_take_their_turn_and_are_settled_like_events() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        let raw = RawRecord {
+            key: None,
+            headers: vec![("x".into(), Bytes::from_static(b"y"))],
+            payload: Bytes::from_static(b"not an event"),
+        };
+        t.publish_raw("orders", 0, raw.clone()).unwrap();
+        t.publish("orders", Envelope::new("e", "k", ""))
+            .await
+            .unwrap();
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let Some(Err(Error::Undecodable(poison))) = member.next().await else {
+            panic!("expected the undecodable record first");
+        };
+        assert_eq!(poison.record(), &raw);
+        assert!(poison.reason().contains("no key"), "{}", poison.reason());
+        assert_eq!(poison.info().coordinates.position, 0);
+        assert!(poison.nack_with_delay(Duration::ZERO));
+        // The keyed event and the redelivered record may come in either order.
+        let mut redelivered = false;
+        for _ in 0..2 {
+            match member.next().await.unwrap() {
+                Ok(event) => assert!(event.ack()),
+                Err(Error::Undecodable(again)) => {
+                    assert_eq!(again.info().attempt, 2);
+                    assert!(again.ack());
+                    redelivered = true;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(redelivered, "a nacked undecodable record comes back");
+        assert_eq!(t.committed("orders", "g"), Some(vec![Some(2)]));
+    }
+
+    #[tokio::test]
+    async fn absurd_nack_delays_are_capped_not_overflowed() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        t.publish("orders", Envelope::new("e", "k", ""))
+            .await
+            .unwrap();
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let d = member.next().await.unwrap().unwrap();
+        assert!(d.nack_with_delay(Duration::MAX));
+        assert_eq!(t.committed("orders", "g"), Some(vec![Some(0)]));
     }
 
     #[tokio::test]

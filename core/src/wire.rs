@@ -10,7 +10,9 @@
 //! | `keel-causation-id` | optional |
 //! | `traceparent`, `tracestate` | W3C trace context, verbatim (optional) |
 //!
-//! Any other header is an application header and round-trips untouched.
+//! Any other header is an application header and round-trips untouched;
+//! `Nats-*` headers belong to the transport and are not part of the event.
+//! Names compare case-insensitively.
 //! Values are text so that NATS (text headers) and Kafka (byte headers) carry
 //! the same thing; decoding never panics on foreign bytes and names the
 //! offending header.
@@ -40,7 +42,7 @@ pub const TRACEPARENT: &str = "traceparent";
 /// W3C `tracestate`.
 pub const TRACESTATE: &str = "tracestate";
 
-const RESERVED_PREFIX: &str = "keel-";
+const TRANSPORT_PREFIX: &str = "Nats-";
 
 /// The largest header value Keel accepts when decoding, in bytes. Larger
 /// values are refused as malformed rather than copied.
@@ -81,11 +83,12 @@ pub fn encode_headers(event: &Envelope) -> Result<Vec<(String, String)>> {
                 "application header `{name}` uses a name reserved for Keel's own metadata; rename it"
             )));
         }
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        if is_transport_header(name) {
             return Err(Error::malformed(format!(
-                "application header name `{name}` must be non-empty visible ASCII without `:`"
+                "application header `{name}` uses a name reserved for the transport; rename it"
             )));
         }
+        check_name(name)?;
         check_value(name, value)?;
         out.push((name.clone(), value.clone()));
     }
@@ -121,7 +124,10 @@ pub fn decode<'a>(
         }
         let value = std::str::from_utf8(raw)
             .map_err(|_| Error::malformed(format!("header `{name}` is not UTF-8 text")))?;
-        let slot = match name {
+        if is_transport_header(name) {
+            continue;
+        }
+        let slot = match reserved(name).unwrap_or(name) {
             EVENT_ID => {
                 set_once(&mut id, name, value.parse::<EventId>()?)?;
                 continue;
@@ -143,9 +149,12 @@ pub fn decode<'a>(
             CAUSATION_ID => &mut causation_id,
             TRACEPARENT => &mut trace.traceparent,
             TRACESTATE => &mut trace.tracestate,
-            // Unknown `keel-` names come from a newer Keel: keep them
-            // rather than fail.
+            // Other names (including `keel-` names a newer Keel may add)
+            // are application headers; they must survive re-publishing, so
+            // only what every broker can carry is accepted.
             other => {
+                check_name(other)?;
+                check_value(other, value)?;
                 app.insert(other.to_owned(), value.to_owned());
                 continue;
             }
@@ -179,11 +188,43 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<()> {
     Ok(())
 }
 
+/// Keel's own header names, which application headers may not use.
+const RESERVED: [&str; 8] = [
+    EVENT_ID,
+    EVENT_TYPE,
+    OCCURRED_AT,
+    SOURCE,
+    CORRELATION_ID,
+    CAUSATION_ID,
+    TRACEPARENT,
+    TRACESTATE,
+];
+
+/// Keel's header name for `name` (header names compare case-insensitively,
+/// as in HTTP and NATS), if it is one.
+fn reserved(name: &str) -> Option<&'static str> {
+    RESERVED.into_iter().find(|r| r.eq_ignore_ascii_case(name))
+}
+
 fn is_reserved(name: &str) -> bool {
-    name.len() >= RESERVED_PREFIX.len()
-        && name[..RESERVED_PREFIX.len()].eq_ignore_ascii_case(RESERVED_PREFIX)
-        || name.eq_ignore_ascii_case(TRACEPARENT)
-        || name.eq_ignore_ascii_case(TRACESTATE)
+    reserved(name).is_some()
+}
+
+/// Headers that belong to a transport, not to the event (`Nats-Msg-Id`, …).
+fn is_transport_header(name: &str) -> bool {
+    name.as_bytes()
+        .get(..TRANSPORT_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(TRANSPORT_PREFIX.as_bytes()))
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err(Error::malformed(format!(
+            "header name `{}` must be non-empty visible ASCII without `:`",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
 }
 
 fn check_value(name: &str, value: &str) -> Result<()> {
@@ -256,13 +297,49 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("yesterday"), "{err}");
+        let err = decode(Some(b"k"), [("a:b", &b"x"[..])], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("a:b"), "{err}");
+        let err = decode(Some(b"k"), [("x", &b"a\r\nb"[..])], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("line break"), "{err}");
+        let err = decode(Some(b"k"), [("abcd\u{e9}", &b"x"[..])], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("visible ASCII"), "{err}");
         let huge = vec![b'a'; MAX_HEADER_VALUE + 1];
         let err = decode(Some(b"k"), [("x", huge.as_slice())], Bytes::new()).unwrap_err();
         assert!(err.to_string().contains("limit"), "{err}");
     }
 
     #[test]
+    fn names_compare_case_insensitively_and_transport_headers_are_dropped() {
+        let id = EventId::new().to_string();
+        let event = decode(
+            Some(b"k"),
+            [
+                ("Keel-Event-Id", id.as_bytes()),
+                ("KEEL-EVENT-TYPE", b"t"),
+                ("keel-occurred-at", b"2026-11-28T01:02:03.456Z"),
+                (
+                    "Traceparent",
+                    b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+                ("Nats-Msg-Id", id.as_bytes()),
+                ("keel-future-field", b"kept"),
+            ],
+            Bytes::new(),
+        )
+        .unwrap();
+        assert_eq!(event.id().to_string(), id);
+        assert!(event.trace().traceparent.is_some());
+        assert_eq!(event.headers().len(), 1, "{:?}", event.headers());
+        assert_eq!(event.headers()["keel-future-field"], "kept");
+        // What decoding accepts, encoding can write back.
+        assert!(encode_headers(&event).is_ok());
+    }
+
+    #[test]
     fn reserved_and_uncarriable_application_headers_are_refused() {
+        let err = encode_headers(&Envelope::new("t", "k", "").with_header("Nats-Msg-Id", "x"))
+            .unwrap_err();
+        assert!(err.to_string().contains("transport"), "{err}");
         let err = encode_headers(&Envelope::new("t", "k", "").with_header("Keel-Event-Id", "x"))
             .unwrap_err();
         assert!(err.to_string().contains("reserved"), "{err}");

@@ -24,10 +24,12 @@ if ! port_open 127.0.0.1 "$port"; then
     mkdir -p "$KEEL_STATE_DIR/tansu" "$KEEL_LOG_DIR"
     log="$KEEL_LOG_DIR/tansu.log"
     # sqlite:// paths are relative to the working directory.
-    (cd "$KEEL_STATE_DIR/tansu" && setsid nohup "$tansu" broker \
+    cd "$KEEL_STATE_DIR/tansu"
+    setsid nohup "$tansu" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine "$storage" >>"$log" 2>&1 </dev/null &)
-    wait_for "Kafka (tansu)" 127.0.0.1 "$port" 60 "$log"
+        --storage-engine "$storage" >>"$log" 2>&1 </dev/null &
+    echo $! >"$KEEL_STATE_DIR/tansu.pid"
+    wait_for "Kafka (tansu)" 127.0.0.1 "$port" 60 "$log" "$!"
 fi
 echo "127.0.0.1:$port"

@@ -14,15 +14,14 @@ export KEEL_TEST_KAFKA KEEL_TEST_NATS KEEL_TEST_DATABASE_URL
 
 # Endpoints given from outside are checked too: a dead one fails here, by name.
 source "$here/common.sh"
-reachable() { # NAME URL
-    local hostport=${2#*://}
-    hostport=${hostport#*@}
-    hostport=${hostport%%/*}
-    port_open "${hostport%:*}" "${hostport##*:}" || fail "$1 is not reachable at $2"
+reachable() { # NAME URL DEFAULT_PORT
+    local host port
+    read -r host port <<<"$(host_port "$2" "$3")"
+    port_open "$host" "$port" || fail "$1 is not reachable at $2"
 }
-reachable "Kafka" "$KEEL_TEST_KAFKA"
-reachable "NATS" "$KEEL_TEST_NATS"
-reachable "PostgreSQL" "$KEEL_TEST_DATABASE_URL"
+reachable "Kafka" "$KEEL_TEST_KAFKA" 9092
+reachable "NATS" "$KEEL_TEST_NATS" 4222
+reachable "PostgreSQL" "$KEEL_TEST_DATABASE_URL" 5432
 echo "services: kafka=$KEEL_TEST_KAFKA nats=$KEEL_TEST_NATS postgres=$KEEL_TEST_DATABASE_URL" >&2
 
 cd "$root"

@@ -47,17 +47,37 @@ fn from_env(var: &str) -> Option<String> {
 
 /// Fails fast, naming the service, when a configured endpoint does not
 /// accept connections (rather than after a client's long timeout).
-async fn reachable(service: &str, var: &str, endpoint: &str) {
-    let authority = endpoint.rsplit("://").next().unwrap_or(endpoint);
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
-    let authority = authority.split(['/', '?']).next().unwrap_or(authority);
-    let connect = tokio::net::TcpStream::connect(authority.to_owned());
+async fn reachable(service: &str, var: &str, endpoint: &str, default_port: u16) {
+    let authority = first_host(endpoint, default_port);
+    let connect = tokio::net::TcpStream::connect(authority.clone());
     match tokio::time::timeout(Duration::from_secs(5), connect).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => panic!(
-            "{service} at {endpoint} ({var}) is not reachable: {e}. Start it with infra/local/."
+            "{service} at {endpoint} ({var}) is not reachable on {authority}: {e}. Start it with infra/local/."
         ),
         Err(_) => panic!("{service} at {endpoint} ({var}) did not accept a connection within 5 s"),
+    }
+}
+
+/// `host:port` of the first server in a URL or host list
+/// (`kafka://a:9092,b:9092`, `nats://u:p@h`, `postgres://u@h/db`, `h:1`).
+fn first_host(endpoint: &str, default_port: u16) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let rest = rest.split(',').next().unwrap_or(rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
+    let has_port = match rest.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !port.ends_with(']') && port.parse::<u16>().is_ok()
+        }
+        None => false,
+    };
+    if has_port {
+        rest.to_owned()
+    } else {
+        format!("{rest}:{default_port}")
     }
 }
 
@@ -71,7 +91,7 @@ fn no_service(service: &str, var: &str, example: &str, error: impl std::fmt::Dis
 /// The Kafka bootstrap server for this test process.
 pub async fn kafka_bootstrap() -> String {
     if let Some(addr) = from_env(KAFKA_ENV) {
-        reachable("Kafka", KAFKA_ENV, &addr).await;
+        reachable("Kafka", KAFKA_ENV, &addr, 9092).await;
         return addr;
     }
     static KAFKA: OnceCell<(ContainerAsync<apache::Kafka>, String)> = OnceCell::const_new();
@@ -94,7 +114,7 @@ pub async fn kafka_bootstrap() -> String {
 /// The NATS (JetStream) server URL for this test process.
 pub async fn nats_url() -> String {
     if let Some(url) = from_env(NATS_ENV) {
-        reachable("NATS", NATS_ENV, &url).await;
+        reachable("NATS", NATS_ENV, &url, 4222).await;
         return url;
     }
     static NATS: OnceCell<(ContainerAsync<Nats>, String)> = OnceCell::const_new();
@@ -120,7 +140,7 @@ pub async fn nats_url() -> String {
 pub async fn postgres_url() -> String {
     const EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/postgres";
     if let Some(url) = from_env(DATABASE_ENV) {
-        reachable("PostgreSQL", DATABASE_ENV, &url).await;
+        reachable("PostgreSQL", DATABASE_ENV, &url, 5432).await;
         return url;
     }
     static POSTGRES: OnceCell<(ContainerAsync<Postgres>, String)> = OnceCell::const_new();
@@ -235,5 +255,23 @@ fn with_database(server_url: &str, name: &str) -> String {
             url.to_string()
         }
         Err(_) => server_url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_host;
+
+    #[test]
+    fn first_host_applies_the_default_port() {
+        assert_eq!(first_host("kafka://a:9093,b:9092", 9092), "a:9093");
+        assert_eq!(first_host("127.0.0.1:9092", 9092), "127.0.0.1:9092");
+        assert_eq!(first_host("nats://u:p@h", 4222), "h:4222");
+        assert_eq!(
+            first_host("postgres://postgres@127.0.0.1/postgres", 5432),
+            "127.0.0.1:5432"
+        );
+        assert_eq!(first_host("postgres://u@[::1]:6000/db", 5432), "[::1]:6000");
+        assert_eq!(first_host("postgres://u@[::1]/db", 5432), "[::1]:5432");
     }
 }
