@@ -34,7 +34,7 @@ pub mod wire;
 pub use config::{BrokerUrl, KeelConfig};
 pub use delivery::{Coordinates, Deliveries, Delivery, DeliveryInfo, RawRecord, Undecodable};
 pub use envelope::{Envelope, EventId, Key, TraceContext};
-pub use error::{Error, Result};
+pub use error::{BoxError, Error, Result};
 pub use handler::{Handler, handler_fn};
 pub use memory::MemoryTransport;
 pub use transport::{

@@ -26,7 +26,8 @@ pub trait Event: Serialize + for<'de> Deserialize<'de> + AvroSchema {
     const FULL_NAME: &'static str;
 }
 
-/// A money amount in minor units (cents), Avro `decimal(12, 2)` on the wire.
+/// A money amount in minor units (cents), Avro `decimal(12, 2)` on the wire
+/// (serialized as its decimal text, which the Avro serializer scales).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Money(pub i64);
 
@@ -50,69 +51,66 @@ impl fmt::Display for Money {
     }
 }
 
+impl std::str::FromStr for Money {
+    type Err = String;
+
+    /// Parses `12.5`, `-0.05`, `7`: at most two decimal places.
+    fn from_str(s: &str) -> Result<Money, String> {
+        let bad = || format!("`{s}` is not an amount with at most two decimal places");
+        let (negative, digits) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (units, cents) = digits.split_once('.').unwrap_or((digits, ""));
+        let all_digits = units
+            .bytes()
+            .chain(cents.bytes())
+            .all(|b| b.is_ascii_digit());
+        if units.is_empty() || cents.len() > 2 || !all_digits {
+            return Err(bad());
+        }
+        let units: i64 = units.parse().map_err(|_| bad())?;
+        let cents: i64 = format!("{cents:0<2}").parse().map_err(|_| bad())?;
+        let value = units
+            .checked_mul(100)
+            .and_then(|u| u.checked_add(cents))
+            .ok_or_else(bad)?;
+        Ok(Money(if negative { -value } else { value }))
+    }
+}
+
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Avro decimals are big-endian two's complement of the unscaled
-        // value. Eight bytes always: apache-avro refuses a decimal whose byte
-        // length could not hold the declared precision.
-        s.serialize_bytes(&self.0.to_be_bytes())
+        // The decimal's text: serde_avro_fast scales it to the schema's
+        // `decimal(12, 2)` and writes the two's complement bytes.
+        s.collect_str(self)
     }
 }
 
 impl<'de> Deserialize<'de> for Money {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Money, D::Error> {
         struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
+        impl serde::de::Visitor<'_> for Visitor {
             type Value = Money;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an Avro decimal (big-endian two's complement bytes)")
+                f.write_str("a decimal amount with at most two decimal places")
             }
-            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Money, E> {
-                decimal_to_i64(bytes).map(Money).ok_or_else(|| {
-                    E::custom(format!(
-                        "decimal of {} bytes does not fit a money amount",
-                        bytes.len()
-                    ))
-                })
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Money, E> {
+                s.parse().map_err(E::custom)
             }
-            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Money, E> {
-                self.visit_bytes(&bytes)
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Money, E> {
+                v.checked_mul(100)
+                    .map(Money)
+                    .ok_or_else(|| E::custom(format!("{v} is out of range")))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Money, A::Error> {
-                let mut bytes = Vec::with_capacity(8);
-                while let Some(b) = seq.next_element::<u8>()? {
-                    if bytes.len() == 16 {
-                        return Err(serde::de::Error::custom("decimal longer than 16 bytes"));
-                    }
-                    bytes.push(b);
-                }
-                self.visit_bytes(&bytes)
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Money, E> {
+                i64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is out of range")))
+                    .and_then(|v| self.visit_i64(v))
             }
         }
-        d.deserialize_bytes(Visitor)
+        d.deserialize_str(Visitor)
     }
-}
-
-/// Sign-extends a big-endian two's complement integer of any length into an
-/// `i64`, or `None` when it does not fit.
-fn decimal_to_i64(bytes: &[u8]) -> Option<i64> {
-    if bytes.is_empty() {
-        return Some(0);
-    }
-    let negative = bytes[0] & 0x80 != 0;
-    let fill = if negative { 0xff } else { 0x00 };
-    let (extra, tail) = bytes.split_at(bytes.len().saturating_sub(8));
-    if extra.iter().any(|&b| b != fill) {
-        return None;
-    }
-    let mut buf = [fill; 8];
-    buf[8 - tail.len()..].copy_from_slice(tail);
-    let value = i64::from_be_bytes(buf);
-    // A sign bit lost in the cut means the value did not fit.
-    ((value < 0) == negative || extra.is_empty()).then_some(value)
 }
 
 impl AvroSchemaComponent for Money {
@@ -392,32 +390,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn money_round_trips_any_decimal_width() {
-        for v in [
-            0,
-            1,
-            -1,
-            127,
-            128,
-            -129,
-            1_234_567_890_123,
-            i64::MAX,
-            i64::MIN,
+    fn money_parses_and_prints_two_decimal_places() {
+        for (text, cents, printed) in [
+            ("12.5", 1250, "12.50"),
+            ("12.05", 1205, "12.05"),
+            ("-0.05", -5, "-0.05"),
+            ("7", 700, "7.00"),
+            ("0.00", 0, "0.00"),
         ] {
-            assert_eq!(decimal_to_i64(&v.to_be_bytes()), Some(v));
+            let m: Money = text.parse().unwrap();
+            assert_eq!(m, Money(cents), "{text}");
+            assert_eq!(m.to_string(), printed);
         }
-        // Java writers use the shortest form.
-        assert_eq!(decimal_to_i64(&[0x01, 0xf4]), Some(500));
-        assert_eq!(decimal_to_i64(&[0xff, 0x0c]), Some(-244));
-        assert_eq!(decimal_to_i64(&[]), Some(0));
-        // Sign-extended longer forms fit; real overflow does not.
-        assert_eq!(decimal_to_i64(&[0xff; 12]), Some(-1));
-        assert_eq!(
-            decimal_to_i64(&[0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]),
-            None
-        );
-        assert_eq!(decimal_to_i64(&[0x00, 0x80, 0, 0, 0, 0, 0, 0, 0]), None);
-        assert_eq!(Money::new(12, 5).to_string(), "12.05");
-        assert_eq!(Money(-5).to_string(), "-0.05");
+        for bad in [
+            "",
+            ".5",
+            "1.234",
+            "1e3",
+            "abc",
+            "--1",
+            "99999999999999999999",
+        ] {
+            assert!(bad.parse::<Money>().is_err(), "{bad}");
+        }
     }
 }

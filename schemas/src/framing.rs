@@ -2,7 +2,7 @@
 //! Confluent-aware tool decodes Keel events: one magic byte `0x00`, the
 //! schema id as a 4-byte big-endian integer, then the Avro binary body.
 
-use keel_core::{Error, Result};
+use crate::error::{Result, SchemaError};
 
 /// The magic byte that opens every framed payload.
 pub const MAGIC: u8 = 0;
@@ -26,15 +26,15 @@ pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
 pub fn unframe(payload: &[u8]) -> Result<(u32, &[u8])> {
     match payload {
         [MAGIC, a, b, c, d, body @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), body)),
-        [MAGIC, ..] => Err(Error::malformed(format!(
+        [MAGIC, ..] => Err(SchemaError::Framing(format!(
             "payload is {} bytes, shorter than the {HEADER_LEN}-byte Confluent header",
             payload.len()
         ))),
-        [other, ..] => Err(Error::malformed(format!(
+        [other, ..] => Err(SchemaError::Framing(format!(
             "payload starts with byte 0x{other:02x}, not the Confluent magic byte 0x00"
         ))),
-        [] => Err(Error::malformed(
-            "payload is empty; expected a Confluent-framed Avro body",
+        [] => Err(SchemaError::Framing(
+            "payload is empty; expected a Confluent-framed Avro body".into(),
         )),
     }
 }

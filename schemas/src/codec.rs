@@ -1,0 +1,220 @@
+//! The Avro codec: typed events ⇄ Confluent-framed Avro bytes.
+//!
+//! Encoding looks up (or, when allowed, registers) the event type's schema
+//! under the subject its [`SubjectNameStrategy`] names, then writes
+//! `0x00`, the schema id and the Avro body. Decoding reads the writer's
+//! schema id, fetches that schema once, and resolves it against the
+//! reader's Rust type by field name: fields the writer lacks take the
+//! reader's default (`#[serde(default)]`), fields the reader lacks are
+//! skipped, numeric promotions apply. After the first event of each type
+//! and each writer schema, encode and decode make no registry calls
+//! ([`AvroCodec::registry_calls`] counts them).
+//!
+//! The hot path is `serde_avro_fast` — measured faster than `apache-avro`
+//! in both directions (see `BENCHMARKS.md`) and bounded on hostile input:
+//! lengths are checked against the bytes actually present before anything
+//! is allocated, sequences are capped relative to the payload's size, and
+//! nesting depth is limited, so garbage costs an error, not memory.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_avro_fast::Schema as FastSchema;
+use serde_avro_fast::de::{DeserializerConfig, DeserializerState};
+use serde_avro_fast::ser::SerializerConfig;
+
+use crate::canonical::{References, resolve};
+use crate::error::{Result, SchemaError};
+use crate::events::Event;
+use crate::framing::{self, MAGIC};
+use crate::registry::Registry;
+use crate::subject::SubjectNameStrategy;
+
+/// How the codec finds writer schemas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodecOptions {
+    /// Subject naming. Default: topic-name.
+    pub strategy: SubjectNameStrategy,
+    /// Register a type's schema when the subject lacks it. Default `false`:
+    /// in production schemas are registered by CI (`keel schema register`),
+    /// as with Confluent's `auto.register.schemas=false`.
+    pub auto_register: bool,
+}
+
+impl Default for CodecOptions {
+    fn default() -> Self {
+        CodecOptions {
+            strategy: SubjectNameStrategy::TopicName,
+            auto_register: false,
+        }
+    }
+}
+
+struct Writer {
+    id: u32,
+    schema: FastSchema,
+}
+
+/// Encodes and decodes events against a [`Registry`], caching schemas.
+pub struct AvroCodec {
+    registry: Arc<dyn Registry>,
+    options: CodecOptions,
+    writers: RwLock<HashMap<(TypeId, String), Arc<Writer>>>,
+    readers: RwLock<HashMap<u32, Arc<FastSchema>>>,
+    registry_calls: AtomicU64,
+}
+
+impl std::fmt::Debug for AvroCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AvroCodec")
+            .field("options", &self.options)
+            .field("registry_calls", &self.registry_calls())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AvroCodec {
+    /// A codec on `registry`.
+    pub fn new(registry: Arc<dyn Registry>, options: CodecOptions) -> Self {
+        AvroCodec {
+            registry,
+            options,
+            writers: RwLock::default(),
+            readers: RwLock::default(),
+            registry_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// How many registry calls this codec has made (zero per message once
+    /// warm).
+    pub fn registry_calls(&self) -> u64 {
+        self.registry_calls.load(Ordering::Relaxed)
+    }
+
+    /// The subject `T` is registered under on `topic`.
+    pub fn subject<T: Event>(&self, topic: &str) -> String {
+        self.options.strategy.subject(topic, T::FULL_NAME)
+    }
+
+    /// Encodes `event` for `topic`: Confluent framing + Avro body.
+    pub async fn encode<T: Event + 'static>(&self, topic: &str, event: &T) -> Result<Vec<u8>> {
+        let writer = self.writer::<T>(topic).await?;
+        let mut out = Vec::with_capacity(128);
+        out.push(MAGIC);
+        out.extend_from_slice(&writer.id.to_be_bytes());
+        let mut config = SerializerConfig::new(&writer.schema);
+        serde_avro_fast::to_datum(event, out, &mut config).map_err(|e| SchemaError::Encode {
+            schema_id: writer.id,
+            rust_type: std::any::type_name::<T>(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Decodes a framed payload into `T`, resolving the writer's schema
+    /// against `T`.
+    pub async fn decode<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T> {
+        let (id, body) = framing::unframe(payload)?;
+        let schema = self.writer_schema(id).await?;
+        decode_body(&schema, id, body)
+    }
+
+    /// Decodes a framed payload into JSON (for `keel tail` and dead-letter
+    /// listings): records as objects, decimals as strings, timestamps as
+    /// epoch milliseconds.
+    pub async fn decode_json(&self, payload: &[u8]) -> Result<serde_json::Value> {
+        self.decode::<serde_json::Value>(payload).await
+    }
+
+    /// Encodes any serializable value (e.g. JSON from `keel publish`) with
+    /// the schema registered under `id`.
+    pub async fn encode_with_id<V: Serialize + ?Sized>(
+        &self,
+        id: u32,
+        value: &V,
+    ) -> Result<Vec<u8>> {
+        let schema = self.writer_schema(id).await?;
+        let mut out = Vec::with_capacity(128);
+        out.push(MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        let mut config = SerializerConfig::new(&schema);
+        serde_avro_fast::to_datum(value, out, &mut config).map_err(|e| SchemaError::Encode {
+            schema_id: id,
+            rust_type: std::any::type_name::<V>(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The writer schema for `T` on `topic`, from cache or registry.
+    async fn writer<T: Event + 'static>(&self, topic: &str) -> Result<Arc<Writer>> {
+        let subject = self.subject::<T>(topic);
+        let key = (TypeId::of::<T>(), subject);
+        if let Some(w) = read(&self.writers).get(&key) {
+            return Ok(w.clone());
+        }
+        let derived = serde_json::to_value(T::get_schema())
+            .map_err(|e| SchemaError::InvalidSchema(format!("{}: {e}", T::FULL_NAME)))?;
+        let text = resolve(&derived, &References::new())?.to_string();
+        self.registry_calls.fetch_add(1, Ordering::Relaxed);
+        let id = match self.registry.lookup(&key.1, &text).await? {
+            Some(id) => id,
+            None if self.options.auto_register => {
+                self.registry_calls.fetch_add(1, Ordering::Relaxed);
+                self.registry.register(&key.1, &text).await?
+            }
+            None => {
+                return Err(SchemaError::NotRegistered {
+                    subject: key.1,
+                    rust_type: std::any::type_name::<T>(),
+                });
+            }
+        };
+        let schema = parse_fast(&text)?;
+        let writer = Arc::new(Writer { id, schema });
+        write(&self.writers).insert(key, writer.clone());
+        Ok(writer)
+    }
+
+    async fn writer_schema(&self, id: u32) -> Result<Arc<FastSchema>> {
+        if let Some(s) = read(&self.readers).get(&id) {
+            return Ok(s.clone());
+        }
+        self.registry_calls.fetch_add(1, Ordering::Relaxed);
+        let text = self.registry.schema_by_id(id).await?;
+        let schema = Arc::new(parse_fast(&text)?);
+        write(&self.readers).insert(id, schema.clone());
+        Ok(schema)
+    }
+}
+
+fn parse_fast(text: &str) -> Result<FastSchema> {
+    text.parse::<FastSchema>()
+        .map_err(|e| SchemaError::InvalidSchema(e.to_string()))
+}
+
+/// Decodes an Avro body (no framing) written with `schema`.
+pub fn decode_body<T: DeserializeOwned>(schema: &FastSchema, id: u32, body: &[u8]) -> Result<T> {
+    let mut config = DeserializerConfig::new(schema);
+    // Bounds the work hostile block counts can cause: real sequences are
+    // never longer than their bytes (plus a little for zero-size items).
+    config.max_seq_size = body.len().saturating_mul(8).saturating_add(1024);
+    config.allowed_depth = 64;
+    let mut state =
+        DeserializerState::with_config(serde_avro_fast::de::read::SliceRead::new(body), config);
+    T::deserialize(state.deserializer()).map_err(|e| SchemaError::Decode {
+        schema_id: id,
+        rust_type: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
