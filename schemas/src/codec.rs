@@ -17,7 +17,6 @@
 //! nesting depth is limited, so garbage costs an error, not memory.
 
 use std::any::TypeId;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -63,8 +62,11 @@ struct Writer {
 pub struct AvroCodec {
     registry: Arc<dyn Registry>,
     options: CodecOptions,
-    writers: RwLock<HashMap<(TypeId, String), Arc<Writer>>>,
-    readers: RwLock<HashMap<u32, Arc<FastSchema>>>,
+    /// Writer schemas by (Rust type, topic). A codec sees a handful of
+    /// pairs, so a linear scan (no hashing, no allocation) beats a map here.
+    writers: RwLock<Vec<(TypeId, String, Arc<Writer>)>>,
+    /// Writer schemas by id, for decoding (few per codec: scanned, not hashed).
+    readers: RwLock<Vec<(u32, Arc<FastSchema>)>>,
     registry_calls: AtomicU64,
 }
 
@@ -102,22 +104,29 @@ impl AvroCodec {
 
     /// Encodes `event` for `topic`: Confluent framing + Avro body.
     pub async fn encode<T: Event + 'static>(&self, topic: &str, event: &T) -> Result<Vec<u8>> {
+        {
+            let writers = read(&self.writers);
+            if let Some((_, _, writer)) = writers
+                .iter()
+                .find(|(ty, t, _)| *ty == TypeId::of::<T>() && t == topic)
+            {
+                return encode_with(writer, event);
+            }
+        }
         let writer = self.writer::<T>(topic).await?;
-        let mut out = Vec::with_capacity(128);
-        out.push(MAGIC);
-        out.extend_from_slice(&writer.id.to_be_bytes());
-        let mut config = SerializerConfig::new(&writer.schema);
-        serde_avro_fast::to_datum(event, out, &mut config).map_err(|e| SchemaError::Encode {
-            schema_id: writer.id,
-            rust_type: std::any::type_name::<T>(),
-            reason: e.to_string(),
-        })
+        encode_with(&writer, event)
     }
 
     /// Decodes a framed payload into `T`, resolving the writer's schema
     /// against `T`.
     pub async fn decode<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T> {
         let (id, body) = framing::unframe(payload)?;
+        {
+            let readers = read(&self.readers);
+            if let Some((_, schema)) = readers.iter().find(|(known, _)| *known == id) {
+                return decode_body(schema, id, body);
+            }
+        }
         let schema = self.writer_schema(id).await?;
         decode_body(&schema, id, body)
     }
@@ -148,46 +157,64 @@ impl AvroCodec {
         })
     }
 
-    /// The writer schema for `T` on `topic`, from cache or registry.
+    /// The writer schema for `T` on `topic`, from the registry (the cached
+    /// case is handled inline by `encode`).
     async fn writer<T: Event + 'static>(&self, topic: &str) -> Result<Arc<Writer>> {
         let subject = self.subject::<T>(topic);
-        let key = (TypeId::of::<T>(), subject);
-        if let Some(w) = read(&self.writers).get(&key) {
-            return Ok(w.clone());
-        }
         let derived = serde_json::to_value(T::get_schema())
             .map_err(|e| SchemaError::InvalidSchema(format!("{}: {e}", T::FULL_NAME)))?;
         let text = resolve(&derived, &References::new())?.to_string();
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
-        let id = match self.registry.lookup(&key.1, &text).await? {
+        let id = match self.registry.lookup(&subject, &text).await? {
             Some(id) => id,
             None if self.options.auto_register => {
                 self.registry_calls.fetch_add(1, Ordering::Relaxed);
-                self.registry.register(&key.1, &text).await?
+                self.registry.register(&subject, &text).await?
             }
             None => {
                 return Err(SchemaError::NotRegistered {
-                    subject: key.1,
+                    subject,
                     rust_type: std::any::type_name::<T>(),
                 });
             }
         };
         let schema = parse_fast(&text)?;
         let writer = Arc::new(Writer { id, schema });
-        write(&self.writers).insert(key, writer.clone());
+        let mut writers = write(&self.writers);
+        if !writers
+            .iter()
+            .any(|(ty, t, _)| *ty == TypeId::of::<T>() && t == topic)
+        {
+            writers.push((TypeId::of::<T>(), topic.to_owned(), writer.clone()));
+        }
         Ok(writer)
     }
 
     async fn writer_schema(&self, id: u32) -> Result<Arc<FastSchema>> {
-        if let Some(s) = read(&self.readers).get(&id) {
+        if let Some((_, s)) = read(&self.readers).iter().find(|(known, _)| *known == id) {
             return Ok(s.clone());
         }
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
         let text = self.registry.schema_by_id(id).await?;
         let schema = Arc::new(parse_fast(&text)?);
-        write(&self.readers).insert(id, schema.clone());
+        let mut readers = write(&self.readers);
+        if !readers.iter().any(|(known, _)| *known == id) {
+            readers.push((id, schema.clone()));
+        }
         Ok(schema)
     }
+}
+
+fn encode_with<T: Serialize>(writer: &Writer, event: &T) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    out.push(MAGIC);
+    out.extend_from_slice(&writer.id.to_be_bytes());
+    let mut config = SerializerConfig::new(&writer.schema);
+    serde_avro_fast::to_datum(event, out, &mut config).map_err(|e| SchemaError::Encode {
+        schema_id: writer.id,
+        rust_type: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })
 }
 
 fn parse_fast(text: &str) -> Result<FastSchema> {

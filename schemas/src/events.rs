@@ -82,8 +82,39 @@ impl std::str::FromStr for Money {
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // The decimal's text: serde_avro_fast scales it to the schema's
-        // `decimal(12, 2)` and writes the two's complement bytes.
-        s.collect_str(self)
+        // `decimal(12, 2)` and writes the two's complement bytes. Formatted
+        // on the stack: this runs for every amount of every event.
+        let mut buf = [0u8; 24];
+        s.serialize_str(self.format_into(&mut buf))
+    }
+}
+
+impl Money {
+    /// Writes `-123.45` into `buf` (an i64 needs at most 21 bytes) and
+    /// returns it.
+    fn format_into<'b>(&self, buf: &'b mut [u8; 24]) -> &'b str {
+        let mut n = self.0.unsigned_abs();
+        let mut i = buf.len();
+        let mut place = 0;
+        loop {
+            if place == 2 {
+                i -= 1;
+                buf[i] = b'.';
+            }
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            place += 1;
+            if n == 0 && place > 2 {
+                break;
+            }
+        }
+        if self.0 < 0 {
+            i -= 1;
+            buf[i] = b'-';
+        }
+        // Only ASCII digits, '.' and '-' were written.
+        std::str::from_utf8(&buf[i..]).unwrap_or("0.00")
     }
 }
 
