@@ -5,6 +5,7 @@
 //! | [`codec`] | [`AvroCodec`]: typed events ⇄ framed Avro, with schema resolution and caching |
 //! | [`framing`] | the Confluent wire format: `0x00`, 4-byte big-endian schema id, Avro body |
 //! | [`registry`] | the [`Registry`] trait the codec uses, and the in-memory [`LocalRegistry`] |
+//! | [`compat`] | compatibility levels and Avro's resolution rules (Java `SchemaCompatibility`) |
 //! | [`canonical`] | resolving references and the normal form schemas are compared in |
 //! | [`subject`] | subject name strategies: topic-name, record-name, topic-record-name |
 //! | [`events`] | the example domain's event types (`OrderPlaced`, `PaymentCaptured`, …) |
@@ -19,6 +20,7 @@
 
 pub mod canonical;
 pub mod codec;
+pub mod compat;
 pub mod domain;
 pub mod error;
 pub mod events;
