@@ -7,6 +7,7 @@
 //! | [`postgres_url`] | PostgreSQL: `KEEL_TEST_DATABASE_URL`, else a `postgres` container |
 //! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
 //! | [`unique_name`] | a topic/stream/group name no other test uses |
+//! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -245,6 +246,160 @@ impl Drop for TestDatabase {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Which database a registry under test stores its schemas in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryBackend {
+    /// A fresh PostgreSQL database ([`TestDatabase`]).
+    Postgres,
+    /// A fresh SQLite file in a temporary directory.
+    Sqlite,
+}
+
+/// Keel's registry server running in this process on `127.0.0.1:0`.
+pub struct RegistryUnderTest {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// The database URL it stores into (reuse it to restart).
+    pub database_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _database: Option<std::sync::Arc<TestDatabase>>,
+    _dir: Option<std::sync::Arc<TempDir>>,
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A new empty directory under the system temp dir.
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(unique_name("keel-test"));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl RegistryUnderTest {
+    /// Starts a registry on a fresh database of `backend`.
+    pub async fn start(
+        backend: RegistryBackend,
+        options: keel_schemas::server::ServerOptions,
+    ) -> RegistryUnderTest {
+        match backend {
+            RegistryBackend::Postgres => {
+                let db = std::sync::Arc::new(TestDatabase::create().await);
+                let mut r = Self::start_on(db.url(), options).await;
+                r._database = Some(db);
+                r
+            }
+            RegistryBackend::Sqlite => {
+                let dir = std::sync::Arc::new(TempDir::new());
+                let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+                let mut r = Self::start_on(&url, options).await;
+                r._dir = Some(dir);
+                r
+            }
+        }
+    }
+
+    /// Starts a registry on an existing database (e.g. to test a restart).
+    pub async fn start_on(
+        database_url: &str,
+        options: keel_schemas::server::ServerOptions,
+    ) -> RegistryUnderTest {
+        let store = keel_schemas::server::Store::connect(database_url)
+            .await
+            .unwrap_or_else(|e| panic!("registry store on {database_url}: {e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a port for the registry: {e}"));
+        let url = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            if let Err(e) =
+                keel_schemas::server::serve(listener, store.clone(), options, shutdown).await
+            {
+                panic!("registry server failed: {e}");
+            }
+            store.close().await;
+        });
+        RegistryUnderTest {
+            url,
+            database_url: database_url.to_owned(),
+            shutdown: Some(tx),
+            task: Some(task),
+            _database: None,
+            _dir: None,
+        }
+    }
+
+    /// Stops the server (in-flight requests finish) and keeps the database,
+    /// returning what a restart needs.
+    pub async fn stop(mut self) -> StoppedRegistry {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        StoppedRegistry {
+            database_url: self.database_url.clone(),
+            _database: self._database.take(),
+            _dir: self._dir.take(),
+        }
+    }
+}
+
+/// A stopped registry's database, kept alive for a restart.
+pub struct StoppedRegistry {
+    /// The database URL.
+    pub database_url: String,
+    _database: Option<std::sync::Arc<TestDatabase>>,
+    _dir: Option<std::sync::Arc<TempDir>>,
+}
+
+impl StoppedRegistry {
+    /// Starts a new server on the same database.
+    pub async fn restart(self, options: keel_schemas::server::ServerOptions) -> RegistryUnderTest {
+        let mut r = RegistryUnderTest::start_on(&self.database_url, options).await;
+        r._database = self._database;
+        r._dir = self._dir;
+        r
+    }
+}
+
+impl Drop for RegistryUnderTest {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
     }
 }
 

@@ -1,0 +1,446 @@
+//! A client for any Confluent-compatible schema registry (Keel's own,
+//! Confluent, Redpanda, Apicurio's ccompat API, Karapace).
+//!
+//! Answers are cached in-process — schema by id, id by (subject, schema) —
+//! so once warm the codec makes no HTTP calls. Connection failures,
+//! timeouts and 5xx answers are retried with exponential backoff; 4xx
+//! answers are returned at once as [`SchemaError::Registry`] with
+//! Confluent's error code.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::canonical::{References, named_types, resolve};
+use crate::error::{Result, SchemaError};
+use crate::registry::Registry;
+use crate::server::store::SchemaReference;
+
+/// The media type Confluent's clients send.
+const MEDIA_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// How deep reference chains are followed.
+const MAX_REFERENCE_DEPTH: usize = 16;
+
+/// Client settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Per-request timeout. Default 10 s.
+    pub timeout: Duration,
+    /// Retries after a connection error, timeout or 5xx. Default 3.
+    pub retries: u32,
+    /// First retry delay; doubles each retry. Default 100 ms.
+    pub backoff: Duration,
+    /// `user:password` for basic auth.
+    pub basic_auth: Option<String>,
+    /// Extra trusted CA certificate (PEM) for `https://` registries.
+    pub ca_certificate_pem: Option<Vec<u8>>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+            basic_auth: None,
+            ca_certificate_pem: None,
+        }
+    }
+}
+
+/// A registered schema as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaInfo {
+    /// Schema text.
+    pub schema: String,
+    /// References, if any.
+    #[serde(default)]
+    pub references: Vec<SchemaReference>,
+    /// `AVRO` when absent.
+    #[serde(default)]
+    pub schema_type: Option<String>,
+}
+
+/// A subject version as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct VersionInfo {
+    /// Subject.
+    pub subject: String,
+    /// Global schema id.
+    pub id: u32,
+    /// Version in the subject.
+    pub version: i64,
+    /// Schema text.
+    pub schema: String,
+    /// References, if any.
+    #[serde(default)]
+    pub references: Vec<SchemaReference>,
+}
+
+/// The result of a compatibility check.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CompatibilityInfo {
+    /// Whether the schema may be registered.
+    pub is_compatible: bool,
+    /// Why not (with `verbose`).
+    #[serde(default)]
+    pub messages: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error_code: i64,
+    message: String,
+}
+
+/// An HTTP client of a Confluent-compatible registry, with caches.
+#[derive(Debug)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: Url,
+    options: ClientOptions,
+    by_id: RwLock<HashMap<u32, Arc<str>>>,
+    ids: RwLock<HashMap<(String, String), u32>>,
+}
+
+impl RegistryClient {
+    /// A client for the registry at `url` (`http://host:8081`).
+    pub fn new(url: &str, options: ClientOptions) -> Result<Self> {
+        let mut base = Url::parse(url).map_err(|e| {
+            SchemaError::InvalidSchema(format!("registry URL `{url}` is not a URL: {e}"))
+        })?;
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let mut builder = reqwest::Client::builder().timeout(options.timeout);
+        if let Some(pem) = &options.ca_certificate_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| SchemaError::InvalidSchema(format!("registry CA certificate: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| SchemaError::Unreachable {
+            url: url.to_owned(),
+            source: Box::new(e),
+        })?;
+        Ok(RegistryClient {
+            http,
+            base,
+            options,
+            by_id: RwLock::default(),
+            ids: RwLock::default(),
+        })
+    }
+
+    /// The registry's base URL.
+    pub fn url(&self) -> &Url {
+        &self.base
+    }
+
+    fn endpoint(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Url> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| {
+                SchemaError::InvalidSchema(format!(
+                    "registry URL `{}` cannot have a path",
+                    self.base
+                ))
+            })?
+            .pop_if_empty()
+            .extend(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        Ok(url)
+    }
+
+    /// Sends a request, retrying transient failures; decodes the JSON answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<T> {
+        let mut delay = self.options.backoff;
+        let mut attempt = 0;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .header(reqwest::header::ACCEPT, MEDIA_TYPE);
+            if let Some((user, password)) = self
+                .options
+                .basic_auth
+                .as_deref()
+                .and_then(|c| c.split_once(':'))
+            {
+                request = request.basic_auth(user, Some(password));
+            }
+            if let Some(body) = body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, MEDIA_TYPE)
+                    .body(body.to_string());
+            }
+            let outcome = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let text = response.text().await.unwrap_or_default();
+                    if status.is_success() {
+                        return serde_json::from_str(&text).map_err(|e| SchemaError::Registry {
+                            status: status.as_u16(),
+                            code: 0,
+                            message: format!("unexpected answer from {url}: {e}"),
+                        });
+                    }
+                    let error = match serde_json::from_str::<ErrorBody>(&text) {
+                        Ok(body) => SchemaError::Registry {
+                            status: status.as_u16(),
+                            code: body.error_code,
+                            message: body.message,
+                        },
+                        Err(_) => SchemaError::Registry {
+                            status: status.as_u16(),
+                            code: i64::from(status.as_u16()),
+                            message: text.chars().take(500).collect(),
+                        },
+                    };
+                    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                        error
+                    } else {
+                        return Err(error);
+                    }
+                }
+                Err(e) => SchemaError::Unreachable {
+                    url: self.base.to_string(),
+                    source: Box::new(e),
+                },
+            };
+            if attempt >= self.options.retries {
+                return Err(outcome);
+            }
+            attempt += 1;
+            tracing::warn!(error = %outcome, attempt, "schema registry call failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2);
+        }
+    }
+
+    /// `POST /subjects/{subject}/versions`: registers and returns the id.
+    pub async fn register_schema(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[SchemaReference],
+        normalize: bool,
+    ) -> Result<u32> {
+        let url = self.endpoint(
+            &["subjects", subject, "versions"],
+            &normalize_query(normalize),
+        )?;
+        let body = request_body(schema, references);
+        let answer: Value = self.call(Method::POST, url, Some(&body)).await?;
+        id_of(&answer)
+    }
+
+    /// `POST /subjects/{subject}`: the version holding `schema`, if any.
+    pub async fn lookup_schema(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[SchemaReference],
+        normalize: bool,
+    ) -> Result<Option<VersionInfo>> {
+        let url = self.endpoint(&["subjects", subject], &normalize_query(normalize))?;
+        let body = request_body(schema, references);
+        match self.call(Method::POST, url, Some(&body)).await {
+            Ok(found) => Ok(Some(found)),
+            Err(SchemaError::Registry {
+                code: 40401 | 40403,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /schemas/ids/{id}`.
+    pub async fn schema(&self, id: u32) -> Result<SchemaInfo> {
+        let url = self.endpoint(&["schemas", "ids", &id.to_string()], &[])?;
+        match self.call(Method::GET, url, None).await {
+            Err(SchemaError::Registry { code: 40403, .. }) => Err(SchemaError::UnknownSchemaId(id)),
+            other => other,
+        }
+    }
+
+    /// `GET /subjects`.
+    pub async fn subjects(&self) -> Result<Vec<String>> {
+        self.call(Method::GET, self.endpoint(&["subjects"], &[])?, None)
+            .await
+    }
+
+    /// `GET /subjects/{subject}/versions`.
+    pub async fn versions(&self, subject: &str) -> Result<Vec<i64>> {
+        self.call(
+            Method::GET,
+            self.endpoint(&["subjects", subject, "versions"], &[])?,
+            None,
+        )
+        .await
+    }
+
+    /// `GET /subjects/{subject}/versions/{version}` (`"latest"` allowed).
+    pub async fn version(&self, subject: &str, version: &str) -> Result<VersionInfo> {
+        let url = self.endpoint(&["subjects", subject, "versions", version], &[])?;
+        self.call(Method::GET, url, None).await
+    }
+
+    /// `POST /compatibility/subjects/{subject}/versions/{version}?verbose=true`.
+    pub async fn check_compatibility(
+        &self,
+        subject: &str,
+        version: &str,
+        schema: &str,
+        references: &[SchemaReference],
+    ) -> Result<CompatibilityInfo> {
+        let url = self.endpoint(
+            &["compatibility", "subjects", subject, "versions", version],
+            &[("verbose", "true")],
+        )?;
+        self.call(Method::POST, url, Some(&request_body(schema, references)))
+            .await
+    }
+
+    /// `GET /config` or `GET /config/{subject}?defaultToGlobal=true`.
+    pub async fn compatibility_level(&self, subject: Option<&str>) -> Result<String> {
+        let url = match subject {
+            Some(s) => self.endpoint(&["config", s], &[("defaultToGlobal", "true")])?,
+            None => self.endpoint(&["config"], &[])?,
+        };
+        let answer: Value = self.call(Method::GET, url, None).await?;
+        Ok(answer["compatibilityLevel"]
+            .as_str()
+            .unwrap_or("BACKWARD")
+            .to_owned())
+    }
+
+    /// `PUT /config` or `PUT /config/{subject}`.
+    pub async fn set_compatibility_level(&self, subject: Option<&str>, level: &str) -> Result<()> {
+        let url = match subject {
+            Some(s) => self.endpoint(&["config", s], &[])?,
+            None => self.endpoint(&["config"], &[])?,
+        };
+        let _: Value = self
+            .call(Method::PUT, url, Some(&json!({"compatibility": level})))
+            .await?;
+        Ok(())
+    }
+
+    /// The self-contained normal form of schema `id`, references resolved.
+    async fn resolved(&self, id: u32) -> Result<String> {
+        let info = self.schema(id).await?;
+        let references = self.references(&info.references, 0).await?;
+        let doc: Value = serde_json::from_str(&info.schema)
+            .map_err(|e| SchemaError::InvalidSchema(format!("schema {id} is not JSON: {e}")))?;
+        Ok(resolve(&doc, &references)?.to_string())
+    }
+
+    async fn references(&self, references: &[SchemaReference], depth: usize) -> Result<References> {
+        let mut out = References::new();
+        if depth > MAX_REFERENCE_DEPTH {
+            return Err(SchemaError::InvalidSchema(
+                "schema references nest too deep (a cycle?)".into(),
+            ));
+        }
+        for r in references {
+            let version = if r.version == -1 {
+                "latest".to_owned()
+            } else {
+                r.version.to_string()
+            };
+            let target = self.version(&r.subject, &version).await?;
+            out.extend(Box::pin(self.references(&target.references, depth + 1)).await?);
+            let doc: Value = serde_json::from_str(&target.schema).map_err(|e| {
+                SchemaError::InvalidSchema(format!("referenced schema is not JSON: {e}"))
+            })?;
+            out.extend(named_types(&doc)?);
+        }
+        Ok(out)
+    }
+}
+
+fn normalize_query(normalize: bool) -> Vec<(&'static str, &'static str)> {
+    if normalize {
+        vec![("normalize", "true")]
+    } else {
+        Vec::new()
+    }
+}
+
+fn request_body(schema: &str, references: &[SchemaReference]) -> Value {
+    let mut body = json!({"schema": schema});
+    if !references.is_empty() {
+        body["references"] = json!(references);
+    }
+    body
+}
+
+fn id_of(answer: &Value) -> Result<u32> {
+    answer["id"]
+        .as_u64()
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| SchemaError::Registry {
+            status: 200,
+            code: 0,
+            message: format!("answer has no schema id: {answer}"),
+        })
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl Registry for RegistryClient {
+    async fn schema_by_id(&self, id: u32) -> Result<Arc<str>> {
+        if let Some(s) = read(&self.by_id).get(&id) {
+            return Ok(s.clone());
+        }
+        let resolved: Arc<str> = Arc::from(self.resolved(id).await?);
+        write(&self.by_id).insert(id, resolved.clone());
+        Ok(resolved)
+    }
+
+    async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>> {
+        let key = (subject.to_owned(), schema.to_owned());
+        if let Some(id) = read(&self.ids).get(&key) {
+            return Ok(Some(*id));
+        }
+        let found = self.lookup_schema(subject, schema, &[], true).await?;
+        if let Some(v) = &found {
+            write(&self.ids).insert(key, v.id);
+        }
+        Ok(found.map(|v| v.id))
+    }
+
+    async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
+        let key = (subject.to_owned(), schema.to_owned());
+        if let Some(id) = read(&self.ids).get(&key) {
+            return Ok(*id);
+        }
+        let id = self.register_schema(subject, schema, &[], true).await?;
+        write(&self.ids).insert(key, id);
+        Ok(id)
+    }
+}

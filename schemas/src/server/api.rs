@@ -1,0 +1,810 @@
+//! The HTTP handlers: Confluent's Schema Registry REST API for Avro.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, CONTENT_TYPE};
+use super::store::{NewSchema, SchemaReference, Setting, Store, StoredSchema, SubjectVersion};
+use crate::canonical::{References, named_types, resolve};
+use crate::compat::Compatibility;
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// Shared state of the handlers.
+pub(crate) struct AppState {
+    pub(crate) store: Store,
+    pub(crate) body_limit: usize,
+    /// `Basic <base64>` expected in `Authorization`, when auth is on.
+    pub(crate) basic_auth: Option<String>,
+}
+
+type AppStateRef = Arc<AppState>;
+
+/// How deep reference chains may go (guards against cycles).
+const MAX_REFERENCE_DEPTH: usize = 16;
+
+pub(crate) fn router(state: AppStateRef) -> Router {
+    Router::new()
+        .route("/", get(|| async { ok(json!({})) }))
+        .route("/schemas/types", get(|| async { ok(json!(["AVRO"])) }))
+        .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
+        .route("/schemas/ids/{id}/subjects", get(subjects_by_id))
+        .route("/schemas/ids/{id}/versions", get(versions_by_id))
+        .route("/subjects", get(list_subjects))
+        .route("/subjects/{subject}", post(lookup).delete(delete_subject))
+        .route(
+            "/subjects/{subject}/versions",
+            get(list_versions).post(register),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(get_version).delete(delete_version),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}/schema",
+            get(raw_version),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}/referencedby",
+            get(referenced_by),
+        )
+        .route("/config", get(get_global_config).put(put_global_config))
+        .route(
+            "/config/{subject}",
+            get(get_subject_config)
+                .put(put_subject_config)
+                .delete(delete_subject_config),
+        )
+        .route("/mode", get(get_global_mode).put(put_global_mode))
+        .route(
+            "/mode/{subject}",
+            get(get_subject_mode)
+                .put(put_subject_mode)
+                .delete(delete_subject_mode),
+        )
+        .route(
+            "/compatibility/subjects/{subject}/versions",
+            post(check_all),
+        )
+        .route(
+            "/compatibility/subjects/{subject}/versions/{version}",
+            post(check_version),
+        )
+        .fallback(|| async { ApiError::no_route() })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+fn ok(body: Value) -> Response {
+    let mut response = (StatusCode::OK, body.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
+async fn authenticate(State(state): State<AppStateRef>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.basic_auth {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(expected.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// `Authorization` header value for `user:password`.
+pub(crate) fn basic_auth_header(credentials: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
+}
+
+/// A JSON body in one of the registry's media types, within the size limit;
+/// anything else is a Confluent-style error, never a panic or a 500.
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned> FromRequest<AppStateRef> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppStateRef) -> Result<Self, ApiError> {
+        if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+            let text = content_type.to_str().unwrap_or("(not text)");
+            let essence = text
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            let accepted = [
+                "application/vnd.schemaregistry.v1+json",
+                "application/vnd.schemaregistry+json",
+                "application/json",
+                "application/octet-stream",
+            ];
+            if !accepted.contains(&essence.as_str()) {
+                return Err(ApiError::unsupported_media_type(text));
+            }
+        }
+        let limit = state.body_limit;
+        let bytes = axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::too_large(limit))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(ApiError::unprocessable)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Flags {
+    #[serde(default)]
+    deleted: bool,
+    #[serde(default)]
+    permanent: bool,
+    #[serde(default)]
+    normalize: bool,
+    #[serde(default)]
+    verbose: bool,
+    #[serde(default)]
+    default_to_global: bool,
+    #[serde(default)]
+    subject_prefix: String,
+}
+
+/// `latest` (or -1) or a version number.
+#[derive(Clone, Copy, Debug)]
+enum VersionSpec {
+    Latest,
+    Number(i64),
+}
+
+fn parse_version(text: &str) -> ApiResult<VersionSpec> {
+    if text == "latest" || text == "-1" {
+        return Ok(VersionSpec::Latest);
+    }
+    match text.parse::<i64>() {
+        Ok(n) if (1..=i64::from(i32::MAX)).contains(&n) => Ok(VersionSpec::Number(n)),
+        _ => Err(ApiError::invalid_version(text)),
+    }
+}
+
+fn parse_id(text: &str) -> ApiResult<i64> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::schema_id_not_found(text))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SchemaRequest {
+    schema: String,
+    #[serde(default)]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<SchemaReference>,
+}
+
+fn schema_json(schema: &StoredSchema) -> serde_json::Map<String, Value> {
+    let mut body = serde_json::Map::new();
+    body.insert("schema".into(), Value::String(schema.text.clone()));
+    if schema.schema_type != "AVRO" {
+        body.insert(
+            "schemaType".into(),
+            Value::String(schema.schema_type.clone()),
+        );
+    }
+    if !schema.references.is_empty() {
+        body.insert("references".into(), json!(schema.references));
+    }
+    body
+}
+
+fn version_json(v: &SubjectVersion) -> Value {
+    let mut body = schema_json(&v.schema);
+    body.insert("subject".into(), Value::String(v.subject.clone()));
+    body.insert("version".into(), json!(v.version));
+    body.insert("id".into(), json!(v.schema.id));
+    Value::Object(body)
+}
+
+fn raw(text: &str) -> Response {
+    let mut response = (StatusCode::OK, text.to_owned()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
+async fn stored_schema(state: &AppState, id: &str) -> ApiResult<StoredSchema> {
+    let id = parse_id(id)?;
+    state
+        .store
+        .schema(id)
+        .await?
+        .ok_or_else(|| ApiError::schema_id_not_found(id))
+}
+
+async fn schema_by_id(State(state): State<AppStateRef>, Path(id): Path<String>) -> ApiResult {
+    let schema = stored_schema(&state, &id).await?;
+    Ok(ok(Value::Object(schema_json(&schema))))
+}
+
+async fn raw_schema_by_id(State(state): State<AppStateRef>, Path(id): Path<String>) -> ApiResult {
+    Ok(raw(&stored_schema(&state, &id).await?.text))
+}
+
+async fn subjects_by_id(
+    State(state): State<AppStateRef>,
+    Path(id): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    let schema = stored_schema(&state, &id).await?;
+    let mut subjects: Vec<String> = state
+        .store
+        .usages(schema.id, flags.deleted)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    subjects.dedup();
+    Ok(ok(json!(subjects)))
+}
+
+async fn versions_by_id(
+    State(state): State<AppStateRef>,
+    Path(id): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    let schema = stored_schema(&state, &id).await?;
+    let usages: Vec<Value> = state
+        .store
+        .usages(schema.id, flags.deleted)
+        .await?
+        .into_iter()
+        .map(|(subject, version)| json!({"subject": subject, "version": version}))
+        .collect();
+    Ok(ok(Value::Array(usages)))
+}
+
+async fn list_subjects(State(state): State<AppStateRef>, Query(flags): Query<Flags>) -> ApiResult {
+    Ok(ok(json!(
+        state
+            .store
+            .subjects(flags.deleted, &flags.subject_prefix)
+            .await?
+    )))
+}
+
+/// Every version of the subject (including soft-deleted ones), or 40401.
+async fn all_versions(state: &AppState, subject: &str) -> ApiResult<Vec<SubjectVersion>> {
+    let all = state.store.versions(subject, true).await?;
+    if all.is_empty() {
+        return Err(ApiError::subject_not_found(subject));
+    }
+    Ok(all)
+}
+
+async fn list_versions(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    let all = all_versions(&state, &subject).await?;
+    let versions: Vec<i64> = all
+        .iter()
+        .filter(|v| flags.deleted || !v.deleted)
+        .map(|v| v.version)
+        .collect();
+    if versions.is_empty() {
+        return Err(ApiError::subject_not_found(&subject));
+    }
+    Ok(ok(json!(versions)))
+}
+
+/// The version `spec` names: `latest` is the newest live one; a number may
+/// be soft-deleted only when `deleted` is asked for.
+async fn find_version(
+    state: &AppState,
+    subject: &str,
+    spec: &str,
+    deleted: bool,
+) -> ApiResult<SubjectVersion> {
+    let spec = parse_version(spec)?;
+    let all = all_versions(state, subject).await?;
+    let found = match spec {
+        VersionSpec::Latest => all.iter().rev().find(|v| !v.deleted),
+        VersionSpec::Number(n) => all
+            .iter()
+            .find(|v| v.version == n && (deleted || !v.deleted)),
+    };
+    found.cloned().ok_or_else(|| match spec {
+        VersionSpec::Latest => ApiError::subject_not_found(subject),
+        VersionSpec::Number(n) => ApiError::version_not_found(n),
+    })
+}
+
+async fn get_version(
+    State(state): State<AppStateRef>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    Ok(ok(version_json(
+        &find_version(&state, &subject, &version, flags.deleted).await?,
+    )))
+}
+
+async fn raw_version(
+    State(state): State<AppStateRef>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    Ok(raw(&find_version(
+        &state,
+        &subject,
+        &version,
+        flags.deleted,
+    )
+    .await?
+    .schema
+    .text))
+}
+
+async fn referenced_by(
+    State(state): State<AppStateRef>,
+    Path((subject, version)): Path<(String, String)>,
+) -> ApiResult {
+    let v = find_version(&state, &subject, &version, true).await?;
+    Ok(ok(json!(
+        state.store.referenced_by(&subject, v.version).await?
+    )))
+}
+
+/// A request's schema, parsed, validated and resolved.
+struct Candidate {
+    stored: NewSchema,
+    normal: Value,
+}
+
+/// Named types from `references`, following their own references.
+async fn resolve_references(
+    state: &AppState,
+    references: &[SchemaReference],
+    depth: usize,
+) -> ApiResult<References> {
+    let mut out = References::new();
+    if depth > MAX_REFERENCE_DEPTH {
+        return Err(ApiError::invalid_schema(
+            "references nest too deep (a cycle?)",
+        ));
+    }
+    for r in references {
+        let spec = if r.version == -1 {
+            "latest".to_owned()
+        } else {
+            r.version.to_string()
+        };
+        let target = find_version(state, &r.subject, &spec, false)
+            .await
+            .map_err(|_| {
+                ApiError::invalid_schema(format!(
+                    "reference `{}` points to subject `{}` version {}, which does not exist",
+                    r.name, r.subject, r.version
+                ))
+            })?;
+        let nested = Box::pin(resolve_references(
+            state,
+            &target.schema.references,
+            depth + 1,
+        ))
+        .await?;
+        out.extend(nested);
+        let doc: Value = serde_json::from_str(&target.schema.text)
+            .map_err(|e| ApiError::invalid_schema(format!("referenced schema is not JSON: {e}")))?;
+        out.extend(named_types(&doc).map_err(ApiError::invalid_schema)?);
+    }
+    Ok(out)
+}
+
+async fn candidate(
+    state: &AppState,
+    request: &SchemaRequest,
+    normalize: bool,
+) -> ApiResult<Candidate> {
+    let schema_type = request
+        .schema_type
+        .clone()
+        .unwrap_or_else(|| "AVRO".to_owned());
+    if !schema_type.eq_ignore_ascii_case("AVRO") {
+        return Err(ApiError::invalid_schema(format!(
+            "schema type `{schema_type}` is not supported; this registry stores AVRO schemas"
+        )));
+    }
+    let doc: Value = serde_json::from_str(&request.schema)
+        .map_err(|e| ApiError::invalid_schema(format!("the schema is not JSON: {e}")))?;
+    let references = resolve_references(state, &request.references, 0).await?;
+    let normal = resolve(&doc, &references).map_err(ApiError::invalid_schema)?;
+    let normal_form = normal.to_string();
+    let text = if normalize {
+        normal_form.clone()
+    } else {
+        doc.to_string()
+    };
+    Ok(Candidate {
+        stored: NewSchema {
+            schema_type: "AVRO".to_owned(),
+            text,
+            references: request.references.clone(),
+            normal_form,
+        },
+        normal,
+    })
+}
+
+fn matches(existing: &StoredSchema, candidate: &Candidate, normalize: bool) -> bool {
+    if normalize {
+        existing.normal_form == candidate.stored.normal_form
+    } else {
+        existing.text == candidate.stored.text && existing.references == candidate.stored.references
+    }
+}
+
+async fn level_of(state: &AppState, subject: &str) -> ApiResult<Compatibility> {
+    let stored = match state.store.setting(Setting::Compatibility, subject).await? {
+        Some(level) => Some(level),
+        None => state.store.setting(Setting::Compatibility, "").await?,
+    };
+    Ok(stored.and_then(|l| l.parse().ok()).unwrap_or_default())
+}
+
+async fn mode_of(state: &AppState, subject: &str) -> ApiResult<String> {
+    Ok(match state.store.setting(Setting::Mode, subject).await? {
+        Some(mode) => mode,
+        None => state
+            .store
+            .setting(Setting::Mode, "")
+            .await?
+            .unwrap_or_else(|| "READWRITE".to_owned()),
+    })
+}
+
+async fn writable(state: &AppState, subject: &str) -> ApiResult<()> {
+    let mode = mode_of(state, subject).await?;
+    if mode == "READONLY" || mode == "READONLY_OVERRIDE" {
+        return Err(ApiError::not_permitted(subject, &mode));
+    }
+    Ok(())
+}
+
+fn normal_forms(versions: &[SubjectVersion]) -> Vec<Value> {
+    versions
+        .iter()
+        .filter_map(|v| serde_json::from_str(&v.schema.normal_form).ok())
+        .collect()
+}
+
+async fn register(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+    JsonBody(request): JsonBody<SchemaRequest>,
+) -> ApiResult {
+    writable(&state, &subject).await?;
+    let candidate = candidate(&state, &request, flags.normalize).await?;
+    let live = state.store.versions(&subject, false).await?;
+    if let Some(existing) = live
+        .iter()
+        .find(|v| matches(&v.schema, &candidate, flags.normalize))
+    {
+        return Ok(ok(json!({"id": existing.schema.id})));
+    }
+    let level = level_of(&state, &subject).await?;
+    let problems = level.check(&candidate.normal, &normal_forms(&live));
+    if !problems.is_empty() {
+        return Err(ApiError::incompatible(&subject, &problems));
+    }
+    let id = state.store.upsert_schema(&candidate.stored).await?;
+    let normal = candidate.normal.clone();
+    let added = state
+        .store
+        .add_version(&subject, id, |live| {
+            let problems = level.check(&normal, &normal_forms(live));
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(problems)
+            }
+        })
+        .await?;
+    match added {
+        Ok(version) => {
+            tracing::info!(%subject, id, version, "schema registered");
+            Ok(ok(json!({"id": id})))
+        }
+        Err(problems) => Err(ApiError::incompatible(&subject, &problems)),
+    }
+}
+
+async fn lookup(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+    JsonBody(request): JsonBody<SchemaRequest>,
+) -> ApiResult {
+    let all = all_versions(&state, &subject).await?;
+    let candidate = candidate(&state, &request, flags.normalize).await?;
+    all.iter()
+        .rev()
+        .filter(|v| flags.deleted || !v.deleted)
+        .find(|v| matches(&v.schema, &candidate, flags.normalize))
+        .map(|v| ok(version_json(v)))
+        .ok_or_else(ApiError::schema_not_found)
+}
+
+async fn delete_subject(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    writable(&state, &subject).await?;
+    let all = all_versions(&state, &subject).await?;
+    let live: Vec<i64> = all
+        .iter()
+        .filter(|v| !v.deleted)
+        .map(|v| v.version)
+        .collect();
+    if flags.permanent {
+        if !live.is_empty() {
+            return Err(ApiError::subject_not_soft_deleted(&subject));
+        }
+        let every: Vec<i64> = all.iter().map(|v| v.version).collect();
+        for v in &every {
+            let by = state.store.referenced_by(&subject, *v).await?;
+            if !by.is_empty() {
+                return Err(ApiError::referenced(&subject, *v, &by));
+            }
+        }
+        state.store.delete_versions(&subject, &every, true).await?;
+        state
+            .store
+            .delete_setting(Setting::Compatibility, &subject)
+            .await?;
+        state.store.delete_setting(Setting::Mode, &subject).await?;
+        return Ok(ok(json!(every)));
+    }
+    if live.is_empty() {
+        return Err(ApiError::subject_soft_deleted(&subject));
+    }
+    for v in &live {
+        let by = state.store.referenced_by(&subject, *v).await?;
+        if !by.is_empty() {
+            return Err(ApiError::referenced(&subject, *v, &by));
+        }
+    }
+    state.store.delete_versions(&subject, &live, false).await?;
+    Ok(ok(json!(live)))
+}
+
+async fn delete_version(
+    State(state): State<AppStateRef>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    writable(&state, &subject).await?;
+    let v = find_version(&state, &subject, &version, true).await?;
+    if flags.permanent {
+        if !v.deleted {
+            return Err(ApiError::version_not_soft_deleted(&subject, v.version));
+        }
+    } else if v.deleted {
+        return Err(ApiError::version_soft_deleted(&subject, v.version));
+    }
+    let by = state.store.referenced_by(&subject, v.version).await?;
+    if !by.is_empty() {
+        return Err(ApiError::referenced(&subject, v.version, &by));
+    }
+    state
+        .store
+        .delete_versions(&subject, &[v.version], flags.permanent)
+        .await?;
+    Ok(ok(json!(v.version)))
+}
+
+#[derive(Deserialize)]
+struct ConfigRequest {
+    compatibility: String,
+}
+
+fn parse_level(text: &str) -> ApiResult<Compatibility> {
+    text.parse()
+        .map_err(|()| ApiError::invalid_compatibility_level())
+}
+
+async fn get_global_config(State(state): State<AppStateRef>) -> ApiResult {
+    let level = level_of(&state, "").await?;
+    Ok(ok(json!({"compatibilityLevel": level.to_string()})))
+}
+
+async fn put_global_config(
+    State(state): State<AppStateRef>,
+    JsonBody(request): JsonBody<ConfigRequest>,
+) -> ApiResult {
+    let level = parse_level(&request.compatibility)?;
+    state
+        .store
+        .set_setting(Setting::Compatibility, "", &level.to_string())
+        .await?;
+    Ok(ok(json!({"compatibility": level.to_string()})))
+}
+
+async fn get_subject_config(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    match state
+        .store
+        .setting(Setting::Compatibility, &subject)
+        .await?
+    {
+        Some(level) => Ok(ok(json!({"compatibilityLevel": level}))),
+        None if flags.default_to_global => {
+            let level = level_of(&state, "").await?;
+            Ok(ok(json!({"compatibilityLevel": level.to_string()})))
+        }
+        None => Err(ApiError::subject_compatibility_not_configured(&subject)),
+    }
+}
+
+async fn put_subject_config(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    JsonBody(request): JsonBody<ConfigRequest>,
+) -> ApiResult {
+    let level = parse_level(&request.compatibility)?;
+    state
+        .store
+        .set_setting(Setting::Compatibility, &subject, &level.to_string())
+        .await?;
+    Ok(ok(json!({"compatibility": level.to_string()})))
+}
+
+async fn delete_subject_config(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+) -> ApiResult {
+    match state
+        .store
+        .delete_setting(Setting::Compatibility, &subject)
+        .await?
+    {
+        Some(old) => Ok(ok(json!({"compatibilityLevel": old}))),
+        None => Err(ApiError::subject_compatibility_not_configured(&subject)),
+    }
+}
+
+#[derive(Deserialize)]
+struct ModeRequest {
+    mode: String,
+}
+
+const MODES: [&str; 4] = ["READWRITE", "READONLY", "READONLY_OVERRIDE", "IMPORT"];
+
+fn parse_mode(text: &str) -> ApiResult<String> {
+    let upper = text.to_ascii_uppercase();
+    if MODES.contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(ApiError::invalid_mode())
+    }
+}
+
+async fn get_global_mode(State(state): State<AppStateRef>) -> ApiResult {
+    Ok(ok(json!({"mode": mode_of(&state, "").await?})))
+}
+
+async fn put_global_mode(
+    State(state): State<AppStateRef>,
+    JsonBody(request): JsonBody<ModeRequest>,
+) -> ApiResult {
+    let mode = parse_mode(&request.mode)?;
+    state.store.set_setting(Setting::Mode, "", &mode).await?;
+    Ok(ok(json!({"mode": mode})))
+}
+
+async fn get_subject_mode(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+) -> ApiResult {
+    match state.store.setting(Setting::Mode, &subject).await? {
+        Some(mode) => Ok(ok(json!({"mode": mode}))),
+        None if flags.default_to_global => Ok(ok(json!({"mode": mode_of(&state, "").await?}))),
+        None => Err(ApiError::subject_mode_not_configured(&subject)),
+    }
+}
+
+async fn put_subject_mode(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    JsonBody(request): JsonBody<ModeRequest>,
+) -> ApiResult {
+    let mode = parse_mode(&request.mode)?;
+    state
+        .store
+        .set_setting(Setting::Mode, &subject, &mode)
+        .await?;
+    Ok(ok(json!({"mode": mode})))
+}
+
+async fn delete_subject_mode(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+) -> ApiResult {
+    match state.store.delete_setting(Setting::Mode, &subject).await? {
+        Some(old) => Ok(ok(json!({"mode": old}))),
+        None => Err(ApiError::subject_mode_not_configured(&subject)),
+    }
+}
+
+fn compatibility_answer(problems: &[String], verbose: bool) -> Response {
+    let mut body = BTreeMap::new();
+    body.insert("is_compatible", json!(problems.is_empty()));
+    if verbose {
+        body.insert("messages", json!(problems));
+    }
+    ok(json!(body))
+}
+
+async fn check_all(
+    State(state): State<AppStateRef>,
+    Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
+    JsonBody(request): JsonBody<SchemaRequest>,
+) -> ApiResult {
+    let candidate = candidate(&state, &request, flags.normalize).await?;
+    let live = state.store.versions(&subject, false).await?;
+    let level = level_of(&state, &subject).await?;
+    let problems = level.check(&candidate.normal, &normal_forms(&live));
+    Ok(compatibility_answer(&problems, flags.verbose))
+}
+
+async fn check_version(
+    State(state): State<AppStateRef>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(flags): Query<Flags>,
+    JsonBody(request): JsonBody<SchemaRequest>,
+) -> ApiResult {
+    let spec = parse_version(&version)?;
+    let candidate = candidate(&state, &request, flags.normalize).await?;
+    let level = level_of(&state, &subject).await?;
+    let against = match spec {
+        // `latest` checks as registration would: every version the level
+        // looks at.
+        VersionSpec::Latest => {
+            all_versions(&state, &subject).await?;
+            state.store.versions(&subject, false).await?
+        }
+        VersionSpec::Number(_) => vec![find_version(&state, &subject, &version, false).await?],
+    };
+    let problems = level.check(&candidate.normal, &normal_forms(&against));
+    Ok(compatibility_answer(&problems, flags.verbose))
+}
