@@ -2,6 +2,7 @@
 //! endpoint with Confluent's exact error codes, every compatibility level
 //! over the spec-derived pairs, concurrent registration, restarts, and the
 //! codec working through the HTTP client.
+#![allow(clippy::unwrap_used)] // test bodies live in helpers: a panic is the failure report
 
 use std::sync::Arc;
 
