@@ -3,6 +3,8 @@
 //! | module | subcommand |
 //! |---|---|
 //! | `demo` | `keel demo`: the whole backbone in one process, printing what it proved |
+//! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
+//! | `schema` | `keel schema register|check|get|list|diff` against any registry |
 //!
 //! Settings come from `keel.toml` (or `--config`), then `KEEL_*` environment
 //! variables, then flags. Subcommands arrive with the capability that needs
@@ -11,6 +13,8 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod registry;
+mod schema;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +26,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Keel: typed, schema-registered events over Kafka or NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "keel", version, propagate_version = true)]
+#[command(name = "keel", version)]
 struct Cli {
     /// Config file (TOML). Default: ./keel.toml when it exists.
     #[arg(long, global = true, env = "KEEL_CONFIG", value_name = "FILE")]
@@ -31,6 +35,21 @@ struct Cli {
     /// Broker URL: kafka://host:9092[,host:9092], nats://host:4222 or memory://
     #[arg(long, global = true, value_name = "URL")]
     broker: Option<String>,
+
+    /// Schema registry URL (default: the `registry` setting, else
+    /// http://127.0.0.1:8081).
+    #[arg(long, global = true, value_name = "URL")]
+    registry: Option<String>,
+
+    /// Basic-auth credentials for the schema registry (`user:password`).
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_REGISTRY_AUTH",
+        value_name = "USER:PASSWORD",
+        hide_env_values = true
+    )]
+    registry_auth: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -45,6 +64,12 @@ enum Command {
         after_help = "Examples:\n  keel demo\n  keel demo --events 50000 --keys 500 --members 4"
     )]
     Demo(demo::DemoArgs),
+    /// Run Keel's schema registry.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
+    /// Register, check, inspect and compare schemas in a registry.
+    #[command(subcommand)]
+    Schema(schema::SchemaCommand),
 }
 
 /// Flags that override config settings; unset flags are skipped.
@@ -52,6 +77,8 @@ enum Command {
 struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registry: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     topics: Option<TopicOverrides>,
 }
@@ -86,6 +113,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut overrides = Overrides {
         broker: cli.broker,
+        registry: cli.registry,
         ..Overrides::default()
     };
     match cli.command {
@@ -96,8 +124,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(cli.config, &overrides)?;
             demo::run(&config, &args).await
         }
+        Command::Registry(command) => {
+            let config = load_config(cli.config, &overrides)?;
+            registry::run(&config, command).await
+        }
+        Command::Schema(command) => {
+            let config = load_config(cli.config, &overrides)?;
+            let url = config.registry.as_deref().unwrap_or(DEFAULT_REGISTRY);
+            let client = keel_schemas::RegistryClient::new(
+                url,
+                keel_schemas::ClientOptions {
+                    basic_auth: cli.registry_auth,
+                    ..keel_schemas::ClientOptions::default()
+                },
+            )?;
+            schema::run(&client, command).await
+        }
     }
 }
+
+/// Where `keel schema` looks when no registry is configured.
+const DEFAULT_REGISTRY: &str = "http://127.0.0.1:8081";
 
 fn load_config(file: Option<PathBuf>, overrides: &Overrides) -> anyhow::Result<KeelConfig> {
     let default = PathBuf::from("keel.toml");
@@ -117,6 +164,19 @@ fn init_tracing() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

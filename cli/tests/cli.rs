@@ -171,3 +171,169 @@ fn the_demo_refuses_brokers_it_cannot_run_on_yet() {
         text(&out.stderr)
     );
 }
+
+/// A `keel registry serve` child process on a free port.
+struct RegistryProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl RegistryProcess {
+    fn start(dir: &Path) -> RegistryProcess {
+        use std::io::BufRead;
+        let db = format!("sqlite://{}", dir.join("registry.db").display());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args([
+                "registry",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                &db,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start keel registry serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut line = String::new();
+        std::io::BufReader::new(stderr)
+            .read_line(&mut line)
+            .expect("read the serving line");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .to_owned();
+        RegistryProcess { child, url }
+    }
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn schema_commands_register_check_list_diff_and_get() {
+    let dir = scratch();
+    let registry = RegistryProcess::start(dir.path());
+    let env = [("KEEL_REGISTRY", registry.url.as_str())];
+    let avro = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro");
+
+    let out = keel(&["schema", "register", avro], dir.path(), &env);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("shop.orders.OrderPlaced version 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("references shop.common.Address"),
+        "{stdout}"
+    );
+
+    let out = keel(&["schema", "list"], dir.path(), &env);
+    assert!(
+        text(&out.stdout).contains("shop.orders.OrderPlaced"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let placed = format!("{avro}/shop.orders.OrderPlaced.avsc");
+    let out = keel(&["schema", "check", &placed], dir.path(), &env);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("compatible"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // A field without a default breaks BACKWARD: exit code 1, reason shown.
+    let local = dir.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    for f in ["shop.common.Address.avsc", "shop.orders.OrderPlaced.avsc"] {
+        std::fs::copy(format!("{avro}/{f}"), local.join(f)).expect("copy");
+    }
+    let path = local.join("shop.orders.OrderPlaced.avsc");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    doc["fields"]
+        .as_array_mut()
+        .expect("fields")
+        .push(serde_json::json!({"name": "priority", "type": "int"}));
+    std::fs::write(&path, doc.to_string()).expect("write");
+    let path = path.display().to_string();
+    let out = keel(&["schema", "check", &path], dir.path(), &env);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("`priority`"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("incompatible"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = keel(
+        &[
+            "schema",
+            "diff",
+            "--subject",
+            "shop.orders.OrderPlaced",
+            "--from",
+            "1",
+            "--to",
+            "2",
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(
+        text(&out.stdout).contains("+ /gift_wrap: boolean (default false)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = keel(
+        &[
+            "schema",
+            "diff",
+            "--subject",
+            "shop.orders.OrderPlaced",
+            &path,
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(
+        text(&out.stdout).contains("+ /priority: int (no default)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = keel(
+        &[
+            "schema",
+            "get",
+            "--subject",
+            "shop.common.Address",
+            "--version",
+            "1",
+        ],
+        dir.path(),
+        &env,
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("get prints JSON");
+    assert_eq!(got["schema"]["name"], "Address");
+    let out = keel(&["schema", "get", "--id", "999"], dir.path(), &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("999"), "{}", text(&out.stderr));
+}

@@ -29,15 +29,22 @@ pub type References = HashMap<String, Value>;
 
 /// The self-contained normal form of `schema` (see the module docs).
 pub fn resolve(schema: &Value, references: &References) -> Result<Value> {
+    resolve_with_usage(schema, references).map(|(resolved, _)| resolved)
+}
+
+/// Like [`resolve`], also naming the types taken from `references` (in
+/// order of first use): what a registration must list as references.
+pub fn resolve_with_usage(schema: &Value, references: &References) -> Result<(Value, Vec<String>)> {
     let mut walker = Walker {
         references,
         defined: HashSet::new(),
+        used: Vec::new(),
     };
     let resolved = walker.walk(schema, "", 0)?;
     // apache-avro checks what the walk does not: defaults against types,
     // duplicate names, valid identifiers.
     apache_avro::Schema::parse(&resolved).map_err(|e| SchemaError::InvalidSchema(e.to_string()))?;
-    Ok(resolved)
+    Ok((resolved, walker.used))
 }
 
 /// Parses `text` and resolves it: the registry's normal form as a string.
@@ -58,6 +65,8 @@ pub fn named_types(schema: &Value) -> Result<References> {
 struct Walker<'r> {
     references: &'r References,
     defined: HashSet<String>,
+    /// Names taken from `references`, in order of first use.
+    used: Vec<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> SchemaError {
@@ -116,6 +125,7 @@ impl Walker<'_> {
             return Ok(Value::String(full));
         }
         let definition = self.references[&full].clone();
+        self.used.push(full.clone());
         // The reference's own namespace applies inside its definition.
         let resolved = self.walk(&definition, namespace_of(&full), depth + 1)?;
         Ok(resolved)

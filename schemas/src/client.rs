@@ -130,7 +130,7 @@ impl RegistryClient {
         }
         let http = builder.build().map_err(|e| SchemaError::Unreachable {
             url: url.to_owned(),
-            source: Box::new(e),
+            cause: chain(&e).into(),
         })?;
         Ok(RegistryClient {
             http,
@@ -221,7 +221,7 @@ impl RegistryClient {
                 }
                 Err(e) => SchemaError::Unreachable {
                     url: self.base.to_string(),
-                    source: Box::new(e),
+                    cause: chain(&e).into(),
                 },
             };
             if attempt >= self.options.retries {
@@ -344,7 +344,7 @@ impl RegistryClient {
     }
 
     /// The self-contained normal form of schema `id`, references resolved.
-    async fn resolved(&self, id: u32) -> Result<String> {
+    pub async fn resolved(&self, id: u32) -> Result<String> {
         let info = self.schema(id).await?;
         let references = self.references(&info.references, 0).await?;
         let doc: Value = serde_json::from_str(&info.schema)
@@ -374,6 +374,22 @@ impl RegistryClient {
         }
         Ok(out)
     }
+}
+
+/// An error and its causes on one line (reqwest's own message omits the
+/// cause, e.g. "connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn normalize_query(normalize: bool) -> Vec<(&'static str, &'static str)> {

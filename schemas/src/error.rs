@@ -67,13 +67,13 @@ pub enum SchemaError {
     },
 
     /// The registry could not be reached or did not answer in time.
-    #[error("schema registry at {url} is unreachable: {source}")]
+    #[error("schema registry at {url} is unreachable: {cause}")]
     Unreachable {
         /// The registry URL.
         url: String,
-        /// The HTTP client's error.
-        #[source]
-        source: BoxError,
+        /// The HTTP client's error (in the message, not chained, so that
+        /// reports do not repeat it).
+        cause: BoxError,
     },
 }
 

@@ -7,6 +7,7 @@
 //! | [`client`] | [`RegistryClient`]: any Confluent-compatible registry over HTTP, cached, retrying |
 //! | [`registry`] | the [`Registry`] trait the codec uses, and the in-memory [`LocalRegistry`] |
 //! | [`compat`] | compatibility levels and Avro's resolution rules (Java `SchemaCompatibility`) |
+//! | [`diff`] | field-by-field changes between two schemas |
 //! | [`canonical`] | resolving references and the normal form schemas are compared in |
 //! | [`server`] | the Confluent-compatible registry server (PostgreSQL or SQLite) |
 //! | [`subject`] | subject name strategies: topic-name, record-name, topic-record-name |
@@ -21,6 +22,7 @@ pub mod canonical;
 pub mod client;
 pub mod codec;
 pub mod compat;
+pub mod diff;
 pub mod domain;
 pub mod error;
 pub mod events;

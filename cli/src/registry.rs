@@ -1,0 +1,119 @@
+//! `keel registry serve`: Keel's Confluent-compatible schema registry.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use keel_core::KeelConfig;
+use keel_schemas::server::{ServerOptions, Store, serve};
+
+/// Default store when neither `--database` nor `database` is set: a SQLite
+/// file in the working directory (created when missing).
+const DEFAULT_DATABASE: &str = "sqlite://keel-registry.db";
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RegistryCommand {
+    /// Serve Confluent's Schema Registry REST API (Avro) on PostgreSQL or
+    /// SQLite, until Ctrl-C or SIGTERM.
+    #[command(after_help = "Examples:\n  \
+        keel registry serve\n  \
+        keel registry serve --listen 0.0.0.0:8081 --database postgres://keel@db/registry\n  \
+        KEEL_REGISTRY_BASIC_AUTH=keel:s3cret keel registry serve --database sqlite://registry.db")]
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Where schemas are stored: postgres://… or sqlite://path (default:
+    /// the `database` setting, else sqlite://keel-registry.db).
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+    /// Require HTTP basic auth with these credentials (`user:password`).
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_BASIC_AUTH",
+        value_name = "USER:PASSWORD",
+        hide_env_values = true
+    )]
+    basic_auth: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = ServerOptions::default().body_limit)]
+    body_limit: usize,
+}
+
+pub(crate) async fn run(config: &KeelConfig, command: RegistryCommand) -> anyhow::Result<()> {
+    match command {
+        RegistryCommand::Serve(args) => serve_registry(config, args).await,
+    }
+}
+
+async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(auth) = &args.basic_auth
+        && !auth.contains(':')
+    {
+        anyhow::bail!("--basic-auth must be `user:password`");
+    }
+    let database = args
+        .database
+        .or_else(|| config.database.clone())
+        .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+    let store = Store::connect(&database)
+        .await
+        .with_context(|| format!("cannot open the registry's database {}", redact(&database)))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "keel registry: serving http://{} on {}{}",
+        listener.local_addr()?,
+        redact(&database),
+        if args.basic_auth.is_some() {
+            " (basic auth)"
+        } else {
+            ""
+        }
+    );
+    let options = ServerOptions {
+        body_limit: args.body_limit,
+        basic_auth: args.basic_auth,
+    };
+    serve(listener, store.clone(), options, shutdown_signal()).await?;
+    store.close().await;
+    eprintln!("keel registry: stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
