@@ -968,6 +968,16 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_code(&api.get("/no/such/path").await.1), 404);
+
+    // A failing store is a 50001 with the store's message, not a crash.
+    sqlx::any::install_default_drivers();
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&registry.database_url)
+        .await
+        .expect("connect to the registry's database");
+    sqlx::query("DROP TABLE registry_mode").execute(&mut admin).await.expect("drop");
+    let (status, body) = api.get("/mode").await;
+    assert_eq!((status, error_code(&body)), (StatusCode::INTERNAL_SERVER_ERROR, 50001));
+    assert!(body["message"].as_str().unwrap().contains("registry_mode"), "{body}");
     drop(registry);
 
     // Basic auth.
