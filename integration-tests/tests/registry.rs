@@ -974,10 +974,19 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
     let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&registry.database_url)
         .await
         .expect("connect to the registry's database");
-    sqlx::query("DROP TABLE registry_mode").execute(&mut admin).await.expect("drop");
+    sqlx::query("DROP TABLE registry_mode")
+        .execute(&mut admin)
+        .await
+        .expect("drop");
     let (status, body) = api.get("/mode").await;
-    assert_eq!((status, error_code(&body)), (StatusCode::INTERNAL_SERVER_ERROR, 50001));
-    assert!(body["message"].as_str().unwrap().contains("registry_mode"), "{body}");
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::INTERNAL_SERVER_ERROR, 50001)
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("registry_mode"),
+        "{body}"
+    );
     drop(registry);
 
     // Basic auth.

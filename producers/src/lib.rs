@@ -1,8 +1,12 @@
 //! `keel-producers`: the publishing side of Keel.
 //!
-//! The Kafka publisher (idempotent, murmur2-partitioned), the JetStream
-//! publisher (de-duplicating by event id) and the transactional outbox with
-//! its relay land here with their capabilities. Until then, publish through
-//! any [`keel_core::Publisher`], such as [`keel_core::MemoryTransport`].
+//! | module | what it holds |
+//! |---|---|
+//! | [`kafka`] | [`KafkaPublisher`](kafka::KafkaPublisher) and [`KafkaAdmin`](kafka::KafkaAdmin) |
+//!
+//! The JetStream publisher and the transactional outbox with its relay land
+//! here with their capabilities.
 
 #![forbid(unsafe_code)]
+
+pub mod kafka;

@@ -1,0 +1,196 @@
+//! KafkaPublisher and KafkaAdmin against a real Kafka-compatible broker:
+//! idempotent topic creation, murmur2 partitions identical to Kafka's Java
+//! clients, per-partition order, headers that round-trip into the same
+//! envelope, and clear errors for what cannot be published.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use keel_core::partition::partition_for_key;
+use keel_core::{Envelope, Publisher, TopicAdmin, TopicSpec, wire};
+use keel_integration_tests::{kafka_bootstrap, unique_name};
+use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+
+async fn clients() -> (KafkaClientConfig, KafkaAdmin, KafkaPublisher) {
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    let admin = KafkaAdmin::new(&client, 1).unwrap();
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: client.clone(),
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    (client, admin, publisher)
+}
+
+#[tokio::test]
+async fn topics_are_created_once_and_partition_counts_are_checked() {
+    let (_, admin, _) = clients().await;
+    let topic = unique_name("admin");
+    let spec = TopicSpec {
+        name: topic.clone(),
+        partitions: 3,
+    };
+    admin.ensure_topic(&spec).await.unwrap();
+    admin.ensure_topic(&spec).await.unwrap();
+    assert_eq!(admin.partitions(&topic).await.unwrap(), Some(3));
+    let err = admin
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 5,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("3 partitions, 5 requested"),
+        "{err}"
+    );
+    assert_eq!(
+        admin.partitions(&unique_name("absent")).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn events_land_on_their_murmur2_partition_in_order_with_their_headers() {
+    let (client, admin, publisher) = clients().await;
+    let topic = unique_name("publish");
+    admin
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        })
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for seq in 0..10 {
+        for k in 0..20 {
+            sent.push(
+                Envelope::new(
+                    "keel.test.Numbered",
+                    format!("key-{k}"),
+                    format!("{k}:{seq}"),
+                )
+                .with_source("kafka-test")
+                .with_correlation_id(format!("corr-{k}"))
+                .with_header("tenant", "acme"),
+            );
+        }
+    }
+    let (single, batch) = sent.split_at(100);
+    let mut receipts = Vec::new();
+    for e in single {
+        receipts.push(publisher.publish(&topic, e.clone()).await.unwrap());
+    }
+    receipts.extend(
+        publisher
+            .publish_batch(&topic, batch.to_vec())
+            .await
+            .unwrap(),
+    );
+
+    // Same key → same partition as Kafka's Java clients; offsets grow in
+    // publish order within a partition.
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    for (event, receipt) in sent.iter().zip(&receipts) {
+        assert_eq!(
+            receipt.partition,
+            partition_for_key(event.key().as_bytes(), 4),
+            "{}",
+            event.key()
+        );
+        if let Some(prev) = last.insert(receipt.partition, receipt.position) {
+            assert!(
+                receipt.position > prev,
+                "offsets must grow in publish order"
+            );
+        }
+    }
+
+    // Read everything back raw and decode the headers into envelopes.
+    let consumer: StreamConsumer = {
+        let mut c: ClientConfig = client.client_config();
+        c.set("group.id", unique_name("readback"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false");
+        c.create().unwrap()
+    };
+    consumer.subscribe(&[&topic]).unwrap();
+    let by_id: HashMap<_, _> = sent.iter().map(|e| (e.id(), e.clone())).collect();
+    let mut seen = 0;
+    let mut per_key: HashMap<String, Vec<String>> = HashMap::new();
+    let mut stream = consumer.stream();
+    while seen < sent.len() {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("read back within 60 s")
+            .unwrap()
+            .unwrap();
+        let headers: Vec<(&str, &[u8])> = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key, h.value.unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let envelope = wire::decode(
+            m.key(),
+            headers,
+            m.payload().unwrap_or_default().to_vec().into(),
+        )
+        .unwrap();
+        assert_eq!(
+            by_id.get(&envelope.id()),
+            Some(&envelope),
+            "the event changed in Kafka"
+        );
+        per_key
+            .entry(envelope.key().to_string())
+            .or_default()
+            .push(String::from_utf8(envelope.payload().to_vec()).unwrap());
+        seen += 1;
+    }
+    for (key, payloads) in per_key {
+        let k = key.trim_start_matches("key-");
+        let expected: Vec<String> = (0..10).map(|seq| format!("{k}:{seq}")).collect();
+        assert_eq!(payloads, expected, "{key} out of order");
+    }
+}
+
+#[tokio::test]
+async fn what_cannot_be_published_is_a_clear_error() {
+    let (_, admin, publisher) = clients().await;
+    let topic = unique_name("errors");
+    admin
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let huge = Envelope::new("keel.test.Big", "k", vec![0u8; 2 * 1024 * 1024]);
+    let id = huge.id().to_string();
+    let err = publisher.publish(&topic, huge).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(!err.is_retriable(), "{msg}");
+    assert!(msg.contains(&topic) && msg.contains(&id), "{msg}");
+    let forged = Envelope::new("t", "k", "").with_header("keel-event-id", "forged");
+    let err = publisher.publish(&topic, forged).await.unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+}
+
+#[test]
+fn settings_that_break_guarantees_are_refused_at_start_up() {
+    let mut config = KafkaPublisherConfig::default();
+    config
+        .client
+        .librdkafka
+        .insert("enable.idempotence".into(), "false".into());
+    let err = KafkaPublisher::new(config).unwrap_err().to_string();
+    assert!(err.contains("enable.idempotence"), "{err}");
+}

@@ -1,0 +1,365 @@
+//! Kafka client settings, typed and validated once, then translated into
+//! librdkafka's key/value configuration — with a raw pass-through map for
+//! options Keel does not model.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keel_core::{Error, Result};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+/// How a client talks to the brokers (TLS and SASL).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSecurity {
+    /// Use TLS. Default false (librdkafka's `security.protocol=plaintext`).
+    pub tls: bool,
+    /// PEM file of CA certificates to trust (`ssl.ca.location`).
+    pub ca_location: Option<String>,
+    /// Client certificate PEM file for mutual TLS (`ssl.certificate.location`).
+    pub certificate_location: Option<String>,
+    /// Client key PEM file (`ssl.key.location`).
+    pub key_location: Option<String>,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password.
+    pub sasl_password: Option<String>,
+}
+
+/// Settings every Kafka client shares.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaClientConfig {
+    /// Bootstrap servers, `host:port`.
+    pub bootstrap: Vec<String>,
+    /// `client.id` reported to brokers. Default `keel`.
+    pub client_id: String,
+    /// TLS and SASL.
+    pub security: KafkaSecurity,
+    /// Raw librdkafka settings applied last (for anything Keel does not
+    /// model). Settings that would break Keel's guarantees are refused by
+    /// the publisher's validation.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaClientConfig {
+    fn default() -> Self {
+        KafkaClientConfig {
+            bootstrap: vec!["127.0.0.1:9092".into()],
+            client_id: "keel".into(),
+            security: KafkaSecurity::default(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+impl KafkaClientConfig {
+    /// Settings for `bootstrap` servers, defaults otherwise.
+    pub fn new(bootstrap: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        KafkaClientConfig {
+            bootstrap: bootstrap.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Refuses invalid settings, naming them.
+    pub fn validate(&self) -> Result<()> {
+        if self.bootstrap.is_empty() || self.bootstrap.iter().any(|b| b.trim().is_empty()) {
+            return Err(Error::config(
+                "kafka.bootstrap",
+                "needs at least one host:port",
+            ));
+        }
+        let s = &self.security;
+        if let Some(m) = &s.sasl_mechanism {
+            if !SASL_MECHANISMS.contains(&m.as_str()) {
+                return Err(Error::config(
+                    "kafka.security.sasl_mechanism",
+                    format!("`{m}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+                ));
+            }
+            if s.sasl_username.is_none() || s.sasl_password.is_none() {
+                return Err(Error::config(
+                    "kafka.security.sasl_username",
+                    "SASL needs both sasl_username and sasl_password",
+                ));
+            }
+        }
+        if s.certificate_location.is_some() != s.key_location.is_some() {
+            return Err(Error::config(
+                "kafka.security.key_location",
+                "mutual TLS needs both certificate_location and key_location",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The librdkafka configuration for these settings.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap.join(","));
+        c.set("client.id", &self.client_id);
+        let s = &self.security;
+        let protocol = match (s.tls, s.sasl_mechanism.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        c.set("security.protocol", protocol);
+        let optional = [
+            ("ssl.ca.location", &s.ca_location),
+            ("ssl.certificate.location", &s.certificate_location),
+            ("ssl.key.location", &s.key_location),
+            ("sasl.mechanism", &s.sasl_mechanism),
+            ("sasl.username", &s.sasl_username),
+            ("sasl.password", &s.sasl_password),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                c.set(key, v);
+            }
+        }
+        for (k, v) in &self.librdkafka {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Compression of produced batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// No compression (librdkafka's default).
+    #[default]
+    None,
+    /// LZ4: cheap, good for throughput.
+    Lz4,
+    /// Zstandard: smaller, more CPU.
+    Zstd,
+}
+
+/// Publisher settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaPublisherConfig {
+    /// Connection settings.
+    pub client: KafkaClientConfig,
+    /// Batch compression. Default none.
+    pub compression: Compression,
+    /// How long to wait to fill a batch (`linger.ms`). Default 5 ms
+    /// (librdkafka's default).
+    pub linger_ms: u64,
+    /// Largest batch in bytes (`batch.size`). Default 1,000,000 (librdkafka's).
+    pub batch_size: u64,
+    /// How long a publish may wait for the broker's acknowledgement,
+    /// retries included (`delivery.timeout.ms`). Default 30 s.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for KafkaPublisherConfig {
+    fn default() -> Self {
+        KafkaPublisherConfig {
+            client: KafkaClientConfig::default(),
+            compression: Compression::None,
+            linger_ms: 5,
+            batch_size: 1_000_000,
+            ack_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// librdkafka settings whose values Keel fixes, and why.
+const GUARANTEES: [(&str, &str, &str); 4] = [
+    (
+        "enable.idempotence",
+        "true",
+        "without idempotence retries can duplicate and reorder events",
+    ),
+    (
+        "acks",
+        "all",
+        "an acknowledgement must mean every in-sync replica has the event",
+    ),
+    (
+        "partitioner",
+        "murmur2_random",
+        "keys must map to partitions as Kafka's Java clients map them",
+    ),
+    (
+        "enable.gapless.guarantee",
+        "false",
+        "Keel reports failures per event instead of stopping the producer",
+    ),
+];
+
+impl KafkaPublisherConfig {
+    /// The acknowledgement timeout.
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    /// Refuses invalid settings and raw overrides that would silently
+    /// disable idempotence or reorder retries, naming them.
+    pub fn validate(&self) -> Result<()> {
+        self.client.validate()?;
+        if self.ack_timeout_ms == 0 {
+            return Err(Error::config("kafka.ack_timeout_ms", "must be at least 1"));
+        }
+        for (key, value) in &self.client.librdkafka {
+            let refused = |why: &str| {
+                Err(Error::config(
+                    format!("kafka.librdkafka.{key}"),
+                    format!("`{value}` is refused: {why}"),
+                ))
+            };
+            match key.as_str() {
+                "enable.idempotence" if value != "true" => {
+                    return refused(
+                        "idempotence keeps retries from duplicating or reordering events",
+                    );
+                }
+                "acks" | "request.required.acks" if value != "all" && value != "-1" => {
+                    return refused(
+                        "an acknowledgement must mean every in-sync replica has the event",
+                    );
+                }
+                "max.in.flight.requests.per.connection" | "max.in.flight" => {
+                    if value.parse::<u32>().map_or(true, |n| n > 5) {
+                        return refused(
+                            "more than 5 in-flight requests can reorder retried batches",
+                        );
+                    }
+                }
+                "retries" | "message.send.max.retries" if value == "0" => {
+                    return refused("retries are what make a transient broker failure harmless");
+                }
+                "partitioner" if value != "murmur2_random" && value != "murmur2" => {
+                    return refused(
+                        "keys must map to partitions by murmur2 as in Kafka's Java clients",
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The librdkafka configuration of the producer.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = self.client.client_config();
+        for (key, value, _) in GUARANTEES {
+            c.set(key, value);
+        }
+        c.set(
+            "compression.type",
+            match self.compression {
+                Compression::None => "none",
+                Compression::Lz4 => "lz4",
+                Compression::Zstd => "zstd",
+            },
+        );
+        c.set("linger.ms", self.linger_ms.to_string());
+        c.set("batch.size", self.batch_size.to_string());
+        c.set("delivery.timeout.ms", self.ack_timeout_ms.to_string());
+        // Raw settings last, but never over the guarantees (validated above).
+        for (k, v) in &self.client.librdkafka {
+            if !GUARANTEES.iter().any(|(key, _, _)| key == k) {
+                c.set(k, v);
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guarantees_are_set_and_cannot_be_overridden() {
+        let mut config = KafkaPublisherConfig::default();
+        let c = config.client_config();
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        for (key, value, setting) in [
+            (
+                "enable.idempotence",
+                "false",
+                "kafka.librdkafka.enable.idempotence",
+            ),
+            ("acks", "1", "kafka.librdkafka.acks"),
+            (
+                "max.in.flight.requests.per.connection",
+                "10",
+                "kafka.librdkafka.max.in.flight.requests.per.connection",
+            ),
+            ("retries", "0", "kafka.librdkafka.retries"),
+            (
+                "partitioner",
+                "consistent_random",
+                "kafka.librdkafka.partitioner",
+            ),
+        ] {
+            config.client.librdkafka = [(key.to_owned(), value.to_owned())].into();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(setting), "{err}");
+        }
+        config.client.librdkafka = [(
+            "queue.buffering.max.messages".to_owned(),
+            "500000".to_owned(),
+        )]
+        .into();
+        config.validate().unwrap();
+        assert_eq!(
+            config.client_config().get("queue.buffering.max.messages"),
+            Some("500000")
+        );
+    }
+
+    #[test]
+    fn security_settings_translate_and_validate() {
+        let mut config = KafkaClientConfig::new(["a:9092", "b:9092"]);
+        config.security = KafkaSecurity {
+            tls: true,
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("keel".into()),
+            sasl_password: Some("s3cret".into()),
+            ..KafkaSecurity::default()
+        };
+        config.validate().unwrap();
+        let c = config.client_config();
+        assert_eq!(c.get("bootstrap.servers"), Some("a:9092,b:9092"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        config.security.sasl_mechanism = Some("GSSAPI".into());
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sasl_mechanism")
+        );
+        config.security.sasl_mechanism = Some("PLAIN".into());
+        config.security.sasl_password = None;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sasl_username")
+        );
+        assert!(
+            KafkaClientConfig::new(Vec::<String>::new())
+                .validate()
+                .is_err()
+        );
+    }
+}

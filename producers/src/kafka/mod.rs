@@ -1,0 +1,16 @@
+//! Publishing to Kafka (Apache Kafka, Redpanda, MSK, Confluent Cloud; tansu
+//! in tests).
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`config`] | typed, validated client and publisher settings → librdkafka |
+//! | [`publisher`] | [`KafkaPublisher`]: idempotent, murmur2-partitioned, acked publishes |
+//! | [`admin`] | [`KafkaAdmin`]: idempotent topic creation |
+
+pub mod admin;
+pub mod config;
+pub mod publisher;
+
+pub use admin::KafkaAdmin;
+pub use config::{Compression, KafkaClientConfig, KafkaPublisherConfig, KafkaSecurity};
+pub use publisher::KafkaPublisher;

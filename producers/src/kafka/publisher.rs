@@ -1,0 +1,204 @@
+//! `KafkaPublisher`: Keel events to Kafka through an idempotent
+//! librdkafka producer.
+//!
+//! Delivery guarantee: a publish resolves only when the broker has
+//! acknowledged the event with `acks=all` (a local enqueue or flush is never
+//! taken as storage). Idempotence keeps retried batches from duplicating or
+//! reordering events; keys map to partitions by murmur2 as in Kafka's Java
+//! clients. A batch is enqueued in order — waiting on a full local queue
+//! rather than letting a later event overtake — and its acknowledgements are
+//! awaited together.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::transport::{Publisher, Receipt};
+use keel_core::{Envelope, Error, Result, wire};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::Instrument;
+
+use super::config::KafkaPublisherConfig;
+
+/// How long to wait before retrying an enqueue into a full local queue.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Publishes Keel events to Kafka.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    config: KafkaPublisherConfig,
+}
+
+impl std::fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("bootstrap", &self.config.client.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaPublisher {
+    /// A publisher with validated `config`. Connects lazily.
+    pub fn new(config: KafkaPublisherConfig) -> Result<Self> {
+        config.validate()?;
+        let producer: FutureProducer = config.client_config().create().map_err(|e| {
+            Error::config(
+                "kafka",
+                format!("librdkafka refused the producer configuration: {e}"),
+            )
+        })?;
+        Ok(KafkaPublisher { producer, config })
+    }
+
+    /// Waits until every enqueued event was acknowledged or failed.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| Error::closed(format!("kafka flush task: {e}")))?
+            .map_err(|e| Error::Timeout {
+                operation: format!("kafka flush ({e})"),
+                after: timeout,
+            })
+    }
+
+    /// Enqueues one event, waiting while the local queue is full.
+    async fn enqueue(&self, topic: &str, event: &Envelope) -> Result<DeliveryFuture> {
+        let headers = wire::encode_headers(event)?;
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in &headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(topic)
+            .key(event.key().as_bytes())
+            .payload(event.payload().as_ref())
+            .headers(owned);
+        let deadline = tokio::time::Instant::now() + self.config.ack_timeout();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(future) => return Ok(future),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(publish_error(
+                            topic,
+                            event,
+                            "the local producer queue stayed full (is the broker reachable?)",
+                            true,
+                            None,
+                        ));
+                    }
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                }
+                Err((e, _)) => {
+                    let retriable = retriable(&e);
+                    return Err(publish_error(
+                        topic,
+                        event,
+                        "cannot enqueue",
+                        retriable,
+                        Some(e),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn acknowledged(
+        topic: &str,
+        event: &Envelope,
+        future: DeliveryFuture,
+    ) -> Result<Receipt> {
+        match future.await {
+            Ok(Ok(delivery)) => Ok(Receipt {
+                topic: topic.to_owned(),
+                partition: u32::try_from(delivery.partition).unwrap_or_default(),
+                position: u64::try_from(delivery.offset).unwrap_or_default(),
+                duplicate: false,
+            }),
+            Ok(Err((e, _))) => {
+                let retriable = retriable(&e);
+                Err(publish_error(
+                    topic,
+                    event,
+                    "the broker did not acknowledge it",
+                    retriable,
+                    Some(e),
+                ))
+            }
+            Err(_) => Err(publish_error(
+                topic,
+                event,
+                "the producer shut down before the acknowledgement",
+                true,
+                None,
+            )),
+        }
+    }
+}
+
+fn publish_error(
+    topic: &str,
+    event: &Envelope,
+    what: &str,
+    retriable: bool,
+    e: Option<KafkaError>,
+) -> Error {
+    Error::Publish {
+        topic: topic.to_owned(),
+        event_id: event.id().to_string(),
+        reason: match &e {
+            Some(e) => format!("{what}: {e}"),
+            None => what.to_owned(),
+        },
+        retriable,
+        source: e.map(|e| Box::new(e) as keel_core::BoxError),
+    }
+}
+
+/// Whether librdkafka's error may go away by trying again.
+fn retriable(e: &KafkaError) -> bool {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord,
+        ) => false,
+        _ => true,
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
+        let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
+        async {
+            let future = self.enqueue(topic, &event).await?;
+            let receipt = Self::acknowledged(topic, &event, future).await?;
+            tracing::Span::current().record("partition", receipt.partition);
+            Ok(receipt)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        let mut pending = Vec::with_capacity(events.len());
+        for event in &events {
+            pending.push(self.enqueue(topic, event).await?);
+        }
+        let acks = events
+            .iter()
+            .zip(pending)
+            .map(|(event, future)| Self::acknowledged(topic, event, future));
+        futures::future::join_all(acks).await.into_iter().collect()
+    }
+}
