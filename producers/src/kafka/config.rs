@@ -230,12 +230,10 @@ impl KafkaPublisherConfig {
                         "an acknowledgement must mean every in-sync replica has the event",
                     );
                 }
-                "max.in.flight.requests.per.connection" | "max.in.flight" => {
-                    if value.parse::<u32>().map_or(true, |n| n > 5) {
-                        return refused(
-                            "more than 5 in-flight requests can reorder retried batches",
-                        );
-                    }
+                "max.in.flight.requests.per.connection" | "max.in.flight"
+                    if value.parse::<u32>().map_or(true, |n| n > 5) =>
+                {
+                    return refused("more than 5 in-flight requests can reorder retried batches");
                 }
                 "retries" | "message.send.max.retries" if value == "0" => {
                     return refused("retries are what make a transient broker failure harmless");

@@ -162,18 +162,18 @@ fn publish_error(
 
 /// Whether librdkafka's error may go away by trying again.
 fn retriable(e: &KafkaError) -> bool {
-    match e.rdkafka_error_code() {
+    !matches!(
+        e.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessageSize
-            | RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::ClusterAuthorizationFailed
-            | RDKafkaErrorCode::InvalidRecord,
-        ) => false,
-        _ => true,
-    }
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }
 
 #[async_trait]
