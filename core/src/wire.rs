@@ -55,14 +55,17 @@ pub const MAX_HEADER_VALUE: usize = 64 * 1024;
 /// `:`; values cannot contain line breaks).
 pub fn encode_headers(event: &Envelope) -> Result<Vec<(String, String)>> {
     let mut out = Vec::with_capacity(8 + event.headers().len());
-    out.push((EVENT_ID.to_owned(), event.id().to_string()));
-    out.push((EVENT_TYPE.to_owned(), event.event_type().to_owned()));
-    out.push((
-        OCCURRED_AT.to_owned(),
-        event
-            .occurred_at()
-            .to_rfc3339_opts(SecondsFormat::Millis, true),
-    ));
+    visit_headers(event, |name, value| {
+        out.push((name.to_owned(), String::from_utf8_lossy(value).into_owned()));
+    })?;
+    Ok(out)
+}
+
+/// Hands each header of `event` to `emit` as `(name, value bytes)`, Keel's
+/// first, without allocating: the hot path of every publish. Validates as
+/// [`encode_headers`] does, before emitting anything.
+pub fn visit_headers(event: &Envelope, mut emit: impl FnMut(&str, &[u8])) -> Result<()> {
+    check_value(EVENT_TYPE, event.event_type())?;
     let optional = [
         (SOURCE, event.source()),
         (CORRELATION_ID, event.correlation_id()),
@@ -73,10 +76,8 @@ pub fn encode_headers(event: &Envelope) -> Result<Vec<(String, String)>> {
     for (name, value) in optional {
         if let Some(value) = value {
             check_value(name, value)?;
-            out.push((name.to_owned(), value.to_owned()));
         }
     }
-    check_value(EVENT_TYPE, event.event_type())?;
     for (name, value) in event.headers() {
         if is_reserved(name) {
             return Err(Error::malformed(format!(
@@ -90,9 +91,57 @@ pub fn encode_headers(event: &Envelope) -> Result<Vec<(String, String)>> {
         }
         check_name(name)?;
         check_value(name, value)?;
-        out.push((name.clone(), value.clone()));
     }
-    Ok(out)
+    let mut id = uuid::Uuid::encode_buffer();
+    emit(EVENT_ID, event.id().as_uuid().hyphenated().encode_lower(&mut id).as_bytes());
+    emit(EVENT_TYPE, event.event_type().as_bytes());
+    let mut at = [0u8; 32];
+    emit(OCCURRED_AT, format_millis(event.occurred_at(), &mut at));
+    for (name, value) in optional {
+        if let Some(value) = value {
+            emit(name, value.as_bytes());
+        }
+    }
+    for (name, value) in event.headers() {
+        emit(name, value.as_bytes());
+    }
+    Ok(())
+}
+
+/// `2026-11-28T01:02:03.456Z` into `buf` (what `to_rfc3339_opts(Millis,
+/// true)` writes, without its allocation and formatting machinery).
+fn format_millis(at: DateTime<Utc>, buf: &mut [u8; 32]) -> &[u8] {
+    use chrono::{Datelike, Timelike};
+    let year = at.year();
+    if !(0..=9999).contains(&year) {
+        // Outside four-digit years, let chrono spell it.
+        let text = at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let n = text.len().min(buf.len());
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        return &buf[..n];
+    }
+    let fields = [
+        (year as u32, 4usize),
+        (at.month(), 2),
+        (at.day(), 2),
+        (at.hour(), 2),
+        (at.minute(), 2),
+        (at.second().min(59), 2),
+        (at.timestamp_subsec_millis().min(999), 3),
+    ];
+    let separators = [b'-', b'-', b'T', b':', b':', b'.', b'Z'];
+    let mut i = 0;
+    for ((value, width), sep) in fields.into_iter().zip(separators) {
+        let mut v = value;
+        for pos in (0..width).rev() {
+            buf[i + pos] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        i += width;
+        buf[i] = sep;
+        i += 1;
+    }
+    &buf[..i]
 }
 
 /// Rebuilds an envelope from a record's key, headers and payload.
@@ -248,6 +297,18 @@ mod tests {
             event.payload().clone(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_fast_time_format_is_rfc3339_millis() {
+        for ms in [0, 1, 999, 1_764_292_000_123, 253_402_300_799_999] {
+            let at = DateTime::from_timestamp_millis(ms).unwrap();
+            let mut buf = [0u8; 32];
+            assert_eq!(
+                std::str::from_utf8(format_millis(at, &mut buf)).unwrap(),
+                at.to_rfc3339_opts(SecondsFormat::Millis, true)
+            );
+        }
     }
 
     #[test]

@@ -65,14 +65,16 @@ impl KafkaPublisher {
 
     /// Enqueues one event, waiting while the local queue is full.
     async fn enqueue(&self, topic: &str, event: &Envelope) -> Result<DeliveryFuture> {
-        let headers = wire::encode_headers(event)?;
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (name, value) in &headers {
-            owned = owned.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
-        }
+        let mut owned = Some(OwnedHeaders::new_with_capacity(8 + event.headers().len()));
+        wire::visit_headers(event, |name, value| {
+            if let Some(headers) = owned.take() {
+                owned = Some(headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                }));
+            }
+        })?;
+        let owned = owned.unwrap_or_default();
         let mut record = FutureRecord::to(topic)
             .key(event.key().as_bytes())
             .payload(event.payload().as_ref())
