@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use keel_core::KeelConfig;
+use keel_core::config::redact;
 use keel_schemas::server::{ServerOptions, Store, serve};
 
 /// Default store when neither `--database` nor `database` is set: a SQLite
@@ -105,15 +106,5 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
-    }
-}
-
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
     }
 }

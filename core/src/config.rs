@@ -419,8 +419,8 @@ impl KeelConfig {
     }
 }
 
-/// Hides a password in a URL before it reaches a message.
-fn redact(url: &str) -> String {
+/// A URL with its password replaced by `***`, for logs and messages.
+pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
