@@ -93,7 +93,15 @@ pub fn visit_headers(event: &Envelope, mut emit: impl FnMut(&str, &[u8])) -> Res
         check_value(name, value)?;
     }
     let mut id = uuid::Uuid::encode_buffer();
-    emit(EVENT_ID, event.id().as_uuid().hyphenated().encode_lower(&mut id).as_bytes());
+    emit(
+        EVENT_ID,
+        event
+            .id()
+            .as_uuid()
+            .hyphenated()
+            .encode_lower(&mut id)
+            .as_bytes(),
+    );
     emit(EVENT_TYPE, event.event_type().as_bytes());
     let mut at = [0u8; 32];
     emit(OCCURRED_AT, format_millis(event.occurred_at(), &mut at));
