@@ -2,6 +2,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`kafka`] | [`KafkaGroupConsumer`](kafka::KafkaGroupConsumer): per-key-parallel Kafka consumer groups |
 //! | [`serve`] | [`serve()`]: drive a group member's deliveries through a [`Handler`](keel_core::Handler) with bounded concurrency, ack on success, nack with backoff on failure, graceful drain on shutdown |
 //!
 //! Delivery guarantee: at-least-once. An event is acked only after its
@@ -13,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kafka;
 pub mod serve;
 
 pub use serve::{ServeOptions, ServeReport, serve};

@@ -1,0 +1,615 @@
+//! The per-key-parallel dispatch engine of one Kafka group member.
+//!
+//! Records fetched from Kafka are buffered per partition and queued per key.
+//! Only a key's oldest unacked record can be out at a time, so different
+//! keys — also inside one partition — are handled in parallel while each
+//! key keeps its order. A partition's commit position is its lowest unacked
+//! offset (or one past the highest fetched when all are acked), so a crash
+//! re-delivers at most what lies between that position and what was
+//! dispatched — bounded by the partition window.
+//!
+//! All state sits behind one mutex: the poll thread adds records and
+//! assignments, settling deliveries dispatches the next ones directly, and
+//! deliveries are sent to the member's stream after the lock is released.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_core::delivery::{Outcome, Settle};
+use keel_core::{Coordinates, Delivery, DeliveryInfo, Error, RawRecord, Result, Undecodable, wire};
+use tokio::sync::mpsc;
+
+/// Longest re-delivery delay honoured.
+const MAX_NACK_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A record as fetched.
+pub(crate) struct Fetched {
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Bytes>,
+    pub(crate) headers: Vec<(String, Bytes)>,
+    pub(crate) payload: Bytes,
+}
+
+struct Buffered {
+    key: Bytes,
+    record: RawRecord,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    /// Bumped on every assignment: tokens of earlier ones are stale.
+    generation: u64,
+    /// No new deliveries: the partition is being revoked.
+    revoking: bool,
+    /// Unacked records by offset (dispatched or not).
+    records: BTreeMap<i64, Buffered>,
+    queues: HashMap<Bytes, VecDeque<i64>>,
+    ready: BTreeSet<i64>,
+    in_flight: usize,
+    attempts: HashMap<i64, u32>,
+    retry_at: HashMap<i64, Instant>,
+    /// One past the highest offset fetched.
+    fetched_end: Option<i64>,
+    /// The last position committed (or found committed).
+    committed: Option<i64>,
+    paused: bool,
+}
+
+impl PartitionState {
+    /// Where the group may resume: the lowest unacked offset, else one past
+    /// the highest fetched.
+    fn position(&self) -> Option<i64> {
+        self.records.keys().next().copied().or(self.fetched_end)
+    }
+
+    fn acked(&mut self, offset: i64) {
+        if let Some(b) = self.records.remove(&offset)
+            && let Some(queue) = self.queues.get_mut(&b.key)
+        {
+            if queue.front() == Some(&offset) {
+                queue.pop_front();
+            }
+            match queue.front() {
+                Some(&next) => {
+                    self.ready.insert(next);
+                }
+                None => {
+                    self.queues.remove(&b.key);
+                }
+            }
+        }
+        self.attempts.remove(&offset);
+        self.retry_at.remove(&offset);
+    }
+}
+
+struct TokenRef {
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+/// Limits of one member.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Most outstanding deliveries across partitions.
+    pub(crate) max_in_flight: usize,
+    /// Most offsets a partition may run ahead of its commit position.
+    pub(crate) partition_window: i64,
+}
+
+pub(crate) struct State {
+    topic: String,
+    group: String,
+    limits: Limits,
+    partitions: HashMap<i32, PartitionState>,
+    tokens: HashMap<u64, TokenRef>,
+    next_token: u64,
+    in_flight: usize,
+    next_generation: u64,
+    /// Rotates which partition dispatch starts from.
+    next_first: usize,
+    tx: mpsc::UnboundedSender<Result<Delivery>>,
+}
+
+/// A delivery decided under the lock and sent after it is released.
+pub(crate) type Outgoing = Vec<Result<Delivery>>;
+
+/// The shared engine.
+pub(crate) struct Engine {
+    me: Weak<Engine>,
+    state: Mutex<State>,
+    /// Signalled whenever a delivery settles (revocation waits on it).
+    settled: Condvar,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        topic: String,
+        group: String,
+        limits: Limits,
+        tx: mpsc::UnboundedSender<Result<Delivery>>,
+    ) -> Arc<Engine> {
+        Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
+            state: Mutex::new(State {
+                topic,
+                group,
+                limits,
+                partitions: HashMap::new(),
+                tokens: HashMap::new(),
+                next_token: 0,
+                in_flight: 0,
+                next_generation: 0,
+                next_first: 0,
+                tx,
+            }),
+            settled: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settler(&self) -> Arc<dyn Settle> {
+        match self.me.upgrade() {
+            Some(me) => me,
+            None => Arc::new(Detached),
+        }
+    }
+
+    /// Starts owning `partitions`; `committed` is each one's resume position.
+    pub(crate) fn assign(&self, partitions: &[(i32, Option<i64>)]) {
+        let mut state = self.lock();
+        for &(p, committed) in partitions {
+            state.next_generation += 1;
+            let generation = state.next_generation;
+            state.partitions.insert(
+                p,
+                PartitionState {
+                    generation,
+                    committed,
+                    ..PartitionState::default()
+                },
+            );
+        }
+    }
+
+    /// Stops dispatching `partitions` (the first half of a revocation).
+    pub(crate) fn start_revoking(&self, partitions: &[i32]) {
+        let mut state = self.lock();
+        for p in partitions {
+            if let Some(ps) = state.partitions.get_mut(p) {
+                ps.revoking = true;
+            }
+        }
+    }
+
+    /// Waits until nothing of `partitions` is out, or `timeout` passes;
+    /// returns whether they drained.
+    pub(crate) fn wait_drained(&self, partitions: &[i32], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let busy = partitions
+                .iter()
+                .any(|p| state.partitions.get(p).is_some_and(|ps| ps.in_flight > 0));
+            if !busy {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = match self.settled.wait_timeout(state, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Forgets `partitions` (the second half of a revocation): their
+    /// outstanding deliveries become stale and their buffered records are
+    /// dropped; returns their final commit positions.
+    pub(crate) fn remove(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        let mut positions = Vec::new();
+        for p in partitions {
+            if let Some(ps) = state.partitions.remove(p) {
+                state.in_flight = state.in_flight.saturating_sub(ps.in_flight);
+                if let Some(pos) = ps.position()
+                    && Some(pos) != ps.committed
+                {
+                    positions.push((*p, pos));
+                }
+            }
+        }
+        state
+            .tokens
+            .retain(|_, t| !partitions.contains(&t.partition));
+        positions
+    }
+
+    /// Buffers a fetched record and dispatches what can go out.
+    pub(crate) fn ingest(&self, partition: i32, record: Fetched) -> Outgoing {
+        let mut state = self.lock();
+        let Some(ps) = state.partitions.get_mut(&partition) else {
+            // Not (or no longer) ours: a stale fetch from before a revocation.
+            return Vec::new();
+        };
+        if ps.records.contains_key(&record.offset)
+            || ps.fetched_end.is_some_and(|end| record.offset < end)
+        {
+            return Vec::new();
+        }
+        let key = record.key.clone().unwrap_or_default();
+        ps.fetched_end = Some(record.offset + 1);
+        let queue = ps.queues.entry(key.clone()).or_default();
+        queue.push_back(record.offset);
+        if queue.len() == 1 {
+            ps.ready.insert(record.offset);
+        }
+        ps.records.insert(
+            record.offset,
+            Buffered {
+                key,
+                record: RawRecord {
+                    key: record.key,
+                    headers: record.headers,
+                    payload: record.payload,
+                },
+            },
+        );
+        self.dispatch(&mut state)
+    }
+
+    /// Makes due delayed re-deliveries ready and dispatches.
+    pub(crate) fn tick(&self) -> Outgoing {
+        let mut state = self.lock();
+        let now = Instant::now();
+        for ps in state.partitions.values_mut() {
+            let ready = &mut ps.ready;
+            ps.retry_at.retain(|&offset, &mut at| {
+                if at <= now {
+                    ready.insert(offset);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.dispatch(&mut state)
+    }
+
+    /// Partitions whose buffer should be paused (`true`) or resumed
+    /// (`false`), to bound memory: a partition holding a full window of
+    /// unacked records stops fetching until half of it is done.
+    pub(crate) fn flow_changes(&self) -> Vec<(i32, bool)> {
+        let mut state = self.lock();
+        let window = state.limits.partition_window.max(1) as usize;
+        let mut changes = Vec::new();
+        for (&p, ps) in state.partitions.iter_mut() {
+            let buffered = ps.records.len();
+            if !ps.paused && buffered >= window {
+                ps.paused = true;
+                changes.push((p, true));
+            } else if ps.paused && buffered <= window / 2 {
+                ps.paused = false;
+                changes.push((p, false));
+            }
+        }
+        changes
+    }
+
+    /// Commit positions that moved since the last commit; marks them
+    /// committed.
+    pub(crate) fn positions_to_commit(&self) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        let mut out = Vec::new();
+        for (&p, ps) in state.partitions.iter_mut() {
+            if let Some(pos) = ps.position()
+                && Some(pos) != ps.committed
+            {
+                ps.committed = Some(pos);
+                out.push((p, pos));
+            }
+        }
+        out
+    }
+
+    /// Owned partitions, sorted.
+    pub(crate) fn assignment(&self) -> Vec<u32> {
+        let state = self.lock();
+        let mut owned: Vec<u32> = state.partitions.keys().map(|p| *p as u32).collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    /// Outstanding deliveries of this member.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    fn dispatch(&self, state: &mut State) -> Outgoing {
+        let mut out = Vec::new();
+        // The member's stream is gone (it left or was dropped): deliveries
+        // would only bounce back as nacks.
+        if state.tx.is_closed() {
+            return out;
+        }
+        let settler = self.settler();
+        let State {
+            topic,
+            group,
+            limits,
+            partitions,
+            tokens,
+            next_token,
+            in_flight,
+            next_first,
+            ..
+        } = state;
+        let mut order: Vec<i32> = partitions.keys().copied().collect();
+        order.sort_unstable();
+        if !order.is_empty() {
+            let first = *next_first % order.len();
+            order.rotate_left(first);
+            *next_first = next_first.wrapping_add(1);
+        }
+        for p in order {
+            let Some(ps) = partitions.get_mut(&p) else {
+                continue;
+            };
+            if ps.revoking {
+                continue;
+            }
+            let Some(base) = ps.position() else { continue };
+            while *in_flight < limits.max_in_flight {
+                let Some(&offset) = ps.ready.first() else {
+                    break;
+                };
+                if offset >= base + limits.partition_window {
+                    break;
+                }
+                ps.ready.remove(&offset);
+                let Some(buffered) = ps.records.get(&offset) else {
+                    continue;
+                };
+                let attempt = ps.attempts.entry(offset).or_insert(0);
+                *attempt += 1;
+                *next_token += 1;
+                let token = *next_token;
+                tokens.insert(
+                    token,
+                    TokenRef {
+                        partition: p,
+                        offset,
+                        generation: ps.generation,
+                    },
+                );
+                ps.in_flight += 1;
+                *in_flight += 1;
+                let info = DeliveryInfo {
+                    coordinates: Coordinates {
+                        topic: topic.clone(),
+                        partition: p as u32,
+                        position: offset as u64,
+                    },
+                    group: group.clone(),
+                    attempt: *attempt,
+                };
+                let r = &buffered.record;
+                let decoded = wire::decode(
+                    r.key.as_deref(),
+                    r.headers.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
+                    r.payload.clone(),
+                );
+                out.push(match decoded {
+                    Ok(envelope) => Ok(Delivery::new(envelope, info, settler.clone(), token)),
+                    Err(e) => Err(Error::Undecodable(Box::new(Undecodable::new(
+                        r.clone(),
+                        info,
+                        e.to_string(),
+                        settler.clone(),
+                        token,
+                    )))),
+                });
+            }
+        }
+        out
+    }
+
+    /// Sends dispatched deliveries to the member's stream (outside the lock).
+    pub(crate) fn send(&self, out: Outgoing) {
+        let tx = self.lock().tx.clone();
+        for item in out {
+            // A closed stream means the member is leaving; the delivery's
+            // nack on drop finds its token stale or removed.
+            let _ = tx.send(item);
+        }
+    }
+}
+
+impl Settle for Engine {
+    fn settle(&self, token: u64, outcome: Outcome) {
+        let out = {
+            let mut state = self.lock();
+            let Some(t) = state.tokens.remove(&token) else {
+                return;
+            };
+            let Some(ps) = state.partitions.get_mut(&t.partition) else {
+                return;
+            };
+            if ps.generation != t.generation {
+                return;
+            }
+            ps.in_flight = ps.in_flight.saturating_sub(1);
+            match outcome {
+                Outcome::Ack => ps.acked(t.offset),
+                Outcome::Nack { delay } if delay.is_zero() => {
+                    ps.ready.insert(t.offset);
+                }
+                Outcome::Nack { delay } => {
+                    let now = Instant::now();
+                    let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
+                    ps.retry_at.insert(t.offset, at);
+                }
+            }
+            state.in_flight = state.in_flight.saturating_sub(1);
+            self.dispatch(&mut state)
+        };
+        self.settled.notify_all();
+        self.send(out);
+    }
+}
+
+/// Settles nothing: for deliveries outliving their engine.
+struct Detached;
+
+impl Settle for Detached {
+    fn settle(&self, _token: u64, _outcome: Outcome) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use keel_core::Envelope;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    use super::*;
+
+    fn record(offset: i64, key: &str) -> Fetched {
+        let event = Envelope::new("t", key, format!("{key}@{offset}"));
+        let headers = wire::encode_headers(&event)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect();
+        Fetched {
+            offset,
+            key: Some(Bytes::copy_from_slice(key.as_bytes())),
+            headers,
+            payload: event.payload().clone(),
+        }
+    }
+
+    fn engine(
+        max_in_flight: usize,
+        window: i64,
+    ) -> (Arc<Engine>, UnboundedReceiverStream<Result<Delivery>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let e = Engine::new(
+            "t".into(),
+            "g".into(),
+            Limits {
+                max_in_flight,
+                partition_window: window,
+            },
+            tx,
+        );
+        (e, UnboundedReceiverStream::new(rx))
+    }
+
+    #[tokio::test]
+    async fn keys_run_in_parallel_and_each_in_order() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        for (o, k) in [(10, "a"), (11, "b"), (12, "a"), (13, "c")] {
+            let out = e.ingest(0, record(o, k));
+            e.send(out);
+        }
+        // a@10, b@11, c@13 go out at once; a@12 waits for a@10.
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rx.next().await.unwrap().unwrap());
+        }
+        let offsets: Vec<u64> = got.iter().map(|d| d.info().coordinates.position).collect();
+        assert_eq!(offsets, vec![10, 11, 13]);
+        assert_eq!(e.positions_to_commit(), vec![(0, 10)]);
+        got[1].ack(); // b@11
+        assert!(
+            e.positions_to_commit().is_empty(),
+            "a@10 still holds the position"
+        );
+        got[0].ack(); // a@10 → a@12 goes out
+        let next = rx.next().await.unwrap().unwrap();
+        assert_eq!(next.info().coordinates.position, 12);
+        assert_eq!(e.positions_to_commit(), vec![(0, 12)]);
+        next.ack();
+        got[2].ack();
+        assert_eq!(e.positions_to_commit(), vec![(0, 14)]);
+    }
+
+    #[tokio::test]
+    async fn the_window_bounds_how_far_a_partition_runs_ahead() {
+        let (e, mut rx) = engine(100, 2);
+        e.assign(&[(0, None)]);
+        for o in 0..5 {
+            let out = e.ingest(0, record(o, &format!("k{o}")));
+            e.send(out);
+        }
+        let first = rx.next().await.unwrap().unwrap();
+        let second = rx.next().await.unwrap().unwrap();
+        assert_eq!(e.in_flight(), 2, "offsets 2.. wait for the window");
+        assert_eq!(
+            e.flow_changes(),
+            vec![(0, true)],
+            "a full window pauses fetching"
+        );
+        first.ack();
+        assert_eq!(
+            rx.next()
+                .await
+                .unwrap()
+                .unwrap()
+                .info()
+                .coordinates
+                .position,
+            2
+        );
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn revoked_partitions_drain_and_late_settles_are_ignored() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(5)), (1, None)]);
+        let out = e.ingest(0, record(5, "a"));
+        e.send(out);
+        let d = rx.next().await.unwrap().unwrap();
+        e.start_revoking(&[0]);
+        assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
+        d.ack();
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert_eq!(e.remove(&[0]), vec![(0, 6)]);
+        assert_eq!(e.assignment(), vec![1]);
+        // A record of a partition we no longer own is ignored.
+        assert!(e.ingest(0, record(6, "a")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_are_settleable_errors() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(
+            0,
+            Fetched {
+                offset: 0,
+                key: None,
+                headers: vec![],
+                payload: Bytes::from_static(b"junk"),
+            },
+        );
+        e.send(out);
+        let Some(Err(Error::Undecodable(u))) = rx.next().await else {
+            panic!("expected an undecodable record");
+        };
+        assert_eq!(u.record().payload, Bytes::from_static(b"junk"));
+        u.ack();
+        assert_eq!(e.positions_to_commit(), vec![(0, 1)]);
+    }
+}

@@ -1,0 +1,474 @@
+//! `KafkaGroupConsumer`: one member of a Kafka consumer group per
+//! subscription.
+//!
+//! Delivery guarantee: at-least-once. An offset is committed only once every
+//! record below it was acked (or dead-lettered by the caller); a crash
+//! re-delivers at most each partition's window past its commit position.
+//!
+//! A dedicated thread owns the librdkafka consumer: it polls records into
+//! the [engine](super::engine), commits positions periodically, pauses
+//! partitions whose window is full, and runs the rebalance callbacks. On
+//! revocation it stops dispatching the revoked partitions, waits (up to the
+//! drain timeout) for their outstanding deliveries to settle, commits their
+//! final positions and only then gives them up — so nothing is committed for
+//! a partition this member no longer owns. On assignment it fixes each
+//! partition's start position (committed offset, else earliest or the
+//! current end for `Latest`) before listing it as owned.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use keel_core::delivery::{Deliveries, Membership};
+use keel_core::transport::{StartFrom, Subscriber, Subscription};
+use keel_core::{Error, Result};
+use keel_producers::kafka::KafkaClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::engine::{Engine, Fetched, Limits};
+
+/// Consumer settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConsumerConfig {
+    /// Connection settings.
+    pub client: KafkaClientConfig,
+    /// Most offsets a partition may run ahead of its committed position;
+    /// bounds re-delivery after a crash and memory per partition. Default 1000.
+    pub partition_window: u32,
+    /// How often acked positions are committed, in ms. Default 1000.
+    pub commit_interval_ms: u64,
+    /// How long a revocation or a graceful leave waits for outstanding
+    /// deliveries to settle before abandoning them uncommitted, in ms.
+    /// Default 10000.
+    pub drain_timeout_ms: u64,
+    /// Session timeout (`session.timeout.ms`). Default 45000 (Kafka's).
+    pub session_timeout_ms: u64,
+    /// Static membership (`group.instance.id`): a restarted member with the
+    /// same id gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
+}
+
+impl Default for KafkaConsumerConfig {
+    fn default() -> Self {
+        KafkaConsumerConfig {
+            client: KafkaClientConfig::default(),
+            partition_window: 1000,
+            commit_interval_ms: 1000,
+            drain_timeout_ms: 10_000,
+            session_timeout_ms: 45_000,
+            instance_id: None,
+        }
+    }
+}
+
+impl KafkaConsumerConfig {
+    /// Refuses invalid settings, naming them.
+    pub fn validate(&self) -> Result<()> {
+        self.client.validate()?;
+        if self.partition_window == 0 {
+            return Err(Error::config(
+                "kafka.partition_window",
+                "must be at least 1",
+            ));
+        }
+        if self.commit_interval_ms == 0 {
+            return Err(Error::config(
+                "kafka.commit_interval_ms",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in &self.client.librdkafka {
+            let fixed = matches!(
+                key.as_str(),
+                "enable.auto.commit"
+                    | "enable.auto.offset.store"
+                    | "group.id"
+                    | "partition.assignment.strategy"
+            );
+            if fixed {
+                return Err(Error::config(
+                    format!("kafka.librdkafka.{key}"),
+                    format!(
+                        "`{value}` is refused: Keel manages this setting to commit only handled events"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Joins Kafka consumer groups.
+#[derive(Clone, Debug)]
+pub struct KafkaGroupConsumer {
+    config: KafkaConsumerConfig,
+}
+
+impl KafkaGroupConsumer {
+    /// A subscriber with validated `config`.
+    pub fn new(config: KafkaConsumerConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(KafkaGroupConsumer { config })
+    }
+}
+
+/// How the poll thread should stop.
+const RUNNING: u8 = 0;
+const LEAVE_GRACEFULLY: u8 = 1;
+const ABANDON: u8 = 2;
+
+struct Control {
+    stop: AtomicU8,
+}
+
+struct KeelContext {
+    engine: Arc<Engine>,
+    control: Arc<Control>,
+    start: StartFrom,
+    topic: String,
+    drain_timeout: Duration,
+    assignment: watch::Sender<Vec<u32>>,
+}
+
+impl ClientContext for KeelContext {}
+
+impl KeelContext {
+    /// Each partition's start: the committed offset, else earliest or the
+    /// current end (`Latest`).
+    fn positioned(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> (TopicPartitionList, Vec<(i32, Option<i64>)>) {
+        let committed = consumer
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap_or_else(|_| tpl.clone());
+        let mut out = TopicPartitionList::new();
+        let mut starts = Vec::new();
+        for e in committed.elements() {
+            let p = e.partition();
+            let (offset, start) = match e.offset() {
+                Offset::Offset(o) if o >= 0 => (Offset::Offset(o), Some(o)),
+                _ => match self.start {
+                    StartFrom::Latest => {
+                        match consumer.fetch_watermarks(e.topic(), p, Duration::from_secs(10)) {
+                            Ok((_, high)) => (Offset::Offset(high), Some(high)),
+                            Err(_) => (Offset::End, None),
+                        }
+                    }
+                    _ => (Offset::Beginning, None),
+                },
+            };
+            let _ = out.add_partition_offset(e.topic(), p, offset);
+            starts.push((p, start));
+        }
+        (out, starts)
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<Self>, positions: &[(i32, i64)], mode: CommitMode) {
+        if positions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, pos) in positions {
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*pos));
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, topic = %self.topic, "commit failed; will retry with the next one");
+        }
+    }
+
+    fn publish_assignment(&self) {
+        let owned = self.engine.assignment();
+        self.assignment.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+    }
+}
+
+impl ConsumerContext for KeelContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let (positioned, starts) = self.positioned(consumer, tpl);
+                let assigned = if cooperative {
+                    consumer.incremental_assign(&positioned)
+                } else {
+                    consumer.assign(&positioned)
+                };
+                if let Err(e) = assigned {
+                    tracing::error!(error = %e, topic = %self.topic, "cannot take the assigned partitions");
+                    return;
+                }
+                self.engine.assign(&starts);
+                tracing::info!(topic = %self.topic, partitions = ?starts.iter().map(|s| s.0).collect::<Vec<_>>(), "partitions assigned");
+                self.publish_assignment();
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.engine.start_revoking(&revoked);
+                let abandon = self.control.stop.load(Ordering::Acquire) == ABANDON;
+                if !abandon && !self.engine.wait_drained(&revoked, self.drain_timeout) {
+                    tracing::warn!(topic = %self.topic, ?revoked, "revoked partitions did not drain in time; their unsettled events will be re-delivered");
+                }
+                let positions = self.engine.remove(&revoked);
+                self.commit(consumer, &positions, CommitMode::Sync);
+                let released = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, "cannot release revoked partitions");
+                }
+                tracing::info!(topic = %self.topic, ?revoked, "partitions revoked");
+                self.publish_assignment();
+            }
+            other => tracing::error!(topic = %self.topic, error = ?other, "rebalance failed"),
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaGroupConsumer {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries> {
+        let Subscription {
+            topic,
+            group,
+            start,
+            max_in_flight,
+        } = subscription;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (assignment_tx, assignment_rx) = watch::channel(Vec::new());
+        let engine = Engine::new(
+            topic.clone(),
+            group.clone(),
+            Limits {
+                max_in_flight: max_in_flight.max(1),
+                partition_window: i64::from(self.config.partition_window),
+            },
+            tx.clone(),
+        );
+        let control = Arc::new(Control {
+            stop: AtomicU8::new(RUNNING),
+        });
+        let context = KeelContext {
+            engine: engine.clone(),
+            control: control.clone(),
+            start,
+            topic: topic.clone(),
+            drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
+            assignment: assignment_tx,
+        };
+        let mut client = self.config.client.client_config();
+        client
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout_ms.to_string(),
+            )
+            .set(
+                "auto.offset.reset",
+                match start {
+                    StartFrom::Latest => "latest",
+                    _ => "earliest",
+                },
+            );
+        if let Some(id) = &self.config.instance_id {
+            client.set("group.instance.id", id);
+        }
+        let subscribe_error = |reason: String, retriable: bool| Error::Subscribe {
+            topic: topic.clone(),
+            group: group.clone(),
+            reason,
+            retriable,
+            source: None,
+        };
+        let consumer: BaseConsumer<KeelContext> =
+            client.create_with_context(context).map_err(|e| {
+                subscribe_error(
+                    format!("librdkafka refused the consumer configuration: {e}"),
+                    false,
+                )
+            })?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|e| subscribe_error(format!("cannot subscribe: {e}"), true))?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let commit_interval = Duration::from_millis(self.config.commit_interval_ms);
+        let drain_timeout = Duration::from_millis(self.config.drain_timeout_ms);
+        let thread = {
+            let (engine, control, topic) = (engine.clone(), control.clone(), topic.clone());
+            std::thread::Builder::new()
+                .name(format!("keel-kafka-{group}"))
+                .spawn(move || {
+                    poll_loop(
+                        &consumer,
+                        &engine,
+                        &control,
+                        &topic,
+                        commit_interval,
+                        drain_timeout,
+                        &tx,
+                    );
+                    drop(consumer); // leaves the group (runs the revocation)
+                    let _ = done_tx.send(());
+                })
+                .map_err(|e| subscribe_error(format!("cannot start the poll thread: {e}"), true))?
+        };
+        tracing::info!(%topic, %group, "joined consumer group");
+        Ok(Deliveries::new(
+            UnboundedReceiverStream::new(rx),
+            assignment_rx,
+            Box::new(KafkaMembership {
+                control,
+                done: Some(done_rx),
+                thread: Some(thread),
+            }),
+        ))
+    }
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<KeelContext>,
+    engine: &Arc<Engine>,
+    control: &Control,
+    topic: &str,
+    commit_interval: Duration,
+    drain_timeout: Duration,
+    tx: &mpsc::UnboundedSender<Result<keel_core::Delivery>>,
+) {
+    let context = consumer.context();
+    let mut last_commit = Instant::now();
+    while control.stop.load(Ordering::Acquire) == RUNNING {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(message)) => {
+                let headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let fetched = Fetched {
+                    offset: message.offset(),
+                    key: message.key().map(Bytes::copy_from_slice),
+                    headers,
+                    payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+                };
+                let out = engine.ingest(message.partition(), fetched);
+                engine.send(out);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, %topic, "kafka consumer error");
+                if e.rdkafka_error_code().is_some_and(is_fatal) {
+                    let _ = tx.send(Err(Error::Subscribe {
+                        topic: topic.to_owned(),
+                        group: String::new(),
+                        reason: e.to_string(),
+                        retriable: false,
+                        source: None,
+                    }));
+                    break;
+                }
+            }
+            None => {}
+        }
+        let out = engine.tick();
+        engine.send(out);
+        for (p, pause) in engine.flow_changes() {
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(topic, p);
+            let result = if pause {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, partition = p, "cannot pause/resume");
+            }
+        }
+        if last_commit.elapsed() >= commit_interval {
+            context.commit(consumer, &engine.positions_to_commit(), CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    // Leaving: a graceful leave lets outstanding deliveries finish first.
+    if control.stop.load(Ordering::Acquire) == LEAVE_GRACEFULLY {
+        let owned: Vec<i32> = engine.assignment().iter().map(|p| *p as i32).collect();
+        engine.start_revoking(&owned);
+        engine.wait_drained(&owned, drain_timeout);
+    }
+    context.commit(consumer, &engine.positions_to_commit(), CommitMode::Sync);
+}
+
+fn is_fatal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::GroupAuthorizationFailed | C::TopicAuthorizationFailed | C::Fatal | C::InvalidGroupId
+    )
+}
+
+struct KafkaMembership {
+    control: Arc<Control>,
+    done: Option<oneshot::Receiver<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[async_trait]
+impl Membership for KafkaMembership {
+    async fn leave(mut self: Box<Self>) -> Result<()> {
+        self.control.stop.store(LEAVE_GRACEFULLY, Ordering::Release);
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaMembership {
+    fn drop(&mut self) {
+        // Not left gracefully: abandon outstanding work (it is re-delivered
+        // to the next owner) and let the thread close the consumer.
+        let _ = self.control.stop.compare_exchange(
+            RUNNING,
+            ABANDON,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
