@@ -52,9 +52,12 @@ struct PartitionState {
     retry_at: HashMap<i64, Instant>,
     /// One past the highest offset fetched.
     fetched_end: Option<i64>,
+    /// Acked offsets of this assignment as merged `start → end` ranges
+    /// (contiguous offsets collapse into one): tells a re-sent record from
+    /// one never seen.
+    acked: BTreeMap<i64, i64>,
     /// The last position committed (or found committed).
     committed: Option<i64>,
-    paused: bool,
 }
 
 impl PartitionState {
@@ -65,6 +68,7 @@ impl PartitionState {
     }
 
     fn acked(&mut self, offset: i64) {
+        self.mark_acked(offset);
         if let Some(b) = self.records.remove(&offset)
             && let Some(queue) = self.queues.get_mut(&b.key)
         {
@@ -82,6 +86,35 @@ impl PartitionState {
         }
         self.attempts.remove(&offset);
         self.retry_at.remove(&offset);
+    }
+
+    /// Adds `offset` to the acked ranges, merging neighbours.
+    fn mark_acked(&mut self, offset: i64) {
+        let mut start = offset;
+        let mut end = offset + 1;
+        if let Some((&s, &e)) = self.acked.range(..=offset).next_back()
+            && e >= offset
+        {
+            if e > offset {
+                return; // already inside a range
+            }
+            start = s;
+        }
+        if let Some(&e) = self.acked.get(&end) {
+            self.acked.remove(&end);
+            end = e;
+        }
+        self.acked.insert(start, end);
+    }
+
+    /// Whether `offset` was already received in this assignment.
+    fn seen(&self, offset: i64) -> bool {
+        self.records.contains_key(&offset)
+            || self
+                .acked
+                .range(..=offset)
+                .next_back()
+                .is_some_and(|(_, &end)| offset < end)
     }
 }
 
@@ -236,20 +269,56 @@ impl Engine {
     /// Buffers a fetched record and dispatches what can go out.
     pub(crate) fn ingest(&self, partition: i32, record: Fetched) -> Outgoing {
         let mut state = self.lock();
-        let Some(ps) = state.partitions.get_mut(&partition) else {
+        let State {
+            partitions, topic, ..
+        } = &mut *state;
+        let Some(ps) = partitions.get_mut(&partition) else {
             // Not (or no longer) ours: a stale fetch from before a revocation.
             return Vec::new();
         };
-        if ps.records.contains_key(&record.offset)
-            || ps.fetched_end.is_some_and(|end| record.offset < end)
-        {
+        if ps.seen(record.offset) {
             return Vec::new();
         }
         let key = record.key.clone().unwrap_or_default();
-        ps.fetched_end = Some(record.offset + 1);
+        if ps.fetched_end.is_none()
+            && let Some(start) = ps.committed
+            && record.offset > start
+        {
+            // Legitimate after compaction, retention or transaction markers;
+            // otherwise the broker skipped records (tansu's `memory://`
+            // storage answers a fetch from inside a record batch with the
+            // next batch).
+            tracing::warn!(
+                topic = %topic,
+                partition,
+                asked = start,
+                got = record.offset,
+                "the first record fetched after assignment lies past the start position; offsets in between were not delivered"
+            );
+        }
+        let late = ps.fetched_end.is_some_and(|end| record.offset < end);
+        if late {
+            // An offset below what was already fetched but never seen (a
+            // fetch that raced a rebalance): take it, in offset order, so
+            // the position cannot move past it.
+            tracing::warn!(
+                partition,
+                offset = record.offset,
+                "record arrived out of offset order"
+            );
+        }
+        ps.fetched_end = Some(
+            ps.fetched_end
+                .map_or(record.offset + 1, |end| end.max(record.offset + 1)),
+        );
         let queue = ps.queues.entry(key.clone()).or_default();
-        queue.push_back(record.offset);
-        if queue.len() == 1 {
+        let at = queue.partition_point(|&o| o < record.offset);
+        queue.insert(at, record.offset);
+        if at == 0 {
+            // The new head of its key: it goes before whatever was ready.
+            if let Some(&previous) = queue.get(1) {
+                ps.ready.remove(&previous);
+            }
             ps.ready.insert(record.offset);
         }
         ps.records.insert(
@@ -284,24 +353,15 @@ impl Engine {
         self.dispatch(&mut state)
     }
 
-    /// Partitions whose buffer should be paused (`true`) or resumed
-    /// (`false`), to bound memory: a partition holding a full window of
-    /// unacked records stops fetching until half of it is done.
-    pub(crate) fn flow_changes(&self) -> Vec<(i32, bool)> {
-        let mut state = self.lock();
+    /// Whether some partition holds a full window of unacked records: the
+    /// poll thread then slows its intake (see the group module).
+    pub(crate) fn congested(&self) -> bool {
+        let state = self.lock();
         let window = state.limits.partition_window.max(1) as usize;
-        let mut changes = Vec::new();
-        for (&p, ps) in state.partitions.iter_mut() {
-            let buffered = ps.records.len();
-            if !ps.paused && buffered >= window {
-                ps.paused = true;
-                changes.push((p, true));
-            } else if ps.paused && buffered <= window / 2 {
-                ps.paused = false;
-                changes.push((p, false));
-            }
-        }
-        changes
+        state
+            .partitions
+            .values()
+            .any(|ps| ps.records.len() >= window)
     }
 
     /// Commit positions that moved since the last commit; marks them
@@ -318,6 +378,39 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// A commit of `position` did not land: the next one sends it again.
+    pub(crate) fn commit_failed(&self, partition: i32, position: i64) {
+        let mut state = self.lock();
+        if let Some(ps) = state.partitions.get_mut(&partition)
+            && ps.committed == Some(position)
+        {
+            ps.committed = None;
+        }
+    }
+
+    /// One line per partition for debug logs: buffered, out, paused,
+    /// position, committed.
+    pub(crate) fn summary(&self) -> String {
+        let state = self.lock();
+        let mut parts: Vec<String> = state
+            .partitions
+            .iter()
+            .map(|(p, ps)| {
+                format!(
+                    "p{p}: buffered {} out {} ready {} revoking {} position {:?} committed {:?}",
+                    ps.records.len(),
+                    ps.in_flight,
+                    ps.ready.len(),
+                    ps.revoking,
+                    ps.position(),
+                    ps.committed
+                )
+            })
+            .collect();
+        parts.sort();
+        format!("in flight {}; {}", state.in_flight, parts.join("; "))
     }
 
     /// Owned partitions, sorted.
@@ -544,6 +637,43 @@ mod tests {
         assert_eq!(e.positions_to_commit(), vec![(0, 14)]);
     }
 
+    #[test]
+    fn acked_offsets_merge_into_ranges() {
+        let mut ps = PartitionState::default();
+        for o in [5, 7, 6, 9, 10, 8] {
+            ps.mark_acked(o);
+        }
+        assert_eq!(
+            ps.acked.iter().map(|(s, e)| (*s, *e)).collect::<Vec<_>>(),
+            vec![(5, 11)]
+        );
+        assert!(ps.seen(5) && ps.seen(10) && !ps.seen(11) && !ps.seen(4));
+        ps.mark_acked(20);
+        assert_eq!(ps.acked.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_late_record_below_what_was_fetched_still_holds_the_position() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(0, record(20, "a"));
+        e.send(out);
+        let d20 = rx.next().await.unwrap().unwrap();
+        // 10 was never seen: it is taken, goes before 20's successors of
+        // its key, and the position cannot pass it.
+        let out = e.ingest(0, record(10, "b"));
+        e.send(out);
+        let d10 = rx.next().await.unwrap().unwrap();
+        assert_eq!(d10.info().coordinates.position, 10);
+        d20.ack();
+        assert_eq!(e.positions_to_commit(), vec![(0, 10)]);
+        d10.ack();
+        assert_eq!(e.positions_to_commit(), vec![(0, 21)]);
+        // Re-sent records are recognised.
+        assert!(e.ingest(0, record(10, "b")).is_empty());
+        assert!(e.ingest(0, record(20, "a")).is_empty());
+    }
+
     #[tokio::test]
     async fn the_window_bounds_how_far_a_partition_runs_ahead() {
         let (e, mut rx) = engine(100, 2);
@@ -555,11 +685,7 @@ mod tests {
         let first = rx.next().await.unwrap().unwrap();
         let second = rx.next().await.unwrap().unwrap();
         assert_eq!(e.in_flight(), 2, "offsets 2.. wait for the window");
-        assert_eq!(
-            e.flow_changes(),
-            vec![(0, true)],
-            "a full window pauses fetching"
-        );
+        assert!(e.congested(), "a full window slows intake");
         first.ack();
         assert_eq!(
             rx.next()

@@ -6,8 +6,12 @@
 //! re-delivers at most each partition's window past its commit position.
 //!
 //! A dedicated thread owns the librdkafka consumer: it polls records into
-//! the [engine](super::engine), commits positions periodically, pauses
-//! partitions whose window is full, and runs the rebalance callbacks. On
+//! the engine, commits positions periodically, and runs the rebalance
+//! callbacks. While a partition holds a full window of unacked records the
+//! thread takes at most one record per 100 ms, so memory grows by at most
+//! ten records a second while a key is stuck. (Pausing the partition or
+//! seeking back stalled fetching for good against tansu; per-partition
+//! queues are the better fix.) On
 //! revocation it stops dispatching the revoked partitions, waits (up to the
 //! drain timeout) for their outstanding deliveries to settle, commits their
 //! final positions and only then gives them up — so nothing is committed for
@@ -27,6 +31,7 @@ use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result};
 use keel_producers::kafka::KafkaClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -122,6 +127,9 @@ impl KafkaGroupConsumer {
     }
 }
 
+/// How often a congested member takes one more record (see `poll_loop`).
+const CONGESTED_POLL_EVERY: Duration = Duration::from_millis(100);
+
 /// How the poll thread should stop.
 const RUNNING: u8 = 0;
 const LEAVE_GRACEFULLY: u8 = 1;
@@ -183,6 +191,7 @@ impl KeelContext {
         for (p, pos) in positions {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*pos));
         }
+        tracing::debug!(topic = %self.topic, ?positions, ?mode, "commit");
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, topic = %self.topic, "commit failed; will retry with the next one");
         }
@@ -222,7 +231,7 @@ impl ConsumerContext for KeelContext {
                     return;
                 }
                 self.engine.assign(&starts);
-                tracing::info!(topic = %self.topic, partitions = ?starts.iter().map(|s| s.0).collect::<Vec<_>>(), "partitions assigned");
+                tracing::info!(topic = %self.topic, starts = ?starts, "partitions assigned");
                 self.publish_assignment();
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -233,6 +242,7 @@ impl ConsumerContext for KeelContext {
                     tracing::warn!(topic = %self.topic, ?revoked, "revoked partitions did not drain in time; their unsettled events will be re-delivered");
                 }
                 let positions = self.engine.remove(&revoked);
+                tracing::info!(topic = %self.topic, ?revoked, ?positions, "revocation commits");
                 self.commit(consumer, &positions, CommitMode::Sync);
                 let released = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -246,6 +256,16 @@ impl ConsumerContext for KeelContext {
                 self.publish_assignment();
             }
             other => tracing::error!(topic = %self.topic, error = ?other, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        for e in offsets.elements() {
+            let failed = result.clone().and(e.error()).err();
+            if let (Some(error), Offset::Offset(position)) = (failed, e.offset()) {
+                tracing::warn!(%error, topic = %self.topic, partition = e.partition(), position, "commit failed; the next commit carries the position again");
+                self.engine.commit_failed(e.partition(), position);
+            }
         }
     }
 }
@@ -364,8 +384,18 @@ fn poll_loop(
 ) {
     let context = consumer.context();
     let mut last_commit = Instant::now();
+    let mut last_report = Instant::now();
     while control.stop.load(Ordering::Acquire) == RUNNING {
-        match consumer.poll(Duration::from_millis(50)) {
+        // A full window slows intake to a trickle instead of stopping it:
+        // polling also serves rebalances, and pausing or seeking partitions
+        // stalled fetching for good against tansu.
+        let wait = if engine.congested() {
+            std::thread::sleep(CONGESTED_POLL_EVERY);
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
+        match consumer.poll(wait) {
             Some(Ok(message)) => {
                 let headers = message
                     .headers()
@@ -406,17 +436,9 @@ fn poll_loop(
         }
         let out = engine.tick();
         engine.send(out);
-        for (p, pause) in engine.flow_changes() {
-            let mut tpl = TopicPartitionList::new();
-            let _ = tpl.add_partition(topic, p);
-            let result = if pause {
-                consumer.pause(&tpl)
-            } else {
-                consumer.resume(&tpl)
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, partition = p, "cannot pause/resume");
-            }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            tracing::debug!(%topic, state = %engine.summary(), "engine");
+            last_report = Instant::now();
         }
         if last_commit.elapsed() >= commit_interval {
             context.commit(consumer, &engine.positions_to_commit(), CommitMode::Async);

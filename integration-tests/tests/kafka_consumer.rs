@@ -1,0 +1,132 @@
+//! `KafkaGroupConsumer` against a real broker: flow control past the
+//! partition window and per-key parallelism inside one partition.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
+use keel_core::{
+    Deliveries, Delivery, Envelope, Publisher, Subscriber, Subscription, TopicAdmin, TopicSpec,
+};
+use keel_integration_tests::{kafka_bootstrap, unique_name};
+use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+
+/// A one-partition topic holding `events` (key, payload) in order.
+async fn topic_with(client: &KafkaClientConfig, events: &[(String, String)]) -> String {
+    let topic = unique_name("consumer");
+    KafkaAdmin::new(client, 1)
+        .unwrap()
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: client.clone(),
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    let batch = events
+        .iter()
+        .map(|(key, payload)| Envelope::new("keel.test.Numbered", key.as_str(), payload.clone()))
+        .collect();
+    publisher.publish_batch(&topic, batch).await.unwrap();
+    topic
+}
+
+async fn member(client: &KafkaClientConfig, topic: &str, window: u32) -> Deliveries {
+    KafkaGroupConsumer::new(KafkaConsumerConfig {
+        client: client.clone(),
+        partition_window: window,
+        commit_interval_ms: 100,
+        ..KafkaConsumerConfig::default()
+    })
+    .unwrap()
+    .subscribe(Subscription::new(topic, unique_name("g")).max_in_flight(64))
+    .await
+    .unwrap()
+}
+
+async fn next(deliveries: &mut Deliveries, what: &str) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery within 30 s: {what}"))
+        .expect("the stream ended")
+        .expect("a decodable delivery")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_times_the_partition_window_is_delivered_in_full() {
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    let events: Vec<(String, String)> = (0..2000)
+        .map(|i| (format!("k{}", i % 50), i.to_string()))
+        .collect();
+    let topic = topic_with(&client, &events).await;
+    let mut deliveries = member(&client, &topic, 200).await;
+    let mut seen = HashSet::new();
+    while seen.len() < events.len() {
+        let delivery = next(&mut deliveries, &format!("{} of 2000 seen", seen.len())).await;
+        seen.insert(delivery.info().coordinates.position);
+        delivery.ack();
+    }
+    assert_eq!(seen, (0..2000u64).collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_key_does_not_hold_up_other_keys_in_its_partition() {
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    // One partition: the slow key's events sit between everybody else's.
+    let mut events = Vec::new();
+    for seq in 0..100 {
+        events.push(("slow".to_owned(), format!("slow:{seq}")));
+        for k in 0..9 {
+            events.push((format!("fast-{k}"), format!("fast-{k}:{seq}")));
+        }
+    }
+    let topic = topic_with(&client, &events).await;
+    let mut deliveries = member(&client, &topic, 2000).await;
+
+    // Hold the slow key's first event unsettled while taking the rest.
+    let mut held: Option<Delivery> = None;
+    let mut fast_done: HashMap<String, u32> = HashMap::new();
+    let fast_total = 900;
+    let mut handled = 0;
+    while handled < fast_total {
+        let delivery = next(
+            &mut deliveries,
+            &format!("{handled} of {fast_total} fast events handled while `slow` is held"),
+        )
+        .await;
+        let text = String::from_utf8_lossy(delivery.envelope().payload()).into_owned();
+        let (key, seq) = text.rsplit_once(':').unwrap();
+        let seq: u32 = seq.parse().unwrap();
+        if key == "slow" {
+            assert!(
+                held.is_none(),
+                "slow:{seq} delivered while slow:0 is still unsettled"
+            );
+            assert_eq!(seq, 0);
+            held = Some(delivery);
+            continue;
+        }
+        let expected = fast_done.entry(key.to_owned()).or_insert(0);
+        assert_eq!(seq, *expected, "key {key} out of order");
+        *expected += 1;
+        handled += 1;
+        delivery.ack();
+    }
+    assert!(held.is_some(), "the slow key's first event was delivered");
+
+    // Released, the slow key catches up in order.
+    held.take().unwrap().ack();
+    for expected in 1..100 {
+        let delivery = next(&mut deliveries, &format!("slow:{expected}")).await;
+        let text = String::from_utf8_lossy(delivery.envelope().payload()).into_owned();
+        assert_eq!(text, format!("slow:{expected}"));
+        delivery.ack();
+    }
+    deliveries.leave().await.unwrap();
+}
