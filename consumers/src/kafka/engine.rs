@@ -69,23 +69,26 @@ impl PartitionState {
 
     fn acked(&mut self, offset: i64) {
         self.mark_acked(offset);
+        self.attempts.remove(&offset);
+        self.retry_at.remove(&offset);
         if let Some(b) = self.records.remove(&offset)
             && let Some(queue) = self.queues.get_mut(&b.key)
         {
-            if queue.front() == Some(&offset) {
-                queue.pop_front();
+            // Usually the head; a late record of the key may sit before it.
+            if let Some(at) = queue.iter().position(|&o| o == offset) {
+                queue.remove(at);
             }
             match queue.front() {
                 Some(&next) => {
-                    self.ready.insert(next);
+                    if !self.retry_at.contains_key(&next) {
+                        self.ready.insert(next);
+                    }
                 }
                 None => {
                     self.queues.remove(&b.key);
                 }
             }
         }
-        self.attempts.remove(&offset);
-        self.retry_at.remove(&offset);
     }
 
     /// Adds `offset` to the acked ranges, merging neighbours.
@@ -315,11 +318,16 @@ impl Engine {
         let at = queue.partition_point(|&o| o < record.offset);
         queue.insert(at, record.offset);
         if at == 0 {
-            // The new head of its key: it goes before whatever was ready.
-            if let Some(&previous) = queue.get(1) {
-                ps.ready.remove(&previous);
+            // The new head of its key goes first — unless the previous head
+            // is already out (or waiting for its retry): one delivery per key
+            // at a time, so it follows when that one is acked.
+            let previous_waits = match queue.get(1) {
+                Some(previous) => ps.ready.remove(previous),
+                None => true,
+            };
+            if previous_waits {
+                ps.ready.insert(record.offset);
             }
-            ps.ready.insert(record.offset);
         }
         ps.records.insert(
             record.offset,
@@ -672,6 +680,24 @@ mod tests {
         // Re-sent records are recognised.
         assert!(e.ingest(0, record(10, "b")).is_empty());
         assert!(e.ingest(0, record(20, "a")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_late_record_of_a_key_with_one_out_waits_for_it() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(0, record(20, "a"));
+        e.send(out);
+        let d20 = rx.next().await.unwrap().unwrap();
+        // a@10 arrives late while a@20 is out: one delivery per key at a
+        // time, so it waits and goes out once a@20 is acked.
+        assert!(e.ingest(0, record(10, "a")).is_empty());
+        d20.ack();
+        let d10 = rx.next().await.unwrap().unwrap();
+        assert_eq!(d10.info().coordinates.position, 10);
+        d10.ack();
+        assert_eq!(e.positions_to_commit(), vec![(0, 21)]);
+        assert_eq!(e.in_flight(), 0);
     }
 
     #[tokio::test]
