@@ -8,6 +8,7 @@
 //! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
 //! | [`unique_name`] | a topic/stream/group name no other test uses |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
+//! | [`TansuUnderTest`] | a private tansu broker process with durable `sqlite://` storage, to stop and restart |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -401,6 +402,120 @@ impl Drop for RegistryUnderTest {
             let _ = tx.send(());
         }
     }
+}
+
+/// Environment variable naming the tansu binary (else `tansu` on `PATH`,
+/// else `~/.cargo/bin/tansu`).
+pub const TANSU_ENV: &str = "KEEL_TEST_TANSU";
+
+/// A tansu broker process of this test alone, on its own port, storing into
+/// `sqlite://` in a temporary directory — durable across a stop and restart.
+pub struct TansuUnderTest {
+    /// `127.0.0.1:<port>`.
+    pub bootstrap: String,
+    port: u16,
+    binary: std::path::PathBuf,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl TansuUnderTest {
+    /// Starts the broker and waits until it accepts connections.
+    pub async fn start() -> TansuUnderTest {
+        let binary = tansu_binary();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"));
+        let mut tansu = TansuUnderTest {
+            bootstrap: format!("127.0.0.1:{port}"),
+            port,
+            binary,
+            dir: TempDir::new(),
+            child: None,
+        };
+        tansu.restart().await;
+        tansu
+    }
+
+    /// Kills the broker process (SIGKILL: no shutdown of any kind).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap_or_else(|e| panic!("cannot open the tansu log: {e}"));
+        let child = std::process::Command::new(&self.binary)
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
+                panic!(
+                    "tansu did not start on port {} ({exited:?}):\n{log}",
+                    self.port
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TansuUnderTest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tansu_binary() -> std::path::PathBuf {
+    if let Some(path) = from_env(TANSU_ENV) {
+        return path.into();
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    let in_cargo = std::env::var_os("HOME")
+        .map(|home| std::path::PathBuf::from(home).join(".cargo/bin/tansu"))
+        .filter(|p| p.is_file());
+    on_path.or(in_cargo).unwrap_or_else(|| {
+        panic!(
+            "tansu is not installed: this test runs its own broker. Run infra/local/tansu.sh \
+             (installs tansu 0.6.0) or set {TANSU_ENV} to the binary"
+        )
+    })
 }
 
 fn with_database(server_url: &str, name: &str) -> String {
