@@ -8,8 +8,9 @@
 //! A dedicated thread owns the librdkafka consumer: it polls records into
 //! the engine, commits positions periodically, and runs the rebalance
 //! callbacks. While a partition holds a full window of unacked records the
-//! thread takes at most one record per 100 ms, so memory grows by at most
-//! ten records a second while a key is stuck. (Pausing the partition or
+//! thread waits for room, taking at most one record per 100 ms (polling also
+//! serves rebalances), so memory grows by at most ten records a second while
+//! a key is stuck. (Pausing the partition or
 //! seeking back stalled fetching for good against tansu; per-partition
 //! queues are the better fix.) On
 //! revocation it stops dispatching the revoked partitions, waits (up to the
@@ -389,11 +390,10 @@ fn poll_loop(
         // A full window slows intake to a trickle instead of stopping it:
         // polling also serves rebalances, and pausing or seeking partitions
         // stalled fetching for good against tansu.
-        let wait = if engine.congested() {
-            std::thread::sleep(CONGESTED_POLL_EVERY);
-            Duration::ZERO
-        } else {
+        let wait = if engine.wait_for_room(CONGESTED_POLL_EVERY) {
             Duration::from_millis(50)
+        } else {
+            Duration::ZERO
         };
         match consumer.poll(wait) {
             Some(Ok(message)) => {
