@@ -1,4 +1,5 @@
-//! `KafkaAdmin`: idempotent topic creation and description.
+//! `KafkaAdmin`: idempotent topic creation, topic and group description,
+//! consumer lag, and resetting a stopped group's positions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,10 @@ use keel_core::transport::{TopicAdmin, TopicSpec};
 use keel_core::{Error, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
 
 use super::config::KafkaClientConfig;
 
@@ -19,7 +23,99 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct KafkaAdmin {
     // Shared with blocking metadata calls on the blocking pool.
     admin: Arc<AdminClient<DefaultClientContext>>,
+    client: KafkaClientConfig,
     replication_factor: i32,
+}
+
+/// Settings of a topic beyond its partition count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// How long events are kept (`retention.ms`; -1 forever). Broker
+    /// default when `None`.
+    pub retention_ms: Option<i64>,
+    /// `delete` (default) or `compact` (`cleanup.policy`).
+    pub cleanup_policy: Option<CleanupPolicy>,
+}
+
+/// Kafka's `cleanup.policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CleanupPolicy {
+    /// Old segments are deleted after the retention.
+    Delete,
+    /// Only the latest event per key is kept.
+    Compact,
+}
+
+impl CleanupPolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+        }
+    }
+}
+
+/// A topic's partitions as the broker describes them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TopicDescription {
+    /// Topic name.
+    pub name: String,
+    /// Its partitions, by id.
+    pub partitions: Vec<PartitionDescription>,
+}
+
+/// One partition of a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PartitionDescription {
+    /// Partition id.
+    pub partition: i32,
+    /// Broker id of the leader.
+    pub leader: i32,
+    /// Broker ids holding replicas.
+    pub replicas: Vec<i32>,
+    /// Oldest offset still stored.
+    pub earliest: i64,
+    /// One past the newest offset (the high watermark).
+    pub latest: i64,
+}
+
+/// A consumer group as listed by the broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupSummary {
+    /// Group id.
+    pub name: String,
+    /// Broker-reported state (`Stable`, `Empty`, …).
+    pub state: String,
+    /// Current members.
+    pub members: usize,
+}
+
+/// How far a group is behind on one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    /// Partition id.
+    pub partition: i32,
+    /// The group's committed offset, if it committed one.
+    pub committed: Option<i64>,
+    /// The partition's high watermark.
+    pub end: i64,
+    /// Events not yet handled: `end - committed` (from the earliest stored
+    /// offset when nothing is committed).
+    pub lag: i64,
+}
+
+/// Where [`KafkaAdmin::reset_group`] moves a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The oldest event still stored.
+    Earliest,
+    /// The end: only new events.
+    Latest,
+    /// The first event at or after this time (ms since the Unix epoch);
+    /// the end where there is none.
+    Timestamp(i64),
+    /// This offset on every partition (clamped to what is stored).
+    Offset(i64),
 }
 
 impl std::fmt::Debug for KafkaAdmin {
@@ -49,8 +145,226 @@ impl KafkaAdmin {
         })?;
         Ok(KafkaAdmin {
             admin: Arc::new(admin),
+            client: config.clone(),
             replication_factor,
         })
+    }
+
+    /// Creates the topic with `settings` if it does not exist (otherwise as
+    /// [`TopicAdmin::ensure_topic`]; the settings of an existing topic are
+    /// left as they are).
+    pub async fn ensure_topic_with(
+        &self,
+        spec: &TopicSpec,
+        settings: &TopicSettings,
+    ) -> Result<()> {
+        self.create(spec, settings).await
+    }
+
+    /// Names of the topics, sorted, without Kafka's internal ones (`__…`).
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        let admin = self.admin.clone();
+        let metadata =
+            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
+                .await
+                .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?
+                .map_err(|e| broker_error(format!("cannot list topics: {e}")))?;
+        let mut names: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|n| !n.starts_with("__"))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The topic's partitions with leaders, replicas and stored offsets, or
+    /// `None` if it does not exist.
+    pub async fn describe_topic(&self, topic: &str) -> Result<Option<TopicDescription>> {
+        let admin = self.admin.clone();
+        let name = topic.to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            let client = admin.inner();
+            let metadata = client.fetch_metadata(Some(&name), ADMIN_TIMEOUT)?;
+            let Some(t) = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+            else {
+                return Ok(None);
+            };
+            let mut partitions = Vec::new();
+            for p in t.partitions() {
+                let (earliest, latest) = client.fetch_watermarks(&name, p.id(), ADMIN_TIMEOUT)?;
+                partitions.push(PartitionDescription {
+                    partition: p.id(),
+                    leader: p.leader(),
+                    replicas: p.replicas().to_vec(),
+                    earliest,
+                    latest,
+                });
+            }
+            partitions.sort_by_key(|p| p.partition);
+            Ok(Some(TopicDescription { name, partitions }))
+        })
+        .await
+        .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?;
+        result.map_err(|e: rdkafka::error::KafkaError| {
+            topic_error(topic, format!("cannot describe it: {e}"), true)
+        })
+    }
+
+    /// The consumer groups the broker knows, sorted by name.
+    pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
+        let admin = self.admin.clone();
+        let mut groups = tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_group_list(None, ADMIN_TIMEOUT)
+                .map(|list| {
+                    list.groups()
+                        .iter()
+                        .map(|g| GroupSummary {
+                            name: g.name().to_owned(),
+                            state: g.state().to_owned(),
+                            members: g.members().len(),
+                        })
+                        .collect::<Vec<_>>()
+                })
+        })
+        .await
+        .map_err(|e| Error::closed(format!("kafka group list task: {e}")))?
+        .map_err(|e| broker_error(format!("cannot list consumer groups: {e}")))?;
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(groups)
+    }
+
+    /// Per partition of `topic`: `group`'s committed offset, the high
+    /// watermark and the difference.
+    pub async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionLag>> {
+        let (consumer, partitions) = self.group_client(group, topic).await?;
+        let topic_name = topic.to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition(&topic_name, *p);
+            }
+            let committed = consumer.committed_offsets(tpl, ADMIN_TIMEOUT)?;
+            let mut out = Vec::new();
+            for p in partitions {
+                let (earliest, end) = consumer.fetch_watermarks(&topic_name, p, ADMIN_TIMEOUT)?;
+                let committed =
+                    committed
+                        .find_partition(&topic_name, p)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) if o >= 0 => Some(o),
+                            _ => None,
+                        });
+                let from = committed.unwrap_or(earliest).max(earliest);
+                out.push(PartitionLag {
+                    partition: p,
+                    committed,
+                    end,
+                    lag: (end - from).max(0),
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::closed(format!("kafka lag task: {e}")))?;
+        result.map_err(|e: rdkafka::error::KafkaError| {
+            group_error(group, topic, format!("cannot read its lag: {e}"))
+        })
+    }
+
+    /// Moves a stopped group's committed positions on `topic` and returns
+    /// them per partition. Refused while the group has members: their
+    /// commits would overwrite the reset.
+    pub async fn reset_group(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+    ) -> Result<Vec<(i32, i64)>> {
+        if let Some(g) = self
+            .list_groups()
+            .await?
+            .into_iter()
+            .find(|g| g.name == group)
+            && g.members > 0
+        {
+            return Err(group_error(
+                group,
+                topic,
+                format!(
+                    "it has {} active member(s) (state {}); stop them first, then reset",
+                    g.members, g.state
+                ),
+            ));
+        }
+        let (consumer, partitions) = self.group_client(group, topic).await?;
+        let topic_name = topic.to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut positions = Vec::new();
+            let mut by_time = TopicPartitionList::new();
+            for &p in &partitions {
+                let (earliest, latest) =
+                    consumer.fetch_watermarks(&topic_name, p, ADMIN_TIMEOUT)?;
+                match to {
+                    ResetTo::Earliest => positions.push((p, earliest)),
+                    ResetTo::Latest => positions.push((p, latest)),
+                    ResetTo::Offset(o) => positions.push((p, o.clamp(earliest, latest))),
+                    ResetTo::Timestamp(ms) => {
+                        by_time.add_partition_offset(&topic_name, p, Offset::Offset(ms))?;
+                        positions.push((p, latest));
+                    }
+                }
+            }
+            if let ResetTo::Timestamp(_) = to {
+                let found = consumer.offsets_for_times(by_time, ADMIN_TIMEOUT)?;
+                for (p, position) in &mut positions {
+                    // No event at or after the time: the end (kept).
+                    if let Some(Offset::Offset(o)) =
+                        found.find_partition(&topic_name, *p).map(|e| e.offset())
+                        && o >= 0
+                    {
+                        *position = o;
+                    }
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &positions {
+                tpl.add_partition_offset(&topic_name, *p, Offset::Offset(*o))?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            Ok(positions)
+        })
+        .await
+        .map_err(|e| Error::closed(format!("kafka reset task: {e}")))?;
+        result.map_err(|e: rdkafka::error::KafkaError| {
+            group_error(group, topic, format!("cannot reset it: {e}"))
+        })
+    }
+
+    /// A consumer bound to `group` (never subscribing) and the partitions
+    /// of `topic`.
+    async fn group_client(&self, group: &str, topic: &str) -> Result<(BaseConsumer, Vec<i32>)> {
+        let Some(n) = self.partitions(topic).await? else {
+            return Err(topic_error(topic, "no such topic".into(), false));
+        };
+        let mut config = self.client.client_config();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = config.create().map_err(|e| {
+            Error::config(
+                "kafka",
+                format!("librdkafka refused the configuration: {e}"),
+            )
+        })?;
+        let count = i32::try_from(n).unwrap_or(i32::MAX);
+        Ok((consumer, (0..count).collect()))
     }
 
     /// The partition count of `topic`, or `None` if it does not exist.
@@ -72,6 +386,24 @@ impl KafkaAdmin {
     }
 }
 
+fn broker_error(reason: String) -> Error {
+    Error::Topic {
+        topic: String::new(),
+        reason,
+        retriable: true,
+        source: None,
+    }
+}
+
+fn group_error(group: &str, topic: &str, reason: String) -> Error {
+    Error::Topic {
+        topic: topic.to_owned(),
+        reason: format!("consumer group `{group}`: {reason}"),
+        retriable: false,
+        source: None,
+    }
+}
+
 fn topic_error(topic: &str, reason: String, retriable: bool) -> Error {
     Error::Topic {
         topic: topic.to_owned(),
@@ -84,6 +416,12 @@ fn topic_error(topic: &str, reason: String, retriable: bool) -> Error {
 #[async_trait]
 impl TopicAdmin for KafkaAdmin {
     async fn ensure_topic(&self, spec: &TopicSpec) -> Result<()> {
+        self.create(spec, &TopicSettings::default()).await
+    }
+}
+
+impl KafkaAdmin {
+    async fn create(&self, spec: &TopicSpec, settings: &TopicSettings) -> Result<()> {
         if spec.partitions == 0 {
             return Err(topic_error(
                 &spec.name,
@@ -98,11 +436,18 @@ impl TopicAdmin for KafkaAdmin {
                 false,
             )
         })?;
-        let new = NewTopic::new(
+        let retention = settings.retention_ms.map(|ms| ms.to_string());
+        let mut new = NewTopic::new(
             &spec.name,
             partitions,
             TopicReplication::Fixed(self.replication_factor),
         );
+        if let Some(ms) = &retention {
+            new = new.set("retention.ms", ms);
+        }
+        if let Some(policy) = settings.cleanup_policy {
+            new = new.set("cleanup.policy", policy.as_str());
+        }
         let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
         let results = self
             .admin

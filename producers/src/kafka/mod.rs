@@ -11,6 +11,9 @@ pub mod admin;
 pub mod config;
 pub mod publisher;
 
-pub use admin::KafkaAdmin;
+pub use admin::{
+    CleanupPolicy, GroupSummary, KafkaAdmin, PartitionDescription, PartitionLag, ResetTo,
+    TopicDescription, TopicSettings,
+};
 pub use config::{Compression, KafkaClientConfig, KafkaPublisherConfig, KafkaSecurity};
 pub use publisher::KafkaPublisher;
