@@ -5,6 +5,7 @@
 //! | `demo` | `keel demo`: the whole backbone in one process, printing what it proved |
 //! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
+//! | `kafka` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka |
 //!
 //! Settings come from `keel.toml` (or `--config`), then `KEEL_*` environment
 //! variables, then flags. Subcommands arrive with the capability that needs
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod kafka;
 mod registry;
 mod schema;
 
@@ -70,6 +72,27 @@ enum Command {
     /// Register, check, inspect and compare schemas in a registry.
     #[command(subcommand)]
     Schema(schema::SchemaCommand),
+    /// List, create and describe topics.
+    #[command(subcommand)]
+    Topics(kafka::TopicsCommand),
+    /// How far a consumer group is behind, per partition.
+    #[command(
+        after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 lag --group billing --topic orders"
+    )]
+    Lag(kafka::LagArgs),
+    /// List consumer groups; reset a stopped group's positions.
+    #[command(subcommand)]
+    Group(kafka::GroupCommand),
+    /// Publish JSON lines as Avro events, encoded with the subject's latest
+    /// schema from the registry; prints partition and offset of each.
+    #[command(after_help = "Example:\n  \
+        echo '{\"order_id\":\"o-1\", …}' | keel --broker kafka://127.0.0.1:9092 publish --topic orders --key-field order_id")]
+    Publish(kafka::PublishArgs),
+    /// Print events as JSON lines: decoded payload, headers, partition and
+    /// offset.
+    #[command(after_help = "Examples:\n  \
+        keel --broker kafka://127.0.0.1:9092 tail --topic orders --from earliest --count 10")]
+    Tail(kafka::TailArgs),
 }
 
 /// Flags that override config settings; unset flags are skipped.
@@ -130,20 +153,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schema(command) => {
             let config = load_config(cli.config, &overrides)?;
-            let url = config.registry.as_deref().unwrap_or(DEFAULT_REGISTRY);
-            let client = keel_schemas::RegistryClient::new(
-                url,
-                keel_schemas::ClientOptions {
-                    basic_auth: cli.registry_auth,
-                    ..keel_schemas::ClientOptions::default()
-                },
-            )?;
-            schema::run(&client, command).await
+            schema::run(&registry_client(&config, cli.registry_auth)?, command).await
+        }
+        Command::Topics(command) => {
+            kafka::topics(&load_config(cli.config, &overrides)?, command).await
+        }
+        Command::Lag(args) => kafka::lag(&load_config(cli.config, &overrides)?, args).await,
+        Command::Group(command) => {
+            kafka::group(&load_config(cli.config, &overrides)?, command).await
+        }
+        Command::Publish(args) => {
+            let config = load_config(cli.config, &overrides)?;
+            let registry = registry_client(&config, cli.registry_auth)?;
+            kafka::publish(&config, registry, args).await
+        }
+        Command::Tail(args) => {
+            let config = load_config(cli.config, &overrides)?;
+            let registry = registry_client(&config, cli.registry_auth)?;
+            kafka::tail(&config, registry, args).await
         }
     }
 }
 
-/// Where `keel schema` looks when no registry is configured.
+fn registry_client(
+    config: &KeelConfig,
+    basic_auth: Option<String>,
+) -> anyhow::Result<keel_schemas::RegistryClient> {
+    let url = config.registry.as_deref().unwrap_or(DEFAULT_REGISTRY);
+    Ok(keel_schemas::RegistryClient::new(
+        url,
+        keel_schemas::ClientOptions {
+            basic_auth,
+            ..keel_schemas::ClientOptions::default()
+        },
+    )?)
+}
+
+/// Where `keel schema`, `publish` and `tail` look when no registry is
+/// configured.
 const DEFAULT_REGISTRY: &str = "http://127.0.0.1:8081";
 
 fn load_config(file: Option<PathBuf>, overrides: &Overrides) -> anyhow::Result<KeelConfig> {

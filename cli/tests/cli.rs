@@ -337,3 +337,173 @@ fn schema_commands_register_check_list_diff_and_get() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("999"), "{}", text(&out.stderr));
 }
+
+/// The Kafka bootstrap server the test suite runs against.
+fn kafka() -> String {
+    std::env::var("KEEL_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!(
+            "KEEL_TEST_KAFKA is not set: start a broker with infra/local/tansu.sh and \
+             export KEEL_TEST_KAFKA=127.0.0.1:9092 (infra/local/test.sh does both)"
+        )
+    })
+}
+
+#[test]
+fn kafka_commands_create_publish_tail_lag_and_reset() {
+    let dir = scratch();
+    let registry = RegistryProcess::start(dir.path());
+    let broker = format!("kafka://{}", kafka());
+    let env = [
+        ("KEEL_REGISTRY", registry.url.as_str()),
+        ("KEEL_BROKER", broker.as_str()),
+    ];
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let topic = format!("cli-{unique}");
+    let group = format!("cli-g-{unique}");
+    let run = |args: &[&str]| {
+        let out = keel(args, dir.path(), &env);
+        assert!(
+            out.status.success(),
+            "keel {args:?} failed:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir_all(&schemas).expect("mkdir");
+    std::fs::write(
+        schemas.join("test.Greeting.avsc"),
+        r#"{"type":"record","name":"Greeting","namespace":"test","fields":[
+            {"name":"id","type":"string"},{"name":"n","type":"long"}]}"#,
+    )
+    .expect("write schema");
+    let dir_arg = schemas.display().to_string();
+    run(&[
+        "schema",
+        "register",
+        &dir_arg,
+        "--strategy",
+        "topic-name",
+        "--topic",
+        &topic,
+    ]);
+
+    run(&["topics", "create", &topic, "--partitions", "3"]);
+    assert!(run(&["topics", "list"]).lines().any(|l| l == topic));
+    let described: serde_json::Value =
+        serde_json::from_str(&run(&["topics", "describe", &topic])).expect("describe JSON");
+    assert_eq!(described["partitions"].as_array().map(Vec::len), Some(3));
+
+    // JSON lines in, one receipt per event out.
+    let lines: String = (0..10)
+        .map(|i| format!("{{\"id\":\"k{}\",\"n\":{i}}}\n", i % 3))
+        .collect();
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, lines).expect("write events");
+    let file_arg = file.display().to_string();
+    let receipts = run(&[
+        "publish",
+        "--topic",
+        &topic,
+        "--file",
+        &file_arg,
+        "--key-field",
+        "id",
+    ]);
+    assert_eq!(receipts.lines().count(), 10, "{receipts}");
+
+    // A line that does not fit the schema: refused by line, nothing sent.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\":\"x\",\"n\":1}\n{\"id\":\"x\",\"n\":\"two\"}\n",
+    )
+    .expect("write");
+    let bad_arg = bad.display().to_string();
+    let out = keel(
+        &[
+            "publish",
+            "--topic",
+            &topic,
+            "--file",
+            &bad_arg,
+            "--key-field",
+            "id",
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = keel(
+        &["publish", "--topic", &topic, "--file", &bad_arg],
+        dir.path(),
+        &env,
+    );
+    assert!(
+        text(&out.stderr).contains("--key-field"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Read back: decoded events with key, type, headers, partition, offset.
+    let tailed = run(&[
+        "tail", "--topic", &topic, "--group", &group, "--from", "earliest", "--count", "10",
+    ]);
+    let events: Vec<serde_json::Value> = tailed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(events.len(), 10);
+    let mut seen: Vec<i64> = events
+        .iter()
+        .map(|e| e["event"]["n"].as_i64().expect("decoded n"))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    for e in &events {
+        assert_eq!(e["type"], "test.Greeting");
+        assert_eq!(e["key"], e["event"]["id"]);
+        assert!(e["partition"].is_u64() && e["offset"].is_u64(), "{e}");
+    }
+
+    let lag = run(&["lag", "--group", &group, "--topic", &topic]);
+    assert!(lag.contains("events behind"), "{lag}");
+    let reset = run(&[
+        "group",
+        "reset",
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--to-earliest",
+    ]);
+    assert_eq!(reset.lines().count(), 3, "{reset}");
+    assert!(run(&["group", "list"]).contains(&group));
+
+    // Not a Kafka broker: refused by name.
+    let out = keel(
+        &[
+            "--broker",
+            "nats://127.0.0.1:4222",
+            "tail",
+            "--topic",
+            &topic,
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("needs a Kafka broker"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,436 @@
+//! Kafka operations: `keel topics`, `keel lag`, `keel group reset`,
+//! `keel publish` (JSON in, Avro through the registry on the wire) and
+//! `keel tail` (decoded events out as JSON lines).
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
+use keel_core::{
+    BrokerUrl, Envelope, Error, KeelConfig, Publisher, StartFrom, Subscriber, Subscription,
+    TopicSpec,
+};
+use keel_producers::kafka::{
+    CleanupPolicy, KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig, ResetTo,
+    TopicSettings,
+};
+use keel_schemas::{AvroCodec, CodecOptions, RegistryClient, SubjectNameStrategy};
+use serde_json::{Value, json};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TopicsCommand {
+    /// List topics (Kafka's internal `__…` topics left out).
+    #[command(after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 topics list")]
+    List,
+    /// Create a topic; succeeds when it exists with the same partition count.
+    #[command(after_help = "Example:\n  \
+        keel --broker kafka://127.0.0.1:9092 topics create orders --partitions 12 --retention-ms 604800000")]
+    Create(CreateArgs),
+    /// Partitions with leader, replicas and stored offsets, as JSON.
+    #[command(
+        after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 topics describe orders"
+    )]
+    Describe {
+        /// Topic name.
+        topic: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// Topic name.
+    topic: String,
+    /// Partitions (default: the `topics.partitions` setting).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Replication factor (-1: the broker's default).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    replication_factor: i32,
+    /// How long events are kept, in ms (-1: forever).
+    #[arg(long, allow_negative_numbers = true)]
+    retention_ms: Option<i64>,
+    /// Keep only the latest event per key (`cleanup.policy=compact`).
+    #[arg(long)]
+    compact: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LagArgs {
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GroupCommand {
+    /// List consumer groups with their state and member count.
+    #[command(after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 group list")]
+    List,
+    /// Move a stopped group's committed positions on a topic (refused while
+    /// the group has members).
+    #[command(after_help = "Examples:\n  \
+        keel group reset --group billing --topic orders --to-earliest\n  \
+        keel group reset --group billing --topic orders --to-datetime 2026-11-27T12:00:00Z")]
+    Reset(ResetArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("target")
+        .required(true)
+        .args(["to_earliest", "to_latest", "to_datetime", "to_offset"])
+))]
+pub(crate) struct ResetArgs {
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// To the oldest stored event.
+    #[arg(long)]
+    to_earliest: bool,
+    /// To the end (skip everything stored).
+    #[arg(long)]
+    to_latest: bool,
+    /// To the first event at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    to_datetime: Option<String>,
+    /// To this offset on every partition (clamped to what is stored).
+    #[arg(long)]
+    to_offset: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PublishArgs {
+    /// Topic to publish to.
+    #[arg(long)]
+    topic: String,
+    /// JSON lines to read (default: standard input). Each line is one event
+    /// in the schema's JSON shape.
+    #[arg(long, value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
+    /// Subject of the schema (default: `<topic>-value`, the topic-name
+    /// strategy). Its latest version encodes the events.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Field of each event whose value is the key.
+    #[arg(long, conflicts_with = "key")]
+    key_field: Option<String>,
+    /// The same key for every event.
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    /// Topic to read.
+    #[arg(long)]
+    topic: String,
+    /// Consumer group (default: a new one, so nothing is shared or kept).
+    #[arg(long)]
+    group: Option<String>,
+    /// Where a group without committed positions starts.
+    #[arg(long, value_enum, default_value_t = From::Latest)]
+    from: From,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum From {
+    /// The oldest stored event.
+    Earliest,
+    /// Only events published from now on.
+    Latest,
+}
+
+fn client(config: &KeelConfig, command: &str) -> anyhow::Result<KafkaClientConfig> {
+    match &config.broker {
+        BrokerUrl::Kafka { bootstrap } => Ok(KafkaClientConfig::new(bootstrap.clone())),
+        other => bail!(
+            "`keel {command}` needs a Kafka broker (--broker kafka://host:9092 or `broker` in keel.toml); \
+             the configured broker is {other}"
+        ),
+    }
+}
+
+pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyhow::Result<()> {
+    let client = client(config, "topics")?;
+    match command {
+        TopicsCommand::List => {
+            for topic in KafkaAdmin::new(&client, -1)?.list_topics().await? {
+                println!("{topic}");
+            }
+        }
+        TopicsCommand::Create(args) => {
+            let admin = KafkaAdmin::new(&client, args.replication_factor)?;
+            let spec = TopicSpec {
+                name: args.topic.clone(),
+                partitions: args.partitions.unwrap_or(config.topics.partitions),
+            };
+            let settings = TopicSettings {
+                retention_ms: args.retention_ms,
+                cleanup_policy: args.compact.then_some(CleanupPolicy::Compact),
+            };
+            admin.ensure_topic_with(&spec, &settings).await?;
+            println!(
+                "topic {} ready with {} partitions",
+                spec.name, spec.partitions
+            );
+        }
+        TopicsCommand::Describe { topic } => {
+            match KafkaAdmin::new(&client, -1)?.describe_topic(&topic).await? {
+                Some(description) => println!("{}", serde_json::to_string_pretty(&description)?),
+                None => bail!("topic `{topic}` does not exist"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()> {
+    let client = client(config, "lag")?;
+    let lags = KafkaAdmin::new(&client, -1)?
+        .lag(&args.group, &args.topic)
+        .await?;
+    println!(
+        "{:>9}  {:>12}  {:>12}  {:>10}",
+        "partition", "committed", "end", "lag"
+    );
+    for p in &lags {
+        let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
+        println!(
+            "{:>9}  {committed:>12}  {:>12}  {:>10}",
+            p.partition, p.end, p.lag
+        );
+    }
+    let total: i64 = lags.iter().map(|p| p.lag).sum();
+    println!(
+        "group {} on {}: {total} events behind",
+        args.group, args.topic
+    );
+    Ok(())
+}
+
+pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow::Result<()> {
+    let client = client(config, "group")?;
+    let admin = KafkaAdmin::new(&client, -1)?;
+    match command {
+        GroupCommand::List => {
+            for g in admin.list_groups().await? {
+                println!("{}\t{}\t{} members", g.name, g.state, g.members);
+            }
+        }
+        GroupCommand::Reset(args) => {
+            let to = if args.to_earliest {
+                ResetTo::Earliest
+            } else if args.to_latest {
+                ResetTo::Latest
+            } else if let Some(offset) = args.to_offset {
+                ResetTo::Offset(offset)
+            } else if let Some(text) = &args.to_datetime {
+                let at: DateTime<Utc> = DateTime::parse_from_rfc3339(text)
+                    .with_context(|| {
+                        format!(
+                            "--to-datetime `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"
+                        )
+                    })?
+                    .into();
+                ResetTo::Timestamp(at.timestamp_millis())
+            } else {
+                bail!("say where to: --to-earliest, --to-latest, --to-datetime or --to-offset");
+            };
+            let positions = admin.reset_group(&args.group, &args.topic, to).await?;
+            for (partition, offset) in positions {
+                println!("{}\tpartition {partition}\t-> {offset}", args.topic);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn publish(
+    config: &KeelConfig,
+    registry: RegistryClient,
+    args: PublishArgs,
+) -> anyhow::Result<()> {
+    let client = client(config, "publish")?;
+    let registry = Arc::new(registry);
+    let subject = args
+        .subject
+        .clone()
+        .unwrap_or_else(|| SubjectNameStrategy::TopicName.subject(&args.topic, ""));
+    let latest = registry
+        .version(&subject, "latest")
+        .await
+        .with_context(|| format!("no schema to encode with under subject `{subject}`"))?;
+    let event_type = full_name(&latest.schema)
+        .with_context(|| format!("the latest schema of `{subject}` is not a named record"))?;
+    let codec = AvroCodec::new(
+        registry.clone(),
+        CodecOptions {
+            strategy: SubjectNameStrategy::TopicName,
+            auto_register: false,
+        },
+    );
+
+    // Everything is read and encoded before anything is published: a bad
+    // line fails the command with nothing sent.
+    let lines: Vec<String> = match &args.file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        None => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<Result<_, _>>()
+            .context("cannot read standard input")?,
+    };
+    let mut events = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = n + 1;
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("line {at}: not JSON"))?;
+        let key = match (&args.key, &args.key_field) {
+            (Some(key), _) => key.clone(),
+            (None, Some(field)) => match value.get(field) {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) if !other.is_null() => other.to_string(),
+                _ => bail!("line {at}: no field `{field}` to take the key from"),
+            },
+            (None, None) => bail!("say which key to publish under: --key-field FIELD or --key KEY"),
+        };
+        let payload = codec
+            .encode_with_id(latest.id, &value)
+            .await
+            .with_context(|| {
+                format!(
+                    "line {at}: does not fit schema {} (`{subject}` v{})",
+                    latest.id, latest.version
+                )
+            })?;
+        events.push(Envelope::new(event_type.as_str(), key, payload).with_source(&config.service));
+    }
+    if events.is_empty() {
+        bail!("no events to publish: the input is empty");
+    }
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client,
+        ..KafkaPublisherConfig::default()
+    })?;
+    let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
+    let receipts = publisher.publish_batch(&args.topic, events).await?;
+    let mut out = std::io::stdout().lock();
+    for (receipt, id) in receipts.iter().zip(ids) {
+        writeln!(
+            out,
+            "{}",
+            json!({"topic": receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
+        )?;
+    }
+    Ok(())
+}
+
+/// `namespace.name` of a record schema's JSON text.
+fn full_name(schema: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(schema).ok()?;
+    let name = value.get("name")?.as_str()?;
+    match value.get("namespace").and_then(Value::as_str) {
+        Some(ns) if !name.contains('.') && !ns.is_empty() => Some(format!("{ns}.{name}")),
+        _ => Some(name.to_owned()),
+    }
+}
+
+pub(crate) async fn tail(
+    config: &KeelConfig,
+    registry: RegistryClient,
+    args: TailArgs,
+) -> anyhow::Result<()> {
+    let client = client(config, "tail")?;
+    let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
+    let group = args
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("keel-tail-{}", keel_core::EventId::new()));
+    let start = match args.from {
+        From::Earliest => StartFrom::Earliest,
+        From::Latest => StartFrom::Latest,
+    };
+    let consumer = KafkaGroupConsumer::new(KafkaConsumerConfig {
+        client,
+        commit_interval_ms: 1000,
+        ..KafkaConsumerConfig::default()
+    })?;
+    // One at a time, so lines come out in each partition's order.
+    let mut deliveries = consumer
+        .subscribe(
+            Subscription::new(&args.topic, &group)
+                .start_from(start)
+                .max_in_flight(1),
+        )
+        .await?;
+    let mut printed = 0;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    while args.count.is_none_or(|n| printed < n) {
+        let item = tokio::select! {
+            item = deliveries.next() => item,
+            _ = &mut stop => break,
+        };
+        let Some(item) = item else { break };
+        let line = match item {
+            Ok(delivery) => {
+                let e = delivery.envelope();
+                let info = delivery.info();
+                let event = match codec.decode_json(e.payload()).await {
+                    Ok(v) => v,
+                    Err(err) => json!({"undecodable": err.to_string()}),
+                };
+                let line = json!({
+                    "topic": info.coordinates.topic,
+                    "partition": info.coordinates.partition,
+                    "offset": info.coordinates.position,
+                    "key": e.key().as_str(),
+                    "id": e.id().to_string(),
+                    "type": e.event_type(),
+                    "occurred_at": e.occurred_at().to_rfc3339(),
+                    "source": e.source(),
+                    "headers": e.headers(),
+                    "event": event,
+                });
+                delivery.ack();
+                line
+            }
+            Err(Error::Undecodable(u)) => {
+                let info = u.info().clone();
+                let line = json!({
+                    "topic": info.coordinates.topic,
+                    "partition": info.coordinates.partition,
+                    "offset": info.coordinates.position,
+                    "undecodable": u.reason(),
+                });
+                u.ack();
+                line
+            }
+            Err(e) => return Err(e.into()),
+        };
+        println!("{line}");
+        printed += 1;
+    }
+    deliveries.leave().await?;
+    Ok(())
+}
