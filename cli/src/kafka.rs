@@ -140,6 +140,10 @@ pub(crate) struct TailArgs {
     /// Where a group without committed positions starts.
     #[arg(long, value_enum, default_value_t = From::Latest)]
     from: From,
+    /// Start at the first event stored at or after this time (RFC 3339),
+    /// instead of `--from`.
+    #[arg(long, value_name = "RFC3339", conflicts_with = "from")]
+    since: Option<String>,
     /// Stop after this many events.
     #[arg(long)]
     count: Option<usize>,
@@ -238,14 +242,7 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
             } else if let Some(offset) = args.to_offset {
                 ResetTo::Offset(offset)
             } else if let Some(text) = &args.to_datetime {
-                let at: DateTime<Utc> = DateTime::parse_from_rfc3339(text)
-                    .with_context(|| {
-                        format!(
-                            "--to-datetime `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"
-                        )
-                    })?
-                    .into();
-                ResetTo::Timestamp(at.timestamp_millis())
+                ResetTo::Timestamp(rfc3339("--to-datetime", text)?.timestamp_millis())
             } else {
                 bail!("say where to: --to-earliest, --to-latest, --to-datetime or --to-offset");
             };
@@ -345,6 +342,12 @@ pub(crate) async fn publish(
     Ok(())
 }
 
+fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
+    Ok(DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("{flag} `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"))?
+        .into())
+}
+
 /// `namespace.name` of a record schema's JSON text.
 fn full_name(schema: &str) -> Option<String> {
     let value: Value = serde_json::from_str(schema).ok()?;
@@ -366,9 +369,10 @@ pub(crate) async fn tail(
         .group
         .clone()
         .unwrap_or_else(|| format!("keel-tail-{}", keel_core::EventId::new()));
-    let start = match args.from {
-        From::Earliest => StartFrom::Earliest,
-        From::Latest => StartFrom::Latest,
+    let start = match (&args.since, args.from) {
+        (Some(text), _) => StartFrom::Timestamp(rfc3339("--since", text)?),
+        (None, From::Earliest) => StartFrom::Earliest,
+        (None, From::Latest) => StartFrom::Latest,
     };
     let consumer = KafkaGroupConsumer::new(KafkaConsumerConfig {
         client,

@@ -88,6 +88,7 @@ impl MemoryTransport {
                 key: record.key,
                 headers: record.headers,
                 payload: record.payload,
+                stored_at: chrono::Utc::now(),
             });
             let receipt = Receipt {
                 topic: topic.to_owned(),
@@ -151,6 +152,7 @@ struct Record {
     key: Option<Bytes>,
     headers: Vec<(String, Bytes)>,
     payload: Bytes,
+    stored_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Record {
@@ -207,11 +209,12 @@ struct PartitionState {
 
 impl PartitionState {
     /// Starts the group's position on first ownership.
-    fn start(&mut self, start: StartFrom, log_len: u64) {
+    fn start(&mut self, start: StartFrom, log: &[Record]) {
         if self.committed.is_none() {
             let at = match start {
                 StartFrom::Earliest => 0,
-                StartFrom::Latest => log_len,
+                StartFrom::Latest => log.len() as u64,
+                StartFrom::Timestamp(at) => log.partition_point(|r| r.stored_at < at) as u64,
             };
             self.committed = Some(at);
             self.indexed = at;
@@ -345,6 +348,7 @@ impl Broker {
                 .map(|(k, v)| (k, Bytes::from(v)))
                 .collect(),
             payload: event.payload().clone(),
+            stored_at: chrono::Utc::now(),
         });
         let receipt = Receipt {
             topic: topic_name.to_owned(),
@@ -392,7 +396,7 @@ impl Broker {
                 continue;
             };
             let log = &topic.partitions[p];
-            ps.start(member.start, log.len() as u64);
+            ps.start(member.start, log);
             ps.index(log);
             if let Some(at) = ps.release_due(now) {
                 earliest_retry = Some(earliest_retry.map_or(at, |e| e.min(at)));

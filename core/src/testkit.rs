@@ -526,7 +526,8 @@ pub async fn same_event_id_twice(t: &dyn Transport) {
 }
 
 /// A new group reads everything published before it existed (Earliest);
-/// a group starting at Latest sees only what follows its assignment.
+/// a group starting at Latest sees only what follows its assignment; one
+/// starting at a time sees only what was stored after it.
 pub async fn replay_from_start(t: &dyn Transport) {
     if !t.capabilities().replay_from_start {
         return every_event_delivered_and_acked(t).await;
@@ -553,6 +554,9 @@ pub async fn replay_from_start(t: &dyn Transport) {
     )
     .await;
     settled_assignment(t, &[&latest], partitions).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cut = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let new = workload("replay-new", 5, 2);
     let new_ids: HashSet<EventId> = new.iter().map(|e| e.id()).collect();
     publish_all(t, &topic, partitions, new).await;
@@ -568,6 +572,25 @@ pub async fn replay_from_start(t: &dyn Transport) {
         d.ack();
     }
     latest.leave().await.expect("graceful leave");
+
+    // From a point in time: exactly what was stored after it.
+    let mut from_time = subscribe(
+        t,
+        Subscription::new(&topic, unique_name("replay-t")).start_from(StartFrom::Timestamp(cut)),
+    )
+    .await;
+    let mut seen = HashSet::new();
+    while seen.len() < new_ids.len() {
+        let d = next(t, &mut from_time, "events after the start time").await;
+        assert!(
+            new_ids.contains(&d.envelope().id()),
+            "[{}] a group starting at a time got an event stored before it",
+            t.name()
+        );
+        seen.insert(d.envelope().id());
+        d.ack();
+    }
+    from_time.leave().await.expect("graceful leave");
 }
 
 /// Members of one group split the partitions and never receive an event

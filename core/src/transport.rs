@@ -68,6 +68,9 @@ pub enum StartFrom {
     Earliest,
     /// Only events published after the member got the partition.
     Latest,
+    /// The first event stored at or after this time (the end where there is
+    /// none): replay from a point in time, e.g. before an incident.
+    Timestamp(chrono::DateTime<chrono::Utc>),
 }
 
 /// What to consume, as which group.

@@ -162,6 +162,24 @@ impl KeelContext {
         let committed = consumer
             .committed_offsets(tpl.clone(), Duration::from_secs(10))
             .unwrap_or_else(|_| tpl.clone());
+        // For a time start: each partition's first offset at or after it.
+        let by_time = match self.start {
+            StartFrom::Timestamp(at) => {
+                let mut query = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let _ = query.add_partition_offset(
+                        e.topic(),
+                        e.partition(),
+                        Offset::Offset(at.timestamp_millis()),
+                    );
+                }
+                consumer
+                    .offsets_for_times(query, Duration::from_secs(10))
+                    .map_err(|e| tracing::warn!(error = %e, topic = %self.topic, "cannot look up offsets for the start time; starting from the earliest"))
+                    .ok()
+            }
+            _ => None,
+        };
         let mut out = TopicPartitionList::new();
         let mut starts = Vec::new();
         for e in committed.elements() {
@@ -173,6 +191,18 @@ impl KeelContext {
                         match consumer.fetch_watermarks(e.topic(), p, Duration::from_secs(10)) {
                             Ok((_, high)) => (Offset::Offset(high), Some(high)),
                             Err(_) => (Offset::End, None),
+                        }
+                    }
+                    StartFrom::Timestamp(_) => {
+                        match by_time
+                            .as_ref()
+                            .and_then(|t| t.find_partition(e.topic(), p))
+                            .map(|found| found.offset())
+                        {
+                            Some(Offset::Offset(o)) if o >= 0 => (Offset::Offset(o), Some(o)),
+                            // No event at or after the time: the end.
+                            Some(Offset::End) | Some(Offset::Offset(_)) => (Offset::End, None),
+                            _ => (Offset::Beginning, None),
                         }
                     }
                     _ => (Offset::Beginning, None),
