@@ -103,9 +103,10 @@ pub(crate) struct ResetArgs {
     /// To the first event at or after this time (RFC 3339).
     #[arg(long, value_name = "RFC3339")]
     to_datetime: Option<String>,
-    /// To this offset on every partition (clamped to what is stored).
-    #[arg(long)]
-    to_offset: Option<i64>,
+    /// To this offset on every partition, or per partition as
+    /// `PARTITION=OFFSET,…` (clamped to what is stored).
+    #[arg(long, value_name = "OFFSET|P=OFFSET,…")]
+    to_offset: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -239,8 +240,8 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
                 ResetTo::Earliest
             } else if args.to_latest {
                 ResetTo::Latest
-            } else if let Some(offset) = args.to_offset {
-                ResetTo::Offset(offset)
+            } else if let Some(text) = &args.to_offset {
+                offsets(text)?
             } else if let Some(text) = &args.to_datetime {
                 ResetTo::Timestamp(rfc3339("--to-datetime", text)?.timestamp_millis())
             } else {
@@ -342,6 +343,26 @@ pub(crate) async fn publish(
     Ok(())
 }
 
+/// `--to-offset`: one offset for all partitions, or `P=O,P=O`.
+fn offsets(text: &str) -> anyhow::Result<ResetTo> {
+    let bad = || {
+        format!(
+            "--to-offset `{text}`: give an offset (`100`) or partition=offset pairs (`0=100,3=250`)"
+        )
+    };
+    if let Ok(offset) = text.trim().parse::<i64>() {
+        return Ok(ResetTo::Offset(offset));
+    }
+    let mut pairs = Vec::new();
+    for pair in text.split(',') {
+        let (p, o) = pair.split_once('=').with_context(bad)?;
+        let p: i32 = p.trim().parse().with_context(bad)?;
+        let o: i64 = o.trim().parse().with_context(bad)?;
+        pairs.push((p, o));
+    }
+    Ok(ResetTo::Offsets(pairs))
+}
+
 fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
     Ok(DateTime::parse_from_rfc3339(text)
         .with_context(|| format!("{flag} `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"))?
@@ -437,4 +458,34 @@ pub(crate) async fn tail(
     }
     deliveries.leave().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_offset_takes_one_offset_or_partition_pairs() {
+        assert_eq!(offsets("100").ok(), Some(ResetTo::Offset(100)));
+        assert_eq!(
+            offsets("0=5, 3=250").ok(),
+            Some(ResetTo::Offsets(vec![(0, 5), (3, 250)]))
+        );
+        for bad in ["", "x", "0=", "=5", "0=5,1", "a=1"] {
+            let err = offsets(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("--to-offset"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_record_schema_names_its_event_type() {
+        let schema = r#"{"type":"record","name":"Greeting","namespace":"test","fields":[]}"#;
+        assert_eq!(full_name(schema).as_deref(), Some("test.Greeting"));
+        let dotted = r#"{"type":"record","name":"a.B","namespace":"ignored","fields":[]}"#;
+        assert_eq!(full_name(dotted).as_deref(), Some("a.B"));
+        assert_eq!(full_name("\"string\""), None);
+    }
 }

@@ -169,6 +169,22 @@ async fn topics_groups_lag_and_resets() {
     assert!(refused.contains("active member"), "{refused}");
     member.leave().await.unwrap();
 
+    // Per partition: only the partitions named move.
+    let positions = admin
+        .reset_group(&group, &topic, ResetTo::Offsets(vec![(1, 0)]))
+        .await
+        .unwrap();
+    assert_eq!(positions, vec![(1, 0)]);
+    let lag = admin.lag(&group, &topic).await.unwrap();
+    assert_eq!(lag[0].lag, 0, "{lag:?}");
+    assert_eq!(lag[1].lag, lag[1].end, "{lag:?}");
+    let missing = admin
+        .reset_group(&group, &topic, ResetTo::Offsets(vec![(9, 0)]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("partition 9 does not exist"), "{missing}");
+
     // Reset to the earliest: everything again.
     let positions = admin
         .reset_group(&group, &topic, ResetTo::Earliest)

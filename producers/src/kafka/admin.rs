@@ -105,7 +105,7 @@ pub struct PartitionLag {
 }
 
 /// Where [`KafkaAdmin::reset_group`] moves a group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResetTo {
     /// The oldest event still stored.
     Earliest,
@@ -116,6 +116,9 @@ pub enum ResetTo {
     Timestamp(i64),
     /// This offset on every partition (clamped to what is stored).
     Offset(i64),
+    /// These offsets for these partitions (clamped to what is stored);
+    /// partitions not named keep their position.
+    Offsets(Vec<(i32, i64)>),
 }
 
 impl std::fmt::Debug for KafkaAdmin {
@@ -303,7 +306,20 @@ impl KafkaAdmin {
                 ),
             ));
         }
-        let (consumer, partitions) = self.group_client(group, topic).await?;
+        let (consumer, mut partitions) = self.group_client(group, topic).await?;
+        if let ResetTo::Offsets(wanted) = &to {
+            if let Some((p, _)) = wanted.iter().find(|(p, _)| !partitions.contains(p)) {
+                return Err(group_error(
+                    group,
+                    topic,
+                    format!(
+                        "partition {p} does not exist (the topic has {})",
+                        partitions.len()
+                    ),
+                ));
+            }
+            partitions.retain(|p| wanted.iter().any(|(w, _)| w == p));
+        }
         let topic_name = topic.to_owned();
         let result = tokio::task::spawn_blocking(move || {
             let mut positions = Vec::new();
@@ -311,12 +327,17 @@ impl KafkaAdmin {
             for &p in &partitions {
                 let (earliest, latest) =
                     consumer.fetch_watermarks(&topic_name, p, ADMIN_TIMEOUT)?;
-                match to {
+                match &to {
                     ResetTo::Earliest => positions.push((p, earliest)),
                     ResetTo::Latest => positions.push((p, latest)),
-                    ResetTo::Offset(o) => positions.push((p, o.clamp(earliest, latest))),
+                    ResetTo::Offset(o) => positions.push((p, (*o).clamp(earliest, latest))),
+                    ResetTo::Offsets(wanted) => {
+                        for (_, o) in wanted.iter().filter(|(w, _)| *w == p) {
+                            positions.push((p, (*o).clamp(earliest, latest)));
+                        }
+                    }
                     ResetTo::Timestamp(ms) => {
-                        by_time.add_partition_offset(&topic_name, p, Offset::Offset(ms))?;
+                        by_time.add_partition_offset(&topic_name, p, Offset::Offset(*ms))?;
                         positions.push((p, latest));
                     }
                 }
