@@ -135,7 +135,8 @@ pub(crate) struct TailArgs {
     /// Topic to read.
     #[arg(long)]
     topic: String,
-    /// Consumer group (default: a new one, so nothing is shared or kept).
+    /// Consumer group (default: a new `keel-tail-<id>` group each run, so
+    /// no other reader's position moves).
     #[arg(long)]
     group: Option<String>,
     /// Where a group without committed positions starts.
@@ -364,9 +365,13 @@ fn offsets(text: &str) -> anyhow::Result<ResetTo> {
 }
 
 fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
-    Ok(DateTime::parse_from_rfc3339(text)
+    let at: DateTime<Utc> = DateTime::parse_from_rfc3339(text)
         .with_context(|| format!("{flag} `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"))?
-        .into())
+        .into();
+    if at.timestamp_millis() < 0 {
+        bail!("{flag} `{text}` is before 1970; Kafka timestamps start at the Unix epoch");
+    }
+    Ok(at)
 }
 
 /// `namespace.name` of a record schema's JSON text.
@@ -453,7 +458,11 @@ pub(crate) async fn tail(
             }
             Err(e) => return Err(e.into()),
         };
-        println!("{line}");
+        // A closed pipe (`keel tail | head`) ends the tail cleanly.
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
         printed += 1;
     }
     deliveries.leave().await?;

@@ -63,6 +63,19 @@ async fn read(deliveries: &mut Deliveries, n: usize) -> Vec<String> {
     out
 }
 
+/// Waits until the broker lists `group` without members (a leave takes a
+/// moment to show).
+async fn wait_until_empty(admin: &KafkaAdmin, group: &str) {
+    for _ in 0..100 {
+        let groups = admin.list_groups().await.unwrap();
+        if groups.iter().all(|g| g.name != group || g.members == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{group} still has members 10 s after they left");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_groups_lag_and_resets() {
     let client = KafkaClientConfig::new([kafka_bootstrap().await]);
@@ -116,6 +129,7 @@ async fn topics_groups_lag_and_resets() {
     let mut member = join(&client, &topic, &group).await;
     read(&mut member, 100).await;
     member.leave().await.unwrap();
+    wait_until_empty(&admin, &group).await;
     let lag: i64 = admin
         .lag(&group, &topic)
         .await
@@ -168,6 +182,7 @@ async fn topics_groups_lag_and_resets() {
         .to_string();
     assert!(refused.contains("active member"), "{refused}");
     member.leave().await.unwrap();
+    wait_until_empty(&admin, &group).await;
 
     // Per partition: only the partitions named move.
     let positions = admin

@@ -81,7 +81,13 @@ async fn acknowledged_events_survive_a_broker_restart() {
         })
     };
 
+    let deadline = Instant::now() + Duration::from_secs(60);
     while acked.load(Ordering::Relaxed) < BATCHES * BATCH / 4 {
+        assert!(
+            Instant::now() < deadline && !publishing.is_finished(),
+            "publishing stalled before the outage: {} acked",
+            acked.load(Ordering::Relaxed)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tansu.kill();

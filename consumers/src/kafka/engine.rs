@@ -249,16 +249,16 @@ impl Engine {
 
     /// Forgets `partitions` (the second half of a revocation): their
     /// outstanding deliveries become stale and their buffered records are
-    /// dropped; returns their final commit positions.
+    /// dropped; returns their final commit positions (all of them).
     pub(crate) fn remove(&self, partitions: &[i32]) -> Vec<(i32, i64)> {
         let mut state = self.lock();
         let mut positions = Vec::new();
         for p in partitions {
             if let Some(ps) = state.partitions.remove(p) {
                 state.in_flight = state.in_flight.saturating_sub(ps.in_flight);
-                if let Some(pos) = ps.position()
-                    && Some(pos) != ps.committed
-                {
+                // Committed again even when unchanged: an async commit of
+                // the same value may still fail.
+                if let Some(pos) = ps.position() {
                     positions.push((*p, pos));
                 }
             }
@@ -400,6 +400,18 @@ impl Engine {
                 out.push((p, pos));
             }
         }
+        out
+    }
+
+    /// Every owned partition's position (for the final commit).
+    pub(crate) fn all_positions(&self) -> Vec<(i32, i64)> {
+        let state = self.lock();
+        let mut out: Vec<(i32, i64)> = state
+            .partitions
+            .iter()
+            .filter_map(|(&p, ps)| ps.position().map(|pos| (p, pos)))
+            .collect();
+        out.sort_unstable();
         out
     }
 

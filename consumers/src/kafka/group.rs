@@ -159,9 +159,21 @@ impl KeelContext {
         consumer: &BaseConsumer<Self>,
         tpl: &TopicPartitionList,
     ) -> (TopicPartitionList, Vec<(i32, Option<i64>)>) {
-        let committed = consumer
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap_or_else(|_| tpl.clone());
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => committed,
+            Err(e) => {
+                // Not knowing the commit is not "nothing committed": let
+                // librdkafka resume from the stored offset itself.
+                tracing::warn!(error = %e, topic = %self.topic, "cannot read committed offsets; resuming from the group's stored positions");
+                let mut out = TopicPartitionList::new();
+                let mut starts = Vec::new();
+                for e in tpl.elements() {
+                    let _ = out.add_partition_offset(e.topic(), e.partition(), Offset::Stored);
+                    starts.push((e.partition(), None));
+                }
+                return (out, starts);
+            }
+        };
         // For a time start: each partition's first offset at or after it.
         let by_time = match self.start {
             StartFrom::Timestamp(at) => {
@@ -185,6 +197,7 @@ impl KeelContext {
         for e in committed.elements() {
             let p = e.partition();
             let (offset, start) = match e.offset() {
+                _ if e.error().is_err() => (Offset::Stored, None),
                 Offset::Offset(o) if o >= 0 => (Offset::Offset(o), Some(o)),
                 _ => match self.start {
                     StartFrom::Latest => {
@@ -225,6 +238,9 @@ impl KeelContext {
         tracing::debug!(topic = %self.topic, ?positions, ?mode, "commit");
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, topic = %self.topic, "commit failed; will retry with the next one");
+            for (p, pos) in positions {
+                self.engine.commit_failed(*p, *pos);
+            }
         }
     }
 
@@ -481,7 +497,9 @@ fn poll_loop(
         engine.start_revoking(&owned);
         engine.wait_drained(&owned, drain_timeout);
     }
-    context.commit(consumer, &engine.positions_to_commit(), CommitMode::Sync);
+    // The final positions, whether or not an earlier async commit of the
+    // same value landed.
+    context.commit(consumer, &engine.all_positions(), CommitMode::Sync);
 }
 
 fn is_fatal(code: rdkafka::error::RDKafkaErrorCode) -> bool {

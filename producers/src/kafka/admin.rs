@@ -306,6 +306,25 @@ impl KafkaAdmin {
                 ),
             ));
         }
+        if let ResetTo::Timestamp(ms) = to
+            && ms < 0
+        {
+            return Err(group_error(
+                group,
+                topic,
+                format!("{ms} ms is before 1970; give a time after the Unix epoch"),
+            ));
+        }
+        if let ResetTo::Offsets(wanted) = &to {
+            let mut named = std::collections::HashSet::new();
+            if let Some((p, _)) = wanted.iter().find(|(p, _)| !named.insert(*p)) {
+                return Err(group_error(
+                    group,
+                    topic,
+                    format!("partition {p} is named twice"),
+                ));
+            }
+        }
         let (consumer, mut partitions) = self.group_client(group, topic).await?;
         if let ResetTo::Offsets(wanted) = &to {
             if let Some((p, _)) = wanted.iter().find(|(p, _)| !partitions.contains(p)) {
@@ -330,10 +349,10 @@ impl KafkaAdmin {
                 match &to {
                     ResetTo::Earliest => positions.push((p, earliest)),
                     ResetTo::Latest => positions.push((p, latest)),
-                    ResetTo::Offset(o) => positions.push((p, (*o).clamp(earliest, latest))),
+                    ResetTo::Offset(o) => positions.push((p, (*o).max(earliest).min(latest))),
                     ResetTo::Offsets(wanted) => {
                         for (_, o) in wanted.iter().filter(|(w, _)| *w == p) {
-                            positions.push((p, (*o).clamp(earliest, latest)));
+                            positions.push((p, (*o).max(earliest).min(latest)));
                         }
                     }
                     ResetTo::Timestamp(ms) => {
@@ -344,6 +363,9 @@ impl KafkaAdmin {
             }
             if let ResetTo::Timestamp(_) = to {
                 let found = consumer.offsets_for_times(by_time, ADMIN_TIMEOUT)?;
+                for e in found.elements() {
+                    e.error()?;
+                }
                 for (p, position) in &mut positions {
                     // No event at or after the time: the end (kept).
                     if let Some(Offset::Offset(o)) =
