@@ -130,3 +130,75 @@ async fn a_slow_key_does_not_hold_up_other_keys_in_its_partition() {
     }
     deliveries.leave().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_partition_does_not_hold_up_the_members_other_partitions() {
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    let topic = unique_name("consumer");
+    KafkaAdmin::new(&client, 1)
+        .unwrap()
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        })
+        .await
+        .unwrap();
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: client.clone(),
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    // Keys by partition (murmur2 over 2 partitions).
+    let partition_of = |key: &str| keel_core::partition::partition_for_key(key.as_bytes(), 2);
+    let stuck = (0..)
+        .map(|i| format!("stuck-{i}"))
+        .find(|k| partition_of(k) == 0)
+        .unwrap();
+    let flowing: Vec<String> = (0..)
+        .map(|i| format!("flow-{i}"))
+        .filter(|k| partition_of(k) == 1)
+        .take(20)
+        .collect();
+    // Partition 0: 300 events of one key, its first one held unsettled, so
+    // with a window of 50 the partition fills up.
+    let stuck_events: Vec<Envelope> = (0..300)
+        .map(|i| Envelope::new("keel.test.Numbered", stuck.as_str(), format!("{stuck}:{i}")))
+        .collect();
+    publisher.publish_batch(&topic, stuck_events).await.unwrap();
+    let mut deliveries = member(&client, &topic, 50).await;
+    let held = next(&mut deliveries, "the stuck key's first event").await;
+    assert_eq!(held.info().coordinates.partition, 0);
+
+    // Partition 1: 2,000 events over 20 keys, all handled meanwhile.
+    let flowing_events: Vec<Envelope> = (0..2000)
+        .map(|i| {
+            let key = &flowing[i % flowing.len()];
+            Envelope::new("keel.test.Numbered", key.as_str(), format!("{key}:{i}"))
+        })
+        .collect();
+    publisher
+        .publish_batch(&topic, flowing_events)
+        .await
+        .unwrap();
+    let mut flowed = 0;
+    // Ten times what a member throttled to ten records a second could take.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while flowed < 2000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {flowed} of partition 1's 2,000 events while partition 0 is full"
+        );
+        let d = next(&mut deliveries, &format!("{flowed} of 2000 flowed")).await;
+        assert_eq!(
+            d.info().coordinates.partition,
+            1,
+            "the stuck key's next event came out while its first is unsettled"
+        );
+        flowed += 1;
+        d.ack();
+    }
+    held.ack();
+    // The stuck key's next events are out now and never taken: leave
+    // without waiting for them.
+    drop(deliveries);
+}

@@ -8,18 +8,16 @@
 //! A dedicated thread owns the librdkafka consumer: it polls records into
 //! the engine, commits positions periodically, and runs the rebalance
 //! callbacks. While a partition holds a full window of unacked records the
-//! thread waits for room, taking at most one record per 100 ms (polling also
-//! serves rebalances), so memory grows by at most ten records a second while
-//! a key is stuck. (Pausing the partition or
-//! seeking back stalled fetching for good against tansu; per-partition
-//! queues are the better fix.) On
-//! revocation it stops dispatching the revoked partitions, waits (up to the
+//! thread stops reading that partition's own fetch queue (each owned
+//! partition is split into one) until acks make room, while the member's
+//! other partitions keep flowing. On revocation it stops dispatching the revoked partitions, waits (up to the
 //! drain timeout) for their outstanding deliveries to settle, commits their
 //! final positions and only then gives them up — so nothing is committed for
 //! a partition this member no longer owns. On assignment it fixes each
 //! partition's start position (committed offset, else earliest or the
 //! current end for `Latest`) before listing it as owned.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread::JoinHandle;
@@ -33,7 +31,7 @@ use keel_core::{Error, Result};
 use keel_producers::kafka::KafkaClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -128,8 +126,10 @@ impl KafkaGroupConsumer {
     }
 }
 
-/// How often a congested member takes one more record (see `poll_loop`).
-const CONGESTED_POLL_EVERY: Duration = Duration::from_millis(100);
+/// How long an idle member waits on its consumer queue per loop turn: also
+/// the longest a record waits in its partition queue when nothing else is
+/// happening.
+const IDLE_POLL: Duration = Duration::from_millis(2);
 
 /// How the poll thread should stop.
 const RUNNING: u8 = 0;
@@ -284,8 +284,10 @@ impl ConsumerContext for KeelContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 self.engine.start_revoking(&revoked);
-                let abandon = self.control.stop.load(Ordering::Acquire) == ABANDON;
-                if !abandon && !self.engine.wait_drained(&revoked, self.drain_timeout) {
+                // Leaving: a graceful leave already waited for its
+                // deliveries (see `poll_loop`), an abandoning one does not.
+                let leaving = self.control.stop.load(Ordering::Acquire) != RUNNING;
+                if !leaving && !self.engine.wait_drained(&revoked, self.drain_timeout) {
                     tracing::warn!(topic = %self.topic, ?revoked, "revoked partitions did not drain in time; their unsettled events will be re-delivered");
                 }
                 let positions = self.engine.remove(&revoked);
@@ -375,8 +377,10 @@ impl Subscriber for KafkaGroupConsumer {
             retriable,
             source: None,
         };
-        let consumer: BaseConsumer<KeelContext> =
-            client.create_with_context(context).map_err(|e| {
+        let consumer: Arc<BaseConsumer<KeelContext>> = client
+            .create_with_context(context)
+            .map(Arc::new)
+            .map_err(|e| {
                 subscribe_error(
                     format!("librdkafka refused the consumer configuration: {e}"),
                     false,
@@ -420,8 +424,34 @@ impl Subscriber for KafkaGroupConsumer {
     }
 }
 
+/// Copies a fetched message out of librdkafka's buffer.
+fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Fetched {
+        offset: message.offset(),
+        key: message.key().map(Bytes::copy_from_slice),
+        headers,
+        payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+    }
+}
+
+/// Most records taken from one partition queue per loop turn.
+const PARTITION_BATCH: usize = 512;
+
 fn poll_loop(
-    consumer: &BaseConsumer<KeelContext>,
+    consumer: &Arc<BaseConsumer<KeelContext>>,
     engine: &Arc<Engine>,
     control: &Control,
     topic: &str,
@@ -432,37 +462,48 @@ fn poll_loop(
     let context = consumer.context();
     let mut last_commit = Instant::now();
     let mut last_report = Instant::now();
+    // Each owned partition is fetched into its own queue, read only while
+    // the partition has room in its window: a stuck key holds back its own
+    // partition, never the member's others. (Pausing the partition or
+    // seeking back stalled fetching for good against tansu.)
+    let mut queues: HashMap<i32, rdkafka::consumer::base_consumer::PartitionQueue<KeelContext>> =
+        HashMap::new();
     while control.stop.load(Ordering::Acquire) == RUNNING {
-        // A full window slows intake to a trickle instead of stopping it:
-        // polling also serves rebalances, and pausing or seeking partitions
-        // stalled fetching for good against tansu.
-        let wait = if engine.wait_for_room(CONGESTED_POLL_EVERY) {
-            Duration::from_millis(50)
-        } else {
-            Duration::ZERO
-        };
+        let owned = engine.assignment();
+        queues.retain(|p, _| owned.contains(&(*p as u32)));
+        for p in owned {
+            let p = p as i32;
+            if let std::collections::hash_map::Entry::Vacant(slot) = queues.entry(p)
+                && let Some(queue) = consumer.split_partition_queue(topic, p)
+            {
+                slot.insert(queue);
+            }
+        }
+        let mut took = 0;
+        for (&p, queue) in &queues {
+            let mut n = 0;
+            while n < PARTITION_BATCH && engine.has_room(p) {
+                match queue.poll(Duration::ZERO) {
+                    Some(Ok(message)) => {
+                        let out = engine.ingest(p, fetched(&message));
+                        engine.send(out);
+                        n += 1;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, %topic, partition = p, "kafka fetch error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            took += n;
+        }
+        // The consumer's own queue serves rebalances and errors, and holds
+        // records fetched before their partition's queue was split off.
+        let wait = if took > 0 { Duration::ZERO } else { IDLE_POLL };
         match consumer.poll(wait) {
             Some(Ok(message)) => {
-                let headers = message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let fetched = Fetched {
-                    offset: message.offset(),
-                    key: message.key().map(Bytes::copy_from_slice),
-                    headers,
-                    payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-                };
-                let out = engine.ingest(message.partition(), fetched);
+                let out = engine.ingest(message.partition(), fetched(&message));
                 engine.send(out);
             }
             Some(Err(e)) => {
@@ -491,6 +532,7 @@ fn poll_loop(
             last_commit = Instant::now();
         }
     }
+    drop(queues);
     // Leaving: a graceful leave lets outstanding deliveries finish first.
     if control.stop.load(Ordering::Acquire) == LEAVE_GRACEFULLY {
         let owned: Vec<i32> = engine.assignment().iter().map(|p| *p as i32).collect();
