@@ -182,6 +182,22 @@ async fn what_cannot_be_published_is_a_clear_error() {
     let forged = Envelope::new("t", "k", "").with_header("keel-event-id", "forged");
     let err = publisher.publish(&topic, forged).await.unwrap_err();
     assert!(err.to_string().contains("reserved"), "{err}");
+
+    // In a batch: the error says how much of it the broker already has.
+    let mut batch: Vec<Envelope> = (0..3)
+        .map(|i| Envelope::new("keel.test.Numbered", "k", format!("{i}")))
+        .collect();
+    batch.push(Envelope::new("t", "k", "").with_header("keel-event-id", "forged"));
+    batch.push(Envelope::new("keel.test.Numbered", "k", "never sent"));
+    let err = publisher
+        .publish_batch(&topic, batch)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("event 4 of 5") && err.contains("3 before it were acknowledged"),
+        "{err}"
+    );
 }
 
 #[test]

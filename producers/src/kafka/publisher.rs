@@ -194,8 +194,51 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let mut pending = Vec::with_capacity(events.len());
-        for event in &events {
-            pending.push(self.enqueue(topic, event).await?);
+        for (i, event) in events.iter().enumerate() {
+            match self.enqueue(topic, event).await {
+                Ok(future) => pending.push(future),
+                Err(e) => {
+                    // What was already sent is on its way: say how much of
+                    // the batch the broker has, so a retry can skip it.
+                    let acked = futures::future::join_all(
+                        events
+                            .iter()
+                            .zip(pending)
+                            .map(|(event, future)| Self::acknowledged(topic, event, future)),
+                    )
+                    .await
+                    .into_iter()
+                    .filter(Result::is_ok)
+                    .count();
+                    let progress = format!(
+                        "event {} of {} in the batch; {acked} before it were acknowledged, none after it was sent",
+                        i + 1,
+                        events.len()
+                    );
+                    return Err(match e {
+                        Error::Publish {
+                            topic,
+                            event_id,
+                            reason,
+                            retriable,
+                            source,
+                        } => Error::Publish {
+                            topic,
+                            event_id,
+                            reason: format!("{reason} ({progress})"),
+                            retriable,
+                            source,
+                        },
+                        other => Error::Publish {
+                            topic: topic.to_owned(),
+                            event_id: event.id().to_string(),
+                            reason: format!("{other} ({progress})"),
+                            retriable: other.is_retriable(),
+                            source: Some(Box::new(other)),
+                        },
+                    });
+                }
+            }
         }
         let acks = events
             .iter()
