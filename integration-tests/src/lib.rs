@@ -8,7 +8,7 @@
 //! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
 //! | [`unique_name`] | a topic/stream/group name no other test uses |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
-//! | [`TansuUnderTest`] | a private tansu broker process with durable `sqlite://` storage, to stop and restart |
+//! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -409,19 +409,31 @@ impl Drop for RegistryUnderTest {
 pub const TANSU_ENV: &str = "KEEL_TEST_TANSU";
 
 /// A tansu broker process of this test alone, on its own port, storing into
-/// `sqlite://` in a temporary directory — durable across a stop and restart.
+/// `sqlite://` in a temporary directory (durable across a stop and restart)
+/// or in memory.
 pub struct TansuUnderTest {
     /// `127.0.0.1:<port>`.
     pub bootstrap: String,
     port: u16,
     binary: std::path::PathBuf,
     dir: TempDir,
+    storage: &'static str,
     child: Option<std::process::Child>,
 }
 
 impl TansuUnderTest {
     /// Starts the broker and waits until it accepts connections.
     pub async fn start() -> TansuUnderTest {
+        Self::start_on("sqlite://tansu.db").await
+    }
+
+    /// Starts a broker with `memory://` storage: fast, gone when stopped —
+    /// for a heavy test that should not share (or grow) the suite's broker.
+    pub async fn start_in_memory() -> TansuUnderTest {
+        Self::start_on("memory://tansu/").await
+    }
+
+    async fn start_on(storage: &'static str) -> TansuUnderTest {
         let binary = tansu_binary();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -432,6 +444,7 @@ impl TansuUnderTest {
             port,
             binary,
             dir: TempDir::new(),
+            storage,
             child: None,
         };
         tansu.restart().await;
@@ -463,7 +476,7 @@ impl TansuUnderTest {
                 "--advertised-listener-url",
                 &format!("tcp://127.0.0.1:{}", self.port),
                 "--storage-engine",
-                "sqlite://tansu.db",
+                self.storage,
             ])
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
             .stderr(log)

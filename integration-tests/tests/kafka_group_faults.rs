@@ -14,7 +14,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher, TopicAdmin, TopicSpec};
-use keel_integration_tests::{TempDir, kafka_bootstrap, unique_name};
+use keel_integration_tests::{TansuUnderTest, TempDir, unique_name};
 use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
 
 const EVENTS: usize = 100_000;
@@ -220,7 +220,10 @@ async fn wait_until(dir: &Path, what: &str, pred: impl Fn(usize) -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
-    let bootstrap = kafka_bootstrap().await;
+    // A broker of its own: 100k events should neither slow nor be slowed
+    // by what the rest of the suite stored in the shared one.
+    let tansu = TansuUnderTest::start_in_memory().await;
+    let bootstrap = tansu.bootstrap.clone();
     let client = KafkaClientConfig::new([bootstrap.clone()]);
     let topic = unique_name("faults");
     let group = unique_name("faults-g");
