@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
-use keel_core::{Envelope, Publisher, Subscriber, Subscription, TopicAdmin, TopicSpec};
-use keel_integration_tests::{kafka_bootstrap, unique_name};
-use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_core::{Envelope, Publisher, Subscriber, Subscription};
+use keel_integration_tests::{kafka_bootstrap, kafka_publisher, kafka_topic, unique_name};
+use keel_producers::kafka::{KafkaClientConfig, KafkaPublisher};
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Headers;
@@ -39,18 +39,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(events: usize) -> anyhow::Result<()> {
     let client = KafkaClientConfig::new([kafka_bootstrap().await]);
-    let admin = KafkaAdmin::new(&client, 1)?;
-    let topic = unique_name("bench-consume");
-    admin
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: PARTITIONS,
-        })
-        .await?;
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client: client.clone(),
-        ..KafkaPublisherConfig::default()
-    })?;
+    let topic = kafka_topic(&client, "bench-consume", PARTITIONS).await;
+    let publisher = kafka_publisher(&client);
     // A typical Avro event's size, with Keel's headers.
     let payload = vec![7u8; 120];
     for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
@@ -170,13 +160,7 @@ async fn latency(
         .librdkafka
         .insert("fetch.wait.max.ms".into(), "10".into());
     let client = &client;
-    let topic = unique_name("bench-latency");
-    KafkaAdmin::new(client, 1)?
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: PARTITIONS,
-        })
-        .await?;
+    let topic = kafka_topic(client, "bench-latency", PARTITIONS).await;
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let reader = {
         let (client, topic) = (client.clone(), topic.clone());

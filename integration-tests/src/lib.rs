@@ -7,6 +7,7 @@
 //! | [`postgres_url`] | PostgreSQL: `KEEL_TEST_DATABASE_URL`, else a `postgres` container |
 //! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
 //! | [`unique_name`] | a topic/stream/group name no other test uses |
+//! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
 //!
@@ -111,6 +112,37 @@ pub async fn kafka_bootstrap() -> String {
         })
         .await;
     addr.clone()
+}
+
+/// A new topic `<prefix>-<random hex>` with `partitions`, on the broker
+/// `client` names.
+pub async fn kafka_topic(
+    client: &keel_producers::kafka::KafkaClientConfig,
+    prefix: &str,
+    partitions: u32,
+) -> String {
+    use keel_core::TopicAdmin;
+    let name = unique_name(prefix);
+    keel_producers::kafka::KafkaAdmin::new(client, 1)
+        .unwrap_or_else(|e| panic!("Kafka admin client: {e}"))
+        .ensure_topic(&keel_core::TopicSpec {
+            name: name.clone(),
+            partitions,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create topic {name}: {e}"));
+    name
+}
+
+/// A `KafkaPublisher` with default settings on `client`.
+pub fn kafka_publisher(
+    client: &keel_producers::kafka::KafkaClientConfig,
+) -> keel_producers::kafka::KafkaPublisher {
+    keel_producers::kafka::KafkaPublisher::new(keel_producers::kafka::KafkaPublisherConfig {
+        client: client.clone(),
+        ..keel_producers::kafka::KafkaPublisherConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("Kafka publisher: {e}"))
 }
 
 /// The NATS (JetStream) server URL for this test process.

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
-use keel_core::{Envelope, EventId, Publisher, Subscriber, Subscription, TopicAdmin, TopicSpec};
-use keel_integration_tests::{TansuUnderTest, unique_name};
-use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_core::{Envelope, EventId, Publisher, Subscriber, Subscription};
+use keel_integration_tests::{TansuUnderTest, kafka_publisher, kafka_topic, unique_name};
+use keel_producers::kafka::KafkaClientConfig;
 
 const BATCHES: usize = 120;
 const BATCH: usize = 50;
@@ -30,22 +30,8 @@ struct Outcome {
 async fn acknowledged_events_survive_a_broker_restart() {
     let mut tansu = TansuUnderTest::start().await;
     let client = KafkaClientConfig::new([tansu.bootstrap.clone()]);
-    let topic = unique_name("restart");
-    KafkaAdmin::new(&client, 1)
-        .unwrap()
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 3,
-        })
-        .await
-        .unwrap();
-    let publisher = Arc::new(
-        KafkaPublisher::new(KafkaPublisherConfig {
-            client: client.clone(),
-            ..KafkaPublisherConfig::default()
-        })
-        .unwrap(),
-    );
+    let topic = kafka_topic(&client, "restart", 3).await;
+    let publisher = Arc::new(kafka_publisher(&client));
 
     // Publish batch after batch, through the outage.
     let acked = Arc::new(AtomicUsize::new(0));

@@ -7,33 +7,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
-use keel_core::{
-    Deliveries, Delivery, Envelope, Publisher, Subscriber, Subscription, TopicAdmin, TopicSpec,
-};
-use keel_integration_tests::{kafka_bootstrap, unique_name};
-use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_core::{Deliveries, Delivery, Envelope, Publisher, Subscriber, Subscription};
+use keel_integration_tests::{kafka_bootstrap, kafka_publisher, kafka_topic, unique_name};
+use keel_producers::kafka::KafkaClientConfig;
 
 /// A one-partition topic holding `events` (key, payload) in order.
 async fn topic_with(client: &KafkaClientConfig, events: &[(String, String)]) -> String {
-    let topic = unique_name("consumer");
-    KafkaAdmin::new(client, 1)
-        .unwrap()
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        })
-        .await
-        .unwrap();
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client: client.clone(),
-        ..KafkaPublisherConfig::default()
-    })
-    .unwrap();
+    let topic = kafka_topic(client, "consumer", 1).await;
     let batch = events
         .iter()
         .map(|(key, payload)| Envelope::new("keel.test.Numbered", key.as_str(), payload.clone()))
         .collect();
-    publisher.publish_batch(&topic, batch).await.unwrap();
+    kafka_publisher(client)
+        .publish_batch(&topic, batch)
+        .await
+        .unwrap();
     topic
 }
 
@@ -134,20 +122,8 @@ async fn a_slow_key_does_not_hold_up_other_keys_in_its_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_partition_does_not_hold_up_the_members_other_partitions() {
     let client = KafkaClientConfig::new([kafka_bootstrap().await]);
-    let topic = unique_name("consumer");
-    KafkaAdmin::new(&client, 1)
-        .unwrap()
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        })
-        .await
-        .unwrap();
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client: client.clone(),
-        ..KafkaPublisherConfig::default()
-    })
-    .unwrap();
+    let topic = kafka_topic(&client, "consumer", 2).await;
+    let publisher = kafka_publisher(&client);
     // Keys by partition (murmur2 over 2 partitions).
     let partition_of = |key: &str| keel_core::partition::partition_for_key(key.as_bytes(), 2);
     let stuck = (0..)

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keel_core::{Envelope, Publisher, TopicAdmin, TopicSpec};
-use keel_integration_tests::{TansuUnderTest, TempDir, unique_name};
-use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_core::{Envelope, Publisher};
+use keel_integration_tests::{TansuUnderTest, TempDir, kafka_publisher, kafka_topic, unique_name};
+use keel_producers::kafka::KafkaClientConfig;
 
 const EVENTS: usize = 100_000;
 const KEYS: usize = 1_000;
@@ -54,6 +54,7 @@ struct Handled {
     key: String,
     seq: u32,
     partition: u32,
+    offset: u64,
 }
 
 /// Every handled event so far, in the order handled.
@@ -67,15 +68,19 @@ fn handled(dir: &Path) -> Vec<Handled> {
             if parts.len() != 6 {
                 continue;
             }
-            if let (Ok(nanos), Ok(seq), Ok(partition)) =
-                (parts[0].parse(), parts[3].parse(), parts[4].parse())
-            {
+            if let (Ok(nanos), Ok(seq), Ok(partition), Ok(offset)) = (
+                parts[0].parse(),
+                parts[3].parse(),
+                parts[4].parse(),
+                parts[5].parse(),
+            ) {
                 out.push(Handled {
                     nanos,
                     worker: parts[1].to_owned(),
                     key: parts[2].to_owned(),
                     seq,
                     partition,
+                    offset,
                 });
             }
         }
@@ -174,19 +179,10 @@ fn first_double_assignment(
 }
 
 /// Per partition: distinct offsets handled, the highest, and the gaps.
-fn coverage(dir: &Path) -> String {
+fn coverage(records: &[Handled]) -> String {
     let mut offsets: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
-    for path in files(dir, ".log") {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        for line in text.lines() {
-            let parts: Vec<&str> = line.split(' ').collect();
-            if parts.len() != 6 {
-                continue;
-            }
-            if let (Ok(p), Ok(o)) = (parts[4].parse(), parts[5].parse()) {
-                offsets.entry(p).or_default().insert(o);
-            }
-        }
+    for h in records {
+        offsets.entry(h.partition).or_default().insert(h.offset);
     }
     let mut out = String::new();
     for (p, set) in offsets {
@@ -205,14 +201,15 @@ fn coverage(dir: &Path) -> String {
 async fn wait_until(dir: &Path, what: &str, pred: impl Fn(usize) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let n = distinct(&handled(dir));
+        let records = handled(dir);
+        let n = distinct(&records);
         if pred(n) {
             return;
         }
         assert!(
             Instant::now() < deadline,
             "{what}: only {n} distinct events handled after 300 s\n{}",
-            coverage(dir)
+            coverage(&records)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -225,16 +222,8 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     let tansu = TansuUnderTest::start_in_memory().await;
     let bootstrap = tansu.bootstrap.clone();
     let client = KafkaClientConfig::new([bootstrap.clone()]);
-    let topic = unique_name("faults");
+    let topic = kafka_topic(&client, "faults", PARTITIONS).await;
     let group = unique_name("faults-g");
-    KafkaAdmin::new(&client, 1)
-        .unwrap()
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: PARTITIONS,
-        })
-        .await
-        .unwrap();
     // One record per producer batch: tansu's `memory://` storage answers a
     // fetch from inside a batch with the *next* batch, so a member resuming
     // at a committed offset mid-batch would never see the batch's rest
@@ -245,11 +234,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     client
         .librdkafka
         .insert("batch.num.messages".to_owned(), "1".to_owned());
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client,
-        ..KafkaPublisherConfig::default()
-    })
-    .unwrap();
+    let publisher = kafka_publisher(&client);
     let dir = TempDir::new();
 
     let mut workers = vec![
@@ -293,6 +278,9 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     let mut ended = HashMap::new();
     ended.insert(victim.name.clone(), killed_nanos);
     let owners = ownership(dir.path(), &ended);
+    let double_assigned_since: HashMap<u32, Option<u128>> = (0..PARTITIONS)
+        .map(|p| (p, first_double_assignment(&owners, p)))
+        .collect();
     let records = handled(dir.path());
     assert_eq!(distinct(&records), EVENTS, "every event handled");
 
@@ -324,7 +312,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
             // coordinator answers each JoinGroup at once, with the other
             // members' last-known owned partitions, and does not fence
             // commits by generation). Anything else is a commit Keel lost.
-            let since = first_double_assignment(&owners, h.partition);
+            let since = double_assigned_since[&h.partition];
             assert!(
                 since.is_some_and(|t| t <= h.nanos),
                 "{} re-handled {}:{} (partition {}) first handled by live member {original}, \

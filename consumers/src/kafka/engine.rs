@@ -361,16 +361,16 @@ impl Engine {
         self.dispatch(&mut state)
     }
 
-    /// Whether `partition` may take more records: it holds fewer unacked
-    /// ones than its window (the poll thread stops reading its queue
-    /// otherwise).
-    pub(crate) fn has_room(&self, partition: i32) -> bool {
+    /// How many more records `partition` may take before it holds a full
+    /// window of unacked ones (the poll thread stops reading its queue
+    /// then); 0 for a partition not owned.
+    pub(crate) fn room(&self, partition: i32) -> usize {
         let state = self.lock();
         let window = state.limits.partition_window.max(1) as usize;
         state
             .partitions
             .get(&partition)
-            .is_some_and(|ps| ps.records.len() < window)
+            .map_or(0, |ps| window.saturating_sub(ps.records.len()))
     }
 
     /// Commit positions that moved since the last commit; marks them
@@ -724,7 +724,7 @@ mod tests {
         let first = rx.next().await.unwrap().unwrap();
         let second = rx.next().await.unwrap().unwrap();
         assert_eq!(e.in_flight(), 2, "offsets 2.. wait for the window");
-        assert!(!e.has_room(0), "a full window stops intake");
+        assert_eq!(e.room(0), 0, "a full window stops intake");
         first.ack();
         assert_eq!(
             rx.next()

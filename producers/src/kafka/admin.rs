@@ -220,11 +220,19 @@ impl KafkaAdmin {
 
     /// The consumer groups the broker knows, sorted by name.
     pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
+        let mut groups = self.groups(None).await?;
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(groups)
+    }
+
+    /// The broker's groups, or only `name` (described alone).
+    async fn groups(&self, name: Option<&str>) -> Result<Vec<GroupSummary>> {
         let admin = self.admin.clone();
-        let mut groups = tokio::task::spawn_blocking(move || {
+        let name = name.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
             admin
                 .inner()
-                .fetch_group_list(None, ADMIN_TIMEOUT)
+                .fetch_group_list(name.as_deref(), ADMIN_TIMEOUT)
                 .map(|list| {
                     list.groups()
                         .iter()
@@ -238,9 +246,7 @@ impl KafkaAdmin {
         })
         .await
         .map_err(|e| Error::closed(format!("kafka group list task: {e}")))?
-        .map_err(|e| broker_error(format!("cannot list consumer groups: {e}")))?;
-        groups.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(groups)
+        .map_err(|e| broker_error(format!("cannot list consumer groups: {e}")))
     }
 
     /// Per partition of `topic`: `group`'s committed offset, the high
@@ -291,7 +297,7 @@ impl KafkaAdmin {
         to: ResetTo,
     ) -> Result<Vec<(i32, i64)>> {
         if let Some(g) = self
-            .list_groups()
+            .groups(Some(group))
             .await?
             .into_iter()
             .find(|g| g.name == group)
