@@ -3,18 +3,21 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`kafka`] | [`KafkaGroupConsumer`](kafka::KafkaGroupConsumer): per-key-parallel Kafka consumer groups |
+//! | [`nats`] | [`JetStreamGroupConsumer`](nats::JetStreamGroupConsumer): per-key-ordered consumer groups on JetStream, coordinated through a KV bucket |
+//! | `engine` | the per-key-parallel dispatch engine both group consumers share |
 //! | [`serve`] | [`serve()`]: drive a group member's deliveries through a [`Handler`](keel_core::Handler) with bounded concurrency, ack on success, nack with backoff on failure, graceful drain on shutdown |
 //!
 //! Delivery guarantee: at-least-once. An event is acked only after its
 //! handler returned `Ok`; a failed, panicked or abandoned handler leads to
-//! re-delivery (per-key order is kept by the transport). The Kafka and
-//! JetStream group consumers, the handler router with its middleware (retry
+//! re-delivery (per-key order is kept by the transport). The handler router with its middleware (retry
 //! budgets, dead letters, inbox, tracing) and replay land here with their
 //! capabilities.
 
 #![forbid(unsafe_code)]
 
+mod engine;
 pub mod kafka;
+pub mod nats;
 pub mod serve;
 
 pub use serve::{ServeOptions, ServeReport, serve};

@@ -9,6 +9,7 @@
 //! | `keel-correlation-id` | optional |
 //! | `keel-causation-id` | optional |
 //! | `traceparent`, `tracestate` | W3C trace context, verbatim (optional) |
+//! | `keel-key` / `keel-key-b64` | NATS only (no record key there): the key as text, or base64 when it is not printable text |
 //!
 //! Any other header is an application header and round-trips untouched;
 //! `Nats-*` headers belong to the transport and are not part of the event.
@@ -41,6 +42,11 @@ pub const CAUSATION_ID: &str = "keel-causation-id";
 pub const TRACEPARENT: &str = "traceparent";
 /// W3C `tracestate`.
 pub const TRACESTATE: &str = "tracestate";
+
+/// On NATS, which has no record key: the event key as text.
+pub const KEY: &str = "keel-key";
+/// On NATS: the event key in base64, when it is not printable text.
+pub const KEY_BASE64: &str = "keel-key-b64";
 
 const TRANSPORT_PREFIX: &str = "Nats-";
 
@@ -206,6 +212,8 @@ pub fn decode<'a>(
             CAUSATION_ID => &mut causation_id,
             TRACEPARENT => &mut trace.traceparent,
             TRACESTATE => &mut trace.tracestate,
+            // Carried outside the envelope; see `key_from_headers`.
+            KEY | KEY_BASE64 => continue,
             // Other names (including `keel-` names a newer Keel may add)
             // are application headers; they must survive re-publishing, so
             // only what every broker can carry is accepted.
@@ -235,6 +243,47 @@ pub fn decode<'a>(
     }))
 }
 
+/// The header that carries `key` on a broker without record keys (NATS):
+/// `keel-key` when the key is printable text, else `keel-key-b64`.
+pub fn key_header(key: &[u8]) -> (&'static str, String) {
+    match std::str::from_utf8(key) {
+        Ok(text) if !text.is_empty() && text.chars().all(|c| !c.is_control()) => {
+            (KEY, text.to_owned())
+        }
+        _ => {
+            use base64::Engine as _;
+            (
+                KEY_BASE64,
+                base64::engine::general_purpose::STANDARD.encode(key),
+            )
+        }
+    }
+}
+
+/// The key a NATS message carries in its headers ([`key_header`]), if any.
+/// Fails naming the header when it is given twice or is not valid base64.
+pub fn key_from_headers<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<Option<Bytes>> {
+    let mut key = None;
+    for (name, value) in headers {
+        let decoded = if name.eq_ignore_ascii_case(KEY) {
+            Bytes::copy_from_slice(value)
+        } else if name.eq_ignore_ascii_case(KEY_BASE64) {
+            use base64::Engine as _;
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(value)
+                    .map_err(|e| Error::malformed(format!("header `{name}` is not base64: {e}")))?,
+            )
+        } else {
+            continue;
+        };
+        set_once(&mut key, name, decoded)?;
+    }
+    Ok(key)
+}
+
 fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<()> {
     if slot.is_some() {
         return Err(Error::malformed(format!(
@@ -246,7 +295,9 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<()> {
 }
 
 /// Keel's own header names, which application headers may not use.
-const RESERVED: [&str; 8] = [
+const RESERVED: [&str; 10] = [
+    KEY,
+    KEY_BASE64,
     EVENT_ID,
     EVENT_TYPE,
     OCCURRED_AT,
@@ -402,6 +453,20 @@ mod tests {
         assert_eq!(event.headers()["keel-future-field"], "kept");
         // What decoding accepts, encoding can write back.
         assert!(encode_headers(&event).is_ok());
+    }
+
+    #[test]
+    fn keys_travel_in_headers_as_text_or_base64() {
+        for key in [&b"order-42"[..], &b"\x00\xffbinary"[..], "Zoë".as_bytes()] {
+            let (name, value) = key_header(key);
+            let back = key_from_headers([(name, value.as_bytes()), ("other", &b"x"[..])]).unwrap();
+            assert_eq!(back.as_deref(), Some(key));
+        }
+        assert_eq!(key_header(b"a b").0, KEY);
+        assert_eq!(key_header(b"a\nb").0, KEY_BASE64);
+        assert!(key_from_headers([(KEY, &b"a"[..]), (KEY, &b"b"[..])]).is_err());
+        assert!(key_from_headers([(KEY_BASE64, &b"!!"[..])]).is_err());
+        assert_eq!(key_from_headers([("x", &b"y"[..])]).unwrap(), None);
     }
 
     #[test]

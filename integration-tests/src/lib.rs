@@ -573,6 +573,34 @@ fn with_database(server_url: &str, name: &str) -> String {
     }
 }
 
+/// A NATS transport for tests: fast heartbeats so rebalances and crash
+/// take-overs settle within seconds.
+pub async fn nats_transport() -> keel_consumers::nats::NatsTransport {
+    use keel_consumers::nats::NatsTransport;
+    use keel_producers::nats::{JetStreamPublisherConfig, NatsClientConfig, StreamSettings};
+    let client = NatsClientConfig::new(nats_url().await);
+    NatsTransport::connect(
+        JetStreamPublisherConfig::new(client.clone()),
+        nats_consumer_config(client),
+        StreamSettings::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot build the NATS transport: {e}"))
+}
+
+/// Consumer settings for tests: a 4 s session, 500 ms heartbeats.
+pub fn nats_consumer_config(
+    client: keel_producers::nats::NatsClientConfig,
+) -> keel_consumers::nats::JetStreamConsumerConfig {
+    keel_consumers::nats::JetStreamConsumerConfig {
+        client,
+        session_timeout: Duration::from_secs(4),
+        heartbeat: Duration::from_millis(500),
+        drain_timeout: Duration::from_secs(5),
+        ..keel_consumers::nats::JetStreamConsumerConfig::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::first_host;

@@ -3,10 +3,11 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`kafka`] | [`KafkaPublisher`](kafka::KafkaPublisher) and [`KafkaAdmin`](kafka::KafkaAdmin) |
+//! | [`nats`] | [`JetStreamPublisher`](nats::JetStreamPublisher) and [`JetStreamAdmin`](nats::JetStreamAdmin) |
 //!
-//! The JetStream publisher and the transactional outbox with its relay land
-//! here with their capabilities.
+//! The transactional outbox with its relay lands here with its capability.
 
 #![forbid(unsafe_code)]
 
 pub mod kafka;
+pub mod nats;

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::engine::{Engine, Fetched, Limits};
+use crate::engine::{Engine, Fetched, Limits};
 
 /// Consumer settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +441,7 @@ fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
         .unwrap_or_default();
     Fetched {
         offset: message.offset(),
+        position: u64::try_from(message.offset()).unwrap_or_default(),
         key: message.key().map(Bytes::copy_from_slice),
         headers,
         payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),

@@ -1,6 +1,7 @@
-//! The per-key-parallel dispatch engine of one Kafka group member.
+//! The per-key-parallel dispatch engine of one group member, shared by the
+//! Kafka and JetStream consumers.
 //!
-//! Records fetched from Kafka are buffered per partition and queued per key.
+//! Records fetched from the broker are buffered per partition and queued per key.
 //! Only a key's oldest unacked record can be out at a time, so different
 //! keys — also inside one partition — are handled in parallel while each
 //! key keeps its order. A partition's commit position is its lowest unacked
@@ -26,7 +27,12 @@ const MAX_NACK_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A record as fetched.
 pub(crate) struct Fetched {
+    /// The engine's contiguous position of the record in its partition
+    /// (the Kafka offset; on JetStream an ordinal per assignment).
     pub(crate) offset: i64,
+    /// Where the broker stored it, as users see it (Kafka offset or
+    /// JetStream stream sequence).
+    pub(crate) position: u64,
     pub(crate) key: Option<Bytes>,
     pub(crate) headers: Vec<(String, Bytes)>,
     pub(crate) payload: Bytes,
@@ -34,6 +40,7 @@ pub(crate) struct Fetched {
 
 struct Buffered {
     key: Bytes,
+    position: u64,
     record: RawRecord,
 }
 
@@ -148,6 +155,9 @@ pub(crate) struct State {
     /// Rotates which partition dispatch starts from.
     next_first: usize,
     tx: mpsc::UnboundedSender<Result<Delivery>>,
+    /// Told `(partition, offset)` of every ack (JetStream acks each message
+    /// on the server).
+    on_ack: Option<mpsc::UnboundedSender<(i32, i64)>>,
 }
 
 /// A delivery decided under the lock and sent after it is released.
@@ -181,9 +191,15 @@ impl Engine {
                 next_generation: 0,
                 next_first: 0,
                 tx,
+                on_ack: None,
             }),
             settled: Condvar::new(),
         })
+    }
+
+    /// Reports every ack to `hook` as `(partition, offset)`.
+    pub(crate) fn on_ack(&self, hook: mpsc::UnboundedSender<(i32, i64)>) {
+        self.lock().on_ack = Some(hook);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -333,6 +349,7 @@ impl Engine {
             record.offset,
             Buffered {
                 key,
+                position: record.position,
                 record: RawRecord {
                     key: record.key,
                     headers: record.headers,
@@ -511,7 +528,7 @@ impl Engine {
                     coordinates: Coordinates {
                         topic: topic.clone(),
                         partition: p as u32,
-                        position: offset as u64,
+                        position: buffered.position,
                     },
                     group: group.clone(),
                     attempt: *attempt,
@@ -555,6 +572,7 @@ impl Settle for Engine {
             let Some(t) = state.tokens.remove(&token) else {
                 return;
             };
+            let hook = state.on_ack.clone();
             let Some(ps) = state.partitions.get_mut(&t.partition) else {
                 return;
             };
@@ -563,7 +581,12 @@ impl Settle for Engine {
             }
             ps.in_flight = ps.in_flight.saturating_sub(1);
             match outcome {
-                Outcome::Ack => ps.acked(t.offset),
+                Outcome::Ack => {
+                    ps.acked(t.offset);
+                    if let Some(hook) = hook {
+                        let _ = hook.send((t.partition, t.offset));
+                    }
+                }
                 Outcome::Nack { delay } if delay.is_zero() => {
                     ps.ready.insert(t.offset);
                 }
@@ -605,6 +628,7 @@ mod tests {
             .collect();
         Fetched {
             offset,
+            position: offset as u64,
             key: Some(Bytes::copy_from_slice(key.as_bytes())),
             headers,
             payload: event.payload().clone(),
@@ -764,6 +788,7 @@ mod tests {
             0,
             Fetched {
                 offset: 0,
+                position: 0,
                 key: None,
                 headers: vec![],
                 payload: Bytes::from_static(b"junk"),

@@ -1,0 +1,1073 @@
+//! `JetStreamGroupConsumer`: Kafka-style consumer groups with per-key order
+//! on NATS JetStream, coordinated through JetStream alone.
+//!
+//! Delivery guarantee: at-least-once. Each owned partition is read through
+//! the group's durable pull consumer `<group>_p<partition>` with explicit
+//! acks; a message is acked only after its handler succeeded, so the
+//! consumer's ack floor is the group's committed position. A crash
+//! re-delivers at most each partition's window (its `max_ack_pending`).
+//!
+//! Membership and ownership live in the KV bucket
+//! [`KEEL_GROUPS`](keel_producers::nats::groups::BUCKET):
+//! - every member re-puts its heartbeat key each `heartbeat`; a member
+//!   unseen for `session_timeout` is dead;
+//! - the live members, sorted, split the partitions round-robin;
+//! - a partition is owned through its lease key, taken only by
+//!   compare-and-set on the revision the taker last saw: from nobody, from
+//!   a member that released it, or from a dead member after its lease went
+//!   unrenewed for `session_timeout`;
+//! - the owner renews every lease each heartbeat by compare-and-set; a
+//!   renewal that finds another revision means the lease was taken and the
+//!   partition is dropped at once, and a member that could not renew for
+//!   60 % of `session_timeout` stops the partition itself — before anyone
+//!   else may take it, so two live members never process a partition at
+//!   once (the fault test checks this from handler timings);
+//! - a member handing a partition over stops dispatching it, waits (up to
+//!   `drain_timeout`) for its outstanding deliveries, flushes their acks and
+//!   only then releases the lease.
+//!
+//! Taking a partition re-creates its durable consumer one past the old ack
+//! floor, so the new owner reads every unhandled event in stream order
+//! before any newer one: per-key order survives crashes. The floor is also
+//! written into the lease, which survives a crash between deleting and
+//! re-creating the consumer.
+//!
+//! Inside a member the shared engine dispatches one delivery per key at a
+//! time and different keys in parallel, as on Kafka. A nack is retried by
+//! the engine (later events of the key wait); the server keeps the message
+//! pending meanwhile and `ack_wait` must outlast the longest retry delay —
+//! a redelivery the server makes anyway is recognised and ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use keel_core::delivery::{Deliveries, Membership};
+use keel_core::transport::{StartFrom, Subscriber, Subscription};
+use keel_core::{Error, Result, wire};
+use keel_producers::nats::admin::JetStreamAdmin;
+use keel_producers::nats::config::{NatsClientConfig, validate_name};
+use keel_producers::nats::groups::{self, GroupKey, LeaseRecord, MemberRecord};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::engine::{Engine, Fetched, Limits};
+
+/// Consumer settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JetStreamConsumerConfig {
+    /// Connection.
+    pub client: NatsClientConfig,
+    /// Most unacked events per partition (the durable consumer's
+    /// `max_ack_pending`); bounds re-delivery after a crash and memory.
+    /// Default 1000.
+    pub partition_window: u32,
+    /// A member unseen this long is dead and its partitions are taken over.
+    /// Default 10 s.
+    pub session_timeout: Duration,
+    /// How often a member heartbeats and renews its leases. Default 1 s.
+    pub heartbeat: Duration,
+    /// How long a hand-over or a graceful leave waits for outstanding
+    /// deliveries before abandoning them unacked. Default 10 s.
+    pub drain_timeout: Duration,
+    /// The server re-sends an unacked message after this long (Keel ignores
+    /// such re-sends of a message it still holds). Default 5 min.
+    pub ack_wait: Duration,
+    /// A fixed member id (static membership): a restarted member with the
+    /// same id takes its partitions back without waiting for its old
+    /// session to expire. Default: a fresh id per subscription.
+    pub member_id: Option<String>,
+}
+
+impl Default for JetStreamConsumerConfig {
+    fn default() -> Self {
+        JetStreamConsumerConfig {
+            client: NatsClientConfig::default(),
+            partition_window: 1000,
+            session_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            ack_wait: Duration::from_secs(300),
+            member_id: None,
+        }
+    }
+}
+
+impl JetStreamConsumerConfig {
+    /// Refuses invalid settings, naming them.
+    pub fn validate(&self) -> Result<()> {
+        self.client.validate()?;
+        if self.partition_window == 0 {
+            return Err(Error::config("nats.partition_window", "must be at least 1"));
+        }
+        if self.heartbeat.is_zero() || self.heartbeat * 4 > self.session_timeout {
+            return Err(Error::config(
+                "nats.heartbeat",
+                format!(
+                    "must be positive and at most a quarter of session_timeout ({:?})",
+                    self.session_timeout
+                ),
+            ));
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err(Error::config("nats.ack_wait", "must be at least 1 s"));
+        }
+        if let Some(id) = &self.member_id {
+            validate_name("nats.member_id", id)?;
+        }
+        Ok(())
+    }
+
+    /// How long a member keeps processing a partition without a confirmed
+    /// renewal: well inside the session timeout others wait for.
+    fn lease_validity(&self) -> Duration {
+        self.session_timeout.mul_f64(0.6)
+    }
+}
+
+/// Joins JetStream consumer groups.
+#[derive(Clone, Debug)]
+pub struct JetStreamGroupConsumer {
+    config: JetStreamConsumerConfig,
+    admin: JetStreamAdmin,
+}
+
+impl JetStreamGroupConsumer {
+    /// Connects with validated `config`.
+    pub async fn connect(config: JetStreamConsumerConfig) -> Result<Self> {
+        config.validate()?;
+        let js = config.client.jetstream().await?;
+        Ok(Self::with_context(js, config))
+    }
+
+    /// A consumer on an existing JetStream context.
+    pub fn with_context(js: jetstream::Context, config: JetStreamConsumerConfig) -> Self {
+        JetStreamGroupConsumer {
+            config,
+            admin: JetStreamAdmin::new(js),
+        }
+    }
+}
+
+/// Per owned partition: ordinal → message, so acks reach the server.
+#[derive(Default)]
+struct PartitionAcks {
+    /// Ordinal of the next message (the engine's contiguous offsets).
+    next: i64,
+    /// Highest stream sequence received in this assignment.
+    last_sequence: u64,
+    /// Unacked messages by ordinal: stream sequence and acker.
+    pending: BTreeMap<i64, (u64, jetstream::message::Acker)>,
+}
+
+impl PartitionAcks {
+    /// Where the group resumes: the oldest unacked sequence, else one past
+    /// the highest received.
+    fn resume(&self) -> Option<u64> {
+        self.pending
+            .values()
+            .next()
+            .map(|(s, _)| *s)
+            .or((self.last_sequence > 0).then_some(self.last_sequence + 1))
+    }
+}
+
+type AckMap = Arc<Mutex<HashMap<u32, PartitionAcks>>>;
+
+fn lock(acks: &AckMap) -> std::sync::MutexGuard<'_, HashMap<u32, PartitionAcks>> {
+    acks.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the ack pump does.
+enum Pump {
+    /// Ack `(partition, ordinal)` on the server.
+    Ack(i32, i64),
+    /// Answer once every earlier ack was sent.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// A lease as last seen in the bucket.
+#[derive(Clone, Debug)]
+struct LeaseView {
+    record: Option<LeaseRecord>,
+    revision: u64,
+    seen: Instant,
+}
+
+/// A partition this member owns.
+struct Owned {
+    revision: u64,
+    valid_until: Instant,
+    reader: JoinHandle<()>,
+    releasing: bool,
+}
+
+/// How the member should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Running,
+    Leave,
+    Abandon,
+}
+
+struct Member {
+    id: String,
+    topic: String,
+    group: String,
+    partitions: u32,
+    start: StartFrom,
+    config: JetStreamConsumerConfig,
+    admin: JetStreamAdmin,
+    store: kv::Store,
+    engine: Arc<Engine>,
+    acks: AckMap,
+    pump: mpsc::UnboundedSender<Pump>,
+    assignment: watch::Sender<Vec<u32>>,
+    members: HashMap<String, (u64, Instant)>,
+    leases: HashMap<u32, LeaseView>,
+    owned: HashMap<u32, Owned>,
+    /// Per-member counter that gives every assignment its own ordinal
+    /// range, so a late ack of an earlier assignment never hits a new one.
+    assignments: i64,
+    released: mpsc::UnboundedSender<u32>,
+}
+
+/// Ordinals of one assignment start at `assignment << 40`.
+const ORDINAL_SHIFT: u32 = 40;
+
+#[async_trait]
+impl Subscriber for JetStreamGroupConsumer {
+    async fn subscribe(&self, subscription: Subscription) -> Result<Deliveries> {
+        let Subscription {
+            topic,
+            group,
+            start,
+            max_in_flight,
+        } = subscription;
+        validate_name("topic", &topic)?;
+        validate_name("group", &group)?;
+        let partitions = self.admin.partitions(&topic).await?;
+        let store = self.admin.groups_bucket().await?;
+        let id = self
+            .config
+            .member_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = Engine::new(
+            topic.clone(),
+            group.clone(),
+            Limits {
+                max_in_flight: max_in_flight.max(1),
+                partition_window: i64::from(self.config.partition_window),
+            },
+            tx,
+        );
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        engine.on_ack(ack_tx);
+        tokio::spawn(release_due_retries(Arc::downgrade(&engine)));
+        let (pump_tx, pump_rx) = mpsc::unbounded_channel();
+        let acks: AckMap = Arc::default();
+        let client = self.admin.context().client();
+        tokio::spawn(pump_acks(ack_rx, pump_rx, acks.clone(), client));
+        let watch_prefix = format!("{}.>", groups::group_prefix(&topic, &group));
+        let updates =
+            store
+                .watch_with_history(&watch_prefix)
+                .await
+                .map_err(|e| Error::Subscribe {
+                    topic: topic.clone(),
+                    group: group.clone(),
+                    reason: format!("cannot watch the group's keys in {}: {e}", groups::BUCKET),
+                    retriable: true,
+                    source: None,
+                })?;
+        let (assignment_tx, assignment_rx) = watch::channel(Vec::new());
+        let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+        let (released_tx, released_rx) = mpsc::unbounded_channel();
+        let member = Member {
+            id: id.clone(),
+            topic: topic.clone(),
+            group: group.clone(),
+            partitions,
+            start,
+            config: self.config.clone(),
+            admin: self.admin.clone(),
+            store,
+            engine,
+            acks,
+            pump: pump_tx,
+            assignment: assignment_tx,
+            members: HashMap::new(),
+            leases: HashMap::new(),
+            owned: HashMap::new(),
+            assignments: 0,
+            released: released_tx,
+        };
+        let task = tokio::spawn(member.run(updates, stop_rx, released_rx));
+        tracing::info!(%topic, %group, member = %id, "joined JetStream consumer group");
+        Ok(Deliveries::new(
+            UnboundedReceiverStream::new(rx),
+            assignment_rx,
+            Box::new(NatsMembership {
+                stop: stop_tx,
+                task: Some(task),
+            }),
+        ))
+    }
+}
+
+/// How often delayed re-deliveries are checked for being due.
+const RETRY_TICK: Duration = Duration::from_millis(5);
+
+/// Releases nacked deliveries whose delay has passed, until the engine is
+/// gone.
+async fn release_due_retries(engine: std::sync::Weak<Engine>) {
+    let mut tick = tokio::time::interval(RETRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let out = engine.tick();
+        engine.send(out);
+    }
+}
+
+/// Sends acks to the server in the order the engine reported them.
+async fn pump_acks(
+    mut acked: mpsc::UnboundedReceiver<(i32, i64)>,
+    mut control: mpsc::UnboundedReceiver<Pump>,
+    acks: AckMap,
+    client: async_nats::Client,
+) {
+    loop {
+        let job = tokio::select! {
+            biased;
+            a = acked.recv() => match a {
+                Some((p, o)) => Pump::Ack(p, o),
+                None => break,
+            },
+            c = control.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        match job {
+            Pump::Ack(p, ordinal) => {
+                let acker = lock(&acks)
+                    .get_mut(&(p as u32))
+                    .and_then(|pa| pa.pending.remove(&ordinal));
+                if let Some((sequence, acker)) = acker
+                    && let Err(e) = acker.ack().await
+                {
+                    tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the event will be re-delivered");
+                }
+            }
+            Pump::Barrier(done) => {
+                // Acks reported before the barrier are queued ahead of it.
+                while let Ok((p, ordinal)) = acked.try_recv() {
+                    let acker = lock(&acks)
+                        .get_mut(&(p as u32))
+                        .and_then(|pa| pa.pending.remove(&ordinal));
+                    if let Some((_, acker)) = acker {
+                        let _ = acker.ack().await;
+                    }
+                }
+                let _ = client.flush().await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+impl Member {
+    fn error(&self, reason: String) -> Error {
+        Error::Subscribe {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            reason,
+            retriable: true,
+            source: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut updates: kv::Watch,
+        mut stop: watch::Receiver<Stop>,
+        mut released: mpsc::UnboundedReceiver<u32>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first round waits one heartbeat so the current members and
+        // leases are known before anything is taken.
+        tick.tick().await;
+        self.heartbeat().await;
+        let how = loop {
+            tokio::select! {
+                entry = updates.next() => match entry {
+                    Some(Ok(entry)) => self.observe(entry),
+                    Some(Err(e)) => tracing::warn!(error = %e, topic = %self.topic, group = %self.group, "group watch error"),
+                    None => {
+                        tracing::warn!(topic = %self.topic, group = %self.group, "group watch ended; re-watching");
+                        let prefix = format!("{}.>", groups::group_prefix(&self.topic, &self.group));
+                        match self.store.watch_with_history(&prefix).await {
+                            Ok(w) => updates = w,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot re-watch the group");
+                                tokio::time::sleep(self.config.heartbeat).await;
+                            }
+                        }
+                    }
+                },
+                Some(p) = released.recv() => self.finish_release(p).await,
+                _ = tick.tick() => self.round().await,
+                changed = stop.changed() => {
+                    let how = if changed.is_err() { Stop::Abandon } else { *stop.borrow() };
+                    if how != Stop::Running {
+                        break how;
+                    }
+                }
+            }
+        };
+        self.leave(how, &mut released).await;
+    }
+
+    fn observe(&mut self, entry: kv::Entry) {
+        let Some(key) = groups::parse_key(&self.topic, &self.group, &entry.key) else {
+            return;
+        };
+        let now = Instant::now();
+        let removed = entry.operation != kv::Operation::Put;
+        match key {
+            GroupKey::Member(id) => {
+                if removed {
+                    self.members.remove(&id);
+                } else if self
+                    .members
+                    .get(&id)
+                    .is_none_or(|(r, _)| entry.revision > *r)
+                {
+                    self.members.insert(id, (entry.revision, now));
+                }
+            }
+            GroupKey::Lease(p) => {
+                if self
+                    .leases
+                    .get(&p)
+                    .is_some_and(|l| l.revision >= entry.revision)
+                {
+                    return; // our own write, already applied
+                }
+                let record = if removed {
+                    None
+                } else {
+                    serde_json::from_slice::<LeaseRecord>(&entry.value).ok()
+                };
+                if let Some(owned) = self.owned.get(&p)
+                    && entry.revision > owned.revision
+                    && record.as_ref().and_then(|r| r.owner.as_deref()) != Some(self.id.as_str())
+                {
+                    tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease taken by another member; dropping the partition");
+                    self.drop_partition(p);
+                }
+                self.leases.insert(
+                    p,
+                    LeaseView {
+                        record,
+                        revision: entry.revision,
+                        seen: now,
+                    },
+                );
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let record = MemberRecord {
+            member: self.id.clone(),
+            host: std::env::var("HOSTNAME").unwrap_or_default(),
+            pid: std::process::id(),
+        };
+        let key = groups::member_key(&self.topic, &self.group, &self.id);
+        match self
+            .store
+            .put(&key, serde_json::to_vec(&record).unwrap_or_default().into())
+            .await
+        {
+            Ok(revision) => {
+                self.members
+                    .insert(self.id.clone(), (revision, Instant::now()));
+            }
+            Err(e) => tracing::warn!(error = %e, %key, "cannot heartbeat"),
+        }
+    }
+
+    fn live_members(&self) -> Vec<String> {
+        let mut live: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(id, (_, seen))| {
+                **id == self.id || seen.elapsed() < self.config.session_timeout
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !live.contains(&self.id) {
+            live.push(self.id.clone());
+        }
+        live.sort();
+        live
+    }
+
+    async fn round(&mut self) {
+        self.heartbeat().await;
+        self.renew().await;
+        let live = self.live_members();
+        let me = live.iter().position(|m| *m == self.id).unwrap_or(0);
+        let mine = |p: u32| p as usize % live.len() == me;
+        for p in 0..self.partitions {
+            let owned = self.owned.get(&p).map(|o| o.releasing);
+            match owned {
+                Some(false) if !mine(p) => self.start_release(p),
+                None if mine(p) => self.try_acquire(p, &live).await,
+                _ => {}
+            }
+        }
+        // Forget members that are gone for good, so the bucket does not
+        // grow with every crashed process.
+        let dead: Vec<(String, u64)> = self
+            .members
+            .iter()
+            .filter(|(id, (_, seen))| {
+                **id != self.id && seen.elapsed() > self.config.session_timeout * 3
+            })
+            .map(|(id, (r, _))| (id.clone(), *r))
+            .collect();
+        for (id, revision) in dead {
+            let key = groups::member_key(&self.topic, &self.group, &id);
+            let _ = self
+                .store
+                .delete_expect_revision(&key, Some(revision))
+                .await;
+            self.members.remove(&id);
+        }
+    }
+
+    /// Renews every owned lease (concurrently, each bounded by one
+    /// heartbeat); drops partitions whose lease was taken or could not be
+    /// renewed in time.
+    async fn renew(&mut self) {
+        let started = Instant::now();
+        let mut writes = Vec::new();
+        for (&p, owned) in &self.owned {
+            let resume = lock(&self.acks)
+                .get(&p)
+                .and_then(PartitionAcks::resume)
+                .or_else(|| {
+                    self.leases
+                        .get(&p)
+                        .and_then(|l| l.record.as_ref())
+                        .and_then(|r| r.resume)
+                });
+            let record = LeaseRecord {
+                owner: Some(self.id.clone()),
+                resume,
+            };
+            let key = groups::lease_key(&self.topic, &self.group, p);
+            let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+            let (store, revision, limit) =
+                (self.store.clone(), owned.revision, self.config.heartbeat);
+            writes.push(async move {
+                let result = tokio::time::timeout(limit, store.update(&key, value, revision)).await;
+                (p, record, result)
+            });
+        }
+        for (p, record, result) in futures::future::join_all(writes).await {
+            match result {
+                Ok(Ok(new)) => {
+                    if let Some(o) = self.owned.get_mut(&p) {
+                        o.revision = new;
+                        o.valid_until = started + self.config.lease_validity();
+                    }
+                    self.leases.insert(
+                        p,
+                        LeaseView {
+                            record: Some(record),
+                            revision: new,
+                            seen: Instant::now(),
+                        },
+                    );
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease was taken over; dropping the partition");
+                    self.drop_partition(p);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "cannot renew the lease"),
+                Err(_) => tracing::warn!(partition = p, "lease renewal timed out"),
+            }
+            if self
+                .owned
+                .get(&p)
+                .is_some_and(|o| Instant::now() >= o.valid_until)
+            {
+                tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease not renewed in time; stopping the partition before another member may take it");
+                self.drop_partition(p);
+            }
+        }
+    }
+
+    /// Stops a partition at once: in-flight deliveries are abandoned
+    /// (their acks are ignored) and re-delivered to the next owner.
+    fn drop_partition(&mut self, p: u32) {
+        if let Some(owned) = self.owned.remove(&p) {
+            owned.reader.abort();
+            self.engine.start_revoking(&[p as i32]);
+            self.engine.remove(&[p as i32]);
+            lock(&self.acks).remove(&p);
+            self.publish_assignment();
+        }
+    }
+
+    fn publish_assignment(&self) {
+        let mut owned: Vec<u32> = self.owned.keys().copied().collect();
+        owned.sort_unstable();
+        self.assignment.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+    }
+
+    async fn try_acquire(&mut self, p: u32, live: &[String]) {
+        let key = groups::lease_key(&self.topic, &self.group, p);
+        let view = self.leases.get(&p).cloned();
+        let hint = view
+            .as_ref()
+            .and_then(|v| v.record.as_ref())
+            .and_then(|r| r.resume);
+        let record = LeaseRecord {
+            owner: Some(self.id.clone()),
+            resume: hint,
+        };
+        let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+        let started = Instant::now();
+        let taken = match &view {
+            None => self
+                .store
+                .create(&key, value)
+                .await
+                .map_err(|e| e.to_string()),
+            Some(v) => {
+                let owner = v.record.as_ref().and_then(|r| r.owner.clone());
+                let free = match &owner {
+                    None => true,
+                    Some(o) if *o == self.id => true,
+                    Some(o) => !live.contains(o) && v.seen.elapsed() > self.config.session_timeout,
+                };
+                if !free {
+                    return;
+                }
+                if let Some(o) = owner.filter(|o| *o != self.id) {
+                    tracing::info!(topic = %self.topic, group = %self.group, partition = p, dead = %o, "taking over the partition of a member that stopped heartbeating");
+                }
+                self.store
+                    .update(&key, value, v.revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let revision = match taken {
+            Ok(revision) => revision,
+            Err(e) => {
+                tracing::debug!(error = %e, partition = p, "lease not taken (someone else was faster)");
+                return;
+            }
+        };
+        self.leases.insert(
+            p,
+            LeaseView {
+                record: Some(record),
+                revision,
+                seen: Instant::now(),
+            },
+        );
+        match self.open(p, revision, hint).await {
+            Ok((revision, reader)) => {
+                self.owned.insert(
+                    p,
+                    Owned {
+                        revision,
+                        valid_until: started + self.config.lease_validity(),
+                        reader,
+                        releasing: false,
+                    },
+                );
+                self.publish_assignment();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, partition = p, "cannot start reading the partition; releasing it");
+                self.release_lease(p, hint).await;
+            }
+        }
+    }
+
+    /// Positions the partition's durable consumer and starts reading it;
+    /// returns the lease revision after recording the start.
+    async fn open(
+        &mut self,
+        p: u32,
+        mut revision: u64,
+        hint: Option<u64>,
+    ) -> Result<(u64, JoinHandle<()>)> {
+        let stream = self
+            .admin
+            .context()
+            .get_stream(&self.topic)
+            .await
+            .map_err(|e| self.error(format!("cannot look up the stream: {e}")))?;
+        let name = groups::consumer_name(&self.group, p);
+        // The group's position: the durable consumer's ack floor, else what
+        // the lease recorded, else where a new group starts.
+        let floor = match stream.consumer_info(&name).await {
+            Ok(info) => Some(info.ack_floor.stream_sequence + 1),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => None,
+            Err(e) => return Err(self.error(format!("cannot read consumer `{name}`: {e}"))),
+        };
+        let resume = floor.or(hint);
+        let key = groups::lease_key(&self.topic, &self.group, p);
+        if resume.is_some() && resume != hint {
+            revision = self.write_lease(&key, revision, resume).await?;
+        }
+        let policy = match (resume, self.start) {
+            (Some(s), _) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: s.max(1),
+            },
+            (None, StartFrom::Latest) => consumer::DeliverPolicy::New,
+            (None, StartFrom::Timestamp(at)) => {
+                consumer::DeliverPolicy::ByStartTime { start_time: at }
+            }
+            (None, _) => consumer::DeliverPolicy::All,
+        };
+        let (durable, floor) = self
+            .admin
+            .recreate_consumer(
+                &self.group,
+                &self.topic,
+                p,
+                policy,
+                self.config.ack_wait,
+                i64::from(self.config.partition_window),
+            )
+            .await?;
+        if resume.is_none() {
+            revision = self.write_lease(&key, revision, Some(floor + 1)).await?;
+        }
+        self.assignments += 1;
+        let base = self.assignments << ORDINAL_SHIFT;
+        lock(&self.acks).insert(
+            p,
+            PartitionAcks {
+                next: base,
+                ..PartitionAcks::default()
+            },
+        );
+        self.engine.assign(&[(p as i32, None)]);
+        tracing::info!(topic = %self.topic, group = %self.group, partition = p, from = floor + 1, "partition assigned");
+        let reader = tokio::spawn(read_partition(
+            durable,
+            p,
+            self.engine.clone(),
+            self.acks.clone(),
+            self.topic.clone(),
+        ));
+        Ok((revision, reader))
+    }
+
+    async fn write_lease(&mut self, key: &str, revision: u64, resume: Option<u64>) -> Result<u64> {
+        let record = LeaseRecord {
+            owner: Some(self.id.clone()),
+            resume,
+        };
+        let new = self
+            .store
+            .update(
+                key,
+                serde_json::to_vec(&record).unwrap_or_default().into(),
+                revision,
+            )
+            .await
+            .map_err(|e| self.error(format!("cannot record the lease `{key}`: {e}")))?;
+        if let Some(p) = key.rsplit('.').next().and_then(|p| p.parse().ok()) {
+            self.leases.insert(
+                p,
+                LeaseView {
+                    record: Some(record),
+                    revision: new,
+                    seen: Instant::now(),
+                },
+            );
+        }
+        Ok(new)
+    }
+
+    /// Begins handing `p` over: no new deliveries; a task waits for the
+    /// outstanding ones and reports back.
+    fn start_release(&mut self, p: u32) {
+        let Some(owned) = self.owned.get_mut(&p) else {
+            return;
+        };
+        owned.releasing = true;
+        owned.reader.abort();
+        self.engine.start_revoking(&[p as i32]);
+        let engine = self.engine.clone();
+        let pump = self.pump.clone();
+        let released = self.released.clone();
+        let timeout = self.config.drain_timeout;
+        tracing::info!(topic = %self.topic, group = %self.group, partition = p, "handing the partition over");
+        tokio::spawn(async move {
+            let drained =
+                tokio::task::spawn_blocking(move || engine.wait_drained(&[p as i32], timeout))
+                    .await
+                    .unwrap_or(false);
+            if !drained {
+                tracing::warn!(
+                    partition = p,
+                    "partition did not drain in time; its unsettled events will be re-delivered"
+                );
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            if pump.send(Pump::Barrier(done_tx)).is_ok() {
+                let _ = done_rx.await;
+            }
+            let _ = released.send(p);
+        });
+    }
+
+    /// Completes a hand-over once `p` drained and its acks were sent.
+    async fn finish_release(&mut self, p: u32) {
+        if !self.owned.get(&p).is_some_and(|o| o.releasing) {
+            return; // dropped meanwhile
+        }
+        self.engine.remove(&[p as i32]);
+        let resume = lock(&self.acks).remove(&p).and_then(|a| a.resume());
+        let hint = resume.or_else(|| {
+            self.leases
+                .get(&p)
+                .and_then(|l| l.record.as_ref())
+                .and_then(|r| r.resume)
+        });
+        self.release_lease(p, hint).await;
+        self.owned.remove(&p);
+        self.publish_assignment();
+        tracing::info!(topic = %self.topic, group = %self.group, partition = p, "partition handed over");
+    }
+
+    /// Marks the lease of `p` free (owner none), if this member still
+    /// holds it.
+    async fn release_lease(&mut self, p: u32, resume: Option<u64>) {
+        let Some(revision) = self
+            .owned
+            .get(&p)
+            .map(|o| o.revision)
+            .or_else(|| self.leases.get(&p).map(|l| l.revision))
+        else {
+            return;
+        };
+        let key = groups::lease_key(&self.topic, &self.group, p);
+        let record = LeaseRecord {
+            owner: None,
+            resume,
+        };
+        match self
+            .store
+            .update(
+                &key,
+                serde_json::to_vec(&record).unwrap_or_default().into(),
+                revision,
+            )
+            .await
+        {
+            Ok(new) => {
+                self.leases.insert(
+                    p,
+                    LeaseView {
+                        record: Some(record),
+                        revision: new,
+                        seen: Instant::now(),
+                    },
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, %key, "lease not released (no longer ours)"),
+        }
+    }
+
+    async fn leave(mut self, how: Stop, released: &mut mpsc::UnboundedReceiver<u32>) {
+        let owned: Vec<u32> = self.owned.keys().copied().collect();
+        if how == Stop::Leave {
+            for &p in &owned {
+                self.start_release(p);
+            }
+            // Keep heartbeating and renewing while draining, so nobody
+            // takes a partition that still has deliveries out.
+            let deadline = Instant::now() + self.config.drain_timeout + Duration::from_secs(5);
+            let mut tick = tokio::time::interval(self.config.heartbeat);
+            while self.owned.values().any(|o| o.releasing) && Instant::now() < deadline {
+                tokio::select! {
+                    Some(p) = released.recv() => self.finish_release(p).await,
+                    _ = tick.tick() => {
+                        self.heartbeat().await;
+                        self.renew().await;
+                    }
+                }
+            }
+        }
+        // Abandoning (or what did not finish): free the leases at once so
+        // others need not wait out the session; unacked events go to the
+        // next owner.
+        let rest: Vec<u32> = self.owned.keys().copied().collect();
+        for p in rest {
+            let hint = self
+                .leases
+                .get(&p)
+                .and_then(|l| l.record.as_ref())
+                .and_then(|r| r.resume);
+            self.drop_partition_keep_revision(p);
+            self.release_lease(p, hint).await;
+            self.owned.remove(&p);
+        }
+        let key = groups::member_key(&self.topic, &self.group, &self.id);
+        let _ = self.store.delete(&key).await;
+        self.publish_assignment();
+        tracing::info!(topic = %self.topic, group = %self.group, member = %self.id, ?how, "left JetStream consumer group");
+    }
+
+    /// Stops reading `p` without forgetting the lease revision (so the
+    /// lease can still be released).
+    fn drop_partition_keep_revision(&mut self, p: u32) {
+        if let Some(owned) = self.owned.get(&p) {
+            owned.reader.abort();
+        }
+        self.engine.start_revoking(&[p as i32]);
+        self.engine.remove(&[p as i32]);
+        lock(&self.acks).remove(&p);
+    }
+}
+
+/// Reads one partition's durable consumer into the engine until aborted.
+async fn read_partition(
+    durable: consumer::Consumer<consumer::pull::Config>,
+    p: u32,
+    engine: Arc<Engine>,
+    acks: AckMap,
+    topic: String,
+) {
+    loop {
+        let mut messages = match durable.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, %topic, partition = p, "cannot pull; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, %topic, partition = p, "pull error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let sequence = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(e) => {
+                    tracing::warn!(error = %e, %topic, partition = p, "message without JetStream metadata");
+                    continue;
+                }
+            };
+            let (message, acker) = message.split();
+            let ordinal = {
+                let mut map = lock(&acks);
+                let Some(pa) = map.get_mut(&p) else {
+                    return; // no longer ours
+                };
+                if sequence <= pa.last_sequence {
+                    continue; // the server re-sent a message we still hold
+                }
+                pa.last_sequence = sequence;
+                let ordinal = pa.next;
+                pa.next += 1;
+                pa.pending.insert(ordinal, (sequence, acker));
+                ordinal
+            };
+            let headers: Vec<(String, Bytes)> = message
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(name, values)| {
+                            let name: &str = name.as_ref();
+                            values.iter().map(move |v| {
+                                (
+                                    name.to_owned(),
+                                    Bytes::copy_from_slice(v.as_str().as_bytes()),
+                                )
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key = wire::key_from_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+                .ok()
+                .flatten();
+            let out = engine.ingest(
+                p as i32,
+                Fetched {
+                    offset: ordinal,
+                    position: sequence,
+                    key,
+                    headers,
+                    payload: message.payload,
+                },
+            );
+            engine.send(out);
+        }
+    }
+}
+
+struct NatsMembership {
+    stop: watch::Sender<Stop>,
+    task: Option<JoinHandle<()>>,
+}
+
+#[async_trait]
+impl Membership for NatsMembership {
+    async fn leave(mut self: Box<Self>) -> Result<()> {
+        let _ = self.stop.send(Stop::Leave);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsMembership {
+    fn drop(&mut self) {
+        self.stop.send_if_modified(|s| {
+            if *s == Stop::Running {
+                *s = Stop::Abandon;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

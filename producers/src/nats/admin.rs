@@ -1,0 +1,766 @@
+//! `JetStreamAdmin`: one stream per Keel topic, provisioned idempotently and
+//! validated; group lag and position resets.
+//!
+//! A topic `orders` with 6 partitions is the stream `orders` with the
+//! subjects `orders.0` … `orders.5`, file storage, limits retention. An
+//! existing stream is never changed silently: every requested setting is
+//! compared and a mismatch is an error naming each difference.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use futures::TryStreamExt;
+use keel_core::transport::TopicSpec;
+use keel_core::{Error, Result};
+
+use super::config::{NatsClientConfig, validate_name};
+use super::groups::{self, GroupKey, LeaseRecord, MemberRecord};
+use crate::kafka::ResetTo;
+
+/// Default duplicate window (the server's own default).
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Stream limits of a topic. `None` means unlimited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Oldest event kept.
+    pub max_age: Option<Duration>,
+    /// Most bytes kept.
+    pub max_bytes: Option<i64>,
+    /// Most events kept.
+    pub max_messages: Option<i64>,
+    /// How long an event id is remembered for publish de-duplication.
+    pub duplicate_window: Duration,
+    /// Largest event accepted, in bytes.
+    pub max_message_size: Option<i32>,
+    /// Replicas (1 on a single server, 3 or 5 in a cluster).
+    pub replicas: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings {
+            max_age: None,
+            max_bytes: None,
+            max_messages: None,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            max_message_size: None,
+            replicas: 1,
+        }
+    }
+}
+
+impl StreamSettings {
+    /// Refuses settings the server would adjust or reject.
+    pub fn validate(&self) -> Result<()> {
+        if self.duplicate_window.is_zero() {
+            return Err(Error::config(
+                "duplicate_window",
+                "must be positive: it is what makes publishing the same event id twice store it once",
+            ));
+        }
+        if let Some(age) = self.max_age
+            && self.duplicate_window > age
+        {
+            return Err(Error::config(
+                "duplicate_window",
+                format!("{:?} is longer than max_age {age:?}", self.duplicate_window),
+            ));
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(Error::config("replicas", "must be 1 to 5"));
+        }
+        for (name, v) in [
+            ("max_bytes", self.max_bytes),
+            ("max_messages", self.max_messages),
+            ("max_message_size", self.max_message_size.map(i64::from)),
+        ] {
+            if v.is_some_and(|v| v <= 0) {
+                return Err(Error::config(
+                    name,
+                    "must be positive (leave it unset for no limit)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `describe_topic` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamDescription {
+    /// Topic (= stream) name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Events stored per partition, by partition.
+    pub messages_per_partition: Vec<u64>,
+    /// First stored sequence.
+    pub first_sequence: u64,
+    /// Last stored sequence.
+    pub last_sequence: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// The stream's limits.
+    pub settings: StreamSettings,
+}
+
+/// Pending events of one partition for one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPending {
+    /// Partition.
+    pub partition: u32,
+    /// The next stream sequence the group will handle (its ack floor + 1),
+    /// if it has a position on this partition.
+    pub position: Option<u64>,
+    /// Events not yet delivered to the group.
+    pub pending: u64,
+    /// Events delivered but not yet acknowledged.
+    pub ack_pending: u64,
+}
+
+impl PartitionPending {
+    /// Events not yet handled.
+    pub fn lag(&self) -> u64 {
+        self.pending + self.ack_pending
+    }
+}
+
+/// Manages Keel topics on JetStream.
+#[derive(Clone)]
+pub struct JetStreamAdmin {
+    js: jetstream::Context,
+}
+
+impl std::fmt::Debug for JetStreamAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamAdmin").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn topic_error(topic: &str, reason: impl Into<String>, retriable: bool) -> Error {
+    Error::Topic {
+        topic: topic.to_owned(),
+        reason: reason.into(),
+        retriable,
+        source: None,
+    }
+}
+
+fn group_error(group: &str, topic: &str, reason: impl Into<String>) -> Error {
+    Error::Subscribe {
+        topic: topic.to_owned(),
+        group: group.to_owned(),
+        reason: reason.into(),
+        retriable: false,
+        source: None,
+    }
+}
+
+/// The stream configuration Keel wants for `spec`.
+pub fn stream_config(spec: &TopicSpec, settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: spec.name.clone(),
+        subjects: (0..spec.partitions)
+            .map(|p| groups::partition_subject(&spec.name, p))
+            .collect(),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age: settings.max_age.unwrap_or_default(),
+        max_bytes: settings.max_bytes.unwrap_or(-1),
+        max_messages: settings.max_messages.unwrap_or(-1),
+        max_message_size: settings.max_message_size.unwrap_or(-1),
+        duplicate_window: settings.duplicate_window,
+        num_replicas: settings.replicas,
+        description: Some(format!(
+            "Keel topic `{}`: {} partitions",
+            spec.name, spec.partitions
+        )),
+        ..Default::default()
+    }
+}
+
+/// The partition count of a stream laid out by Keel (`<topic>.0` …
+/// `<topic>.<n-1>`), or why it is not one.
+pub fn partitions_of(config: &stream::Config) -> std::result::Result<u32, String> {
+    let n = config.subjects.len();
+    let expected: Vec<String> = (0..n as u32)
+        .map(|p| groups::partition_subject(&config.name, p))
+        .collect();
+    let mut subjects = config.subjects.clone();
+    subjects.sort_by_key(|s| {
+        s.rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    });
+    if n == 0 || subjects != expected {
+        return Err(format!(
+            "stream `{}` is not a Keel topic: its subjects are {:?}, expected `{}.0` … `{}.<n-1>`",
+            config.name, config.subjects, config.name, config.name
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn settings_of(config: &stream::Config) -> StreamSettings {
+    StreamSettings {
+        max_age: (!config.max_age.is_zero()).then_some(config.max_age),
+        max_bytes: (config.max_bytes > 0).then_some(config.max_bytes),
+        max_messages: (config.max_messages > 0).then_some(config.max_messages),
+        duplicate_window: config.duplicate_window,
+        max_message_size: (config.max_message_size > 0).then_some(config.max_message_size),
+        replicas: config.num_replicas.max(1),
+    }
+}
+
+/// Every difference between an existing stream and the wanted one.
+fn differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    match partitions_of(have) {
+        Ok(n) if want.subjects.len() as u32 != n => out.push(format!(
+            "it has {n} partitions, {} requested",
+            want.subjects.len()
+        )),
+        Ok(_) => {}
+        Err(e) => out.push(e),
+    }
+    if have.storage != want.storage {
+        out.push(format!(
+            "storage is {:?}, Keel needs file storage",
+            have.storage
+        ));
+    }
+    if have.retention != want.retention {
+        out.push(format!(
+            "retention is {:?}, Keel needs limits retention (events stay for replay)",
+            have.retention
+        ));
+    }
+    let (h, w) = (settings_of(have), settings_of(want));
+    let mut diff = |name: &str, have: String, want: String| {
+        if have != want {
+            out.push(format!("{name} is {have}, {want} requested"));
+        }
+    };
+    let limit = |v: Option<i64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+    diff(
+        "max_age",
+        format!("{:?}", h.max_age),
+        format!("{:?}", w.max_age),
+    );
+    diff("max_bytes", limit(h.max_bytes), limit(w.max_bytes));
+    diff("max_messages", limit(h.max_messages), limit(w.max_messages));
+    diff(
+        "max_message_size",
+        limit(h.max_message_size.map(i64::from)),
+        limit(w.max_message_size.map(i64::from)),
+    );
+    diff(
+        "duplicate_window",
+        format!("{:?}", h.duplicate_window),
+        format!("{:?}", w.duplicate_window),
+    );
+    diff("replicas", h.replicas.to_string(), w.replicas.to_string());
+    out
+}
+
+fn is_not_found(e: &impl std::fmt::Display) -> bool {
+    let s = e.to_string().to_ascii_lowercase();
+    s.contains("not found")
+}
+
+impl JetStreamAdmin {
+    /// An admin on an existing JetStream context.
+    pub fn new(js: jetstream::Context) -> Self {
+        JetStreamAdmin { js }
+    }
+
+    /// Connects with `config`.
+    pub async fn connect(config: &NatsClientConfig) -> Result<Self> {
+        Ok(JetStreamAdmin::new(config.jetstream().await?))
+    }
+
+    /// The JetStream context.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the stream of `spec` with `settings` if missing; succeeds if
+    /// it exists exactly so and fails naming every difference otherwise.
+    pub async fn ensure_stream(&self, spec: &TopicSpec, settings: &StreamSettings) -> Result<()> {
+        validate_name("topic", &spec.name)?;
+        if spec.partitions == 0 {
+            return Err(Error::config(
+                "partitions",
+                "a topic needs at least 1 partition",
+            ));
+        }
+        settings.validate()?;
+        let want = stream_config(spec, settings);
+        match self.js.get_stream(&spec.name).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(|e| {
+                    topic_error(&spec.name, format!("cannot read the stream: {e}"), true)
+                })?;
+                let diffs = differences(&info.config, &want);
+                if diffs.is_empty() {
+                    return Ok(());
+                }
+                Err(topic_error(
+                    &spec.name,
+                    format!(
+                        "the stream exists with other settings, which Keel does not change: {}. Change it deliberately (nats stream edit) or use another topic",
+                        diffs.join("; ")
+                    ),
+                    false,
+                ))
+            }
+            Err(e) if is_not_found(&e) => {
+                match self.js.create_stream(want.clone()).await {
+                    Ok(_) => Ok(()),
+                    // Created by someone else meanwhile: validate theirs.
+                    Err(_) if self.js.get_stream(&spec.name).await.is_ok() => {
+                        Box::pin(self.ensure_stream(spec, settings)).await
+                    }
+                    Err(e) => Err(topic_error(
+                        &spec.name,
+                        format!("cannot create the stream: {e}"),
+                        false,
+                    )),
+                }
+            }
+            Err(e) => Err(topic_error(
+                &spec.name,
+                format!("cannot look up the stream (is JetStream enabled?): {e}"),
+                true,
+            )),
+        }
+    }
+
+    /// The partition count of `topic`.
+    pub async fn partitions(&self, topic: &str) -> Result<u32> {
+        let config = self.stream_config(topic).await?;
+        partitions_of(&config).map_err(|e| topic_error(topic, e, false))
+    }
+
+    async fn stream_config(&self, topic: &str) -> Result<stream::Config> {
+        validate_name("topic", topic)?;
+        let mut s = self.js.get_stream(topic).await.map_err(|e| {
+            if is_not_found(&e) {
+                topic_error(
+                    topic,
+                    "no such stream; create it first (keel topics create)",
+                    false,
+                )
+            } else {
+                topic_error(topic, format!("cannot look up the stream: {e}"), true)
+            }
+        })?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?;
+        Ok(info.config.clone())
+    }
+
+    /// Keel topics on the server (streams with Keel's subject layout),
+    /// sorted.
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        let streams: Vec<stream::Info> = self
+            .js
+            .streams()
+            .try_collect()
+            .await
+            .map_err(|e| topic_error("*", format!("cannot list streams: {e}"), true))?;
+        let mut names: Vec<String> = streams
+            .into_iter()
+            .filter(|s| partitions_of(&s.config).is_ok())
+            .map(|s| s.config.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Partitions, per-partition counts, sequences and limits of `topic`.
+    pub async fn describe_topic(&self, topic: &str) -> Result<StreamDescription> {
+        validate_name("topic", topic)?;
+        let s = self.js.get_stream(topic).await.map_err(|e| {
+            topic_error(
+                topic,
+                format!("cannot look up the stream: {e}"),
+                !is_not_found(&e),
+            )
+        })?;
+        let info = s
+            .info_with_subjects(format!("{topic}.*"))
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?;
+        let per_subject: HashMap<String, usize> = info.try_collect().await.map_err(|e| {
+            topic_error(
+                topic,
+                format!("cannot read per-partition counts: {e}"),
+                true,
+            )
+        })?;
+        let mut s = s;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?;
+        let partitions = partitions_of(&info.config).map_err(|e| topic_error(topic, e, false))?;
+        Ok(StreamDescription {
+            name: topic.to_owned(),
+            partitions,
+            messages_per_partition: (0..partitions)
+                .map(|p| {
+                    per_subject
+                        .get(&groups::partition_subject(topic, p))
+                        .copied()
+                        .unwrap_or(0) as u64
+                })
+                .collect(),
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            bytes: info.state.bytes,
+            settings: settings_of(&info.config),
+        })
+    }
+
+    /// The group coordination bucket, created when missing.
+    pub async fn groups_bucket(&self) -> Result<kv::Store> {
+        match self.js.get_key_value(groups::BUCKET).await {
+            Ok(store) => Ok(store),
+            // Created as the stream behind a KV bucket, as `create_key_value`
+            // would, because that call first queries the account info,
+            // whose 2.9 answer async-nats 0.51 cannot parse.
+            Err(_) => {
+                let created = self
+                    .js
+                    .create_stream(stream::Config {
+                        name: format!("KV_{}", groups::BUCKET),
+                        description: Some(
+                            "Keel consumer groups: member heartbeats and partition leases".into(),
+                        ),
+                        subjects: vec![format!("$KV.{}.>", groups::BUCKET)],
+                        max_messages_per_subject: 1,
+                        storage: stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await;
+                // Another member may have created it meanwhile.
+                self.js.get_key_value(groups::BUCKET).await.map_err(|e| {
+                    Error::retriable(std::io::Error::other(format!(
+                        "cannot create the KV bucket {} (is JetStream enabled?): {}",
+                        groups::BUCKET,
+                        created.err().map_or(e.to_string(), |c| c.to_string())
+                    )))
+                })
+            }
+        }
+    }
+
+    /// Members of `group` on `topic` whose last heartbeat is younger than
+    /// `within` (by the server's clock).
+    pub async fn live_members(
+        &self,
+        group: &str,
+        topic: &str,
+        within: Duration,
+    ) -> Result<Vec<MemberRecord>> {
+        let store = self.groups_bucket().await?;
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?;
+        let mut live = Vec::new();
+        let now = chrono::Utc::now();
+        while let Some(key) = keys
+            .try_next()
+            .await
+            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?
+        {
+            if let Some(GroupKey::Member(_)) = groups::parse_key(topic, group, &key)
+                && let Ok(Some(entry)) = store.entry(&key).await
+                && entry.operation == kv::Operation::Put
+                && (now - entry.created).to_std().unwrap_or_default() < within
+                && let Ok(record) = serde_json::from_slice::<MemberRecord>(&entry.value)
+            {
+                live.push(record);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Pending events of `group` on each partition of `topic`.
+    pub async fn lag(&self, group: &str, topic: &str) -> Result<Vec<PartitionPending>> {
+        validate_name("group", group)?;
+        let partitions = self.partitions(topic).await?;
+        let description = self.describe_topic(topic).await?;
+        let stream = self
+            .js
+            .get_stream(topic)
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot look up the stream: {e}"), true))?;
+        let mut out = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let name = groups::consumer_name(group, p);
+            match stream.consumer_info(&name).await {
+                Ok(info) => out.push(PartitionPending {
+                    partition: p,
+                    position: Some(info.ack_floor.stream_sequence + 1),
+                    pending: info.num_pending,
+                    ack_pending: info.num_ack_pending as u64,
+                }),
+                Err(e) if is_not_found(&e) => out.push(PartitionPending {
+                    partition: p,
+                    position: None,
+                    pending: description.messages_per_partition[p as usize],
+                    ack_pending: 0,
+                }),
+                Err(e) => {
+                    return Err(group_error(
+                        group,
+                        topic,
+                        format!("cannot read consumer `{name}`: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a stopped group's position on `topic`: the next member to own
+    /// a partition starts there. Refused while the group has live members
+    /// (heartbeats younger than `liveness`). `ResetTo::Offset` and
+    /// `Offsets` name stream sequences.
+    pub async fn reset_group(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+        liveness: Duration,
+    ) -> Result<Vec<(u32, u64)>> {
+        validate_name("group", group)?;
+        let live = self.live_members(group, topic, liveness).await?;
+        if !live.is_empty() {
+            return Err(group_error(
+                group,
+                topic,
+                format!(
+                    "it has {} live member(s) ({}); stop them first, then reset",
+                    live.len(),
+                    live.iter()
+                        .map(|m| format!("{} on {} pid {}", m.member, m.host, m.pid))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let partitions = self.partitions(topic).await?;
+        let chosen: Vec<(u32, consumer::DeliverPolicy)> = match &to {
+            ResetTo::Earliest => (0..partitions)
+                .map(|p| (p, consumer::DeliverPolicy::All))
+                .collect(),
+            ResetTo::Latest => (0..partitions)
+                .map(|p| (p, consumer::DeliverPolicy::New))
+                .collect(),
+            ResetTo::Timestamp(ms) => {
+                let at = chrono::DateTime::from_timestamp_millis(*ms)
+                    .filter(|_| *ms >= 0)
+                    .ok_or_else(|| {
+                        group_error(group, topic, format!("{ms} ms is not a time after 1970"))
+                    })?;
+                (0..partitions)
+                    .map(|p| (p, consumer::DeliverPolicy::ByStartTime { start_time: at }))
+                    .collect()
+            }
+            ResetTo::Offset(seq) => {
+                let seq = u64::try_from(*seq)
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| group_error(group, topic, "stream sequences start at 1"))?;
+                (0..partitions)
+                    .map(|p| {
+                        (
+                            p,
+                            consumer::DeliverPolicy::ByStartSequence {
+                                start_sequence: seq,
+                            },
+                        )
+                    })
+                    .collect()
+            }
+            ResetTo::Offsets(wanted) => {
+                let mut out = Vec::new();
+                for &(p, seq) in wanted {
+                    let p = u32::try_from(p)
+                        .ok()
+                        .filter(|p| *p < partitions)
+                        .ok_or_else(|| {
+                            group_error(
+                                group,
+                                topic,
+                                format!(
+                                    "partition {p} does not exist (the topic has {partitions})"
+                                ),
+                            )
+                        })?;
+                    if out.iter().any(|(q, _)| *q == p) {
+                        return Err(group_error(
+                            group,
+                            topic,
+                            format!("partition {p} is named twice"),
+                        ));
+                    }
+                    let seq = u64::try_from(seq)
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| group_error(group, topic, "stream sequences start at 1"))?;
+                    out.push((
+                        p,
+                        consumer::DeliverPolicy::ByStartSequence {
+                            start_sequence: seq,
+                        },
+                    ));
+                }
+                out
+            }
+        };
+        let store = self.groups_bucket().await?;
+        let mut positions = Vec::new();
+        for (p, policy) in chosen {
+            let (_, floor) = self
+                .recreate_consumer(group, topic, p, policy, Duration::from_secs(60), 1)
+                .await?;
+            // The lease keeps only the owner; the consumer now holds the
+            // position.
+            let key = groups::lease_key(topic, group, p);
+            let record = serde_json::to_vec(&LeaseRecord {
+                owner: None,
+                resume: Some(floor + 1),
+            })
+            .unwrap_or_default();
+            store.put(&key, record.into()).await.map_err(|e| {
+                group_error(group, topic, format!("cannot write lease `{key}`: {e}"))
+            })?;
+            positions.push((p, floor + 1));
+        }
+        Ok(positions)
+    }
+
+    /// Replaces `group`'s durable consumer of partition `p` with a fresh one
+    /// starting at `policy`; returns it with its ack floor (the stream
+    /// sequence before the first it will deliver).
+    pub async fn recreate_consumer(
+        &self,
+        group: &str,
+        topic: &str,
+        p: u32,
+        policy: consumer::DeliverPolicy,
+        ack_wait: Duration,
+        max_ack_pending: i64,
+    ) -> Result<(consumer::Consumer<consumer::pull::Config>, u64)> {
+        let stream = self
+            .js
+            .get_stream(topic)
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot look up the stream: {e}"), true))?;
+        let name = groups::consumer_name(group, p);
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                return Err(group_error(
+                    group,
+                    topic,
+                    format!("cannot delete consumer `{name}`: {e}"),
+                ));
+            }
+        }
+        let mut created: consumer::Consumer<consumer::pull::Config> = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!("Keel group `{group}`, partition {p}")),
+                filter_subject: groups::partition_subject(topic, p),
+                deliver_policy: policy,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                max_ack_pending,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                group_error(
+                    group,
+                    topic,
+                    format!("cannot create consumer `{name}`: {e}"),
+                )
+            })?;
+        let info = created.info().await.map_err(|e| {
+            group_error(group, topic, format!("cannot read consumer `{name}`: {e}"))
+        })?;
+        let floor = info.ack_floor.stream_sequence;
+        Ok((created, floor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(n: u32) -> TopicSpec {
+        TopicSpec {
+            name: "orders".into(),
+            partitions: n,
+        }
+    }
+
+    #[test]
+    fn a_matching_stream_has_no_differences_and_a_changed_one_names_each() {
+        let s = StreamSettings::default();
+        let want = stream_config(&spec(4), &s);
+        assert!(differences(&want, &want).is_empty());
+        assert_eq!(partitions_of(&want), Ok(4));
+        let mut other = s.clone();
+        other.max_age = Some(Duration::from_secs(3600));
+        other.replicas = 3;
+        let diffs = differences(&stream_config(&spec(6), &other), &want);
+        assert_eq!(diffs.len(), 3, "{diffs:?}");
+        assert!(diffs[0].contains("6 partitions, 4 requested"), "{diffs:?}");
+    }
+
+    #[test]
+    fn foreign_streams_are_not_topics() {
+        let mut c = stream_config(&spec(2), &StreamSettings::default());
+        c.subjects = vec!["orders.>".into()];
+        assert!(partitions_of(&c).is_err());
+    }
+
+    #[test]
+    fn settings_the_server_would_change_are_refused() {
+        let s = StreamSettings {
+            max_age: Some(Duration::from_secs(60)),
+            ..StreamSettings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("duplicate_window")
+        );
+        let s = StreamSettings {
+            max_bytes: Some(0),
+            ..StreamSettings::default()
+        };
+        assert!(s.validate().is_err());
+    }
+}

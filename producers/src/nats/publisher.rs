@@ -1,0 +1,459 @@
+//! `JetStreamPublisher`: Keel events to JetStream streams.
+//!
+//! Delivery guarantee: a publish resolves only when the server's PubAck
+//! arrived (a send or flush is never taken as storage), within the
+//! publisher's own ack timeout. `Nats-Msg-Id` is the event id, so publishing
+//! the same event again inside the stream's duplicate window stores it once
+//! and the receipt says `duplicate`. Keys map to the partition subjects
+//! `<topic>.<p>` by murmur2, as Kafka's Java clients map them to partitions.
+//!
+//! A batch is sent in order on one connection (the server stores it in that
+//! order) while at most [`JetStreamPublisherConfig::max_outstanding_acks`]
+//! acknowledgements are awaited concurrently: async-nats refuses publishes
+//! once its own ack window is full, so sending everything before awaiting
+//! anything stalls. Every event of a batch is encoded and size-checked
+//! before the first is sent, so a bad event fails the batch without storing
+//! the events around it.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use keel_core::partition::partition_for_key;
+use keel_core::transport::{Publisher, Receipt};
+use keel_core::{Envelope, Error, Result, wire};
+use tracing::Instrument;
+
+use super::admin::{JetStreamAdmin, partitions_of, topic_error};
+use super::config::{NatsClientConfig, validate_name};
+use super::groups;
+
+/// Publisher settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JetStreamPublisherConfig {
+    /// Connection.
+    pub client: NatsClientConfig,
+    /// How long to wait for each PubAck (default 5 s).
+    pub ack_timeout: Duration,
+    /// Most acknowledgements a batch awaits at once (default 1024; below
+    /// async-nats' own limit of 5,000).
+    pub max_outstanding_acks: usize,
+}
+
+impl Default for JetStreamPublisherConfig {
+    fn default() -> Self {
+        JetStreamPublisherConfig {
+            client: NatsClientConfig::default(),
+            ack_timeout: Duration::from_secs(5),
+            max_outstanding_acks: 1024,
+        }
+    }
+}
+
+impl JetStreamPublisherConfig {
+    /// Settings for `client` with defaults otherwise.
+    pub fn new(client: NatsClientConfig) -> Self {
+        JetStreamPublisherConfig {
+            client,
+            ..JetStreamPublisherConfig::default()
+        }
+    }
+
+    /// Refuses settings that cannot work, naming them.
+    pub fn validate(&self) -> Result<()> {
+        self.client.validate()?;
+        if self.ack_timeout.is_zero() {
+            return Err(Error::config("ack_timeout", "must be positive"));
+        }
+        if self.max_outstanding_acks == 0 || self.max_outstanding_acks > 5000 {
+            return Err(Error::config(
+                "max_outstanding_acks",
+                "must be 1 to 5000 (async-nats refuses publishes beyond 5000 outstanding acks)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the publisher knows about a topic's stream.
+#[derive(Clone, Copy, Debug)]
+struct StreamShape {
+    partitions: u32,
+    /// Largest message the stream accepts (payload + headers), if limited.
+    max_message_size: Option<usize>,
+}
+
+/// An event ready to send.
+struct Prepared {
+    subject: String,
+    partition: u32,
+    message: PublishMessage,
+}
+
+/// Publishes Keel events to JetStream.
+pub struct JetStreamPublisher {
+    js: jetstream::Context,
+    admin: JetStreamAdmin,
+    config: JetStreamPublisherConfig,
+    shapes: RwLock<HashMap<String, StreamShape>>,
+}
+
+impl std::fmt::Debug for JetStreamPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamPublisher")
+            .field(
+                "servers",
+                &keel_core::config::redact(&self.config.client.servers),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn publish_error(
+    topic: &str,
+    event: &Envelope,
+    reason: impl Into<String>,
+    retriable: bool,
+) -> Error {
+    Error::Publish {
+        topic: topic.to_owned(),
+        event_id: event.id().to_string(),
+        reason: reason.into(),
+        retriable,
+        source: None,
+    }
+}
+
+impl JetStreamPublisher {
+    /// Connects with validated `config`.
+    pub async fn connect(config: JetStreamPublisherConfig) -> Result<Self> {
+        config.validate()?;
+        let js = config.client.jetstream().await?;
+        Ok(Self::with_context(js, config))
+    }
+
+    /// A publisher on an existing JetStream context (its connection
+    /// settings in `config.client` are then not used).
+    pub fn with_context(js: jetstream::Context, config: JetStreamPublisherConfig) -> Self {
+        JetStreamPublisher {
+            admin: JetStreamAdmin::new(js.clone()),
+            js,
+            config,
+            shapes: RwLock::new(HashMap::new()),
+        }
+    }
+
+    async fn shape(&self, topic: &str) -> Result<StreamShape> {
+        if let Some(shape) = self
+            .shapes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            return Ok(*shape);
+        }
+        validate_name("topic", topic)?;
+        let mut stream = self.js.get_stream(topic).await.map_err(|e| {
+            topic_error(
+                topic,
+                format!("cannot look up its stream (create it with `keel topics create`): {e}"),
+                true,
+            )
+        })?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read its stream: {e}"), true))?;
+        let partitions =
+            partitions_of(&info.config).map_err(|reason| topic_error(topic, reason, false))?;
+        let shape = StreamShape {
+            partitions,
+            max_message_size: usize::try_from(info.config.max_message_size)
+                .ok()
+                .filter(|s| *s > 0),
+        };
+        self.shapes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned(), shape);
+        Ok(shape)
+    }
+
+    fn forget_shape(&self, topic: &str) {
+        self.shapes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+    }
+
+    /// Headers, subject and size check of one event.
+    fn prepare(&self, topic: &str, shape: StreamShape, event: &Envelope) -> Result<Prepared> {
+        let mut headers = HeaderMap::new();
+        let mut size = 0;
+        wire::visit_headers(event, |name, value| {
+            let value = String::from_utf8_lossy(value);
+            size += name.len() + value.len() + 4;
+            headers.insert(name, value.as_ref());
+        })
+        .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
+        let (name, value) = wire::key_header(event.key().as_bytes());
+        size += name.len() + value.len() + 4;
+        headers.insert(name, value.as_str());
+        let partition = partition_for_key(event.key().as_bytes(), shape.partitions);
+        let id = event.id().to_string();
+        size += event.payload().len() + id.len() + 16;
+        if let Some(max) = shape.max_message_size
+            && size > max
+        {
+            return Err(publish_error(
+                topic,
+                event,
+                format!(
+                    "the event is about {size} bytes with headers; the stream accepts at most {max} (max_message_size)"
+                ),
+                false,
+            ));
+        }
+        Ok(Prepared {
+            subject: groups::partition_subject(topic, partition),
+            partition,
+            message: PublishMessage::build()
+                .payload(event.payload().clone())
+                .headers(headers)
+                .message_id(id),
+        })
+    }
+
+    /// Sends a prepared event; the returned future resolves with its
+    /// receipt once acknowledged.
+    async fn send(
+        &self,
+        topic: &str,
+        event: &Envelope,
+        prepared: Prepared,
+    ) -> Result<impl Future<Output = Result<Receipt>> + use<>> {
+        let Prepared {
+            subject,
+            partition,
+            message,
+        } = prepared;
+        let ack = self
+            .js
+            .send_publish(subject, message)
+            .await
+            .map_err(|e| self.failed(topic, event, e.kind(), &e))?;
+        let timeout = self.config.ack_timeout;
+        let topic = topic.to_owned();
+        let event_id = event.id().to_string();
+        Ok(async move {
+            let fail = |reason: String, retriable: bool| Error::Publish {
+                topic: topic.clone(),
+                event_id: event_id.clone(),
+                reason,
+                retriable,
+                source: None,
+            };
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(ack)) => Ok(Receipt {
+                    topic: topic.clone(),
+                    partition,
+                    position: ack.sequence,
+                    duplicate: ack.duplicate,
+                }),
+                Ok(Err(e)) => {
+                    let retriable = !matches!(
+                        e.kind(),
+                        PublishErrorKind::StreamNotFound
+                            | PublishErrorKind::WrongLastSequence
+                            | PublishErrorKind::WrongLastMessageId
+                            | PublishErrorKind::MaxPayloadExceeded
+                    );
+                    Err(fail(
+                        format!("the server did not acknowledge it: {e}"),
+                        retriable,
+                    ))
+                }
+                Err(_) => Err(fail(
+                    format!(
+                        "no acknowledgement within {timeout:?}; it may or may not be stored (publishing it again is safe: the server de-duplicates by event id)"
+                    ),
+                    true,
+                )),
+            }
+        })
+    }
+
+    fn failed(
+        &self,
+        topic: &str,
+        event: &Envelope,
+        kind: PublishErrorKind,
+        e: &dyn std::fmt::Display,
+    ) -> Error {
+        if kind == PublishErrorKind::StreamNotFound {
+            self.forget_shape(topic);
+        }
+        let retriable = !matches!(
+            kind,
+            PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded
+        );
+        publish_error(topic, event, format!("cannot send: {e}"), retriable)
+    }
+
+    /// Publishes `event` only if the last event stored on its partition has
+    /// stream sequence `expected` (0: the partition is empty) — optimistic
+    /// concurrency for writers that must not interleave. A mismatch fails
+    /// without storing, and is not retriable.
+    pub async fn publish_expecting(
+        &self,
+        topic: &str,
+        event: Envelope,
+        expected: u64,
+    ) -> Result<Receipt> {
+        let shape = self.shape(topic).await?;
+        let mut prepared = self.prepare(topic, shape, &event)?;
+        prepared.message = prepared.message.expected_last_subject_sequence(expected);
+        let ack = self.send(topic, &event, prepared).await?;
+        ack.await.map_err(|e| match e {
+            Error::Publish {
+                topic,
+                event_id,
+                reason,
+                ..
+            } if reason.contains("wrong last sequence") => Error::Publish {
+                topic,
+                event_id,
+                reason: format!(
+                    "another event was stored on its partition after sequence {expected}: {reason}"
+                ),
+                retriable: false,
+                source: None,
+            },
+            other => other,
+        })
+    }
+
+    /// The admin on this publisher's connection.
+    pub fn admin(&self) -> &JetStreamAdmin {
+        &self.admin
+    }
+}
+
+#[async_trait]
+impl Publisher for JetStreamPublisher {
+    async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
+        let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic, partition = tracing::field::Empty);
+        async {
+            let shape = self.shape(topic).await?;
+            let prepared = self.prepare(topic, shape, &event)?;
+            tracing::Span::current().record("partition", prepared.partition);
+            self.send(topic, &event, prepared).await?.await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        let shape = self.shape(topic).await?;
+        // Everything is checked before anything is sent.
+        let prepared: Vec<Prepared> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                self.prepare(topic, shape, e).map_err(|err| {
+                    with_progress(
+                        err,
+                        topic,
+                        e,
+                        format!("event {} of {}; nothing was sent", i + 1, events.len()),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let window = self.config.max_outstanding_acks;
+        let mut receipts = Vec::with_capacity(events.len());
+        let mut outstanding = FuturesOrdered::new();
+        let mut failure: Option<(usize, Error)> = None;
+        for (i, (event, prepared)) in events.iter().zip(prepared).enumerate() {
+            while outstanding.len() >= window {
+                if let Some(r) = outstanding.next().await {
+                    settle(r, &mut receipts, &mut failure);
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+            match self.send(topic, event, prepared).await {
+                Ok(ack) => outstanding.push_back(async move { (i, ack.await) }),
+                Err(e) => {
+                    failure = Some((i, e));
+                    break;
+                }
+            }
+        }
+        while let Some(r) = outstanding.next().await {
+            settle(r, &mut receipts, &mut failure);
+        }
+        match failure {
+            None => Ok(receipts),
+            Some((i, e)) => {
+                let acked = receipts.len();
+                Err(with_progress(
+                    e,
+                    topic,
+                    &events[i],
+                    format!(
+                        "event {} of {} in the batch; {acked} were acknowledged",
+                        i + 1,
+                        events.len()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+fn settle(
+    (i, result): (usize, Result<Receipt>),
+    receipts: &mut Vec<Receipt>,
+    failure: &mut Option<(usize, Error)>,
+) {
+    match result {
+        Ok(r) => receipts.push(r),
+        Err(e) => {
+            if failure.as_ref().is_none_or(|(at, _)| i < *at) {
+                *failure = Some((i, e));
+            }
+        }
+    }
+}
+
+fn with_progress(e: Error, topic: &str, event: &Envelope, progress: String) -> Error {
+    match e {
+        Error::Publish {
+            topic,
+            event_id,
+            reason,
+            retriable,
+            source,
+        } => Error::Publish {
+            topic,
+            event_id,
+            reason: format!("{reason} ({progress})"),
+            retriable,
+            source,
+        },
+        other => Error::Publish {
+            topic: topic.to_owned(),
+            event_id: event.id().to_string(),
+            reason: format!("{other} ({progress})"),
+            retriable: other.is_retriable(),
+            source: Some(Box::new(other)),
+        },
+    }
+}
