@@ -10,6 +10,8 @@
 //! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
+//! | [`nats_transport`], [`nats_consumer_config`] | Keel's NATS transport with test-speed group timings |
+//! | [`faults`] | worker processes and their records, for the SIGKILL tests |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -21,6 +23,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
+
+pub mod faults;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};

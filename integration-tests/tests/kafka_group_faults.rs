@@ -8,12 +8,13 @@
 //! broker fences this with generations).
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher};
+use keel_integration_tests::faults::{Worker, distinct, handled, ownership, wait_until};
 use keel_integration_tests::{TansuUnderTest, TempDir, kafka_publisher, kafka_topic, unique_name};
 use keel_producers::kafka::KafkaClientConfig;
 
@@ -21,18 +22,6 @@ const EVENTS: usize = 100_000;
 const KEYS: usize = 1_000;
 const PARTITIONS: u32 = 6;
 const WINDOW: usize = 200;
-
-struct Worker {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start(bootstrap: &str, topic: &str, group: &str, name: &str, dir: &Path) -> Worker {
     let child = Command::new(env!("CARGO_BIN_EXE_kafka_group_worker"))
@@ -45,111 +34,6 @@ fn start(bootstrap: &str, topic: &str, group: &str, name: &str, dir: &Path) -> W
         name: name.to_owned(),
         child,
     }
-}
-
-/// One handled event, as a worker recorded it.
-struct Handled {
-    nanos: u128,
-    worker: String,
-    key: String,
-    seq: u32,
-    partition: u32,
-    offset: u64,
-}
-
-/// Every handled event so far, in the order handled.
-fn handled(dir: &Path) -> Vec<Handled> {
-    let mut out = Vec::new();
-    for path in files(dir, ".log") {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        for line in text.lines() {
-            let parts: Vec<&str> = line.split(' ').collect();
-            // A line being written at the moment of reading is skipped.
-            if parts.len() != 6 {
-                continue;
-            }
-            if let (Ok(nanos), Ok(seq), Ok(partition), Ok(offset)) = (
-                parts[0].parse(),
-                parts[3].parse(),
-                parts[4].parse(),
-                parts[5].parse(),
-            ) {
-                out.push(Handled {
-                    nanos,
-                    worker: parts[1].to_owned(),
-                    key: parts[2].to_owned(),
-                    seq,
-                    partition,
-                    offset,
-                });
-            }
-        }
-    }
-    out.sort_by_key(|h| h.nanos);
-    out
-}
-
-fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    out.sort();
-    out
-}
-
-fn distinct(records: &[Handled]) -> usize {
-    records
-        .iter()
-        .map(|h| (&h.key, h.seq))
-        .collect::<HashSet<_>>()
-        .len()
-}
-
-/// When each worker owned each partition, from the workers' assignment
-/// records: `(worker, partition)` → `[start, end)` intervals in unix nanos.
-/// A worker's last interval ends when it stopped (`ended`), else never.
-fn ownership(
-    dir: &Path,
-    ended: &HashMap<String, u128>,
-) -> HashMap<(String, u32), Vec<(u128, u128)>> {
-    let mut out: HashMap<(String, u32), Vec<(u128, u128)>> = HashMap::new();
-    for path in files(dir, ".log.assignments") {
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let worker = name.trim_end_matches(".log.assignments").to_owned();
-        let end = ended.get(&worker).copied().unwrap_or(u128::MAX);
-        let mut open: HashMap<u32, u128> = HashMap::new();
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            let (nanos, list) = line.split_once(' ').unwrap();
-            let nanos: u128 = nanos.parse().unwrap();
-            let owned: HashSet<u32> = list
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect();
-            for p in &owned {
-                open.entry(*p).or_insert(nanos);
-            }
-            let released: Vec<u32> = open
-                .keys()
-                .filter(|p| !owned.contains(p))
-                .copied()
-                .collect();
-            for p in released {
-                let since = open.remove(&p).unwrap();
-                out.entry((worker.clone(), p))
-                    .or_default()
-                    .push((since, nanos));
-            }
-        }
-        for (p, since) in open {
-            out.entry((worker.clone(), p))
-                .or_default()
-                .push((since, end));
-        }
-    }
-    out
 }
 
 /// When the broker first had `partition` assigned to two members at once,
@@ -176,43 +60,6 @@ fn first_double_assignment(
         }
     }
     first
-}
-
-/// Per partition: distinct offsets handled, the highest, and the gaps.
-fn coverage(records: &[Handled]) -> String {
-    let mut offsets: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
-    for h in records {
-        offsets.entry(h.partition).or_default().insert(h.offset);
-    }
-    let mut out = String::new();
-    for (p, set) in offsets {
-        let max = set.iter().max().copied().unwrap_or(0);
-        let missing: Vec<u64> = (0..=max).filter(|o| !set.contains(o)).collect();
-        let sample: Vec<u64> = missing.iter().take(5).copied().collect();
-        out.push_str(&format!(
-            "p{p}: {} offsets, max {max}, {} missing below max (first {sample:?})\n",
-            set.len(),
-            missing.len()
-        ));
-    }
-    out
-}
-
-async fn wait_until(dir: &Path, what: &str, pred: impl Fn(usize) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let records = handled(dir);
-        let n = distinct(&records);
-        if pred(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: only {n} distinct events handled after 300 s\n{}",
-            coverage(&records)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

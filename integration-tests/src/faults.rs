@@ -1,0 +1,180 @@
+//! Helpers for the fault-injection tests that run consumer-group members
+//! as separate OS processes (`kafka_group_worker`, `nats_group_worker`):
+//! the processes, the records they leave, and what the tests compute from
+//! them.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// A worker process, killed when dropped.
+pub struct Worker {
+    /// The worker's name in its records.
+    pub name: String,
+    /// The process.
+    pub child: Child,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One handled event, as a worker recorded it.
+pub struct Handled {
+    /// When the handler finished (unix nanos).
+    pub nanos: u128,
+    /// When the handler started, where the worker records it.
+    pub started: Option<u128>,
+    /// Which worker.
+    pub worker: String,
+    /// Event key.
+    pub key: String,
+    /// Sequence number within the key.
+    pub seq: u32,
+    /// Partition.
+    pub partition: u32,
+    /// Kafka offset or JetStream stream sequence.
+    pub offset: u64,
+}
+
+/// Every handled event so far, in the order handled.
+pub fn handled(dir: &Path) -> Vec<Handled> {
+    let mut out = Vec::new();
+    for path in files(dir, ".log") {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            // A line being written at the moment of reading is skipped.
+            if parts.len() != 6 && parts.len() != 7 {
+                continue;
+            }
+            if let (Ok(nanos), Ok(seq), Ok(partition), Ok(offset)) = (
+                parts[0].parse(),
+                parts[3].parse(),
+                parts[4].parse(),
+                parts[5].parse(),
+            ) {
+                out.push(Handled {
+                    nanos,
+                    started: parts.get(6).and_then(|s| s.parse().ok()),
+                    worker: parts[1].to_owned(),
+                    key: parts[2].to_owned(),
+                    seq,
+                    partition,
+                    offset,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|h| h.nanos);
+    out
+}
+
+/// Files in `dir` whose names end with `suffix`, sorted.
+pub fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    out.sort();
+    out
+}
+
+/// How many distinct `(key, seq)` events were handled.
+pub fn distinct(records: &[Handled]) -> usize {
+    records
+        .iter()
+        .map(|h| (&h.key, h.seq))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// When each worker owned each partition, from the workers' assignment
+/// records: `(worker, partition)` → `[start, end)` intervals in unix nanos.
+/// A worker's last interval ends when it stopped (`ended`), else never.
+pub fn ownership(
+    dir: &Path,
+    ended: &HashMap<String, u128>,
+) -> HashMap<(String, u32), Vec<(u128, u128)>> {
+    let mut out: HashMap<(String, u32), Vec<(u128, u128)>> = HashMap::new();
+    for path in files(dir, ".log.assignments") {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let worker = name.trim_end_matches(".log.assignments").to_owned();
+        let end = ended.get(&worker).copied().unwrap_or(u128::MAX);
+        let mut open: HashMap<u32, u128> = HashMap::new();
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let (nanos, list) = line.split_once(' ').unwrap();
+            let nanos: u128 = nanos.parse().unwrap();
+            let owned: HashSet<u32> = list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect();
+            for p in &owned {
+                open.entry(*p).or_insert(nanos);
+            }
+            let released: Vec<u32> = open
+                .keys()
+                .filter(|p| !owned.contains(p))
+                .copied()
+                .collect();
+            for p in released {
+                let since = open.remove(&p).unwrap();
+                out.entry((worker.clone(), p))
+                    .or_default()
+                    .push((since, nanos));
+            }
+        }
+        for (p, since) in open {
+            out.entry((worker.clone(), p))
+                .or_default()
+                .push((since, end));
+        }
+    }
+    out
+}
+
+/// Per partition: distinct offsets handled, the highest, and the gaps.
+pub fn coverage(records: &[Handled]) -> String {
+    let mut offsets: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+    for h in records {
+        offsets.entry(h.partition).or_default().insert(h.offset);
+    }
+    let mut out = String::new();
+    for (p, set) in offsets {
+        let max = set.iter().max().copied().unwrap_or(0);
+        let missing: Vec<u64> = (0..=max).filter(|o| !set.contains(o)).collect();
+        let sample: Vec<u64> = missing.iter().take(5).copied().collect();
+        out.push_str(&format!(
+            "p{p}: {} offsets, max {max}, {} missing below max (first {sample:?})\n",
+            set.len(),
+            missing.len()
+        ));
+    }
+    out
+}
+
+/// Waits (up to 300 s) until `pred` holds for the number of distinct
+/// events handled.
+pub async fn wait_until(dir: &Path, what: &str, pred: impl Fn(usize) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let records = handled(dir);
+        let n = distinct(&records);
+        if pred(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: only {n} distinct events handled after 300 s\n{}",
+            coverage(&records)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

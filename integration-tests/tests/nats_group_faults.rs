@@ -1,0 +1,232 @@
+//! JetStream consumer groups under faults, with separate OS processes: 100k
+//! events over 1,000 keys consumed by 3 members, one SIGKILLed mid-run and a
+//! fourth joining later, against the machine's nats-server. Every event is
+//! handled; per key, no event is handled for the first time before an
+//! earlier one was; duplicates come only from the killed member's unacked
+//! window (counted, bounded by it); the killed member's partitions are
+//! taken over within the session timeout; and no partition is ever handled
+//! by two members at once — checked from every handler's start and end
+//! times, not assumed.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_core::{Envelope, Publisher, TopicSpec};
+use keel_integration_tests::faults::{Handled, Worker, distinct, handled, ownership, wait_until};
+use keel_integration_tests::{TempDir, nats_consumer_config, nats_url, unique_name};
+use keel_producers::nats::{
+    JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
+};
+
+const EVENTS: usize = 100_000;
+const KEYS: usize = 1_000;
+const PARTITIONS: u32 = 6;
+const WINDOW: usize = 200;
+
+fn start(url: &str, topic: &str, group: &str, name: &str, dir: &Path) -> Worker {
+    let child = Command::new(env!("CARGO_BIN_EXE_nats_group_worker"))
+        .args([url, topic, group, name])
+        .arg(dir.join(format!("{name}.log")))
+        .arg(WINDOW.to_string())
+        .spawn()
+        .expect("start a worker process");
+    Worker {
+        name: name.to_owned(),
+        child,
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Per partition, handler runs of different members that overlap in time.
+fn overlapping_handlers(records: &[Handled]) -> Vec<String> {
+    let mut by_partition: BTreeMap<u32, Vec<&Handled>> = BTreeMap::new();
+    for h in records {
+        by_partition.entry(h.partition).or_default().push(h);
+    }
+    let mut out = Vec::new();
+    for (p, mut runs) in by_partition {
+        runs.sort_by_key(|h| h.started.unwrap());
+        // The latest end so far, and whose it was.
+        let mut reach: Option<(u128, &str)> = None;
+        for h in runs {
+            let start = h.started.unwrap();
+            if let Some((end, who)) = reach
+                && start < end
+                && who != h.worker
+            {
+                out.push(format!(
+                    "partition {p}: {} started {}:{} at {start} while {who} was handling until {end}",
+                    h.worker, h.key, h.seq
+                ));
+            }
+            if reach.is_none_or(|(end, _)| h.nanos > end) {
+                reach = Some((h.nanos, h.worker.as_str()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_join_mid_run_lose_nothing_keep_key_order_and_never_share_a_partition() {
+    let url = nats_url().await;
+    let client = NatsClientConfig::new(url.clone());
+    let js = client.jetstream().await.unwrap();
+    let topic = unique_name("faults");
+    JetStreamAdmin::new(js.clone())
+        .ensure_stream(
+            &TopicSpec {
+                name: topic.clone(),
+                partitions: PARTITIONS,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+    let group = unique_name("faults-g");
+    let publisher =
+        JetStreamPublisher::with_context(js.clone(), JetStreamPublisherConfig::new(client.clone()));
+    let dir = TempDir::new();
+
+    let mut workers = vec![
+        start(&url, &topic, &group, "w1", dir.path()),
+        start(&url, &topic, &group, "w2", dir.path()),
+        start(&url, &topic, &group, "w3", dir.path()),
+    ];
+    let topic_for_join = topic.clone();
+    let publishing = tokio::spawn(async move {
+        let per_key = EVENTS / KEYS;
+        for seq in 0..per_key {
+            let batch: Vec<Envelope> = (0..KEYS)
+                .map(|k| {
+                    Envelope::new(
+                        "keel.test.Numbered",
+                        format!("key-{k}"),
+                        format!("key-{k}:{seq}"),
+                    )
+                })
+                .collect();
+            publisher.publish_batch(&topic, batch).await.unwrap();
+        }
+    });
+
+    wait_until(dir.path(), "before the kill", |n| n >= EVENTS * 3 / 10).await;
+    let mut victim = workers.remove(1);
+    victim.child.kill().unwrap(); // SIGKILL: no leave, no ack
+    victim.child.wait().unwrap();
+    let killed_nanos = now_nanos();
+    let killed_at = distinct(&handled(dir.path()));
+
+    wait_until(dir.path(), "before the join", |n| n >= EVENTS * 6 / 10).await;
+    workers.push(start(&url, &topic_for_join, &group, "w4", dir.path()));
+    publishing.await.unwrap();
+    wait_until(dir.path(), "all events", |n| n >= EVENTS).await;
+    drop(workers);
+
+    let records = handled(dir.path());
+    assert_eq!(distinct(&records), EVENTS, "every event handled");
+
+    let overlaps = overlapping_handlers(&records);
+    assert!(
+        overlaps.is_empty(),
+        "{} times two members handled one partition at once, e.g. {:?}",
+        overlaps.len(),
+        &overlaps[..overlaps.len().min(5)]
+    );
+
+    // Per key: an event is handled for the first time only after every
+    // earlier event of its key was; repeats are re-deliveries, and only the
+    // killed member leaves work to re-deliver (hand-overs between live
+    // members drain and ack first).
+    let mut next: HashMap<&str, u32> = HashMap::new();
+    let mut first_by: HashMap<(&str, u32), &str> = HashMap::new();
+    let mut from_victim = 0;
+    let mut from_live = Vec::new();
+    for h in &records {
+        let expected = next.entry(h.key.as_str()).or_insert(0);
+        if h.seq == *expected {
+            *expected += 1;
+            first_by.insert((h.key.as_str(), h.seq), h.worker.as_str());
+            continue;
+        }
+        assert!(
+            h.seq < *expected,
+            "key {}: {} handled before {expected}",
+            h.key,
+            h.seq
+        );
+        let original = first_by[&(h.key.as_str(), h.seq)];
+        if original == victim.name {
+            from_victim += 1;
+        } else {
+            from_live.push(format!(
+                "{}:{} by {original} then {}",
+                h.key, h.seq, h.worker
+            ));
+        }
+    }
+
+    // The killed member's partitions went to live members within the
+    // session timeout (plus a heartbeat and the time to re-create the
+    // durable consumer).
+    let mut ended = HashMap::new();
+    ended.insert(victim.name.clone(), killed_nanos);
+    let owners = ownership(dir.path(), &ended);
+    let orphaned: Vec<u32> = owners
+        .iter()
+        .filter(|((w, _), spans)| *w == victim.name && spans.iter().any(|s| s.1 == killed_nanos))
+        .map(|((_, p), _)| *p)
+        .collect();
+    let session = nats_consumer_config(client).session_timeout;
+    let mut takeover = Duration::ZERO;
+    for p in &orphaned {
+        let taken = owners
+            .iter()
+            .filter(|((w, q), _)| q == p && *w != victim.name)
+            .flat_map(|(_, spans)| spans.iter().map(|s| s.0))
+            .filter(|start| *start >= killed_nanos)
+            .min()
+            .unwrap_or_else(|| panic!("partition {p} of the killed member was never taken over"));
+        takeover = takeover.max(Duration::from_nanos((taken - killed_nanos) as u64));
+    }
+    println!(
+        "killed {} after {killed_at} events owning {orphaned:?}; taken over after {takeover:?}; \
+         {} deliveries; duplicates: {from_victim} from the killed member's window, {} from live members",
+        victim.name,
+        records.len(),
+        from_live.len()
+    );
+    assert!(!orphaned.is_empty(), "the killed member owned partitions");
+    let joined: Vec<u32> = owners
+        .keys()
+        .filter(|(w, _)| w == "w4")
+        .map(|(_, p)| *p)
+        .collect();
+    assert!(
+        !joined.is_empty() && records.iter().any(|h| h.worker == "w4"),
+        "the member that joined late got partitions and handled events"
+    );
+    assert!(
+        takeover <= session + Duration::from_secs(5),
+        "take-over took {takeover:?}, session timeout {session:?}"
+    );
+    assert!(
+        from_live.is_empty(),
+        "live members' handled events came back: {:?}",
+        &from_live[..from_live.len().min(5)]
+    );
+    assert!(
+        from_victim <= WINDOW * orphaned.len(),
+        "{from_victim} duplicates exceed the killed member's window ({WINDOW} x {} partitions)",
+        orphaned.len()
+    );
+}
