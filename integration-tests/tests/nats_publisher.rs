@@ -1,0 +1,284 @@
+//! `JetStreamPublisher` and `JetStreamAdmin` against the machine's
+//! nats-server: de-duplication by event id, Keel headers on the wire,
+//! murmur2 partition subjects, large pipelined batches, optimistic
+//! concurrency, checks before sending, and streams that are validated,
+//! described, listed, lagged and reset.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use keel_consumers::nats::JetStreamGroupConsumer;
+use keel_core::partition::partition_for_key;
+use keel_core::{Deliveries, Envelope, Publisher, Subscriber, Subscription, TopicSpec};
+use keel_integration_tests::{nats_consumer_config, nats_url, unique_name};
+use keel_producers::kafka::ResetTo;
+use keel_producers::nats::{
+    JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
+};
+
+struct Setup {
+    client: NatsClientConfig,
+    admin: JetStreamAdmin,
+    publisher: JetStreamPublisher,
+    topic: String,
+}
+
+async fn setup(partitions: u32, settings: StreamSettings) -> Setup {
+    let client = NatsClientConfig::new(nats_url().await);
+    let js = client.jetstream().await.unwrap();
+    let admin = JetStreamAdmin::new(js.clone());
+    let topic = unique_name("pub");
+    admin
+        .ensure_stream(
+            &TopicSpec {
+                name: topic.clone(),
+                partitions,
+            },
+            &settings,
+        )
+        .await
+        .unwrap();
+    let publisher =
+        JetStreamPublisher::with_context(js, JetStreamPublisherConfig::new(client.clone()));
+    Setup {
+        client,
+        admin,
+        publisher,
+        topic,
+    }
+}
+
+fn event(key: &str, n: usize) -> Envelope {
+    Envelope::new("keel.test.Numbered", key, format!("{key}:{n}"))
+        .with_source("nats-test")
+        .with_header("app", "yes")
+}
+
+#[tokio::test]
+async fn the_same_event_id_inside_the_duplicate_window_is_stored_once() {
+    let s = setup(3, StreamSettings::default()).await;
+    let e = event("order-1", 0);
+    let first = s.publisher.publish(&s.topic, e.clone()).await.unwrap();
+    let again = s.publisher.publish(&s.topic, e.clone()).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "the server recognised the event id");
+    assert_eq!(again.position, first.position, "the original's sequence");
+    // A batch repeating it stores nothing new either.
+    let receipts = s
+        .publisher
+        .publish_batch(&s.topic, vec![e.clone(), event("order-1", 1)])
+        .await
+        .unwrap();
+    assert!(receipts[0].duplicate && !receipts[1].duplicate);
+    let d = s.admin.describe_topic(&s.topic).await.unwrap();
+    assert_eq!(d.messages_per_partition.iter().sum::<u64>(), 2);
+}
+
+#[tokio::test]
+async fn headers_key_and_partition_subject_are_what_keel_promises() {
+    let s = setup(4, StreamSettings::default()).await;
+    let e = event("customer-7", 1).with_correlation_id("corr-1");
+    let r = s.publisher.publish(&s.topic, e.clone()).await.unwrap();
+    let p = partition_for_key(b"customer-7", 4);
+    assert_eq!(r.partition, p, "murmur2, as Kafka's Java clients");
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    let raw = stream.get_raw_message(r.position).await.unwrap();
+    assert_eq!(raw.subject.as_str(), format!("{}.{p}", s.topic));
+    let h = raw.headers;
+    let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(get("Nats-Msg-Id"), Some(e.id().to_string()));
+    assert_eq!(get("keel-event-id"), Some(e.id().to_string()));
+    assert_eq!(
+        get("keel-event-type").as_deref(),
+        Some("keel.test.Numbered")
+    );
+    assert_eq!(get("keel-key").as_deref(), Some("customer-7"));
+    assert_eq!(get("keel-correlation-id").as_deref(), Some("corr-1"));
+    assert_eq!(get("app").as_deref(), Some("yes"));
+    assert_eq!(&raw.payload[..], e.payload().as_ref());
+}
+
+#[tokio::test]
+async fn a_batch_beyond_the_client_ack_window_completes_in_key_order() {
+    // async-nats refuses publishes once 5,000 acks are outstanding; a batch
+    // four times that must neither stall nor reorder.
+    let s = setup(3, StreamSettings::default()).await;
+    let events: Vec<Envelope> = (0..20_000)
+        .map(|i| event(&format!("k{}", i % 50), i / 50))
+        .collect();
+    let receipts = tokio::time::timeout(
+        Duration::from_secs(120),
+        s.publisher.publish_batch(&s.topic, events.clone()),
+    )
+    .await
+    .expect("a 20k batch completes")
+    .unwrap();
+    assert_eq!(receipts.len(), 20_000);
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    for (e, r) in events.iter().zip(&receipts) {
+        let key = e.key().as_str().unwrap();
+        let prev = last.insert(key, r.position).unwrap_or(0);
+        assert!(r.position > prev, "key {key} stored out of order");
+    }
+}
+
+#[tokio::test]
+async fn expected_last_sequence_refuses_a_concurrent_writer() {
+    let s = setup(1, StreamSettings::default()).await;
+    let first = s
+        .publisher
+        .publish_expecting(&s.topic, event("acct", 0), 0)
+        .await
+        .unwrap();
+    s.publisher
+        .publish_expecting(&s.topic, event("acct", 1), first.position)
+        .await
+        .unwrap();
+    let e = s
+        .publisher
+        .publish_expecting(&s.topic, event("acct", 2), first.position)
+        .await
+        .unwrap_err();
+    assert!(!e.is_retriable(), "{e}");
+    assert!(e.to_string().contains("after sequence"), "{e}");
+    let d = s.admin.describe_topic(&s.topic).await.unwrap();
+    assert_eq!(d.messages_per_partition, vec![2]);
+}
+
+#[tokio::test]
+async fn a_bad_event_fails_its_batch_before_anything_is_sent() {
+    let s = setup(
+        2,
+        StreamSettings {
+            max_message_size: Some(2048),
+            ..StreamSettings::default()
+        },
+    )
+    .await;
+    let big = Envelope::new("keel.test.Big", "k", vec![b'x'; 4096]);
+    let e = s
+        .publisher
+        .publish_batch(&s.topic, vec![event("k", 0), big, event("k", 2)])
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("max_message_size") && text.contains("event 2 of 3"),
+        "{text}"
+    );
+    assert!(text.contains("nothing was sent"), "{text}");
+    let d = s.admin.describe_topic(&s.topic).await.unwrap();
+    assert_eq!(d.messages_per_partition.iter().sum::<u64>(), 0);
+    // A topic that does not exist is named.
+    let e = s
+        .publisher
+        .publish("no-such-topic-here", event("k", 0))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no-such-topic-here"), "{e}");
+}
+
+#[tokio::test]
+async fn streams_are_created_once_and_never_changed_silently() {
+    let s = setup(4, StreamSettings::default()).await;
+    let spec = |n| TopicSpec {
+        name: s.topic.clone(),
+        partitions: n,
+    };
+    s.admin
+        .ensure_stream(&spec(4), &StreamSettings::default())
+        .await
+        .unwrap();
+    let e = s
+        .admin
+        .ensure_stream(
+            &spec(6),
+            &StreamSettings {
+                max_age: Some(Duration::from_secs(3600)),
+                ..StreamSettings::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 partitions, 6 requested"), "{e}");
+    assert!(e.contains("max_age"), "{e}");
+    assert_eq!(s.admin.partitions(&s.topic).await.unwrap(), 4);
+    assert!(s.admin.list_topics().await.unwrap().contains(&s.topic));
+    // A topic name NATS cannot carry is refused up front.
+    let e = s
+        .admin
+        .ensure_stream(
+            &TopicSpec {
+                name: "orders.v1".into(),
+                partitions: 1,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("orders.v1"), "{e}");
+}
+
+async fn join(client: &NatsClientConfig, topic: &str, group: &str) -> Deliveries {
+    JetStreamGroupConsumer::connect(nats_consumer_config(client.clone()))
+        .await
+        .unwrap()
+        .subscribe(Subscription::new(topic, group))
+        .await
+        .unwrap()
+}
+
+async fn read(deliveries: &mut Deliveries, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events within 30 s", out.len()))
+            .unwrap()
+            .unwrap();
+        out.push(String::from_utf8_lossy(d.envelope().payload()).into_owned());
+        d.ack();
+    }
+    out
+}
+
+#[tokio::test]
+async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
+    let s = setup(2, StreamSettings::default()).await;
+    let group = unique_name("lag-g");
+    let batch: Vec<Envelope> = (0..10).map(|i| event(&format!("k{i}"), i)).collect();
+    s.publisher.publish_batch(&s.topic, batch).await.unwrap();
+    let before = s.admin.lag(&group, &s.topic).await.unwrap();
+    assert_eq!(before.iter().map(|p| p.lag()).sum::<u64>(), 10);
+    assert!(before.iter().all(|p| p.position.is_none()));
+
+    let mut member = join(&s.client, &s.topic, &group).await;
+    read(&mut member, 10).await;
+    // A reset is refused while a member is alive.
+    let e = s
+        .admin
+        .reset_group(&group, &s.topic, ResetTo::Earliest, Duration::from_secs(4))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("live member"), "{e}");
+    member.leave().await.unwrap();
+    let after = s.admin.lag(&group, &s.topic).await.unwrap();
+    assert_eq!(after.iter().map(|p| p.lag()).sum::<u64>(), 0, "{after:?}");
+    assert!(after.iter().all(|p| p.position.is_some()));
+
+    s.admin
+        .reset_group(&group, &s.topic, ResetTo::Earliest, Duration::from_secs(4))
+        .await
+        .unwrap();
+    let reset = s.admin.lag(&group, &s.topic).await.unwrap();
+    assert_eq!(reset.iter().map(|p| p.lag()).sum::<u64>(), 10, "{reset:?}");
+    let mut member = join(&s.client, &s.topic, &group).await;
+    let mut again = read(&mut member, 10).await;
+    again.sort();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("k{i}:{i}")).collect();
+    expected.sort();
+    assert_eq!(again, expected, "the reset group replays everything");
+    member.leave().await.unwrap();
+}
