@@ -81,16 +81,18 @@ impl JetStreamPublisherConfig {
 }
 
 /// What the publisher knows about a topic's stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct StreamShape {
     partitions: u32,
+    /// `<topic>.<p>` by partition (cheap to clone: shared bytes).
+    subjects: std::sync::Arc<[async_nats::Subject]>,
     /// Largest message the stream accepts (payload + headers), if limited.
     max_message_size: Option<usize>,
 }
 
 /// An event ready to send.
 struct Prepared {
-    subject: String,
+    subject: async_nats::Subject,
     partition: u32,
     message: PublishMessage,
 }
@@ -133,12 +135,16 @@ impl JetStreamPublisher {
     /// Connects with validated `config`.
     pub async fn connect(config: JetStreamPublisherConfig) -> Result<Self> {
         config.validate()?;
-        let js = config.client.jetstream().await?;
+        let client = config.client.connect().await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .build(client);
         Ok(Self::with_context(js, config))
     }
 
     /// A publisher on an existing JetStream context (its connection
-    /// settings in `config.client` are then not used).
+    /// settings in `config.client` are then not used, and the context's
+    /// timeout bounds each acknowledgement).
     pub fn with_context(js: jetstream::Context, config: JetStreamPublisherConfig) -> Self {
         JetStreamPublisher {
             admin: JetStreamAdmin::new(js.clone()),
@@ -155,7 +161,7 @@ impl JetStreamPublisher {
             .unwrap_or_else(|p| p.into_inner())
             .get(topic)
         {
-            return Ok(*shape);
+            return Ok(shape.clone());
         }
         validate_name("topic", topic)?;
         let mut stream = self.js.get_stream(topic).await.map_err(|e| {
@@ -173,6 +179,9 @@ impl JetStreamPublisher {
             partitions_of(&info.config).map_err(|reason| topic_error(topic, reason, false))?;
         let shape = StreamShape {
             partitions,
+            subjects: (0..partitions)
+                .map(|p| async_nats::Subject::from(groups::partition_subject(topic, p)))
+                .collect(),
             max_message_size: usize::try_from(info.config.max_message_size)
                 .ok()
                 .filter(|s| *s > 0),
@@ -180,7 +189,7 @@ impl JetStreamPublisher {
         self.shapes
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_owned(), shape);
+            .insert(topic.to_owned(), shape.clone());
         Ok(shape)
     }
 
@@ -191,22 +200,15 @@ impl JetStreamPublisher {
             .remove(topic);
     }
 
-    /// Headers, subject and size check of one event.
-    fn prepare(&self, topic: &str, shape: StreamShape, event: &Envelope) -> Result<Prepared> {
-        let mut headers = HeaderMap::new();
+    /// Refuses an event the server would refuse (bad headers, larger than
+    /// the stream's `max_message_size`), without building anything.
+    fn check(&self, topic: &str, shape: &StreamShape, event: &Envelope) -> Result<()> {
         let mut size = 0;
-        wire::visit_headers(event, |name, value| {
-            let value = String::from_utf8_lossy(value);
-            size += name.len() + value.len() + 4;
-            headers.insert(name, value.as_ref());
-        })
-        .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
-        let (name, value) = wire::key_header(event.key().as_bytes());
-        size += name.len() + value.len() + 4;
-        headers.insert(name, value.as_str());
-        let partition = partition_for_key(event.key().as_bytes(), shape.partitions);
-        let id = event.id().to_string();
-        size += event.payload().len() + id.len() + 16;
+        wire::visit_headers(event, |name, value| size += name.len() + value.len() + 4)
+            .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
+        // Key header (base64 at worst) and `Nats-Msg-Id` with the event id.
+        size += wire::KEY_BASE64.len() + event.key().as_bytes().len().div_ceil(3) * 4 + 4;
+        size += "Nats-Msg-Id".len() + 36 + 4 + event.payload().len() + 16;
         if let Some(max) = shape.max_message_size
             && size > max
         {
@@ -219,24 +221,40 @@ impl JetStreamPublisher {
                 false,
             ));
         }
+        Ok(())
+    }
+
+    /// Headers and subject of a checked event.
+    fn prepare(&self, topic: &str, shape: &StreamShape, event: &Envelope) -> Result<Prepared> {
+        let mut headers = HeaderMap::new();
+        wire::visit_headers(event, |name, value| {
+            headers.insert(name, String::from_utf8_lossy(value).as_ref());
+        })
+        .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
+        let (name, value) = wire::key_header(event.key().as_bytes());
+        headers.insert(name, value.as_str());
+        let partition = partition_for_key(event.key().as_bytes(), shape.partitions);
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = event.id().as_uuid().hyphenated().encode_lower(&mut id);
         Ok(Prepared {
-            subject: groups::partition_subject(topic, partition),
+            subject: shape.subjects[partition as usize % shape.subjects.len()].clone(),
             partition,
             message: PublishMessage::build()
                 .payload(event.payload().clone())
                 .headers(headers)
-                .message_id(id),
+                .message_id(&*id),
         })
     }
 
-    /// Sends a prepared event; the returned future resolves with its
-    /// receipt once acknowledged.
+    /// Sends a prepared event; the returned future resolves with the
+    /// server's acknowledgement (or its timeout: the context's, which
+    /// [`JetStreamPublisher::connect`] sets to `ack_timeout`).
     async fn send(
         &self,
         topic: &str,
         event: &Envelope,
         prepared: Prepared,
-    ) -> Result<impl Future<Output = Result<Receipt>> + use<>> {
+    ) -> Result<(u32, jetstream::context::PublishAckFuture)> {
         let Prepared {
             subject,
             partition,
@@ -247,45 +265,49 @@ impl JetStreamPublisher {
             .send_publish(subject, message)
             .await
             .map_err(|e| self.failed(topic, event, e.kind(), &e))?;
-        let timeout = self.config.ack_timeout;
-        let topic = topic.to_owned();
-        let event_id = event.id().to_string();
-        Ok(async move {
-            let fail = |reason: String, retriable: bool| Error::Publish {
-                topic: topic.clone(),
-                event_id: event_id.clone(),
-                reason,
-                retriable,
-                source: None,
-            };
-            match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(ack)) => Ok(Receipt {
-                    topic: topic.clone(),
-                    partition,
-                    position: ack.sequence,
-                    duplicate: ack.duplicate,
-                }),
-                Ok(Err(e)) => {
-                    let retriable = !matches!(
-                        e.kind(),
-                        PublishErrorKind::StreamNotFound
-                            | PublishErrorKind::WrongLastSequence
-                            | PublishErrorKind::WrongLastMessageId
-                            | PublishErrorKind::MaxPayloadExceeded
-                    );
-                    Err(fail(
-                        format!("the server did not acknowledge it: {e}"),
-                        retriable,
-                    ))
-                }
-                Err(_) => Err(fail(
-                    format!(
-                        "no acknowledgement within {timeout:?}; it may or may not be stored (publishing it again is safe: the server de-duplicates by event id)"
-                    ),
-                    true,
-                )),
+        Ok((partition, ack))
+    }
+
+    /// The receipt, or an error naming the event, of an awaited ack.
+    fn receipt(
+        &self,
+        topic: &str,
+        event: &Envelope,
+        partition: u32,
+        ack: std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    ) -> Result<Receipt> {
+        match ack {
+            Ok(ack) => Ok(Receipt {
+                topic: topic.to_owned(),
+                partition,
+                position: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(e) if e.kind() == PublishErrorKind::TimedOut => Err(publish_error(
+                topic,
+                event,
+                format!(
+                    "no acknowledgement within {:?}; it may or may not be stored (publishing it again is safe: the server de-duplicates by event id)",
+                    self.config.ack_timeout
+                ),
+                true,
+            )),
+            Err(e) => {
+                let retriable = !matches!(
+                    e.kind(),
+                    PublishErrorKind::StreamNotFound
+                        | PublishErrorKind::WrongLastSequence
+                        | PublishErrorKind::WrongLastMessageId
+                        | PublishErrorKind::MaxPayloadExceeded
+                );
+                Err(publish_error(
+                    topic,
+                    event,
+                    format!("the server did not acknowledge it: {e}"),
+                    retriable,
+                ))
             }
-        })
+        }
     }
 
     fn failed(
@@ -316,10 +338,12 @@ impl JetStreamPublisher {
         expected: u64,
     ) -> Result<Receipt> {
         let shape = self.shape(topic).await?;
-        let mut prepared = self.prepare(topic, shape, &event)?;
+        self.check(topic, &shape, &event)?;
+        let mut prepared = self.prepare(topic, &shape, &event)?;
         prepared.message = prepared.message.expected_last_subject_sequence(expected);
-        let ack = self.send(topic, &event, prepared).await?;
-        ack.await.map_err(|e| match e {
+        let (partition, ack) = self.send(topic, &event, prepared).await?;
+        let ack = ack.await;
+        self.receipt(topic, &event, partition, ack).map_err(|e| match e {
             Error::Publish {
                 topic,
                 event_id,
@@ -350,9 +374,12 @@ impl Publisher for JetStreamPublisher {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic, partition = tracing::field::Empty);
         async {
             let shape = self.shape(topic).await?;
-            let prepared = self.prepare(topic, shape, &event)?;
+            self.check(topic, &shape, &event)?;
+            let prepared = self.prepare(topic, &shape, &event)?;
             tracing::Span::current().record("partition", prepared.partition);
-            self.send(topic, &event, prepared).await?.await
+            let (partition, ack) = self.send(topic, &event, prepared).await?;
+            let ack = ack.await;
+            self.receipt(topic, &event, partition, ack)
         }
         .instrument(span)
         .await
@@ -361,35 +388,49 @@ impl Publisher for JetStreamPublisher {
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let shape = self.shape(topic).await?;
         // Everything is checked before anything is sent.
-        let prepared: Vec<Prepared> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                self.prepare(topic, shape, e).map_err(|err| {
-                    with_progress(
-                        err,
-                        topic,
-                        e,
-                        format!("event {} of {}; nothing was sent", i + 1, events.len()),
-                    )
-                })
+        events.iter().enumerate().try_for_each(|(i, e)| {
+            self.check(topic, &shape, e).map_err(|err| {
+                with_progress(
+                    err,
+                    topic,
+                    e,
+                    format!("event {} of {}; nothing was sent", i + 1, events.len()),
+                )
             })
-            .collect::<Result<_>>()?;
+        })?;
         let window = self.config.max_outstanding_acks;
         let mut receipts = Vec::with_capacity(events.len());
         let mut outstanding = FuturesOrdered::new();
         let mut failure: Option<(usize, Error)> = None;
-        for (i, (event, prepared)) in events.iter().zip(prepared).enumerate() {
+        let mut settle = |(i, partition, ack), failure: &mut Option<(usize, Error)>| match self
+            .receipt(topic, &events[i], partition, ack)
+        {
+            Ok(r) => receipts.push(r),
+            Err(e) => {
+                if failure.as_ref().is_none_or(|(at, _)| i < *at) {
+                    *failure = Some((i, e));
+                }
+            }
+        };
+        // Headers are built as each event goes out, while earlier ones are
+        // on the wire.
+        for (i, event) in events.iter().enumerate() {
             while outstanding.len() >= window {
                 if let Some(r) = outstanding.next().await {
-                    settle(r, &mut receipts, &mut failure);
+                    settle(r, &mut failure);
                 }
             }
             if failure.is_some() {
                 break;
             }
-            match self.send(topic, event, prepared).await {
-                Ok(ack) => outstanding.push_back(async move { (i, ack.await) }),
+            let sent = match self.prepare(topic, &shape, event) {
+                Ok(prepared) => self.send(topic, event, prepared).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok((partition, ack)) => {
+                    outstanding.push_back(async move { (i, partition, ack.await) })
+                }
                 Err(e) => {
                     failure = Some((i, e));
                     break;
@@ -397,7 +438,7 @@ impl Publisher for JetStreamPublisher {
             }
         }
         while let Some(r) = outstanding.next().await {
-            settle(r, &mut receipts, &mut failure);
+            settle(r, &mut failure);
         }
         match failure {
             None => Ok(receipts),
@@ -413,21 +454,6 @@ impl Publisher for JetStreamPublisher {
                         events.len()
                     ),
                 ))
-            }
-        }
-    }
-}
-
-fn settle(
-    (i, result): (usize, Result<Receipt>),
-    receipts: &mut Vec<Receipt>,
-    failure: &mut Option<(usize, Error)>,
-) {
-    match result {
-        Ok(r) => receipts.push(r),
-        Err(e) => {
-            if failure.as_ref().is_none_or(|(at, _)| i < *at) {
-                *failure = Some((i, e));
             }
         }
     }
