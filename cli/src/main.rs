@@ -5,7 +5,7 @@
 //! | `demo` | `keel demo`: the whole backbone in one process, printing what it proved |
 //! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
-//! | `kafka` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka |
+//! | `broker` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka or NATS |
 //!
 //! Settings come from `keel.toml` (or `--config`), then `KEEL_*` environment
 //! variables, then flags. Subcommands arrive with the capability that needs
@@ -13,8 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+mod broker;
 mod demo;
-mod kafka;
 mod registry;
 mod schema;
 
@@ -74,25 +74,25 @@ enum Command {
     Schema(schema::SchemaCommand),
     /// List, create and describe topics.
     #[command(subcommand)]
-    Topics(kafka::TopicsCommand),
+    Topics(broker::TopicsCommand),
     /// How far a consumer group is behind, per partition.
     #[command(
         after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 lag --group billing --topic orders"
     )]
-    Lag(kafka::LagArgs),
+    Lag(broker::LagArgs),
     /// List consumer groups; reset a stopped group's positions.
     #[command(subcommand)]
-    Group(kafka::GroupCommand),
+    Group(broker::GroupCommand),
     /// Publish JSON lines as Avro events, encoded with the subject's latest
     /// schema from the registry; prints partition and offset of each.
     #[command(after_help = "Example:\n  \
         echo '{\"order_id\":\"o-1\", …}' | keel --broker kafka://127.0.0.1:9092 publish --topic orders --key-field order_id")]
-    Publish(kafka::PublishArgs),
+    Publish(broker::PublishArgs),
     /// Print events as JSON lines: decoded payload, headers, partition and
     /// offset.
     #[command(after_help = "Examples:\n  \
         keel --broker kafka://127.0.0.1:9092 tail --topic orders --from earliest --count 10")]
-    Tail(kafka::TailArgs),
+    Tail(broker::TailArgs),
 }
 
 /// Flags that override config settings; unset flags are skipped.
@@ -156,21 +156,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             schema::run(&registry_client(&config, cli.registry_auth)?, command).await
         }
         Command::Topics(command) => {
-            kafka::topics(&load_config(cli.config, &overrides)?, command).await
+            broker::topics(&load_config(cli.config, &overrides)?, command).await
         }
-        Command::Lag(args) => kafka::lag(&load_config(cli.config, &overrides)?, args).await,
+        Command::Lag(args) => broker::lag(&load_config(cli.config, &overrides)?, args).await,
         Command::Group(command) => {
-            kafka::group(&load_config(cli.config, &overrides)?, command).await
+            broker::group(&load_config(cli.config, &overrides)?, command).await
         }
         Command::Publish(args) => {
             let config = load_config(cli.config, &overrides)?;
             let registry = registry_client(&config, cli.registry_auth)?;
-            kafka::publish(&config, registry, args).await
+            broker::publish(&config, registry, args).await
         }
         Command::Tail(args) => {
             let config = load_config(cli.config, &overrides)?;
             let registry = registry_client(&config, cli.registry_auth)?;
-            kafka::tail(&config, registry, args).await
+            broker::tail(&config, registry, args).await
         }
     }
 }

@@ -229,6 +229,78 @@ pub struct KeelConfig {
     pub consumer: ConsumerConfig,
     /// Publisher settings.
     pub publisher: PublisherConfig,
+    /// How to authenticate to NATS (when `broker` is `nats://…`).
+    pub nats: NatsAuth,
+}
+
+/// NATS credentials and TLS (`[nats]` in `keel.toml`, `KEEL_NATS__TOKEN`,
+/// …). At most one way of authenticating; TLS combines with any of them.
+/// A `user:password@` or `token@` in the URL works too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<String>,
+    /// Authentication token.
+    pub token: Option<String>,
+    /// NKey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (JWT + NKey seed), as `nsc` writes them.
+    pub creds_file: Option<std::path::PathBuf>,
+    /// TLS.
+    pub tls: NatsTls,
+}
+
+/// TLS towards NATS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTls {
+    /// Require TLS even when the URL says `nats://`.
+    pub required: bool,
+    /// PEM file with the CA certificates that sign the server's certificate
+    /// (default: the platform's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS (needs `key_file`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl NatsAuth {
+    /// Refuses contradictory or incomplete settings, naming them.
+    pub fn validate(&self) -> Result<()> {
+        let methods = [
+            ("nats.user", self.user.is_some()),
+            ("nats.token", self.token.is_some()),
+            ("nats.nkey_seed", self.nkey_seed.is_some()),
+            ("nats.creds_file", self.creds_file.is_some()),
+        ];
+        let set: Vec<&str> = methods.iter().filter(|m| m.1).map(|m| m.0).collect();
+        if set.len() > 1 {
+            return Err(Error::config(
+                set[1],
+                format!(
+                    "only one way of authenticating may be set, found {}",
+                    set.join(" and ")
+                ),
+            ));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(Error::config(
+                "nats.password",
+                "`user` and `password` go together; set both or neither",
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(Error::config(
+                "nats.tls.key_file",
+                "a client certificate needs its key: set both `cert_file` and `key_file`",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for KeelConfig {
@@ -241,6 +313,7 @@ impl Default for KeelConfig {
             topics: TopicDefaults::default(),
             consumer: ConsumerConfig::default(),
             publisher: PublisherConfig::default(),
+            nats: NatsAuth::default(),
         }
     }
 }
@@ -355,6 +428,7 @@ impl KeelConfig {
 
     /// Refuses invalid values and combinations, naming the setting.
     pub fn validate(&self) -> Result<()> {
+        self.nats.validate()?;
         let partitions = self.topics.partitions;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(Error::config(

@@ -31,7 +31,7 @@ pub mod testkit;
 pub mod transport;
 pub mod wire;
 
-pub use config::{BrokerUrl, KeelConfig};
+pub use config::{BrokerUrl, KeelConfig, NatsAuth};
 pub use delivery::{Coordinates, Deliveries, Delivery, DeliveryInfo, RawRecord, Undecodable};
 pub use envelope::{Envelope, EventId, Key, TraceContext};
 pub use error::{BoxError, Error, Result};

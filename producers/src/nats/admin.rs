@@ -127,6 +127,19 @@ impl PartitionPending {
     }
 }
 
+/// A consumer group as the coordination bucket knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Topic the group reads.
+    pub topic: String,
+    /// Group name.
+    pub group: String,
+    /// Members whose heartbeat is recent.
+    pub live_members: usize,
+    /// Partitions with a lease record.
+    pub partitions: usize,
+}
+
 /// Manages Keel topics on JetStream.
 #[derive(Clone)]
 pub struct JetStreamAdmin {
@@ -497,6 +510,93 @@ impl JetStreamAdmin {
             }
         }
         Ok(live)
+    }
+
+    /// Every group in the coordination bucket, sorted by topic and group;
+    /// members count as live when their heartbeat is younger than
+    /// `liveness`.
+    pub async fn list_groups(&self, liveness: Duration) -> Result<Vec<GroupSummary>> {
+        let store = self.groups_bucket().await?;
+        let fail = |e: &dyn std::fmt::Display| {
+            Error::retriable(std::io::Error::other(format!(
+                "cannot list the keys of {}: {e}",
+                groups::BUCKET
+            )))
+        };
+        let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+        let mut out: std::collections::BTreeMap<(String, String), GroupSummary> =
+            Default::default();
+        let now = chrono::Utc::now();
+        while let Some(key) = keys.try_next().await.map_err(|e| fail(&e))? {
+            // `<topic>.<group>.members.<id>` or `<topic>.<group>.partitions.<p>`
+            let parts: Vec<&str> = key.splitn(4, '.').collect();
+            let [topic, group, kind, _] = parts[..] else {
+                continue;
+            };
+            let summary = out
+                .entry((topic.to_owned(), group.to_owned()))
+                .or_insert_with(|| GroupSummary {
+                    topic: topic.to_owned(),
+                    group: group.to_owned(),
+                    live_members: 0,
+                    partitions: 0,
+                });
+            match kind {
+                "partitions" => summary.partitions += 1,
+                "members" => {
+                    if let Ok(Some(entry)) = store.entry(&key).await
+                        && entry.operation == kv::Operation::Put
+                        && (now - entry.created).to_std().unwrap_or_default() < liveness
+                    {
+                        summary.live_members += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Removes a stopped group from `topic`: its durable consumers and its
+    /// coordination keys (for throw-away groups such as `keel tail`'s).
+    pub async fn delete_group(&self, group: &str, topic: &str) -> Result<()> {
+        validate_name("group", group)?;
+        let partitions = self.partitions(topic).await?;
+        let stream = self
+            .js
+            .get_stream(topic)
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot look up the stream: {e}"), true))?;
+        for p in 0..partitions {
+            let name = groups::consumer_name(group, p);
+            match stream.delete_consumer(&name).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(group_error(
+                        group,
+                        topic,
+                        format!("cannot delete consumer `{name}`: {e}"),
+                    ));
+                }
+            }
+        }
+        let store = self.groups_bucket().await?;
+        let prefix = format!("{}.", groups::group_prefix(topic, group));
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?;
+        while let Some(key) = keys
+            .try_next()
+            .await
+            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?
+        {
+            if key.starts_with(&prefix) {
+                let _ = store.purge(&key).await;
+            }
+        }
+        Ok(())
     }
 
     /// Pending events of `group` on each partition of `topic`.

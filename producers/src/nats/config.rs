@@ -1,33 +1,19 @@
 //! Typed, validated NATS client settings → `async_nats::ConnectOptions`.
 //!
-//! Exactly one way of authenticating may be set (user/password, token, nkey
-//! seed or a `.creds` file); TLS (CA, client certificate) combines with any
-//! of them. Defaults mirror async-nats' own.
+//! At most one way of authenticating may be set (user/password, token,
+//! nkey seed or a `.creds` file, from [`NatsAuth`], which `keel.toml`'s
+//! `[nats]` table fills); TLS (CA, client certificate) combines with any of
+//! them. Defaults mirror async-nats' own.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use keel_core::config::NatsAuth;
 use keel_core::{Error, Result};
 use serde::Deserialize;
 
 /// Default timeout of JetStream API requests and publish acknowledgements
 /// (async-nats' own default for acks is 5 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// TLS settings.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsTls {
-    /// Require TLS even when the URL says `nats://`.
-    pub required: bool,
-    /// PEM file with the CA certificates that sign the server's certificate
-    /// (default: the platform's roots).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (needs `key_file`).
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    pub key_file: Option<PathBuf>,
-}
 
 /// How to reach and authenticate to NATS.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -38,18 +24,8 @@ pub struct NatsClientConfig {
     pub servers: String,
     /// Connection name shown by `nats server report connections`.
     pub name: Option<String>,
-    /// User name (with `password`).
-    pub user: Option<String>,
-    /// Password of `user`.
-    pub password: Option<String>,
-    /// Authentication token.
-    pub token: Option<String>,
-    /// NKey seed (`SU…`).
-    pub nkey_seed: Option<String>,
-    /// A `.creds` file (JWT + NKey seed), as `nsc` writes them.
-    pub creds_file: Option<PathBuf>,
-    /// TLS.
-    pub tls: NatsTls,
+    /// Credentials and TLS.
+    pub auth: NatsAuth,
     /// Timeout of JetStream API requests and of each publish
     /// acknowledgement, in milliseconds (default 5000).
     pub request_timeout_ms: u64,
@@ -60,12 +36,7 @@ impl Default for NatsClientConfig {
         NatsClientConfig {
             servers: "nats://127.0.0.1:4222".into(),
             name: None,
-            user: None,
-            password: None,
-            token: None,
-            nkey_seed: None,
-            creds_file: None,
-            tls: NatsTls::default(),
+            auth: NatsAuth::default(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
         }
     }
@@ -93,34 +64,7 @@ impl NatsClientConfig {
                 "no server given; expected e.g. nats://127.0.0.1:4222",
             ));
         }
-        let methods = [
-            ("nats.user", self.user.is_some()),
-            ("nats.token", self.token.is_some()),
-            ("nats.nkey_seed", self.nkey_seed.is_some()),
-            ("nats.creds_file", self.creds_file.is_some()),
-        ];
-        let set: Vec<&str> = methods.iter().filter(|m| m.1).map(|m| m.0).collect();
-        if set.len() > 1 {
-            return Err(Error::config(
-                set[1],
-                format!(
-                    "only one way of authenticating may be set, found {}",
-                    set.join(" and ")
-                ),
-            ));
-        }
-        if self.user.is_some() != self.password.is_some() {
-            return Err(Error::config(
-                "nats.password",
-                "`user` and `password` go together; set both or neither",
-            ));
-        }
-        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            return Err(Error::config(
-                "nats.tls.key_file",
-                "a client certificate needs its key: set both `cert_file` and `key_file`",
-            ));
-        }
+        self.auth.validate()?;
         if self.request_timeout_ms == 0 {
             return Err(Error::config(
                 "nats.request_timeout_ms",
@@ -139,16 +83,17 @@ impl NatsClientConfig {
         if let Some(name) = &self.name {
             options = options.name(name);
         }
-        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+        let auth = &self.auth;
+        if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
             options = options.user_and_password(user.clone(), password.clone());
         }
-        if let Some(token) = &self.token {
+        if let Some(token) = &auth.token {
             options = options.token(token.clone());
         }
-        if let Some(seed) = &self.nkey_seed {
+        if let Some(seed) = &auth.nkey_seed {
             options = options.nkey(seed.clone());
         }
-        if let Some(path) = &self.creds_file {
+        if let Some(path) = &auth.creds_file {
             options = options.credentials_file(path).await.map_err(|e| {
                 Error::config(
                     "nats.creds_file",
@@ -156,13 +101,13 @@ impl NatsClientConfig {
                 )
             })?;
         }
-        if self.tls.required {
+        if auth.tls.required {
             options = options.require_tls(true);
         }
-        if let Some(ca) = &self.tls.ca_file {
+        if let Some(ca) = &auth.tls.ca_file {
             options = options.add_root_certificates(ca.clone());
         }
-        if let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) {
+        if let (Some(cert), Some(key)) = (&auth.tls.cert_file, &auth.tls.key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
         let servers: Vec<&str> = self
@@ -223,17 +168,17 @@ mod tests {
     fn one_way_of_authenticating() {
         let mut c = NatsClientConfig::new("nats://a:4222");
         c.validate().unwrap_or_else(|e| panic!("{e}"));
-        c.token = Some("t".into());
-        c.nkey_seed = Some("SU".into());
+        c.auth.token = Some("t".into());
+        c.auth.nkey_seed = Some("SU".into());
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("nats.token and nats.nkey_seed"), "{e}");
         let mut c = NatsClientConfig::new("nats://a:4222");
-        c.user = Some("u".into());
+        c.auth.user = Some("u".into());
         assert!(c.validate().unwrap_err().to_string().contains("password"));
         let mut c = NatsClientConfig::new(" , ");
         assert!(c.validate().is_err());
         c.servers = "nats://a".into();
-        c.tls.cert_file = Some("c.pem".into());
+        c.auth.tls.cert_file = Some("c.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("key_file"));
     }
 

@@ -12,6 +12,9 @@ pub mod config;
 pub mod groups;
 pub mod publisher;
 
-pub use admin::{JetStreamAdmin, PartitionPending, StreamDescription, StreamSettings};
-pub use config::{NatsClientConfig, NatsTls};
+pub use admin::{
+    GroupSummary, JetStreamAdmin, PartitionPending, StreamDescription, StreamSettings,
+};
+pub use config::NatsClientConfig;
+pub use keel_core::config::{NatsAuth, NatsTls};
 pub use publisher::{JetStreamPublisher, JetStreamPublisherConfig};

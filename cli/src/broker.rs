@@ -1,6 +1,7 @@
-//! Kafka operations: `keel topics`, `keel lag`, `keel group reset`,
-//! `keel publish` (JSON in, Avro through the registry on the wire) and
-//! `keel tail` (decoded events out as JSON lines).
+//! Broker operations on Kafka and NATS JetStream: `keel topics`, `keel lag`,
+//! `keel group list|reset`, `keel publish` (JSON in, Avro through the
+//! registry on the wire) and `keel tail` (decoded events out as JSON
+//! lines). The broker comes from `--broker kafka://…` or `nats://…`.
 
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
+use keel_consumers::nats::{JetStreamConsumerConfig, JetStreamGroupConsumer};
 use keel_core::{
     BrokerUrl, Envelope, Error, KeelConfig, Publisher, StartFrom, Subscriber, Subscription,
     TopicSpec,
@@ -17,6 +19,9 @@ use keel_core::{
 use keel_producers::kafka::{
     CleanupPolicy, KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig, ResetTo,
     TopicSettings,
+};
+use keel_producers::nats::{
+    JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
 };
 use keel_schemas::{AvroCodec, CodecOptions, RegistryClient, SubjectNameStrategy};
 use serde_json::{Value, json};
@@ -159,18 +164,37 @@ pub(crate) enum From {
     Latest,
 }
 
-fn client(config: &KeelConfig, command: &str) -> anyhow::Result<KafkaClientConfig> {
+/// The configured broker's client settings.
+enum Broker {
+    Kafka(KafkaClientConfig),
+    Nats(NatsClientConfig),
+}
+
+/// Members whose heartbeat is older than this count as gone (the NATS
+/// consumer's default session timeout).
+const NATS_LIVENESS: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
-        BrokerUrl::Kafka { bootstrap } => Ok(KafkaClientConfig::new(bootstrap.clone())),
+        BrokerUrl::Kafka { bootstrap } => {
+            Ok(Broker::Kafka(KafkaClientConfig::new(bootstrap.clone())))
+        }
+        BrokerUrl::Nats { servers } => Ok(Broker::Nats(NatsClientConfig {
+            auth: config.nats.clone(),
+            ..NatsClientConfig::new(servers.join(","))
+        })),
         other => bail!(
-            "`keel {command}` needs a Kafka broker (--broker kafka://host:9092 or `broker` in keel.toml); \
+            "`keel {command}` needs a broker: --broker kafka://host:9092 or nats://host:4222 (or `broker` in keel.toml); \
              the configured broker is {other}"
         ),
     }
 }
 
 pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyhow::Result<()> {
-    let client = client(config, "topics")?;
+    let client = match broker(config, "topics")? {
+        Broker::Kafka(client) => client,
+        Broker::Nats(client) => return nats_topics(config, &client, command).await,
+    };
     match command {
         TopicsCommand::List => {
             for topic in KafkaAdmin::new(&client, -1)?.list_topics().await? {
@@ -203,8 +227,104 @@ pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyho
     Ok(())
 }
 
+async fn nats_topics(
+    config: &KeelConfig,
+    client: &NatsClientConfig,
+    command: TopicsCommand,
+) -> anyhow::Result<()> {
+    let admin = JetStreamAdmin::connect(client).await?;
+    match command {
+        TopicsCommand::List => {
+            for topic in admin.list_topics().await? {
+                println!("{topic}");
+            }
+        }
+        TopicsCommand::Create(args) => {
+            if args.compact {
+                bail!(
+                    "--compact: JetStream streams have no per-key compaction; leave it out on NATS"
+                );
+            }
+            let spec = TopicSpec {
+                name: args.topic.clone(),
+                partitions: args.partitions.unwrap_or(config.topics.partitions),
+            };
+            let settings = StreamSettings {
+                max_age: match args.retention_ms {
+                    None | Some(-1) => None,
+                    Some(ms) if ms > 0 => Some(std::time::Duration::from_millis(ms as u64)),
+                    Some(ms) => bail!(
+                        "--retention-ms {ms}: give a positive number of ms, or -1 for forever"
+                    ),
+                },
+                replicas: if args.replication_factor < 1 {
+                    1
+                } else {
+                    args.replication_factor as usize
+                },
+                ..StreamSettings::default()
+            };
+            admin.ensure_stream(&spec, &settings).await?;
+            println!(
+                "topic {} ready with {} partitions",
+                spec.name, spec.partitions
+            );
+        }
+        TopicsCommand::Describe { topic } => {
+            let d = admin.describe_topic(&topic).await?;
+            let s = &d.settings;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "name": d.name,
+                    "partitions": d.partitions,
+                    "messages_per_partition": d.messages_per_partition,
+                    "first_sequence": d.first_sequence,
+                    "last_sequence": d.last_sequence,
+                    "bytes": d.bytes,
+                    "max_age_ms": s.max_age.map(|a| a.as_millis() as u64),
+                    "max_bytes": s.max_bytes,
+                    "max_messages": s.max_messages,
+                    "max_message_size": s.max_message_size,
+                    "duplicate_window_ms": s.duplicate_window.as_millis() as u64,
+                    "replicas": s.replicas,
+                }))?
+            );
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()> {
-    let client = client(config, "lag")?;
+    let client = match broker(config, "lag")? {
+        Broker::Kafka(client) => client,
+        Broker::Nats(client) => {
+            let lags = JetStreamAdmin::connect(&client)
+                .await?
+                .lag(&args.group, &args.topic)
+                .await?;
+            println!(
+                "{:>9}  {:>12}  {:>12}  {:>12}  {:>10}",
+                "partition", "position", "pending", "unacked", "lag"
+            );
+            for p in &lags {
+                let position = p.position.map_or("-".to_owned(), |c| c.to_string());
+                println!(
+                    "{:>9}  {position:>12}  {:>12}  {:>12}  {:>10}",
+                    p.partition,
+                    p.pending,
+                    p.ack_pending,
+                    p.lag()
+                );
+            }
+            let total: u64 = lags.iter().map(|p| p.lag()).sum();
+            println!(
+                "group {} on {}: {total} events behind",
+                args.group, args.topic
+            );
+            return Ok(());
+        }
+    };
     let lags = KafkaAdmin::new(&client, -1)?
         .lag(&args.group, &args.topic)
         .await?;
@@ -228,14 +348,24 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
 }
 
 pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow::Result<()> {
-    let client = client(config, "group")?;
-    let admin = KafkaAdmin::new(&client, -1)?;
+    let broker = broker(config, "group")?;
     match command {
-        GroupCommand::List => {
-            for g in admin.list_groups().await? {
-                println!("{}\t{}\t{} members", g.name, g.state, g.members);
+        GroupCommand::List => match broker {
+            Broker::Kafka(client) => {
+                for g in KafkaAdmin::new(&client, -1)?.list_groups().await? {
+                    println!("{}\t{}\t{} members", g.name, g.state, g.members);
+                }
             }
-        }
+            Broker::Nats(client) => {
+                let admin = JetStreamAdmin::connect(&client).await?;
+                for g in admin.list_groups(NATS_LIVENESS).await? {
+                    println!(
+                        "{}\ttopic {}\t{} live members\t{} partitions leased",
+                        g.group, g.topic, g.live_members, g.partitions
+                    );
+                }
+            }
+        },
         GroupCommand::Reset(args) => {
             let to = if args.to_earliest {
                 ResetTo::Earliest
@@ -248,9 +378,26 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
             } else {
                 bail!("say where to: --to-earliest, --to-latest, --to-datetime or --to-offset");
             };
-            let positions = admin.reset_group(&args.group, &args.topic, to).await?;
-            for (partition, offset) in positions {
-                println!("{}\tpartition {partition}\t-> {offset}", args.topic);
+            match broker {
+                Broker::Kafka(client) => {
+                    let admin = KafkaAdmin::new(&client, -1)?;
+                    let positions = admin.reset_group(&args.group, &args.topic, to).await?;
+                    for (partition, offset) in positions {
+                        println!("{}\tpartition {partition}\t-> {offset}", args.topic);
+                    }
+                }
+                Broker::Nats(client) => {
+                    let admin = JetStreamAdmin::connect(&client).await?;
+                    let positions = admin
+                        .reset_group(&args.group, &args.topic, to, NATS_LIVENESS)
+                        .await?;
+                    for (partition, sequence) in positions {
+                        println!(
+                            "{}\tpartition {partition}\t-> sequence {sequence}",
+                            args.topic
+                        );
+                    }
+                }
             }
         }
     }
@@ -262,7 +409,7 @@ pub(crate) async fn publish(
     registry: RegistryClient,
     args: PublishArgs,
 ) -> anyhow::Result<()> {
-    let client = client(config, "publish")?;
+    let broker = broker(config, "publish")?;
     let registry = Arc::new(registry);
     let subject = args
         .subject
@@ -327,10 +474,15 @@ pub(crate) async fn publish(
     if events.is_empty() {
         bail!("no events to publish: the input is empty");
     }
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client,
-        ..KafkaPublisherConfig::default()
-    })?;
+    let publisher: Box<dyn Publisher> = match broker {
+        Broker::Kafka(client) => Box::new(KafkaPublisher::new(KafkaPublisherConfig {
+            client,
+            ..KafkaPublisherConfig::default()
+        })?),
+        Broker::Nats(client) => {
+            Box::new(JetStreamPublisher::connect(JetStreamPublisherConfig::new(client)).await?)
+        }
+    };
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
     let receipts = publisher.publish_batch(&args.topic, events).await?;
     let mut out = std::io::stdout().lock();
@@ -389,7 +541,7 @@ pub(crate) async fn tail(
     registry: RegistryClient,
     args: TailArgs,
 ) -> anyhow::Result<()> {
-    let client = client(config, "tail")?;
+    let broker = broker(config, "tail")?;
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let group = args
         .group
@@ -400,11 +552,27 @@ pub(crate) async fn tail(
         (None, From::Earliest) => StartFrom::Earliest,
         (None, From::Latest) => StartFrom::Latest,
     };
-    let consumer = KafkaGroupConsumer::new(KafkaConsumerConfig {
-        client,
-        commit_interval_ms: 1000,
-        ..KafkaConsumerConfig::default()
-    })?;
+    let throwaway = args.group.is_none();
+    let (consumer, nats): (Box<dyn Subscriber>, Option<NatsClientConfig>) = match broker {
+        Broker::Kafka(client) => (
+            Box::new(KafkaGroupConsumer::new(KafkaConsumerConfig {
+                client,
+                commit_interval_ms: 1000,
+                ..KafkaConsumerConfig::default()
+            })?),
+            None,
+        ),
+        Broker::Nats(client) => (
+            Box::new(
+                JetStreamGroupConsumer::connect(JetStreamConsumerConfig {
+                    client: client.clone(),
+                    ..JetStreamConsumerConfig::default()
+                })
+                .await?,
+            ),
+            Some(client),
+        ),
+    };
     // One at a time, so lines come out in each partition's order.
     let mut deliveries = consumer
         .subscribe(
@@ -466,6 +634,14 @@ pub(crate) async fn tail(
         printed += 1;
     }
     deliveries.leave().await?;
+    // A throw-away group leaves nothing behind on NATS (durable consumers
+    // would otherwise pile up, one set per `keel tail`).
+    if let (Some(client), true) = (nats, throwaway) {
+        JetStreamAdmin::connect(&client)
+            .await?
+            .delete_group(&group, &args.topic)
+            .await?;
+    }
     Ok(())
 }
 
