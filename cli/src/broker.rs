@@ -391,11 +391,8 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
                     let positions = admin
                         .reset_group(&args.group, &args.topic, to, NATS_LIVENESS)
                         .await?;
-                    for (partition, sequence) in positions {
-                        println!(
-                            "{}\tpartition {partition}\t-> sequence {sequence}",
-                            args.topic
-                        );
+                    for (partition, start) in positions {
+                        println!("{}\tpartition {partition}\t-> {start}", args.topic);
                     }
                 }
             }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::{Envelope, Publisher, TopicAdmin, TopicSpec};
-use keel_integration_tests::{kafka_bootstrap, unique_name};
+use keel_integration_tests::{bench, kafka_bootstrap, unique_name};
 use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
 use keel_schemas::{AvroCodec, CodecOptions, LocalRegistry, SubjectNameStrategy, testdata};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -21,13 +21,7 @@ const ROUNDS: usize = 3;
 const LATENCY_SAMPLES: usize = 1000;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
-    let events: usize = args
-        .get(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
-    let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let (events, batch) = bench::args()?;
     tokio::runtime::Runtime::new()?.block_on(run(events, batch))
 }
 
@@ -78,11 +72,10 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         raw_rates.push(raw_throughput(&raw, &topic, &pre_encoded, &headers, events, batch).await?);
         keel_rates.push(keel_throughput(&keel, &codec, &topic, events, batch).await?);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (raw_rate, keel_rate) = (median(&mut raw_rates), median(&mut keel_rates));
+    let (raw_rate, keel_rate) = (
+        bench::median(&mut raw_rates),
+        bench::median(&mut keel_rates),
+    );
     println!(
         "throughput  raw rdkafka (pre-encoded)  {raw_rate:>10.0} msg/s  rounds {raw_rates:.0?}"
     );
@@ -95,7 +88,7 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     );
 
     let raw_lat = raw_latency(&raw, &topic, &pre_encoded, &headers).await?;
-    let keel_lat = keel_latency(&keel, &codec, &topic).await?;
+    let keel_lat = bench::keel_publish_latency(&keel, &codec, &topic, LATENCY_SAMPLES).await?;
     println!(
         "latency one-at-a-time  raw  p50 {:?} p99 {:?}",
         raw_lat.0, raw_lat.1
@@ -172,14 +165,6 @@ async fn keel_throughput(
     Ok(events as f64 / start.elapsed().as_secs_f64())
 }
 
-fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    (
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-    )
-}
-
 async fn raw_latency(
     p: &FutureProducer,
     topic: &str,
@@ -201,29 +186,5 @@ async fn raw_latency(
         .map_err(|(e, _)| e)?;
         samples.push(start.elapsed());
     }
-    Ok(percentiles(samples))
-}
-
-async fn keel_latency(
-    p: &KafkaPublisher,
-    codec: &AvroCodec,
-    topic: &str,
-) -> anyhow::Result<(Duration, Duration)> {
-    let order = testdata::order_placed();
-    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
-    for i in 0..LATENCY_SAMPLES {
-        let start = Instant::now();
-        let payload = codec.encode(topic, &order).await?;
-        p.publish(
-            topic,
-            Envelope::new(
-                "shop.orders.OrderPlaced",
-                format!("order-{}", i % 1000),
-                payload,
-            ),
-        )
-        .await?;
-        samples.push(start.elapsed());
-    }
-    Ok(percentiles(samples))
+    Ok(bench::percentiles(samples))
 }

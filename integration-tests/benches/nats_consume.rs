@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use keel_consumers::nats::{JetStreamConsumerConfig, JetStreamGroupConsumer};
 use keel_core::{Envelope, Publisher, Subscriber, Subscription, TopicSpec};
-use keel_integration_tests::{nats_url, unique_name};
+use keel_integration_tests::{bench, nats_url, unique_name};
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
 };
@@ -26,12 +26,7 @@ const LATENCY_SAMPLES: usize = 200;
 const PARTITIONS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
-    let events: usize = args
-        .get(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
+    let (events, _) = bench::args()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -86,11 +81,10 @@ async fn run(events: usize) -> anyhow::Result<()> {
         raw_rates.push(raw_round(&js, &topic, events).await?);
         keel_rates.push(keel_round(&js, &client, &topic, events).await?);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (raw_rate, keel_rate) = (median(&mut raw_rates), median(&mut keel_rates));
+    let (raw_rate, keel_rate) = (
+        bench::median(&mut raw_rates),
+        bench::median(&mut keel_rates),
+    );
     println!("throughput  raw pull-consumer loop  {raw_rate:>10.0} msg/s  rounds {raw_rates:.0?}");
     println!(
         "throughput  keel group consumer     {keel_rate:>10.0} msg/s  rounds {keel_rates:.0?}"
@@ -219,37 +213,15 @@ async fn latency(
             anyhow::Ok(())
         })
     };
-    // Let the reader join and position itself before measuring.
-    publisher
-        .publish(&topic, Envelope::new("bench.Ping", "warm-up", "warm-up"))
-        .await?;
-    let (first, _) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
-        .await
-        .map_err(|_| anyhow::anyhow!("the latency reader saw nothing within 60 s (keel: {keel})"))?
-        .ok_or_else(|| anyhow::anyhow!("the latency reader stopped"))?;
-    anyhow::ensure!(first == "warm-up", "unexpected first event {first}");
-    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
-    for i in 0..LATENCY_SAMPLES {
-        let text = format!("{i}");
-        let at = Instant::now();
-        publisher
-            .publish(
-                &topic,
-                Envelope::new("bench.Ping", format!("k{i}"), text.clone()),
-            )
-            .await?;
-        let (seen, when) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
-            .await
-            .map_err(|_| anyhow::anyhow!("event {i} not seen within 30 s (keel: {keel})"))?
-            .ok_or_else(|| anyhow::anyhow!("the latency reader stopped"))?;
-        anyhow::ensure!(seen == text, "expected {text}, saw {seen}");
-        samples.push(when.duration_since(at));
-    }
+    let result = bench::publish_to_seen(
+        publisher,
+        &topic,
+        &mut seen_rx,
+        LATENCY_SAMPLES,
+        if keel { "keel" } else { "raw" },
+    )
+    .await;
     drop(seen_rx);
     reader.abort();
-    samples.sort();
-    Ok((
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-    ))
+    result
 }

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use keel_core::partition::partition_for_key;
 use keel_core::{Envelope, Publisher, TopicSpec};
-use keel_integration_tests::{nats_url, unique_name};
+use keel_integration_tests::{bench, nats_url, unique_name};
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
 };
@@ -34,13 +34,7 @@ const LATENCY_SAMPLES: usize = 1000;
 const ONE_AT_A_TIME: usize = 3000;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
-    let events: usize = args
-        .get(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
-    let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let (events, batch) = bench::args()?;
     tokio::runtime::Runtime::new()?.block_on(run(events, batch))
 }
 
@@ -98,15 +92,11 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         single_rates.push(raw.one_at_a_time(ONE_AT_A_TIME, &mut run_id).await?);
         stream_rates.push(raw.pipelined(events, None, &mut run_id).await?);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (raw_rate, keel_rate, single_rate, stream_rate) = (
-        median(&mut raw_rates),
-        median(&mut keel_rates),
-        median(&mut single_rates),
-        median(&mut stream_rates),
+        bench::median(&mut raw_rates),
+        bench::median(&mut keel_rates),
+        bench::median(&mut single_rates),
+        bench::median(&mut stream_rates),
     );
     println!(
         "throughput  raw async-nats pipelined   {raw_rate:>10.0} msg/s  rounds {raw_rates:.0?} (batches of {batch}, like Keel's)"
@@ -127,7 +117,7 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     );
 
     let raw_lat = raw.latency(&mut run_id).await?;
-    let keel_lat = keel_latency(&keel, &codec, &topic).await?;
+    let keel_lat = bench::keel_publish_latency(&keel, &codec, &topic, LATENCY_SAMPLES).await?;
     println!(
         "latency one-at-a-time  raw  p50 {:?} p99 {:?}",
         raw_lat.0, raw_lat.1
@@ -209,7 +199,7 @@ impl Raw {
             self.js.send_publish(subject, message).await?.await?;
             samples.push(start.elapsed());
         }
-        Ok(percentiles(samples))
+        Ok(bench::percentiles(samples))
     }
 }
 
@@ -260,36 +250,4 @@ async fn keel_throughput(
         n += batch;
     }
     Ok(events as f64 / start.elapsed().as_secs_f64())
-}
-
-async fn keel_latency(
-    p: &JetStreamPublisher,
-    codec: &AvroCodec,
-    topic: &str,
-) -> anyhow::Result<(Duration, Duration)> {
-    let order = testdata::order_placed();
-    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
-    for i in 0..LATENCY_SAMPLES {
-        let start = Instant::now();
-        let payload = codec.encode(topic, &order).await?;
-        p.publish(
-            topic,
-            Envelope::new(
-                "shop.orders.OrderPlaced",
-                format!("order-{}", i % 1000),
-                payload,
-            ),
-        )
-        .await?;
-        samples.push(start.elapsed());
-    }
-    Ok(percentiles(samples))
-}
-
-fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    (
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-    )
 }

@@ -9,6 +9,46 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+/// Appends every assignment change of `deliveries` to `path` as
+/// `<unix nanos> <partitions, comma-separated>` lines (what [`ownership`]
+/// reads), from a background task.
+pub fn record_assignments(
+    deliveries: &keel_core::Deliveries,
+    path: &Path,
+    worker: &str,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut changes = deliveries.assignment_changes();
+    let worker = worker.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let owned = changes.borrow_and_update().clone();
+            tracing::info!(%worker, ?owned, "assignment");
+            let list: Vec<String> = owned.iter().map(u32::to_string).collect();
+            let line = format!("{} {}\n", unix_nanos(), list.join(","));
+            if let Err(e) = file.write_all(line.as_bytes()) {
+                tracing::error!(error = %e, "cannot record the assignment");
+            }
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Now, in nanoseconds since the Unix epoch (comparable across processes).
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
 /// A worker process, killed when dropped.
 pub struct Worker {
     /// The worker's name in its records.

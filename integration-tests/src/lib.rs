@@ -12,6 +12,7 @@
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
 //! | [`nats_transport`], [`nats_consumer_config`] | Keel's NATS transport with test-speed group timings |
 //! | [`faults`] | worker processes and their records, for the SIGKILL tests |
+//! | [`bench`] | what the benchmark binaries share: medians, percentiles, latency loops |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -24,6 +25,7 @@
 
 use std::time::Duration;
 
+pub mod bench;
 pub mod faults;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};

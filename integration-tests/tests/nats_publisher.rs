@@ -170,6 +170,26 @@ async fn a_bad_event_fails_its_batch_before_anything_is_sent() {
     assert!(text.contains("nothing was sent"), "{text}");
     let d = s.admin.describe_topic(&s.topic).await.unwrap();
     assert_eq!(d.messages_per_partition.iter().sum::<u64>(), 0);
+    // Past the server's max_payload (1 MiB by default) on a stream with no
+    // limit of its own: also refused before anything is sent.
+    let unlimited = setup(1, StreamSettings::default()).await;
+    let huge = Envelope::new("keel.test.Big", "k", vec![b'x'; 2 << 20]);
+    let e = unlimited
+        .publisher
+        .publish_batch(&unlimited.topic, vec![event("k", 0), huge])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("max_payload") && e.contains("nothing was sent"),
+        "{e}"
+    );
+    let d = unlimited
+        .admin
+        .describe_topic(&unlimited.topic)
+        .await
+        .unwrap();
+    assert_eq!(d.messages_per_partition, vec![0]);
     // A topic that does not exist is named.
     let e = s
         .publisher
@@ -281,4 +301,40 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     expected.sort();
     assert_eq!(again, expected, "the reset group replays everything");
     member.leave().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_partition_handed_over_before_any_ack_resumes_where_it_stood() {
+    // A `Latest` group's member takes the partition and leaves before any
+    // event arrives; the next member must start where the first one was
+    // told to, not at the stream's start (a fresh consumer reports an ack
+    // floor of 0).
+    let s = setup(1, StreamSettings::default()).await;
+    let group = unique_name("latest-g");
+    let old: Vec<Envelope> = (0..10).map(|i| event("old", i)).collect();
+    s.publisher.publish_batch(&s.topic, old).await.unwrap();
+    let member = JetStreamGroupConsumer::connect(nats_consumer_config(s.client.clone()))
+        .await
+        .unwrap()
+        .subscribe(Subscription::new(&s.topic, &group).start_from(keel_core::StartFrom::Latest))
+        .await
+        .unwrap();
+    let mut assigned = member.assignment_changes();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        assigned.wait_for(|a| !a.is_empty()),
+    )
+    .await
+    .expect("assigned within 30 s")
+    .unwrap();
+    drop(assigned);
+    member.leave().await.unwrap();
+    let new: Vec<Envelope> = (0..5).map(|i| event("new", i)).collect();
+    s.publisher.publish_batch(&s.topic, new).await.unwrap();
+    let mut next = join(&s.client, &s.topic, &group).await;
+    let got = read(&mut next, 5).await;
+    assert!(got.iter().all(|p| p.starts_with("new:")), "{got:?}");
+    let more = tokio::time::timeout(Duration::from_secs(2), next.next()).await;
+    assert!(more.is_err(), "nothing beyond the 5 new events: {more:?}");
+    next.leave().await.unwrap();
 }

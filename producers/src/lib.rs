@@ -11,3 +11,36 @@
 
 pub mod kafka;
 pub mod nats;
+
+/// `e`, which failed the event `event` of a batch, with `progress` (how
+/// much of the batch the broker has) added to its reason.
+pub(crate) fn batch_failure(
+    e: keel_core::Error,
+    topic: &str,
+    event: &keel_core::Envelope,
+    progress: String,
+) -> keel_core::Error {
+    use keel_core::Error;
+    match e {
+        Error::Publish {
+            topic,
+            event_id,
+            reason,
+            retriable,
+            source,
+        } => Error::Publish {
+            topic,
+            event_id,
+            reason: format!("{reason} ({progress})"),
+            retriable,
+            source,
+        },
+        other => Error::Publish {
+            topic: topic.to_owned(),
+            event_id: event.id().to_string(),
+            reason: format!("{other} ({progress})"),
+            retriable: other.is_retriable(),
+            source: Some(Box::new(other)),
+        },
+    }
+}

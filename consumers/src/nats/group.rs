@@ -163,6 +163,12 @@ struct PartitionAcks {
     last_sequence: u64,
     /// Unacked messages by ordinal: stream sequence and acker.
     pending: BTreeMap<i64, (u64, jetstream::message::Acker)>,
+    /// Acked stream sequences above the oldest unacked one: a re-send of
+    /// one of them (its ack was lost) is acked again, not handled again.
+    acked: std::collections::BTreeSet<u64>,
+    /// The consumer sequence of the last delivery: every delivery,
+    /// re-sends included, advances it by one, so a jump means one was lost.
+    last_delivery: u64,
 }
 
 impl PartitionAcks {
@@ -174,6 +180,25 @@ impl PartitionAcks {
             .next()
             .map(|(s, _)| *s)
             .or((self.last_sequence > 0).then_some(self.last_sequence + 1))
+    }
+
+    /// Takes the acker of `ordinal` out, remembering its sequence as acked.
+    fn take_for_ack(&mut self, ordinal: i64) -> Option<(u64, jetstream::message::Acker)> {
+        let (sequence, acker) = self.pending.remove(&ordinal)?;
+        self.acked.insert(sequence);
+        let oldest = self
+            .pending
+            .values()
+            .map(|(s, _)| *s)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.acked = self.acked.split_off(&oldest.min(sequence));
+        Some((sequence, acker))
+    }
+
+    /// Whether `sequence` is held unacked.
+    fn holds(&self, sequence: u64) -> bool {
+        self.pending.values().any(|(s, _)| *s == sequence)
     }
 }
 
@@ -205,6 +230,10 @@ struct Owned {
     valid_until: Instant,
     reader: JoinHandle<()>,
     releasing: bool,
+    /// Re-open instead of handing over once drained (a delivery was lost).
+    reopen: bool,
+    /// Which assignment of this member it is (see `Member::assignments`).
+    assignment: i64,
 }
 
 /// How the member should stop.
@@ -234,7 +263,13 @@ struct Member {
     /// Per-member counter that gives every assignment its own ordinal
     /// range, so a late ack of an earlier assignment never hits a new one.
     assignments: i64,
-    released: mpsc::UnboundedSender<u32>,
+    released: mpsc::UnboundedSender<(u32, i64)>,
+    /// Readers report a lost delivery here as `(partition, assignment)`.
+    broken: mpsc::UnboundedSender<(u32, i64)>,
+    /// When each partition was last dropped without draining: it is not
+    /// taken again until `drain_timeout` has passed, so its abandoned
+    /// handlers are not still running when its events come back.
+    dropped: HashMap<u32, Instant>,
 }
 
 /// Ordinals of one assignment start at `assignment << 40`.
@@ -290,6 +325,7 @@ impl Subscriber for JetStreamGroupConsumer {
         let (assignment_tx, assignment_rx) = watch::channel(Vec::new());
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
         let (released_tx, released_rx) = mpsc::unbounded_channel();
+        let (broken_tx, broken_rx) = mpsc::unbounded_channel();
         let member = Member {
             id: id.clone(),
             topic: topic.clone(),
@@ -308,8 +344,10 @@ impl Subscriber for JetStreamGroupConsumer {
             owned: HashMap::new(),
             assignments: 0,
             released: released_tx,
+            broken: broken_tx,
+            dropped: HashMap::new(),
         };
-        let task = tokio::spawn(member.run(updates, stop_rx, released_rx));
+        let task = tokio::spawn(member.run(updates, stop_rx, released_rx, broken_rx));
         tracing::info!(%topic, %group, member = %id, "joined JetStream consumer group");
         Ok(Deliveries::new(
             UnboundedReceiverStream::new(rx),
@@ -363,11 +401,11 @@ async fn pump_acks(
             Pump::Ack(p, ordinal) => {
                 let acker = lock(&acks)
                     .get_mut(&(p as u32))
-                    .and_then(|pa| pa.pending.remove(&ordinal));
+                    .and_then(|pa| pa.take_for_ack(ordinal));
                 if let Some((sequence, acker)) = acker
                     && let Err(e) = acker.ack().await
                 {
-                    tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the event will be re-delivered");
+                    tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
                 }
             }
             Pump::Barrier(done) => {
@@ -375,7 +413,7 @@ async fn pump_acks(
                 while let Ok((p, ordinal)) = acked.try_recv() {
                     let acker = lock(&acks)
                         .get_mut(&(p as u32))
-                        .and_then(|pa| pa.pending.remove(&ordinal));
+                        .and_then(|pa| pa.take_for_ack(ordinal));
                     if let Some((_, acker)) = acker {
                         let _ = acker.ack().await;
                     }
@@ -402,7 +440,8 @@ impl Member {
         mut self,
         mut updates: kv::Watch,
         mut stop: watch::Receiver<Stop>,
-        mut released: mpsc::UnboundedReceiver<u32>,
+        mut released: mpsc::UnboundedReceiver<(u32, i64)>,
+        mut broken: mpsc::UnboundedReceiver<(u32, i64)>,
     ) {
         let mut tick = tokio::time::interval(self.config.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,7 +466,15 @@ impl Member {
                         }
                     }
                 },
-                Some(p) = released.recv() => self.finish_release(p).await,
+                Some((p, a)) = released.recv() => self.finish_release(p, a).await,
+                Some((p, a)) = broken.recv() => {
+                    if self.owned.get(&p).is_some_and(|o| o.assignment == a && !o.releasing) {
+                        if let Some(o) = self.owned.get_mut(&p) {
+                            o.reopen = true;
+                        }
+                        self.start_release(p);
+                    }
+                }
                 _ = tick.tick() => self.round().await,
                 changed = stop.changed() => {
                     let how = if changed.is_err() { Stop::Abandon } else { *stop.borrow() };
@@ -471,6 +518,15 @@ impl Member {
                 } else {
                     serde_json::from_slice::<LeaseRecord>(&entry.value).ok()
                 };
+                let ours =
+                    record.as_ref().and_then(|r| r.owner.as_deref()) == Some(self.id.as_str());
+                if ours
+                    && let Some(owned) = self.owned.get_mut(&p)
+                    && entry.revision > owned.revision
+                {
+                    // A renewal that timed out here but landed on the server.
+                    owned.revision = entry.revision;
+                }
                 if let Some(owned) = self.owned.get(&p)
                     && entry.revision > owned.revision
                     && record.as_ref().and_then(|r| r.owner.as_deref()) != Some(self.id.as_str())
@@ -627,6 +683,7 @@ impl Member {
     /// (their acks are ignored) and re-delivered to the next owner.
     fn drop_partition(&mut self, p: u32) {
         if let Some(owned) = self.owned.remove(&p) {
+            self.dropped.insert(p, Instant::now());
             owned.reader.abort();
             self.engine.start_revoking(&[p as i32]);
             self.engine.remove(&[p as i32]);
@@ -646,6 +703,13 @@ impl Member {
     }
 
     async fn try_acquire(&mut self, p: u32, live: &[String]) {
+        if self
+            .dropped
+            .get(&p)
+            .is_some_and(|at| at.elapsed() < self.config.drain_timeout)
+        {
+            return;
+        }
         let key = groups::lease_key(&self.topic, &self.group, p);
         let view = self.leases.get(&p).cloned();
         let hint = view
@@ -698,8 +762,16 @@ impl Member {
                 seen: Instant::now(),
             },
         );
-        match self.open(p, revision, hint).await {
-            Ok((revision, reader)) => {
+        // Bounded, so a slow server cannot keep this member from renewing
+        // the leases it already holds past their validity.
+        let opened = tokio::time::timeout(
+            self.config.lease_validity() / 2,
+            self.open(p, revision, hint),
+        )
+        .await
+        .unwrap_or_else(|_| Err(self.error("positioning the partition timed out".into())));
+        match opened {
+            Ok((revision, reader, assignment)) => {
                 self.owned.insert(
                     p,
                     Owned {
@@ -707,14 +779,39 @@ impl Member {
                         valid_until: started + self.config.lease_validity(),
                         reader,
                         releasing: false,
+                        reopen: false,
+                        assignment,
                     },
                 );
                 self.publish_assignment();
             }
             Err(e) => {
                 tracing::warn!(error = %e, partition = p, "cannot start reading the partition; releasing it");
-                self.release_lease(p, hint).await;
+                // The newest resume position recorded, not the one found.
+                let resume = self
+                    .leases
+                    .get(&p)
+                    .and_then(|l| l.record.as_ref())
+                    .and_then(|r| r.resume)
+                    .or(hint);
+                self.release_lease(p, resume).await;
             }
+        }
+        // Acquiring takes requests: re-check the leases held meanwhile.
+        self.stop_expired();
+    }
+
+    /// Stops every partition whose lease validity has passed.
+    fn stop_expired(&mut self) {
+        let expired: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| Instant::now() >= o.valid_until)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease not renewed in time; stopping the partition before another member may take it");
+            self.drop_partition(p);
         }
     }
 
@@ -725,7 +822,7 @@ impl Member {
         p: u32,
         mut revision: u64,
         hint: Option<u64>,
-    ) -> Result<(u64, JoinHandle<()>)> {
+    ) -> Result<(u64, JoinHandle<()>, i64)> {
         let stream = self
             .admin
             .context()
@@ -733,29 +830,47 @@ impl Member {
             .await
             .map_err(|e| self.error(format!("cannot look up the stream: {e}")))?;
         let name = groups::consumer_name(&self.group, p);
-        // The group's position: the durable consumer's ack floor, else what
-        // the lease recorded, else where a new group starts.
-        let floor = match stream.consumer_info(&name).await {
-            Ok(info) => Some(info.ack_floor.stream_sequence + 1),
+        // The group's position: the durable consumer's (what it acked, else
+        // where it was told to start), else what the lease recorded, else
+        // where a new group starts.
+        let existing = match stream.consumer_info(&name).await {
+            Ok(info) => Some(info),
             Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => None,
             Err(e) => return Err(self.error(format!("cannot read consumer `{name}`: {e}"))),
         };
-        let resume = floor.or(hint);
-        let key = groups::lease_key(&self.topic, &self.group, p);
-        if resume.is_some() && resume != hint {
-            revision = self.write_lease(&key, revision, resume).await?;
-        }
-        let policy = match (resume, self.start) {
-            (Some(s), _) => consumer::DeliverPolicy::ByStartSequence {
+        let policy = match (existing, hint) {
+            (Some(info), _) => resume_policy(&info),
+            (None, Some(s)) => consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: s.max(1),
             },
-            (None, StartFrom::Latest) => consumer::DeliverPolicy::New,
-            (None, StartFrom::Timestamp(at)) => {
-                consumer::DeliverPolicy::ByStartTime { start_time: at }
-            }
-            (None, _) => consumer::DeliverPolicy::All,
+            (None, None) => match self.start {
+                // Resolved now, so a later owner resumes at the same place.
+                StartFrom::Latest => {
+                    let last = stream
+                        .get_info()
+                        .await
+                        .map_err(|e| self.error(format!("cannot read the stream: {e}")))?
+                        .state
+                        .last_sequence;
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    }
+                }
+                StartFrom::Timestamp(at) => consumer::DeliverPolicy::ByStartTime { start_time: at },
+                _ => consumer::DeliverPolicy::All,
+            },
         };
-        let (durable, floor) = self
+        let resume = match policy {
+            consumer::DeliverPolicy::ByStartSequence { start_sequence } => Some(start_sequence),
+            _ => hint,
+        };
+        let key = groups::lease_key(&self.topic, &self.group, p);
+        if resume != hint {
+            // Recorded before the consumer is replaced: a crash in between
+            // leaves the next owner this position.
+            revision = self.write_lease(&key, revision, resume).await?;
+        }
+        let (durable, _) = self
             .admin
             .recreate_consumer(
                 &self.group,
@@ -766,9 +881,6 @@ impl Member {
                 i64::from(self.config.partition_window),
             )
             .await?;
-        if resume.is_none() {
-            revision = self.write_lease(&key, revision, Some(floor + 1)).await?;
-        }
         self.assignments += 1;
         let base = self.assignments << ORDINAL_SHIFT;
         lock(&self.acks).insert(
@@ -779,15 +891,17 @@ impl Member {
             },
         );
         self.engine.assign(&[(p as i32, None)]);
-        tracing::info!(topic = %self.topic, group = %self.group, partition = p, from = floor + 1, "partition assigned");
+        tracing::info!(topic = %self.topic, group = %self.group, partition = p, from = ?policy, "partition assigned");
         let reader = tokio::spawn(read_partition(
             durable,
             p,
+            self.assignments,
             self.engine.clone(),
             self.acks.clone(),
             self.topic.clone(),
+            self.broken.clone(),
         ));
-        Ok((revision, reader))
+        Ok((revision, reader, self.assignments))
     }
 
     async fn write_lease(&mut self, key: &str, revision: u64, resume: Option<u64>) -> Result<u64> {
@@ -825,6 +939,7 @@ impl Member {
         };
         owned.releasing = true;
         owned.reader.abort();
+        let assignment = owned.assignment;
         self.engine.start_revoking(&[p as i32]);
         let engine = self.engine.clone();
         let pump = self.pump.clone();
@@ -846,15 +961,20 @@ impl Member {
             if pump.send(Pump::Barrier(done_tx)).is_ok() {
                 let _ = done_rx.await;
             }
-            let _ = released.send(p);
+            let _ = released.send((p, assignment));
         });
     }
 
     /// Completes a hand-over once `p` drained and its acks were sent.
-    async fn finish_release(&mut self, p: u32) {
-        if !self.owned.get(&p).is_some_and(|o| o.releasing) {
-            return; // dropped meanwhile
-        }
+    async fn finish_release(&mut self, p: u32, assignment: i64) {
+        let Some(owned) = self
+            .owned
+            .get(&p)
+            .filter(|o| o.releasing && o.assignment == assignment)
+        else {
+            return; // dropped (or re-taken) meanwhile
+        };
+        let (reopen, revision) = (owned.reopen, owned.revision);
         self.engine.remove(&[p as i32]);
         let resume = lock(&self.acks).remove(&p).and_then(|a| a.resume());
         let hint = resume.or_else(|| {
@@ -863,6 +983,30 @@ impl Member {
                 .and_then(|l| l.record.as_ref())
                 .and_then(|r| r.resume)
         });
+        if reopen {
+            // Still ours: read again from the ack floor.
+            let opened = tokio::time::timeout(
+                self.config.lease_validity() / 2,
+                self.open(p, revision, hint),
+            )
+            .await
+            .unwrap_or_else(|_| Err(self.error("re-positioning the partition timed out".into())));
+            match opened {
+                Ok((revision, reader, assignment)) => {
+                    if let Some(o) = self.owned.get_mut(&p) {
+                        o.revision = revision;
+                        o.reader = reader;
+                        o.releasing = false;
+                        o.reopen = false;
+                        o.assignment = assignment;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "cannot re-open the partition; releasing it");
+                }
+            }
+        }
         self.release_lease(p, hint).await;
         self.owned.remove(&p);
         self.publish_assignment();
@@ -908,7 +1052,7 @@ impl Member {
         }
     }
 
-    async fn leave(mut self, how: Stop, released: &mut mpsc::UnboundedReceiver<u32>) {
+    async fn leave(mut self, how: Stop, released: &mut mpsc::UnboundedReceiver<(u32, i64)>) {
         let owned: Vec<u32> = self.owned.keys().copied().collect();
         if how == Stop::Leave {
             for &p in &owned {
@@ -920,7 +1064,7 @@ impl Member {
             let mut tick = tokio::time::interval(self.config.heartbeat);
             while self.owned.values().any(|o| o.releasing) && Instant::now() < deadline {
                 tokio::select! {
-                    Some(p) = released.recv() => self.finish_release(p).await,
+                    Some((p, a)) = released.recv() => self.finish_release(p, a).await,
                     _ = tick.tick() => {
                         self.heartbeat().await;
                         self.renew().await;
@@ -960,13 +1104,46 @@ impl Member {
     }
 }
 
+/// Where a re-created consumer starts, from the one it replaces: one past
+/// its ack floor once it acked anything, else where it was told to start
+/// (a fresh consumer reports an ack floor of 0 whatever its start).
+fn resume_policy(info: &consumer::Info) -> consumer::DeliverPolicy {
+    let floor = info.ack_floor.stream_sequence;
+    let configured = info.config.deliver_policy;
+    match configured {
+        consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_sequence.max(floor + 1),
+            }
+        }
+        _ if floor > 0 => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: floor + 1,
+        },
+        // `All` or `ByStartTime` with nothing acked: the same start again.
+        // (`New` is never created: `Latest` is resolved to a sequence.)
+        other => other,
+    }
+}
+
+/// What the reader does with a message.
+enum Next {
+    /// Hand it to the engine under this ordinal.
+    Ingest(i64),
+    /// A re-send of a message handled before whose ack was lost.
+    AckAgain(Box<jetstream::message::Acker>),
+    /// A re-send of a message still held.
+    Skip,
+}
+
 /// Reads one partition's durable consumer into the engine until aborted.
 async fn read_partition(
     durable: consumer::Consumer<consumer::pull::Config>,
     p: u32,
+    assignment: i64,
     engine: Arc<Engine>,
     acks: AckMap,
     topic: String,
+    broken: mpsc::UnboundedSender<(u32, i64)>,
 ) {
     loop {
         let mut messages = match durable.messages().await {
@@ -986,27 +1163,56 @@ async fn read_partition(
                     continue;
                 }
             };
-            let sequence = match message.info() {
-                Ok(info) => info.stream_sequence,
+            let (sequence, delivery) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.consumer_sequence),
                 Err(e) => {
                     tracing::warn!(error = %e, %topic, partition = p, "message without JetStream metadata");
                     continue;
                 }
             };
             let (message, acker) = message.split();
-            let ordinal = {
+            let next = {
                 let mut map = lock(&acks);
                 let Some(pa) = map.get_mut(&p) else {
                     return; // no longer ours
                 };
-                if sequence <= pa.last_sequence {
-                    continue; // the server re-sent a message we still hold
+                if pa.last_delivery != 0 && delivery != pa.last_delivery + 1 {
+                    // A delivery never reached us (a reconnect, a lost pull
+                    // batch): handling what follows could overtake it within
+                    // its key. Stop here; the partition re-opens at its ack
+                    // floor once what is out has drained.
+                    tracing::warn!(%topic, partition = p, expected = pa.last_delivery + 1, got = delivery, "a delivery was lost; re-reading the partition from its ack floor");
+                    let _ = broken.send((p, assignment));
+                    return;
                 }
-                pa.last_sequence = sequence;
-                let ordinal = pa.next;
-                pa.next += 1;
-                pa.pending.insert(ordinal, (sequence, acker));
-                ordinal
+                pa.last_delivery = delivery;
+                if sequence <= pa.last_sequence {
+                    // A re-send: of a message still held (ignored), or of
+                    // one handled whose ack was lost (acked again).
+                    let ack_again = pa.acked.contains(&sequence);
+                    if !ack_again && !pa.holds(sequence) {
+                        tracing::warn!(%topic, partition = p, sequence, "re-sent message neither held nor acked; ignored");
+                    }
+                    if ack_again {
+                        Next::AckAgain(Box::new(acker))
+                    } else {
+                        Next::Skip
+                    }
+                } else {
+                    pa.last_sequence = sequence;
+                    let ordinal = pa.next;
+                    pa.next += 1;
+                    pa.pending.insert(ordinal, (sequence, acker));
+                    Next::Ingest(ordinal)
+                }
+            };
+            let ordinal = match next {
+                Next::Ingest(ordinal) => ordinal,
+                Next::AckAgain(acker) => {
+                    let _ = acker.ack().await;
+                    continue;
+                }
+                Next::Skip => continue,
             };
             let headers: Vec<(String, Bytes)> = message
                 .headers

@@ -9,11 +9,11 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_consumers::{ServeOptions, serve};
 use keel_core::{DeliveryInfo, Envelope, Error, Subscriber, Subscription, handler_fn};
+use keel_integration_tests::faults::{record_assignments, unix_nanos};
 use keel_producers::kafka::KafkaClientConfig;
 
 #[tokio::main]
@@ -52,26 +52,11 @@ async fn main() -> anyhow::Result<()> {
     // Every assignment change, as `<unix nanos> <partitions, comma-separated>`
     // lines in `<out-file>.assignments`: the test checks duplicates against
     // the owners the broker gave each partition.
-    let mut assignments = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("{out}.assignments"))?;
-    let mut changes = deliveries.assignment_changes();
-    let who = name.clone();
-    tokio::spawn(async move {
-        loop {
-            let owned = changes.borrow_and_update().clone();
-            tracing::info!(worker = %who, ?owned, "assignment");
-            let list: Vec<String> = owned.iter().map(u32::to_string).collect();
-            let line = format!("{} {}\n", unix_nanos(), list.join(","));
-            if let Err(e) = assignments.write_all(line.as_bytes()) {
-                tracing::error!(error = %e, "cannot record the assignment");
-            }
-            if changes.changed().await.is_err() {
-                break;
-            }
-        }
-    });
+    record_assignments(
+        &deliveries,
+        std::path::Path::new(&format!("{out}.assignments")),
+        name,
+    )?;
     let name = name.clone();
     let handler = handler_fn(move |event: Envelope, info: DeliveryInfo| {
         let (file, name) = (file.clone(), name.clone());
@@ -104,11 +89,4 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos()
 }

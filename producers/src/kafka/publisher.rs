@@ -215,28 +215,7 @@ impl Publisher for KafkaPublisher {
                         i + 1,
                         events.len()
                     );
-                    return Err(match e {
-                        Error::Publish {
-                            topic,
-                            event_id,
-                            reason,
-                            retriable,
-                            source,
-                        } => Error::Publish {
-                            topic,
-                            event_id,
-                            reason: format!("{reason} ({progress})"),
-                            retriable,
-                            source,
-                        },
-                        other => Error::Publish {
-                            topic: topic.to_owned(),
-                            event_id: event.id().to_string(),
-                            reason: format!("{other} ({progress})"),
-                            retriable: other.is_retriable(),
-                            source: Some(Box::new(other)),
-                        },
-                    });
+                    return Err(crate::batch_failure(e, topic, event, progress));
                 }
             }
         }

@@ -171,6 +171,22 @@ fn group_error(group: &str, topic: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The next stream sequence a group's durable consumer stands at: one past
+/// its ack floor once it acked anything, else where it was told to start
+/// (a fresh consumer reports an ack floor of 0 whatever its start); `None`
+/// for a start by time that has not delivered yet.
+pub fn next_sequence(info: &consumer::Info) -> Option<u64> {
+    let floor = info.ack_floor.stream_sequence;
+    match info.config.deliver_policy {
+        consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
+            Some(start_sequence.max(floor + 1))
+        }
+        _ if floor > 0 => Some(floor + 1),
+        consumer::DeliverPolicy::All => Some(1),
+        _ => None,
+    }
+}
+
 /// The stream configuration Keel wants for `spec`.
 pub fn stream_config(spec: &TopicSpec, settings: &StreamSettings) -> stream::Config {
     stream::Config {
@@ -615,14 +631,18 @@ impl JetStreamAdmin {
             match stream.consumer_info(&name).await {
                 Ok(info) => out.push(PartitionPending {
                     partition: p,
-                    position: Some(info.ack_floor.stream_sequence + 1),
+                    position: next_sequence(&info),
                     pending: info.num_pending,
                     ack_pending: info.num_ack_pending as u64,
                 }),
                 Err(e) if is_not_found(&e) => out.push(PartitionPending {
                     partition: p,
                     position: None,
-                    pending: description.messages_per_partition[p as usize],
+                    pending: description
+                        .messages_per_partition
+                        .get(p as usize)
+                        .copied()
+                        .unwrap_or(0),
                     ack_pending: 0,
                 }),
                 Err(e) => {
@@ -640,14 +660,15 @@ impl JetStreamAdmin {
     /// Moves a stopped group's position on `topic`: the next member to own
     /// a partition starts there. Refused while the group has live members
     /// (heartbeats younger than `liveness`). `ResetTo::Offset` and
-    /// `Offsets` name stream sequences.
+    /// `Offsets` name stream sequences. Returns each partition's new start,
+    /// in words.
     pub async fn reset_group(
         &self,
         group: &str,
         topic: &str,
         to: ResetTo,
         liveness: Duration,
-    ) -> Result<Vec<(u32, u64)>> {
+    ) -> Result<Vec<(u32, String)>> {
         validate_name("group", group)?;
         let live = self.live_members(group, topic, liveness).await?;
         if !live.is_empty() {
@@ -669,9 +690,30 @@ impl JetStreamAdmin {
             ResetTo::Earliest => (0..partitions)
                 .map(|p| (p, consumer::DeliverPolicy::All))
                 .collect(),
-            ResetTo::Latest => (0..partitions)
-                .map(|p| (p, consumer::DeliverPolicy::New))
-                .collect(),
+            ResetTo::Latest => {
+                let last = self
+                    .js
+                    .get_stream(topic)
+                    .await
+                    .map_err(|e| {
+                        topic_error(topic, format!("cannot look up the stream: {e}"), true)
+                    })?
+                    .get_info()
+                    .await
+                    .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?
+                    .state
+                    .last_sequence;
+                (0..partitions)
+                    .map(|p| {
+                        (
+                            p,
+                            consumer::DeliverPolicy::ByStartSequence {
+                                start_sequence: last + 1,
+                            },
+                        )
+                    })
+                    .collect()
+            }
             ResetTo::Timestamp(ms) => {
                 let at = chrono::DateTime::from_timestamp_millis(*ms)
                     .filter(|_| *ms >= 0)
@@ -737,21 +779,29 @@ impl JetStreamAdmin {
         let store = self.groups_bucket().await?;
         let mut positions = Vec::new();
         for (p, policy) in chosen {
-            let (_, floor) = self
-                .recreate_consumer(group, topic, p, policy, Duration::from_secs(60), 1)
+            self.recreate_consumer(group, topic, p, policy, Duration::from_secs(60), 1)
                 .await?;
-            // The lease keeps only the owner; the consumer now holds the
-            // position.
+            let (resume, shown) = match policy {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
+                    (Some(start_sequence), format!("sequence {start_sequence}"))
+                }
+                consumer::DeliverPolicy::ByStartTime { start_time } => (
+                    None,
+                    format!("first event at or after {}", start_time.to_rfc3339()),
+                ),
+                _ => (None, "the oldest stored event".to_owned()),
+            };
+            // The consumer now holds the position; the lease only a copy.
             let key = groups::lease_key(topic, group, p);
             let record = serde_json::to_vec(&LeaseRecord {
                 owner: None,
-                resume: Some(floor + 1),
+                resume,
             })
             .unwrap_or_default();
             store.put(&key, record.into()).await.map_err(|e| {
                 group_error(group, topic, format!("cannot write lease `{key}`: {e}"))
             })?;
-            positions.push((p, floor + 1));
+            positions.push((p, shown));
         }
         Ok(positions)
     }

@@ -209,6 +209,18 @@ impl JetStreamPublisher {
         // Key header (base64 at worst) and `Nats-Msg-Id` with the event id.
         size += wire::KEY_BASE64.len() + event.key().as_bytes().len().div_ceil(3) * 4 + 4;
         size += "Nats-Msg-Id".len() + 36 + 4 + event.payload().len() + 16;
+        // The server's own limit applies to every message, stream limit or not.
+        let max_payload = self.js.client().server_info().max_payload;
+        if max_payload > 0 && size > max_payload {
+            return Err(publish_error(
+                topic,
+                event,
+                format!(
+                    "the event is about {size} bytes with headers; the server accepts at most {max_payload} (max_payload)"
+                ),
+                false,
+            ));
+        }
         if let Some(max) = shape.max_message_size
             && size > max
         {
@@ -390,7 +402,7 @@ impl Publisher for JetStreamPublisher {
         // Everything is checked before anything is sent.
         events.iter().enumerate().try_for_each(|(i, e)| {
             self.check(topic, &shape, e).map_err(|err| {
-                with_progress(
+                crate::batch_failure(
                     err,
                     topic,
                     e,
@@ -444,7 +456,7 @@ impl Publisher for JetStreamPublisher {
             None => Ok(receipts),
             Some((i, e)) => {
                 let acked = receipts.len();
-                Err(with_progress(
+                Err(crate::batch_failure(
                     e,
                     topic,
                     &events[i],
@@ -456,30 +468,5 @@ impl Publisher for JetStreamPublisher {
                 ))
             }
         }
-    }
-}
-
-fn with_progress(e: Error, topic: &str, event: &Envelope, progress: String) -> Error {
-    match e {
-        Error::Publish {
-            topic,
-            event_id,
-            reason,
-            retriable,
-            source,
-        } => Error::Publish {
-            topic,
-            event_id,
-            reason: format!("{reason} ({progress})"),
-            retriable,
-            source,
-        },
-        other => Error::Publish {
-            topic: topic.to_owned(),
-            event_id: event.id().to_string(),
-            reason: format!("{other} ({progress})"),
-            retriable: other.is_retriable(),
-            source: Some(Box::new(other)),
-        },
     }
 }

@@ -1,0 +1,101 @@
+//! Measuring helpers the benchmark binaries share (`benches/`).
+
+use std::time::{Duration, Instant};
+
+use keel_core::{Envelope, Publisher};
+use keel_schemas::{AvroCodec, testdata};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// `(events, batch)` from the bench's arguments (`-- <events> <batch>`),
+/// defaulting to 100,000 and 1,000.
+pub fn args() -> anyhow::Result<(usize, usize)> {
+    let args: Vec<String> = std::env::args().filter(|a| !a.starts_with("--")).collect();
+    let events = args
+        .get(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    let batch = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    Ok((events, batch))
+}
+
+/// The median of `rates` (sorts them, so printing them after shows the
+/// spread).
+pub fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+/// p50 and p99 of `samples`.
+pub fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
+}
+
+/// p50/p99 from an awaited publish to a reader reporting the event on
+/// `seen` (payload text, when), one event at a time. A `warm-up` event
+/// first lets the reader join and position itself.
+pub async fn publish_to_seen(
+    publisher: &dyn Publisher,
+    topic: &str,
+    seen: &mut UnboundedReceiver<(String, Instant)>,
+    samples: usize,
+    reader: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    publisher
+        .publish(topic, Envelope::new("bench.Ping", "warm-up", "warm-up"))
+        .await?;
+    let (first, _) = tokio::time::timeout(Duration::from_secs(60), seen.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("the {reader} latency reader saw nothing within 60 s"))?
+        .ok_or_else(|| anyhow::anyhow!("the {reader} latency reader stopped"))?;
+    anyhow::ensure!(first == "warm-up", "unexpected first event {first}");
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let text = format!("{i}");
+        let at = Instant::now();
+        publisher
+            .publish(
+                topic,
+                Envelope::new("bench.Ping", format!("k{i}"), text.clone()),
+            )
+            .await?;
+        let (got, when) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("event {i} not seen within 30 s ({reader})"))?
+            .ok_or_else(|| anyhow::anyhow!("the {reader} latency reader stopped"))?;
+        anyhow::ensure!(got == text, "expected {text}, saw {got}");
+        out.push(when.duration_since(at));
+    }
+    Ok(percentiles(out))
+}
+
+/// p50/p99 of one awaited Keel publish at a time, Avro encode included.
+pub async fn keel_publish_latency(
+    publisher: &dyn Publisher,
+    codec: &AvroCodec,
+    topic: &str,
+    samples: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let order = testdata::order_placed();
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let start = Instant::now();
+        let payload = codec.encode(topic, &order).await?;
+        publisher
+            .publish(
+                topic,
+                Envelope::new(
+                    "shop.orders.OrderPlaced",
+                    format!("order-{}", i % 1000),
+                    payload,
+                ),
+            )
+            .await?;
+        out.push(start.elapsed());
+    }
+    Ok(percentiles(out))
+}
