@@ -155,9 +155,9 @@ pub(crate) struct State {
     /// Rotates which partition dispatch starts from.
     next_first: usize,
     tx: mpsc::UnboundedSender<Result<Delivery>>,
-    /// Told `(partition, offset)` of every ack (JetStream acks each message
-    /// on the server).
-    on_ack: Option<mpsc::UnboundedSender<(i32, i64)>>,
+    /// Told `(partition, offset, outcome)` of every settlement (JetStream
+    /// acks and naks each message on the server).
+    on_ack: Option<mpsc::UnboundedSender<(i32, i64, Outcome)>>,
 }
 
 /// A delivery decided under the lock and sent after it is released.
@@ -197,8 +197,8 @@ impl Engine {
         })
     }
 
-    /// Reports every ack to `hook` as `(partition, offset)`.
-    pub(crate) fn on_ack(&self, hook: mpsc::UnboundedSender<(i32, i64)>) {
+    /// Reports every settlement to `hook` as `(partition, offset, outcome)`.
+    pub(crate) fn on_ack(&self, hook: mpsc::UnboundedSender<(i32, i64, Outcome)>) {
         self.lock().on_ack = Some(hook);
     }
 
@@ -580,13 +580,11 @@ impl Settle for Engine {
                 return;
             }
             ps.in_flight = ps.in_flight.saturating_sub(1);
+            if let Some(hook) = hook {
+                let _ = hook.send((t.partition, t.offset, outcome));
+            }
             match outcome {
-                Outcome::Ack => {
-                    ps.acked(t.offset);
-                    if let Some(hook) = hook {
-                        let _ = hook.send((t.partition, t.offset));
-                    }
-                }
+                Outcome::Ack => ps.acked(t.offset),
                 Outcome::Nack { delay } if delay.is_zero() => {
                     ps.ready.insert(t.offset);
                 }

@@ -338,3 +338,36 @@ async fn a_partition_handed_over_before_any_ack_resumes_where_it_stood() {
     assert!(more.is_err(), "nothing beyond the 5 new events: {more:?}");
     next.leave().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_nack_is_a_nak_with_delay_on_the_server_and_comes_back_once() {
+    let s = setup(1, StreamSettings::default()).await;
+    let group = unique_name("nak-g");
+    s.publisher.publish(&s.topic, event("k", 0)).await.unwrap();
+    let mut member = join(&s.client, &s.topic, &group).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), member.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.nack_with_delay(Duration::from_millis(200)));
+    let again = tokio::time::timeout(Duration::from_secs(30), member.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.info().attempt, 2);
+    // The server saw the nak: it re-sent the message after the delay
+    // (Keel ignored that copy: nothing else arrives).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    let info = stream
+        .consumer_info(keel_producers::nats::groups::consumer_name(&group, 0))
+        .await
+        .unwrap();
+    assert!(info.num_redelivered >= 1, "{info:?}");
+    again.ack();
+    let more = tokio::time::timeout(Duration::from_secs(1), member.next()).await;
+    assert!(more.is_err(), "delivered once more only: {more:?}");
+    member.leave().await.unwrap();
+}

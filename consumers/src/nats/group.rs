@@ -34,19 +34,20 @@
 //!
 //! Inside a member the shared engine dispatches one delivery per key at a
 //! time and different keys in parallel, as on Kafka. A nack is retried by
-//! the engine (later events of the key wait); the server keeps the message
-//! pending meanwhile and `ack_wait` must outlast the longest retry delay —
-//! a redelivery the server makes anyway is recognised and ignored.
+//! the engine (later events of the key wait) and sent to the server as a
+//! nak with the same delay, so the server counts the redelivery and
+//! restarts its ack timer; the copy it re-sends is recognised and ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, consumer, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use keel_core::delivery::{Deliveries, Membership};
+use keel_core::delivery::{Deliveries, Membership, Outcome};
 use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result, wire};
 use keel_producers::nats::admin::JetStreamAdmin;
@@ -212,6 +213,10 @@ fn lock(acks: &AckMap) -> std::sync::MutexGuard<'_, HashMap<u32, PartitionAcks>>
 enum Pump {
     /// Ack `(partition, ordinal)` on the server.
     Ack(i32, i64),
+    /// Nak `(partition, ordinal)` with a redelivery delay: the server
+    /// counts the retry and restarts its ack timer; Keel itself delivers
+    /// the event again (the server's re-send is recognised and ignored).
+    Nak(i32, i64, Duration),
     /// Answer once every earlier ack was sent.
     Barrier(oneshot::Sender<()>),
 }
@@ -380,7 +385,7 @@ async fn release_due_retries(engine: std::sync::Weak<Engine>) {
 
 /// Sends acks to the server in the order the engine reported them.
 async fn pump_acks(
-    mut acked: mpsc::UnboundedReceiver<(i32, i64)>,
+    mut acked: mpsc::UnboundedReceiver<(i32, i64, Outcome)>,
     mut control: mpsc::UnboundedReceiver<Pump>,
     acks: AckMap,
     client: async_nats::Client,
@@ -389,7 +394,8 @@ async fn pump_acks(
         let job = tokio::select! {
             biased;
             a = acked.recv() => match a {
-                Some((p, o)) => Pump::Ack(p, o),
+                Some((p, o, Outcome::Ack)) => Pump::Ack(p, o),
+                Some((p, o, Outcome::Nack { delay })) => Pump::Nak(p, o, delay),
                 None => break,
             },
             c = control.recv() => match c {
@@ -408,9 +414,26 @@ async fn pump_acks(
                     tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
                 }
             }
+            Pump::Nak(p, ordinal, delay) => {
+                let held = lock(&acks)
+                    .get_mut(&(p as u32))
+                    .and_then(|pa| pa.pending.remove(&ordinal));
+                if let Some((sequence, acker)) = held {
+                    if let Err(e) = acker.ack_with(AckKind::Nak(Some(delay))).await {
+                        tracing::debug!(error = %e, partition = p, sequence, "cannot send a nak");
+                    }
+                    // Back in place: its ack comes later, through this pump.
+                    if let Some(pa) = lock(&acks).get_mut(&(p as u32)) {
+                        pa.pending.insert(ordinal, (sequence, acker));
+                    }
+                }
+            }
             Pump::Barrier(done) => {
                 // Acks reported before the barrier are queued ahead of it.
-                while let Ok((p, ordinal)) = acked.try_recv() {
+                while let Ok((p, ordinal, outcome)) = acked.try_recv() {
+                    if outcome != Outcome::Ack {
+                        continue;
+                    }
                     let acker = lock(&acks)
                         .get_mut(&(p as u32))
                         .and_then(|pa| pa.take_for_ack(ordinal));

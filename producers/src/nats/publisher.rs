@@ -88,6 +88,8 @@ struct StreamShape {
     subjects: std::sync::Arc<[async_nats::Subject]>,
     /// Largest message the stream accepts (payload + headers), if limited.
     max_message_size: Option<usize>,
+    /// The server's `max_payload` when the stream was looked up.
+    max_payload: usize,
 }
 
 /// An event ready to send.
@@ -182,6 +184,7 @@ impl JetStreamPublisher {
             subjects: (0..partitions)
                 .map(|p| async_nats::Subject::from(groups::partition_subject(topic, p)))
                 .collect(),
+            max_payload: self.js.client().server_info().max_payload,
             max_message_size: usize::try_from(info.config.max_message_size)
                 .ok()
                 .filter(|s| *s > 0),
@@ -210,7 +213,7 @@ impl JetStreamPublisher {
         size += wire::KEY_BASE64.len() + event.key().as_bytes().len().div_ceil(3) * 4 + 4;
         size += "Nats-Msg-Id".len() + 36 + 4 + event.payload().len() + 16;
         // The server's own limit applies to every message, stream limit or not.
-        let max_payload = self.js.client().server_info().max_payload;
+        let max_payload = shape.max_payload;
         if max_payload > 0 && size > max_payload {
             return Err(publish_error(
                 topic,
