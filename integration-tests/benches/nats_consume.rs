@@ -95,6 +95,7 @@ async fn run(events: usize) -> anyhow::Result<()> {
     let (raw_p50, raw_p99) = latency(&js, &client, &admin, &publisher, false).await?;
     println!("latency publish -> handled  raw  p50 {raw_p50:?} p99 {raw_p99:?}");
     println!("latency publish -> handled  keel p50 {keel_p50:?} p99 {keel_p99:?}");
+    admin.delete_topic(&topic).await?;
     Ok(())
 }
 
@@ -223,5 +224,6 @@ async fn latency(
     .await;
     drop(seen_rx);
     reader.abort();
+    admin.delete_topic(&topic).await?;
     result
 }

@@ -27,7 +27,7 @@ use keel_producers::nats::{
 };
 use keel_schemas::{AvroCodec, CodecOptions, LocalRegistry, SubjectNameStrategy, testdata};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const PARTITIONS: u32 = 6;
 const LATENCY_SAMPLES: usize = 1000;
 /// One-at-a-time publishing is slow: it gets this many events per round.
@@ -126,6 +126,8 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         "latency one-at-a-time  keel p50 {:?} p99 {:?}",
         keel_lat.0, keel_lat.1
     );
+    // Hundreds of thousands of events are not left on the server.
+    JetStreamAdmin::new(js).delete_topic(&topic).await?;
     Ok(())
 }
 

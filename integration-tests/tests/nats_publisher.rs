@@ -121,6 +121,7 @@ async fn a_batch_beyond_the_client_ack_window_completes_in_key_order() {
         let prev = last.insert(key, r.position).unwrap_or(0);
         assert!(r.position > prev, "key {key} stored out of order");
     }
+    s.admin.delete_topic(&s.topic).await.unwrap();
 }
 
 #[tokio::test]

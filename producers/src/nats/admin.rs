@@ -369,6 +369,21 @@ impl JetStreamAdmin {
         }
     }
 
+    /// Deletes `topic`'s stream and every event in it (irreversible; for
+    /// tests and decommissioning). A missing stream is not an error.
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        match self.js.delete_stream(topic).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(topic_error(
+                topic,
+                format!("cannot delete the stream: {e}"),
+                true,
+            )),
+        }
+    }
+
     /// The partition count of `topic`.
     pub async fn partitions(&self, topic: &str) -> Result<u32> {
         let config = self.stream_config(topic).await?;

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::{HeaderMap, HeaderName};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -97,6 +97,40 @@ struct Prepared {
     subject: async_nats::Subject,
     partition: u32,
     message: PublishMessage,
+}
+
+/// Keel's own header names, built once: a static name costs no allocation
+/// per event.
+static KEEL_HEADERS: [(&str, HeaderName); 10] = [
+    (wire::EVENT_ID, HeaderName::from_static(wire::EVENT_ID)),
+    (wire::EVENT_TYPE, HeaderName::from_static(wire::EVENT_TYPE)),
+    (
+        wire::OCCURRED_AT,
+        HeaderName::from_static(wire::OCCURRED_AT),
+    ),
+    (wire::SOURCE, HeaderName::from_static(wire::SOURCE)),
+    (
+        wire::CORRELATION_ID,
+        HeaderName::from_static(wire::CORRELATION_ID),
+    ),
+    (
+        wire::CAUSATION_ID,
+        HeaderName::from_static(wire::CAUSATION_ID),
+    ),
+    (
+        wire::TRACEPARENT,
+        HeaderName::from_static(wire::TRACEPARENT),
+    ),
+    (wire::TRACESTATE, HeaderName::from_static(wire::TRACESTATE)),
+    (wire::KEY, HeaderName::from_static(wire::KEY)),
+    (wire::KEY_BASE64, HeaderName::from_static(wire::KEY_BASE64)),
+];
+
+fn keel_header_name(name: &str) -> Option<HeaderName> {
+    KEEL_HEADERS
+        .iter()
+        .find(|(known, _)| std::ptr::eq(*known, name) || *known == name)
+        .map(|(_, header)| header.clone())
 }
 
 /// Publishes Keel events to JetStream.
@@ -243,11 +277,18 @@ impl JetStreamPublisher {
     fn prepare(&self, topic: &str, shape: &StreamShape, event: &Envelope) -> Result<Prepared> {
         let mut headers = HeaderMap::new();
         wire::visit_headers(event, |name, value| {
-            headers.insert(name, String::from_utf8_lossy(value).as_ref());
+            let value = String::from_utf8_lossy(value);
+            match keel_header_name(name) {
+                Some(known) => headers.insert(known, value.as_ref()),
+                None => headers.insert(name, value.as_ref()),
+            }
         })
         .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
         let (name, value) = wire::key_header(event.key().as_bytes());
-        headers.insert(name, value.as_str());
+        match keel_header_name(name) {
+            Some(known) => headers.insert(known, value.as_str()),
+            None => headers.insert(name, value.as_str()),
+        }
         let partition = partition_for_key(event.key().as_bytes(), shape.partitions);
         let mut id = uuid::Uuid::encode_buffer();
         let id = event.id().as_uuid().hyphenated().encode_lower(&mut id);
