@@ -151,24 +151,7 @@ async fn keel_round(
     events: usize,
 ) -> anyhow::Result<f64> {
     let consumer = JetStreamGroupConsumer::with_context(js.clone(), keel_config(client));
-    let mut deliveries = consumer
-        .subscribe(Subscription::new(topic, unique_name("keel")))
-        .await?;
-    let mut bytes = 0usize;
-    let mut start = None;
-    for _ in 0..events {
-        let delivery = deliveries
-            .next()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))??;
-        start.get_or_insert_with(Instant::now);
-        bytes += delivery.envelope().payload().len();
-        delivery.ack();
-    }
-    deliveries.leave().await?;
-    let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
-    std::hint::black_box(bytes);
-    Ok(events as f64 / elapsed.as_secs_f64())
+    bench::keel_consume_rate(&consumer, topic, events).await
 }
 
 /// p50/p99 from an awaited publish to the consumer seeing the event, one

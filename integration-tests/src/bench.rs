@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use keel_core::{Envelope, Publisher};
+use futures::StreamExt;
+use keel_core::{Envelope, Publisher, Subscriber, Subscription};
 use keel_schemas::{AvroCodec, testdata};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -98,4 +99,32 @@ pub async fn keel_publish_latency(
         out.push(start.elapsed());
     }
     Ok(percentiles(out))
+}
+
+/// Events per second through a Keel group member: `events` deliveries
+/// acked one by one (decode and dispatch included), timed from the first
+/// delivery to a completed graceful leave, on a fresh group.
+pub async fn keel_consume_rate(
+    consumer: &dyn Subscriber,
+    topic: &str,
+    events: usize,
+) -> anyhow::Result<f64> {
+    let mut deliveries = consumer
+        .subscribe(Subscription::new(topic, crate::unique_name("keel")))
+        .await?;
+    let mut bytes = 0usize;
+    let mut start = None;
+    for _ in 0..events {
+        let delivery = deliveries
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))??;
+        start.get_or_insert_with(Instant::now);
+        bytes += delivery.envelope().payload().len();
+        delivery.ack();
+    }
+    deliveries.leave().await?;
+    let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+    std::hint::black_box(bytes);
+    Ok(events as f64 / elapsed.as_secs_f64())
 }
