@@ -198,7 +198,7 @@ pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyho
     match command {
         TopicsCommand::List => {
             for topic in KafkaAdmin::new(&client, -1)?.list_topics().await? {
-                println!("{topic}");
+                say!("{topic}");
             }
         }
         TopicsCommand::Create(args) => {
@@ -212,14 +212,15 @@ pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyho
                 cleanup_policy: args.compact.then_some(CleanupPolicy::Compact),
             };
             admin.ensure_topic_with(&spec, &settings).await?;
-            println!(
+            say!(
                 "topic {} ready with {} partitions",
-                spec.name, spec.partitions
+                spec.name,
+                spec.partitions
             );
         }
         TopicsCommand::Describe { topic } => {
             match KafkaAdmin::new(&client, -1)?.describe_topic(&topic).await? {
-                Some(description) => println!("{}", serde_json::to_string_pretty(&description)?),
+                Some(description) => say!("{}", serde_json::to_string_pretty(&description)?),
                 None => bail!("topic `{topic}` does not exist"),
             }
         }
@@ -236,7 +237,7 @@ async fn nats_topics(
     match command {
         TopicsCommand::List => {
             for topic in admin.list_topics().await? {
-                println!("{topic}");
+                say!("{topic}");
             }
         }
         TopicsCommand::Create(args) => {
@@ -265,15 +266,16 @@ async fn nats_topics(
                 ..StreamSettings::default()
             };
             admin.ensure_stream(&spec, &settings).await?;
-            println!(
+            say!(
                 "topic {} ready with {} partitions",
-                spec.name, spec.partitions
+                spec.name,
+                spec.partitions
             );
         }
         TopicsCommand::Describe { topic } => {
             let d = admin.describe_topic(&topic).await?;
             let s = &d.settings;
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
                     "name": d.name,
@@ -303,13 +305,17 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                 .await?
                 .lag(&args.group, &args.topic)
                 .await?;
-            println!(
+            say!(
                 "{:>9}  {:>12}  {:>12}  {:>12}  {:>10}",
-                "partition", "position", "pending", "unacked", "lag"
+                "partition",
+                "position",
+                "pending",
+                "unacked",
+                "lag"
             );
             for p in &lags {
                 let position = p.position.map_or("-".to_owned(), |c| c.to_string());
-                println!(
+                say!(
                     "{:>9}  {position:>12}  {:>12}  {:>12}  {:>10}",
                     p.partition,
                     p.pending,
@@ -318,9 +324,10 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                 );
             }
             let total: u64 = lags.iter().map(|p| p.lag()).sum();
-            println!(
+            say!(
                 "group {} on {}: {total} events behind",
-                args.group, args.topic
+                args.group,
+                args.topic
             );
             return Ok(());
         }
@@ -328,21 +335,27 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
     let lags = KafkaAdmin::new(&client, -1)?
         .lag(&args.group, &args.topic)
         .await?;
-    println!(
+    say!(
         "{:>9}  {:>12}  {:>12}  {:>10}",
-        "partition", "committed", "end", "lag"
+        "partition",
+        "committed",
+        "end",
+        "lag"
     );
     for p in &lags {
         let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
-        println!(
+        say!(
             "{:>9}  {committed:>12}  {:>12}  {:>10}",
-            p.partition, p.end, p.lag
+            p.partition,
+            p.end,
+            p.lag
         );
     }
     let total: i64 = lags.iter().map(|p| p.lag).sum();
-    println!(
+    say!(
         "group {} on {}: {total} events behind",
-        args.group, args.topic
+        args.group,
+        args.topic
     );
     Ok(())
 }
@@ -353,15 +366,18 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
         GroupCommand::List => match broker {
             Broker::Kafka(client) => {
                 for g in KafkaAdmin::new(&client, -1)?.list_groups().await? {
-                    println!("{}\t{}\t{} members", g.name, g.state, g.members);
+                    say!("{}\t{}\t{} members", g.name, g.state, g.members);
                 }
             }
             Broker::Nats(client) => {
                 let admin = JetStreamAdmin::connect(&client).await?;
                 for g in admin.list_groups(NATS_LIVENESS).await? {
-                    println!(
+                    say!(
                         "{}\ttopic {}\t{} live members\t{} partitions leased",
-                        g.group, g.topic, g.live_members, g.partitions
+                        g.group,
+                        g.topic,
+                        g.live_members,
+                        g.partitions
                     );
                 }
             }
@@ -383,7 +399,7 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
                     let admin = KafkaAdmin::new(&client, -1)?;
                     let positions = admin.reset_group(&args.group, &args.topic, to).await?;
                     for (partition, offset) in positions {
-                        println!("{}\tpartition {partition}\t-> {offset}", args.topic);
+                        say!("{}\tpartition {partition}\t-> {offset}", args.topic);
                     }
                 }
                 Broker::Nats(client) => {
@@ -392,7 +408,7 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
                         .reset_group(&args.group, &args.topic, to, NATS_LIVENESS)
                         .await?;
                     for (partition, start) in positions {
-                        println!("{}\tpartition {partition}\t-> {start}", args.topic);
+                        say!("{}\tpartition {partition}\t-> {start}", args.topic);
                     }
                 }
             }

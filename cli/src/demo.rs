@@ -81,7 +81,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
             partitions,
         })
         .await?;
-    println!(
+    say!(
         "keel demo: in-memory broker, topic `{TOPIC}` with {partitions} partitions, group `{group}` of {} members",
         args.members
     );
@@ -173,7 +173,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .lock()
         .map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
     let redeliveries: u32 = ledger.deliveries.values().map(|n| n - 1).sum();
-    println!(
+    say!(
         "  published  {total} events over {} keys, each acknowledged by the broker",
         args.keys
     );
@@ -187,7 +187,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .iter()
         .map(|(m, n)| format!("#{m}: {n}"))
         .collect();
-    println!(
+    say!(
         "  handled    {total} of {total} events, {redeliveries} re-deliveries; per member {}",
         shares.join(", ")
     );
@@ -200,7 +200,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         );
         keys_checked += 1;
     }
-    println!(
+    say!(
         "  order      held for all {keys_checked} keys: every key's events handled in publish order"
     );
 
@@ -219,7 +219,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .filter(|(_, a)| !a.is_empty())
         .map(|(i, a)| format!("#{} {:?}", i + 1, a))
         .collect();
-    println!(
+    say!(
         "  rebalance  member #{leaver_number} left after {left_after} events (it handled {}); \
          its partitions {moved:?} moved: now {}",
         leaver_report.handled,
@@ -234,8 +234,8 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         committed.iter().all(Option::is_some) && ends == total as u64,
         "committed positions {committed:?} do not cover all {total} events"
     );
-    println!("  committed  every partition of group `{group}` at the end of its log");
-    println!("demo OK in {:.1?}", started.elapsed());
+    say!("  committed  every partition of group `{group}` at the end of its log");
+    say!("demo OK in {:.1?}", started.elapsed());
     Ok(())
 }
 

@@ -13,6 +13,23 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` for command output that a closed pipe (`keel … | head`)
+/// ends quietly instead of panicking; other write errors end the command
+/// with a message.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 mod broker;
 mod demo;
 mod registry;

@@ -273,7 +273,7 @@ async fn register(client: &RegistryClient, args: RegisterArgs) -> anyhow::Result
             .await?
             .map(|v| v.version)
             .context("registered schema not found by lookup")?;
-        println!(
+        say!(
             "{:<48} {subject} version {version} (id {id}){}",
             file_name(&schema.path),
             if references.is_empty() {
@@ -357,7 +357,7 @@ async fn check(client: &RegistryClient, args: CheckArgs) -> anyhow::Result<()> {
     {
         Ok(answer) => answer,
         Err(keel_schemas::SchemaError::Registry { code: 40401, .. }) => {
-            println!(
+            say!(
                 "{}: subject `{subject}` has no versions yet: nothing to be incompatible with",
                 file_name(&schema.path)
             );
@@ -366,14 +366,14 @@ async fn check(client: &RegistryClient, args: CheckArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     if answer.is_compatible {
-        println!(
+        say!(
             "{}: compatible with `{subject}` under {level}",
             file_name(&schema.path)
         );
         Ok(())
     } else {
         for m in &answer.messages {
-            println!("  {m}");
+            say!("  {m}");
         }
         bail!(
             "{} is incompatible with `{subject}` under {level}; registering it would break consumers",
@@ -395,7 +395,7 @@ async fn get(client: &RegistryClient, args: GetArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --subject or --id"),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    say!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
@@ -406,13 +406,13 @@ fn parse_or_text(text: &str) -> Value {
 async fn list(client: &RegistryClient) -> anyhow::Result<()> {
     let subjects = client.subjects().await?;
     if subjects.is_empty() {
-        println!("no subjects");
+        say!("no subjects");
     }
     for subject in subjects {
         let versions = client.versions(&subject).await?;
         let latest = client.version(&subject, "latest").await?;
         let versions: Vec<String> = versions.iter().map(i64::to_string).collect();
-        println!(
+        say!(
             "{subject:<48} versions {:<12} latest id {}",
             versions.join(","),
             latest.id
@@ -442,14 +442,15 @@ async fn diff_command(client: &RegistryClient, args: DiffArgs) -> anyhow::Result
     };
     let changes = diff(&old, &new);
     if changes.is_empty() {
-        println!(
+        say!(
             "{} version {} and {label}: no differences",
-            args.subject, args.from
+            args.subject,
+            args.from
         );
     } else {
-        println!("{} version {} → {label}:", args.subject, args.from);
+        say!("{} version {} → {label}:", args.subject, args.from);
         for c in changes {
-            println!("  {c}");
+            say!("  {c}");
         }
     }
     Ok(())

@@ -523,6 +523,24 @@ fn broker_commands(broker: &str, partitions: usize) {
     ]);
     assert_eq!(again.lines().count(), 10, "{again}");
 
+    // A reader that goes away (`keel … | head -0`) ends the command
+    // quietly, never with a panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["topics", "list"])
+        .current_dir(dir.path())
+        .envs(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keel");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("keel ends");
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Not a broker: refused by name.
     let out = keel(
         &["--broker", "memory://", "tail", "--topic", &topic],

@@ -102,6 +102,15 @@ pub enum Error {
         what: String,
     },
 
+    /// The broker cannot be reached, or refused the connection.
+    #[error("cannot connect to {broker}: {reason}")]
+    Connect {
+        /// The broker, with any password redacted.
+        broker: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// An event handler failed.
     #[error("handler failed: {source}")]
     Handler {
@@ -121,7 +130,7 @@ impl Error {
             | Error::Subscribe { retriable, .. }
             | Error::Topic { retriable, .. }
             | Error::Handler { retriable, .. } => *retriable,
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::Connect { .. } => true,
             Error::Config { .. }
             | Error::MalformedEvent { .. }
             | Error::Closed { .. }

@@ -124,11 +124,9 @@ impl NatsClientConfig {
                 })
             })
             .collect::<Result<_>>()?;
-        options.connect(addrs).await.map_err(|e| {
-            Error::retriable(std::io::Error::other(format!(
-                "cannot connect to NATS at {}: {e}",
-                keel_core::config::redact(&self.servers)
-            )))
+        options.connect(addrs).await.map_err(|e| Error::Connect {
+            broker: format!("NATS at {}", keel_core::config::redact(&self.servers)),
+            reason: e.to_string(),
         })
     }
 
