@@ -369,19 +369,35 @@ impl JetStreamAdmin {
         }
     }
 
-    /// Deletes `topic`'s stream and every event in it (irreversible; for
-    /// tests and decommissioning). A missing stream is not an error.
+    /// Deletes `topic`'s stream and every event in it, and its groups'
+    /// coordination keys (irreversible; for tests and decommissioning). A
+    /// missing stream is not an error.
     pub async fn delete_topic(&self, topic: &str) -> Result<()> {
         validate_name("topic", topic)?;
         match self.js.delete_stream(topic).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(topic_error(
-                topic,
-                format!("cannot delete the stream: {e}"),
-                true,
-            )),
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                return Err(topic_error(
+                    topic,
+                    format!("cannot delete the stream: {e}"),
+                    true,
+                ));
+            }
         }
+        // Its groups' heartbeats and leases go with it.
+        let store = self.groups_bucket().await?;
+        let fail = |e: &dyn std::fmt::Display| {
+            topic_error(topic, format!("cannot list the group keys: {e}"), true)
+        };
+        let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+        let prefix = format!("{topic}.");
+        while let Some(key) = keys.try_next().await.map_err(|e| fail(&e))? {
+            if key.starts_with(&prefix) {
+                let _ = store.purge(&key).await;
+            }
+        }
+        Ok(())
     }
 
     /// The partition count of `topic`.
