@@ -957,8 +957,8 @@ impl Member {
     /// Begins handing `p` over: no new deliveries; a task waits for the
     /// outstanding ones and reports back.
     fn start_release(&mut self, p: u32) {
-        let Some(owned) = self.owned.get_mut(&p) else {
-            return;
+        let Some(owned) = self.owned.get_mut(&p).filter(|o| !o.releasing) else {
+            return; // not ours, or already draining
         };
         owned.releasing = true;
         owned.reader.abort();
@@ -1077,6 +1077,10 @@ impl Member {
 
     async fn leave(mut self, how: Stop, released: &mut mpsc::UnboundedReceiver<(u32, i64)>) {
         let owned: Vec<u32> = self.owned.keys().copied().collect();
+        // Leaving: nothing is re-opened any more, only handed over.
+        for o in self.owned.values_mut() {
+            o.reopen = false;
+        }
         if how == Stop::Leave {
             for &p in &owned {
                 self.start_release(p);

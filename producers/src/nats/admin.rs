@@ -386,18 +386,10 @@ impl JetStreamAdmin {
             }
         }
         // Its groups' heartbeats and leases go with it.
-        let store = self.groups_bucket().await?;
-        let fail = |e: &dyn std::fmt::Display| {
-            topic_error(topic, format!("cannot list the group keys: {e}"), true)
-        };
-        let mut keys = store.keys().await.map_err(|e| fail(&e))?;
-        let prefix = format!("{topic}.");
-        while let Some(key) = keys.try_next().await.map_err(|e| fail(&e))? {
-            if key.starts_with(&prefix) {
-                let _ = store.purge(&key).await;
-            }
-        }
-        Ok(())
+        self.purge_keys(&format!("{topic}."), |reason| {
+            topic_error(topic, reason, true)
+        })
+        .await
     }
 
     /// The partition count of `topic`.
@@ -489,6 +481,32 @@ impl JetStreamAdmin {
         })
     }
 
+    /// The coordination bucket and every key in it (`what` names the caller's
+    /// subject in errors).
+    async fn bucket_keys(
+        &self,
+        what: impl Fn(String) -> Error,
+    ) -> Result<(kv::Store, Vec<String>)> {
+        let store = self.groups_bucket().await?;
+        let keys = store
+            .keys()
+            .await
+            .map_err(|e| what(format!("cannot list the keys of {}: {e}", groups::BUCKET)))?
+            .try_collect()
+            .await
+            .map_err(|e| what(format!("cannot list the keys of {}: {e}", groups::BUCKET)))?;
+        Ok((store, keys))
+    }
+
+    /// Purges every key of the coordination bucket under `prefix`.
+    async fn purge_keys(&self, prefix: &str, what: impl Fn(String) -> Error) -> Result<()> {
+        let (store, keys) = self.bucket_keys(what).await?;
+        for key in keys.iter().filter(|k| k.starts_with(prefix)) {
+            let _ = store.purge(key).await;
+        }
+        Ok(())
+    }
+
     /// The group coordination bucket, created when missing.
     pub async fn groups_bucket(&self) -> Result<kv::Store> {
         match self.js.get_key_value(groups::BUCKET).await {
@@ -535,18 +553,12 @@ impl JetStreamAdmin {
         topic: &str,
         within: Duration,
     ) -> Result<Vec<MemberRecord>> {
-        let store = self.groups_bucket().await?;
-        let mut keys = store
-            .keys()
-            .await
-            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?;
+        let (store, keys) = self
+            .bucket_keys(|reason| group_error(group, topic, reason))
+            .await?;
         let mut live = Vec::new();
         let now = chrono::Utc::now();
-        while let Some(key) = keys
-            .try_next()
-            .await
-            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?
-        {
+        for key in keys {
             if let Some(GroupKey::Member(_)) = groups::parse_key(topic, group, &key)
                 && let Ok(Some(entry)) = store.entry(&key).await
                 && entry.operation == kv::Operation::Put
@@ -563,18 +575,16 @@ impl JetStreamAdmin {
     /// members count as live when their heartbeat is younger than
     /// `liveness`.
     pub async fn list_groups(&self, liveness: Duration) -> Result<Vec<GroupSummary>> {
-        let store = self.groups_bucket().await?;
-        let fail = |e: &dyn std::fmt::Display| {
-            Error::retriable(std::io::Error::other(format!(
-                "cannot list the keys of {}: {e}",
-                groups::BUCKET
-            )))
-        };
-        let mut keys = store.keys().await.map_err(|e| fail(&e))?;
+        let (store, keys) = self
+            .bucket_keys(|reason| Error::Connect {
+                broker: "NATS".into(),
+                reason,
+            })
+            .await?;
         let mut out: std::collections::BTreeMap<(String, String), GroupSummary> =
             Default::default();
         let now = chrono::Utc::now();
-        while let Some(key) = keys.try_next().await.map_err(|e| fail(&e))? {
+        for key in keys {
             // `<topic>.<group>.members.<id>` or `<topic>.<group>.partitions.<p>`
             let parts: Vec<&str> = key.splitn(4, '.').collect();
             let [topic, group, kind, _] = parts[..] else {
@@ -628,22 +638,9 @@ impl JetStreamAdmin {
                 }
             }
         }
-        let store = self.groups_bucket().await?;
         let prefix = format!("{}.", groups::group_prefix(topic, group));
-        let mut keys = store
-            .keys()
+        self.purge_keys(&prefix, |reason| group_error(group, topic, reason))
             .await
-            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?;
-        while let Some(key) = keys
-            .try_next()
-            .await
-            .map_err(|e| group_error(group, topic, format!("cannot list group keys: {e}")))?
-        {
-            if key.starts_with(&prefix) {
-                let _ = store.purge(&key).await;
-            }
-        }
-        Ok(())
     }
 
     /// Pending events of `group` on each partition of `topic`.
