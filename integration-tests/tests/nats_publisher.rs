@@ -372,3 +372,28 @@ async fn a_nack_is_a_nak_with_delay_on_the_server_and_comes_back_once() {
     assert!(more.is_err(), "delivered once more only: {more:?}");
     member.leave().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_consumer_deleted_from_outside_is_recreated_and_reading_goes_on() {
+    let s = setup(1, StreamSettings::default()).await;
+    let group = unique_name("rm-g");
+    let first: Vec<Envelope> = (0..5).map(|i| event("a", i)).collect();
+    s.publisher.publish_batch(&s.topic, first).await.unwrap();
+    let mut member = join(&s.client, &s.topic, &group).await;
+    read(&mut member, 5).await;
+    // An operator runs `nats consumer rm` on the group's consumer.
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    stream
+        .delete_consumer(&keel_producers::nats::groups::consumer_name(&group, 0))
+        .await
+        .unwrap();
+    let second: Vec<Envelope> = (5..10).map(|i| event("a", i)).collect();
+    s.publisher.publish_batch(&s.topic, second).await.unwrap();
+    let got = read(&mut member, 5).await;
+    assert_eq!(
+        got,
+        (5..10).map(|i| format!("a:{i}")).collect::<Vec<_>>(),
+        "reading resumed after the handled events, in order"
+    );
+    member.leave().await.unwrap();
+}

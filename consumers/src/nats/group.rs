@@ -1162,6 +1162,9 @@ enum Next {
     Skip,
 }
 
+/// Consecutive pull failures after which a partition is re-opened.
+const PULL_FAILURES: u32 = 20;
+
 /// Reads one partition's durable consumer into the engine until aborted.
 async fn read_partition(
     durable: consumer::Consumer<consumer::pull::Config>,
@@ -1172,11 +1175,20 @@ async fn read_partition(
     topic: String,
     broken: mpsc::UnboundedSender<(u32, i64)>,
 ) {
+    // Consecutive failures to pull: past `PULL_FAILURES` the consumer is
+    // taken to be gone (e.g. deleted from outside) and the partition is
+    // re-opened from its recorded position.
+    let mut failures = 0;
     loop {
         let mut messages = match durable.messages().await {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, %topic, partition = p, "cannot pull; retrying");
+                failures += 1;
+                tracing::warn!(error = %e, %topic, partition = p, failures, "cannot pull");
+                if failures >= PULL_FAILURES {
+                    let _ = broken.send((p, assignment));
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -1185,11 +1197,18 @@ async fn read_partition(
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(error = %e, %topic, partition = p, "pull error");
+                    failures += 1;
+                    tracing::warn!(error = %e, %topic, partition = p, failures, "pull error");
+                    let deleted = e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted;
+                    if deleted || failures >= PULL_FAILURES {
+                        let _ = broken.send((p, assignment));
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            failures = 0;
             let (sequence, delivery) = match message.info() {
                 Ok(info) => (info.stream_sequence, info.consumer_sequence),
                 Err(e) => {
