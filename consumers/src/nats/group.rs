@@ -50,7 +50,7 @@ use futures::StreamExt;
 use keel_core::delivery::{Deliveries, Membership, Outcome};
 use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result, wire};
-use keel_producers::nats::admin::JetStreamAdmin;
+use keel_producers::nats::admin::{self, JetStreamAdmin};
 use keel_producers::nats::config::{NatsClientConfig, validate_name};
 use keel_producers::nats::groups::{self, GroupKey, LeaseRecord, MemberRecord};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -164,8 +164,9 @@ struct PartitionAcks {
     last_sequence: u64,
     /// Unacked messages by ordinal: stream sequence and acker.
     pending: BTreeMap<i64, (u64, jetstream::message::Acker)>,
-    /// Acked stream sequences above the oldest unacked one: a re-send of
-    /// one of them (its ack was lost) is acked again, not handled again.
+    /// The most recently acked stream sequences (at most `ACKED_MEMORY`):
+    /// a re-send of one of them (its ack was lost) is acked again, not
+    /// handled again.
     acked: std::collections::BTreeSet<u64>,
     /// The consumer sequence of the last delivery: every delivery,
     /// re-sends included, advances it by one, so a jump means one was lost.
@@ -187,13 +188,9 @@ impl PartitionAcks {
     fn take_for_ack(&mut self, ordinal: i64) -> Option<(u64, jetstream::message::Acker)> {
         let (sequence, acker) = self.pending.remove(&ordinal)?;
         self.acked.insert(sequence);
-        let oldest = self
-            .pending
-            .values()
-            .map(|(s, _)| *s)
-            .min()
-            .unwrap_or(u64::MAX);
-        self.acked = self.acked.split_off(&oldest.min(sequence));
+        if self.acked.len() > ACKED_MEMORY {
+            self.acked.pop_first();
+        }
         Some((sequence, acker))
     }
 
@@ -202,6 +199,10 @@ impl PartitionAcks {
         self.pending.values().any(|(s, _)| *s == sequence)
     }
 }
+
+/// How many acked sequences a partition remembers for re-sends whose ack
+/// was lost (a reconnect loses at most what was in flight).
+const ACKED_MEMORY: usize = 4096;
 
 type AckMap = Arc<Mutex<HashMap<u32, PartitionAcks>>>;
 
@@ -231,7 +232,8 @@ struct LeaseView {
 
 /// A partition this member owns.
 struct Owned {
-    revision: u64,
+    /// Processing stops here unless a renewal confirms the lease (the
+    /// lease's revision is in `Member::leases`).
     valid_until: Instant,
     reader: JoinHandle<()>,
     releasing: bool,
@@ -404,16 +406,7 @@ async fn pump_acks(
             },
         };
         match job {
-            Pump::Ack(p, ordinal) => {
-                let acker = lock(&acks)
-                    .get_mut(&(p as u32))
-                    .and_then(|pa| pa.take_for_ack(ordinal));
-                if let Some((sequence, acker)) = acker
-                    && let Err(e) = acker.ack().await
-                {
-                    tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
-                }
-            }
+            Pump::Ack(p, ordinal) => ack_on_server(&acks, p, ordinal).await,
             Pump::Nak(p, ordinal, delay) => {
                 let held = lock(&acks)
                     .get_mut(&(p as u32))
@@ -431,20 +424,26 @@ async fn pump_acks(
             Pump::Barrier(done) => {
                 // Acks reported before the barrier are queued ahead of it.
                 while let Ok((p, ordinal, outcome)) = acked.try_recv() {
-                    if outcome != Outcome::Ack {
-                        continue;
-                    }
-                    let acker = lock(&acks)
-                        .get_mut(&(p as u32))
-                        .and_then(|pa| pa.take_for_ack(ordinal));
-                    if let Some((_, acker)) = acker {
-                        let _ = acker.ack().await;
+                    if outcome == Outcome::Ack {
+                        ack_on_server(&acks, p, ordinal).await;
                     }
                 }
                 let _ = client.flush().await;
                 let _ = done.send(());
             }
         }
+    }
+}
+
+/// Acks `(partition, ordinal)` on the server, if still held.
+async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64) {
+    let acker = lock(acks)
+        .get_mut(&(p as u32))
+        .and_then(|pa| pa.take_for_ack(ordinal));
+    if let Some((sequence, acker)) = acker
+        && let Err(e) = acker.ack().await
+    {
+        tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
     }
 }
 
@@ -541,19 +540,12 @@ impl Member {
                 } else {
                     serde_json::from_slice::<LeaseRecord>(&entry.value).ok()
                 };
+                // Newer than anything we wrote: ours (a renewal that timed
+                // out here but landed) is simply adopted below; anyone
+                // else's means the partition was taken.
                 let ours =
                     record.as_ref().and_then(|r| r.owner.as_deref()) == Some(self.id.as_str());
-                if ours
-                    && let Some(owned) = self.owned.get_mut(&p)
-                    && entry.revision > owned.revision
-                {
-                    // A renewal that timed out here but landed on the server.
-                    owned.revision = entry.revision;
-                }
-                if let Some(owned) = self.owned.get(&p)
-                    && entry.revision > owned.revision
-                    && record.as_ref().and_then(|r| r.owner.as_deref()) != Some(self.id.as_str())
-                {
+                if !ours && self.owned.contains_key(&p) {
                     tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease taken by another member; dropping the partition");
                     self.drop_partition(p);
                 }
@@ -567,6 +559,26 @@ impl Member {
                 );
             }
         }
+    }
+
+    /// Remembers a lease record this member wrote.
+    fn recorded(&mut self, p: u32, record: LeaseRecord, revision: u64) {
+        self.leases.insert(
+            p,
+            LeaseView {
+                record: Some(record),
+                revision,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// The resume position the lease of `p` last recorded.
+    fn recorded_resume(&self, p: u32) -> Option<u64> {
+        self.leases
+            .get(&p)
+            .and_then(|l| l.record.as_ref())
+            .and_then(|r| r.resume)
     }
 
     async fn heartbeat(&mut self) {
@@ -645,24 +657,21 @@ impl Member {
     async fn renew(&mut self) {
         let started = Instant::now();
         let mut writes = Vec::new();
-        for (&p, owned) in &self.owned {
+        for &p in self.owned.keys() {
+            let Some(revision) = self.leases.get(&p).map(|l| l.revision) else {
+                continue;
+            };
             let resume = lock(&self.acks)
                 .get(&p)
                 .and_then(PartitionAcks::resume)
-                .or_else(|| {
-                    self.leases
-                        .get(&p)
-                        .and_then(|l| l.record.as_ref())
-                        .and_then(|r| r.resume)
-                });
+                .or_else(|| self.recorded_resume(p));
             let record = LeaseRecord {
                 owner: Some(self.id.clone()),
                 resume,
             };
             let key = groups::lease_key(&self.topic, &self.group, p);
             let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
-            let (store, revision, limit) =
-                (self.store.clone(), owned.revision, self.config.heartbeat);
+            let (store, limit) = (self.store.clone(), self.config.heartbeat);
             writes.push(async move {
                 let result = tokio::time::timeout(limit, store.update(&key, value, revision)).await;
                 (p, record, result)
@@ -672,17 +681,9 @@ impl Member {
             match result {
                 Ok(Ok(new)) => {
                     if let Some(o) = self.owned.get_mut(&p) {
-                        o.revision = new;
                         o.valid_until = started + self.config.lease_validity();
                     }
-                    self.leases.insert(
-                        p,
-                        LeaseView {
-                            record: Some(record),
-                            revision: new,
-                            seen: Instant::now(),
-                        },
-                    );
+                    self.recorded(p, record, new);
                 }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease was taken over; dropping the partition");
@@ -691,15 +692,8 @@ impl Member {
                 Ok(Err(e)) => tracing::warn!(error = %e, partition = p, "cannot renew the lease"),
                 Err(_) => tracing::warn!(partition = p, "lease renewal timed out"),
             }
-            if self
-                .owned
-                .get(&p)
-                .is_some_and(|o| Instant::now() >= o.valid_until)
-            {
-                tracing::warn!(topic = %self.topic, group = %self.group, partition = p, "lease not renewed in time; stopping the partition before another member may take it");
-                self.drop_partition(p);
-            }
         }
+        self.stop_expired();
     }
 
     /// Stops a partition at once: in-flight deliveries are abandoned
@@ -735,10 +729,7 @@ impl Member {
         }
         let key = groups::lease_key(&self.topic, &self.group, p);
         let view = self.leases.get(&p).cloned();
-        let hint = view
-            .as_ref()
-            .and_then(|v| v.record.as_ref())
-            .and_then(|r| r.resume);
+        let hint = self.recorded_resume(p);
         let record = LeaseRecord {
             owner: Some(self.id.clone()),
             resume: hint,
@@ -777,28 +768,12 @@ impl Member {
                 return;
             }
         };
-        self.leases.insert(
-            p,
-            LeaseView {
-                record: Some(record),
-                revision,
-                seen: Instant::now(),
-            },
-        );
-        // Bounded, so a slow server cannot keep this member from renewing
-        // the leases it already holds past their validity.
-        let opened = tokio::time::timeout(
-            self.config.lease_validity() / 2,
-            self.open(p, revision, hint),
-        )
-        .await
-        .unwrap_or_else(|_| Err(self.error("positioning the partition timed out".into())));
-        match opened {
-            Ok((revision, reader, assignment)) => {
+        self.recorded(p, record, revision);
+        match self.open_bounded(p, hint).await {
+            Ok((reader, assignment)) => {
                 self.owned.insert(
                     p,
                     Owned {
-                        revision,
                         valid_until: started + self.config.lease_validity(),
                         reader,
                         releasing: false,
@@ -811,12 +786,7 @@ impl Member {
             Err(e) => {
                 tracing::warn!(error = %e, partition = p, "cannot start reading the partition; releasing it");
                 // The newest resume position recorded, not the one found.
-                let resume = self
-                    .leases
-                    .get(&p)
-                    .and_then(|l| l.record.as_ref())
-                    .and_then(|r| r.resume)
-                    .or(hint);
+                let resume = self.recorded_resume(p).or(hint);
                 self.release_lease(p, resume).await;
             }
         }
@@ -838,14 +808,19 @@ impl Member {
         }
     }
 
+    /// [`Member::open`], bounded so a slow server cannot keep this member
+    /// from renewing the leases it already holds past their validity.
+    async fn open_bounded(&mut self, p: u32, hint: Option<u64>) -> Result<(JoinHandle<()>, i64)> {
+        let limit = self.config.lease_validity() / 2;
+        match tokio::time::timeout(limit, self.open(p, hint)).await {
+            Ok(opened) => opened,
+            Err(_) => Err(self.error(format!("positioning partition {p} timed out"))),
+        }
+    }
+
     /// Positions the partition's durable consumer and starts reading it;
-    /// returns the lease revision after recording the start.
-    async fn open(
-        &mut self,
-        p: u32,
-        mut revision: u64,
-        hint: Option<u64>,
-    ) -> Result<(u64, JoinHandle<()>, i64)> {
+    /// returns the reader and the assignment number.
+    async fn open(&mut self, p: u32, hint: Option<u64>) -> Result<(JoinHandle<()>, i64)> {
         let stream = self
             .admin
             .context()
@@ -858,11 +833,11 @@ impl Member {
         // where a new group starts.
         let existing = match stream.consumer_info(&name).await {
             Ok(info) => Some(info),
-            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => None,
+            Err(e) if admin::is_not_found(&e) => None,
             Err(e) => return Err(self.error(format!("cannot read consumer `{name}`: {e}"))),
         };
         let policy = match (existing, hint) {
-            (Some(info), _) => resume_policy(&info),
+            (Some(info), _) => admin::resume_policy(&info),
             (None, Some(s)) => consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: s.max(1),
             },
@@ -887,13 +862,12 @@ impl Member {
             consumer::DeliverPolicy::ByStartSequence { start_sequence } => Some(start_sequence),
             _ => hint,
         };
-        let key = groups::lease_key(&self.topic, &self.group, p);
         if resume != hint {
             // Recorded before the consumer is replaced: a crash in between
             // leaves the next owner this position.
-            revision = self.write_lease(&key, revision, resume).await?;
+            self.write_lease(p, resume).await?;
         }
-        let (durable, _) = self
+        let durable = self
             .admin
             .recreate_consumer(
                 &self.group,
@@ -924,10 +898,17 @@ impl Member {
             self.topic.clone(),
             self.broken.clone(),
         ));
-        Ok((revision, reader, self.assignments))
+        Ok((reader, self.assignments))
     }
 
-    async fn write_lease(&mut self, key: &str, revision: u64, resume: Option<u64>) -> Result<u64> {
+    /// Records `resume` in the lease of `p`, which this member holds.
+    async fn write_lease(&mut self, p: u32, resume: Option<u64>) -> Result<()> {
+        let key = groups::lease_key(&self.topic, &self.group, p);
+        let revision = self
+            .leases
+            .get(&p)
+            .map(|l| l.revision)
+            .ok_or_else(|| self.error(format!("lease `{key}` is not held")))?;
         let record = LeaseRecord {
             owner: Some(self.id.clone()),
             resume,
@@ -935,23 +916,14 @@ impl Member {
         let new = self
             .store
             .update(
-                key,
+                &key,
                 serde_json::to_vec(&record).unwrap_or_default().into(),
                 revision,
             )
             .await
             .map_err(|e| self.error(format!("cannot record the lease `{key}`: {e}")))?;
-        if let Some(p) = key.rsplit('.').next().and_then(|p| p.parse().ok()) {
-            self.leases.insert(
-                p,
-                LeaseView {
-                    record: Some(record),
-                    revision: new,
-                    seen: Instant::now(),
-                },
-            );
-        }
-        Ok(new)
+        self.recorded(p, record, new);
+        Ok(())
     }
 
     /// Begins handing `p` over: no new deliveries; a task waits for the
@@ -997,27 +969,15 @@ impl Member {
         else {
             return; // dropped (or re-taken) meanwhile
         };
-        let (reopen, revision) = (owned.reopen, owned.revision);
+        let reopen = owned.reopen;
         self.engine.remove(&[p as i32]);
         let resume = lock(&self.acks).remove(&p).and_then(|a| a.resume());
-        let hint = resume.or_else(|| {
-            self.leases
-                .get(&p)
-                .and_then(|l| l.record.as_ref())
-                .and_then(|r| r.resume)
-        });
+        let hint = resume.or_else(|| self.recorded_resume(p));
         if reopen {
             // Still ours: read again from the ack floor.
-            let opened = tokio::time::timeout(
-                self.config.lease_validity() / 2,
-                self.open(p, revision, hint),
-            )
-            .await
-            .unwrap_or_else(|_| Err(self.error("re-positioning the partition timed out".into())));
-            match opened {
-                Ok((revision, reader, assignment)) => {
+            match self.open_bounded(p, hint).await {
+                Ok((reader, assignment)) => {
                     if let Some(o) = self.owned.get_mut(&p) {
-                        o.revision = revision;
                         o.reader = reader;
                         o.releasing = false;
                         o.reopen = false;
@@ -1039,12 +999,7 @@ impl Member {
     /// Marks the lease of `p` free (owner none), if this member still
     /// holds it.
     async fn release_lease(&mut self, p: u32, resume: Option<u64>) {
-        let Some(revision) = self
-            .owned
-            .get(&p)
-            .map(|o| o.revision)
-            .or_else(|| self.leases.get(&p).map(|l| l.revision))
-        else {
+        let Some(revision) = self.leases.get(&p).map(|l| l.revision) else {
             return;
         };
         let key = groups::lease_key(&self.topic, &self.group, p);
@@ -1061,16 +1016,7 @@ impl Member {
             )
             .await
         {
-            Ok(new) => {
-                self.leases.insert(
-                    p,
-                    LeaseView {
-                        record: Some(record),
-                        revision: new,
-                        seen: Instant::now(),
-                    },
-                );
-            }
+            Ok(new) => self.recorded(p, record, new),
             Err(e) => tracing::debug!(error = %e, %key, "lease not released (no longer ours)"),
         }
     }
@@ -1104,51 +1050,13 @@ impl Member {
         // next owner.
         let rest: Vec<u32> = self.owned.keys().copied().collect();
         for p in rest {
-            let hint = self
-                .leases
-                .get(&p)
-                .and_then(|l| l.record.as_ref())
-                .and_then(|r| r.resume);
-            self.drop_partition_keep_revision(p);
-            self.release_lease(p, hint).await;
-            self.owned.remove(&p);
+            self.drop_partition(p);
+            self.release_lease(p, self.recorded_resume(p)).await;
         }
         let key = groups::member_key(&self.topic, &self.group, &self.id);
         let _ = self.store.delete(&key).await;
         self.publish_assignment();
         tracing::info!(topic = %self.topic, group = %self.group, member = %self.id, ?how, "left JetStream consumer group");
-    }
-
-    /// Stops reading `p` without forgetting the lease revision (so the
-    /// lease can still be released).
-    fn drop_partition_keep_revision(&mut self, p: u32) {
-        if let Some(owned) = self.owned.get(&p) {
-            owned.reader.abort();
-        }
-        self.engine.start_revoking(&[p as i32]);
-        self.engine.remove(&[p as i32]);
-        lock(&self.acks).remove(&p);
-    }
-}
-
-/// Where a re-created consumer starts, from the one it replaces: one past
-/// its ack floor once it acked anything, else where it was told to start
-/// (a fresh consumer reports an ack floor of 0 whatever its start).
-fn resume_policy(info: &consumer::Info) -> consumer::DeliverPolicy {
-    let floor = info.ack_floor.stream_sequence;
-    let configured = info.config.deliver_policy;
-    match configured {
-        consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start_sequence.max(floor + 1),
-            }
-        }
-        _ if floor > 0 => consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: floor + 1,
-        },
-        // `All` or `ByStartTime` with nothing acked: the same start again.
-        // (`New` is never created: `Latest` is resolved to a sequence.)
-        other => other,
     }
 }
 

@@ -171,17 +171,33 @@ fn group_error(group: &str, topic: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// The next stream sequence a group's durable consumer stands at: one past
-/// its ack floor once it acked anything, else where it was told to start
-/// (a fresh consumer reports an ack floor of 0 whatever its start); `None`
-/// for a start by time that has not delivered yet.
-pub fn next_sequence(info: &consumer::Info) -> Option<u64> {
+/// Where a group's durable consumer stands, as the start of the consumer
+/// that replaces it: one past its ack floor once it acked anything, else
+/// where it was told to start (a fresh consumer reports an ack floor of 0
+/// whatever its start).
+pub fn resume_policy(info: &consumer::Info) -> consumer::DeliverPolicy {
     let floor = info.ack_floor.stream_sequence;
     match info.config.deliver_policy {
         consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
-            Some(start_sequence.max(floor + 1))
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_sequence.max(floor + 1),
+            }
         }
-        _ if floor > 0 => Some(floor + 1),
+        _ if floor > 0 => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: floor + 1,
+        },
+        // `All` or `ByStartTime` with nothing acked: the same start again.
+        // (Keel never creates `New`: `Latest` is resolved to a sequence.)
+        other => other,
+    }
+}
+
+/// The next stream sequence a group's durable consumer stands at
+/// ([`resume_policy`]); `None` for a start by time that has not delivered
+/// yet.
+pub fn next_sequence(info: &consumer::Info) -> Option<u64> {
+    match resume_policy(info) {
+        consumer::DeliverPolicy::ByStartSequence { start_sequence } => Some(start_sequence),
         consumer::DeliverPolicy::All => Some(1),
         _ => None,
     }
@@ -296,7 +312,8 @@ fn differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     out
 }
 
-fn is_not_found(e: &impl std::fmt::Display) -> bool {
+/// Whether a JetStream API error says the stream or consumer does not exist.
+pub fn is_not_found(e: &impl std::fmt::Display) -> bool {
     let s = e.to_string().to_ascii_lowercase();
     s.contains("not found")
 }
@@ -835,8 +852,7 @@ impl JetStreamAdmin {
     }
 
     /// Replaces `group`'s durable consumer of partition `p` with a fresh one
-    /// starting at `policy`; returns it with its ack floor (the stream
-    /// sequence before the first it will deliver).
+    /// starting at `policy`.
     pub async fn recreate_consumer(
         &self,
         group: &str,
@@ -845,7 +861,7 @@ impl JetStreamAdmin {
         policy: consumer::DeliverPolicy,
         ack_wait: Duration,
         max_ack_pending: i64,
-    ) -> Result<(consumer::Consumer<consumer::pull::Config>, u64)> {
+    ) -> Result<consumer::Consumer<consumer::pull::Config>> {
         let stream = self
             .js
             .get_stream(topic)
@@ -863,7 +879,7 @@ impl JetStreamAdmin {
                 ));
             }
         }
-        let mut created: consumer::Consumer<consumer::pull::Config> = stream
+        let created: consumer::Consumer<consumer::pull::Config> = stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name.clone()),
                 description: Some(format!("Keel group `{group}`, partition {p}")),
@@ -883,11 +899,7 @@ impl JetStreamAdmin {
                     format!("cannot create consumer `{name}`: {e}"),
                 )
             })?;
-        let info = created.info().await.map_err(|e| {
-            group_error(group, topic, format!("cannot read consumer `{name}`: {e}"))
-        })?;
-        let floor = info.ack_floor.stream_sequence;
-        Ok((created, floor))
+        Ok(created)
     }
 }
 
