@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
-use keel_core::{Envelope, Publisher, Subscriber, Subscription};
+use keel_core::{Subscriber, Subscription};
 use keel_integration_tests::{bench, kafka_bootstrap, kafka_publisher, kafka_topic, unique_name};
 use keel_producers::kafka::{KafkaClientConfig, KafkaPublisher};
 use rdkafka::Message;
@@ -36,22 +36,7 @@ async fn run(events: usize) -> anyhow::Result<()> {
     let client = KafkaClientConfig::new([kafka_bootstrap().await]);
     let topic = kafka_topic(&client, "bench-consume", PARTITIONS).await;
     let publisher = kafka_publisher(&client);
-    // A typical Avro event's size, with Keel's headers.
-    let payload = vec![7u8; 120];
-    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let batch = chunk
-            .iter()
-            .map(|i| {
-                Envelope::new(
-                    "shop.orders.OrderPlaced",
-                    format!("order-{}", i % 1000),
-                    payload.clone(),
-                )
-                .with_source("bench")
-            })
-            .collect();
-        publisher.publish_batch(&topic, batch).await?;
-    }
+    let payload = bench::publish_consume_load(&publisher, &topic, events).await?;
     println!(
         "kafka consume + commit: {events} events of {} bytes over {PARTITIONS} partitions, 1000 keys, {ROUNDS} rounds each",
         payload.len()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use keel_consumers::nats::{JetStreamConsumerConfig, JetStreamGroupConsumer};
-use keel_core::{Envelope, Publisher, Subscriber, Subscription, TopicSpec};
+use keel_core::{Subscriber, Subscription, TopicSpec};
 use keel_integration_tests::{bench, nats_url, unique_name};
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
@@ -55,21 +55,7 @@ async fn run(events: usize) -> anyhow::Result<()> {
     let topic = topic(&admin, "bench-consume").await?;
     let publisher =
         JetStreamPublisher::with_context(js.clone(), JetStreamPublisherConfig::new(client.clone()));
-    let payload = vec![7u8; 120];
-    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let batch = chunk
-            .iter()
-            .map(|i| {
-                Envelope::new(
-                    "shop.orders.OrderPlaced",
-                    format!("order-{}", i % 1000),
-                    payload.clone(),
-                )
-                .with_source("bench")
-            })
-            .collect();
-        publisher.publish_batch(&topic, batch).await?;
-    }
+    let payload = bench::publish_consume_load(&publisher, &topic, events).await?;
     println!(
         "jetstream consume + ack: {events} events of {} bytes over {PARTITIONS} partitions, 1000 keys, {ROUNDS} rounds each",
         payload.len()

@@ -128,3 +128,28 @@ pub async fn keel_consume_rate(
     std::hint::black_box(bytes);
     Ok(events as f64 / elapsed.as_secs_f64())
 }
+
+/// Publishes the consume benchmarks' load: `events` events of a typical
+/// Avro event's size (120 bytes) over 1,000 keys, in batches of 1,000;
+/// returns the payload.
+pub async fn publish_consume_load(
+    publisher: &dyn Publisher,
+    topic: &str,
+    events: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let payload = vec![7u8; 120];
+    for from in (0..events).step_by(1000) {
+        let batch = (from..(from + 1000).min(events))
+            .map(|i| {
+                Envelope::new(
+                    "shop.orders.OrderPlaced",
+                    format!("order-{}", i % 1000),
+                    payload.clone(),
+                )
+                .with_source("bench")
+            })
+            .collect();
+        publisher.publish_batch(topic, batch).await?;
+    }
+    Ok(payload)
+}

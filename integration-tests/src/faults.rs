@@ -9,6 +9,76 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+/// The worker processes' common part, after they joined their group:
+/// records assignment changes to `<out>.assignments` and handles `key:seq`
+/// events, appending `<end nanos> <worker> <key> <seq> <partition>
+/// <position> <start nanos>` to `out` *before* acking each (so a SIGKILL
+/// never loses a handled event from the record), until Ctrl-C.
+pub async fn work(
+    deliveries: keel_core::Deliveries,
+    out: &str,
+    worker: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use keel_core::{DeliveryInfo, Envelope, Error, handler_fn};
+
+    let file = Arc::new(Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)?,
+    ));
+    record_assignments(
+        &deliveries,
+        Path::new(&format!("{out}.assignments")),
+        worker,
+    )?;
+    let name = worker.to_owned();
+    let handler = handler_fn(move |event: Envelope, info: DeliveryInfo| {
+        let (file, name) = (file.clone(), name.clone());
+        async move {
+            let started = unix_nanos();
+            let text = String::from_utf8_lossy(event.payload()).into_owned();
+            let (key, seq) = text
+                .rsplit_once(':')
+                .ok_or_else(|| Error::fatal(format!("payload `{text}` is not key:seq")))?;
+            let mut f = file
+                .lock()
+                .map_err(|_| Error::fatal("output file lock poisoned"))?;
+            let line = format!(
+                "{} {name} {key} {seq} {} {} {started}\n",
+                unix_nanos(),
+                info.coordinates.partition,
+                info.coordinates.position
+            );
+            f.write_all(line.as_bytes()).map_err(Error::retriable)?;
+            Ok(())
+        }
+    });
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    keel_consumers::serve(
+        deliveries,
+        Arc::new(handler),
+        keel_consumers::ServeOptions::default(),
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Logs to stderr as `RUST_LOG` says (for worker processes).
+pub fn init_worker_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
 /// Appends every assignment change of `deliveries` to `path` as
 /// `<unix nanos> <partitions, comma-separated>` lines (what [`ownership`]
 /// reads), from a background task.
