@@ -7,6 +7,7 @@
 //! | [`postgres_url`] | PostgreSQL: `KEEL_TEST_DATABASE_URL`, else a `postgres` container |
 //! | [`TestDatabase`] | a fresh, uniquely named database on that server, dropped afterwards |
 //! | [`unique_name`] | a topic/stream/group name no other test uses |
+//! | [`read_acked`] | the next `n` deliveries of a group member, acked, as text |
 //! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
@@ -577,6 +578,28 @@ fn with_database(server_url: &str, name: &str) -> String {
         }
         Err(_) => server_url.to_owned(),
     }
+}
+
+/// Reads `n` deliveries from a group member (up to 30 s each), acking each,
+/// and returns their payloads as text.
+pub async fn read_acked(deliveries: &mut keel_core::Deliveries, n: usize) -> Vec<String> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events within 30 s", out.len()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the delivery stream ended after {} of {n} events",
+                    out.len()
+                )
+            })
+            .unwrap_or_else(|e| panic!("delivery {} of {n} failed: {e}", out.len() + 1));
+        out.push(String::from_utf8_lossy(d.envelope().payload()).into_owned());
+        d.ack();
+    }
+    out
 }
 
 /// A NATS transport for tests: fast heartbeats so rebalances and crash

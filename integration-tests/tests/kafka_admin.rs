@@ -12,10 +12,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_core::{Deliveries, Envelope, Publisher, Subscriber, Subscription, TopicSpec};
-use keel_integration_tests::{kafka_bootstrap, unique_name};
+use keel_integration_tests::{kafka_bootstrap, read_acked, unique_name};
 use keel_producers::kafka::{
     CleanupPolicy, KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig, ResetTo,
     TopicSettings,
@@ -46,21 +45,6 @@ async fn join(client: &KafkaClientConfig, topic: &str, group: &str) -> Deliverie
     .subscribe(Subscription::new(topic, group))
     .await
     .unwrap()
-}
-
-/// Reads `n` events (acking each) and returns their payloads.
-async fn read(deliveries: &mut Deliveries, n: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let d = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} events within 30 s", out.len()))
-            .unwrap()
-            .unwrap();
-        out.push(String::from_utf8_lossy(d.envelope().payload()).into_owned());
-        d.ack();
-    }
-    out
 }
 
 /// Waits until the broker lists `group` without members (a leave takes a
@@ -127,7 +111,7 @@ async fn topics_groups_lag_and_resets() {
     // A group that read everything has no lag; new events show up as lag.
     let group = unique_name("admin-g");
     let mut member = join(&client, &topic, &group).await;
-    read(&mut member, 100).await;
+    read_acked(&mut member, 100).await;
     member.leave().await.unwrap();
     wait_until_empty(&admin, &group).await;
     let lag: i64 = admin
@@ -170,7 +154,7 @@ async fn topics_groups_lag_and_resets() {
         50
     );
     let mut member = join(&client, &topic, &group).await;
-    let replayed: HashSet<String> = read(&mut member, 50).await.into_iter().collect();
+    let replayed: HashSet<String> = read_acked(&mut member, 50).await.into_iter().collect();
     assert!(replayed.iter().all(|p| p.starts_with("b:")), "{replayed:?}");
     assert_eq!(replayed.len(), 50);
 
@@ -207,7 +191,7 @@ async fn topics_groups_lag_and_resets() {
         .unwrap();
     assert_eq!(positions.len(), PARTITIONS as usize);
     let mut member = join(&client, &topic, &group).await;
-    let all: HashSet<String> = read(&mut member, 150).await.into_iter().collect();
+    let all: HashSet<String> = read_acked(&mut member, 150).await.into_iter().collect();
     assert_eq!(all.len(), 150);
     member.leave().await.unwrap();
 }

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use keel_consumers::nats::JetStreamGroupConsumer;
 use keel_core::partition::partition_for_key;
 use keel_core::{Deliveries, Envelope, Publisher, Subscriber, Subscription, TopicSpec};
-use keel_integration_tests::{nats_consumer_config, nats_url, unique_name};
+use keel_integration_tests::{nats_consumer_config, nats_url, read_acked, unique_name};
 use keel_producers::kafka::ResetTo;
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
@@ -251,20 +251,6 @@ async fn join(client: &NatsClientConfig, topic: &str, group: &str) -> Deliveries
         .unwrap()
 }
 
-async fn read(deliveries: &mut Deliveries, n: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let d = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} events within 30 s", out.len()))
-            .unwrap()
-            .unwrap();
-        out.push(String::from_utf8_lossy(d.envelope().payload()).into_owned());
-        d.ack();
-    }
-    out
-}
-
 #[tokio::test]
 async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     let s = setup(2, StreamSettings::default()).await;
@@ -276,7 +262,7 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     assert!(before.iter().all(|p| p.position.is_none()));
 
     let mut member = join(&s.client, &s.topic, &group).await;
-    read(&mut member, 10).await;
+    read_acked(&mut member, 10).await;
     // A reset is refused while a member is alive.
     let e = s
         .admin
@@ -296,7 +282,7 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     let reset = s.admin.lag(&group, &s.topic).await.unwrap();
     assert_eq!(reset.iter().map(|p| p.lag()).sum::<u64>(), 10, "{reset:?}");
     let mut member = join(&s.client, &s.topic, &group).await;
-    let mut again = read(&mut member, 10).await;
+    let mut again = read_acked(&mut member, 10).await;
     again.sort();
     let mut expected: Vec<String> = (0..10).map(|i| format!("k{i}:{i}")).collect();
     expected.sort();
@@ -333,7 +319,7 @@ async fn a_partition_handed_over_before_any_ack_resumes_where_it_stood() {
     let new: Vec<Envelope> = (0..5).map(|i| event("new", i)).collect();
     s.publisher.publish_batch(&s.topic, new).await.unwrap();
     let mut next = join(&s.client, &s.topic, &group).await;
-    let got = read(&mut next, 5).await;
+    let got = read_acked(&mut next, 5).await;
     assert!(got.iter().all(|p| p.starts_with("new:")), "{got:?}");
     let more = tokio::time::timeout(Duration::from_secs(2), next.next()).await;
     assert!(more.is_err(), "nothing beyond the 5 new events: {more:?}");
@@ -380,7 +366,7 @@ async fn a_consumer_deleted_from_outside_is_recreated_and_reading_goes_on() {
     let first: Vec<Envelope> = (0..5).map(|i| event("a", i)).collect();
     s.publisher.publish_batch(&s.topic, first).await.unwrap();
     let mut member = join(&s.client, &s.topic, &group).await;
-    read(&mut member, 5).await;
+    read_acked(&mut member, 5).await;
     // An operator runs `nats consumer rm` on the group's consumer.
     let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
     stream
@@ -389,7 +375,7 @@ async fn a_consumer_deleted_from_outside_is_recreated_and_reading_goes_on() {
         .unwrap();
     let second: Vec<Envelope> = (5..10).map(|i| event("a", i)).collect();
     s.publisher.publish_batch(&s.topic, second).await.unwrap();
-    let got = read(&mut member, 5).await;
+    let got = read_acked(&mut member, 5).await;
     assert_eq!(
         got,
         (5..10).map(|i| format!("a:{i}")).collect::<Vec<_>>(),
