@@ -11,8 +11,9 @@
 //! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
-//! | [`nats_transport`], [`nats_consumer_config`] | Keel's NATS transport with test-speed group timings |
+//! | [`kafka_transport`], [`nats_transport`], [`nats_consumer_config`] | Keel's Kafka and NATS transports with test-speed group timings |
 //! | [`faults`] | worker processes and their records, for the SIGKILL tests |
+//! | [`outbox`] | a migrated outbox, concurrent writers, and the completeness and key-order checks |
 //! | [`bench`] | what the benchmark binaries share: medians, percentiles, latency loops |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 pub mod bench;
 pub mod faults;
+pub mod outbox;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};
@@ -600,6 +602,28 @@ pub async fn read_acked(deliveries: &mut keel_core::Deliveries, n: usize) -> Vec
         d.ack();
     }
     out
+}
+
+/// Keel's Kafka transport for tests: 100 ms commits, a 10 s session.
+pub async fn kafka_transport() -> keel_consumers::kafka::KafkaTransport {
+    use keel_consumers::kafka::{KafkaConsumerConfig, KafkaTransport};
+    use keel_producers::kafka::{KafkaClientConfig, KafkaPublisherConfig};
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    KafkaTransport::new(
+        KafkaPublisherConfig {
+            client: client.clone(),
+            ..KafkaPublisherConfig::default()
+        },
+        KafkaConsumerConfig {
+            client,
+            commit_interval_ms: 100,
+            drain_timeout_ms: 5_000,
+            session_timeout_ms: 10_000,
+            ..KafkaConsumerConfig::default()
+        },
+        1,
+    )
+    .unwrap_or_else(|e| panic!("cannot build the Kafka transport: {e}"))
 }
 
 /// A NATS transport for tests: fast heartbeats so rebalances and crash

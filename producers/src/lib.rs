@@ -4,13 +4,13 @@
 //! |---|---|
 //! | [`kafka`] | [`KafkaPublisher`](kafka::KafkaPublisher) and [`KafkaAdmin`](kafka::KafkaAdmin) |
 //! | [`nats`] | [`JetStreamPublisher`](nats::JetStreamPublisher) and [`JetStreamAdmin`](nats::JetStreamAdmin) |
-//!
-//! The transactional outbox with its relay lands here with its capability.
+//! | [`outbox`] | the transactional outbox on PostgreSQL: [`Outbox`](outbox::Outbox), [`OutboxRelay`](outbox::OutboxRelay), [`Inbox`](outbox::Inbox) |
 
 #![forbid(unsafe_code)]
 
 pub mod kafka;
 pub mod nats;
+pub mod outbox;
 
 /// `e`, which failed the event `event` of a batch, with `progress` (how
 /// much of the batch the broker has) added to its reason.

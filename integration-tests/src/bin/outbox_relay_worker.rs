@@ -1,0 +1,56 @@
+//! An outbox relay as its own OS process, for the SIGKILL tests: the
+//! library's `OutboxRelay` with test-speed timings
+//! ([`relay_config`](keel_integration_tests::outbox::relay_config)) on the
+//! default tables, until Ctrl-C.
+//!
+//! Usage: `outbox_relay_worker <database-url> <kafka://host:port | nats://host:port> <relay-id> <batch-size>`
+
+use std::sync::Arc;
+
+use keel_core::Publisher;
+use keel_integration_tests::faults::init_worker_tracing;
+use keel_integration_tests::outbox::relay_config;
+use keel_producers::kafka::{KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_producers::nats::{JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig};
+use keel_producers::outbox::{OutboxRelay, OutboxTables};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, database, broker, relay_id, batch] = args.as_slice() else {
+        anyhow::bail!(
+            "usage: outbox_relay_worker <database-url> <kafka://… | nats://…> <relay-id> <batch-size>"
+        );
+    };
+    init_worker_tracing();
+    let publisher: Arc<dyn Publisher> = if let Some(bootstrap) = broker.strip_prefix("kafka://") {
+        Arc::new(KafkaPublisher::new(KafkaPublisherConfig {
+            client: KafkaClientConfig::new([bootstrap.to_owned()]),
+            ..KafkaPublisherConfig::default()
+        })?)
+    } else {
+        Arc::new(
+            JetStreamPublisher::connect(JetStreamPublisherConfig::new(NatsClientConfig::new(
+                broker.clone(),
+            )))
+            .await?,
+        )
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(database)
+        .await?;
+    let relay = OutboxRelay::new(
+        pool,
+        OutboxTables::default(),
+        publisher,
+        relay_config(relay_id, batch.parse()?),
+    )?;
+    tracing::info!(relay = %relay_id, "relay worker starting");
+    relay
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,501 @@
+//! The transactional outbox and inbox against real PostgreSQL, Kafka
+//! (tansu) and NATS JetStream: committed events are published, rolled-back
+//! ones never, nothing is skipped when transactions commit out of id order,
+//! keys keep their commit order, refused rows are parked, lost database
+//! connections are survived, and the inbox applies an effect once.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::{Envelope, Publisher, StartFrom, Subscriber, Subscription, TopicAdmin, TopicSpec};
+use keel_integration_tests::outbox::{
+    WriterPlan, check, consume, outbox, outbox_database, relay_config, unpublished, write,
+};
+use keel_integration_tests::{TestDatabase, kafka_transport, nats_transport, unique_name};
+use keel_producers::outbox::{Inbox, OutboxError, OutboxRelay, OutboxTables, RelayStats};
+use tokio::sync::watch;
+
+/// 8 writers, 50,000 events over 200 keys, transactions of 1–8 events held
+/// open up to 20 ms, 10 % rolled back: later ids routinely commit first.
+const PLAN: WriterPlan = WriterPlan {
+    writers: 8,
+    events: 50_000,
+    keys: 200,
+    max_per_tx: 8,
+    max_hold: Duration::from_millis(20),
+    rollback: 0.1,
+};
+
+/// Runs the relay in this process until the returned sender is dropped or
+/// signalled.
+fn start_relay(
+    pool: &sqlx::PgPool,
+    publisher: Arc<dyn Publisher>,
+    relay_id: &str,
+) -> (
+    watch::Sender<bool>,
+    watch::Receiver<RelayStats>,
+    tokio::task::JoinHandle<()>,
+) {
+    let relay = OutboxRelay::new(
+        pool.clone(),
+        OutboxTables::default(),
+        publisher,
+        relay_config(relay_id, 500),
+    )
+    .unwrap();
+    let stats = relay.stats();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stopped.changed().await;
+            })
+            .await
+            .unwrap();
+    });
+    (stop, stats, task)
+}
+
+async fn wait_for(
+    stats: &mut watch::Receiver<RelayStats>,
+    what: &str,
+    pred: impl Fn(&RelayStats) -> bool,
+) {
+    let reached = tokio::time::timeout(Duration::from_secs(60), stats.wait_for(|s| pred(s)))
+        .await
+        .is_ok();
+    assert!(
+        reached,
+        "relay never reached: {what}; stats: {:?}",
+        *stats.borrow()
+    );
+}
+
+async fn published_set_equals_committed_set<T>(transport: Arc<T>, partitions: u32)
+where
+    T: Publisher + Subscriber + TopicAdmin + 'static,
+{
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let topic = unique_name("outbox");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions,
+        })
+        .await
+        .unwrap();
+    // The relay runs while the writers write: it sees rows commit out of
+    // id order all the time.
+    let (stop, mut stats, relay) = start_relay(db.pool(), transport.clone(), "relay-a");
+    let writes = write(db.pool(), &outbox(&tables), &topic, PLAN).await;
+    assert!(
+        writes.committed.len() > 40_000,
+        "{}",
+        writes.committed.len()
+    );
+    assert!(!writes.rolled_back.is_empty());
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    let duplicates = check(&writes, &seen);
+    assert_eq!(
+        duplicates, 0,
+        "one relay that never crashed publishes each row once"
+    );
+    wait_for(&mut stats, "an empty backlog", |s| s.backlog == 0).await;
+    assert_eq!(unpublished(db.pool(), &tables).await, 0);
+    assert_eq!(stats.borrow().published as usize, expected.len());
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_gets_every_committed_event_once_in_key_order_and_no_rolled_back_one() {
+    published_set_equals_committed_set(Arc::new(kafka_transport().await), 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_gets_every_committed_event_once_in_key_order_and_no_rolled_back_one() {
+    let transport = Arc::new(nats_transport().await);
+    published_set_equals_committed_set(transport, 8).await;
+}
+
+#[tokio::test]
+async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = unique_name("outbox-typed");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        })
+        .await
+        .unwrap();
+    let outbox = outbox(&tables);
+    let order = keel_schemas::testdata::order_placed();
+
+    let mut tx = db.pool().begin().await.unwrap();
+    let kept = outbox
+        .enqueue_event(&mut tx, &topic, order.order_id.to_string(), &order)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox
+        .enqueue_event(&mut tx, &topic, "rolled-back", &order)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // A follow-up event carries its cause.
+    let cause = Envelope::new("x", "k", "").with_correlation_id("flow-1");
+    let follow_up = outbox
+        .envelope(&topic, order.order_id.to_string(), &order)
+        .await
+        .unwrap()
+        .caused_by(&cause)
+        .with_source("orders")
+        .with_header("tenant", "acme");
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox.enqueue(&mut tx, &topic, &follow_up).await.unwrap();
+    // The same event id twice is refused, naming it.
+    let again = outbox
+        .enqueue(&mut tx, &topic, &follow_up)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(again, OutboxError::DuplicateEvent(id) if id == follow_up.id()),
+        "{again}"
+    );
+    tx.rollback().await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox.enqueue(&mut tx, &topic, &follow_up).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let (stop, _stats, relay) = start_relay(db.pool(), transport.clone(), "relay-typed");
+    let expected: HashSet<_> = [kept, follow_up.id()].into();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let first = seen.iter().find(|e| e.id() == kept).unwrap();
+    assert_eq!(first.event_type(), "shop.orders.OrderPlaced");
+    let decoded: keel_schemas::events::OrderPlaced =
+        outbox.codec().decode(first.payload()).await.unwrap();
+    assert_eq!(decoded, order);
+    let published = seen.iter().find(|e| e.id() == follow_up.id()).unwrap();
+    assert_eq!(
+        published, &follow_up,
+        "every field of the envelope survives the outbox"
+    );
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
+    use keel_producers::nats::{JetStreamAdmin, NatsClientConfig, StreamSettings};
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(nats_transport().await);
+    let topic = unique_name("outbox-park");
+    let admin = JetStreamAdmin::connect(&NatsClientConfig::new(
+        keel_integration_tests::nats_url().await,
+    ))
+    .await
+    .unwrap();
+    admin
+        .ensure_stream(
+            &TopicSpec {
+                name: topic.clone(),
+                partitions: 1,
+            },
+            &StreamSettings {
+                max_message_size: Some(4096),
+                ..StreamSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    let outbox = outbox(&tables);
+    let before = Envelope::new("t", "k", "before");
+    let huge = Envelope::new("t", "k", vec![b'x'; 10_000]);
+    let after = Envelope::new("t", "k", "after");
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox
+        .enqueue_batch(
+            &mut tx,
+            &[(&topic, &before), (&topic, &huge), (&topic, &after)],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let (stop, mut stats, relay) = start_relay(db.pool(), transport.clone(), "relay-park");
+    wait_for(&mut stats, "the huge row parked", |s| {
+        s.parked == 1 && s.backlog == 0
+    })
+    .await;
+    let expected: HashSet<_> = [before.id(), after.id()].into();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    let payloads: Vec<_> = seen
+        .iter()
+        .map(|e| String::from_utf8_lossy(e.payload()).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        ["before", "after"],
+        "the key goes on past its parked row"
+    );
+    let (attempts, error): (i32, String) = sqlx::query_as(
+        "SELECT attempts, last_error FROM keel.outbox WHERE event_id = $1 AND parked_at IS NOT NULL",
+    )
+    .bind(huge.id().as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(attempts, 5, "parked after max_attempts");
+    assert!(
+        error.contains("max_message_size") || error.contains("bytes"),
+        "{error}"
+    );
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+    admin.delete_topic(&topic).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_survives_its_database_connections_being_killed() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = unique_name("outbox-reconnect");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        })
+        .await
+        .unwrap();
+    // The relay's connections are named so they can be told apart.
+    let options: sqlx::postgres::PgConnectOptions = db.url().parse().unwrap();
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.application_name("keel-relay"))
+        .await
+        .unwrap();
+    let (stop, mut stats, relay) = start_relay(&relay_pool, transport.clone(), "relay-reconnect");
+    let plan = WriterPlan {
+        writers: 4,
+        events: 4_000,
+        rollback: 0.0,
+        ..PLAN
+    };
+    let writer = {
+        let (pool, outbox, topic) = (db.pool().clone(), outbox(&tables), topic.clone());
+        tokio::spawn(async move { write(&pool, &outbox, &topic, plan).await })
+    };
+    // Kill every other connection to the database a few times while events
+    // flow: the relay's queries and its LISTEN connection die under it.
+    let server = sqlx::PgPool::connect(&keel_integration_tests::postgres_url().await)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'keel-relay'",
+        )
+        .bind(db.name())
+        .fetch_all(&server)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty());
+    }
+    let writes = writer.await.unwrap();
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    check(&writes, &seen);
+    wait_for(&mut stats, "an empty backlog", |s| s.backlog == 0).await;
+    stop.send(true).unwrap();
+    relay.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_inbox_applies_an_event_delivered_three_times_once() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    sqlx::query("CREATE TABLE balances (account TEXT PRIMARY KEY, cents BIGINT NOT NULL)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO balances VALUES ('acme', 0)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let transport = kafka_transport().await;
+    let topic = unique_name("inbox");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    // Kafka has no publish-side de-duplication: three copies are stored.
+    let payment = Envelope::new("PaymentCaptured", "acme", "100");
+    for _ in 0..3 {
+        transport.publish(&topic, payment.clone()).await.unwrap();
+    }
+    let inbox = Inbox::new(&tables);
+    let mut deliveries = transport
+        .subscribe(Subscription::new(&topic, "billing").start_from(StartFrom::Earliest))
+        .await
+        .unwrap();
+    let mut applied = 0;
+    for _ in 0..3 {
+        let d = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures::StreamExt::next(&mut deliveries),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(d.envelope().id(), payment.id());
+        if let Some(mut tx) = inbox
+            .begin(db.pool(), "billing", d.envelope().id())
+            .await
+            .unwrap()
+        {
+            sqlx::query("UPDATE balances SET cents = cents + 100 WHERE account = 'acme'")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            applied += 1;
+        }
+        d.ack();
+    }
+    deliveries.leave().await.unwrap();
+    let cents: i64 = sqlx::query_scalar("SELECT cents FROM balances WHERE account = 'acme'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!((applied, cents), (1, 100));
+    // Another group applies it for itself.
+    assert!(
+        inbox
+            .begin(db.pool(), "shipping", payment.id())
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_deliveries_of_one_event_apply_it_once_and_a_rollback_frees_it() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let inbox = Inbox::new(&tables);
+    let id = keel_core::EventId::new();
+    // The first transaction holds its record open; the racers wait for it.
+    let first = inbox.begin(db.pool(), "g", id).await.unwrap().unwrap();
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            let (inbox, pool) = (inbox.clone(), db.pool().clone());
+            tokio::spawn(async move {
+                match inbox.begin(&pool, "g", id).await.unwrap() {
+                    Some(tx) => {
+                        tx.commit().await.unwrap();
+                        1
+                    }
+                    None => 0,
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Rolled back: exactly one racer takes over.
+    first.rollback().await.unwrap();
+    let mut winners = 0;
+    for racer in racers {
+        winners += racer.await.unwrap();
+    }
+    assert_eq!(winners, 1);
+    assert!(inbox.begin(db.pool(), "g", id).await.unwrap().is_none());
+    let purged = inbox.purge(db.pool(), Duration::ZERO, 10).await.unwrap();
+    assert_eq!(purged, 1);
+    assert!(inbox.begin(db.pool(), "g", id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
+    let db = TestDatabase::create().await;
+    // Reserved words work as names: they are quoted, never spliced raw.
+    let tables = OutboxTables::new("shop", "order", "user").unwrap();
+    tables.migrate(db.pool()).await.unwrap();
+    tables.migrate(db.pool()).await.unwrap();
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'shop' ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        names,
+        [
+            "_sqlx_migrations",
+            "order",
+            "order_leases",
+            "order_relays",
+            "user"
+        ]
+    );
+    // The application's own public schema is untouched.
+    let public: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(public, 0);
+    // Other names in the same schema are refused with a clear message.
+    let other = OutboxTables::new("shop", "outbox2", "inbox2").unwrap();
+    let e = other.migrate(db.pool()).await.unwrap_err().to_string();
+    assert!(e.contains("one schema per outbox"), "{e}");
+    let e = OutboxTables::new("shop; drop table x", "o", "i")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outbox.schema"), "{e}");
+}

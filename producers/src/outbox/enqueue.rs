@@ -1,0 +1,293 @@
+//! [`Outbox`]: enqueue events inside the caller's own database transaction.
+//!
+//! The row is an ordinary insert into the outbox table, so it becomes
+//! visible — and publishable — exactly when the caller's transaction
+//! commits, and never if it rolls back. The same statement signals the relay
+//! through `pg_notify`, which PostgreSQL delivers only at commit (and once
+//! per transaction, however many events it enqueued).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keel_core::partition::murmur2;
+use keel_core::{Envelope, EventId, Key};
+use keel_schemas::AvroCodec;
+use keel_schemas::events::Event;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::error::{OutboxError, Result};
+use super::tables::OutboxTables;
+
+const COLUMNS: &str = "topic, event_id, event_type, event_key, key_hash, occurred_at, source, \
+     correlation_id, causation_id, traceparent, tracestate, headers, payload";
+
+/// Writes events into the outbox table in the caller's transaction.
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool, outbox: keel_producers::outbox::Outbox,
+/// #            order: keel_schemas::events::OrderPlaced) -> anyhow::Result<()> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind(order.order_id).execute(&mut *tx).await?;
+/// outbox.enqueue_event(&mut tx, "orders", order.order_id.to_string(), &order).await?;
+/// tx.commit().await?; // the event is published after this, never without it
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tables: OutboxTables,
+    codec: Arc<AvroCodec>,
+    insert_one: Arc<str>,
+    insert_many: Arc<str>,
+}
+
+impl Outbox {
+    /// An outbox in `tables` (created by [`OutboxTables::migrate`]) that
+    /// encodes typed events with `codec`.
+    pub fn new(tables: OutboxTables, codec: Arc<AvroCodec>) -> Self {
+        let outbox = tables.outbox();
+        let insert_one = format!(
+            "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13) RETURNING 1) \
+             SELECT pg_notify($14, '') FROM enqueued"
+        );
+        // Rows are inserted (and get their ids) in the batch's order; a
+        // data-modifying CTE runs to completion whatever the outer query
+        // reads, so LIMIT 1 notifies once and still inserts every row.
+        let insert_many = format!(
+            "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
+             SELECT t, e, y, k, h, o, s, c, a, tp, ts, hd::jsonb, p FROM UNNEST(\
+             $1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::int4[], $6::timestamptz[], \
+             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[]) \
+             WITH ORDINALITY AS u(t, e, y, k, h, o, s, c, a, tp, ts, hd, p, n) ORDER BY n RETURNING 1) \
+             SELECT pg_notify($14, '') FROM enqueued LIMIT 1"
+        );
+        Outbox {
+            tables,
+            codec,
+            insert_one: insert_one.into(),
+            insert_many: insert_many.into(),
+        }
+    }
+
+    /// The codec typed events are encoded with.
+    pub fn codec(&self) -> &Arc<AvroCodec> {
+        &self.codec
+    }
+
+    /// The tables this outbox writes.
+    pub fn tables(&self) -> &OutboxTables {
+        &self.tables
+    }
+
+    /// Encodes `event` for `topic` (Confluent-framed Avro through the
+    /// registry) into a new envelope keyed by `key`. Add correlation,
+    /// causation or trace context to it, then [`enqueue`](Self::enqueue) it.
+    pub async fn envelope<T: Event + 'static>(
+        &self,
+        topic: &str,
+        key: impl Into<Key>,
+        event: &T,
+    ) -> Result<Envelope> {
+        let payload = self.codec.encode(topic, event).await?;
+        Ok(Envelope::new(T::FULL_NAME, key, payload))
+    }
+
+    /// Encodes `event` and enqueues it in `tx`; returns its event id.
+    pub async fn enqueue_event<T: Event + 'static>(
+        &self,
+        tx: &mut PgConnection,
+        topic: &str,
+        key: impl Into<Key>,
+        event: &T,
+    ) -> Result<EventId> {
+        let envelope = self.envelope(topic, key, event).await?;
+        let id = envelope.id();
+        self.enqueue(tx, topic, &envelope).await?;
+        Ok(id)
+    }
+
+    /// Enqueues an already encoded event in `tx` (pass a transaction: the
+    /// event is published once it commits).
+    pub async fn enqueue(
+        &self,
+        tx: &mut PgConnection,
+        topic: &str,
+        event: &Envelope,
+    ) -> Result<()> {
+        let row = Row::new(topic, event)?;
+        sqlx::query(&self.insert_one)
+            .bind(row.topic)
+            .bind(row.event_id)
+            .bind(row.event_type)
+            .bind(row.key)
+            .bind(row.key_hash)
+            .bind(row.occurred_at)
+            .bind(row.source)
+            .bind(row.correlation_id)
+            .bind(row.causation_id)
+            .bind(row.traceparent)
+            .bind(row.tracestate)
+            .bind(row.headers)
+            .bind(row.payload)
+            .bind(self.tables.channel())
+            .execute(tx)
+            .await
+            .map_err(|e| duplicate_or(e, &[event]))?;
+        Ok(())
+    }
+
+    /// Enqueues several events (any topics) in one statement, in order.
+    pub async fn enqueue_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[(&str, &Envelope)],
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut columns = Columns::with_capacity(events.len());
+        for (topic, event) in events {
+            columns.push(Row::new(topic, event)?);
+        }
+        sqlx::query(&self.insert_many)
+            .bind(columns.topic)
+            .bind(columns.event_id)
+            .bind(columns.event_type)
+            .bind(columns.key)
+            .bind(columns.key_hash)
+            .bind(columns.occurred_at)
+            .bind(columns.source)
+            .bind(columns.correlation_id)
+            .bind(columns.causation_id)
+            .bind(columns.traceparent)
+            .bind(columns.tracestate)
+            .bind(columns.headers)
+            .bind(columns.payload)
+            .bind(self.tables.channel())
+            .execute(tx)
+            .await
+            .map_err(|e| {
+                let all: Vec<&Envelope> = events.iter().map(|(_, e)| *e).collect();
+                duplicate_or(e, &all)
+            })?;
+        Ok(())
+    }
+}
+
+/// One outbox row, as bound to the insert.
+struct Row<'a> {
+    topic: &'a str,
+    event_id: Uuid,
+    event_type: &'a str,
+    key: &'a [u8],
+    key_hash: i32,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    source: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    headers: String,
+    payload: &'a [u8],
+}
+
+impl<'a> Row<'a> {
+    fn new(topic: &'a str, event: &'a Envelope) -> Result<Self> {
+        // Refuse what the wire would refuse now, in the caller's
+        // transaction, rather than parking the row later.
+        keel_core::wire::visit_headers(event, |_, _| {})?;
+        if topic.is_empty() {
+            return Err(OutboxError::Event(keel_core::Error::malformed(
+                "the outbox needs a topic name for every event",
+            )));
+        }
+        let headers: &BTreeMap<String, String> = event.headers();
+        Ok(Row {
+            topic,
+            event_id: *event.id().as_uuid(),
+            event_type: event.event_type(),
+            key: event.key().as_bytes(),
+            key_hash: key_hash(event.key()),
+            occurred_at: event.occurred_at(),
+            source: event.source(),
+            correlation_id: event.correlation_id(),
+            causation_id: event.causation_id(),
+            traceparent: event.trace().traceparent.as_deref(),
+            tracestate: event.trace().tracestate.as_deref(),
+            headers: serde_json::to_string(headers).unwrap_or_else(|_| "{}".into()),
+            payload: event.payload(),
+        })
+    }
+}
+
+/// The rows of a batch as one array per column, for `UNNEST`.
+#[derive(Default)]
+struct Columns<'a> {
+    topic: Vec<&'a str>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<&'a str>,
+    key: Vec<&'a [u8]>,
+    key_hash: Vec<i32>,
+    occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
+    source: Vec<Option<&'a str>>,
+    correlation_id: Vec<Option<&'a str>>,
+    causation_id: Vec<Option<&'a str>>,
+    traceparent: Vec<Option<&'a str>>,
+    tracestate: Vec<Option<&'a str>>,
+    headers: Vec<String>,
+    payload: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Columns {
+            topic: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, row: Row<'a>) {
+        self.topic.push(row.topic);
+        self.event_id.push(row.event_id);
+        self.event_type.push(row.event_type);
+        self.key.push(row.key);
+        self.key_hash.push(row.key_hash);
+        self.occurred_at.push(row.occurred_at);
+        self.source.push(row.source);
+        self.correlation_id.push(row.correlation_id);
+        self.causation_id.push(row.causation_id);
+        self.traceparent.push(row.traceparent);
+        self.tracestate.push(row.tracestate);
+        self.headers.push(row.headers);
+        self.payload.push(row.payload);
+    }
+}
+
+/// The key's slot hash: murmur2 made non-negative, as Kafka partitions.
+pub(crate) fn key_hash(key: &Key) -> i32 {
+    murmur2(key.as_bytes()) & 0x7fff_ffff
+}
+
+/// A unique violation on the event id becomes [`OutboxError::DuplicateEvent`].
+fn duplicate_or(e: sqlx::Error, events: &[&Envelope]) -> OutboxError {
+    if let sqlx::Error::Database(db) = &e
+        && db.is_unique_violation()
+    {
+        // PostgreSQL names the value in the detail: `Key (event_id)=(…)`.
+        let detail = db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())
+            .unwrap_or_default();
+        if let Some(event) = events
+            .iter()
+            .find(|ev| detail.contains(&ev.id().to_string()))
+            .or(events.first())
+        {
+            return OutboxError::DuplicateEvent(event.id());
+        }
+    }
+    OutboxError::Database(e)
+}

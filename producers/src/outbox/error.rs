@@ -1,0 +1,73 @@
+//! [`OutboxError`]: what the outbox, the relay and the inbox report.
+
+use keel_core::EventId;
+
+/// Errors of the outbox, the relay and the inbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// A setting is invalid; the message names it.
+    #[error("invalid setting `{setting}`: {reason}")]
+    Config {
+        /// The setting, as named in `keel.toml`.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database refused or failed a statement, or could not be reached.
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The outbox's migrations could not be applied.
+    #[error("cannot apply the outbox migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The event id is already in the outbox (event ids are unique).
+    #[error("event {0} is already in the outbox: give each event its own id")]
+    DuplicateEvent(EventId),
+    /// The event could not be encoded (unknown schema, codec error).
+    #[error("cannot encode the event for the outbox: {0}")]
+    Encode(#[from] keel_schemas::SchemaError),
+    /// The event is not fit for the outbox (a header the wire refuses).
+    #[error(transparent)]
+    Event(#[from] keel_core::Error),
+}
+
+impl OutboxError {
+    pub(crate) fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        OutboxError::Config {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether trying again later may succeed (a lost connection, a
+    /// database restarting), as opposed to bad input or configuration.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            OutboxError::Database(e) => is_transient(e),
+            OutboxError::Event(e) => e.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
+/// Connection loss, pool exhaustion, a database shutting down or a
+/// serialization failure: worth retrying.
+pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 40: transaction rollback
+            // (serialization, deadlock); 57P: operator intervention
+            // (shutdown, restart); 53: insufficient resources.
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+        }),
+        _ => false,
+    }
+}
+
+/// Result of outbox operations.
+pub type Result<T, E = OutboxError> = std::result::Result<T, E>;

@@ -1,0 +1,264 @@
+//! How several relays share one outbox: slots and leases in PostgreSQL.
+//!
+//! Every row belongs to slot `key_hash % slots`, so all events of a key are
+//! in one slot. A relay publishes a slot's rows only while it holds the
+//! slot's lease:
+//! - each relay upserts a heartbeat row every `heartbeat`; the relays seen
+//!   within `session_timeout`, sorted by id, split the slots round-robin;
+//! - a lease is taken with one conditional `UPDATE`: only when it is free,
+//!   already ours, or expired (expiry by the database's clock, so relays'
+//!   clocks never matter); the relay renews it with the same statement each
+//!   heartbeat, for `session_timeout`;
+//! - the relay trusts a lease for 60 % of `session_timeout` after it *sent*
+//!   the renewal, by its own monotonic clock: it stops publishing a slot
+//!   before anyone else may take it, so one key is published by one relay
+//!   at a time;
+//! - slots a relay no longer should own are released between batches (no
+//!   batch is in flight then), and a killed relay's slots are free when its
+//!   leases expire, `session_timeout` after its last renewal.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+use tokio::time::Instant;
+
+use super::error::{OutboxError, Result};
+use super::tables::OutboxTables;
+
+/// The leases this relay holds and until when it may trust them.
+#[derive(Debug)]
+pub(crate) struct SlotLeases {
+    tables: OutboxTables,
+    relay_id: String,
+    slots: u32,
+    session_timeout: Duration,
+    owned: BTreeSet<u32>,
+    /// Until when `owned` may be published (monotonic clock).
+    valid_until: Option<Instant>,
+}
+
+/// The fraction of the session timeout a relay trusts its leases for.
+const VALIDITY: f64 = 0.6;
+
+impl SlotLeases {
+    pub(crate) fn new(
+        tables: OutboxTables,
+        relay_id: String,
+        slots: u32,
+        session_timeout: Duration,
+    ) -> Self {
+        SlotLeases {
+            tables,
+            relay_id,
+            slots,
+            session_timeout,
+            owned: BTreeSet::new(),
+            valid_until: None,
+        }
+    }
+
+    /// Creates the slots' lease rows; refuses when live relays split the
+    /// outbox into another number of slots (the key → relay mapping would
+    /// differ and two relays could publish one key).
+    pub(crate) async fn prepare(&self, pool: &PgPool) -> Result<()> {
+        let leases = self.tables.leases();
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("LOCK TABLE {leases} IN EXCLUSIVE MODE"))
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE owner IS NOT NULL \
+             AND expires_at > clock_timestamp()) AS held FROM {leases}"
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        let (existing, held): (i64, i64) = (row.try_get("n")?, row.try_get("held")?);
+        if existing != i64::from(self.slots) {
+            if held > 0 {
+                return Err(OutboxError::config(
+                    "relay.slots",
+                    format!(
+                        "running relays split this outbox into {existing} slots, this relay \
+                         into {}; every relay of an outbox must use the same number (or stop \
+                         them all to change it)",
+                        self.slots
+                    ),
+                ));
+            }
+            sqlx::query(&format!("DELETE FROM {leases}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {leases} (slot) SELECT generate_series(0, $1 - 1)"
+            ))
+            .bind(i32::try_from(self.slots).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The slots this relay may publish now (empty once the leases are no
+    /// longer trusted).
+    pub(crate) fn publishable(&self) -> Vec<u32> {
+        match self.valid_until {
+            Some(until) if Instant::now() < until => self.owned.iter().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// How long the leases stay trusted from now.
+    pub(crate) fn remaining(&self) -> Duration {
+        self.valid_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// The number of slots rows are spread over.
+    pub(crate) fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// One heartbeat: records this relay as alive, releases the slots it
+    /// should no longer own and takes or renews the ones it should. Call it
+    /// only between batches.
+    pub(crate) async fn heartbeat(&mut self, pool: &PgPool) -> Result<()> {
+        let sent = Instant::now();
+        let relays = self.tables.relays();
+        let leases = self.tables.leases();
+        let session_ms = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {relays} (relay_id, heartbeat_at) VALUES ($1, clock_timestamp()) \
+             ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+        ))
+        .bind(&self.relay_id)
+        .execute(&mut *tx)
+        .await?;
+        let live: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT relay_id FROM {relays} \
+             WHERE heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond' \
+             ORDER BY relay_id"
+        ))
+        .bind(session_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let desired = desired_slots(&live, &self.relay_id, self.slots);
+        let release: Vec<i32> = self
+            .owned
+            .iter()
+            .filter(|s| !desired.contains(s))
+            .map(|&s| s as i32)
+            .collect();
+        if !release.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' \
+                 WHERE slot = ANY($1) AND owner = $2"
+            ))
+            .bind(&release)
+            .bind(&self.relay_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let want: Vec<i32> = desired.iter().map(|&s| s as i32).collect();
+        let held: Vec<i32> = sqlx::query_scalar(&format!(
+            "UPDATE {leases} SET owner = $2, \
+             expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
+             epoch = CASE WHEN owner IS DISTINCT FROM $2 THEN epoch + 1 ELSE epoch END \
+             WHERE slot = ANY($1) \
+             AND (owner = $2 OR owner IS NULL OR expires_at < clock_timestamp()) \
+             RETURNING slot"
+        ))
+        .bind(&want)
+        .bind(&self.relay_id)
+        .bind(session_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Relays gone for a long time are forgotten.
+        sqlx::query(&format!(
+            "DELETE FROM {relays} \
+             WHERE heartbeat_at < clock_timestamp() - $1 * 10 * interval '1 millisecond'"
+        ))
+        .bind(session_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let before = std::mem::take(&mut self.owned);
+        self.owned = held.into_iter().map(|s| s as u32).collect();
+        self.valid_until = Some(sent + self.session_timeout.mul_f64(VALIDITY));
+        if before != self.owned {
+            tracing::info!(
+                relay = %self.relay_id,
+                live = live.len(),
+                slots = ?self.owned,
+                "relay slots changed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops trusting the leases (after a failed heartbeat that may or may
+    /// not have renewed them, nothing changes in the database).
+    pub(crate) fn lapse_if_expired(&mut self) {
+        if self.remaining().is_zero() && !self.owned.is_empty() {
+            tracing::warn!(relay = %self.relay_id, "relay leases lapsed: could not renew them in time");
+            self.owned.clear();
+        }
+    }
+
+    /// Releases every lease and forgets this relay (graceful shutdown).
+    pub(crate) async fn leave(&mut self, pool: &PgPool) -> Result<()> {
+        let leases = self.tables.leases();
+        let relays = self.tables.relays();
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!(
+            "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' WHERE owner = $1"
+        ))
+        .bind(&self.relay_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!("DELETE FROM {relays} WHERE relay_id = $1"))
+            .bind(&self.relay_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.owned.clear();
+        self.valid_until = None;
+        Ok(())
+    }
+}
+
+/// The slots `me` should own: the live relays, sorted, take them
+/// round-robin. A relay not yet among the live ones (its first heartbeat is
+/// in the same transaction) counts itself in.
+fn desired_slots(live: &[String], me: &str, slots: u32) -> BTreeSet<u32> {
+    let mut members: Vec<&str> = live.iter().map(String::as_str).collect();
+    if !members.contains(&me) {
+        members.push(me);
+        members.sort_unstable();
+    }
+    let count = members.len() as u32;
+    let index = members.iter().position(|m| *m == me).unwrap_or(0) as u32;
+    (0..slots).filter(|s| s % count == index).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_relays_split_every_slot_once() {
+        let live: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut all = BTreeSet::new();
+        for me in ["a", "b", "c"] {
+            let mine = desired_slots(&live, me, 16);
+            assert!(mine.len() >= 5);
+            assert!(all.is_disjoint(&mine));
+            all.extend(mine);
+        }
+        assert_eq!(all, (0..16).collect());
+        assert_eq!(desired_slots(&[], "x", 4), (0..4).collect());
+    }
+}

@@ -1,0 +1,25 @@
+//! The transactional outbox on PostgreSQL: a publish as durable as the
+//! service's own database write, and an inbox that applies a redelivered
+//! event's effect once.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`tables`] | [`OutboxTables`]: validated schema/table names and the migrations |
+//! | [`enqueue`] | [`Outbox`]: enqueue events inside the caller's transaction |
+//! | [`relay`] | [`OutboxRelay`]: publishes committed rows, in key order, at least once |
+//! | [`leases`] | how several relays split the outbox (slots and leases) |
+//! | [`inbox`] | [`Inbox`]: `(group, event id)` records for exactly-once effects |
+//! | [`error`] | [`OutboxError`] |
+
+pub mod enqueue;
+pub mod error;
+pub mod inbox;
+pub mod leases;
+pub mod relay;
+pub mod tables;
+
+pub use enqueue::Outbox;
+pub use error::OutboxError;
+pub use inbox::Inbox;
+pub use relay::{OutboxRelay, RelayConfig, RelayStats};
+pub use tables::OutboxTables;

@@ -1,0 +1,258 @@
+//! Where the outbox lives: schema and table names, checked against an
+//! identifier allowlist and quoted before they reach any SQL, and the
+//! migrations that create the tables.
+//!
+//! The migrations are sqlx migrations rendered from a template shipped with
+//! the crate (`migrations/postgres`). They are recorded in sqlx's
+//! `_sqlx_migrations` table *inside the outbox's own schema* (the migrator
+//! runs with `search_path` set to it), so they never mix with the
+//! application's own sqlx migrations in `public`. One schema holds one set
+//! of Keel tables.
+
+use std::borrow::Cow;
+
+use futures::future::BoxFuture;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::{Connection, PgPool};
+
+use super::error::{OutboxError, Result};
+
+/// The template of every migration, in order: (version, description, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    20261128000001,
+    "keel outbox and inbox",
+    include_str!("../../migrations/postgres/0001_outbox_inbox.sql"),
+)];
+
+/// Longest schema or table name accepted. Keel derives index, lease and
+/// notification-channel names from these and PostgreSQL cuts identifiers
+/// at 63 bytes, so the names are kept short enough for every derived one.
+pub const MAX_IDENTIFIER_LEN: usize = 31;
+
+/// Names of the outbox's schema and tables. Defaults: schema `keel`, tables
+/// `outbox` and `inbox`; the relay's lease tables are named after the
+/// outbox (`outbox_leases`, `outbox_relays`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxTables {
+    schema: String,
+    outbox: String,
+    inbox: String,
+}
+
+impl Default for OutboxTables {
+    fn default() -> Self {
+        OutboxTables {
+            schema: "keel".into(),
+            outbox: "outbox".into(),
+            inbox: "inbox".into(),
+        }
+    }
+}
+
+impl OutboxTables {
+    /// Custom names; each must match `[a-z_][a-z0-9_]*`, at most
+    /// [`MAX_IDENTIFIER_LEN`] characters, and not start with `pg_`.
+    pub fn new(schema: &str, outbox: &str, inbox: &str) -> Result<Self> {
+        for (setting, name) in [
+            ("outbox.schema", schema),
+            ("outbox.table", outbox),
+            ("outbox.inbox_table", inbox),
+        ] {
+            check_identifier(setting, name)?;
+        }
+        if outbox == inbox {
+            return Err(OutboxError::config(
+                "outbox.inbox_table",
+                format!("the inbox cannot share the outbox's table name `{outbox}`"),
+            ));
+        }
+        Ok(OutboxTables {
+            schema: schema.into(),
+            outbox: outbox.into(),
+            inbox: inbox.into(),
+        })
+    }
+
+    /// The schema name.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// `"schema"."outbox"`, quoted, for SQL.
+    pub(crate) fn outbox(&self) -> String {
+        self.qualified(&self.outbox)
+    }
+
+    /// `"schema"."inbox"`, quoted, for SQL.
+    pub(crate) fn inbox(&self) -> String {
+        self.qualified(&self.inbox)
+    }
+
+    /// The relay's slot leases, quoted.
+    pub(crate) fn leases(&self) -> String {
+        self.qualified(&format!("{}_leases", self.outbox))
+    }
+
+    /// The relays' heartbeats, quoted.
+    pub(crate) fn relays(&self) -> String {
+        self.qualified(&format!("{}_relays", self.outbox))
+    }
+
+    /// The LISTEN/NOTIFY channel that enqueues signal (passed as a value to
+    /// `pg_notify`, never spliced into SQL).
+    pub fn channel(&self) -> String {
+        format!("{}.{}", self.schema, self.outbox)
+    }
+
+    fn qualified(&self, table: &str) -> String {
+        format!("{}.{}", quote(&self.schema), quote(table))
+    }
+
+    /// The migration SQL with this outbox's names filled in.
+    fn render(&self, template: &str) -> String {
+        let names = [
+            ("{schema}", quote(&self.schema)),
+            ("{outbox}", quote(&self.outbox)),
+            ("{inbox}", quote(&self.inbox)),
+            ("{leases}", quote(&format!("{}_leases", self.outbox))),
+            ("{relays}", quote(&format!("{}_relays", self.outbox))),
+            (
+                "{outbox_pending_index}",
+                quote(&format!("{}_pending", self.outbox)),
+            ),
+            (
+                "{outbox_published_index}",
+                quote(&format!("{}_published", self.outbox)),
+            ),
+            (
+                "{inbox_processed_index}",
+                quote(&format!("{}_processed", self.inbox)),
+            ),
+        ];
+        names
+            .iter()
+            .fold(template.to_owned(), |sql, (from, to)| sql.replace(from, to))
+    }
+
+    /// Creates the schema and applies the outbox and inbox migrations
+    /// (idempotent; concurrent callers are serialised by sqlx's migration
+    /// lock).
+    pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
+        let mut conn = pool.acquire().await?.detach();
+        let outcome = async {
+            sqlx::query(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote(&self.schema)
+            ))
+            .execute(&mut conn)
+            .await?;
+            // sqlx's migration table is unqualified: on this connection it
+            // lands in the outbox's schema.
+            sqlx::query(&format!("SET search_path TO {}", quote(&self.schema)))
+                .execute(&mut conn)
+                .await?;
+            let migrator = Migrator::new(Rendered(self.clone())).await?;
+            migrator.run_direct(&mut conn).await.map_err(|e| match e {
+                sqlx::migrate::MigrateError::VersionMismatch(_) => OutboxError::config(
+                    "outbox.schema",
+                    format!(
+                        "schema `{}` already holds Keel tables created under other names; \
+                         use one schema per outbox",
+                        self.schema
+                    ),
+                ),
+                other => OutboxError::Migrate(other),
+            })
+        }
+        .await;
+        // The connection's search_path was changed: it never goes back to
+        // the pool.
+        let _ = conn.close().await;
+        outcome
+    }
+}
+
+#[derive(Debug)]
+struct Rendered(OutboxTables);
+
+impl<'s> MigrationSource<'s> for Rendered {
+    fn resolve(
+        self,
+    ) -> BoxFuture<'s, std::result::Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|(version, description, template)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*description),
+                        MigrationType::Simple,
+                        Cow::Owned(self.0.render(template)),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+fn check_identifier(setting: &str, name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let well_formed = matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'));
+    if !well_formed || name.len() > MAX_IDENTIFIER_LEN || name.starts_with("pg_") {
+        return Err(OutboxError::config(
+            setting,
+            format!(
+                "`{name}` is not an accepted SQL identifier: use lower-case letters, digits \
+                 and `_`, starting with a letter or `_`, at most {MAX_IDENTIFIER_LEN} \
+                 characters, not starting with `pg_`"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Identifiers passed [`check_identifier`]; quoting them as well keeps
+/// reserved words (`user`, `order`) usable as names.
+fn quote(identifier: &str) -> String {
+    format!("\"{identifier}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_outside_the_allowlist_are_refused() {
+        for bad in [
+            "",
+            "Outbox",
+            "1outbox",
+            "out-box",
+            "out\"box",
+            "outbox; drop table x",
+            "pg_outbox",
+            "a_name_that_is_far_too_long_for_keel",
+        ] {
+            let e = OutboxTables::new("keel", bad, "inbox").unwrap_err();
+            assert!(e.to_string().contains("outbox.table"), "{bad}: {e}");
+        }
+        assert!(OutboxTables::new("keel", "outbox", "outbox").is_err());
+        assert!(OutboxTables::new("shop", "order", "_inbox_2").is_ok());
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let tables = OutboxTables::new("shop", "orders_outbox", "orders_inbox").unwrap();
+        for (_, _, template) in MIGRATIONS {
+            let sql = tables.render(template);
+            let unfilled = sql
+                .match_indices('{')
+                .any(|(at, _)| sql[at + 1..].starts_with(|c: char| c.is_ascii_lowercase()));
+            assert!(!unfilled, "unfilled placeholder in:\n{sql}");
+            assert!(sql.contains("\"shop\".\"orders_outbox\""));
+            assert!(sql.contains("\"orders_outbox_leases\""));
+        }
+    }
+}
