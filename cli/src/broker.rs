@@ -174,6 +174,26 @@ enum Broker {
 /// consumer's default session timeout).
 const NATS_LIVENESS: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A publisher on the configured broker, with default settings.
+pub(crate) async fn publisher(
+    config: &KeelConfig,
+    command: &str,
+) -> anyhow::Result<std::sync::Arc<dyn Publisher>> {
+    connect_publisher(broker(config, command)?).await
+}
+
+async fn connect_publisher(broker: Broker) -> anyhow::Result<std::sync::Arc<dyn Publisher>> {
+    Ok(match broker {
+        Broker::Kafka(client) => std::sync::Arc::new(KafkaPublisher::new(KafkaPublisherConfig {
+            client,
+            ..KafkaPublisherConfig::default()
+        })?),
+        Broker::Nats(client) => std::sync::Arc::new(
+            JetStreamPublisher::connect(JetStreamPublisherConfig::new(client)).await?,
+        ),
+    })
+}
+
 fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
         BrokerUrl::Kafka { bootstrap } => {
@@ -487,15 +507,7 @@ pub(crate) async fn publish(
     if events.is_empty() {
         bail!("no events to publish: the input is empty");
     }
-    let publisher: Box<dyn Publisher> = match broker {
-        Broker::Kafka(client) => Box::new(KafkaPublisher::new(KafkaPublisherConfig {
-            client,
-            ..KafkaPublisherConfig::default()
-        })?),
-        Broker::Nats(client) => {
-            Box::new(JetStreamPublisher::connect(JetStreamPublisherConfig::new(client)).await?)
-        }
-    };
+    let publisher = connect_publisher(broker).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
     let receipts = publisher.publish_batch(&args.topic, events).await?;
     let mut out = std::io::stdout().lock();

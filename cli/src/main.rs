@@ -5,6 +5,7 @@
 //! | `demo` | `keel demo`: the whole backbone in one process, printing what it proved |
 //! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
+//! | `relay` | `keel relay`: publishes a PostgreSQL outbox's events to the broker |
 //! | `broker` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka or NATS |
 //!
 //! Settings come from `keel.toml` (or `--config`), then `KEEL_*` environment
@@ -33,6 +34,7 @@ macro_rules! say {
 mod broker;
 mod demo;
 mod registry;
+mod relay;
 mod schema;
 
 use std::path::PathBuf;
@@ -110,6 +112,12 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         keel --broker kafka://127.0.0.1:9092 tail --topic orders --from earliest --count 10")]
     Tail(broker::TailArgs),
+    /// Publish the committed events of a PostgreSQL outbox to the broker
+    /// (at least once, keys in commit order); run several to share the work.
+    #[command(after_help = "Examples:\n  \
+        keel --broker kafka://127.0.0.1:9092 relay --database postgres://app@db/orders\n  \
+        keel --broker nats://127.0.0.1:4222 relay --database postgres://app@db/orders --schema orders --metrics-listen 0.0.0.0:9464")]
+    Relay(relay::RelayArgs),
 }
 
 /// Flags that override config settings; unset flags are skipped.
@@ -189,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let registry = registry_client(&config, cli.registry_auth)?;
             broker::tail(&config, registry, args).await
         }
+        Command::Relay(args) => relay::run(&load_config(cli.config, &overrides)?, args).await,
     }
 }
 

@@ -1,0 +1,114 @@
+//! `keel relay`: publishes a PostgreSQL outbox's committed events to the
+//! broker, until Ctrl-C or SIGTERM. Run several for scale-out and fail-over:
+//! they split the outbox's keys between them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use keel_core::KeelConfig;
+use keel_core::config::redact;
+use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// The outbox's database, postgres://… (default: the `database` setting).
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+    /// Schema of the outbox tables.
+    #[arg(long, default_value = "keel")]
+    schema: String,
+    /// Outbox table.
+    #[arg(long, default_value = "outbox")]
+    table: String,
+    /// Inbox table (created by the migrations alongside the outbox).
+    #[arg(long, default_value = "inbox")]
+    inbox_table: String,
+    /// This relay's name among the outbox's relays (default: host, pid and
+    /// a random suffix).
+    #[arg(long)]
+    relay_id: Option<String>,
+    /// Rows per batch: the most in flight, and the most a crash re-publishes.
+    #[arg(long, default_value_t = RelayConfig::default().batch_size)]
+    batch_size: usize,
+    /// Slots the keys are spread over; every relay of an outbox must agree.
+    #[arg(long, default_value_t = RelayConfig::default().slots)]
+    slots: u32,
+    /// Broker refusals of a row before it is parked.
+    #[arg(long, default_value_t = RelayConfig::default().max_attempts)]
+    max_attempts: u32,
+    /// Seconds a silent relay keeps its slots (fail-over time).
+    #[arg(long, default_value_t = 10)]
+    session_timeout_secs: u64,
+    /// Hours published rows are kept before they are purged.
+    #[arg(long, default_value_t = 168)]
+    retention_hours: u64,
+    /// Serve Prometheus metrics (backlog, oldest unpublished age, publish
+    /// rate, failures) on this address at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not create or migrate the outbox tables (they must exist).
+    #[arg(long)]
+    no_migrate: bool,
+}
+
+pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<()> {
+    let database = args
+        .database
+        .clone()
+        .or_else(|| config.database.clone())
+        .context("`keel relay` needs the outbox's database: --database postgres://… (or `database` in keel.toml)")?;
+    if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+        bail!(
+            "--database {}: the relay runs on PostgreSQL (postgres://…)",
+            redact(&database)
+        );
+    }
+    let tables = OutboxTables::new(&args.schema, &args.table, &args.inbox_table)?;
+    let session_timeout = Duration::from_secs(args.session_timeout_secs);
+    let defaults = RelayConfig::default();
+    let relay_config = RelayConfig {
+        relay_id: args.relay_id.clone().unwrap_or(defaults.relay_id),
+        batch_size: args.batch_size,
+        slots: args.slots,
+        max_attempts: args.max_attempts,
+        session_timeout,
+        // Keep the defaults' proportions for shorter or longer sessions.
+        heartbeat: (session_timeout / 10).max(Duration::from_millis(100)),
+        publish_timeout: session_timeout / 2
+            - (session_timeout / 10).max(Duration::from_millis(100)),
+        retention: Duration::from_secs(args.retention_hours.saturating_mul(3600)),
+        ..defaults
+    };
+    relay_config.validate()?;
+    let publisher = crate::broker::publisher(config, "relay").await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&database)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the outbox database {}",
+                redact(&database)
+            )
+        })?;
+    if !args.no_migrate {
+        tables.migrate(&pool).await?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
+    let relay = OutboxRelay::new(pool, tables.clone(), publisher, relay_config)?;
+    eprintln!(
+        "relaying {} to {} (Ctrl-C to stop)",
+        tables.channel(),
+        config.broker
+    );
+    relay.run(crate::registry::shutdown_signal()).await?;
+    Ok(())
+}

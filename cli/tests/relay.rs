@@ -1,0 +1,248 @@
+//! `keel relay` as an operator runs it: against a real PostgreSQL outbox
+//! and nats-server it publishes committed events, serves its metrics,
+//! stops on SIGTERM releasing its slots, and refuses bad settings by name.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_core::Envelope;
+use keel_producers::outbox::{Outbox, OutboxTables};
+use sqlx::{Connection, Executor, PgPool};
+
+fn env(name: &str, hint: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: {hint} (infra/local/test.sh sets it)"))
+}
+
+/// A fresh database on the test server; returns its URL.
+async fn database() -> String {
+    let server = env("KEEL_TEST_DATABASE_URL", "point it at PostgreSQL");
+    let name = format!("keel_cli_{:016x}", rand_u64());
+    let mut admin = sqlx::PgConnection::connect(&server)
+        .await
+        .expect("connect to PostgreSQL");
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create database");
+    let mut url = url::Url::parse(&server).expect("database URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn keel() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KEEL_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
+    let nats = env("KEEL_TEST_NATS", "point it at nats-server");
+    let url = database().await;
+    let topic = format!("cli-relay-{:016x}", rand_u64());
+    let created = keel()
+        .args([
+            "--broker",
+            &nats,
+            "topics",
+            "create",
+            &topic,
+            "--partitions",
+            "2",
+        ])
+        .output()
+        .expect("run keel");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+
+    let port = free_port();
+    let mut relay = keel()
+        .args([
+            "--broker",
+            &nats,
+            "relay",
+            "--database",
+            &url,
+            "--relay-id",
+            "cli-relay",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start keel relay");
+
+    // The relay migrates the outbox; enqueue once the tables are there.
+    let pool = PgPool::connect(&url).await.expect("connect");
+    let started = Instant::now();
+    loop {
+        let ready: bool =
+            sqlx::query_scalar("SELECT to_regclass('keel.outbox_leases') IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+        if ready {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "keel relay never created its tables"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let codec = keel_schemas::AvroCodec::new(
+        Arc::new(keel_schemas::LocalRegistry::new()),
+        keel_schemas::CodecOptions::default(),
+    );
+    let outbox = Outbox::new(OutboxTables::default(), Arc::new(codec));
+    let mut tx = pool.begin().await.expect("begin");
+    for i in 0..3 {
+        let event = Envelope::new("test.Event", format!("k{i}"), format!("{i}"));
+        outbox
+            .enqueue(&mut tx, &topic, &event)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+
+    let started = Instant::now();
+    loop {
+        let published: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE published_at IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+        if published == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{published} of 3 published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("keel_outbox_published_total 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keel_outbox_backlog"), "{metrics}");
+
+    let described = keel()
+        .args(["--broker", &nats, "topics", "describe", &topic])
+        .output()
+        .expect("run keel");
+    let described: serde_json::Value =
+        serde_json::from_slice(&described.stdout).expect("describe JSON");
+    let stored: u64 = described["messages_per_partition"]
+        .as_array()
+        .expect("messages per partition")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(stored, 3, "{described}");
+
+    // SIGTERM: a graceful stop that hands the slots back at once.
+    let pid = relay.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = relay.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM keel.outbox_leases WHERE owner IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+    assert_eq!(held, 0);
+
+    pool.close().await;
+    let admin = keel_producers::nats::JetStreamAdmin::connect(
+        &keel_producers::nats::NatsClientConfig::new(nats),
+    )
+    .await
+    .expect("NATS admin");
+    admin.delete_topic(&topic).await.expect("delete the stream");
+    drop_database(&url).await;
+}
+
+async fn drop_database(url: &str) {
+    let server = env("KEEL_TEST_DATABASE_URL", "point it at PostgreSQL");
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&server)
+        .await
+        .expect("connect to PostgreSQL");
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .expect("drop database");
+}
+
+#[test]
+fn relay_refuses_bad_settings_by_name() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--broker", "nats://127.0.0.1:4222", "relay"],
+            "--database",
+        ),
+        (
+            &[
+                "--broker",
+                "nats://127.0.0.1:4222",
+                "relay",
+                "--database",
+                "sqlite://x.db",
+            ],
+            "PostgreSQL",
+        ),
+        (
+            &[
+                "--broker",
+                "nats://127.0.0.1:4222",
+                "relay",
+                "--database",
+                "postgres://127.0.0.1/x",
+                "--schema",
+                "Robert'); DROP TABLE students;--",
+            ],
+            "outbox.schema",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = keel().args(args).output().expect("run keel");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "keel {args:?}: {stderr}");
+        assert!(stderr.contains(expected), "keel {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -1,0 +1,221 @@
+//! The outbox relay as separate OS processes, SIGKILLed: nothing committed
+//! is lost, a crash re-publishes at most the one batch in flight, keys keep
+//! their order as a consumer sees them, and a surviving relay takes a
+//! killed one's slots over.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_core::{TopicAdmin, TopicSpec};
+use keel_integration_tests::faults::Worker;
+use keel_integration_tests::outbox::{
+    WriterPlan, check, consume, outbox, outbox_database, unpublished, write,
+};
+use keel_integration_tests::{
+    TestDatabase, kafka_bootstrap, kafka_transport, nats_transport, nats_url, unique_name,
+};
+use keel_producers::outbox::OutboxTables;
+use rand::Rng;
+
+/// Rows per relay batch in the workers: the most one crash may re-publish.
+const BATCH: usize = 200;
+/// The workers' session timeout (`relay_config`).
+const SESSION: Duration = Duration::from_secs(2);
+
+fn start_relay(db: &TestDatabase, broker: &str, name: &str) -> Worker {
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox_relay_worker"))
+        .args([db.url(), broker, name, &BATCH.to_string()])
+        .env("RUST_LOG", "warn,keel_producers=info")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Worker {
+        name: name.to_owned(),
+        child,
+    }
+}
+
+/// Slots each relay holds now (unexpired leases).
+async fn owners(db: &TestDatabase) -> BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT owner, count(*) FROM keel.outbox_leases \
+         WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY owner",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+async fn wait_for_owners(
+    db: &TestDatabase,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&BTreeMap<String, i64>) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = owners(db).await;
+        if pred(&now) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{what}: not within {within:?}; leases: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn drained(db: &TestDatabase, tables: &OutboxTables) {
+    let started = Instant::now();
+    while unpublished(db.pool(), tables).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the relay did not drain the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_ten_times_loses_nothing_and_repeats_at_most_a_batch_per_kill() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = unique_name("outbox-kill");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        })
+        .await
+        .unwrap();
+    let broker = format!("kafka://{}", kafka_bootstrap().await);
+    let plan = WriterPlan {
+        writers: 4,
+        events: 20_000,
+        keys: 300,
+        max_per_tx: 8,
+        max_hold: Duration::from_millis(50),
+        rollback: 0.1,
+    };
+    let writer = {
+        let (pool, outbox, topic) = (db.pool().clone(), outbox(&tables), topic.clone());
+        tokio::spawn(async move { write(&pool, &outbox, &topic, plan).await })
+    };
+    // Kafka keeps every re-published copy (a new producer id per process),
+    // so duplicates are visible to the consumer and can be counted.
+    let mut kills = 0;
+    for round in 0..10 {
+        let name = format!("relay-{round}");
+        let mut relay = start_relay(&db, &broker, &name);
+        wait_for_owners(
+            &db,
+            "the new relay owns slots",
+            Duration::from_secs(20),
+            |o| o.contains_key(&name),
+        )
+        .await;
+        let pause = rand::rng().random_range(50..800);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        relay.child.kill().unwrap();
+        relay.child.wait().unwrap();
+        kills += 1;
+    }
+    eprintln!(
+        "writers still writing after the last kill: {}",
+        !writer.is_finished()
+    );
+    let writes = writer.await.unwrap();
+    let _last = start_relay(&db, &broker, "relay-final");
+    drained(&db, &tables).await;
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    let duplicates = check(&writes, &seen);
+    eprintln!(
+        "{} committed events, {kills} kills, {duplicates} duplicates (bound {})",
+        expected.len(),
+        kills * BATCH
+    );
+    assert!(
+        duplicates <= kills * BATCH,
+        "{duplicates} duplicates from {kills} kills of relays with {BATCH}-row batches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(nats_transport().await);
+    let topic = unique_name("outbox-pair");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        })
+        .await
+        .unwrap();
+    let broker = nats_url().await;
+    let mut first = start_relay(&db, &broker, "relay-a");
+    let _second = start_relay(&db, &broker, "relay-b");
+    wait_for_owners(
+        &db,
+        "both relays hold slots",
+        Duration::from_secs(20),
+        |o| o.len() == 2 && o.values().sum::<i64>() == 16,
+    )
+    .await;
+    let plan = WriterPlan {
+        writers: 4,
+        events: 10_000,
+        keys: 300,
+        max_per_tx: 8,
+        max_hold: Duration::from_millis(30),
+        rollback: 0.1,
+    };
+    let writer = {
+        let (pool, outbox, topic) = (db.pool().clone(), outbox(&tables), topic.clone());
+        tokio::spawn(async move { write(&pool, &outbox, &topic, plan).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let takeover = wait_for_owners(&db, "relay-b owns every slot", SESSION * 4, |o| {
+        o.get("relay-b") == Some(&16)
+    })
+    .await;
+    eprintln!("relay-b took relay-a's slots over {takeover:?} after the kill");
+    let writes = writer.await.unwrap();
+    drained(&db, &tables).await;
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    check(&writes, &seen);
+    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
+        broker,
+    ))
+    .await
+    .unwrap()
+    .delete_topic(&topic)
+    .await
+    .unwrap();
+}
