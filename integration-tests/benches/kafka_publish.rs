@@ -65,11 +65,14 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
             value: Some(v.as_bytes()),
         });
     }
-    raw_throughput(&raw, &topic, &pre_encoded, &headers, events / 4, batch).await?;
+    bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events / 4, batch).await?;
     keel_throughput(&keel, &codec, &topic, events / 4, batch).await?;
     let (mut raw_rates, mut keel_rates) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        raw_rates.push(raw_throughput(&raw, &topic, &pre_encoded, &headers, events, batch).await?);
+        raw_rates.push(
+            bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events, batch)
+                .await?,
+        );
         keel_rates.push(keel_throughput(&keel, &codec, &topic, events, batch).await?);
     }
     let (raw_rate, keel_rate) = (
@@ -98,42 +101,6 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         keel_lat.0, keel_lat.1
     );
     Ok(())
-}
-
-async fn raw_throughput(
-    p: &FutureProducer,
-    topic: &str,
-    payload: &[u8],
-    headers: &OwnedHeaders,
-    events: usize,
-    batch: usize,
-) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut n = 0;
-    while n < events {
-        let mut pending = Vec::with_capacity(batch);
-        for i in n..(n + batch).min(events) {
-            let key = format!("order-{}", i % 1000);
-            let mut record = FutureRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(payload)
-                .headers(headers.clone());
-            loop {
-                match p.send_result(record) {
-                    Ok(f) => break pending.push(f),
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
-        }
-        for f in futures::future::join_all(pending).await {
-            f?.map_err(|(e, _)| e)?;
-        }
-        n += batch;
-    }
-    Ok(events as f64 / start.elapsed().as_secs_f64())
 }
 
 async fn keel_throughput(

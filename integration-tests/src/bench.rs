@@ -153,3 +153,44 @@ pub async fn publish_consume_load(
     }
     Ok(payload)
 }
+
+/// Raw rdkafka produce rate (msg/s): `events` records of `payload` with
+/// `headers`, keys `order-<i % 1000>`, sent `batch` at a time and every
+/// delivery awaited before the next batch — the baseline Keel's publishers
+/// and the outbox relay are measured against.
+pub async fn raw_kafka_produce_rate(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    payload: &[u8],
+    headers: &rdkafka::message::OwnedHeaders,
+    events: usize,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    use rdkafka::producer::FutureRecord;
+    let start = Instant::now();
+    let mut n = 0;
+    while n < events {
+        let mut pending = Vec::with_capacity(batch);
+        for i in n..(n + batch).min(events) {
+            let key = format!("order-{}", i % 1000);
+            let mut record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(payload)
+                .headers(headers.clone());
+            loop {
+                match p.send_result(record) {
+                    Ok(f) => break pending.push(f),
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for f in futures::future::join_all(pending).await {
+            f?.map_err(|(e, _)| e)?;
+        }
+        n += batch;
+    }
+    Ok(events as f64 / start.elapsed().as_secs_f64())
+}

@@ -499,3 +499,218 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
         .to_string();
     assert!(e.contains("outbox.schema"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at_a_time() {
+    use keel_integration_tests::outbox::{SEQ_EVENT, Writes, Written};
+    use keel_producers::outbox::sqlite::{SqliteInbox, SqliteOutbox, migrate_sqlite};
+    use rand::Rng;
+
+    let dir = keel_integration_tests::TempDir::new();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("outbox.db").display()
+    );
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let tables = OutboxTables::default();
+    migrate_sqlite(&tables, &pool).await.unwrap();
+    migrate_sqlite(&tables, &pool).await.unwrap();
+    let transport = Arc::new(nats_transport().await);
+    let topic = unique_name("outbox-sqlite");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        })
+        .await
+        .unwrap();
+
+    let relay = |id: &str| {
+        let relay = OutboxRelay::sqlite(
+            pool.clone(),
+            &tables,
+            transport.clone(),
+            relay_config(id, 100),
+        )
+        .unwrap();
+        let stats = relay.stats();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(relay.run(async move {
+            let _ = stopped.changed().await;
+        }));
+        (stop, stats, task)
+    };
+    let (stop_a, mut stats_a, task_a) = relay("sqlite-a");
+    wait_for(&mut stats_a, "relay a holds the outbox", |s| {
+        !s.slots.is_empty()
+    })
+    .await;
+    // A second relay on the same file stands by.
+    let (stop_b, mut stats_b, task_b) = relay("sqlite-b");
+
+    let outbox = SqliteOutbox::new(
+        &tables,
+        Arc::new(keel_schemas::AvroCodec::new(
+            Arc::new(keel_schemas::LocalRegistry::new()),
+            keel_schemas::CodecOptions::default(),
+        )),
+    );
+    let mut writes = Writes::default();
+    let mut next: std::collections::HashMap<String, i64> = Default::default();
+    for round in 0..300 {
+        let roll_back = rand::rng().random_bool(0.1);
+        let mut tx = pool.begin().await.unwrap();
+        let mut pending = Vec::new();
+        for i in 0..5 {
+            let key = format!("key-{}", (round * 5 + i) % 40);
+            let n = next.get(&key).copied().unwrap_or(0)
+                + 1
+                + pending.iter().filter(|w: &&Written| w.key == key).count() as i64;
+            let event = Envelope::new(SEQ_EVENT, key.as_str(), format!("{key}:{n}"));
+            outbox.enqueue(&mut tx, &topic, &event).await.unwrap();
+            pending.push(Written {
+                id: event.id(),
+                key,
+                n,
+            });
+        }
+        if roll_back {
+            tx.rollback().await.unwrap();
+            writes.rolled_back.extend(pending.iter().map(|w| w.id));
+        } else {
+            tx.commit().await.unwrap();
+            for w in &pending {
+                next.insert(w.key.clone(), w.n);
+            }
+            writes.committed.extend(pending);
+        }
+    }
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(check(&writes, &seen), 0);
+    wait_for(&mut stats_a, "an empty backlog", |s| s.backlog == 0).await;
+    assert_eq!(
+        stats_b.borrow().published,
+        0,
+        "the standby published nothing"
+    );
+    assert!(stats_b.borrow().slots.is_empty());
+
+    // The holder stops: the standby takes over and publishes what follows.
+    stop_a.send(true).unwrap();
+    task_a.await.unwrap().unwrap();
+    wait_for(&mut stats_b, "relay b takes over", |s| !s.slots.is_empty()).await;
+    let late = Envelope::new(SEQ_EVENT, "late", "late:1");
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &topic, &late).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_for(&mut stats_b, "relay b published the late event", |s| {
+        s.published == 1
+    })
+    .await;
+    stop_b.send(true).unwrap();
+    task_b.await.unwrap().unwrap();
+
+    // The inbox applies an event once.
+    let inbox = SqliteInbox::new(&tables);
+    let id = keel_core::EventId::new();
+    let mut applied = 0;
+    for _ in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        if inbox.record(&mut tx, "g", id, Some(&topic)).await.unwrap() {
+            applied += 1;
+        }
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(inbox.purge(&pool, Duration::ZERO, 10).await.unwrap(), 1);
+    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
+        keel_integration_tests::nats_url().await,
+    ))
+    .await
+    .unwrap()
+    .delete_topic(&topic)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn published_rows_are_kept_for_the_retention_then_purged() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = unique_name("outbox-purge");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let outbox = outbox(&tables);
+    let mut tx = db.pool().begin().await.unwrap();
+    for i in 0..30 {
+        outbox
+            .enqueue(&mut tx, &topic, &Envelope::new("t", format!("k{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay_with = |retention: Duration| {
+        let config = keel_producers::outbox::RelayConfig {
+            retention,
+            purge_interval: Duration::from_millis(200),
+            purge_batch: 7,
+            ..relay_config("relay-purge", 500)
+        };
+        let relay = OutboxRelay::new(
+            db.pool().clone(),
+            OutboxTables::default(),
+            transport.clone(),
+            config,
+        )
+        .unwrap();
+        let stats = relay.stats();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(relay.run(async move {
+            let _ = stopped.changed().await;
+        }));
+        (stop, stats, task)
+    };
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.outbox")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+    };
+    // A long retention keeps the published rows (for replay from the outbox).
+    let (stop, mut stats, task) = relay_with(Duration::from_secs(3600));
+    wait_for(&mut stats, "all published", |s| s.published == 30).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(rows().await, 30);
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    // A short one purges them, a small batch at a time.
+    let (stop, _stats, task) = relay_with(Duration::from_millis(1));
+    let started = std::time::Instant::now();
+    while rows().await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "published rows were not purged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -176,24 +176,24 @@ impl Outbox {
 }
 
 /// One outbox row, as bound to the insert.
-struct Row<'a> {
-    topic: &'a str,
-    event_id: Uuid,
-    event_type: &'a str,
-    key: &'a [u8],
-    key_hash: i32,
-    occurred_at: chrono::DateTime<chrono::Utc>,
-    source: Option<&'a str>,
-    correlation_id: Option<&'a str>,
-    causation_id: Option<&'a str>,
-    traceparent: Option<&'a str>,
-    tracestate: Option<&'a str>,
-    headers: String,
-    payload: &'a [u8],
+pub(crate) struct Row<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) key: &'a [u8],
+    pub(crate) key_hash: i32,
+    pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) source: Option<&'a str>,
+    pub(crate) correlation_id: Option<&'a str>,
+    pub(crate) causation_id: Option<&'a str>,
+    pub(crate) traceparent: Option<&'a str>,
+    pub(crate) tracestate: Option<&'a str>,
+    pub(crate) headers: String,
+    pub(crate) payload: &'a [u8],
 }
 
 impl<'a> Row<'a> {
-    fn new(topic: &'a str, event: &'a Envelope) -> Result<Self> {
+    pub(crate) fn new(topic: &'a str, event: &'a Envelope) -> Result<Self> {
         // Refuse what the wire would refuse now, in the caller's
         // transaction, rather than parking the row later.
         keel_core::wire::visit_headers(event, |_, _| {})?;

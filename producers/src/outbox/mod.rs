@@ -9,13 +9,17 @@
 //! | [`relay`] | [`OutboxRelay`]: publishes committed rows, in key order, at least once |
 //! | [`leases`] | how several relays split the outbox (slots and leases) |
 //! | [`inbox`] | [`Inbox`]: `(group, event id)` records for exactly-once effects |
+//! | [`sqlite`] | the same on SQLite for the embedded default: [`SqliteOutbox`](sqlite::SqliteOutbox), [`OutboxRelay::sqlite`], [`SqliteInbox`](sqlite::SqliteInbox) |
 //! | [`error`] | [`OutboxError`] |
 
 pub mod enqueue;
 pub mod error;
 pub mod inbox;
 pub mod leases;
+mod postgres;
 pub mod relay;
+pub mod sqlite;
+mod store;
 pub mod tables;
 
 pub use enqueue::Outbox;

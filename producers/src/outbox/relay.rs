@@ -29,16 +29,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::{Envelope, EventId, Key, Publisher, TraceContext};
+use keel_core::Publisher;
 use rand::Rng;
-use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
-use uuid::Uuid;
 
 use super::error::{OutboxError, Result};
 use super::leases::SlotLeases;
+use super::postgres::PgRelayStore;
+use super::store::{Claimed, RelayStore};
 use super::tables::OutboxTables;
 
 /// How a relay runs. Every field has a default ([`RelayConfig::default`]);
@@ -202,36 +202,24 @@ pub struct RelayStats {
 
 /// Publishes an outbox's committed rows through a [`Publisher`].
 pub struct OutboxRelay {
-    pool: PgPool,
-    tables: OutboxTables,
+    store: Box<dyn RelayStore>,
     publisher: Arc<dyn Publisher>,
     config: RelayConfig,
     stats: watch::Sender<RelayStats>,
-    claim: String,
-    mark: String,
-    fail: String,
-    purge: String,
-    backlog: String,
 }
 
 impl std::fmt::Debug for OutboxRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxRelay")
-            .field("tables", &self.tables)
+            .field("outbox", &self.store.label())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-/// One claimed row: its id and the event rebuilt from it.
-struct Claimed {
-    id: i64,
-    topic: String,
-    event: std::result::Result<Envelope, String>,
-}
-
 impl OutboxRelay {
-    /// A relay for the outbox in `tables`; fails on an invalid `config`.
+    /// A relay for the PostgreSQL outbox in `tables`; fails on an invalid
+    /// `config`.
     pub fn new(
         pool: PgPool,
         tables: OutboxTables,
@@ -239,42 +227,27 @@ impl OutboxRelay {
         config: RelayConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let outbox = tables.outbox();
-        Ok(OutboxRelay {
-            claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, occurred_at, source, \
-                 correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
-                 payload FROM {outbox} \
-                 WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
-                 ORDER BY id LIMIT $3"
-            ),
-            mark: format!(
-                "UPDATE {outbox} SET published_at = clock_timestamp() \
-                 WHERE id = ANY($1) AND published_at IS NULL"
-            ),
-            fail: format!(
-                "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
-                 parked_at = CASE WHEN attempts + 1 >= $3 THEN clock_timestamp() END \
-                 WHERE id = $1 RETURNING parked_at IS NOT NULL"
-            ),
-            purge: format!(
-                "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
-                 WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' \
-                 ORDER BY published_at LIMIT $2)"
-            ),
-            backlog: format!(
-                "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS backlog, \
-                 count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, \
-                 extract(epoch FROM clock_timestamp() - min(enqueued_at) \
-                   FILTER (WHERE parked_at IS NULL))::float8 AS oldest \
-                 FROM {outbox} WHERE published_at IS NULL"
-            ),
-            pool,
-            tables,
+        let leases = SlotLeases::new(
+            tables.clone(),
+            config.relay_id.clone(),
+            config.slots,
+            config.session_timeout,
+        );
+        let store = PgRelayStore::new(pool, tables, leases);
+        Ok(Self::with_store(Box::new(store), publisher, config))
+    }
+
+    pub(crate) fn with_store(
+        store: Box<dyn RelayStore>,
+        publisher: Arc<dyn Publisher>,
+        config: RelayConfig,
+    ) -> Self {
+        OutboxRelay {
+            store,
             publisher,
             config,
             stats: watch::Sender::new(RelayStats::default()),
-        })
+        }
     }
 
     /// Live figures of this relay, updated while it runs.
@@ -286,17 +259,11 @@ impl OutboxRelay {
     /// releases its slots and returns. Fails only on a configuration error
     /// found at start (another relay with a different slot count); broker
     /// and database failures are retried.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let config = &self.config;
-        let mut leases = SlotLeases::new(
-            self.tables.clone(),
-            config.relay_id.clone(),
-            config.slots,
-            config.session_timeout,
-        );
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let config = self.config.clone();
         let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
         loop {
-            match leases.prepare(&self.pool).await {
+            match self.store.prepare().await {
                 Ok(()) => break,
                 Err(e) if e.is_retriable() => {
                     tracing::warn!(error = %e, "relay cannot prepare its slots yet; retrying");
@@ -308,15 +275,13 @@ impl OutboxRelay {
         backoff.reset();
 
         let wake = Arc::new(Notify::new());
-        let listener = config.listen.then(|| {
-            let task = tokio::spawn(listen(
-                self.pool.clone(),
-                self.tables.channel(),
-                wake.clone(),
-            ));
-            AbortOnDrop(task)
-        });
-        tracing::info!(relay = %config.relay_id, outbox = %self.tables.channel(), "relay started");
+        let listener = if config.listen {
+            self.store.listen(wake.clone()).map(AbortOnDrop)
+        } else {
+            None
+        };
+        let label = self.store.label();
+        tracing::info!(relay = %config.relay_id, outbox = %label, "relay started");
 
         tokio::pin!(shutdown);
         let now = Instant::now();
@@ -326,12 +291,13 @@ impl OutboxRelay {
         loop {
             let now = Instant::now();
             if now >= next_heartbeat {
-                if let Err(e) = leases.heartbeat(&self.pool).await {
+                if let Err(e) = self.store.heartbeat().await {
                     tracing::warn!(relay = %config.relay_id, error = %e, "relay heartbeat failed");
-                    leases.lapse_if_expired();
+                    self.store.lapse_if_expired();
                 }
                 next_heartbeat = Instant::now() + config.heartbeat;
-                self.stats.send_modify(|s| s.slots = leases.publishable());
+                let slots = self.store.publishable();
+                self.stats.send_modify(|s| s.slots = slots);
             }
             if now >= next_stats {
                 self.refresh_stats().await;
@@ -343,12 +309,9 @@ impl OutboxRelay {
             }
 
             let mut more = false;
-            let slots = leases.publishable();
+            let slots = self.store.publishable();
             if !slots.is_empty() && Instant::now() >= blocked_until {
-                match self
-                    .relay_batch(&slots, leases.slots(), leases.remaining())
-                    .await
-                {
+                match self.relay_batch(&slots).await {
                     Ok(full) => {
                         backoff.reset();
                         more = full;
@@ -384,7 +347,7 @@ impl OutboxRelay {
             }
         }
         drop(listener);
-        if let Err(e) = leases.leave(&self.pool).await {
+        if let Err(e) = self.store.leave().await {
             tracing::warn!(relay = %config.relay_id, error = %e, "relay could not release its slots; they expire on their own");
         }
         tracing::info!(relay = %config.relay_id, "relay stopped");
@@ -392,108 +355,37 @@ impl OutboxRelay {
     }
 
     /// Claims, publishes and marks one batch of `slots`' rows. `Ok(true)`
-    /// when the batch was full (more are probably waiting).
-    async fn relay_batch(&self, slots: &[u32], slot_count: u32, trusted: Duration) -> Result<bool> {
+    /// when more rows are probably waiting (a full batch, or refused rows
+    /// to try again).
+    async fn relay_batch(&self, slots: &[u32]) -> Result<bool> {
         let started = Instant::now();
-        let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
-        let rows = sqlx::query(&self.claim)
-            .bind(slot_count as i32)
-            .bind(&slot_list)
-            .bind(self.config.batch_size as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        if rows.is_empty() {
+        let claimed = self.store.claim(slots, self.config.batch_size).await?;
+        if claimed.is_empty() {
             return Ok(false);
         }
-        let full = rows.len() == self.config.batch_size;
-        let claimed: Vec<Claimed> = rows.iter().map(claimed).collect::<Result<_>>()?;
+        let claimed_after = started.elapsed();
+        let full = claimed.len() == self.config.batch_size;
+        let deadline = self.config.publish_timeout.min(self.store.remaining());
+        let outcome = publish(self.publisher.as_ref(), &claimed, deadline).await;
+        let published_after = started.elapsed();
 
-        // One publish_batch per topic, all at once; each keeps its
-        // events' (id) order.
-        let mut by_topic: BTreeMap<&str, Vec<&Claimed>> = BTreeMap::new();
-        for row in &claimed {
-            by_topic.entry(row.topic.as_str()).or_default().push(row);
-        }
-        let deadline = self.config.publish_timeout.min(trusted);
-        let mut published: Vec<i64> = Vec::with_capacity(claimed.len());
-        let mut refused: Vec<(i64, String)> = Vec::new();
-        let mut unavailable: Option<OutboxError> = None;
-        let sends = by_topic.iter().map(|(topic, rows)| async move {
-            // Rows whose columns do not make an event are refused up
-            // front; the rest go out.
-            let mut events = Vec::with_capacity(rows.len());
-            let mut ids = Vec::with_capacity(rows.len());
-            let mut broken = Vec::new();
-            for row in rows {
-                match &row.event {
-                    Ok(event) => {
-                        events.push(event.clone());
-                        ids.push((row.id, event.id()));
-                    }
-                    Err(reason) => broken.push((row.id, reason.clone())),
-                }
-            }
-            let outcome = if events.is_empty() {
-                Ok(Ok(Vec::new()))
-            } else {
-                tokio::time::timeout(deadline, self.publisher.publish_batch(topic, events)).await
-            };
-            (*topic, ids, broken, outcome)
-        });
-        for (topic, ids, broken, outcome) in futures::future::join_all(sends).await {
-            refused.extend(broken);
-            match outcome {
-                Ok(Ok(_)) => published.extend(ids.iter().map(|(id, _)| *id)),
-                Ok(Err(e)) if e.is_retriable() => unavailable = Some(OutboxError::Event(e)),
-                Ok(Err(e)) => {
-                    // The broker refused an event for itself: count it
-                    // against that row (or every row of the topic when the
-                    // error names none); the others go again.
-                    let culprit = match &e {
-                        keel_core::Error::Publish { event_id, .. } => ids
-                            .iter()
-                            .find(|(_, id)| id.to_string() == *event_id)
-                            .map(|(row, _)| *row),
-                        _ => None,
-                    };
-                    let reason = e.to_string();
-                    match culprit {
-                        Some(row) => refused.push((row, reason)),
-                        None => refused.extend(ids.iter().map(|(row, _)| (*row, reason.clone()))),
-                    }
-                }
-                Err(_) => {
-                    unavailable = Some(OutboxError::Event(keel_core::Error::Timeout {
-                        operation: format!("publishing {} outbox rows to `{topic}`", ids.len()),
-                        after: deadline,
-                    }))
-                }
-            }
-        }
-
-        if !published.is_empty() {
-            sqlx::query(&self.mark)
-                .bind(&published)
-                .execute(&self.pool)
-                .await?;
+        if !outcome.published.is_empty() {
+            self.store.mark(&outcome.published).await?;
         }
         let mut parked = 0u64;
-        for (id, reason) in &refused {
-            let now_parked: bool = sqlx::query_scalar(&self.fail)
-                .bind(id)
-                .bind(reason)
-                .bind(self.config.max_attempts as i32)
-                .fetch_optional(&self.pool)
+        for (id, reason) in &outcome.refused {
+            if self
+                .store
+                .refuse(*id, reason, self.config.max_attempts)
                 .await?
-                .unwrap_or(false);
-            if now_parked {
+            {
                 parked += 1;
                 tracing::error!(row = id, error = %reason, "outbox row parked: the broker refused it {} times", self.config.max_attempts);
             } else {
                 tracing::warn!(row = id, error = %reason, "the broker refused an outbox row; it goes again");
             }
         }
-        let (done, failed) = (published.len() as u64, refused.len() as u64);
+        let (done, failed) = (outcome.published.len() as u64, outcome.refused.len() as u64);
         self.stats.send_modify(|s| {
             s.published += done;
             s.failures += failed;
@@ -503,53 +395,51 @@ impl OutboxRelay {
         metrics::counter!("keel_outbox_publish_failures_total").increment(failed);
         metrics::counter!("keel_outbox_parked_total").increment(parked);
         metrics::histogram!("keel_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(rows = claimed.len(), published = done, refused = failed, elapsed = ?started.elapsed(), "relay batch");
-        match unavailable {
+        tracing::debug!(
+            rows = claimed.len(),
+            published = done,
+            refused = failed,
+            claim = ?claimed_after,
+            publish = ?(published_after - claimed_after),
+            mark = ?(started.elapsed() - published_after),
+            "relay batch"
+        );
+        match outcome.unavailable {
             Some(e) => Err(e),
-            // Refused rows are retried at once; parked ones are skipped.
-            None => Ok(full || !refused.is_empty()),
+            None => Ok(full || !outcome.refused.is_empty()),
         }
     }
 
     async fn refresh_stats(&self) {
-        let row = match sqlx::query(&self.backlog).fetch_one(&self.pool).await {
-            Ok(row) => row,
+        let figures = match self.store.backlog().await {
+            Ok(figures) => figures,
             Err(e) => {
                 tracing::debug!(error = %e, "relay cannot read the backlog");
                 return;
             }
         };
-        let backlog: i64 = row.try_get("backlog").unwrap_or_default();
-        let parked: i64 = row.try_get("parked").unwrap_or_default();
-        let oldest: Option<f64> = row.try_get("oldest").unwrap_or_default();
-        let oldest = oldest.map(|s| Duration::from_secs_f64(s.max(0.0)));
-        metrics::gauge!("keel_outbox_backlog").set(backlog as f64);
-        metrics::gauge!("keel_outbox_parked").set(parked as f64);
+        metrics::gauge!("keel_outbox_backlog").set(figures.backlog as f64);
+        metrics::gauge!("keel_outbox_parked").set(figures.parked as f64);
         metrics::gauge!("keel_outbox_oldest_unpublished_seconds")
-            .set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+            .set(figures.oldest.map_or(0.0, |d| d.as_secs_f64()));
         self.stats.send_modify(|s| {
-            s.backlog = backlog.max(0) as u64;
-            s.parked = parked.max(0) as u64;
-            s.oldest_unpublished = oldest;
+            s.backlog = figures.backlog;
+            s.parked = figures.parked;
+            s.oldest_unpublished = figures.oldest;
         });
     }
 
     /// Deletes published rows past the retention, a small batch at a time.
     async fn purge(&self) {
-        let retention_ms = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
+        let batch = self.config.purge_batch;
         let mut total = 0u64;
         // Bounded per round so a huge backlog of old rows never starves
         // publishing.
         for _ in 0..100 {
-            match sqlx::query(&self.purge)
-                .bind(retention_ms)
-                .bind(self.config.purge_batch as i64)
-                .execute(&self.pool)
-                .await
-            {
+            match self.store.purge(self.config.retention, batch).await {
                 Ok(done) => {
-                    total += done.rows_affected();
-                    if done.rows_affected() < self.config.purge_batch as u64 {
+                    total += done;
+                    if done < batch as u64 {
                         break;
                     }
                 }
@@ -568,73 +458,80 @@ impl OutboxRelay {
     }
 }
 
-/// Rebuilds the event of one claimed row. A row whose columns do not make
-/// an event (edited by hand) is kept as a refusal, not an error.
-fn claimed(row: &sqlx::postgres::PgRow) -> Result<Claimed> {
-    let id: i64 = row.try_get("id")?;
-    let topic: String = row.try_get("topic")?;
-    let event_id: Uuid = row.try_get("event_id")?;
-    let key: Vec<u8> = row.try_get("event_key")?;
-    let payload: Vec<u8> = row.try_get("payload")?;
-    let headers: String = row.try_get("headers")?;
-    let mut event = Envelope::new(
-        row.try_get::<String, _>("event_type")?,
-        Key::from_bytes(key),
-        payload,
-    )
-    .with_id(EventId::from_uuid(event_id))
-    .with_occurred_at(row.try_get("occurred_at")?)
-    .with_trace(TraceContext {
-        traceparent: row.try_get("traceparent")?,
-        tracestate: row.try_get("tracestate")?,
-    });
-    if let Some(source) = row.try_get::<Option<String>, _>("source")? {
-        event = event.with_source(source);
-    }
-    if let Some(id) = row.try_get::<Option<String>, _>("correlation_id")? {
-        event = event.with_correlation_id(id);
-    }
-    if let Some(id) = row.try_get::<Option<String>, _>("causation_id")? {
-        event = event.with_causation_id(id);
-    }
-    let event = match serde_json::from_str::<BTreeMap<String, String>>(&headers) {
-        Ok(map) => Ok(map
-            .into_iter()
-            .fold(event, |event, (name, value)| event.with_header(name, value))),
-        Err(e) => Err(format!(
-            "outbox row {id}: headers are not a JSON object of strings: {e}"
-        )),
-    };
-    Ok(Claimed { id, topic, event })
+/// What became of one batch at the broker.
+#[derive(Default)]
+struct Outcome {
+    /// Rows the broker acknowledged.
+    published: Vec<i64>,
+    /// Rows the broker refused for themselves, with the reason.
+    refused: Vec<(i64, String)>,
+    /// The broker was unavailable (or timed out) for some topic.
+    unavailable: Option<OutboxError>,
 }
 
-/// Wakes the relay on every notification of `channel`; (re)connects with a
-/// pause on failure and wakes once after each (re)connect, since
-/// notifications sent meanwhile are lost.
-async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>) {
-    loop {
-        match PgListener::connect_with(&pool).await {
-            Ok(mut listener) => match listener.listen(&channel).await {
-                Ok(()) => {
-                    wake.notify_one();
-                    loop {
-                        match listener.try_recv().await {
-                            Ok(Some(_)) => wake.notify_one(),
-                            // Lost and re-connected: catch up.
-                            Ok(None) => wake.notify_one(),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "relay notification listener failed");
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "relay cannot LISTEN"),
-            },
-            Err(e) => tracing::debug!(error = %e, "relay notification listener cannot connect"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+/// Publishes `claimed` — one `publish_batch` per topic, all at once, each
+/// in id order — within `deadline`, and sorts the rows by outcome.
+async fn publish(publisher: &dyn Publisher, claimed: &[Claimed], deadline: Duration) -> Outcome {
+    let mut by_topic: BTreeMap<&str, Vec<&Claimed>> = BTreeMap::new();
+    for row in claimed {
+        by_topic.entry(row.topic.as_str()).or_default().push(row);
     }
+    let sends = by_topic.iter().map(|(topic, rows)| async move {
+        // Rows whose columns do not make an event are refused up front;
+        // the rest go out.
+        let mut events = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut broken = Vec::new();
+        for row in rows {
+            match &row.event {
+                Ok(event) => {
+                    events.push(event.clone());
+                    ids.push((row.id, event.id()));
+                }
+                Err(reason) => broken.push((row.id, reason.clone())),
+            }
+        }
+        let sent = if events.is_empty() {
+            Ok(Ok(Vec::new()))
+        } else {
+            tokio::time::timeout(deadline, publisher.publish_batch(topic, events)).await
+        };
+        (*topic, ids, broken, sent)
+    });
+    let mut outcome = Outcome::default();
+    for (topic, ids, broken, sent) in futures::future::join_all(sends).await {
+        outcome.refused.extend(broken);
+        match sent {
+            Ok(Ok(_)) => outcome.published.extend(ids.iter().map(|(id, _)| *id)),
+            Ok(Err(e)) if e.is_retriable() => outcome.unavailable = Some(OutboxError::Event(e)),
+            Ok(Err(e)) => {
+                // The broker refused an event for itself: count it against
+                // that row (or every row of the topic when the error names
+                // none); the others go again.
+                let culprit = match &e {
+                    keel_core::Error::Publish { event_id, .. } => ids
+                        .iter()
+                        .find(|(_, id)| id.to_string() == *event_id)
+                        .map(|(row, _)| *row),
+                    _ => None,
+                };
+                let reason = e.to_string();
+                match culprit {
+                    Some(row) => outcome.refused.push((row, reason)),
+                    None => outcome
+                        .refused
+                        .extend(ids.iter().map(|(row, _)| (*row, reason.clone()))),
+                }
+            }
+            Err(_) => {
+                outcome.unavailable = Some(OutboxError::Event(keel_core::Error::Timeout {
+                    operation: format!("publishing {} outbox rows to `{topic}`", ids.len()),
+                    after: deadline,
+                }))
+            }
+        }
+    }
+    outcome
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

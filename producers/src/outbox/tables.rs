@@ -78,6 +78,16 @@ impl OutboxTables {
         &self.schema
     }
 
+    /// The outbox table's bare name.
+    pub fn outbox_name(&self) -> &str {
+        &self.outbox
+    }
+
+    /// The inbox table's bare name.
+    pub fn inbox_name(&self) -> &str {
+        &self.inbox
+    }
+
     /// `"schema"."outbox"`, quoted, for SQL.
     pub(crate) fn outbox(&self) -> String {
         self.qualified(&self.outbox)
@@ -119,10 +129,6 @@ impl OutboxTables {
             (
                 "{outbox_pending_index}",
                 quote(&format!("{}_pending", self.outbox)),
-            ),
-            (
-                "{outbox_published_index}",
-                quote(&format!("{}_published", self.outbox)),
             ),
             (
                 "{inbox_processed_index}",

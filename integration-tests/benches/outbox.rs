@@ -1,0 +1,347 @@
+//! Outbox throughput and latency against its raw parts, same rows, same
+//! run: raw batched INSERT of the rows into a copy of the outbox table; raw
+//! rdkafka produce of the same records (pre-encoded payload and headers);
+//! then the outbox end to end — writers enqueue in transactions while the
+//! relay publishes, timed from the first enqueue to the last broker
+//! acknowledgement marked — and the relay alone draining a pre-filled
+//! outbox. Target: end to end ≥ 0.5× the slower raw figure.
+//!
+//! Latency: writers commit at half the measured end-to-end maximum, and
+//! each event's commit (when `COMMIT` returned) is compared with its
+//! `published_at` (set by the relay right after the broker acknowledged
+//! it; both from this machine's clock). Target p99 ≤ 25 ms.
+//!
+//! Run: `KEEL_TEST_KAFKA=127.0.0.1:9092 KEEL_TEST_DATABASE_URL=postgres://postgres@127.0.0.1/postgres \
+//!   cargo bench -p keel-integration-tests --bench outbox` (optional `-- <events> <batch>`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use keel_core::{Envelope, EventId, Publisher, TopicAdmin, TopicSpec};
+use keel_integration_tests::outbox::{outbox, outbox_database};
+use keel_integration_tests::{bench, kafka_bootstrap, unique_name};
+use keel_producers::kafka::{KafkaAdmin, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig};
+use keel_producers::outbox::{Outbox, OutboxRelay, OutboxTables, RelayConfig, RelayStats};
+use keel_schemas::testdata;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+/// Events per writer transaction.
+const PER_TX: usize = 100;
+/// Concurrent writers.
+const WRITERS: usize = 4;
+/// How long the latency run lasts.
+const LATENCY_RUN: Duration = Duration::from_secs(10);
+
+fn main() -> anyhow::Result<()> {
+    let (events, batch) = bench::args()?;
+    let events = if std::env::args().count() > 1 {
+        events
+    } else {
+        20_000
+    };
+    let batch = if std::env::args().count() > 2 {
+        batch
+    } else {
+        500
+    };
+    tokio::runtime::Runtime::new()?.block_on(run(events, batch))
+}
+
+async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
+    let linger_ms: u64 = std::env::var("KEEL_BENCH_LINGER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let pool = db.pool().clone();
+    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    let topic = unique_name("bench-outbox");
+    KafkaAdmin::new(&client, 1)?
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 6,
+        })
+        .await?;
+    let outbox = outbox(&tables);
+    let payload = outbox
+        .codec()
+        .encode(&topic, &testdata::order_placed())
+        .await?;
+    let sample = event(0, &payload);
+    println!(
+        "outbox: {events} events of {} bytes, relay batches of {batch}, {WRITERS} writers x {PER_TX} events per transaction, linger.ms {linger_ms}",
+        payload.len()
+    );
+
+    // Raw parts.
+    sqlx::query("CREATE TABLE raw_rows (LIKE keel.outbox INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
+    let insert_rate = raw_insert_rate(&pool, &payload, events, batch).await?;
+    // The relay sends whole batches and awaits them: lingering for more
+    // records only delays it. Raw and relay share these settings.
+    let config = KafkaPublisherConfig {
+        client: client.clone(),
+        linger_ms,
+        ..KafkaPublisherConfig::default()
+    };
+    let raw: FutureProducer = config.client_config().create()?;
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in keel_core::wire::encode_headers(&sample)? {
+        headers = headers.insert(Header {
+            key: &k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    bench::raw_kafka_produce_rate(&raw, &topic, &payload, &headers, events / 4, batch).await?;
+    let produce_rate =
+        bench::raw_kafka_produce_rate(&raw, &topic, &payload, &headers, events, batch).await?;
+    println!("raw batched INSERT       {insert_rate:>10.0} rows/s");
+    println!("raw rdkafka produce      {produce_rate:>10.0} msg/s");
+
+    // The outbox.
+    let publisher: Arc<dyn Publisher> = Arc::new(KafkaPublisher::new(config)?);
+    let relay_config = RelayConfig {
+        batch_size: batch,
+        ..RelayConfig::default()
+    };
+    let (stop, stats, relay) = start_relay(&pool, &tables, publisher.clone(), &relay_config)?;
+    // Warm-up: the relay owns its slots and the producer knows the topic.
+    enqueue(&pool, &outbox, &topic, &payload, 2_000).await?;
+    published(&stats, 2_000).await?;
+
+    let before = stats.borrow().published;
+    let start = Instant::now();
+    enqueue(&pool, &outbox, &topic, &payload, events).await?;
+    published(&stats, before + events as u64).await?;
+    let end_to_end = events as f64 / start.elapsed().as_secs_f64();
+    stop.send(true)?;
+    relay.await??;
+
+    // The relay alone, draining a pre-filled outbox.
+    enqueue(&pool, &outbox, &topic, &payload, events).await?;
+    let (stop, stats, relay) = start_relay(&pool, &tables, publisher.clone(), &relay_config)?;
+    let start = Instant::now();
+    published(&stats, events as u64).await?;
+    let drain = events as f64 / start.elapsed().as_secs_f64();
+    let slower = insert_rate.min(produce_rate);
+    println!(
+        "outbox end to end        {end_to_end:>10.0} msg/s  (enqueue -> broker ack, relay running alongside)"
+    );
+    println!("relay draining a backlog {drain:>10.0} msg/s");
+    println!(
+        "ratio end-to-end / slower raw {:.2} (target >= 0.50)",
+        end_to_end / slower
+    );
+
+    // Latency at half the end-to-end maximum.
+    let rate = end_to_end / 2.0;
+    let before = stats.borrow().published;
+    let committed = paced(&pool, &outbox, &topic, &payload, rate, LATENCY_RUN).await?;
+    published(&stats, before + committed.len() as u64).await?;
+    let latencies = commit_to_ack(&pool, &committed).await?;
+    let (p50, p99) = bench::percentiles(latencies);
+    println!(
+        "commit -> broker ack at {rate:.0} msg/s ({} events): p50 {p50:?} p99 {p99:?} (target p99 <= 25 ms)",
+        committed.len()
+    );
+    stop.send(true)?;
+    relay.await??;
+    Ok(())
+}
+
+fn event(i: usize, payload: &[u8]) -> Envelope {
+    Envelope::new(
+        "shop.orders.OrderPlaced",
+        format!("order-{}", i % 1000),
+        payload.to_vec(),
+    )
+    .with_source("bench")
+}
+
+type RelayTask = tokio::task::JoinHandle<Result<(), keel_producers::outbox::OutboxError>>;
+
+fn start_relay(
+    pool: &PgPool,
+    tables: &OutboxTables,
+    publisher: Arc<dyn Publisher>,
+    config: &RelayConfig,
+) -> anyhow::Result<(watch::Sender<bool>, watch::Receiver<RelayStats>, RelayTask)> {
+    let relay = OutboxRelay::new(pool.clone(), tables.clone(), publisher, config.clone())?;
+    let stats = relay.stats();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.changed().await;
+    }));
+    Ok((stop, stats, task))
+}
+
+async fn published(stats: &watch::Receiver<RelayStats>, n: u64) -> anyhow::Result<()> {
+    let mut stats = stats.clone();
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        stats.wait_for(|s| s.published >= n),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the relay did not publish {n} events within 5 minutes"))??;
+    Ok(())
+}
+
+/// Raw batched INSERT rate: the same rows, `batch` per statement and
+/// transaction, into a copy of the outbox table (same indexes).
+async fn raw_insert_rate(
+    pool: &PgPool,
+    payload: &[u8],
+    events: usize,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut n = 0;
+    while n < events {
+        let rows: Vec<Envelope> = (n..(n + batch).min(events))
+            .map(|i| event(i, payload))
+            .collect();
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|e| *e.id().as_uuid()).collect();
+        let keys: Vec<&[u8]> = rows.iter().map(|e| e.key().as_bytes()).collect();
+        let hashes: Vec<i32> = rows
+            .iter()
+            .map(|e| keel_core::partition::murmur2(e.key().as_bytes()) & 0x7fff_ffff)
+            .collect();
+        let at: Vec<_> = rows.iter().map(|e| e.occurred_at()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|e| e.payload().as_ref()).collect();
+        sqlx::query(
+            "INSERT INTO raw_rows (topic, event_id, event_type, event_key, key_hash, occurred_at, source, headers, payload) \
+             SELECT 'bench', e, 'shop.orders.OrderPlaced', k, h, o, 'bench', '{}'::jsonb, p \
+             FROM UNNEST($1::uuid[], $2::bytea[], $3::int4[], $4::timestamptz[], $5::bytea[]) AS u(e, k, h, o, p)",
+        )
+        .bind(&ids)
+        .bind(&keys)
+        .bind(&hashes)
+        .bind(&at)
+        .bind(&payloads)
+        .execute(pool)
+        .await?;
+        n += batch;
+    }
+    Ok(events as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `WRITERS` writers enqueue `events` in transactions of `PER_TX`.
+async fn enqueue(
+    pool: &PgPool,
+    outbox: &Outbox,
+    topic: &str,
+    payload: &[u8],
+    events: usize,
+) -> anyhow::Result<()> {
+    let per_writer = events / WRITERS;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (pool, outbox, topic, payload) = (
+                pool.clone(),
+                outbox.clone(),
+                topic.to_owned(),
+                payload.to_vec(),
+            );
+            tokio::spawn(async move {
+                let mut done = 0;
+                while done < per_writer {
+                    let n = PER_TX.min(per_writer - done);
+                    let rows: Vec<Envelope> = (0..n)
+                        .map(|i| event(w * per_writer + done + i, &payload))
+                        .collect();
+                    let batch: Vec<(&str, &Envelope)> =
+                        rows.iter().map(|e| (topic.as_str(), e)).collect();
+                    let mut tx = pool.begin().await?;
+                    outbox.enqueue_batch(&mut tx, &batch).await?;
+                    tx.commit().await?;
+                    done += n;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Commits `rate` events per second for `duration` (transactions of 10
+/// events, spread over the writers); returns each event's commit time.
+async fn paced(
+    pool: &PgPool,
+    outbox: &Outbox,
+    topic: &str,
+    payload: &[u8],
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<HashMap<EventId, SystemTime>> {
+    const EVENTS_PER_TX: usize = 10;
+    let interval = Duration::from_secs_f64(EVENTS_PER_TX as f64 * WRITERS as f64 / rate);
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (pool, outbox, topic, payload) = (
+                pool.clone(),
+                outbox.clone(),
+                topic.to_owned(),
+                payload.to_vec(),
+            );
+            tokio::spawn(async move {
+                let mut committed = HashMap::new();
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let end = Instant::now() + duration;
+                let mut i = 0;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let rows: Vec<Envelope> =
+                        (0..EVENTS_PER_TX).map(|j| event(i + j, &payload)).collect();
+                    i += EVENTS_PER_TX;
+                    let batch: Vec<(&str, &Envelope)> =
+                        rows.iter().map(|e| (topic.as_str(), e)).collect();
+                    let mut tx = pool.begin().await?;
+                    outbox.enqueue_batch(&mut tx, &batch).await?;
+                    tx.commit().await?;
+                    let at = SystemTime::now();
+                    committed.extend(rows.iter().map(|e| (e.id(), at)));
+                }
+                anyhow::Ok(committed)
+            })
+        })
+        .collect();
+    let mut all = HashMap::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+async fn commit_to_ack(
+    pool: &PgPool,
+    committed: &HashMap<EventId, SystemTime>,
+) -> anyhow::Result<Vec<Duration>> {
+    let ids: Vec<uuid::Uuid> = committed.keys().map(|id| *id.as_uuid()).collect();
+    let rows: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
+        "SELECT event_id, extract(epoch FROM published_at)::float8 FROM keel.outbox WHERE event_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, published)| {
+            let commit = committed.get(&EventId::from_uuid(id))?;
+            let commit = commit
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64();
+            Some(Duration::from_secs_f64((published - commit).max(0.0)))
+        })
+        .collect())
+}

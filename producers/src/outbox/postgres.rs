@@ -1,0 +1,212 @@
+//! The relay's PostgreSQL side: claiming in id order by slot, marking,
+//! parking, purging, backlog figures, slot leases ([`super::leases`]) and
+//! the LISTEN/NOTIFY wake-up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
+
+use super::error::Result;
+use super::leases::SlotLeases;
+use super::store::{Backlog, Claimed, ClaimedRow, RelayStore};
+use super::tables::OutboxTables;
+
+pub(crate) struct PgRelayStore {
+    pool: PgPool,
+    tables: OutboxTables,
+    leases: SlotLeases,
+    claim: String,
+    mark: String,
+    refuse: String,
+    purge: String,
+    backlog: String,
+}
+
+impl PgRelayStore {
+    pub(crate) fn new(pool: PgPool, tables: OutboxTables, leases: SlotLeases) -> Self {
+        let outbox = tables.outbox();
+        PgRelayStore {
+            claim: format!(
+                "SELECT id, topic, event_id, event_type, event_key, occurred_at, source, \
+                 correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
+                 payload FROM {outbox} \
+                 WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
+                 ORDER BY id LIMIT $3"
+            ),
+            mark: format!(
+                "UPDATE {outbox} SET published_at = clock_timestamp() \
+                 WHERE id = ANY($1) AND published_at IS NULL"
+            ),
+            refuse: format!(
+                "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
+                 parked_at = CASE WHEN attempts + 1 >= $3 THEN clock_timestamp() END \
+                 WHERE id = $1 RETURNING parked_at IS NOT NULL"
+            ),
+            // Published rows are the old ones: walking the primary key from
+            // the oldest id finds them without an index on published_at
+            // (which every mark would have to maintain).
+            purge: format!(
+                "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
+                 WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' \
+                 ORDER BY id LIMIT $2)"
+            ),
+            backlog: format!(
+                "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS backlog, \
+                 count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, \
+                 extract(epoch FROM clock_timestamp() - min(enqueued_at) \
+                   FILTER (WHERE parked_at IS NULL))::float8 AS oldest \
+                 FROM {outbox} WHERE published_at IS NULL"
+            ),
+            pool,
+            tables,
+            leases,
+        }
+    }
+}
+
+#[async_trait]
+impl RelayStore for PgRelayStore {
+    fn label(&self) -> String {
+        self.tables.channel()
+    }
+
+    async fn prepare(&mut self) -> Result<()> {
+        self.leases.prepare(&self.pool).await
+    }
+
+    async fn heartbeat(&mut self) -> Result<()> {
+        self.leases.heartbeat(&self.pool).await
+    }
+
+    fn lapse_if_expired(&mut self) {
+        self.leases.lapse_if_expired();
+    }
+
+    fn publishable(&self) -> Vec<u32> {
+        self.leases.publishable()
+    }
+
+    fn remaining(&self) -> Duration {
+        self.leases.remaining()
+    }
+
+    async fn claim(&self, slots: &[u32], limit: usize) -> Result<Vec<Claimed>> {
+        let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
+        let rows = sqlx::query(&self.claim)
+            .bind(self.leases.slots() as i32)
+            .bind(&slot_list)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ClaimedRow {
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    event_id: row.try_get("event_id")?,
+                    event_type: row.try_get("event_type")?,
+                    key: row.try_get("event_key")?,
+                    occurred_at: row.try_get("occurred_at")?,
+                    source: row.try_get("source")?,
+                    correlation_id: row.try_get("correlation_id")?,
+                    causation_id: row.try_get("causation_id")?,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                    headers: row.try_get("headers")?,
+                    payload: row.try_get("payload")?,
+                }
+                .into_claimed())
+            })
+            .collect()
+    }
+
+    async fn mark(&self, ids: &[i64]) -> Result<()> {
+        // The broker has these rows: losing the mark in a database crash
+        // only re-publishes them (at least once either way), so the mark
+        // need not wait for its WAL flush.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit TO off")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&self.mark).bind(ids).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn refuse(&self, id: i64, reason: &str, max_attempts: u32) -> Result<bool> {
+        Ok(sqlx::query_scalar(&self.refuse)
+            .bind(id)
+            .bind(reason)
+            .bind(max_attempts as i32)
+            .fetch_optional(&self.pool)
+            .await?
+            .unwrap_or(false))
+    }
+
+    async fn purge(&self, retention: Duration, batch: usize) -> Result<u64> {
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        Ok(sqlx::query(&self.purge)
+            .bind(retention_ms)
+            .bind(batch as i64)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn backlog(&self) -> Result<Backlog> {
+        let row = sqlx::query(&self.backlog).fetch_one(&self.pool).await?;
+        let backlog: i64 = row.try_get("backlog")?;
+        let parked: i64 = row.try_get("parked")?;
+        let oldest: Option<f64> = row.try_get("oldest")?;
+        Ok(Backlog {
+            backlog: backlog.max(0) as u64,
+            parked: parked.max(0) as u64,
+            oldest: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    async fn leave(&mut self) -> Result<()> {
+        self.leases.leave(&self.pool).await
+    }
+
+    fn listen(&self, wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
+        Some(tokio::spawn(listen(
+            self.pool.clone(),
+            self.tables.channel(),
+            wake,
+        )))
+    }
+}
+
+/// Wakes the relay on every notification of `channel`; (re)connects with a
+/// pause on failure and wakes once after each (re)connect, since
+/// notifications sent meanwhile are lost.
+async fn listen(pool: PgPool, channel: String, wake: Arc<Notify>) {
+    loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(&channel).await {
+                Ok(()) => {
+                    wake.notify_one();
+                    loop {
+                        match listener.try_recv().await {
+                            Ok(Some(_)) => wake.notify_one(),
+                            // Lost and re-connected: catch up.
+                            Ok(None) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "relay notification listener failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "relay cannot LISTEN"),
+            },
+            Err(e) => tracing::debug!(error = %e, "relay notification listener cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

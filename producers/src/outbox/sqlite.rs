@@ -1,0 +1,483 @@
+//! The outbox on SQLite, for the embedded default (`keel demo`, one
+//! process, one file): the same API as on PostgreSQL — [`SqliteOutbox`]
+//! enqueues in the caller's transaction, [`OutboxRelay::sqlite`] publishes,
+//! [`SqliteInbox`] applies an effect once — with one relay at a time and
+//! polling instead of LISTEN/NOTIFY.
+//!
+//! SQLite has one writer at a time: a write transaction holds the lock
+//! from its first write to its commit, so ids are allocated in commit
+//! order and no row can become visible behind the relay. The relay takes
+//! the outbox's single lease (the whole outbox is one slot), so a second
+//! relay on the same file waits as a standby instead of publishing too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::{Envelope, EventId, Key, Publisher};
+use keel_schemas::AvroCodec;
+use keel_schemas::events::Event;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use tokio::time::Instant;
+
+use super::enqueue::Row as OutboxRow;
+use super::error::{OutboxError, Result};
+use super::relay::{OutboxRelay, RelayConfig};
+use super::store::{Backlog, Claimed, ClaimedRow, RelayStore};
+use super::tables::OutboxTables;
+
+/// The tables, created when missing (SQLite's DDL is idempotent with
+/// `IF NOT EXISTS`; the schema name does not apply to SQLite). Keel keeps
+/// out of the file's own sqlx migration table, which belongs to the
+/// application.
+pub async fn migrate_sqlite(tables: &OutboxTables, pool: &SqlitePool) -> Result<()> {
+    let (outbox, inbox, lease) = names(tables);
+    let statements = [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {outbox} (
+                id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                topic           TEXT    NOT NULL,
+                event_id        TEXT    NOT NULL UNIQUE,
+                event_type      TEXT    NOT NULL,
+                event_key       BLOB    NOT NULL,
+                occurred_at_ms  INTEGER NOT NULL,
+                source          TEXT,
+                correlation_id  TEXT,
+                causation_id    TEXT,
+                traceparent     TEXT,
+                tracestate      TEXT,
+                headers         TEXT    NOT NULL DEFAULT '{{}}',
+                payload         BLOB    NOT NULL,
+                enqueued_at_ms  INTEGER NOT NULL,
+                published_at_ms INTEGER,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                last_error      TEXT,
+                parked_at_ms    INTEGER
+            )"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {outbox} (id) \
+             WHERE published_at_ms IS NULL AND parked_at_ms IS NULL",
+            quote(&format!("{}_pending", tables.outbox_name()))
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {inbox} (
+                consumer_group  TEXT    NOT NULL,
+                event_id        TEXT    NOT NULL,
+                topic           TEXT,
+                processed_at_ms INTEGER NOT NULL,
+                PRIMARY KEY (consumer_group, event_id)
+            )"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {lease} (
+                id            INTEGER PRIMARY KEY CHECK (id = 1),
+                owner         TEXT,
+                expires_at_ms INTEGER NOT NULL DEFAULT 0
+            )"
+        ),
+        format!("INSERT OR IGNORE INTO {lease} (id) VALUES (1)"),
+    ];
+    for statement in statements {
+        sqlx::query(&statement).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// `"outbox"`, `"inbox"`, `"outbox_relay"`, quoted.
+fn names(tables: &OutboxTables) -> (String, String, String) {
+    (
+        quote(tables.outbox_name()),
+        quote(tables.inbox_name()),
+        quote(&format!("{}_relay", tables.outbox_name())),
+    )
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{identifier}\"")
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Writes events into a SQLite outbox in the caller's transaction
+/// ([`Outbox`](super::Outbox)'s twin).
+#[derive(Clone, Debug)]
+pub struct SqliteOutbox {
+    codec: Arc<AvroCodec>,
+    insert: Arc<str>,
+}
+
+impl SqliteOutbox {
+    /// An outbox in `tables` (created by [`migrate_sqlite`]) encoding typed
+    /// events with `codec`.
+    pub fn new(tables: &OutboxTables, codec: Arc<AvroCodec>) -> Self {
+        let (outbox, _, _) = names(tables);
+        SqliteOutbox {
+            codec,
+            insert: format!(
+                "INSERT INTO {outbox} (topic, event_id, event_type, event_key, occurred_at_ms, \
+                 source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
+                 enqueued_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            )
+            .into(),
+        }
+    }
+
+    /// The codec typed events are encoded with.
+    pub fn codec(&self) -> &Arc<AvroCodec> {
+        &self.codec
+    }
+
+    /// Encodes `event` for `topic` into a new envelope keyed by `key`.
+    pub async fn envelope<T: Event + 'static>(
+        &self,
+        topic: &str,
+        key: impl Into<Key>,
+        event: &T,
+    ) -> Result<Envelope> {
+        let payload = self.codec.encode(topic, event).await?;
+        Ok(Envelope::new(T::FULL_NAME, key, payload))
+    }
+
+    /// Encodes `event` and enqueues it in `tx`; returns its event id.
+    pub async fn enqueue_event<T: Event + 'static>(
+        &self,
+        tx: &mut SqliteConnection,
+        topic: &str,
+        key: impl Into<Key>,
+        event: &T,
+    ) -> Result<EventId> {
+        let envelope = self.envelope(topic, key, event).await?;
+        self.enqueue(tx, topic, &envelope).await?;
+        Ok(envelope.id())
+    }
+
+    /// Enqueues an already encoded event in `tx`.
+    pub async fn enqueue(
+        &self,
+        tx: &mut SqliteConnection,
+        topic: &str,
+        event: &Envelope,
+    ) -> Result<()> {
+        let row = OutboxRow::new(topic, event)?;
+        let done = sqlx::query(&self.insert)
+            .bind(row.topic)
+            .bind(event.id().to_string())
+            .bind(row.event_type)
+            .bind(row.key)
+            .bind(row.occurred_at.timestamp_millis())
+            .bind(row.source)
+            .bind(row.correlation_id)
+            .bind(row.causation_id)
+            .bind(row.traceparent)
+            .bind(row.tracestate)
+            .bind(row.headers)
+            .bind(row.payload)
+            .bind(now_ms())
+            .execute(tx)
+            .await;
+        match done {
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(OutboxError::DuplicateEvent(event.id()))
+            }
+            other => other.map(|_| ()).map_err(OutboxError::from),
+        }
+    }
+
+    /// Enqueues several events (any topics) in order.
+    pub async fn enqueue_batch(
+        &self,
+        tx: &mut SqliteConnection,
+        events: &[(&str, &Envelope)],
+    ) -> Result<()> {
+        for (topic, event) in events {
+            self.enqueue(tx, topic, event).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Records processed events per consumer group in SQLite
+/// ([`Inbox`](super::Inbox)'s twin).
+#[derive(Clone, Debug)]
+pub struct SqliteInbox {
+    insert: String,
+    purge: String,
+}
+
+impl SqliteInbox {
+    /// The inbox table of `tables` (created by [`migrate_sqlite`]).
+    pub fn new(tables: &OutboxTables) -> Self {
+        let (_, inbox, _) = names(tables);
+        SqliteInbox {
+            insert: format!(
+                "INSERT OR IGNORE INTO {inbox} (consumer_group, event_id, topic, processed_at_ms) \
+                 VALUES (?, ?, ?, ?)"
+            ),
+            purge: format!(
+                "DELETE FROM {inbox} WHERE rowid IN (SELECT rowid FROM {inbox} \
+                 WHERE processed_at_ms < ? LIMIT ?)"
+            ),
+        }
+    }
+
+    /// Records `event` for `group` in `tx`: `true` the first time (apply
+    /// the effect in `tx` and commit), `false` when already applied.
+    pub async fn record(
+        &self,
+        tx: &mut SqliteConnection,
+        group: &str,
+        event: EventId,
+        topic: Option<&str>,
+    ) -> Result<bool> {
+        let done = sqlx::query(&self.insert)
+            .bind(group)
+            .bind(event.to_string())
+            .bind(topic)
+            .bind(now_ms())
+            .execute(tx)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes records older than `retention`, `batch` rows per statement.
+    pub async fn purge(&self, pool: &SqlitePool, retention: Duration, batch: usize) -> Result<u64> {
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(&self.purge)
+                .bind(cutoff)
+                .bind(batch.max(1) as i64)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            total += done;
+            if done < batch.max(1) as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+impl OutboxRelay {
+    /// A relay for the SQLite outbox in `tables` (the embedded default).
+    /// The whole outbox is one slot under one lease; `slots` and `listen`
+    /// do not apply.
+    pub fn sqlite(
+        pool: SqlitePool,
+        tables: &OutboxTables,
+        publisher: Arc<dyn Publisher>,
+        config: RelayConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let store = SqliteRelayStore::new(pool, tables, &config);
+        Ok(Self::with_store(Box::new(store), publisher, config))
+    }
+}
+
+struct SqliteRelayStore {
+    pool: SqlitePool,
+    label: String,
+    relay_id: String,
+    session_timeout: Duration,
+    valid_until: Option<Instant>,
+    claim: String,
+    mark: String,
+    refuse: String,
+    purge: String,
+    backlog: String,
+    take_lease: String,
+    release: String,
+}
+
+impl SqliteRelayStore {
+    fn new(pool: SqlitePool, tables: &OutboxTables, config: &RelayConfig) -> Self {
+        let (outbox, _, lease) = names(tables);
+        SqliteRelayStore {
+            pool,
+            label: format!("sqlite:{}", tables.outbox_name()),
+            relay_id: config.relay_id.clone(),
+            session_timeout: config.session_timeout,
+            valid_until: None,
+            claim: format!(
+                "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
+                 correlation_id, causation_id, traceparent, tracestate, headers, payload \
+                 FROM {outbox} WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
+                 ORDER BY id LIMIT ?"
+            ),
+            mark: format!(
+                "UPDATE {outbox} SET published_at_ms = ? \
+                 WHERE id IN (SELECT value FROM json_each(?)) AND published_at_ms IS NULL"
+            ),
+            refuse: format!(
+                "UPDATE {outbox} SET attempts = attempts + 1, last_error = ?, \
+                 parked_at_ms = CASE WHEN attempts + 1 >= ? THEN ? END \
+                 WHERE id = ? RETURNING parked_at_ms IS NOT NULL"
+            ),
+            purge: format!(
+                "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
+                 WHERE published_at_ms < ? ORDER BY id LIMIT ?)"
+            ),
+            backlog: format!(
+                "SELECT coalesce(sum(parked_at_ms IS NULL), 0) AS backlog, \
+                 coalesce(sum(parked_at_ms IS NOT NULL), 0) AS parked, \
+                 min(CASE WHEN parked_at_ms IS NULL THEN enqueued_at_ms END) AS oldest \
+                 FROM {outbox} WHERE published_at_ms IS NULL"
+            ),
+            take_lease: format!(
+                "UPDATE {lease} SET owner = ?1, expires_at_ms = ?2 \
+                 WHERE id = 1 AND (owner IS NULL OR owner = ?1 OR expires_at_ms < ?3)"
+            ),
+            release: format!(
+                "UPDATE {lease} SET owner = NULL, expires_at_ms = 0 WHERE id = 1 AND owner = ?"
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl RelayStore for SqliteRelayStore {
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+
+    async fn prepare(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<()> {
+        let sent = Instant::now();
+        let now = now_ms();
+        let ttl = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX / 2);
+        let taken = sqlx::query(&self.take_lease)
+            .bind(&self.relay_id)
+            .bind(now + ttl)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1;
+        let was = self.valid_until.is_some();
+        self.valid_until = taken.then(|| sent + self.session_timeout.mul_f64(0.6));
+        if taken != was {
+            tracing::info!(relay = %self.relay_id, owner = taken, "SQLite outbox relay lease changed");
+        }
+        Ok(())
+    }
+
+    fn lapse_if_expired(&mut self) {
+        if self.remaining().is_zero() {
+            self.valid_until = None;
+        }
+    }
+
+    fn publishable(&self) -> Vec<u32> {
+        if self.remaining().is_zero() {
+            Vec::new()
+        } else {
+            vec![0]
+        }
+    }
+
+    fn remaining(&self) -> Duration {
+        self.valid_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    async fn claim(&self, _slots: &[u32], limit: usize) -> Result<Vec<Claimed>> {
+        let rows = sqlx::query(&self.claim)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let event_id: String = row.try_get("event_id")?;
+                let occurred: i64 = row.try_get("occurred_at_ms")?;
+                let claimed = ClaimedRow {
+                    id,
+                    topic: row.try_get("topic")?,
+                    event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
+                    event_type: row.try_get("event_type")?,
+                    key: row.try_get("event_key")?,
+                    occurred_at: chrono::DateTime::from_timestamp_millis(occurred)
+                        .unwrap_or_default(),
+                    source: row.try_get("source")?,
+                    correlation_id: row.try_get("correlation_id")?,
+                    causation_id: row.try_get("causation_id")?,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                    headers: row.try_get("headers")?,
+                    payload: row.try_get("payload")?,
+                }
+                .into_claimed();
+                // An id that is not a UUID (a row edited by hand) is refused
+                // like malformed headers, not published under the nil id.
+                Ok(match uuid::Uuid::parse_str(&event_id) {
+                    Ok(_) => claimed,
+                    Err(e) => Claimed {
+                        event: Err(format!(
+                            "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
+                        )),
+                        ..claimed
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn mark(&self, ids: &[i64]) -> Result<()> {
+        let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        sqlx::query(&self.mark)
+            .bind(now_ms())
+            .bind(list)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn refuse(&self, id: i64, reason: &str, max_attempts: u32) -> Result<bool> {
+        Ok(sqlx::query_scalar(&self.refuse)
+            .bind(reason)
+            .bind(max_attempts as i64)
+            .bind(now_ms())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .unwrap_or(false))
+    }
+
+    async fn purge(&self, retention: Duration, batch: usize) -> Result<u64> {
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        Ok(sqlx::query(&self.purge)
+            .bind(cutoff)
+            .bind(batch as i64)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn backlog(&self) -> Result<Backlog> {
+        let row = sqlx::query(&self.backlog).fetch_one(&self.pool).await?;
+        let backlog: i64 = row.try_get("backlog")?;
+        let parked: i64 = row.try_get("parked")?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(Backlog {
+            backlog: backlog.max(0) as u64,
+            parked: parked.max(0) as u64,
+            oldest: oldest.map(|at| Duration::from_millis((now_ms() - at).max(0) as u64)),
+        })
+    }
+
+    async fn leave(&mut self) -> Result<()> {
+        sqlx::query(&self.release)
+            .bind(&self.relay_id)
+            .execute(&self.pool)
+            .await?;
+        self.valid_until = None;
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! What the relay needs from the database holding the outbox — claiming
+//! rows, marking them, parking refused ones, purging, backlog figures and
+//! the relay's leases — so one relay loop serves PostgreSQL
+//! ([`super::postgres`]) and SQLite ([`super::sqlite`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_core::{Envelope, EventId, Key, TraceContext};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::error::Result;
+
+/// The relay's view of an outbox database.
+#[async_trait]
+pub(crate) trait RelayStore: Send + Sync {
+    /// A name for logs (`keel.outbox`).
+    fn label(&self) -> String;
+    /// One-time set-up before the first heartbeat.
+    async fn prepare(&mut self) -> Result<()>;
+    /// Renews (and rebalances) this relay's leases.
+    async fn heartbeat(&mut self) -> Result<()>;
+    /// Forgets leases that could not be renewed in time.
+    fn lapse_if_expired(&mut self);
+    /// Slots this relay may publish now.
+    fn publishable(&self) -> Vec<u32>;
+    /// How long the leases stay trusted.
+    fn remaining(&self) -> Duration;
+    /// Unpublished, unparked rows of `slots` in id order, at most `limit`.
+    async fn claim(&self, slots: &[u32], limit: usize) -> Result<Vec<Claimed>>;
+    /// Marks rows published (after the broker acknowledged them).
+    async fn mark(&self, ids: &[i64]) -> Result<()>;
+    /// Counts a refusal against a row; `true` when that parked it.
+    async fn refuse(&self, id: i64, reason: &str, max_attempts: u32) -> Result<bool>;
+    /// Deletes up to `batch` published rows older than `retention`.
+    async fn purge(&self, retention: Duration, batch: usize) -> Result<u64>;
+    /// Backlog, parked rows and the oldest unpublished row's age.
+    async fn backlog(&self) -> Result<Backlog>;
+    /// Releases the leases (graceful stop).
+    async fn leave(&mut self) -> Result<()>;
+    /// Starts waking `wake` when rows are enqueued, where the database can
+    /// tell (PostgreSQL's LISTEN/NOTIFY); `None` means polling only.
+    fn listen(&self, _wake: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
+}
+
+/// Backlog figures.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Backlog {
+    pub(crate) backlog: u64,
+    pub(crate) parked: u64,
+    pub(crate) oldest: Option<Duration>,
+}
+
+/// One claimed row: its id, topic and the event rebuilt from it (or why
+/// its columns do not make one).
+pub(crate) struct Claimed {
+    pub(crate) id: i64,
+    pub(crate) topic: String,
+    pub(crate) event: std::result::Result<Envelope, String>,
+}
+
+/// A claimed row's columns, as each database reads them.
+pub(crate) struct ClaimedRow {
+    pub(crate) id: i64,
+    pub(crate) topic: String,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: String,
+    pub(crate) key: Vec<u8>,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) source: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) causation_id: Option<String>,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) tracestate: Option<String>,
+    pub(crate) headers: String,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl ClaimedRow {
+    /// Rebuilds the event. Headers that are not a JSON object of strings
+    /// (a row edited by hand) make a refusal, not an error: the row is
+    /// parked after its attempts and the relay goes on.
+    pub(crate) fn into_claimed(self) -> Claimed {
+        let id = self.id;
+        let mut event = Envelope::new(self.event_type, Key::from_bytes(self.key), self.payload)
+            .with_id(EventId::from_uuid(self.event_id))
+            .with_occurred_at(self.occurred_at)
+            .with_trace(TraceContext {
+                traceparent: self.traceparent,
+                tracestate: self.tracestate,
+            });
+        if let Some(source) = self.source {
+            event = event.with_source(source);
+        }
+        if let Some(id) = self.correlation_id {
+            event = event.with_correlation_id(id);
+        }
+        if let Some(id) = self.causation_id {
+            event = event.with_causation_id(id);
+        }
+        let event = match serde_json::from_str::<BTreeMap<String, String>>(&self.headers) {
+            Ok(map) => Ok(map
+                .into_iter()
+                .fold(event, |event, (name, value)| event.with_header(name, value))),
+            Err(e) => Err(format!(
+                "outbox row {id}: headers are not a JSON object of strings: {e}"
+            )),
+        };
+        Claimed {
+            id,
+            topic: self.topic,
+            event,
+        }
+    }
+}
