@@ -174,12 +174,28 @@ enum Broker {
 /// consumer's default session timeout).
 const NATS_LIVENESS: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A publisher on the configured broker, with default settings.
+/// A publisher on the configured broker whose own acknowledgement timeout
+/// (librdkafka's `delivery.timeout.ms`, the NATS PubAck wait) is
+/// `ack_timeout`, so nothing it sends outlives a caller that gave up.
 pub(crate) async fn publisher(
     config: &KeelConfig,
     command: &str,
+    ack_timeout: std::time::Duration,
 ) -> anyhow::Result<std::sync::Arc<dyn Publisher>> {
-    connect_publisher(broker(config, command)?).await
+    Ok(match broker(config, command)? {
+        Broker::Kafka(client) => std::sync::Arc::new(KafkaPublisher::new(KafkaPublisherConfig {
+            client,
+            ack_timeout_ms: u64::try_from(ack_timeout.as_millis()).unwrap_or(u64::MAX),
+            ..KafkaPublisherConfig::default()
+        })?),
+        Broker::Nats(client) => std::sync::Arc::new(
+            JetStreamPublisher::connect(JetStreamPublisherConfig {
+                ack_timeout,
+                ..JetStreamPublisherConfig::new(client)
+            })
+            .await?,
+        ),
+    })
 }
 
 async fn connect_publisher(broker: Broker) -> anyhow::Result<std::sync::Arc<dyn Publisher>> {

@@ -38,11 +38,12 @@ pub(crate) struct RelayArgs {
     /// Broker refusals of a row before it is parked.
     #[arg(long, default_value_t = RelayConfig::default().max_attempts)]
     max_attempts: u32,
-    /// Seconds a silent relay keeps its slots (fail-over time).
-    #[arg(long, default_value_t = 10)]
+    /// Seconds a silent relay keeps its slots (fail-over time), 1 to 3600.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     session_timeout_secs: u64,
-    /// Hours published rows are kept before they are purged.
-    #[arg(long, default_value_t = 168)]
+    /// Hours published rows are kept before they are purged (at most ten
+    /// years).
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87_600))]
     retention_hours: u64,
     /// Serve Prometheus metrics (backlog, oldest unpublished age, publish
     /// rate, failures) on this address at /metrics.
@@ -67,6 +68,9 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     }
     let tables = OutboxTables::new(&args.schema, &args.table, &args.inbox_table)?;
     let session_timeout = Duration::from_secs(args.session_timeout_secs);
+    // The defaults' proportions for any session: heartbeat a tenth of it,
+    // a batch at most half of it less a heartbeat.
+    let heartbeat = (session_timeout / 10).max(Duration::from_millis(100));
     let defaults = RelayConfig::default();
     let relay_config = RelayConfig {
         relay_id: args.relay_id.clone().unwrap_or(defaults.relay_id),
@@ -74,15 +78,13 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         slots: args.slots,
         max_attempts: args.max_attempts,
         session_timeout,
-        // Keep the defaults' proportions for shorter or longer sessions.
-        heartbeat: (session_timeout / 10).max(Duration::from_millis(100)),
-        publish_timeout: session_timeout / 2
-            - (session_timeout / 10).max(Duration::from_millis(100)),
+        heartbeat,
+        publish_timeout: (session_timeout / 2).saturating_sub(heartbeat),
         retention: Duration::from_secs(args.retention_hours.saturating_mul(3600)),
         ..defaults
     };
     relay_config.validate()?;
-    let publisher = crate::broker::publisher(config, "relay").await?;
+    let publisher = crate::broker::publisher(config, "relay", relay_config.publish_timeout).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))

@@ -498,6 +498,49 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("outbox.schema"), "{e}");
+
+    // Enqueue and relay through the custom tables.
+    let transport = Arc::new(kafka_transport().await);
+    let topic = unique_name("outbox-custom");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let custom = outbox(&tables);
+    let event = Envelope::new("t", "k", "custom");
+    let mut tx = db.pool().begin().await.unwrap();
+    custom.enqueue(&mut tx, &topic, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = OutboxRelay::new(
+        db.pool().clone(),
+        tables.clone(),
+        transport.clone(),
+        relay_config("custom", 10),
+    )
+    .unwrap();
+    let mut stats = relay.stats();
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.changed().await;
+    }));
+    wait_for(&mut stats, "the custom outbox relayed", |s| {
+        s.published == 1
+    })
+    .await;
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &[event.id()].into(),
+        Duration::from_secs(30),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(seen[0].id(), event.id());
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,4 +756,54 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
     }
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let outbox = outbox(&tables);
+    // No application lock at all: the outbox's own per-key lock makes the
+    // second transaction wait, so it cannot take a later id yet commit
+    // first.
+    let mut first = db.pool().begin().await.unwrap();
+    outbox
+        .enqueue(&mut first, "t", &Envelope::new("t", "same-key", "first"))
+        .await
+        .unwrap();
+    let second = {
+        let (pool, outbox) = (db.pool().clone(), outbox.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .enqueue(&mut tx, "t", &Envelope::new("t", "same-key", "second"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    // Another key is not held up.
+    let mut other = db.pool().begin().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        outbox.enqueue(&mut other, "t", &Envelope::new("t", "other-key", "other")),
+    )
+    .await
+    .expect("a different key waited for the open transaction")
+    .unwrap();
+    other.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the same key did not wait for the open transaction"
+    );
+    first.commit().await.unwrap();
+    second.await.unwrap();
+    let order: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM keel.outbox WHERE event_key = 'same-key'::bytea ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(order, [b"first".to_vec(), b"second".to_vec()]);
 }

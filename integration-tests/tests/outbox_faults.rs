@@ -71,6 +71,13 @@ async fn wait_for_owners(
     }
 }
 
+async fn published(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE published_at IS NOT NULL")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
 async fn drained(db: &TestDatabase, tables: &OutboxTables) {
     let started = Instant::now();
     while unpublished(db.pool(), tables).await > 0 {
@@ -121,7 +128,13 @@ async fn a_relay_killed_ten_times_loses_nothing_and_repeats_at_most_a_batch_per_
             |o| o.contains_key(&name),
         )
         .await;
-        let pause = rand::rng().random_range(50..800);
+        // Kill it while it publishes, not before it starts.
+        let before = published(&db).await;
+        let started = Instant::now();
+        while published(&db).await == before && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pause = rand::rng().random_range(0..300);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         relay.child.kill().unwrap();
         relay.child.wait().unwrap();

@@ -23,16 +23,20 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     init_worker_tracing();
+    let config = relay_config(relay_id, batch.parse()?);
+    // Nothing the publisher sends may outlive a batch the relay gave up on.
     let publisher: Arc<dyn Publisher> = if let Some(bootstrap) = broker.strip_prefix("kafka://") {
         Arc::new(KafkaPublisher::new(KafkaPublisherConfig {
             client: KafkaClientConfig::new([bootstrap.to_owned()]),
+            ack_timeout_ms: config.publish_timeout.as_millis() as u64,
             ..KafkaPublisherConfig::default()
         })?)
     } else {
         Arc::new(
-            JetStreamPublisher::connect(JetStreamPublisherConfig::new(NatsClientConfig::new(
-                broker.clone(),
-            )))
+            JetStreamPublisher::connect(JetStreamPublisherConfig {
+                ack_timeout: config.publish_timeout,
+                ..JetStreamPublisherConfig::new(NatsClientConfig::new(broker.clone()))
+            })
             .await?,
         )
     };
@@ -40,12 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(4)
         .connect(database)
         .await?;
-    let relay = OutboxRelay::new(
-        pool,
-        OutboxTables::default(),
-        publisher,
-        relay_config(relay_id, batch.parse()?),
-    )?;
+    let relay = OutboxRelay::new(pool, OutboxTables::default(), publisher, config)?;
     tracing::info!(relay = %relay_id, "relay worker starting");
     relay
         .run(async {

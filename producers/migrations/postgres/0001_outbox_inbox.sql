@@ -36,9 +36,13 @@ CREATE TABLE IF NOT EXISTS {schema}.{outbox} (
 -- The relay's scan: unpublished rows in id order.
 CREATE INDEX IF NOT EXISTS {outbox_pending_index}
     ON {schema}.{outbox} (id) WHERE published_at IS NULL AND parked_at IS NULL;
--- No index on published_at: marking a row published would pay for it on
--- every row; the purge walks the primary key from the oldest id instead
--- (published rows are the old ones).
+-- Parked rows, for the backlog figures (few, and rarely changed).
+CREATE INDEX IF NOT EXISTS {outbox_parked_index}
+    ON {schema}.{outbox} (id) WHERE published_at IS NULL AND parked_at IS NOT NULL;
+-- Purging published rows after the retention. BRIN: a mark (an update of
+-- every published row) costs next to nothing for it, unlike a b-tree.
+CREATE INDEX IF NOT EXISTS {outbox_published_index}
+    ON {schema}.{outbox} USING brin (published_at);
 
 -- Relays alive (heartbeats); the live ones split the slots.
 CREATE TABLE IF NOT EXISTS {schema}.{relays} (

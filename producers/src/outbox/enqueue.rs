@@ -39,16 +39,31 @@ pub struct Outbox {
     codec: Arc<AvroCodec>,
     insert_one: Arc<str>,
     insert_many: Arc<str>,
+    /// First key of the per-key advisory locks: this outbox's own.
+    lock_class: i32,
 }
+
+/// Buckets of the per-key advisory locks: enough that unrelated keys rarely
+/// wait for each other, few enough that a large batch stays well inside
+/// PostgreSQL's lock table (`max_locks_per_transaction` × connections).
+const KEY_LOCK_BUCKETS: i32 = 1024;
 
 impl Outbox {
     /// An outbox in `tables` (created by [`OutboxTables::migrate`]) that
     /// encodes typed events with `codec`.
     pub fn new(tables: OutboxTables, codec: Arc<AvroCodec>) -> Self {
         let outbox = tables.outbox();
+        // Same-key enqueues take a transaction-scoped advisory lock on the
+        // key's bucket before the row gets its id: a second transaction
+        // enqueuing the key waits until the first commits or rolls back, so
+        // a key's ids are allocated in commit order and the relay's id order
+        // is the key's commit order even without the application's own
+        // lock. Batches lock their buckets in ascending order.
         let insert_one = format!(
             "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13) RETURNING 1) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13 \
+             FROM (SELECT pg_advisory_xact_lock($15, $5 % {KEY_LOCK_BUCKETS})) AS key_lock \
+             RETURNING 1) \
              SELECT pg_notify($14, '') FROM enqueued"
         );
         // Rows are inserted (and get their ids) in the batch's order; a
@@ -56,17 +71,23 @@ impl Outbox {
         // reads, so LIMIT 1 notifies once and still inserts every row.
         let insert_many = format!(
             "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
-             SELECT t, e, y, k, h, o, s, c, a, tp, ts, hd::jsonb, p FROM UNNEST(\
+             SELECT t, e, y, k, h, o, s, c, a, tp, ts, hd::jsonb, p \
+             FROM (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($15, b) FROM \
+                   (SELECT DISTINCT h % {KEY_LOCK_BUCKETS} AS b FROM UNNEST($5::int4[]) AS h ORDER BY b) AS buckets \
+                  ) AS locks) AS key_locks \
+             CROSS JOIN UNNEST(\
              $1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::int4[], $6::timestamptz[], \
              $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[]) \
              WITH ORDINALITY AS u(t, e, y, k, h, o, s, c, a, tp, ts, hd, p, n) ORDER BY n RETURNING 1) \
              SELECT pg_notify($14, '') FROM enqueued LIMIT 1"
         );
+        let lock_class = murmur2(tables.channel().as_bytes());
         Outbox {
             tables,
             codec,
             insert_one: insert_one.into(),
             insert_many: insert_many.into(),
+            lock_class,
         }
     }
 
@@ -108,7 +129,11 @@ impl Outbox {
     }
 
     /// Enqueues an already encoded event in `tx` (pass a transaction: the
-    /// event is published once it commits).
+    /// event is published once it commits). Waits while another open
+    /// transaction holds an enqueued event of the same key (or of a key in
+    /// the same lock bucket); transactions enqueuing several keys in
+    /// different orders can deadlock like any row locks — PostgreSQL then
+    /// aborts one with a retriable error.
     pub async fn enqueue(
         &self,
         tx: &mut PgConnection,
@@ -131,6 +156,7 @@ impl Outbox {
             .bind(row.headers)
             .bind(row.payload)
             .bind(self.tables.channel())
+            .bind(self.lock_class)
             .execute(tx)
             .await
             .map_err(|e| duplicate_or(e, &[event]))?;
@@ -165,6 +191,7 @@ impl Outbox {
             .bind(columns.headers)
             .bind(columns.payload)
             .bind(self.tables.channel())
+            .bind(self.lock_class)
             .execute(tx)
             .await
             .map_err(|e| {

@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::error::{OutboxError, Result};
@@ -67,24 +67,23 @@ impl SlotLeases {
         sqlx::query(&format!("LOCK TABLE {leases} IN EXCLUSIVE MODE"))
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query(&format!(
-            "SELECT count(*) AS n, count(*) FILTER (WHERE owner IS NOT NULL \
-             AND expires_at > clock_timestamp()) AS held FROM {leases}"
+        let relays = self.tables.relays();
+        let session_ms = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX);
+        let existing: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {leases}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        let held: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {relays} \
+             WHERE heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond' \
+             AND relay_id <> $2"
         ))
+        .bind(session_ms)
+        .bind(&self.relay_id)
         .fetch_one(&mut *tx)
         .await?;
-        let (existing, held): (i64, i64) = (row.try_get("n")?, row.try_get("held")?);
         if existing != i64::from(self.slots) {
             if held > 0 {
-                return Err(OutboxError::config(
-                    "relay.slots",
-                    format!(
-                        "running relays split this outbox into {existing} slots, this relay \
-                         into {}; every relay of an outbox must use the same number (or stop \
-                         them all to change it)",
-                        self.slots
-                    ),
-                ));
+                return Err(OutboxError::config("relay.slots", self.mismatch(existing)));
             }
             sqlx::query(&format!("DELETE FROM {leases}"))
                 .execute(&mut *tx)
@@ -129,40 +128,43 @@ impl SlotLeases {
         let relays = self.tables.relays();
         let leases = self.tables.leases();
         let session_ms = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX);
-        let mut tx = pool.begin().await?;
-        sqlx::query(&format!(
-            "INSERT INTO {relays} (relay_id, heartbeat_at) VALUES ($1, clock_timestamp()) \
-             ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
-        ))
-        .bind(&self.relay_id)
-        .execute(&mut *tx)
-        .await?;
+        // Separate statements, no transaction: each UPDATE locks its lease
+        // rows in slot order, so relays releasing and taking crossing slots
+        // at once cannot deadlock.
+        let existing: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {leases}"))
+            .fetch_one(pool)
+            .await?;
+        if existing != i64::from(self.slots) {
+            // Another relay re-split the outbox: stop before publishing
+            // under a different key → slot mapping.
+            self.owned.clear();
+            self.valid_until = None;
+            return Err(OutboxError::config("relay.slots", self.mismatch(existing)));
+        }
         let live: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT relay_id FROM {relays} \
-             WHERE heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond' \
+            "WITH beat AS (INSERT INTO {relays} (relay_id, heartbeat_at) \
+               VALUES ($1, clock_timestamp()) \
+               ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at) \
+             SELECT relay_id FROM {relays} \
+             WHERE heartbeat_at > clock_timestamp() - $2 * interval '1 millisecond' \
              ORDER BY relay_id"
         ))
+        .bind(&self.relay_id)
         .bind(session_ms)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
         let desired = desired_slots(&live, &self.relay_id, self.slots);
-        let release: Vec<i32> = self
-            .owned
-            .iter()
-            .filter(|s| !desired.contains(s))
-            .map(|&s| s as i32)
-            .collect();
-        if !release.is_empty() {
-            sqlx::query(&format!(
-                "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' \
-                 WHERE slot = ANY($1) AND owner = $2"
-            ))
-            .bind(&release)
-            .bind(&self.relay_id)
-            .execute(&mut *tx)
-            .await?;
-        }
         let want: Vec<i32> = desired.iter().map(|&s| s as i32).collect();
+        // Everything held beyond the desired slots goes back, including
+        // leases this relay stopped trusting but still holds on record.
+        sqlx::query(&format!(
+            "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' \
+             WHERE owner = $2 AND slot <> ALL($1)"
+        ))
+        .bind(&want)
+        .bind(&self.relay_id)
+        .execute(pool)
+        .await?;
         let held: Vec<i32> = sqlx::query_scalar(&format!(
             "UPDATE {leases} SET owner = $2, \
              expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
@@ -174,7 +176,7 @@ impl SlotLeases {
         .bind(&want)
         .bind(&self.relay_id)
         .bind(session_ms)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
         // Relays gone for a long time are forgotten.
         sqlx::query(&format!(
@@ -182,9 +184,8 @@ impl SlotLeases {
              WHERE heartbeat_at < clock_timestamp() - $1 * 10 * interval '1 millisecond'"
         ))
         .bind(session_ms)
-        .execute(&mut *tx)
+        .execute(pool)
         .await?;
-        tx.commit().await?;
         let before = std::mem::take(&mut self.owned);
         self.owned = held.into_iter().map(|s| s as u32).collect();
         self.valid_until = Some(sent + self.session_timeout.mul_f64(VALIDITY));
@@ -197,6 +198,14 @@ impl SlotLeases {
             );
         }
         Ok(())
+    }
+
+    fn mismatch(&self, existing: i64) -> String {
+        format!(
+            "running relays split this outbox into {existing} slots, this relay into {}; every \
+             relay of an outbox must use the same number (or stop them all to change it)",
+            self.slots
+        )
     }
 
     /// Stops trusting the leases (after a failed heartbeat that may or may

@@ -46,20 +46,19 @@ impl PgRelayStore {
                  parked_at = CASE WHEN attempts + 1 >= $3 THEN clock_timestamp() END \
                  WHERE id = $1 RETURNING parked_at IS NOT NULL"
             ),
-            // Published rows are the old ones: walking the primary key from
-            // the oldest id finds them without an index on published_at
-            // (which every mark would have to maintain).
             purge: format!(
                 "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
-                 WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' \
-                 ORDER BY id LIMIT $2)"
+                 WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' LIMIT $2)"
             ),
+            // Each figure through its partial index, never a scan of the
+            // published rows kept for the retention.
             backlog: format!(
-                "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS backlog, \
-                 count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, \
-                 extract(epoch FROM clock_timestamp() - min(enqueued_at) \
-                   FILTER (WHERE parked_at IS NULL))::float8 AS oldest \
-                 FROM {outbox} WHERE published_at IS NULL"
+                "SELECT (SELECT count(*) FROM {outbox} \
+                   WHERE published_at IS NULL AND parked_at IS NULL) AS backlog, \
+                 (SELECT count(*) FROM {outbox} \
+                   WHERE published_at IS NULL AND parked_at IS NOT NULL) AS parked, \
+                 (SELECT extract(epoch FROM clock_timestamp() - enqueued_at)::float8 FROM {outbox} \
+                   WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1) AS oldest"
             ),
             pool,
             tables,
@@ -141,7 +140,7 @@ impl RelayStore for PgRelayStore {
         Ok(sqlx::query_scalar(&self.refuse)
             .bind(id)
             .bind(reason)
-            .bind(max_attempts as i32)
+            .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
             .fetch_optional(&self.pool)
             .await?
             .unwrap_or(false))

@@ -132,6 +132,29 @@ impl RelayConfig {
         if !(1..=4096).contains(&self.slots) {
             return fail("relay.slots", format!("{} is outside 1..=4096", self.slots));
         }
+        const HOUR: Duration = Duration::from_secs(3600);
+        for (setting, value) in [
+            ("relay.heartbeat", self.heartbeat),
+            ("relay.session_timeout", self.session_timeout),
+            ("relay.publish_timeout", self.publish_timeout),
+            ("relay.poll_interval", self.poll_interval),
+            ("relay.backoff_max", self.backoff_max),
+            ("relay.purge_interval", self.purge_interval),
+            ("relay.stats_interval", self.stats_interval),
+        ] {
+            if value > HOUR {
+                return fail(setting, format!("{value:?} is more than an hour"));
+            }
+        }
+        if self.retention > Duration::from_secs(10 * 365 * 24 * 3600) {
+            return fail("relay.retention", "more than ten years".into());
+        }
+        if self.max_attempts > 1000 {
+            return fail(
+                "relay.max_attempts",
+                format!("{} is more than 1000", self.max_attempts),
+            );
+        }
         if self.heartbeat.is_zero() || self.heartbeat * 3 > self.session_timeout {
             return fail(
                 "relay.heartbeat",
@@ -292,6 +315,10 @@ impl OutboxRelay {
             let now = Instant::now();
             if now >= next_heartbeat {
                 if let Err(e) = self.store.heartbeat().await {
+                    if !e.is_retriable() && matches!(e, OutboxError::Config { .. }) {
+                        tracing::error!(relay = %config.relay_id, error = %e, "relay stops");
+                        return Err(e);
+                    }
                     tracing::warn!(relay = %config.relay_id, error = %e, "relay heartbeat failed");
                     self.store.lapse_if_expired();
                 }
@@ -309,8 +336,13 @@ impl OutboxRelay {
             }
 
             let mut more = false;
+            // A batch starts only while the leases stay trusted for a whole
+            // publish timeout: a batch never outlives its slots.
             let slots = self.store.publishable();
-            if !slots.is_empty() && Instant::now() >= blocked_until {
+            if !slots.is_empty()
+                && self.store.remaining() >= config.publish_timeout
+                && Instant::now() >= blocked_until
+            {
                 match self.relay_batch(&slots).await {
                     Ok(full) => {
                         backoff.reset();
@@ -365,7 +397,7 @@ impl OutboxRelay {
         }
         let claimed_after = started.elapsed();
         let full = claimed.len() == self.config.batch_size;
-        let deadline = self.config.publish_timeout.min(self.store.remaining());
+        let deadline = self.config.publish_timeout;
         let outcome = publish(self.publisher.as_ref(), &claimed, deadline).await;
         let published_after = started.elapsed();
 
@@ -404,9 +436,15 @@ impl OutboxRelay {
             mark = ?(started.elapsed() - published_after),
             "relay batch"
         );
-        match outcome.unavailable {
-            Some(e) => Err(e),
-            None => Ok(full || !outcome.refused.is_empty()),
+        match (outcome.unavailable, outcome.refused.first()) {
+            (Some(e), _) => Err(e),
+            // Refused rows go again after a back-off (and park after
+            // `max_attempts`), not in a tight loop.
+            (None, Some((_, reason))) => Err(OutboxError::Refused {
+                rows: outcome.refused.len(),
+                reason: reason.clone(),
+            }),
+            (None, None) => Ok(full),
         }
     }
 
@@ -506,8 +544,7 @@ async fn publish(publisher: &dyn Publisher, claimed: &[Claimed], deadline: Durat
             Ok(Err(e)) if e.is_retriable() => outcome.unavailable = Some(OutboxError::Event(e)),
             Ok(Err(e)) => {
                 // The broker refused an event for itself: count it against
-                // that row (or every row of the topic when the error names
-                // none); the others go again.
+                // that row; the others go again.
                 let culprit = match &e {
                     keel_core::Error::Publish { event_id, .. } => ids
                         .iter()
@@ -515,12 +552,11 @@ async fn publish(publisher: &dyn Publisher, claimed: &[Claimed], deadline: Durat
                         .map(|(row, _)| *row),
                     _ => None,
                 };
-                let reason = e.to_string();
                 match culprit {
-                    Some(row) => outcome.refused.push((row, reason)),
-                    None => outcome
-                        .refused
-                        .extend(ids.iter().map(|(row, _)| (*row, reason.clone()))),
+                    Some(row) => outcome.refused.push((row, e.to_string())),
+                    // Not about any one row (the topic, the credentials):
+                    // nothing to park, the broker is unavailable to us.
+                    None => outcome.unavailable = Some(OutboxError::Event(e)),
                 }
             }
             Err(_) => {

@@ -131,6 +131,14 @@ impl OutboxTables {
                 quote(&format!("{}_pending", self.outbox)),
             ),
             (
+                "{outbox_parked_index}",
+                quote(&format!("{}_parked", self.outbox)),
+            ),
+            (
+                "{outbox_published_index}",
+                quote(&format!("{}_published", self.outbox)),
+            ),
+            (
                 "{inbox_processed_index}",
                 quote(&format!("{}_processed", self.inbox)),
             ),
