@@ -1,11 +1,14 @@
 //! `keel demo`: a producer and a consumer group on one machine, checked.
 //!
-//! Today it runs on the in-memory transport: a producer publishes numbered
-//! events over many keys, a group of members handles them in parallel, one
-//! member leaves mid-run and its partitions move to the others. The demo
-//! then checks what a user would — every event handled, per-key order held,
-//! the hand-over seen, every partition committed to its end — and fails
-//! (non-zero exit) if any check does not hold.
+//! Today it runs on the in-memory transport: an orders service writes
+//! numbered events over many keys into its transactional outbox (SQLite, a
+//! file in the temp directory) — some transactions roll back — and the
+//! outbox relay publishes the committed ones; a group of members handles
+//! them in parallel, one member leaves mid-run and its partitions move to
+//! the others. The demo then checks what a user would — every committed
+//! event handled and no rolled-back one, per-key order held, the hand-over
+//! seen, every partition committed to its end — and fails (non-zero exit)
+//! if any check does not hold.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -138,10 +141,11 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .map(|m| m.assignment.borrow().clone())
         .collect();
 
+    let outbox = DemoOutbox::open(Arc::new(transport.clone())).await?;
     let publisher = {
-        let transport = transport.clone();
+        let outbox = outbox.clone();
         let (events, keys) = (args.events, args.keys);
-        tokio::spawn(async move { publish(&transport, events, keys).await })
+        tokio::spawn(async move { outbox.write(events, keys).await })
     };
 
     // Scale in mid-run: the last member leaves once a third is handled.
@@ -156,8 +160,9 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     let leaver_report = leaver.join().await?;
     let leaver_number = leaver.number;
 
-    publisher.await.context("publisher task")??;
+    let writes = publisher.await.context("orders service task")??;
     wait_for(&mut progress, total).await?;
+    let relayed = outbox.stop().await?;
     let after: Vec<Vec<u32>> = members
         .iter()
         .map(|m| m.assignment.borrow().clone())
@@ -174,8 +179,19 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
     let redeliveries: u32 = ledger.deliveries.values().map(|n| n - 1).sum();
     say!(
-        "  published  {total} events over {} keys, each acknowledged by the broker",
-        args.keys
+        "  outbox     {total} events over {} keys committed in {} SQLite transactions ({} more rolled back); \
+         the relay published {relayed}, each acknowledged by the broker",
+        args.keys,
+        writes.committed_transactions,
+        writes.rolled_back_transactions,
+    );
+    ensure!(
+        relayed == total as u64,
+        "the relay published {relayed} events for {total} committed"
+    );
+    ensure!(
+        !ledger.per_key.contains_key(ROLLED_BACK_KEY),
+        "an event of a rolled-back transaction was handled"
     );
     ensure!(
         ledger.distinct() == total,
@@ -257,23 +273,149 @@ impl Member {
     }
 }
 
-async fn publish(transport: &MemoryTransport, events: u32, keys: u32) -> keel_core::Result<()> {
-    let mut batch = Vec::with_capacity(BATCH);
-    for n in 0..events {
-        let (key, seq) = (n % keys, n / keys);
-        let key = format!("order-{key}");
-        batch.push(
-            Envelope::new(EVENT_TYPE, key.as_str(), format!("{key}:{seq}")).with_source("demo"),
+/// Key of the events written in transactions that roll back: never
+/// published, so never handled.
+const ROLLED_BACK_KEY: &str = "rolled-back";
+
+/// The demo orders service's outbox: a SQLite file in the temp directory
+/// and the outbox relay publishing it to the broker.
+#[derive(Clone)]
+struct DemoOutbox {
+    pool: sqlx::SqlitePool,
+    outbox: keel_producers::outbox::sqlite::SqliteOutbox,
+    path: std::path::PathBuf,
+    relay: Arc<
+        Mutex<
+            Option<(
+                oneshot::Sender<()>,
+                JoinHandle<keel_producers::outbox::error::Result<()>>,
+            )>,
+        >,
+    >,
+    stats: watch::Receiver<keel_producers::outbox::RelayStats>,
+}
+
+/// What the orders service committed and rolled back.
+struct Writes {
+    committed_transactions: u32,
+    rolled_back_transactions: u32,
+}
+
+impl DemoOutbox {
+    async fn open(publisher: Arc<dyn Publisher>) -> anyhow::Result<Self> {
+        use keel_producers::outbox::sqlite::{SqliteOutbox, migrate_sqlite};
+        use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
+        let path = std::env::temp_dir().join(format!(
+            "keel-demo-outbox-{}-{}.db",
+            std::process::id(),
+            EventId::new()
+        ));
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot create the demo outbox {}", path.display()))?;
+        let tables = OutboxTables::default();
+        migrate_sqlite(&tables, &pool).await?;
+        let codec = keel_schemas::AvroCodec::new(
+            Arc::new(keel_schemas::LocalRegistry::new()),
+            keel_schemas::CodecOptions::default(),
         );
-        if batch.len() == BATCH || n + 1 == events {
-            transport
-                .publish_batch(TOPIC, std::mem::take(&mut batch))
-                .await?;
-            // Let consumers run while the producer is still going.
-            tokio::task::yield_now().await;
-        }
+        let outbox = SqliteOutbox::new(&tables, Arc::new(codec));
+        // SQLite has no notifications: the relay polls, often.
+        let relay = OutboxRelay::sqlite(
+            pool.clone(),
+            &tables,
+            publisher,
+            RelayConfig {
+                relay_id: "demo-relay".into(),
+                batch_size: 500,
+                heartbeat: Duration::from_millis(250),
+                session_timeout: Duration::from_secs(3),
+                publish_timeout: Duration::from_secs(1),
+                poll_interval: Duration::from_millis(10),
+                ..RelayConfig::default()
+            },
+        )?;
+        let stats = relay.stats();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(relay.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(DemoOutbox {
+            pool,
+            outbox,
+            path,
+            relay: Arc::new(Mutex::new(Some((stop, task)))),
+            stats,
+        })
     }
-    Ok(())
+
+    /// Writes `events` over `keys` in transactions of `BATCH`; every tenth
+    /// transaction also writes a draft that is rolled back.
+    async fn write(&self, events: u32, keys: u32) -> anyhow::Result<Writes> {
+        let mut writes = Writes {
+            committed_transactions: 0,
+            rolled_back_transactions: 0,
+        };
+        let mut batch = Vec::with_capacity(BATCH);
+        for n in 0..events {
+            let (key, seq) = (n % keys, n / keys);
+            let key = format!("order-{key}");
+            batch.push(
+                Envelope::new(EVENT_TYPE, key.as_str(), format!("{key}:{seq}")).with_source("demo"),
+            );
+            if batch.len() == BATCH || n + 1 == events {
+                let transaction = writes.committed_transactions + writes.rolled_back_transactions;
+                if transaction % 10 == 9 {
+                    let draft = Envelope::new(
+                        EVENT_TYPE,
+                        ROLLED_BACK_KEY,
+                        format!("{ROLLED_BACK_KEY}:{n}"),
+                    );
+                    let mut tx = self.pool.begin().await?;
+                    self.outbox.enqueue(&mut tx, TOPIC, &draft).await?;
+                    tx.rollback().await?;
+                    writes.rolled_back_transactions += 1;
+                }
+                let rows: Vec<(&str, &Envelope)> = batch.iter().map(|e| (TOPIC, e)).collect();
+                let mut tx = self.pool.begin().await?;
+                self.outbox.enqueue_batch(&mut tx, &rows).await?;
+                tx.commit().await?;
+                writes.committed_transactions += 1;
+                batch.clear();
+                // Let the relay and the consumers run meanwhile.
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Stops the relay and removes the file; returns how many events the
+    /// relay published.
+    async fn stop(&self) -> anyhow::Result<u64> {
+        let relay = self
+            .relay
+            .lock()
+            .map_err(|_| anyhow::anyhow!("relay handle poisoned"))?
+            .take();
+        if let Some((stop, task)) = relay {
+            let _ = stop.send(());
+            task.await.context("the outbox relay crashed")??;
+        }
+        let published = self.stats.borrow().published;
+        self.pool.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = self.path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+        Ok(published)
+    }
 }
 
 fn parse(event: &Envelope) -> keel_core::Result<(String, u32)> {

@@ -61,7 +61,8 @@ fn demo_prints_what_it_proved() {
         text(&out.stderr)
     );
     for line in [
-        "published  3000 events over 50 keys",
+        "outbox     3000 events over 50 keys committed in",
+        "the relay published 3000",
         "handled    3000 of 3000 events",
         "order      held for all 50 keys",
         "rebalance  member #3 left after",

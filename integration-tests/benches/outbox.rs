@@ -72,7 +72,7 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         .codec()
         .encode(&topic, &testdata::order_placed())
         .await?;
-    let sample = event(0, &payload);
+    let sample = event(0, 0, &payload);
     println!(
         "outbox: {events} events of {} bytes, relay batches of {batch}, {WRITERS} writers x {PER_TX} events per transaction, linger.ms {linger_ms}",
         payload.len()
@@ -155,10 +155,13 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn event(i: usize, payload: &[u8]) -> Envelope {
+/// Event `i` of `writer`: each writer has its own 1,000 orders, as
+/// independent services or requests touch different aggregates (same-key
+/// writes wait for each other in the outbox, by design).
+fn event(writer: usize, i: usize, payload: &[u8]) -> Envelope {
     Envelope::new(
         "shop.orders.OrderPlaced",
-        format!("order-{}", i % 1000),
+        format!("order-{writer}-{}", i % 1000),
         payload.to_vec(),
     )
     .with_source("bench")
@@ -204,7 +207,7 @@ async fn raw_insert_rate(
     let mut n = 0;
     while n < events {
         let rows: Vec<Envelope> = (n..(n + batch).min(events))
-            .map(|i| event(i, payload))
+            .map(|i| event(0, i, payload))
             .collect();
         let ids: Vec<uuid::Uuid> = rows.iter().map(|e| *e.id().as_uuid()).collect();
         let keys: Vec<&[u8]> = rows.iter().map(|e| e.key().as_bytes()).collect();
@@ -252,9 +255,8 @@ async fn enqueue(
                 let mut done = 0;
                 while done < per_writer {
                     let n = PER_TX.min(per_writer - done);
-                    let rows: Vec<Envelope> = (0..n)
-                        .map(|i| event(w * per_writer + done + i, &payload))
-                        .collect();
+                    let rows: Vec<Envelope> =
+                        (0..n).map(|i| event(w, done + i, &payload)).collect();
                     let batch: Vec<(&str, &Envelope)> =
                         rows.iter().map(|e| (topic.as_str(), e)).collect();
                     let mut tx = pool.begin().await?;
@@ -300,8 +302,9 @@ async fn paced(
                 let mut i = 0;
                 while Instant::now() < end {
                     tick.tick().await;
-                    let rows: Vec<Envelope> =
-                        (0..EVENTS_PER_TX).map(|j| event(i + j, &payload)).collect();
+                    let rows: Vec<Envelope> = (0..EVENTS_PER_TX)
+                        .map(|j| event(w, i + j, &payload))
+                        .collect();
                     i += EVENTS_PER_TX;
                     let batch: Vec<(&str, &Envelope)> =
                         rows.iter().map(|e| (topic.as_str(), e)).collect();
