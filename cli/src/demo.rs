@@ -284,16 +284,15 @@ struct DemoOutbox {
     pool: sqlx::SqlitePool,
     outbox: keel_producers::outbox::sqlite::SqliteOutbox,
     path: std::path::PathBuf,
-    relay: Arc<
-        Mutex<
-            Option<(
-                oneshot::Sender<()>,
-                JoinHandle<keel_producers::outbox::error::Result<()>>,
-            )>,
-        >,
-    >,
+    relay: Arc<Mutex<Option<RunningRelay>>>,
     stats: watch::Receiver<keel_producers::outbox::RelayStats>,
 }
+
+/// The relay task and the sender that stops it.
+type RunningRelay = (
+    oneshot::Sender<()>,
+    JoinHandle<keel_producers::outbox::error::Result<()>>,
+);
 
 /// What the orders service committed and rolled back.
 struct Writes {

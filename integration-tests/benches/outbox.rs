@@ -287,7 +287,7 @@ async fn paced(
     const EVENTS_PER_TX: usize = 10;
     let interval = Duration::from_secs_f64(EVENTS_PER_TX as f64 * WRITERS as f64 / rate);
     let tasks: Vec<_> = (0..WRITERS)
-        .map(|_| {
+        .map(|w| {
             let (pool, outbox, topic, payload) = (
                 pool.clone(),
                 outbox.clone(),

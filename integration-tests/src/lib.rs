@@ -10,6 +10,7 @@
 //! | [`read_acked`] | the next `n` deliveries of a group member, acked, as text |
 //! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
+//! | [`NatsUnderTest`] | a private nats-server with JetStream (configurable, to kill and restart) |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
 //! | [`kafka_transport`], [`nats_transport`], [`nats_consumer_config`] | Keel's Kafka and NATS transports with test-speed group timings |
 //! | [`faults`] | worker processes and their records, for the SIGKILL tests |
@@ -288,6 +289,101 @@ impl Drop for TestDatabase {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// A private nats-server (the machine's binary, JetStream with file
+/// storage in a temporary directory) on a free port, to configure, kill
+/// and restart; killed when dropped.
+pub struct NatsUnderTest {
+    /// `<scheme>://127.0.0.1:<port>`.
+    pub url: String,
+    port: u16,
+    config: std::path::PathBuf,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl NatsUnderTest {
+    /// Starts a server with `fragment` added to its config (authorization,
+    /// TLS); `scheme` is `nats` or `tls` for [`NatsUnderTest::url`].
+    pub fn start(fragment: &str, scheme: &str) -> NatsUnderTest {
+        Self::start_in(TempDir::new(), fragment, scheme)
+    }
+
+    /// As [`NatsUnderTest::start`], in `dir` (which may hold certificates
+    /// the fragment names).
+    pub fn start_in(dir: TempDir, fragment: &str, scheme: &str) -> NatsUnderTest {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("cannot find a free port for nats-server: {e}"));
+        let config = dir.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{fragment}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let mut server = NatsUnderTest {
+            url: format!("{scheme}://127.0.0.1:{port}"),
+            port,
+            config,
+            dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!("nats-server is not installed (infra/local/nats.sh needs it too)")
+            });
+        let log = self.dir.path().join("server.log");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&self.config)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display())),
+            )
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NatsUnderTest {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

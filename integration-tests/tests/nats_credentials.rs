@@ -7,71 +7,21 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use keel_consumers::nats::JetStreamGroupConsumer;
 use keel_core::config::NatsAuth;
 use keel_core::{Envelope, Publisher, Subscriber, Subscription, TopicSpec};
-use keel_integration_tests::{TempDir, nats_consumer_config, unique_name};
+use keel_integration_tests::{NatsUnderTest, TempDir, nats_consumer_config, unique_name};
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
 };
 
-struct Server {
-    url: String,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A nats-server with `auth` (a config fragment) on a free port.
-fn server(auth: &str, scheme: &str, dir: TempDir) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let store = dir.path().join("js");
-    let config = dir.path().join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{auth}\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("nats-server is installed (infra/local/nats.sh needs it too)");
-    let child = Command::new(binary)
-        .arg("-c")
-        .arg(&config)
-        .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nats-server did not start: {}",
-            std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server {
-        url: format!("{scheme}://127.0.0.1:{port}"),
-        child,
-        _dir: dir,
-    }
+fn server(auth: &str, scheme: &str, dir: TempDir) -> NatsUnderTest {
+    NatsUnderTest::start_in(dir, auth, scheme)
 }
 
 /// Creates a topic, publishes an event and reads it back through a group.

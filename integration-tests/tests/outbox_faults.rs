@@ -232,3 +232,116 @@ async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() 
     .await
     .unwrap();
 }
+
+/// The broker goes away for a while: the relay backs off (no busy loop),
+/// publishes nothing it cannot get acknowledged, and catches up by itself
+/// once the broker is back. A private nats-server with file storage (the
+/// stream survives its restart; async-nats reconnects on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
+    use keel_consumers::nats::NatsTransport;
+    use keel_integration_tests::outbox::relay_config;
+    use keel_integration_tests::{NatsUnderTest, nats_consumer_config};
+    use keel_producers::nats::{JetStreamPublisherConfig, NatsClientConfig, StreamSettings};
+    use keel_producers::outbox::OutboxRelay;
+
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let mut nats = NatsUnderTest::start("", "nats");
+    let client = NatsClientConfig::new(nats.url.clone());
+    let config = relay_config("relay-outage", BATCH);
+    let transport = Arc::new(
+        NatsTransport::connect(
+            JetStreamPublisherConfig {
+                ack_timeout: config.publish_timeout,
+                ..JetStreamPublisherConfig::new(client.clone())
+            },
+            nats_consumer_config(client),
+            StreamSettings::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let topic = unique_name("outbox-outage");
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        })
+        .await
+        .unwrap();
+    let relay =
+        OutboxRelay::new(db.pool().clone(), tables.clone(), transport.clone(), config).unwrap();
+    let mut stats = relay.stats();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.changed().await;
+    }));
+    let plan = WriterPlan {
+        writers: 2,
+        events: 500,
+        keys: 50,
+        max_per_tx: 5,
+        max_hold: Duration::from_millis(5),
+        rollback: 0.0,
+    };
+    let outbox = outbox(&tables);
+    let mut writes = write(db.pool(), &outbox, &topic, plan).await;
+    let first = writes.committed.len() as u64;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        stats.wait_for(|s| s.published == first),
+    )
+    .await
+    .expect("the first events were not published")
+    .unwrap();
+
+    // The broker goes away; events keep being committed.
+    nats.kill();
+    let failed_before = stats.borrow().failed_batches;
+    let during = write(
+        db.pool(),
+        &outbox,
+        &topic,
+        WriterPlan {
+            events: 2_000,
+            ..plan
+        },
+    )
+    .await;
+    writes.committed.extend(during.committed);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (failed, published) = {
+        let s = stats.borrow();
+        (s.failed_batches - failed_before, s.published)
+    };
+    eprintln!("{failed} failed batches in the outage");
+    assert!(
+        failed >= 1,
+        "the relay never tried while the broker was down"
+    );
+    assert!(
+        failed <= 25,
+        "{failed} failed batches within ~5 s: the relay does not back off"
+    );
+    assert_eq!(
+        published, first,
+        "nothing can be acknowledged without a broker"
+    );
+
+    // Back: the relay catches up by itself.
+    nats.restart();
+    drained(&db, &tables).await;
+    let expected: HashSet<_> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    check(&writes, &seen);
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -26,7 +26,9 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Publishes Keel events to Kafka.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    /// The producer and its generation: replaced (see [`Self::recover`])
+    /// when the broker stops accepting its idempotent sequence.
+    producer: std::sync::RwLock<(u64, FutureProducer)>,
     config: KafkaPublisherConfig,
 }
 
@@ -48,12 +50,64 @@ impl KafkaPublisher {
                 format!("librdkafka refused the producer configuration: {e}"),
             )
         })?;
-        Ok(KafkaPublisher { producer, config })
+        Ok(KafkaPublisher {
+            producer: std::sync::RwLock::new((0, producer)),
+            config,
+        })
+    }
+
+    /// The current producer and its generation.
+    fn producer(&self) -> (u64, FutureProducer) {
+        match self.producer.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After a delivery failed on producer `generation`: when librdkafka
+    /// declared the producer fatally failed, or the broker refused its
+    /// idempotent producer state (as after a broker restart that lost or
+    /// rejected the producer's sequence — tansu answers these with an
+    /// unknown server error), replaces it with a new producer (a new
+    /// producer id). Without this every later publish would fail the same
+    /// way until the process restarts. Events sent again under the new id
+    /// may be stored twice (at least once, as always).
+    fn recover(&self, generation: u64, e: &KafkaError) {
+        let (_, current) = self.producer();
+        let fatal = current.client().fatal_error().is_some();
+        let stuck = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Unknown
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if !(fatal || stuck) {
+            return;
+        }
+        let Ok(mut slot) = self.producer.write() else {
+            return;
+        };
+        if slot.0 != generation {
+            return; // already replaced by another failed delivery
+        }
+        match self.config.client_config().create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(error = %e, fatal, generation, "replacing the Kafka producer: the broker no longer accepts its idempotent state");
+                *slot = (generation + 1, fresh);
+            }
+            Err(create) => {
+                tracing::error!(error = %create, "cannot replace the failed Kafka producer");
+            }
+        }
     }
 
     /// Waits until every enqueued event was acknowledged or failed.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer();
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| Error::closed(format!("kafka flush task: {e}")))?
@@ -64,7 +118,7 @@ impl KafkaPublisher {
     }
 
     /// Enqueues one event, waiting while the local queue is full.
-    async fn enqueue(&self, topic: &str, event: &Envelope) -> Result<DeliveryFuture> {
+    async fn enqueue(&self, topic: &str, event: &Envelope) -> Result<(u64, DeliveryFuture)> {
         let mut owned = Some(OwnedHeaders::new_with_capacity(8 + event.headers().len()));
         wire::visit_headers(event, |name, value| {
             if let Some(headers) = owned.take() {
@@ -80,9 +134,10 @@ impl KafkaPublisher {
             .payload(event.payload().as_ref())
             .headers(owned);
         let deadline = tokio::time::Instant::now() + self.config.ack_timeout();
+        let (generation, producer) = self.producer();
         loop {
-            match self.producer.send_result(record) {
-                Ok(future) => return Ok(future),
+            match producer.send_result(record) {
+                Ok(future) => return Ok((generation, future)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(publish_error(
@@ -97,6 +152,7 @@ impl KafkaPublisher {
                     tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
                 }
                 Err((e, _)) => {
+                    self.recover(generation, &e);
                     let retriable = retriable(&e);
                     return Err(publish_error(
                         topic,
@@ -111,9 +167,10 @@ impl KafkaPublisher {
     }
 
     async fn acknowledged(
+        &self,
         topic: &str,
         event: &Envelope,
-        future: DeliveryFuture,
+        (generation, future): (u64, DeliveryFuture),
     ) -> Result<Receipt> {
         match future.await {
             Ok(Ok(delivery)) => Ok(Receipt {
@@ -123,6 +180,7 @@ impl KafkaPublisher {
                 duplicate: false,
             }),
             Ok(Err((e, _))) => {
+                self.recover(generation, &e);
                 let retriable = retriable(&e);
                 Err(publish_error(
                     topic,
@@ -184,7 +242,7 @@ impl Publisher for KafkaPublisher {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
         async {
             let future = self.enqueue(topic, &event).await?;
-            let receipt = Self::acknowledged(topic, &event, future).await?;
+            let receipt = self.acknowledged(topic, &event, future).await?;
             tracing::Span::current().record("partition", receipt.partition);
             Ok(receipt)
         }
@@ -204,7 +262,7 @@ impl Publisher for KafkaPublisher {
                         events
                             .iter()
                             .zip(pending)
-                            .map(|(event, future)| Self::acknowledged(topic, event, future)),
+                            .map(|(event, future)| self.acknowledged(topic, event, future)),
                     )
                     .await
                     .into_iter()
@@ -222,7 +280,7 @@ impl Publisher for KafkaPublisher {
         let acks = events
             .iter()
             .zip(pending)
-            .map(|(event, future)| Self::acknowledged(topic, event, future));
+            .map(|(event, future)| self.acknowledged(topic, event, future));
         futures::future::join_all(acks).await.into_iter().collect()
     }
 }
