@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use keel_core::{Envelope, EventId, StartFrom, Subscriber, Subscription};
-use keel_producers::outbox::{Outbox, OutboxTables, RelayConfig};
+use keel_producers::outbox::{
+    Outbox, OutboxError, OutboxRelay, OutboxTables, RelayConfig, RelayStats,
+};
 use rand::Rng;
 use sqlx::PgPool;
+use tokio::sync::watch;
 
 use crate::TestDatabase;
 
@@ -42,6 +45,48 @@ pub fn outbox(tables: &OutboxTables) -> Outbox {
         },
     );
     Outbox::new(tables.clone(), Arc::new(codec))
+}
+
+/// A relay running in this process: `stop` ends it (send `true`), `stats`
+/// follows it, `task` returns how it ended.
+pub struct RunningRelay {
+    /// Send `true` to stop the relay.
+    pub stop: watch::Sender<bool>,
+    /// The relay's live figures.
+    pub stats: watch::Receiver<RelayStats>,
+    /// The relay's task.
+    pub task: tokio::task::JoinHandle<Result<(), OutboxError>>,
+}
+
+impl RunningRelay {
+    /// Runs `relay` on a task of its own.
+    pub fn spawn(relay: OutboxRelay) -> RunningRelay {
+        let stats = relay.stats();
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(relay.run(async move {
+            let _ = stopped.changed().await;
+        }));
+        RunningRelay { stop, stats, task }
+    }
+
+    /// Stops the relay and fails the test if it ended with an error.
+    pub async fn finish(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A new topic `<prefix>-<random>` with `partitions`, through `admin`.
+pub async fn new_topic(admin: &dyn keel_core::TopicAdmin, prefix: &str, partitions: u32) -> String {
+    let name = crate::unique_name(prefix);
+    admin
+        .ensure_topic(&keel_core::TopicSpec {
+            name: name.clone(),
+            partitions,
+        })
+        .await
+        .unwrap();
+    name
 }
 
 /// Relay settings for tests: 200 ms heartbeats, a 2 s session, batches of

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use keel_core::{Envelope, Publisher, StartFrom, Subscriber, Subscription, TopicAdmin, TopicSpec};
 use keel_integration_tests::outbox::{
-    WriterPlan, check, consume, outbox, outbox_database, relay_config, unpublished, write,
+    RunningRelay, WriterPlan, check, consume, new_topic, outbox, outbox_database, relay_config,
+    unpublished, write,
 };
 use keel_integration_tests::{TestDatabase, kafka_transport, nats_transport, unique_name};
 use keel_producers::outbox::{Inbox, OutboxError, OutboxRelay, OutboxTables, RelayStats};
@@ -28,35 +29,17 @@ const PLAN: WriterPlan = WriterPlan {
     rollback: 0.1,
 };
 
-/// Runs the relay in this process until the returned sender is dropped or
-/// signalled.
-fn start_relay(
-    pool: &sqlx::PgPool,
-    publisher: Arc<dyn Publisher>,
-    relay_id: &str,
-) -> (
-    watch::Sender<bool>,
-    watch::Receiver<RelayStats>,
-    tokio::task::JoinHandle<()>,
-) {
-    let relay = OutboxRelay::new(
-        pool.clone(),
-        OutboxTables::default(),
-        publisher,
-        relay_config(relay_id, 500),
+/// Runs the default outbox's relay in this process.
+fn start_relay(pool: &sqlx::PgPool, publisher: Arc<dyn Publisher>, relay_id: &str) -> RunningRelay {
+    RunningRelay::spawn(
+        OutboxRelay::new(
+            pool.clone(),
+            OutboxTables::default(),
+            publisher,
+            relay_config(relay_id, 500),
+        )
+        .unwrap(),
     )
-    .unwrap();
-    let stats = relay.stats();
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.changed().await;
-            })
-            .await
-            .unwrap();
-    });
-    (stop, stats, task)
 }
 
 async fn wait_for(
@@ -80,17 +63,14 @@ where
 {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
-    let topic = unique_name("outbox");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox", partitions).await;
     // The relay runs while the writers write: it sees rows commit out of
     // id order all the time.
-    let (stop, mut stats, relay) = start_relay(db.pool(), transport.clone(), "relay-a");
+    let RunningRelay {
+        stop,
+        mut stats,
+        task: relay,
+    } = start_relay(db.pool(), transport.clone(), "relay-a");
     let writes = write(db.pool(), &outbox(&tables), &topic, PLAN).await;
     assert!(
         writes.committed.len() > 40_000,
@@ -116,7 +96,7 @@ where
     assert_eq!(unpublished(db.pool(), &tables).await, 0);
     assert_eq!(stats.borrow().published as usize, expected.len());
     stop.send(true).unwrap();
-    relay.await.unwrap();
+    relay.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,14 +115,7 @@ async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let transport = Arc::new(kafka_transport().await);
-    let topic = unique_name("outbox-typed");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-typed", 2).await;
     let outbox = outbox(&tables);
     let order = keel_schemas::testdata::order_placed();
 
@@ -183,7 +156,11 @@ async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
     outbox.enqueue(&mut tx, &topic, &follow_up).await.unwrap();
     tx.commit().await.unwrap();
 
-    let (stop, _stats, relay) = start_relay(db.pool(), transport.clone(), "relay-typed");
+    let RunningRelay {
+        stop,
+        stats: _,
+        task: relay,
+    } = start_relay(db.pool(), transport.clone(), "relay-typed");
     let expected: HashSet<_> = [kept, follow_up.id()].into();
     let seen = consume(
         transport.as_ref(),
@@ -205,7 +182,7 @@ async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
         "every field of the envelope survives the outbox"
     );
     stop.send(true).unwrap();
-    relay.await.unwrap();
+    relay.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -247,7 +224,11 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
         .unwrap();
     tx.commit().await.unwrap();
 
-    let (stop, mut stats, relay) = start_relay(db.pool(), transport.clone(), "relay-park");
+    let RunningRelay {
+        stop,
+        mut stats,
+        task: relay,
+    } = start_relay(db.pool(), transport.clone(), "relay-park");
     wait_for(&mut stats, "the huge row parked", |s| {
         s.parked == 1 && s.backlog == 0
     })
@@ -283,7 +264,7 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
         "{error}"
     );
     stop.send(true).unwrap();
-    relay.await.unwrap();
+    relay.await.unwrap().unwrap();
     admin.delete_topic(&topic).await.unwrap();
 }
 
@@ -292,14 +273,7 @@ async fn the_relay_survives_its_database_connections_being_killed() {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let transport = Arc::new(kafka_transport().await);
-    let topic = unique_name("outbox-reconnect");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-reconnect", 4).await;
     // The relay's connections are named so they can be told apart.
     let options: sqlx::postgres::PgConnectOptions = db.url().parse().unwrap();
     let relay_pool = sqlx::postgres::PgPoolOptions::new()
@@ -307,7 +281,11 @@ async fn the_relay_survives_its_database_connections_being_killed() {
         .connect_with(options.application_name("keel-relay"))
         .await
         .unwrap();
-    let (stop, mut stats, relay) = start_relay(&relay_pool, transport.clone(), "relay-reconnect");
+    let RunningRelay {
+        stop,
+        mut stats,
+        task: relay,
+    } = start_relay(&relay_pool, transport.clone(), "relay-reconnect");
     let plan = WriterPlan {
         writers: 4,
         events: 4_000,
@@ -348,7 +326,7 @@ async fn the_relay_survives_its_database_connections_being_killed() {
     check(&writes, &seen);
     wait_for(&mut stats, "an empty backlog", |s| s.backlog == 0).await;
     stop.send(true).unwrap();
-    relay.await.unwrap();
+    relay.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -364,14 +342,7 @@ async fn the_inbox_applies_an_event_delivered_three_times_once() {
         .await
         .unwrap();
     let transport = kafka_transport().await;
-    let topic = unique_name("inbox");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(&transport, "inbox", 1).await;
     // Kafka has no publish-side de-duplication: three copies are stored.
     let payment = Envelope::new("PaymentCaptured", "acme", "100");
     for _ in 0..3 {
@@ -501,14 +472,7 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
 
     // Enqueue and relay through the custom tables.
     let transport = Arc::new(kafka_transport().await);
-    let topic = unique_name("outbox-custom");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-custom", 1).await;
     let custom = outbox(&tables);
     let event = Envelope::new("t", "k", "custom");
     let mut tx = db.pool().begin().await.unwrap();
@@ -521,11 +485,11 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
         relay_config("custom", 10),
     )
     .unwrap();
-    let mut stats = relay.stats();
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(relay.run(async move {
-        let _ = stopped.changed().await;
-    }));
+    let RunningRelay {
+        stop,
+        mut stats,
+        task,
+    } = RunningRelay::spawn(relay);
     wait_for(&mut stats, "the custom outbox relayed", |s| {
         s.published == 1
     })
@@ -563,14 +527,7 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
     migrate_sqlite(&tables, &pool).await.unwrap();
     migrate_sqlite(&tables, &pool).await.unwrap();
     let transport = Arc::new(nats_transport().await);
-    let topic = unique_name("outbox-sqlite");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-sqlite", 4).await;
 
     let relay = |id: &str| {
         let relay = OutboxRelay::sqlite(
@@ -580,20 +537,23 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
             relay_config(id, 100),
         )
         .unwrap();
-        let stats = relay.stats();
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(relay.run(async move {
-            let _ = stopped.changed().await;
-        }));
-        (stop, stats, task)
+        RunningRelay::spawn(relay)
     };
-    let (stop_a, mut stats_a, task_a) = relay("sqlite-a");
+    let RunningRelay {
+        stop: stop_a,
+        stats: mut stats_a,
+        task: task_a,
+    } = relay("sqlite-a");
     wait_for(&mut stats_a, "relay a holds the outbox", |s| {
         !s.slots.is_empty()
     })
     .await;
     // A second relay on the same file stands by.
-    let (stop_b, mut stats_b, task_b) = relay("sqlite-b");
+    let RunningRelay {
+        stop: stop_b,
+        stats: mut stats_b,
+        task: task_b,
+    } = relay("sqlite-b");
 
     let outbox = SqliteOutbox::new(
         &tables,
@@ -693,14 +653,7 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let transport = Arc::new(kafka_transport().await);
-    let topic = unique_name("outbox-purge");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-purge", 1).await;
     let outbox = outbox(&tables);
     let mut tx = db.pool().begin().await.unwrap();
     for i in 0..30 {
@@ -724,12 +677,7 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
             config,
         )
         .unwrap();
-        let stats = relay.stats();
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(relay.run(async move {
-            let _ = stopped.changed().await;
-        }));
-        (stop, stats, task)
+        RunningRelay::spawn(relay)
     };
     let rows = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.outbox")
@@ -738,14 +686,18 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
             .unwrap()
     };
     // A long retention keeps the published rows (for replay from the outbox).
-    let (stop, mut stats, task) = relay_with(Duration::from_secs(3600));
+    let RunningRelay {
+        stop,
+        mut stats,
+        task,
+    } = relay_with(Duration::from_secs(3600));
     wait_for(&mut stats, "all published", |s| s.published == 30).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rows().await, 30);
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     // A short one purges them, a small batch at a time.
-    let (stop, _stats, task) = relay_with(Duration::from_millis(1));
+    let purging = relay_with(Duration::from_millis(1));
     let started = std::time::Instant::now();
     while rows().await > 0 {
         assert!(
@@ -754,8 +706,7 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.send(true).unwrap();
-    task.await.unwrap().unwrap();
+    purging.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

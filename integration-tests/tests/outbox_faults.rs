@@ -9,13 +9,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_core::{TopicAdmin, TopicSpec};
 use keel_integration_tests::faults::Worker;
 use keel_integration_tests::outbox::{
-    WriterPlan, check, consume, outbox, outbox_database, unpublished, write,
+    WriterPlan, check, consume, new_topic, outbox, outbox_database, unpublished, write,
 };
 use keel_integration_tests::{
-    TestDatabase, kafka_bootstrap, kafka_transport, nats_transport, nats_url, unique_name,
+    TestDatabase, kafka_bootstrap, kafka_transport, nats_transport, nats_url,
 };
 use keel_producers::outbox::OutboxTables;
 use rand::Rng;
@@ -94,14 +93,7 @@ async fn a_relay_killed_ten_times_loses_nothing_and_repeats_at_most_a_batch_per_
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let transport = Arc::new(kafka_transport().await);
-    let topic = unique_name("outbox-kill");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-kill", 4).await;
     let broker = format!("kafka://{}", kafka_bootstrap().await);
     let plan = WriterPlan {
         writers: 4,
@@ -173,14 +165,7 @@ async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() 
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let transport = Arc::new(nats_transport().await);
-    let topic = unique_name("outbox-pair");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-pair", 4).await;
     let broker = nats_url().await;
     let mut first = start_relay(&db, &broker, "relay-a");
     let _second = start_relay(&db, &broker, "relay-b");
@@ -240,6 +225,7 @@ async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
     use keel_consumers::nats::NatsTransport;
+    use keel_integration_tests::outbox::RunningRelay;
     use keel_integration_tests::outbox::relay_config;
     use keel_integration_tests::{NatsUnderTest, nats_consumer_config};
     use keel_producers::nats::{JetStreamPublisherConfig, NatsClientConfig, StreamSettings};
@@ -262,21 +248,14 @@ async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
         .await
         .unwrap(),
     );
-    let topic = unique_name("outbox-outage");
-    transport
-        .ensure_topic(&TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-        })
-        .await
-        .unwrap();
+    let topic = new_topic(transport.as_ref(), "outbox-outage", 2).await;
     let relay =
         OutboxRelay::new(db.pool().clone(), tables.clone(), transport.clone(), config).unwrap();
-    let mut stats = relay.stats();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(relay.run(async move {
-        let _ = stopped.changed().await;
-    }));
+    let RunningRelay {
+        stop,
+        mut stats,
+        task,
+    } = RunningRelay::spawn(relay);
     let plan = WriterPlan {
         writers: 2,
         events: 500,
