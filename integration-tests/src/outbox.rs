@@ -326,6 +326,27 @@ pub fn check(writes: &Writes, seen: &[Envelope]) -> usize {
     duplicates
 }
 
+/// Reads `topic` as a new group until every committed event of `writes`
+/// arrived, then `linger` longer, and [`check`]s what came: returns the
+/// number of duplicates.
+pub async fn read_and_check(
+    subscriber: &dyn Subscriber,
+    topic: &str,
+    writes: &Writes,
+    linger: Duration,
+) -> usize {
+    let expected: HashSet<EventId> = writes.committed.iter().map(|w| w.id).collect();
+    let seen = consume(
+        subscriber,
+        topic,
+        &expected,
+        Duration::from_secs(60),
+        linger,
+    )
+    .await;
+    check(writes, &seen)
+}
+
 /// Rows of the outbox not yet published (parked ones included).
 pub async fn unpublished(pool: &PgPool, tables: &OutboxTables) -> i64 {
     sqlx::query_scalar(&format!(
