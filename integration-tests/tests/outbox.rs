@@ -251,6 +251,26 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
     .await
     .unwrap();
     assert_eq!(attempts, 5, "parked after max_attempts");
+    // Once the cause is fixed (here: it is not), an operator requeues it;
+    // it is tried again from zero attempts and parked again.
+    assert_eq!(
+        outbox
+            .requeue_parked(db.pool(), Some("other-topic"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        outbox
+            .requeue_parked(db.pool(), Some(&topic))
+            .await
+            .unwrap(),
+        1
+    );
+    wait_for(&mut stats, "the requeued row parked again", |s| {
+        s.parked_by_me == 2
+    })
+    .await;
     assert!(
         error.contains("max_message_size") || error.contains("bytes"),
         "{error}"
@@ -740,4 +760,56 @@ async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
     .await
     .unwrap();
     assert_eq!(order, [b"first".to_vec(), b"second".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_makes_the_relay_wait_not_park() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(nats_transport().await);
+    let topic = unique_name("outbox-missing");
+    let outbox = outbox(&tables);
+    let events: Vec<Envelope> = (0..3)
+        .map(|i| Envelope::new("t", format!("k{i}"), format!("{i}")))
+        .collect();
+    let mut tx = db.pool().begin().await.unwrap();
+    for event in &events {
+        outbox.enqueue(&mut tx, &topic, event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut relay = start_relay(db.pool(), transport.clone(), "relay-missing");
+    // The stream does not exist: no row is to blame, so none is parked
+    // however long it takes; the relay backs off and keeps trying.
+    wait_for(&mut relay.stats, "failed batches", |s| {
+        s.failed_batches >= 3
+    })
+    .await;
+    let parked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE parked_at IS NOT NULL")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(parked, 0);
+    assert_eq!(relay.stats.borrow().published, 0);
+    // An operator creates the topic: the rows go out.
+    transport
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    wait_for(&mut relay.stats, "published after the topic exists", |s| {
+        s.published == 3
+    })
+    .await;
+    relay.finish().await;
+    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
+        keel_integration_tests::nats_url().await,
+    ))
+    .await
+    .unwrap()
+    .delete_topic(&topic)
+    .await
+    .unwrap();
 }

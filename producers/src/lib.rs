@@ -35,6 +35,19 @@ pub(crate) fn batch_failure(
             retriable,
             source,
         },
+        // A problem with the topic itself (missing, not authorised) stays
+        // one: it is no single event's fault.
+        Error::Topic {
+            topic,
+            reason,
+            retriable,
+            source,
+        } => Error::Topic {
+            topic,
+            reason: format!("{reason} ({progress})"),
+            retriable,
+            source,
+        },
         other => Error::Publish {
             topic: topic.to_owned(),
             event_id: event.id().to_string(),

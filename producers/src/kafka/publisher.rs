@@ -208,6 +208,32 @@ fn publish_error(
     retriable: bool,
     e: Option<KafkaError>,
 ) -> Error {
+    let about_topic = e
+        .as_ref()
+        .and_then(KafkaError::rdkafka_error_code)
+        .is_some_and(|code| {
+            matches!(
+                code,
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+            )
+        });
+    if about_topic {
+        // The topic is missing or not ours to write: no event's fault, so
+        // the error names none (the outbox relay then backs off instead of
+        // parking rows).
+        return Error::Topic {
+            topic: topic.to_owned(),
+            reason: match &e {
+                Some(e) => format!("{what}: {e}"),
+                None => what.to_owned(),
+            },
+            retriable,
+            source: e.map(|e| Box::new(e) as keel_core::BoxError),
+        };
+    }
     Error::Publish {
         topic: topic.to_owned(),
         event_id: event.id().to_string(),
