@@ -11,6 +11,7 @@
 //! | [`kafka_topic`], [`kafka_publisher`] | a fresh Kafka topic, and a `KafkaPublisher` with default settings |
 //! | [`RegistryUnderTest`] | Keel's registry server on `127.0.0.1:0`, on PostgreSQL or SQLite |
 //! | [`NatsUnderTest`] | a private nats-server with JetStream (configurable, to kill and restart) |
+//! | [`PostgresUnderTest`] | a private PostgreSQL cluster to crash and restart |
 //! | [`TansuUnderTest`] | a private tansu broker process (durable `sqlite://` storage, to stop and restart, or `memory://`) |
 //! | [`kafka_transport`], [`nats_transport`], [`nats_consumer_config`] | Keel's Kafka and NATS transports with test-speed group timings |
 //! | [`faults`] | worker processes and their records, for the SIGKILL tests |
@@ -384,6 +385,135 @@ impl NatsUnderTest {
 impl Drop for NatsUnderTest {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A private PostgreSQL cluster (the machine's `initdb`/`pg_ctl`, trust
+/// auth, a Unix socket and 127.0.0.1 on a free port, data in a temporary
+/// directory) to crash and restart; stopped when dropped. Run as the
+/// `postgres` user when the tests run as root (PostgreSQL refuses root).
+pub struct PostgresUnderTest {
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub url: String,
+    port: u16,
+    bin: std::path::PathBuf,
+    dir: TempDir,
+}
+
+impl PostgresUnderTest {
+    /// Creates and starts the cluster.
+    pub fn start() -> PostgresUnderTest {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(|v| v.ok().map(|v| v.path().join("bin")))
+                    .filter(|bin| bin.join("initdb").exists())
+                    .max()
+            })
+            .unwrap_or_else(|| {
+                panic!("PostgreSQL's server binaries (initdb, pg_ctl) are not under /usr/lib/postgresql")
+            });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("cannot find a free port for PostgreSQL: {e}"));
+        let server = PostgresUnderTest {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            bin,
+            dir: TempDir::new(),
+        };
+        if Self::as_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(server.dir.path())
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "cannot hand the data directory to postgres"
+            );
+        }
+        let data = server.dir.path().join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        server.restart();
+        server
+    }
+
+    fn as_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let output = if Self::as_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&program).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+        assert!(
+            output.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Stops the server in `immediate` mode: every backend is killed with
+    /// no shutdown checkpoint, as in a crash; the next start recovers.
+    pub fn crash(&self) {
+        let data = self.dir.path().join("data").display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts the server (again) on the same port and data.
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-o", &options, "-w", "start"],
+        );
+    }
+}
+
+impl Drop for PostgresUnderTest {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if Self::as_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&program).args(args).output()
+        };
     }
 }
 

@@ -298,3 +298,98 @@ async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// PostgreSQL crashes (every backend killed, no checkpoint) and comes back
+/// under a running relay: it reconnects and publishes what was committed
+/// before and after. A private cluster, since the shared server serves the
+/// other tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_reconnects_after_postgresql_crashes_and_restarts() {
+    use keel_integration_tests::PostgresUnderTest;
+    use keel_integration_tests::outbox::{RunningRelay, relay_config};
+    use keel_producers::outbox::OutboxRelay;
+
+    let postgres = PostgresUnderTest::start();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&postgres.url)
+        .await
+        .unwrap();
+    let tables = OutboxTables::default();
+    tables.migrate(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE key_counters (key TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let transport = Arc::new(nats_transport().await);
+    let topic = new_topic(transport.as_ref(), "outbox-pg-crash", 2).await;
+    let mut relay = RunningRelay::spawn(
+        OutboxRelay::new(
+            pool.clone(),
+            tables.clone(),
+            transport.clone(),
+            relay_config("relay-pg-crash", BATCH),
+        )
+        .unwrap(),
+    );
+    let plan = WriterPlan {
+        writers: 2,
+        events: 500,
+        keys: 50,
+        max_per_tx: 5,
+        max_hold: Duration::from_millis(5),
+        rollback: 0.1,
+    };
+    let outbox = outbox(&tables);
+    let mut writes = write(&pool, &outbox, &topic, plan).await;
+    let first = writes.committed.len() as u64;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        relay.stats.wait_for(|s| s.published == first),
+    )
+    .await
+    .expect("the first events were not published")
+    .unwrap();
+
+    postgres.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    postgres.restart();
+    // The pool hands out fresh connections; the relay's failed statements
+    // are retried after a back-off.
+    let after = write(
+        &pool,
+        &outbox,
+        &topic,
+        WriterPlan {
+            events: 1_000,
+            ..plan
+        },
+    )
+    .await;
+    writes.committed.extend(after.committed);
+    writes.rolled_back.extend(after.rolled_back);
+    let total = writes.committed.len() as u64;
+    let caught_up = tokio::time::timeout(
+        Duration::from_secs(60),
+        relay.stats.wait_for(|s| s.published >= total),
+    )
+    .await
+    .is_ok();
+    assert!(
+        caught_up,
+        "not all published after the restart: {:?}",
+        *relay.stats.borrow()
+    );
+    read_and_check(transport.as_ref(), &topic, &writes, Duration::from_secs(1)).await;
+    relay.finish().await;
+    pool.close().await;
+    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
+        nats_url().await,
+    ))
+    .await
+    .unwrap()
+    .delete_topic(&topic)
+    .await
+    .unwrap();
+}
