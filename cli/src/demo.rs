@@ -64,7 +64,8 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     if !matches!(config.broker, BrokerUrl::Memory { .. }) {
         bail!(
             "`keel demo` runs on the embedded in-memory broker (broker = memory://), not {}; \
-             demos on kafka:// and nats:// arrive with those transports",
+             leave out --broker (and KEEL_BROKER); the integration tests run the same \
+             checks against Kafka and NATS (infra/local/test.sh)",
             config.broker.redacted()
         );
     }

@@ -85,10 +85,30 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     };
     relay_config.validate()?;
     let publisher = crate::broker::publisher(config, "relay", relay_config.publish_timeout).await?;
+    let options: sqlx::postgres::PgConnectOptions = database
+        .parse()
+        .with_context(|| format!("--database {} is not a PostgreSQL URL", redact(&database)))?;
+    // One direct connection first: its error says why (refused, unknown
+    // database, authentication), where a pool would only time out.
+    {
+        use sqlx::Connection;
+        sqlx::postgres::PgConnection::connect_with(&options)
+            .await
+            // Its text, not its chain: sqlx repeats the cause in both.
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to the outbox database {}: {e}",
+                    redact(&database)
+                )
+            })?
+            .close()
+            .await
+            .ok();
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&database)
+        .connect_with(options.clone())
         .await
         .with_context(|| {
             format!(
@@ -107,9 +127,12 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     }
     let relay = OutboxRelay::new(pool, tables.clone(), publisher, relay_config)?;
     eprintln!(
-        "relaying {} to {} (Ctrl-C to stop)",
+        "relaying {} in database `{}` on {}:{} to {} (Ctrl-C to stop)",
         tables.channel(),
-        config.broker
+        options.get_database().unwrap_or("(default)"),
+        options.get_host(),
+        options.get_port(),
+        config.broker.redacted()
     );
     relay.run(crate::registry::shutdown_signal()).await?;
     Ok(())

@@ -26,15 +26,6 @@ pub enum OutboxError {
     /// The event could not be encoded (unknown schema, codec error).
     #[error("cannot encode the event for the outbox: {0}")]
     Encode(#[from] keel_schemas::SchemaError),
-    /// The broker refused rows for themselves (too large, invalid); they go
-    /// again after a back-off and are parked after `max_attempts`.
-    #[error("the broker refused {rows} outbox row(s): {reason}")]
-    Refused {
-        /// How many rows of the batch.
-        rows: usize,
-        /// The first refusal's reason.
-        reason: String,
-    },
     /// The event is not fit for the outbox (a header the wire refuses).
     #[error(transparent)]
     Event(#[from] keel_core::Error),

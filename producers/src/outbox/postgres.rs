@@ -35,7 +35,7 @@ impl PgRelayStore {
                  correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
                  payload FROM {outbox} \
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
-                 ORDER BY id LIMIT $3"
+                 AND topic <> ALL($4) ORDER BY id LIMIT $3"
             ),
             mark: format!(
                 "UPDATE {outbox} SET published_at = clock_timestamp() \
@@ -93,12 +93,13 @@ impl RelayStore for PgRelayStore {
         self.leases.remaining()
     }
 
-    async fn claim(&self, slots: &[u32], limit: usize) -> Result<Vec<Claimed>> {
+    async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>> {
         let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
         let rows = sqlx::query(&self.claim)
             .bind(self.leases.slots() as i32)
             .bind(&slot_list)
             .bind(limit as i64)
+            .bind(skip)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()

@@ -24,7 +24,7 @@
 //! (a restart, a killed connection) are retried the same way; the pool
 //! reconnects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,7 +110,12 @@ impl Default for RelayConfig {
 }
 
 fn default_relay_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".into());
     let suffix: u32 = rand::rng().random();
     format!("{host}-{}-{suffix:08x}", std::process::id())
 }
@@ -265,6 +270,7 @@ impl OutboxRelay {
         publisher: Arc<dyn Publisher>,
         config: RelayConfig,
     ) -> Self {
+        describe_metrics();
         OutboxRelay {
             store,
             publisher,
@@ -311,6 +317,7 @@ impl OutboxRelay {
         let (mut next_heartbeat, mut next_stats) = (now, now);
         let mut next_purge = now + config.purge_interval;
         let mut blocked_until = now;
+        let mut topics = TopicBackoff::new(config.backoff_min, config.backoff_max);
         loop {
             let now = Instant::now();
             if now >= next_heartbeat {
@@ -343,7 +350,7 @@ impl OutboxRelay {
                 && self.store.remaining() >= config.publish_timeout
                 && Instant::now() >= blocked_until
             {
-                match self.relay_batch(&slots).await {
+                match self.relay_batch(&slots, &mut topics).await {
                     Ok(full) => {
                         backoff.reset();
                         more = full;
@@ -386,46 +393,110 @@ impl OutboxRelay {
         Ok(())
     }
 
-    /// Claims, publishes and marks one batch of `slots`' rows. `Ok(true)`
-    /// when more rows are probably waiting (a full batch, or refused rows
-    /// to try again).
-    async fn relay_batch(&self, slots: &[u32]) -> Result<bool> {
+    /// Claims, publishes and marks one batch of `slots`' rows, skipping
+    /// topics that are backing off. `Ok(true)` when more rows are probably
+    /// waiting (a full batch, or refused rows to try again).
+    ///
+    /// A row the broker refuses for itself counts an attempt; the rest of
+    /// the batch goes out in the same round — except later rows of the
+    /// refused row's key, which wait behind it to keep the key's order. A
+    /// topic that is unavailable (missing, forbidden, timing out) backs off
+    /// on its own; other topics keep flowing.
+    async fn relay_batch(&self, slots: &[u32], topics: &mut TopicBackoff) -> Result<bool> {
         let started = Instant::now();
-        let claimed = self.store.claim(slots, self.config.batch_size).await?;
+        let skip = topics.blocked();
+        let claimed = self
+            .store
+            .claim(slots, self.config.batch_size, &skip)
+            .await?;
         if claimed.is_empty() {
             return Ok(false);
         }
         let claimed_after = started.elapsed();
         let full = claimed.len() == self.config.batch_size;
-        let deadline = self.config.publish_timeout;
-        let outcome = publish(self.publisher.as_ref(), &claimed, deadline).await;
+        let mut total = Outcome::default();
+        let mut pending: Vec<&Claimed> = claimed.iter().collect();
+        // Each refusal takes at least its row out of the next round, so
+        // this ends; the bound keeps one batch from living too long.
+        for _ in 0..8 {
+            if self.store.remaining() < self.config.publish_timeout {
+                break;
+            }
+            let outcome = publish(
+                self.publisher.as_ref(),
+                &pending,
+                self.config.publish_timeout,
+            )
+            .await;
+            let refused_now = !outcome.refused.is_empty();
+            total.published.extend(outcome.published);
+            total.refused.extend(outcome.refused);
+            total.unavailable.extend(outcome.unavailable);
+            if !refused_now {
+                break;
+            }
+            let settled: HashSet<i64> = total
+                .published
+                .iter()
+                .copied()
+                .chain(total.refused.iter().map(|(id, _)| *id))
+                .collect();
+            let waiting_keys: HashSet<(&str, &[u8])> = claimed
+                .iter()
+                .filter(|row| total.refused.iter().any(|(id, _)| *id == row.id))
+                .map(|row| (row.topic.as_str(), row.key()))
+                .collect();
+            pending.retain(|row| {
+                !settled.contains(&row.id)
+                    && !total
+                        .unavailable
+                        .iter()
+                        .any(|(topic, _)| *topic == row.topic)
+                    && !waiting_keys.contains(&(row.topic.as_str(), row.key()))
+            });
+            if pending.is_empty() {
+                break;
+            }
+        }
         let published_after = started.elapsed();
 
-        if !outcome.published.is_empty() {
-            self.store.mark(&outcome.published).await?;
+        if !total.published.is_empty() {
+            self.store.mark(&total.published).await?;
         }
         let mut parked = 0u64;
-        for (id, reason) in &outcome.refused {
+        for (id, reason) in &total.refused {
             if self
                 .store
                 .refuse(*id, reason, self.config.max_attempts)
                 .await?
             {
                 parked += 1;
-                tracing::error!(row = id, error = %reason, "outbox row parked: the broker refused it {} times", self.config.max_attempts);
+                tracing::error!(row = id, error = %reason, "outbox row parked after {} attempts: it cannot be published", self.config.max_attempts);
             } else {
-                tracing::warn!(row = id, error = %reason, "the broker refused an outbox row; it goes again");
+                tracing::warn!(row = id, error = %reason, "an outbox row cannot be published; it goes again");
             }
         }
-        let (done, failed) = (outcome.published.len() as u64, outcome.refused.len() as u64);
+        for (topic, e) in &total.unavailable {
+            let pause = topics.failed(topic);
+            tracing::warn!(topic = %topic, error = %e, retry_in = ?pause, "cannot publish to this topic now; its rows wait");
+        }
+        for row in &claimed {
+            if total.published.contains(&row.id) {
+                topics.succeeded(&row.topic);
+            }
+        }
+        let (done, failed) = (total.published.len() as u64, total.refused.len() as u64);
+        let unavailable = total.unavailable.len() as u64;
         self.stats.send_modify(|s| {
             s.published += done;
             s.failures += failed;
             s.parked_by_me += parked;
+            s.failed_batches += unavailable;
         });
         metrics::counter!("keel_outbox_published_total").increment(done);
         metrics::counter!("keel_outbox_publish_failures_total").increment(failed);
         metrics::counter!("keel_outbox_parked_total").increment(parked);
+        metrics::counter!("keel_outbox_failed_batches_total").increment(unavailable);
         metrics::histogram!("keel_outbox_batch_seconds").record(started.elapsed().as_secs_f64());
         tracing::debug!(
             rows = claimed.len(),
@@ -436,16 +507,7 @@ impl OutboxRelay {
             mark = ?(started.elapsed() - published_after),
             "relay batch"
         );
-        match (outcome.unavailable, outcome.refused.first()) {
-            (Some(e), _) => Err(e),
-            // Refused rows go again after a back-off (and park after
-            // `max_attempts`), not in a tight loop.
-            (None, Some((_, reason))) => Err(OutboxError::Refused {
-                rows: outcome.refused.len(),
-                reason: reason.clone(),
-            }),
-            (None, None) => Ok(full),
-        }
+        Ok(full || failed > 0)
     }
 
     async fn refresh_stats(&self) {
@@ -496,22 +558,55 @@ impl OutboxRelay {
     }
 }
 
+/// HELP texts for the relay's metrics (for the Prometheus exporter).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("keel_outbox_backlog", "Unpublished, unparked outbox rows");
+    describe_gauge!(
+        "keel_outbox_parked",
+        "Outbox rows parked after max_attempts refusals"
+    );
+    describe_gauge!(
+        "keel_outbox_oldest_unpublished_seconds",
+        "Age of the oldest unpublished, unparked outbox row"
+    );
+    describe_counter!(
+        "keel_outbox_published_total",
+        "Outbox rows the broker acknowledged"
+    );
+    describe_counter!(
+        "keel_outbox_publish_failures_total",
+        "Attempts to publish a row that cannot be published as it is"
+    );
+    describe_counter!("keel_outbox_parked_total", "Outbox rows this relay parked");
+    describe_counter!(
+        "keel_outbox_failed_batches_total",
+        "Batches (or topics of a batch) the broker or database was unavailable for"
+    );
+    describe_histogram!(
+        "keel_outbox_batch_seconds",
+        metrics::Unit::Seconds,
+        "Time to claim, publish and mark one batch"
+    );
+}
+
 /// What became of one batch at the broker.
 #[derive(Default)]
 struct Outcome {
     /// Rows the broker acknowledged.
     published: Vec<i64>,
-    /// Rows the broker refused for themselves, with the reason.
+    /// Rows that cannot be published as they are, with the reason.
     refused: Vec<(i64, String)>,
-    /// The broker was unavailable (or timed out) for some topic.
-    unavailable: Option<OutboxError>,
+    /// Topics the broker is unavailable for now (down, timing out, the
+    /// topic missing or forbidden), with the error.
+    unavailable: Vec<(String, OutboxError)>,
 }
 
-/// Publishes `claimed` — one `publish_batch` per topic, all at once, each
-/// in id order — within `deadline`, and sorts the rows by outcome.
-async fn publish(publisher: &dyn Publisher, claimed: &[Claimed], deadline: Duration) -> Outcome {
+/// Publishes `rows` — one `publish_batch` per topic, all at once, each in
+/// id order — within `deadline`, and sorts the rows by outcome.
+async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duration) -> Outcome {
     let mut by_topic: BTreeMap<&str, Vec<&Claimed>> = BTreeMap::new();
-    for row in claimed {
+    for row in rows {
         by_topic.entry(row.topic.as_str()).or_default().push(row);
     }
     let sends = by_topic.iter().map(|(topic, rows)| async move {
@@ -541,33 +636,97 @@ async fn publish(publisher: &dyn Publisher, claimed: &[Claimed], deadline: Durat
         outcome.refused.extend(broken);
         match sent {
             Ok(Ok(_)) => outcome.published.extend(ids.iter().map(|(id, _)| *id)),
-            Ok(Err(e)) if e.is_retriable() => outcome.unavailable = Some(OutboxError::Event(e)),
-            Ok(Err(e)) => {
-                // The broker refused an event for itself: count it against
-                // that row; the others go again.
-                let culprit = match &e {
-                    keel_core::Error::Publish { event_id, .. } => ids
-                        .iter()
-                        .find(|(_, id)| id.to_string() == *event_id)
-                        .map(|(row, _)| *row),
-                    _ => None,
-                };
-                match culprit {
-                    Some(row) => outcome.refused.push((row, e.to_string())),
-                    // Not about any one row (the topic, the credentials):
-                    // nothing to park, the broker is unavailable to us.
-                    None => outcome.unavailable = Some(OutboxError::Event(e)),
+            Ok(Err(e)) if e.is_retriable() => outcome
+                .unavailable
+                .push((topic.to_owned(), OutboxError::Event(e))),
+            // The event itself cannot be published (too large, a bad
+            // header): count it against that row; the others go again.
+            Ok(Err(keel_core::Error::Publish { ref event_id, .. }))
+                if ids.iter().any(|(_, id)| id.to_string() == *event_id) =>
+            {
+                let reason = sent_error_text(&sent);
+                if let Some((row, _)) = ids.iter().find(|(_, id)| id.to_string() == *event_id) {
+                    outcome.refused.push((*row, reason));
                 }
             }
-            Err(_) => {
-                outcome.unavailable = Some(OutboxError::Event(keel_core::Error::Timeout {
+            // Nothing under this topic name can ever be published (a name
+            // the broker does not accept): every row of it is refused.
+            Ok(Err(
+                e @ (keel_core::Error::Config { .. } | keel_core::Error::MalformedEvent { .. }),
+            )) => {
+                let reason = e.to_string();
+                outcome
+                    .refused
+                    .extend(ids.iter().map(|(row, _)| (*row, reason.clone())));
+            }
+            // The topic is missing or forbidden: no row's fault; it waits.
+            Ok(Err(e)) => outcome
+                .unavailable
+                .push((topic.to_owned(), OutboxError::Event(e))),
+            Err(_) => outcome.unavailable.push((
+                topic.to_owned(),
+                OutboxError::Event(keel_core::Error::Timeout {
                     operation: format!("publishing {} outbox rows to `{topic}`", ids.len()),
                     after: deadline,
-                }))
-            }
+                }),
+            )),
         }
     }
     outcome
+}
+
+fn sent_error_text<T>(
+    sent: &std::result::Result<keel_core::Result<T>, tokio::time::error::Elapsed>,
+) -> String {
+    match sent {
+        Ok(Err(e)) => e.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Back-off per topic: a topic the broker is unavailable for waits on its
+/// own schedule while the other topics' rows keep flowing.
+struct TopicBackoff {
+    min: Duration,
+    max: Duration,
+    topics: HashMap<String, (Backoff, Instant)>,
+}
+
+impl TopicBackoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        TopicBackoff {
+            min,
+            max,
+            topics: HashMap::new(),
+        }
+    }
+
+    /// Topics whose rows are not to be claimed now.
+    fn blocked(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.topics
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(topic, _)| topic.clone())
+            .collect()
+    }
+
+    /// `topic` failed: returns how long it now waits.
+    fn failed(&mut self, topic: &str) -> Duration {
+        let (min, max) = (self.min, self.max);
+        let entry = self
+            .topics
+            .entry(topic.to_owned())
+            .or_insert_with(|| (Backoff::new(min, max), Instant::now()));
+        let pause = entry.0.next();
+        entry.1 = Instant::now() + pause;
+        pause
+    }
+
+    /// `topic` took an event: its back-off starts over.
+    fn succeeded(&mut self, topic: &str) {
+        self.topics.remove(topic);
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

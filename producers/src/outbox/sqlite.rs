@@ -305,7 +305,7 @@ impl SqliteRelayStore {
                 "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers, payload \
                  FROM {outbox} WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
-                 ORDER BY id LIMIT ?"
+                 AND topic NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?"
             ),
             mark: format!(
                 "UPDATE {outbox} SET published_at_ms = ? \
@@ -387,8 +387,9 @@ impl RelayStore for SqliteRelayStore {
             .unwrap_or_default()
     }
 
-    async fn claim(&self, _slots: &[u32], limit: usize) -> Result<Vec<Claimed>> {
+    async fn claim(&self, _slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>> {
         let rows = sqlx::query(&self.claim)
+            .bind(serde_json::to_string(skip).unwrap_or_else(|_| "[]".into()))
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;

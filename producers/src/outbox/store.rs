@@ -30,8 +30,9 @@ pub(crate) trait RelayStore: Send + Sync {
     fn publishable(&self) -> Vec<u32>;
     /// How long the leases stay trusted.
     fn remaining(&self) -> Duration;
-    /// Unpublished, unparked rows of `slots` in id order, at most `limit`.
-    async fn claim(&self, slots: &[u32], limit: usize) -> Result<Vec<Claimed>>;
+    /// Unpublished, unparked rows of `slots` in id order, at most `limit`,
+    /// leaving out the topics in `skip` (backing off).
+    async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>>;
     /// Marks rows published (after the broker acknowledged them).
     async fn mark(&self, ids: &[i64]) -> Result<()>;
     /// Counts a refusal against a row; `true` when that parked it.
@@ -80,6 +81,14 @@ pub(crate) struct ClaimedRow {
     pub(crate) tracestate: Option<String>,
     pub(crate) headers: String,
     pub(crate) payload: Vec<u8>,
+}
+
+impl Claimed {
+    /// The row's key (empty when the row does not make an event: such a
+    /// row is refused before anything of its topic is sent).
+    pub(crate) fn key(&self) -> &[u8] {
+        self.event.as_ref().map_or(&[], |e| e.key().as_bytes())
+    }
 }
 
 impl ClaimedRow {
