@@ -457,9 +457,10 @@ impl PostgresUnderTest {
             .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// Runs one of the server's tools (as `postgres` when root).
+    fn output(&self, tool: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
         let program = self.bin.join(tool);
-        let output = if Self::as_root() {
+        if Self::as_root() {
             std::process::Command::new("runuser")
                 .args(["-u", "postgres", "--"])
                 .arg(&program)
@@ -468,7 +469,12 @@ impl PostgresUnderTest {
         } else {
             std::process::Command::new(&program).args(args).output()
         }
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let output = self
+            .output(tool, args)
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
         assert!(
             output.status.success(),
             "{tool} {args:?} failed: {}{}",
@@ -503,17 +509,7 @@ impl PostgresUnderTest {
 impl Drop for PostgresUnderTest {
     fn drop(&mut self) {
         let data = self.dir.path().join("data").display().to_string();
-        let program = self.bin.join("pg_ctl");
-        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
-        let _ = if Self::as_root() {
-            std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&program)
-                .args(args)
-                .output()
-        } else {
-            std::process::Command::new(&program).args(args).output()
-        };
+        let _ = self.output("pg_ctl", &["-D", &data, "-m", "immediate", "stop"]);
     }
 }
 

@@ -132,8 +132,7 @@ impl Outbox {
         key: impl Into<Key>,
         event: &T,
     ) -> Result<Envelope> {
-        let payload = self.codec.encode(topic, event).await?;
-        Ok(Envelope::new(T::FULL_NAME, key, payload))
+        encode(&self.codec, topic, key.into(), event).await
     }
 
     /// Encodes `event` and enqueues it in `tx`; returns its event id.
@@ -313,6 +312,18 @@ impl<'a> Columns<'a> {
         self.headers.push(row.headers);
         self.payload.push(row.payload);
     }
+}
+
+/// `event` encoded for `topic` (Confluent-framed Avro through the codec's
+/// registry) in a new envelope keyed by `key`.
+pub(crate) async fn encode<T: Event + 'static>(
+    codec: &AvroCodec,
+    topic: &str,
+    key: Key,
+    event: &T,
+) -> Result<Envelope> {
+    let payload = codec.encode(topic, event).await?;
+    Ok(Envelope::new(T::FULL_NAME, key, payload))
 }
 
 /// The key's slot hash: murmur2 made non-negative, as Kafka partitions.

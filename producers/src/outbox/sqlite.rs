@@ -20,7 +20,7 @@ use keel_schemas::events::Event;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::time::Instant;
 
-use super::enqueue::Row as OutboxRow;
+use super::enqueue::{Row as OutboxRow, encode};
 use super::error::{OutboxError, Result};
 use super::relay::{OutboxRelay, RelayConfig};
 use super::store::{Backlog, Claimed, ClaimedRow, RelayStore};
@@ -137,8 +137,7 @@ impl SqliteOutbox {
         key: impl Into<Key>,
         event: &T,
     ) -> Result<Envelope> {
-        let payload = self.codec.encode(topic, event).await?;
-        Ok(Envelope::new(T::FULL_NAME, key, payload))
+        encode(&self.codec, topic, key.into(), event).await
     }
 
     /// Encodes `event` and enqueues it in `tx`; returns its event id.
