@@ -46,9 +46,10 @@ pub(crate) struct RelayArgs {
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87_600))]
     retention_hours: u64,
     /// Serve Prometheus metrics (backlog, oldest unpublished age, publish
-    /// rate, failures) on this address at /metrics.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<SocketAddr>,
+    /// rate, failures) on this address at /metrics (`host:port`, e.g.
+    /// `0.0.0.0:9464` or `localhost:9464`).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
     /// Do not create or migrate the outbox tables (they must exist).
     #[arg(long)]
     no_migrate: bool,
@@ -119,7 +120,14 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     if !args.no_migrate {
         tables.migrate(&pool).await?;
     }
-    if let Some(addr) = args.metrics_listen {
+    if let Some(listen) = &args.metrics_listen {
+        let addr: SocketAddr = tokio::net::lookup_host(listen.as_str())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| {
+                format!("--metrics-listen {listen}: not a host:port this machine can listen on")
+            })?;
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()

@@ -87,7 +87,7 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
             "--relay-id",
             "cli-relay",
             "--metrics-listen",
-            &format!("127.0.0.1:{port}"),
+            &format!("localhost:{port}"),
         ])
         .stdin(Stdio::null())
         .spawn()
@@ -142,7 +142,7 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let metrics = reqwest::get(format!("http://localhost:{port}/metrics"))
         .await
         .expect("GET /metrics")
         .text()
