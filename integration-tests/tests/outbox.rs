@@ -833,3 +833,40 @@ async fn a_missing_topic_makes_the_relay_wait_not_park() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_with_the_same_id_waits_instead_of_sharing_leases() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = new_topic(transport.as_ref(), "outbox-same-id", 1).await;
+    let mut first = start_relay(db.pool(), transport.clone(), "same-id");
+    wait_for(&mut first.stats, "the first relay holds slots", |s| {
+        s.slots.len() == 16
+    })
+    .await;
+    let mut second = start_relay(db.pool(), transport.clone(), "same-id");
+    let outbox = outbox(&tables);
+    let mut tx = db.pool().begin().await.unwrap();
+    for i in 0..20 {
+        outbox
+            .enqueue(&mut tx, &topic, &Envelope::new("t", format!("k{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    wait_for(&mut first.stats, "the first relay published", |s| {
+        s.published == 20
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(second.stats.borrow().published, 0);
+    assert!(second.stats.borrow().slots.is_empty());
+    // The first leaves gracefully: the second takes the id and the slots.
+    first.finish().await;
+    wait_for(&mut second.stats, "the second relay holds slots", |s| {
+        s.slots.len() == 16
+    })
+    .await;
+    second.finish().await;
+}

@@ -47,7 +47,10 @@ CREATE INDEX IF NOT EXISTS {outbox_published_index}
 -- Relays alive (heartbeats); the live ones split the slots.
 CREATE TABLE IF NOT EXISTS {schema}.{relays} (
     relay_id        TEXT        PRIMARY KEY,
-    heartbeat_at    TIMESTAMPTZ NOT NULL
+    heartbeat_at    TIMESTAMPTZ NOT NULL,
+    -- A random token per relay process: a second live process with the
+    -- same relay_id cannot take the row over (it waits instead).
+    token           TEXT        NOT NULL DEFAULT ''
 );
 
 -- One lease per slot: a relay publishes a slot's rows only while it holds

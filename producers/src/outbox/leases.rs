@@ -36,6 +36,10 @@ pub(crate) struct SlotLeases {
     owned: BTreeSet<u32>,
     /// Until when `owned` may be published (monotonic clock).
     valid_until: Option<Instant>,
+    /// This process's token in the relays table.
+    token: String,
+    /// Whether the last heartbeat found the id held by another process.
+    id_in_use: bool,
 }
 
 /// The fraction of the session timeout a relay trusts its leases for.
@@ -55,6 +59,8 @@ impl SlotLeases {
             session_timeout,
             owned: BTreeSet::new(),
             valid_until: None,
+            token: format!("{:016x}", rand::random::<u64>()),
+            id_in_use: false,
         }
     }
 
@@ -141,15 +147,42 @@ impl SlotLeases {
             self.valid_until = None;
             return Err(OutboxError::config("relay.slots", self.mismatch(existing)));
         }
-        let live: Vec<String> = sqlx::query_scalar(&format!(
-            "WITH beat AS (INSERT INTO {relays} (relay_id, heartbeat_at) \
-               VALUES ($1, clock_timestamp()) \
-               ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at) \
-             SELECT relay_id FROM {relays} \
-             WHERE heartbeat_at > clock_timestamp() - $2 * interval '1 millisecond' \
-             ORDER BY relay_id"
+        // The row is ours when it carries our token, or when whoever had
+        // the id went silent for a whole session (a restart under the same
+        // id). Another live process with this id keeps it: this one waits
+        // and publishes nothing, rather than sharing its leases.
+        let beat = sqlx::query(&format!(
+            "INSERT INTO {relays} (relay_id, heartbeat_at, token) \
+             VALUES ($1, clock_timestamp(), $2) \
+             ON CONFLICT (relay_id) DO UPDATE \
+             SET heartbeat_at = excluded.heartbeat_at, token = excluded.token \
+             WHERE {relays}.token = excluded.token \
+             OR {relays}.heartbeat_at < clock_timestamp() - $3 * interval '1 millisecond'"
         ))
         .bind(&self.relay_id)
+        .bind(&self.token)
+        .bind(session_ms)
+        .execute(pool)
+        .await?;
+        if beat.rows_affected() == 0 {
+            if !self.id_in_use {
+                tracing::error!(
+                    relay = %self.relay_id,
+                    "another live relay uses this relay id; this one waits until it is gone \
+                     (give every relay its own id)"
+                );
+            }
+            self.id_in_use = true;
+            self.owned.clear();
+            self.valid_until = None;
+            return Ok(());
+        }
+        self.id_in_use = false;
+        let live: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT relay_id FROM {relays} \
+             WHERE heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond' \
+             ORDER BY relay_id"
+        ))
         .bind(session_ms)
         .fetch_all(pool)
         .await?;
@@ -222,16 +255,25 @@ impl SlotLeases {
         let leases = self.tables.leases();
         let relays = self.tables.relays();
         let mut tx = pool.begin().await?;
-        sqlx::query(&format!(
-            "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' WHERE owner = $1"
+        // Only the process whose token holds the id releases its leases:
+        // a duplicate that waited must not release the live relay's.
+        let ours = sqlx::query(&format!(
+            "DELETE FROM {relays} WHERE relay_id = $1 AND token = $2"
         ))
         .bind(&self.relay_id)
+        .bind(&self.token)
         .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!("DELETE FROM {relays} WHERE relay_id = $1"))
+        .await?
+        .rows_affected()
+            == 1;
+        if ours {
+            sqlx::query(&format!(
+                "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' WHERE owner = $1"
+            ))
             .bind(&self.relay_id)
             .execute(&mut *tx)
             .await?;
+        }
         tx.commit().await?;
         self.owned.clear();
         self.valid_until = None;
@@ -240,8 +282,8 @@ impl SlotLeases {
 }
 
 /// The slots `me` should own: the live relays, sorted, take them
-/// round-robin. A relay not yet among the live ones (its first heartbeat is
-/// in the same transaction) counts itself in.
+/// round-robin. A relay missing from the live ones (its heartbeat raced
+/// the read) counts itself in.
 fn desired_slots(live: &[String], me: &str, slots: u32) -> BTreeSet<u32> {
     let mut members: Vec<&str> = live.iter().map(String::as_str).collect();
     if !members.contains(&me) {
