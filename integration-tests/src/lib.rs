@@ -826,6 +826,18 @@ pub async fn read_acked(deliveries: &mut keel_core::Deliveries, n: usize) -> Vec
     out
 }
 
+/// Deletes `topic`'s stream on the shared NATS server (big or many test
+/// streams would otherwise pile up in its store).
+pub async fn delete_nats_topic(topic: &str) {
+    use keel_producers::nats::{JetStreamAdmin, NatsClientConfig};
+    JetStreamAdmin::connect(&NatsClientConfig::new(nats_url().await))
+        .await
+        .unwrap_or_else(|e| panic!("NATS admin: {e}"))
+        .delete_topic(topic)
+        .await
+        .unwrap_or_else(|e| panic!("cannot delete stream {topic}: {e}"));
+}
+
 /// Keel's Kafka transport for tests: 100 ms commits, a 10 s session.
 pub async fn kafka_transport() -> keel_consumers::kafka::KafkaTransport {
     use keel_consumers::kafka::{KafkaConsumerConfig, KafkaTransport};

@@ -661,14 +661,7 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
     }
     assert_eq!(applied, 1);
     assert_eq!(inbox.purge(&pool, Duration::ZERO, 10).await.unwrap(), 1);
-    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
-        keel_integration_tests::nats_url().await,
-    ))
-    .await
-    .unwrap()
-    .delete_topic(&topic)
-    .await
-    .unwrap();
+    keel_integration_tests::delete_nats_topic(&topic).await;
 }
 
 #[tokio::test]
@@ -824,14 +817,7 @@ async fn a_missing_topic_makes_the_relay_wait_not_park() {
     })
     .await;
     relay.finish().await;
-    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
-        keel_integration_tests::nats_url().await,
-    ))
-    .await
-    .unwrap()
-    .delete_topic(&topic)
-    .await
-    .unwrap();
+    keel_integration_tests::delete_nats_topic(&topic).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,14 +191,7 @@ async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() 
     let writes = writer.await.unwrap();
     drained(&db, &tables).await;
     read_and_check(transport.as_ref(), &topic, &writes, Duration::from_secs(1)).await;
-    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
-        broker,
-    ))
-    .await
-    .unwrap()
-    .delete_topic(&topic)
-    .await
-    .unwrap();
+    keel_integration_tests::delete_nats_topic(&topic).await;
 }
 
 /// The broker goes away for a while: the relay backs off (no busy loop),
@@ -384,12 +377,5 @@ async fn the_relay_reconnects_after_postgresql_crashes_and_restarts() {
     read_and_check(transport.as_ref(), &topic, &writes, Duration::from_secs(1)).await;
     relay.finish().await;
     pool.close().await;
-    keel_producers::nats::JetStreamAdmin::connect(&keel_producers::nats::NatsClientConfig::new(
-        nats_url().await,
-    ))
-    .await
-    .unwrap()
-    .delete_topic(&topic)
-    .await
-    .unwrap();
+    keel_integration_tests::delete_nats_topic(&topic).await;
 }
