@@ -480,9 +480,15 @@ impl OutboxRelay {
             let pause = topics.failed(topic);
             tracing::warn!(topic = %topic, error = %e, retry_in = ?pause, "cannot publish to this topic now; its rows wait");
         }
-        for row in &claimed {
-            if total.published.contains(&row.id) {
-                topics.succeeded(&row.topic);
+        if !topics.is_empty() {
+            let published: HashSet<i64> = total.published.iter().copied().collect();
+            let recovered: HashSet<&str> = claimed
+                .iter()
+                .filter(|row| published.contains(&row.id))
+                .map(|row| row.topic.as_str())
+                .collect();
+            for topic in recovered {
+                topics.succeeded(topic);
             }
         }
         let (done, failed) = (total.published.len() as u64, total.refused.len() as u64);
@@ -721,6 +727,11 @@ impl TopicBackoff {
         let pause = entry.0.next();
         entry.1 = Instant::now() + pause;
         pause
+    }
+
+    /// No topic is backing off (the usual case: nothing to clear).
+    fn is_empty(&self) -> bool {
+        self.topics.is_empty()
     }
 
     /// `topic` took an event: its back-off starts over.
