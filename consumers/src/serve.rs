@@ -4,8 +4,8 @@
 //! (at most [`ServeOptions::concurrency`] at once; the transport already
 //! keeps one event per key outstanding, so parallel tasks never break
 //! per-key order). `Ok` acks; an error or a panic nacks with exponential
-//! backoff; a record that is not a Keel event is logged and skipped (dead
-//! letters arrive with the router). On shutdown no new
+//! backoff; a record that is not a Keel event is logged and skipped (the
+//! [`Router`](crate::router::Router) dead-letters it instead). On shutdown no new
 //! delivery is taken, running handlers finish and settle, then the member
 //! leaves the group gracefully.
 
@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use std::panic::AssertUnwindSafe;
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use keel_core::{Deliveries, Error, Handler, Result};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tracing::Instrument;
+
+use crate::pump::{Item, panic_message, pump};
 
 /// Upper limit of [`ServeOptions::max_retry_backoff`]: one day.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(24 * 3600);
@@ -109,7 +110,7 @@ struct Counters {
 /// from the stream); retriable stream errors are logged and consumption
 /// goes on.
 pub async fn serve<H: Handler + ?Sized>(
-    mut deliveries: Deliveries,
+    deliveries: Deliveries,
     handler: Arc<H>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -118,60 +119,38 @@ pub async fn serve<H: Handler + ?Sized>(
     let permits = Arc::new(Semaphore::new(options.concurrency));
     let counters = Arc::new(Counters::default());
     let options = Arc::new(options);
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-
-    let outcome = loop {
-        while let Some(finished) = tasks.try_join_next() {
-            report_panic(finished);
-        }
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            permit = permits.clone().acquire_owned() => permit.map_err(|_| Error::closed("handler pool"))?,
-        };
-        let next = tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            next = deliveries.next() => next,
-        };
-        let delivery = match next {
-            None => break Ok(()),
-            Some(Ok(delivery)) => delivery,
-            Some(Err(Error::Undecodable(poison))) => {
-                // Dead letters arrive with the router; until then a record
-                // that is not a Keel event is logged with its coordinates and
-                // skipped, so it cannot stop the partition.
-                tracing::error!(
-                    at = %poison.info().coordinates,
-                    reason = poison.reason(),
-                    "skipping a record that is not a Keel event"
-                );
-                counters.skipped.fetch_add(1, Ordering::Relaxed);
-                poison.ack();
-                continue;
-            }
-            Some(Err(e)) if e.is_retriable() => {
-                tracing::warn!(error = %e, "subscription hiccup; consuming on");
-                continue;
-            }
-            Some(Err(e)) => break Err(e),
-        };
+    let work = |item: Item| {
         let (handler, counters, options) = (handler.clone(), counters.clone(), options.clone());
-        let event = delivery.envelope();
-        let info = delivery.info();
-        let span = tracing::info_span!(
-            "handle",
-            event_id = %event.id(),
-            event_type = event.event_type(),
-            topic = %info.coordinates.topic,
-            partition = info.coordinates.partition,
-            position = info.coordinates.position,
-            attempt = info.attempt,
-        );
-        tasks.spawn(
+        async move {
+            let delivery = match item {
+                Item::Event(delivery) => delivery,
+                Item::Undecodable(poison) => {
+                    // Without a router there is no dead-letter topic: a
+                    // record that is not a Keel event is logged with its
+                    // coordinates and skipped, so it cannot stop the
+                    // partition.
+                    tracing::error!(
+                        at = %poison.info().coordinates,
+                        reason = poison.reason(),
+                        "skipping a record that is not a Keel event"
+                    );
+                    counters.skipped.fetch_add(1, Ordering::Relaxed);
+                    poison.ack();
+                    return;
+                }
+            };
+            let event = delivery.envelope();
+            let info = delivery.info();
+            let span = tracing::info_span!(
+                "handle",
+                event_id = %event.id(),
+                event_type = event.event_type(),
+                topic = %info.coordinates.topic,
+                partition = info.coordinates.partition,
+                position = info.coordinates.position,
+                attempt = info.attempt,
+            );
             async move {
-                let _permit = permit;
                 let outcome =
                     AssertUnwindSafe(handler.handle(delivery.envelope(), delivery.info()))
                         .catch_unwind()
@@ -190,9 +169,9 @@ pub async fn serve<H: Handler + ?Sized>(
                         if e.is_retriable() {
                             tracing::warn!(error = %e, ?delay, "handler failed; will retry");
                         } else {
-                            // Dead letters arrive with the router; until a
-                            // dead-letter layer is configured, a fatal error
-                            // is retried at the slowest pace rather than lost.
+                            // Without a router there are no dead letters: a
+                            // fatal error is retried at the slowest pace
+                            // rather than lost.
                             tracing::error!(error = %e, "handler failed fatally; retrying slowly");
                         }
                         delivery.nack_with_delay(if e.is_retriable() {
@@ -203,43 +182,17 @@ pub async fn serve<H: Handler + ?Sized>(
                     }
                 }
             }
-            .instrument(span),
-        );
+            .instrument(span)
+            .await;
+        }
     };
-
-    while let Some(finished) = tasks.join_next().await {
-        report_panic(finished);
-    }
-    let report = ServeReport {
+    let outcome = pump(deliveries, permits, shutdown, work).await;
+    outcome?;
+    Ok(ServeReport {
         handled: counters.handled.load(Ordering::Relaxed),
         failed: counters.failed.load(Ordering::Relaxed),
         skipped: counters.skipped.load(Ordering::Relaxed),
-    };
-    let left = deliveries.leave().await;
-    outcome?;
-    left?;
-    Ok(report)
-}
-
-fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
-    if let Err(e) = finished
-        && e.is_panic()
-    {
-        tracing::error!(
-            "a handler task panicked outside the handler; its event will be re-delivered"
-        );
-    }
-}
-
-/// A panicking handler is a failed attempt like any other: it is retried
-/// with backoff, not in a tight loop.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned());
-    format!("handler panicked: {text}")
+    })
 }
 
 #[cfg(test)]

@@ -114,6 +114,37 @@ impl Drop for Settlement {
     }
 }
 
+/// The ack/nack handle of a delivery taken apart with
+/// [`Delivery::into_parts`] or [`Undecodable::into_parts`]: settles once,
+/// and nacks (immediate re-delivery) when dropped unsettled.
+pub struct Settler(Settlement);
+
+impl Settler {
+    /// Marks the event handled. Returns `false` if it was already settled.
+    pub fn ack(&self) -> bool {
+        self.0.settle(Outcome::Ack)
+    }
+
+    /// Asks for re-delivery after `delay`; later events of the same key wait.
+    /// Returns `false` if already settled.
+    pub fn nack_with_delay(&self, delay: Duration) -> bool {
+        self.0.settle(Outcome::Nack { delay })
+    }
+
+    /// Whether `ack` or `nack` was called.
+    pub fn is_settled(&self) -> bool {
+        self.0.is_settled()
+    }
+}
+
+impl fmt::Debug for Settler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settler")
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
 /// One event delivered to one group member, to be acked or nacked.
 pub struct Delivery {
     envelope: Envelope,
@@ -167,6 +198,13 @@ impl Delivery {
     pub fn is_settled(&self) -> bool {
         self.settlement.is_settled()
     }
+
+    /// The event, its facts and its ack/nack handle, without copying the
+    /// event (a router hands the envelope to its handler and keeps the
+    /// settler).
+    pub fn into_parts(self) -> (Envelope, DeliveryInfo, Settler) {
+        (self.envelope, self.info, Settler(self.settlement))
+    }
 }
 
 impl fmt::Debug for Delivery {
@@ -191,6 +229,44 @@ pub struct RawRecord {
     pub headers: Vec<(String, Bytes)>,
     /// The payload, untouched.
     pub payload: Bytes,
+}
+
+impl RawRecord {
+    /// The record a Keel publisher stores for `event`: its key, Keel's
+    /// headers and the payload (to dead-letter, archive or re-publish it).
+    /// Fails like publishing would on headers a broker cannot carry.
+    pub fn from_envelope(event: &Envelope) -> Result<RawRecord> {
+        let mut headers = Vec::with_capacity(8 + event.headers().len());
+        crate::wire::visit_headers(event, |name, value| {
+            headers.push((name.to_owned(), Bytes::copy_from_slice(value)));
+        })?;
+        Ok(RawRecord {
+            key: Some(Bytes::copy_from_slice(event.key().as_bytes())),
+            headers,
+            payload: event.payload().clone(),
+        })
+    }
+
+    /// The first header called `name` (ASCII case-insensitive, as NATS
+    /// compares them), as text; `None` when absent or not UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// The partitioning key: the record key, else the key header a NATS
+    /// message carries ([`wire::key_header`](crate::wire::key_header)).
+    pub fn partition_key(&self) -> Option<Bytes> {
+        self.key.clone().or_else(|| {
+            crate::wire::key_from_headers(
+                self.headers.iter().map(|(n, v)| (n.as_str(), v.as_ref())),
+            )
+            .ok()
+            .flatten()
+        })
+    }
 }
 
 /// A stored record that is not a valid Keel event (no key, missing or
@@ -247,6 +323,16 @@ impl Undecodable {
     /// Deliver it again after `delay` (e.g. the dead-letter topic was down).
     pub fn nack_with_delay(&self, delay: Duration) -> bool {
         self.settlement.settle(Outcome::Nack { delay })
+    }
+
+    /// The record, its facts, why it is undecodable and its ack/nack handle.
+    pub fn into_parts(self) -> (RawRecord, DeliveryInfo, String, Settler) {
+        (
+            self.record,
+            self.info,
+            self.reason,
+            Settler(self.settlement),
+        )
     }
 }
 

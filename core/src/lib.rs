@@ -32,7 +32,9 @@ pub mod transport;
 pub mod wire;
 
 pub use config::{BrokerUrl, KeelConfig, NatsAuth};
-pub use delivery::{Coordinates, Deliveries, Delivery, DeliveryInfo, RawRecord, Undecodable};
+pub use delivery::{
+    Coordinates, Deliveries, Delivery, DeliveryInfo, RawRecord, Settler, Undecodable,
+};
 pub use envelope::{Envelope, EventId, Key, TraceContext};
 pub use error::{BoxError, Error, Result};
 pub use handler::{Handler, handler_fn};

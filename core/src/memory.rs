@@ -670,6 +670,20 @@ impl Publisher for MemoryTransport {
         send(out);
         Ok(receipts)
     }
+
+    async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
+        let partitions = {
+            let state = self.broker.lock();
+            state
+                .topics
+                .get(topic)
+                .map_or(1, |t| t.partitions.len() as u32)
+        };
+        let partition = record
+            .partition_key()
+            .map_or(0, |key| partition_for_key(&key, partitions));
+        self.publish_raw(topic, partition, record)
+    }
 }
 
 #[async_trait]

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::delivery::Deliveries;
+use crate::delivery::{Deliveries, RawRecord};
 use crate::envelope::Envelope;
 use crate::error::Result;
 
@@ -57,6 +57,13 @@ pub trait Publisher: Send + Sync {
         }
         Ok(receipts)
     }
+
+    /// Publishes a stored record as it is — key, headers and payload
+    /// untouched — to the partition its key maps to (partition 0 without a
+    /// key). For dead letters, redrive and restore, where the record may not
+    /// be a valid Keel event. No broker-side de-duplication applies: the
+    /// record's event id header (if any) is carried, not enforced.
+    async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt>;
 }
 
 /// Where a group starts reading when it has no committed position yet.

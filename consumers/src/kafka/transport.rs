@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use keel_core::transport::{
     Capabilities, Publisher, Receipt, Subscriber, Subscription, TopicAdmin, TopicSpec, Transport,
 };
-use keel_core::{Deliveries, Envelope, Result};
+use keel_core::{Deliveries, Envelope, RawRecord, Result};
 use keel_producers::kafka::{KafkaAdmin, KafkaPublisher, KafkaPublisherConfig};
 
 use super::group::{KafkaConsumerConfig, KafkaGroupConsumer};
@@ -45,6 +45,10 @@ impl Publisher for KafkaTransport {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         self.publisher.publish_batch(topic, events).await
+    }
+
+    async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
+        self.publisher.publish_record(topic, record).await
     }
 }
 

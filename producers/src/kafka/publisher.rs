@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::transport::{Publisher, Receipt};
-use keel_core::{Envelope, Error, Result, wire};
+use keel_core::{Envelope, Error, RawRecord, Result, wire};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -128,11 +128,20 @@ impl KafkaPublisher {
                 }));
             }
         })?;
-        let owned = owned.unwrap_or_default();
-        let mut record = FutureRecord::to(topic)
+        let record = FutureRecord::to(topic)
             .key(event.key().as_bytes())
             .payload(event.payload().as_ref())
-            .headers(owned);
+            .headers(owned.unwrap_or_default());
+        self.send(topic, Sent::Event(event), record).await
+    }
+
+    /// Hands `record` to the producer, waiting while the local queue is full.
+    async fn send(
+        &self,
+        topic: &str,
+        what: Sent<'_>,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+    ) -> Result<(u64, DeliveryFuture)> {
         let deadline = tokio::time::Instant::now() + self.config.ack_timeout();
         let (generation, producer) = self.producer();
         loop {
@@ -142,7 +151,7 @@ impl KafkaPublisher {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(publish_error(
                             topic,
-                            event,
+                            what,
                             "the local producer queue stayed full (is the broker reachable?)",
                             true,
                             None,
@@ -156,7 +165,7 @@ impl KafkaPublisher {
                     let retriable = retriable(&e);
                     return Err(publish_error(
                         topic,
-                        event,
+                        what,
                         "cannot enqueue",
                         retriable,
                         Some(e),
@@ -169,7 +178,7 @@ impl KafkaPublisher {
     async fn acknowledged(
         &self,
         topic: &str,
-        event: &Envelope,
+        what: Sent<'_>,
         (generation, future): (u64, DeliveryFuture),
     ) -> Result<Receipt> {
         match future.await {
@@ -184,7 +193,7 @@ impl KafkaPublisher {
                 let retriable = retriable(&e);
                 Err(publish_error(
                     topic,
-                    event,
+                    what,
                     "the broker did not acknowledge it",
                     retriable,
                     Some(e),
@@ -192,7 +201,7 @@ impl KafkaPublisher {
             }
             Err(_) => Err(publish_error(
                 topic,
-                event,
+                what,
                 "the producer shut down before the acknowledgement",
                 true,
                 None,
@@ -201,9 +210,27 @@ impl KafkaPublisher {
     }
 }
 
+/// What a publish was about, for its error.
+#[derive(Clone, Copy)]
+enum Sent<'a> {
+    Event(&'a Envelope),
+    Record(&'a RawRecord),
+}
+
+impl Sent<'_> {
+    fn id(self) -> String {
+        match self {
+            Sent::Event(event) => event.id().to_string(),
+            Sent::Record(record) => record
+                .header(wire::EVENT_ID)
+                .map_or_else(|| "(record without an event id)".to_owned(), str::to_owned),
+        }
+    }
+}
+
 fn publish_error(
     topic: &str,
-    event: &Envelope,
+    sent: Sent<'_>,
     what: &str,
     retriable: bool,
     e: Option<KafkaError>,
@@ -236,7 +263,7 @@ fn publish_error(
     }
     Error::Publish {
         topic: topic.to_owned(),
-        event_id: event.id().to_string(),
+        event_id: sent.id(),
         reason: match &e {
             Some(e) => format!("{what}: {e}"),
             None => what.to_owned(),
@@ -268,7 +295,9 @@ impl Publisher for KafkaPublisher {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
         async {
             let future = self.enqueue(topic, &event).await?;
-            let receipt = self.acknowledged(topic, &event, future).await?;
+            let receipt = self
+                .acknowledged(topic, Sent::Event(&event), future)
+                .await?;
             tracing::Span::current().record("partition", receipt.partition);
             Ok(receipt)
         }
@@ -284,12 +313,9 @@ impl Publisher for KafkaPublisher {
                 Err(e) => {
                     // What was already sent is on its way: say how much of
                     // the batch the broker has, so a retry can skip it.
-                    let acked = futures::future::join_all(
-                        events
-                            .iter()
-                            .zip(pending)
-                            .map(|(event, future)| self.acknowledged(topic, event, future)),
-                    )
+                    let acked = futures::future::join_all(events.iter().zip(pending).map(
+                        |(event, future)| self.acknowledged(topic, Sent::Event(event), future),
+                    ))
                     .await
                     .into_iter()
                     .filter(Result::is_ok)
@@ -306,7 +332,27 @@ impl Publisher for KafkaPublisher {
         let acks = events
             .iter()
             .zip(pending)
-            .map(|(event, future)| self.acknowledged(topic, event, future));
+            .map(|(event, future)| self.acknowledged(topic, Sent::Event(event), future));
         futures::future::join_all(acks).await.into_iter().collect()
+    }
+
+    async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut outgoing = FutureRecord::to(topic)
+            .payload(record.payload.as_ref())
+            .headers(headers);
+        if let Some(key) = &record.key {
+            outgoing = outgoing.key(key.as_ref());
+        } else {
+            outgoing = outgoing.partition(0);
+        }
+        let sent = self.send(topic, Sent::Record(&record), outgoing).await?;
+        self.acknowledged(topic, Sent::Record(&record), sent).await
     }
 }

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use keel_core::partition::partition_for_key;
 use keel_core::transport::{Publisher, Receipt};
-use keel_core::{Envelope, Error, Result, wire};
+use keel_core::{Envelope, Error, RawRecord, Result, wire};
 use tracing::Instrument;
 
 use super::admin::{JetStreamAdmin, partitions_of, topic_error};
@@ -152,15 +152,16 @@ impl std::fmt::Debug for JetStreamPublisher {
     }
 }
 
+/// `id`: the event id (or what stands for it) that the error names.
 fn publish_error(
     topic: &str,
-    event: &Envelope,
+    id: &(dyn std::fmt::Display + Sync),
     reason: impl Into<String>,
     retriable: bool,
 ) -> Error {
     Error::Publish {
         topic: topic.to_owned(),
-        event_id: event.id().to_string(),
+        event_id: id.to_string(),
         reason: reason.into(),
         retriable,
         source: None,
@@ -242,7 +243,7 @@ impl JetStreamPublisher {
     fn check(&self, topic: &str, shape: &StreamShape, event: &Envelope) -> Result<()> {
         let mut size = 0;
         wire::visit_headers(event, |name, value| size += name.len() + value.len() + 4)
-            .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
+            .map_err(|e| publish_error(topic, &event.id(), e.to_string(), false))?;
         // Key header (base64 at worst) and `Nats-Msg-Id` with the event id.
         size += wire::KEY_BASE64.len() + event.key().as_bytes().len().div_ceil(3) * 4 + 4;
         size += "Nats-Msg-Id".len() + 36 + 4 + event.payload().len() + 16;
@@ -251,7 +252,7 @@ impl JetStreamPublisher {
         if max_payload > 0 && size > max_payload {
             return Err(publish_error(
                 topic,
-                event,
+                &event.id(),
                 format!(
                     "the event is about {size} bytes with headers; the server accepts at most {max_payload} (max_payload)"
                 ),
@@ -263,7 +264,7 @@ impl JetStreamPublisher {
         {
             return Err(publish_error(
                 topic,
-                event,
+                &event.id(),
                 format!(
                     "the event is about {size} bytes with headers; the stream accepts at most {max} (max_message_size)"
                 ),
@@ -283,7 +284,7 @@ impl JetStreamPublisher {
                 None => headers.insert(name, value.as_ref()),
             }
         })
-        .map_err(|e| publish_error(topic, event, e.to_string(), false))?;
+        .map_err(|e| publish_error(topic, &event.id(), e.to_string(), false))?;
         let (name, value) = wire::key_header(event.key().as_bytes());
         match keel_header_name(name) {
             Some(known) => headers.insert(known, value.as_str()),
@@ -308,7 +309,7 @@ impl JetStreamPublisher {
     async fn send(
         &self,
         topic: &str,
-        event: &Envelope,
+        id: &(dyn std::fmt::Display + Sync),
         prepared: Prepared,
     ) -> Result<(u32, jetstream::context::PublishAckFuture)> {
         let Prepared {
@@ -320,7 +321,7 @@ impl JetStreamPublisher {
             .js
             .send_publish(subject, message)
             .await
-            .map_err(|e| self.failed(topic, event, e.kind(), &e))?;
+            .map_err(|e| self.failed(topic, id, e.kind(), &e))?;
         Ok((partition, ack))
     }
 
@@ -328,7 +329,7 @@ impl JetStreamPublisher {
     fn receipt(
         &self,
         topic: &str,
-        event: &Envelope,
+        id: &(dyn std::fmt::Display + Sync),
         partition: u32,
         ack: std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
     ) -> Result<Receipt> {
@@ -341,7 +342,7 @@ impl JetStreamPublisher {
             }),
             Err(e) if e.kind() == PublishErrorKind::TimedOut => Err(publish_error(
                 topic,
-                event,
+                id,
                 format!(
                     "no acknowledgement within {:?}; it may or may not be stored (publishing it again is safe: the server de-duplicates by event id)",
                     self.config.ack_timeout
@@ -358,7 +359,7 @@ impl JetStreamPublisher {
                 );
                 Err(publish_error(
                     topic,
-                    event,
+                    id,
                     format!("the server did not acknowledge it: {e}"),
                     retriable,
                 ))
@@ -369,9 +370,9 @@ impl JetStreamPublisher {
     fn failed(
         &self,
         topic: &str,
-        event: &Envelope,
+        id: &(dyn std::fmt::Display + Sync),
         kind: PublishErrorKind,
-        e: &dyn std::fmt::Display,
+        e: &(dyn std::fmt::Display + Sync),
     ) -> Error {
         if kind == PublishErrorKind::StreamNotFound {
             self.forget_shape(topic);
@@ -380,7 +381,7 @@ impl JetStreamPublisher {
             kind,
             PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded
         );
-        publish_error(topic, event, format!("cannot send: {e}"), retriable)
+        publish_error(topic, id, format!("cannot send: {e}"), retriable)
     }
 
     /// Publishes `event` only if the last event stored on its partition has
@@ -397,9 +398,9 @@ impl JetStreamPublisher {
         self.check(topic, &shape, &event)?;
         let mut prepared = self.prepare(topic, &shape, &event)?;
         prepared.message = prepared.message.expected_last_subject_sequence(expected);
-        let (partition, ack) = self.send(topic, &event, prepared).await?;
+        let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
         let ack = ack.await;
-        self.receipt(topic, &event, partition, ack).map_err(|e| match e {
+        self.receipt(topic, &event.id(), partition, ack).map_err(|e| match e {
             Error::Publish {
                 topic,
                 event_id,
@@ -433,9 +434,9 @@ impl Publisher for JetStreamPublisher {
             self.check(topic, &shape, &event)?;
             let prepared = self.prepare(topic, &shape, &event)?;
             tracing::Span::current().record("partition", prepared.partition);
-            let (partition, ack) = self.send(topic, &event, prepared).await?;
+            let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
             let ack = ack.await;
-            self.receipt(topic, &event, partition, ack)
+            self.receipt(topic, &event.id(), partition, ack)
         }
         .instrument(span)
         .await
@@ -458,8 +459,9 @@ impl Publisher for JetStreamPublisher {
         let mut receipts = Vec::with_capacity(events.len());
         let mut outstanding = FuturesOrdered::new();
         let mut failure: Option<(usize, Error)> = None;
-        let mut settle = |(i, partition, ack), failure: &mut Option<(usize, Error)>| match self
-            .receipt(topic, &events[i], partition, ack)
+        let mut settle = |(i, partition, ack): (usize, u32, _),
+                          failure: &mut Option<(usize, Error)>| match self
+            .receipt(topic, &events[i].id(), partition, ack)
         {
             Ok(r) => receipts.push(r),
             Err(e) => {
@@ -480,7 +482,7 @@ impl Publisher for JetStreamPublisher {
                 break;
             }
             let sent = match self.prepare(topic, &shape, event) {
-                Ok(prepared) => self.send(topic, event, prepared).await,
+                Ok(prepared) => self.send(topic, &event.id(), prepared).await,
                 Err(e) => Err(e),
             };
             match sent {
@@ -512,5 +514,74 @@ impl Publisher for JetStreamPublisher {
                 ))
             }
         }
+    }
+
+    async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
+        let id = record
+            .header(wire::EVENT_ID)
+            .unwrap_or("(record without an event id)")
+            .to_owned();
+        let shape = self.shape(topic).await?;
+        let mut headers = HeaderMap::new();
+        let mut size = record.payload.len() + 16;
+        for (name, value) in &record.headers {
+            // The server's own headers (`Nats-Msg-Id`, `Nats-Expected-…`)
+            // belong to the original publish; carrying them would make the
+            // server de-duplicate or refuse this one.
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+                continue;
+            }
+            let value = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.contains(['\r', '\n']))
+                .ok_or_else(|| {
+                    publish_error(
+                        topic,
+                        &id,
+                        format!(
+                            "header `{name}` is not single-line UTF-8 text, which NATS cannot carry"
+                        ),
+                        false,
+                    )
+                })?;
+            size += name.len() + value.len() + 4;
+            headers.append(name.as_str(), value);
+        }
+        let key = record.partition_key();
+        if let Some(key) = &key
+            && record.key.is_some()
+            && wire::key_from_headers(record.headers.iter().map(|(n, v)| (n.as_str(), v.as_ref())))
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            let (name, value) = wire::key_header(key);
+            size += name.len() + value.len() + 4;
+            headers.insert(name, value.as_str());
+        }
+        let limit = shape
+            .max_message_size
+            .map_or(shape.max_payload, |m| m.min(shape.max_payload));
+        if limit > 0 && size > limit {
+            return Err(publish_error(
+                topic,
+                &id,
+                format!(
+                    "the record is about {size} bytes with headers; the stream accepts at most {limit}"
+                ),
+                false,
+            ));
+        }
+        let partition = key.map_or(0, |k| partition_for_key(&k, shape.partitions));
+        let prepared = Prepared {
+            subject: shape.subjects[partition as usize % shape.subjects.len()].clone(),
+            partition,
+            message: PublishMessage::build()
+                .payload(record.payload.clone())
+                .headers(headers),
+        };
+        let (partition, ack) = self.send(topic, &id, prepared).await?;
+        let ack = ack.await;
+        self.receipt(topic, &id, partition, ack)
     }
 }

@@ -1,0 +1,352 @@
+//! Dead letters: an event that cannot be handled — poison, an unknown type
+//! (when the router's policy says so), a fatal handler error, a spent retry
+//! budget — is stored in a dead-letter topic, and only then acked.
+//!
+//! The dead-letter record is the original record with its payload, key and
+//! headers untouched, plus headers that say what happened
+//! ([`headers`]): the error, the reason, the attempt count, the original
+//! topic, partition and position (Kafka offset or stream sequence), the
+//! group and the time. The event id header is kept, so a redrive back to
+//! the original topic is de-duplicated by inboxes.
+//!
+//! If the dead-letter topic cannot take the record, the event is not acked:
+//! it is re-delivered after `retry_delay` and goes through the handler (and
+//! its budget) again — nothing is dropped. On NATS, where topic names cannot
+//! contain `.`, the default suffix is `-dlq` (`orders-dlq`); elsewhere it
+//! is `.dlq` (`orders.dlq`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use keel_core::{Error, Publisher, RawRecord, Receipt, Result, TopicSpec, Transport};
+
+use super::context::Context;
+use super::layer::{DeadLetterReason, Layer, Next, Verdict};
+
+/// Names of the headers a dead letter carries besides the original ones.
+pub mod headers {
+    /// The error that sent it here, one line.
+    pub const ERROR: &str = "keel-dlq-error";
+    /// [`DeadLetterReason`](super::DeadLetterReason) as text (`poison`,
+    /// `unknown-type`, `fatal`, `retries-exhausted`).
+    pub const REASON: &str = "keel-dlq-reason";
+    /// Attempts made (the failing one included).
+    pub const ATTEMPTS: &str = "keel-dlq-attempts";
+    /// The topic it was consumed from.
+    pub const TOPIC: &str = "keel-dlq-topic";
+    /// The partition it was consumed from.
+    pub const PARTITION: &str = "keel-dlq-partition";
+    /// Its Kafka offset or JetStream stream sequence there.
+    pub const POSITION: &str = "keel-dlq-position";
+    /// The consumer group that gave up on it.
+    pub const GROUP: &str = "keel-dlq-group";
+    /// When it was dead-lettered (RFC 3339, UTC).
+    pub const AT: &str = "keel-dlq-at";
+    /// Every dead-letter header, to strip them for a redrive.
+    pub const ALL: [&str; 8] = [
+        ERROR, REASON, ATTEMPTS, TOPIC, PARTITION, POSITION, GROUP, AT,
+    ];
+}
+
+/// Longest error text kept in a header.
+const MAX_ERROR_LEN: usize = 4096;
+
+/// The dead-letter layer.
+pub struct DeadLetters {
+    transport: Arc<dyn Transport>,
+    suffix: String,
+    partitions: u32,
+    retry_delay: Duration,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("transport", &self.transport.name())
+            .field("suffix", &self.suffix)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetters {
+    /// Dead letters on `transport`, to `<topic>.dlq` (`<topic>-dlq` on
+    /// NATS), created with 1 partition when missing.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        let suffix = default_suffix(transport.name()).to_owned();
+        DeadLetters {
+            transport,
+            suffix,
+            partitions: 1,
+            retry_delay: Duration::from_secs(5),
+        }
+    }
+
+    /// Uses `<topic><suffix>` as the dead-letter topic.
+    pub fn suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.suffix = suffix.into();
+        self
+    }
+
+    /// Partitions of dead-letter topics the router creates (default 1). An
+    /// existing topic must have this count.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions.max(1);
+        self
+    }
+
+    /// How long to wait before handling an event again when its dead
+    /// letter could not be stored. Default 5 s.
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+
+    /// The dead-letter topic of `topic`.
+    pub fn topic_for(&self, topic: &str) -> String {
+        format!("{topic}{}", self.suffix)
+    }
+
+    /// Stores the context's record in its dead-letter topic.
+    async fn send(&self, ctx: &Context, error: &Error, reason: DeadLetterReason) -> Result<String> {
+        let info = ctx.info();
+        let topic = self.topic_for(&info.coordinates.topic);
+        let record = dead_letter(ctx.record()?, ctx, error, reason);
+        self.transport.publish_record(&topic, record).await?;
+        Ok(topic)
+    }
+}
+
+/// The dead-letter suffix used on a transport by default.
+pub fn default_suffix(transport: &str) -> &'static str {
+    if transport == "nats" { "-dlq" } else { ".dlq" }
+}
+
+/// `record` with the dead-letter headers of `ctx` (earlier ones replaced,
+/// for an event that was redriven and failed again).
+fn dead_letter(
+    mut record: RawRecord,
+    ctx: &Context,
+    error: &Error,
+    reason: DeadLetterReason,
+) -> RawRecord {
+    let info = ctx.info();
+    record
+        .headers
+        .retain(|(name, _)| !headers::ALL.iter().any(|h| name.eq_ignore_ascii_case(h)));
+    let text = one_line(&error.to_string());
+    let fields = [
+        (headers::ERROR, text),
+        (headers::REASON, reason.as_str().to_owned()),
+        (headers::ATTEMPTS, info.attempt.to_string()),
+        (headers::TOPIC, info.coordinates.topic.clone()),
+        (headers::PARTITION, info.coordinates.partition.to_string()),
+        (headers::POSITION, info.coordinates.position.to_string()),
+        (headers::GROUP, info.group.clone()),
+        (
+            headers::AT,
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    ];
+    for (name, value) in fields {
+        record.headers.push((name.to_owned(), Bytes::from(value)));
+    }
+    record
+}
+
+/// `text` on one line (NATS headers cannot carry line breaks), at most
+/// [`MAX_ERROR_LEN`] bytes.
+fn one_line(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+/// The original record of a dead letter: its dead-letter headers removed
+/// and the topic it came from (for a redrive).
+pub fn original(mut record: RawRecord) -> (Option<String>, RawRecord) {
+    let topic = record.header(headers::TOPIC).map(str::to_owned);
+    record
+        .headers
+        .retain(|(name, _)| !headers::ALL.iter().any(|h| name.eq_ignore_ascii_case(h)));
+    (topic, record)
+}
+
+/// Publishes a dead letter's original record back to the topic it came
+/// from, with its event id, so inboxes de-duplicate a redrive of an event
+/// that was handled meanwhile. Fails, without publishing, for a record that
+/// is not a Keel dead letter.
+pub async fn redrive(publisher: &dyn Publisher, dead_letter: RawRecord) -> Result<Receipt> {
+    let (topic, record) = original(dead_letter);
+    let topic = topic.ok_or_else(|| {
+        Error::malformed(format!(
+            "the record has no `{}` header; it is not a Keel dead letter",
+            headers::TOPIC
+        ))
+    })?;
+    publisher.publish_record(&topic, record).await
+}
+
+#[async_trait]
+impl Layer for DeadLetters {
+    async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
+        match next.run(ctx).await {
+            Verdict::DeadLetter { error, reason } => match self.send(ctx, &error, reason).await {
+                Ok(topic) => Verdict::DeadLettered { topic, reason },
+                Err(e) => Verdict::Retry {
+                    error: Error::retriable(format!(
+                        "cannot store the dead letter ({e}) of an event that failed ({error})"
+                    )),
+                    delay: Some(self.retry_delay),
+                },
+            },
+            other => other,
+        }
+    }
+
+    async fn start(&self, topics: &[String]) -> Result<()> {
+        for topic in topics {
+            let spec = TopicSpec {
+                name: self.topic_for(topic),
+                partitions: self.partitions,
+            };
+            self.transport.ensure_topic(&spec).await.map_err(|e| {
+                Error::config(
+                    "dead_letters",
+                    format!(
+                        "cannot prepare dead-letter topic `{}` for `{topic}`: {e} \
+                         (set DeadLetters::partitions to the existing topic's count, or a suffix)",
+                        spec.name
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use keel_core::{Envelope, MemoryTransport, Subscriber, Subscription, TopicAdmin};
+
+    use super::*;
+    use crate::router::testing::run_layer;
+
+    async fn transport() -> Arc<MemoryTransport> {
+        let t = Arc::new(MemoryTransport::new());
+        t.ensure_topic(&TopicSpec {
+            name: "orders".into(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+        t
+    }
+
+    async fn first_record(t: &MemoryTransport, topic: &str) -> Envelope {
+        let mut member = t
+            .subscribe(Subscription::new(topic, "check"))
+            .await
+            .unwrap();
+        let delivery = member.next().await.unwrap().unwrap();
+        delivery.ack();
+        delivery.envelope().clone()
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_keeps_the_event_and_says_what_happened() {
+        let t = transport().await;
+        let dlq = DeadLetters::new(t.clone());
+        dlq.start(&["orders".into()]).await.unwrap();
+        let event = Envelope::new("shop.OrderPlaced", "o-1", vec![0u8, 0, 0, 0, 7, 42])
+            .with_header("tenant", "acme");
+        let ctx = Context::for_test("orders", event.clone(), 5);
+        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
+            error: Error::fatal("card declined\nfor good"),
+            reason: DeadLetterReason::Exhausted,
+        })
+        .await;
+        match verdict {
+            Verdict::DeadLettered { topic, reason } => {
+                assert_eq!(topic, "orders.dlq");
+                assert_eq!(reason, DeadLetterReason::Exhausted);
+            }
+            other => panic!("{other:?}"),
+        }
+        let stored = first_record(&t, "orders.dlq").await;
+        assert_eq!(stored.id(), event.id());
+        assert_eq!(stored.key(), event.key());
+        assert_eq!(stored.payload(), event.payload(), "payload untouched");
+        let h = stored.headers();
+        assert_eq!(h["tenant"], "acme");
+        assert_eq!(h[headers::REASON], "retries-exhausted");
+        assert_eq!(h[headers::ATTEMPTS], "5");
+        assert_eq!(h[headers::TOPIC], "orders");
+        assert_eq!(h[headers::PARTITION], "0");
+        assert_eq!(h[headers::POSITION], "0");
+        assert_eq!(h[headers::GROUP], "g");
+        assert!(
+            h[headers::ERROR].contains("card declined for good"),
+            "{h:?}"
+        );
+
+        // The original comes back for a redrive.
+        let (topic, record) = original(RawRecord::from_envelope(&stored).unwrap());
+        assert_eq!(topic.as_deref(), Some("orders"));
+        assert!(
+            record
+                .headers
+                .iter()
+                .all(|(n, _)| !n.starts_with("keel-dlq-"))
+        );
+        assert_eq!(record, RawRecord::from_envelope(&event).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_cannot_be_stored_is_retried_not_lost() {
+        let t = transport().await; // no orders.dlq: start() was not called
+        let dlq = DeadLetters::new(t.clone()).retry_delay(Duration::from_millis(7));
+        let ctx = Context::for_test("orders", Envelope::new("e", "k", ""), 1);
+        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
+            error: Error::fatal("bad"),
+            reason: DeadLetterReason::Fatal,
+        })
+        .await;
+        match verdict {
+            Verdict::Retry { error, delay } => {
+                assert_eq!(delay, Some(Duration::from_millis(7)));
+                assert!(error.to_string().contains("orders.dlq"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other verdicts pass untouched.
+        let ctx = Context::for_test("orders", Envelope::new("e", "k", ""), 1);
+        assert!(matches!(
+            run_layer(&dlq, ctx, || Verdict::Handled).await,
+            Verdict::Handled
+        ));
+    }
+
+    #[test]
+    fn errors_fit_in_one_header_line() {
+        let long = "é".repeat(5000);
+        let line = one_line(&format!("a\r\nb {long}"));
+        assert!(line.starts_with("a  b "));
+        assert!(line.len() <= MAX_ERROR_LEN + '…'.len_utf8());
+        assert_eq!(default_suffix("nats"), "-dlq");
+        assert_eq!(default_suffix("kafka"), ".dlq");
+    }
+}
