@@ -165,7 +165,7 @@ pub(crate) enum From {
 }
 
 /// The configured broker's client settings.
-enum Broker {
+pub(crate) enum Broker {
     Kafka(KafkaClientConfig),
     Nats(NatsClientConfig),
 }
@@ -210,7 +210,7 @@ async fn connect_publisher(broker: Broker) -> anyhow::Result<std::sync::Arc<dyn 
     })
 }
 
-fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
+pub(crate) fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
         BrokerUrl::Kafka { bootstrap } => {
             Ok(Broker::Kafka(KafkaClientConfig::new(bootstrap.clone())))
@@ -557,7 +557,7 @@ fn offsets(text: &str) -> anyhow::Result<ResetTo> {
     Ok(ResetTo::Offsets(pairs))
 }
 
-fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
+pub(crate) fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
     let at: DateTime<Utc> = DateTime::parse_from_rfc3339(text)
         .with_context(|| format!("{flag} `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"))?
         .into();
@@ -577,47 +577,120 @@ fn full_name(schema: &str) -> Option<String> {
     }
 }
 
-pub(crate) async fn tail(
-    config: &KeelConfig,
-    registry: RegistryClient,
-    args: TailArgs,
-) -> anyhow::Result<()> {
-    let broker = broker(config, "tail")?;
-    let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
-    let group = args
-        .group
-        .clone()
-        .unwrap_or_else(|| format!("keel-tail-{}", keel_core::EventId::new()));
-    let start = match (&args.since, args.from) {
-        (Some(text), _) => StartFrom::Timestamp(rfc3339("--since", text)?),
-        (None, From::Earliest) => StartFrom::Earliest,
-        (None, From::Latest) => StartFrom::Latest,
-    };
-    let throwaway = args.group.is_none();
-    let (consumer, nats): (Box<dyn Subscriber>, Option<NatsClientConfig>) = match broker {
-        Broker::Kafka(client) => (
-            Box::new(KafkaGroupConsumer::new(KafkaConsumerConfig {
-                client,
+/// A reader of whole topics as a consumer group of its own (by default a
+/// throw-away `keel-<command>-<id>` group, removed again on NATS), for
+/// `keel tail` and `keel dlq`.
+pub(crate) struct Reader {
+    subscriber: Box<dyn Subscriber>,
+    broker: Broker,
+    group: String,
+    throwaway: bool,
+}
+
+impl Reader {
+    /// A reader with a throw-away group.
+    pub(crate) async fn new(config: &KeelConfig, command: &str) -> anyhow::Result<Reader> {
+        Self::with_group(config, command, None).await
+    }
+
+    /// A reader as `group`, or a throw-away group when `None`.
+    pub(crate) async fn with_group(
+        config: &KeelConfig,
+        command: &str,
+        group: Option<String>,
+    ) -> anyhow::Result<Reader> {
+        let broker = broker(config, command)?;
+        let throwaway = group.is_none();
+        let group =
+            group.unwrap_or_else(|| format!("keel-{command}-{}", keel_core::EventId::new()));
+        let subscriber: Box<dyn Subscriber> = match &broker {
+            Broker::Kafka(client) => Box::new(KafkaGroupConsumer::new(KafkaConsumerConfig {
+                client: client.clone(),
                 commit_interval_ms: 1000,
                 ..KafkaConsumerConfig::default()
             })?),
-            None,
-        ),
-        Broker::Nats(client) => (
-            Box::new(
+            Broker::Nats(client) => Box::new(
                 JetStreamGroupConsumer::connect(JetStreamConsumerConfig {
                     client: client.clone(),
                     ..JetStreamConsumerConfig::default()
                 })
                 .await?,
             ),
-            Some(client),
-        ),
+        };
+        Ok(Reader {
+            subscriber,
+            broker,
+            group,
+            throwaway,
+        })
+    }
+
+    /// The reader's group.
+    pub(crate) fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Joins the reader's group.
+    pub(crate) async fn subscribe(
+        &self,
+        subscription: Subscription,
+    ) -> keel_core::Result<keel_core::Deliveries> {
+        self.subscriber.subscribe(subscription).await
+    }
+
+    /// How many records each partition of `topic` holds now.
+    pub(crate) async fn stored_per_partition(&self, topic: &str) -> anyhow::Result<Vec<u64>> {
+        Ok(match &self.broker {
+            Broker::Kafka(client) => {
+                match KafkaAdmin::new(client, -1)?.describe_topic(topic).await? {
+                    Some(d) => d
+                        .partitions
+                        .iter()
+                        .map(|p| u64::try_from(p.latest - p.earliest).unwrap_or(0))
+                        .collect(),
+                    None => bail!("topic `{topic}` does not exist"),
+                }
+            }
+            Broker::Nats(client) => {
+                JetStreamAdmin::connect(client)
+                    .await?
+                    .describe_topic(topic)
+                    .await?
+                    .messages_per_partition
+            }
+        })
+    }
+
+    /// Removes a throw-away group's state where the broker keeps it per
+    /// group (NATS durable consumers would otherwise pile up, one set per
+    /// run).
+    pub(crate) async fn clean_up(&self, topic: &str) -> anyhow::Result<()> {
+        if let (Broker::Nats(client), true) = (&self.broker, self.throwaway) {
+            JetStreamAdmin::connect(client)
+                .await?
+                .delete_group(&self.group, topic)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) async fn tail(
+    config: &KeelConfig,
+    registry: RegistryClient,
+    args: TailArgs,
+) -> anyhow::Result<()> {
+    let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
+    let start = match (&args.since, args.from) {
+        (Some(text), _) => StartFrom::Timestamp(rfc3339("--since", text)?),
+        (None, From::Earliest) => StartFrom::Earliest,
+        (None, From::Latest) => StartFrom::Latest,
     };
+    let reader = Reader::with_group(config, "tail", args.group.clone()).await?;
     // One at a time, so lines come out in each partition's order.
-    let mut deliveries = consumer
+    let mut deliveries = reader
         .subscribe(
-            Subscription::new(&args.topic, &group)
+            Subscription::new(&args.topic, reader.group())
                 .start_from(start)
                 .max_in_flight(1),
         )
@@ -675,15 +748,7 @@ pub(crate) async fn tail(
         printed += 1;
     }
     deliveries.leave().await?;
-    // A throw-away group leaves nothing behind on NATS (durable consumers
-    // would otherwise pile up, one set per `keel tail`).
-    if let (Some(client), true) = (nats, throwaway) {
-        JetStreamAdmin::connect(&client)
-            .await?
-            .delete_group(&group, &args.topic)
-            .await?;
-    }
-    Ok(())
+    reader.clean_up(&args.topic).await
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
 //! | `relay` | `keel relay`: publishes a PostgreSQL outbox's events to the broker |
 //! | `broker` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka or NATS |
+//! | `dlq` | `keel dlq list|redrive`: a topic's dead letters, decoded; back to their topic |
 //!
 //! Settings come from `keel.toml` (or `--config`), then `KEEL_*` environment
 //! variables, then flags. Subcommands arrive with the capability that needs
@@ -33,6 +34,7 @@ macro_rules! say {
 
 mod broker;
 mod demo;
+mod dlq;
 mod registry;
 mod relay;
 mod schema;
@@ -118,6 +120,10 @@ enum Command {
         keel --broker kafka://127.0.0.1:9092 relay --database postgres://app@db/orders\n  \
         keel --broker nats://127.0.0.1:4222 relay --database postgres://app@db/orders --schema orders --metrics-listen 0.0.0.0:9464")]
     Relay(relay::RelayArgs),
+    /// Dead letters: list them decoded with their errors, or redrive them to
+    /// the topic they came from.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 /// Flags that override config settings; unset flags are skipped.
@@ -198,6 +204,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             broker::tail(&config, registry, args).await
         }
         Command::Relay(args) => relay::run(&load_config(cli.config, &overrides)?, args).await,
+        Command::Dlq(command) => {
+            let config = load_config(cli.config, &overrides)?;
+            let registry = registry_client(&config, cli.registry_auth)?;
+            dlq::run(&config, registry, command).await
+        }
     }
 }
 

@@ -542,6 +542,8 @@ fn broker_commands(broker: &str, partitions: usize) {
         text(&out.stderr)
     );
 
+    dlq_commands(broker, &topic, &registry.url, &run);
+
     // Not a broker: refused by name.
     let out = keel(
         &["--broker", "memory://", "tail", "--topic", &topic],
@@ -554,4 +556,182 @@ fn broker_commands(broker: &str, partitions: usize) {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `dlq list` and `dlq redrive` on dead letters of `topic` (whose
+/// `test.Greeting` schema is registered) stored as the router's dead-letter
+/// layer stores them.
+fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&str]) -> String) {
+    use keel_consumers::router::dead_letter::{default_suffix, headers};
+    use keel_core::{Envelope, Publisher, RawRecord};
+    use keel_schemas::Registry;
+
+    let nats = broker.starts_with("nats://");
+    let dlq = format!(
+        "{topic}{}",
+        default_suffix(if nats { "nats" } else { "kafka" })
+    );
+    run(&["topics", "create", &dlq, "--partitions", "1"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let ids: Vec<String> = runtime.block_on(async {
+        let registry =
+            keel_schemas::RegistryClient::new(registry_url, keel_schemas::ClientOptions::default())
+                .expect("registry client");
+        let schema = r#"{"type":"record","name":"Greeting","namespace":"test","fields":[{"name":"id","type":"string"},{"name":"n","type":"long"}]}"#;
+        let id = registry
+            .register(&format!("{topic}-value"), schema)
+            .await
+            .expect("the registered schema's id");
+        let codec = keel_schemas::AvroCodec::new(
+            std::sync::Arc::new(registry),
+            keel_schemas::CodecOptions::default(),
+        );
+        let publisher: Box<dyn Publisher> = if nats {
+            Box::new(
+                keel_producers::nats::JetStreamPublisher::connect(
+                    keel_producers::nats::JetStreamPublisherConfig::new(
+                        keel_producers::nats::NatsClientConfig::new(broker),
+                    ),
+                )
+                .await
+                .expect("NATS publisher"),
+            )
+        } else {
+            Box::new(
+                keel_producers::kafka::KafkaPublisher::new(
+                    keel_producers::kafka::KafkaPublisherConfig {
+                        client: keel_producers::kafka::KafkaClientConfig::new([
+                            broker.trim_start_matches("kafka://"),
+                        ]),
+                        ..Default::default()
+                    },
+                )
+                .expect("Kafka publisher"),
+            )
+        };
+        let mut records = Vec::new();
+        let mut ids = Vec::new();
+        for n in [100, 101] {
+            let payload = codec
+                .encode_with_id(id, &serde_json::json!({"id": "k9", "n": n}))
+                .await
+                .expect("encode");
+            let event = Envelope::new("test.Greeting", "k9", payload);
+            ids.push(event.id().to_string());
+            records.push((RawRecord::from_envelope(&event).expect("record"), "retries-exhausted"));
+        }
+        let poison = RawRecord {
+            key: Some("k8".into()),
+            headers: vec![],
+            payload: "not an event".into(),
+        };
+        records.push((poison, "poison"));
+        for (mut record, reason) in records {
+            for (name, value) in [
+                (headers::ERROR, "handler failed: boom"),
+                (headers::REASON, reason),
+                (headers::ATTEMPTS, "5"),
+                (headers::TOPIC, topic),
+                (headers::PARTITION, "0"),
+                (headers::POSITION, "7"),
+                (headers::GROUP, "billing"),
+                (headers::AT, "2026-11-29T12:00:00.000Z"),
+            ] {
+                record.headers.push((name.to_owned(), value.to_owned().into()));
+            }
+            publisher.publish_record(&dlq, record).await.expect("store a dead letter");
+        }
+        ids
+    });
+
+    let mut listed: Vec<serde_json::Value> = run(&["dlq", "list", "--topic", topic])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    listed.sort_by_key(|l| l["dlq_position"].as_u64());
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for line in &listed[..2] {
+        assert_eq!(line["reason"], "retries-exhausted");
+        assert_eq!(line["error"], "handler failed: boom");
+        assert_eq!(line["attempts"], 5);
+        assert_eq!(line["topic"], topic);
+        assert_eq!(line["position"], 7);
+        assert_eq!(line["type"], "test.Greeting");
+        assert_eq!(line["key"], "k9");
+        assert!(line["event"]["n"].as_i64().is_some(), "decoded: {line}");
+    }
+    assert_eq!(listed[2]["reason"], "poison");
+    assert!(
+        listed[2]["event"]["undecodable"].is_string(),
+        "{}",
+        listed[2]
+    );
+    let poison_only = run(&["dlq", "list", "--topic", topic, "--reason", "poison"]);
+    assert_eq!(poison_only.lines().count(), 1, "{poison_only}");
+    let later = run(&[
+        "dlq",
+        "list",
+        "--topic",
+        topic,
+        "--since",
+        "2026-11-29T13:00:00Z",
+    ]);
+    assert_eq!(later.lines().count(), 0, "{later}");
+
+    let dry = run(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topic,
+        "--type",
+        "test.Greeting",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        dry.lines()
+            .filter(|l| l.starts_with("would redrive"))
+            .count(),
+        2,
+        "{dry}"
+    );
+    let redriven = run(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topic,
+        "--type",
+        "test.Greeting",
+    ]);
+    assert_eq!(
+        redriven
+            .lines()
+            .filter(|l| l.starts_with("redrove"))
+            .count(),
+        2,
+        "{redriven}"
+    );
+
+    // Back in the original topic, with the original event ids and without
+    // the dead-letter headers; the dry run published nothing.
+    let tailed = run(&[
+        "tail", "--topic", topic, "--from", "earliest", "--count", "12",
+    ]);
+    let back: Vec<serde_json::Value> = tailed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|e| e["key"] == "k9")
+        .collect();
+    assert_eq!(back.len(), 2, "{tailed}");
+    for e in &back {
+        assert!(
+            ids.contains(&e["id"].as_str().unwrap_or_default().to_owned()),
+            "{e}"
+        );
+        assert!(
+            e["headers"]
+                .as_object()
+                .is_none_or(|h| h.keys().all(|k| !k.starts_with("keel-dlq-"))),
+            "{e}"
+        );
+    }
 }

@@ -44,6 +44,13 @@ where
         while let Some(finished) = tasks.try_join_next() {
             report_panic(finished);
         }
+        // The delivery first, then a permit: a quiet topic waiting for its
+        // next event holds no permit the busy ones could use.
+        let next = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            next = deliveries.next() => next,
+        };
         let permit = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
@@ -51,11 +58,6 @@ where
                 Ok(permit) => permit,
                 Err(_) => break Err(Error::closed("handler pool")),
             },
-        };
-        let next = tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            next = deliveries.next() => next,
         };
         let item = match next {
             None => break Ok(()),

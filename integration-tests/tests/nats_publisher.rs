@@ -383,3 +383,50 @@ async fn a_consumer_deleted_from_outside_is_recreated_and_reading_goes_on() {
     );
     member.leave().await.unwrap();
 }
+
+#[tokio::test]
+async fn records_are_stored_as_given_and_uncarriable_headers_refused_by_name() {
+    use bytes::Bytes;
+    use keel_core::RawRecord;
+    let s = setup(4, StreamSettings::default()).await;
+    // A record read from Kafka: its key becomes the key header, the
+    // original publish's message id is not carried (it would de-duplicate).
+    let record = RawRecord {
+        key: Some(Bytes::from_static(b"customer-9")),
+        headers: vec![
+            ("Nats-Msg-Id".into(), Bytes::from_static(b"old-id")),
+            ("x-origin".into(), Bytes::from_static(b"kafka")),
+        ],
+        payload: Bytes::from_static(b"raw bytes"),
+    };
+    let r = s
+        .publisher
+        .publish_record(&s.topic, record.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.partition, partition_for_key(b"customer-9", 4));
+    let again = s.publisher.publish_record(&s.topic, record).await.unwrap();
+    assert!(!again.duplicate, "no message id travels with a record");
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    let raw = stream.get_raw_message(r.position).await.unwrap();
+    let h = raw.headers;
+    assert_eq!(h.get("keel-key").map(|v| v.as_str()), Some("customer-9"));
+    assert_eq!(h.get("x-origin").map(|v| v.as_str()), Some("kafka"));
+    assert!(h.get("Nats-Msg-Id").is_none());
+    assert_eq!(&raw.payload[..], b"raw bytes");
+
+    for (name, value) in [
+        ("caf\u{e9}", "x"),
+        ("with space", "x"),
+        ("ok", "two\nlines"),
+    ] {
+        let bad = RawRecord {
+            key: None,
+            headers: vec![(name.into(), Bytes::copy_from_slice(value.as_bytes()))],
+            payload: Bytes::new(),
+        };
+        let err = s.publisher.publish_record(&s.topic, bad).await.unwrap_err();
+        assert!(!err.is_retriable(), "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}

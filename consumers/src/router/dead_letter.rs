@@ -2,8 +2,8 @@
 //! (when the router's policy says so), a fatal handler error, a spent retry
 //! budget — is stored in a dead-letter topic, and only then acked.
 //!
-//! The dead-letter record is the original record with its payload, key and
-//! headers untouched, plus headers that say what happened
+//! The dead-letter record is the original record — key, payload untouched,
+//! the event's headers — plus headers that say what happened
 //! ([`headers`]): the error, the reason, the attempt count, the original
 //! topic, partition and position (Kafka offset or stream sequence), the
 //! group and the time. The event id header is kept, so a redrive back to
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::{Error, Publisher, RawRecord, Receipt, Result, TopicSpec, Transport};
+use keel_core::{Envelope, Error, Publisher, RawRecord, Receipt, Result, TopicSpec, Transport};
 
 use super::context::Context;
 use super::layer::{DeadLetterReason, Layer, Next, Verdict};
@@ -113,7 +113,15 @@ impl DeadLetters {
     async fn send(&self, ctx: &Context, error: &Error, reason: DeadLetterReason) -> Result<String> {
         let info = ctx.info();
         let topic = self.topic_for(&info.coordinates.topic);
-        let record = dead_letter(ctx.record()?, ctx, error, reason);
+        let record = match (ctx.record(), ctx.event()) {
+            (Ok(record), _) => record,
+            // Stored headers a publisher refuses (a line break in a value,
+            // which Kafka allows): kept, with the breaks made spaces, rather
+            // than losing the event.
+            (Err(_), Some(event)) => lossy_record(event),
+            (Err(e), None) => return Err(e),
+        };
+        let record = dead_letter(record, ctx, error, reason);
         self.transport.publish_record(&topic, record).await?;
         Ok(topic)
     }
@@ -152,6 +160,47 @@ fn dead_letter(
     ];
     for (name, value) in fields {
         record.headers.push((name.to_owned(), Bytes::from(value)));
+    }
+    record
+}
+
+/// The record of `event` with every header kept, values made single-line.
+fn lossy_record(event: &Envelope) -> RawRecord {
+    use keel_core::wire;
+    let mut headers = vec![
+        (wire::EVENT_ID, event.id().to_string()),
+        (wire::EVENT_TYPE, one_line(event.event_type())),
+        (
+            wire::OCCURRED_AT,
+            event
+                .occurred_at()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    ];
+    let optional = [
+        (wire::SOURCE, event.source()),
+        (wire::CORRELATION_ID, event.correlation_id()),
+        (wire::CAUSATION_ID, event.causation_id()),
+        (wire::TRACEPARENT, event.trace().traceparent.as_deref()),
+        (wire::TRACESTATE, event.trace().tracestate.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            headers.push((name, one_line(value)));
+        }
+    }
+    let mut record = RawRecord {
+        key: Some(Bytes::copy_from_slice(event.key().as_bytes())),
+        headers: headers
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), Bytes::from(v)))
+            .collect(),
+        payload: event.payload().clone(),
+    };
+    for (name, value) in event.headers() {
+        record
+            .headers
+            .push((name.clone(), Bytes::from(one_line(value))));
     }
     record
 }
@@ -205,7 +254,7 @@ impl Layer for DeadLetters {
         match next.run(ctx).await {
             Verdict::DeadLetter { error, reason } => match self.send(ctx, &error, reason).await {
                 Ok(topic) => Verdict::DeadLettered { topic, reason },
-                Err(e) => Verdict::Retry {
+                Err(e) => Verdict::Backoff {
                     error: Error::retriable(format!(
                         "cannot store the dead letter ({e}) of an event that failed ({error})"
                     )),
@@ -326,7 +375,7 @@ mod tests {
         })
         .await;
         match verdict {
-            Verdict::Retry { error, delay } => {
+            Verdict::Backoff { error, delay } => {
                 assert_eq!(delay, Some(Duration::from_millis(7)));
                 assert!(error.to_string().contains("orders.dlq"), "{error}");
             }
@@ -338,6 +387,30 @@ mod tests {
             run_layer(&dlq, ctx, || Verdict::Handled).await,
             Verdict::Handled
         ));
+    }
+
+    #[tokio::test]
+    async fn an_event_with_headers_a_publisher_refuses_is_still_dead_lettered() {
+        let t = transport().await;
+        let dlq = DeadLetters::new(t.clone());
+        dlq.start(&["orders".into()]).await.unwrap();
+        // Kafka carries a line break in a header value; Keel's encoder
+        // refuses one, so the envelope cannot be re-encoded as it is.
+        let event = Envelope::new("e", "k", "p").with_source("billing\nv2");
+        assert!(RawRecord::from_envelope(&event).is_err());
+        let ctx = Context::for_test("orders", event.clone(), 1);
+        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
+            error: Error::fatal("bad"),
+            reason: DeadLetterReason::Fatal,
+        })
+        .await;
+        assert!(
+            matches!(verdict, Verdict::DeadLettered { .. }),
+            "{verdict:?}"
+        );
+        let stored = first_record(&t, "orders.dlq").await;
+        assert_eq!(stored.id(), event.id());
+        assert_eq!(stored.source(), Some("billing v2"));
     }
 
     #[test]

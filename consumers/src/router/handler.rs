@@ -4,9 +4,11 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use keel_core::{Envelope, Error, Result};
 use keel_schemas::AvroCodec;
 use keel_schemas::events::Event;
@@ -14,6 +16,7 @@ use keel_schemas::events::Event;
 use super::context::{Context, EventContext, Incoming};
 use super::layer::{DeadLetterReason, Verdict};
 use super::poison;
+use crate::pump::panic_message;
 
 /// Handles one event type, decoded.
 ///
@@ -110,7 +113,13 @@ where
             transaction,
             outbox: outbox.as_ref(),
         };
-        Verdict::from_result(self.handler.handle(event, ctx).await)
+        // A panic is a failed attempt like any other: retried within the
+        // budget, then dead-lettered.
+        let result = AssertUnwindSafe(self.handler.handle(event, ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(Error::retriable(panic_message(panic.as_ref()))));
+        Verdict::from_result(result)
     }
 }
 

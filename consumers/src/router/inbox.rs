@@ -67,8 +67,9 @@ impl Layer for Inboxed {
                     reason: "duplicate",
                 };
             }
+            // The database is unavailable: not the event's fault.
             Err(e) => {
-                return Verdict::Retry {
+                return Verdict::Backoff {
                     error: outbox_error(e),
                     delay: None,
                 };

@@ -5,7 +5,8 @@
 //! The router settles each delivery from the chain's final verdict:
 //! [`Handled`](Verdict::Handled), [`Skipped`](Verdict::Skipped) and
 //! [`DeadLettered`](Verdict::DeadLettered) ack it; [`Retry`](Verdict::Retry)
-//! nacks it for re-delivery (later events of its key wait, other keys flow);
+//! and [`Backoff`](Verdict::Backoff) nack it for re-delivery (later events
+//! of its key wait, other keys flow);
 //! [`DeadLetter`](Verdict::DeadLetter) left over — no dead-letter layer took
 //! it — is retried at the slowest pace, never dropped.
 
@@ -89,6 +90,16 @@ pub enum Verdict {
         /// When to try again.
         delay: Option<Duration>,
     },
+    /// Something the handling depends on is unavailable (the schema
+    /// registry, the database, the dead-letter topic) or misconfigured: not
+    /// the event's fault, so re-deliver after `delay` (`None`: the retry
+    /// layer's backoff) without spending its retry budget.
+    Backoff {
+        /// What is unavailable.
+        error: Error,
+        /// When to try again.
+        delay: Option<Duration>,
+    },
     /// Cannot be handled: send it to dead letters.
     DeadLetter {
         /// What failed.
@@ -107,10 +118,13 @@ pub enum Verdict {
 
 impl Verdict {
     /// A handler's result as a verdict: `Ok` is handled, a retriable error
-    /// is retried, any other error is dead-lettered.
+    /// is retried, a configuration error (e.g. a handler asking for the
+    /// inbox's transaction where no inbox layer runs) backs off until it is
+    /// fixed, any other error is dead-lettered.
     pub fn from_result(result: keel_core::Result<()>) -> Verdict {
         match result {
             Ok(()) => Verdict::Handled,
+            Err(error @ Error::Config { .. }) => Verdict::Backoff { error, delay: None },
             Err(error) if error.is_retriable() => Verdict::Retry { error, delay: None },
             Err(error) => Verdict::DeadLetter {
                 error,
@@ -125,6 +139,7 @@ impl Verdict {
             Verdict::Handled => "handled",
             Verdict::Skipped { .. } => "skipped",
             Verdict::Retry { .. } => "retry",
+            Verdict::Backoff { .. } => "backoff",
             Verdict::DeadLetter { .. } => "dead-letter",
             Verdict::DeadLettered { .. } => "dead-lettered",
         }

@@ -36,7 +36,7 @@ impl ConcurrencyLimit {
 impl Layer for ConcurrencyLimit {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
         let Ok(_permit) = self.permits.acquire().await else {
-            return Verdict::Retry {
+            return Verdict::Backoff {
                 error: Error::closed("concurrency limit"),
                 delay: None,
             };
@@ -61,13 +61,14 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// `rate` handlings per second (> 0, ≤ 1,000,000), bursts of `burst`
-    /// (at least 1).
+    /// `rate` handlings per second (from one a day to 1,000,000 a
+    /// second), bursts of `burst` (at least 1).
     pub fn per_second(rate: f64, burst: u32) -> keel_core::Result<Self> {
-        if !(rate > 0.0 && rate <= 1_000_000.0) {
+        const ONE_A_DAY: f64 = 1.0 / 86_400.0;
+        if !(ONE_A_DAY..=1_000_000.0).contains(&rate) {
             return Err(Error::config(
                 "rate_limit",
-                format!("{rate} per second is not in (0, 1000000]"),
+                format!("{rate} per second is not between one a day ({ONE_A_DAY:.2e}) and 1000000"),
             ));
         }
         if burst == 0 {
@@ -85,8 +86,10 @@ impl RateLimit {
         let now = Instant::now();
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         // Slots left unused in the past do not pile up beyond the burst.
-        let earliest = now
-            .checked_sub(self.interval * (self.burst - 1))
+        let earliest = self
+            .interval
+            .checked_mul(self.burst - 1)
+            .and_then(|ahead| now.checked_sub(ahead))
             .unwrap_or(now);
         let slot = next.map_or(earliest, |n| n.max(earliest));
         *next = Some(slot + self.interval);
@@ -125,6 +128,8 @@ mod tests {
         assert_eq!(done, vec![0, 0, 0, 100, 200, 300, 400]);
         assert!(RateLimit::per_second(0.0, 1).is_err());
         assert!(RateLimit::per_second(f64::NAN, 1).is_err());
+        assert!(RateLimit::per_second(1e-300, 1).is_err());
+        RateLimit::per_second(1.0, u32::MAX).unwrap().book();
         assert!(RateLimit::per_second(1.0, 0).is_err());
     }
 

@@ -4,10 +4,10 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `keel_router_events_total` | counter | `topic`, `group`, `event_type`, `verdict` (`handled`, `skipped`, `retry`, `dead-letter`, `dead-lettered`) |
+//! | `keel_router_events_total` | counter | `topic`, `group`, `event_type`, `verdict` (`handled`, `skipped`, `retry`, `backoff`, `dead-letter`, `dead-lettered`) |
 //! | `keel_router_handled_total` | counter | `topic`, `group`, `event_type` |
 //! | `keel_router_failed_total` | counter | same: attempts that failed (retried or dead) |
-//! | `keel_router_retried_total` | counter | same: failed attempts that will be retried |
+//! | `keel_router_retried_total` | counter | same: failed attempts that will be retried (also when a dependency was down) |
 //! | `keel_router_dead_lettered_total` | counter | same, plus `reason` |
 //! | `keel_router_handler_seconds` | histogram | `topic`, `group`, `event_type` |
 //!
@@ -82,6 +82,9 @@ impl Layer for Metrics {
             Verdict::Handled => counter!("keel_router_handled_total", &labels).increment(1),
             Verdict::Retry { .. } => {
                 counter!("keel_router_failed_total", &labels).increment(1);
+                counter!("keel_router_retried_total", &labels).increment(1);
+            }
+            Verdict::Backoff { .. } => {
                 counter!("keel_router_retried_total", &labels).increment(1);
             }
             Verdict::DeadLetter { reason, .. } => {

@@ -32,8 +32,8 @@
 //! dead-lettered events are acked; a retry nacks with its delay — the
 //! transport holds the rest of that key back and keeps other keys, also in
 //! the same partition, flowing. A panicking handler is a retriable failure.
-//! A dead letter no layer could store is re-delivered at the slowest pace,
-//! never dropped.
+//! A dead letter no layer took (no dead-letter layer) is re-delivered after
+//! [`RouterOptions::undeliverable_delay`], never dropped.
 //!
 //! Layers, each in its own module: [`Tracing`] (continues the producer's
 //! trace), [`Metrics`], [`DeadLetters`], [`Retry`] (backoff, jitter,
@@ -421,7 +421,7 @@ impl Chain {
                 settler.ack();
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-            Verdict::Retry { error, delay } => {
+            Verdict::Retry { error, delay } | Verdict::Backoff { error, delay } => {
                 let delay = delay.unwrap_or(self.options.retry_delay);
                 tracing::debug!(at = %ctx.info().coordinates, %error, ?delay, "re-delivering");
                 settler.nack_with_delay(delay);

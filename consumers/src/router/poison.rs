@@ -34,7 +34,7 @@ pub(crate) fn decode_failure(e: SchemaError) -> Verdict {
         },
         // The registry is down, overloaded, or refuses our credentials:
         // nothing wrong with the record, try again later.
-        e => Verdict::Retry {
+        e => Verdict::Backoff {
             error: Error::retriable(e),
             delay: None,
         },
@@ -80,8 +80,8 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(decode_failure(e), Verdict::Retry { delay: None, .. }),
-                "retried"
+                matches!(decode_failure(e), Verdict::Backoff { delay: None, .. }),
+                "backs off without spending the budget"
             );
         }
         let record = Incoming::Undecodable {

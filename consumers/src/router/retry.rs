@@ -4,7 +4,9 @@
 //! event after it and holds the later events of the same key back until
 //! then, while other keys — also in the same partition — keep flowing. Once
 //! an event has failed `max_attempts` times, the failure becomes a dead
-//! letter ([`DeadLetterReason::Exhausted`]).
+//! letter ([`DeadLetterReason::Exhausted`]). A [`Verdict::Backoff`] — a
+//! dependency down, not the event's fault — gets the same backoff but never
+//! spends the budget.
 //!
 //! Attempts are counted by the transport per delivery; a crash or a
 //! rebalance starts the count again for the events it re-delivers (Kafka
@@ -139,6 +141,11 @@ impl Layer for Retry {
                 error,
                 delay: Some(delay.unwrap_or_else(|| self.policy.delay(attempt))),
             },
+            // Not the event's fault: back off, budget untouched.
+            Verdict::Backoff { error, delay } => Verdict::Backoff {
+                error,
+                delay: Some(delay.unwrap_or_else(|| self.policy.delay(attempt))),
+            },
             other => other,
         }
     }
@@ -187,6 +194,17 @@ mod tests {
                 assert!(text.contains("gave up after 3 attempts"), "{text}");
                 assert!(text.contains("db busy"), "{text}");
             }
+            other => panic!("{other:?}"),
+        }
+        // An unavailable dependency backs off, however many attempts.
+        let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 30);
+        match run_layer(&retry, ctx, || Verdict::Backoff {
+            error: Error::retriable("registry down"),
+            delay: None,
+        })
+        .await
+        {
+            Verdict::Backoff { delay, .. } => assert_eq!(delay, Some(Duration::from_secs(1))),
             other => panic!("{other:?}"),
         }
         // Other verdicts pass untouched.

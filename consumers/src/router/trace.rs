@@ -131,6 +131,11 @@ impl Layer for Tracing {
             Verdict::Retry { error, delay } => {
                 span.in_scope(|| tracing::warn!(%error, ?delay, "handling failed; will retry"));
             }
+            Verdict::Backoff { error, delay } => {
+                span.in_scope(
+                    || tracing::warn!(%error, ?delay, "cannot handle it now; backing off"),
+                );
+            }
             Verdict::DeadLetter { error, reason } => {
                 span.in_scope(|| tracing::error!(%error, %reason, "handling failed for good"));
             }

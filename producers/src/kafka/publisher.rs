@@ -344,10 +344,13 @@ impl Publisher for KafkaPublisher {
                 value: Some(value.as_ref()),
             });
         }
+        // A record from NATS carries its key in a header: it becomes the
+        // Kafka key, so the record lands where Keel's producers put its key.
+        let key = record.partition_key();
         let mut outgoing = FutureRecord::to(topic)
             .payload(record.payload.as_ref())
             .headers(headers);
-        if let Some(key) = &record.key {
+        if let Some(key) = &key {
             outgoing = outgoing.key(key.as_ref());
         } else {
             outgoing = outgoing.partition(0);

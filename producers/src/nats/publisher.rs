@@ -528,12 +528,24 @@ impl Publisher for JetStreamPublisher {
             // The server's own headers (`Nats-Msg-Id`, `Nats-Expected-…`)
             // belong to the original publish; carrying them would make the
             // server de-duplicate or refuse this one.
-            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+            if name
+                .as_bytes()
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"nats-"))
+            {
                 continue;
             }
+            let header = name.parse::<HeaderName>().map_err(|e| {
+                publish_error(
+                    topic,
+                    &id,
+                    format!("header name `{name}` cannot be carried by NATS: {e}"),
+                    false,
+                )
+            })?;
             let value = std::str::from_utf8(value)
                 .ok()
-                .filter(|v| !v.contains(['\r', '\n']))
+                .and_then(|v| v.parse::<async_nats::HeaderValue>().ok())
                 .ok_or_else(|| {
                     publish_error(
                         topic,
@@ -544,8 +556,8 @@ impl Publisher for JetStreamPublisher {
                         false,
                     )
                 })?;
-            size += name.len() + value.len() + 4;
-            headers.append(name.as_str(), value);
+            size += name.len() + value.as_str().len() + 4;
+            headers.append(header, value);
         }
         let key = record.partition_key();
         if let Some(key) = &key
@@ -559,10 +571,14 @@ impl Publisher for JetStreamPublisher {
             size += name.len() + value.len() + 4;
             headers.insert(name, value.as_str());
         }
-        let limit = shape
-            .max_message_size
-            .map_or(shape.max_payload, |m| m.min(shape.max_payload));
-        if limit > 0 && size > limit {
+        let limit = [shape.max_message_size, Some(shape.max_payload)]
+            .into_iter()
+            .flatten()
+            .filter(|l| *l > 0)
+            .min();
+        if let Some(limit) = limit
+            && size > limit
+        {
             return Err(publish_error(
                 topic,
                 &id,

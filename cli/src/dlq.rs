@@ -1,0 +1,361 @@
+//! `keel dlq list` and `keel dlq redrive`: read a topic's dead letters
+//! (decoded, with the error and the original coordinates) and send them
+//! back to the topic they came from with their original event ids, so
+//! inboxes de-duplicate events that were handled meanwhile.
+//!
+//! Both read the dead-letter topic from its start to the end it had when
+//! the command started, as a throw-away consumer group (nothing of the
+//! router's position moves, nothing is removed: a dead-letter topic is a
+//! log). Filters pick by event type, key, reason and dead-letter time.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use keel_consumers::router::DeadLetterReason;
+use keel_consumers::router::dead_letter::{self, headers};
+use keel_core::{Error, KeelConfig, RawRecord, StartFrom, Subscription, wire};
+use keel_schemas::{AvroCodec, CodecOptions, RegistryClient};
+use serde_json::{Value, json};
+
+use crate::broker::{self, Broker};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DlqCommand {
+    /// Print a topic's dead letters as JSON lines: the decoded event, the
+    /// error, why it was dead-lettered, attempts, original coordinates.
+    #[command(after_help = "Examples:\n  \
+        keel --broker kafka://127.0.0.1:9092 dlq list --topic orders\n  \
+        keel --broker nats://127.0.0.1:4222 dlq list --topic orders --reason poison")]
+    List(DlqArgs),
+    /// Publish dead letters back to the topic they came from, with their
+    /// original event ids (inboxes skip events already applied).
+    #[command(after_help = "Examples:\n  \
+        keel --broker kafka://127.0.0.1:9092 dlq redrive --topic orders --type shop.orders.OrderPlaced\n  \
+        keel --broker kafka://127.0.0.1:9092 dlq redrive --topic orders --key order-42 --dry-run")]
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqArgs {
+    /// The topic whose dead letters to read (its dead-letter topic is
+    /// `<topic>.dlq`, or `<topic>-dlq` on NATS).
+    #[arg(long, required_unless_present = "dlq_topic")]
+    topic: Option<String>,
+    /// Read this dead-letter topic instead of the default name.
+    #[arg(long, value_name = "TOPIC")]
+    dlq_topic: Option<String>,
+    /// Only events of this type (Avro full name).
+    #[arg(long = "type", value_name = "EVENT_TYPE")]
+    event_type: Option<String>,
+    /// Only events with this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only dead letters of this reason.
+    #[arg(long, value_parser = ["poison", "unknown-type", "fatal", "retries-exhausted"])]
+    reason: Option<String>,
+    /// Only dead letters written at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    since: Option<String>,
+    /// Only dead letters written before this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    until: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RedriveArgs {
+    #[command(flatten)]
+    filter: DlqArgs,
+    /// Print what would be redriven, publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The selection, parsed.
+struct Filter {
+    event_type: Option<String>,
+    key: Option<String>,
+    reason: Option<DeadLetterReason>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    fn new(args: &DlqArgs) -> anyhow::Result<Filter> {
+        let time = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<DateTime<Utc>>> {
+            text.as_deref()
+                .map(|t| broker::rfc3339(flag, t))
+                .transpose()
+        };
+        Ok(Filter {
+            event_type: args.event_type.clone(),
+            key: args.key.clone(),
+            reason: args.reason.as_deref().and_then(DeadLetterReason::parse),
+            since: time("--since", &args.since)?,
+            until: time("--until", &args.until)?,
+        })
+    }
+
+    fn matches(&self, record: &RawRecord) -> bool {
+        if let Some(t) = &self.event_type
+            && record.header(wire::EVENT_TYPE) != Some(t.as_str())
+        {
+            return false;
+        }
+        if let Some(k) = &self.key
+            && record.partition_key().as_deref() != Some(k.as_bytes())
+        {
+            return false;
+        }
+        if let Some(r) = self.reason
+            && record.header(headers::REASON) != Some(r.as_str())
+        {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(at) = record
+                .header(headers::AT)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+            else {
+                return false;
+            };
+            if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One dead letter as read.
+struct DeadLetter {
+    partition: u32,
+    position: u64,
+    record: RawRecord,
+}
+
+pub(crate) async fn run(
+    config: &KeelConfig,
+    registry: RegistryClient,
+    command: DlqCommand,
+) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List(args) => list(config, registry, args).await,
+        DlqCommand::Redrive(args) => redrive(config, args).await,
+    }
+}
+
+fn dlq_topic(config: &KeelConfig, args: &DlqArgs, command: &str) -> anyhow::Result<String> {
+    let broker = broker::broker(config, command)?;
+    Ok(match (&args.dlq_topic, &args.topic) {
+        (Some(dlq), _) => dlq.clone(),
+        (None, Some(topic)) => {
+            let transport = match broker {
+                Broker::Kafka(_) => "kafka",
+                Broker::Nats(_) => "nats",
+            };
+            format!("{topic}{}", dead_letter::default_suffix(transport))
+        }
+        (None, None) => bail!("give --topic (or --dlq-topic)"),
+    })
+}
+
+async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> anyhow::Result<()> {
+    let topic = dlq_topic(config, &args, "dlq list")?;
+    let filter = Filter::new(&args)?;
+    let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
+    let mut printed = 0;
+    read_dead_letters(config, &topic, async |dead| {
+        if !filter.matches(&dead.record) {
+            return true;
+        }
+        let line = describe(&dead, &codec).await;
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return false; // closed pipe
+        }
+        printed += 1;
+        true
+    })
+    .await?;
+    eprintln!("{printed} dead letters listed from {topic}");
+    Ok(())
+}
+
+async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
+    let r = &dead.record;
+    let event = match codec.decode_json(&r.payload).await {
+        Ok(v) => v,
+        Err(e) => json!({ "undecodable": e.to_string() }),
+    };
+    let other: HashMap<&str, String> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| !n.starts_with("keel-") && !n.eq_ignore_ascii_case("nats-msg-id"))
+        .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    json!({
+        "dlq_partition": dead.partition,
+        "dlq_position": dead.position,
+        "reason": r.header(headers::REASON),
+        "error": r.header(headers::ERROR),
+        "attempts": r.header(headers::ATTEMPTS).and_then(|a| a.parse::<u64>().ok()),
+        "topic": r.header(headers::TOPIC),
+        "partition": r.header(headers::PARTITION).and_then(|p| p.parse::<u64>().ok()),
+        "position": r.header(headers::POSITION).and_then(|p| p.parse::<u64>().ok()),
+        "group": r.header(headers::GROUP),
+        "dead_lettered_at": r.header(headers::AT),
+        "key": r.partition_key().map(|k| String::from_utf8_lossy(&k).into_owned()),
+        "id": r.header(wire::EVENT_ID),
+        "type": r.header(wire::EVENT_TYPE),
+        "headers": other,
+        "event": event,
+    })
+}
+
+async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
+    let topic = dlq_topic(config, &args.filter, "dlq redrive")?;
+    let filter = Filter::new(&args.filter)?;
+    let mut selected = Vec::new();
+    let mut total = 0;
+    read_dead_letters(config, &topic, async |dead| {
+        total += 1;
+        if filter.matches(&dead.record) {
+            selected.push(dead);
+        }
+        true
+    })
+    .await?;
+    if args.dry_run {
+        for dead in &selected {
+            let r = &dead.record;
+            say!(
+                "would redrive {} ({}) at {}/{}@{} to {}",
+                r.header(wire::EVENT_ID)
+                    .unwrap_or("a record without an event id"),
+                r.header(wire::EVENT_TYPE).unwrap_or("no event type"),
+                topic,
+                dead.partition,
+                dead.position,
+                r.header(headers::TOPIC).unwrap_or("?")
+            );
+        }
+        eprintln!(
+            "{} of {total} dead letters selected; nothing published (--dry-run)",
+            selected.len()
+        );
+        return Ok(());
+    }
+    let publisher = broker::publisher(config, "dlq redrive", Duration::from_secs(30)).await?;
+    let progress = ProgressBar::new(selected.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{spinner} redriving {pos}/{len} dead letters {wide_bar} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut redriven = 0;
+    for dead in selected {
+        let at = format!("{topic}/{}@{}", dead.partition, dead.position);
+        let receipt = dead_letter::redrive(&*publisher, dead.record)
+            .await
+            .with_context(|| {
+                format!("cannot redrive the dead letter at {at} ({redriven} redriven before it; running the command again is safe: inboxes de-duplicate by event id)")
+            })?;
+        progress.suspend(|| {
+            say!(
+                "redrove {at} to {}/{}@{}",
+                receipt.topic,
+                receipt.partition,
+                receipt.position
+            );
+        });
+        progress.inc(1);
+        redriven += 1;
+    }
+    progress.finish_and_clear();
+    eprintln!("{redriven} of {total} dead letters redriven from {topic}");
+    Ok(())
+}
+
+/// Reads `topic` from its start to the end it has now, handing each record
+/// to `each` (which returns `false` to stop early).
+async fn read_dead_letters(
+    config: &KeelConfig,
+    topic: &str,
+    mut each: impl AsyncFnMut(DeadLetter) -> bool,
+) -> anyhow::Result<()> {
+    let reader = broker::Reader::new(config, "dlq").await?;
+    let mut remaining = reader
+        .stored_per_partition(topic)
+        .await
+        .with_context(|| format!("cannot read dead-letter topic `{topic}`; does it exist?"))?;
+    let mut left: u64 = remaining.iter().sum();
+    if left == 0 {
+        return Ok(());
+    }
+    let mut member = reader
+        .subscribe(
+            Subscription::new(topic, reader.group())
+                .start_from(StartFrom::Earliest)
+                .max_in_flight(64),
+        )
+        .await?;
+    let mut seen = std::collections::HashSet::new();
+    let outcome = loop {
+        let item = match tokio::time::timeout(Duration::from_secs(30), member.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => break Ok(()),
+            Err(_) => {
+                break Err(anyhow::anyhow!(
+                    "no record of `{topic}` arrived for 30 s with {left} still to read"
+                ));
+            }
+        };
+        let dead = match item {
+            Ok(delivery) => {
+                let (envelope, info, settler) = delivery.into_parts();
+                settler.ack();
+                (info, RawRecord::from_envelope(&envelope))
+            }
+            Err(Error::Undecodable(u)) => {
+                let (record, info, _, settler) = u.into_parts();
+                settler.ack();
+                (info, Ok(record))
+            }
+            Err(e) if e.is_retriable() => continue,
+            Err(e) => break Err(e.into()),
+        };
+        let (info, record) = dead;
+        let (partition, position) = (info.coordinates.partition, info.coordinates.position);
+        let Some(slot) = remaining.get_mut(partition as usize) else {
+            continue;
+        };
+        // Records past the end as it was, and re-deliveries, are skipped.
+        if *slot == 0 || !seen.insert((partition, position)) {
+            continue;
+        }
+        *slot -= 1;
+        left -= 1;
+        let record = record.with_context(|| format!("record {topic}/{partition}@{position}"))?;
+        if !each(DeadLetter {
+            partition,
+            position,
+            record,
+        })
+        .await
+            || left == 0
+        {
+            break Ok(());
+        }
+    };
+    member.leave().await?;
+    reader.clean_up(topic).await?;
+    outcome
+}
