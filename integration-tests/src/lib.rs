@@ -30,6 +30,7 @@
 use std::time::Duration;
 
 pub mod bench;
+pub mod chain;
 pub mod faults;
 pub mod outbox;
 
