@@ -11,6 +11,7 @@ use keel_schemas::events::Event;
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::handler::Route;
+use super::trace::TraceParent;
 
 /// What arrived.
 #[derive(Debug)]
@@ -31,7 +32,7 @@ pub struct Context {
     pub(crate) incoming: Incoming,
     pub(crate) info: DeliveryInfo,
     pub(crate) route: Option<Arc<dyn Route>>,
-    pub(crate) trace: TraceContext,
+    pub(crate) span: Option<TraceParent>,
     pub(crate) transaction: Option<Transaction<'static, Postgres>>,
     pub(crate) outbox: Option<Arc<Outbox>>,
 }
@@ -53,15 +54,11 @@ impl Context {
         info: DeliveryInfo,
         route: Option<Arc<dyn Route>>,
     ) -> Self {
-        let trace = match &incoming {
-            Incoming::Event(event) => event.trace().clone(),
-            Incoming::Undecodable { .. } => TraceContext::default(),
-        };
         Context {
             incoming,
             info,
             route,
-            trace,
+            span: None,
             transaction: None,
             outbox: None,
         }
@@ -107,15 +104,21 @@ impl Context {
         self.route.as_ref().map(|r| r.event_type())
     }
 
-    /// The trace context of this handling (the tracing layer makes it a
-    /// child of the producer's); follow-up events carry it.
-    pub fn trace(&self) -> &TraceContext {
-        &self.trace
+    /// The trace context follow-up events carry: this handling's span
+    /// (set by the tracing layer, a child of the producer's) with the
+    /// producer's `tracestate`, else the producer's context as it came.
+    pub fn trace(&self) -> TraceContext {
+        trace_of(self.event(), self.span)
     }
 
-    /// Replaces the trace context (the tracing layer does).
-    pub fn set_trace(&mut self, trace: TraceContext) {
-        self.trace = trace;
+    /// This handling's span, if the tracing layer set one.
+    pub fn span(&self) -> Option<TraceParent> {
+        self.span
+    }
+
+    /// Sets this handling's span (the tracing layer does).
+    pub fn set_span(&mut self, span: TraceParent) {
+        self.span = Some(span);
     }
 
     /// The record as it was stored (rebuilt from the event's envelope for
@@ -151,7 +154,7 @@ impl Context {
 pub struct EventContext<'a> {
     pub(crate) envelope: &'a Envelope,
     pub(crate) info: &'a DeliveryInfo,
-    pub(crate) trace: &'a TraceContext,
+    pub(crate) span: Option<TraceParent>,
     pub(crate) transaction: &'a mut Option<Transaction<'static, Postgres>>,
     pub(crate) outbox: Option<&'a Arc<Outbox>>,
 }
@@ -211,13 +214,25 @@ impl EventContext<'_> {
             .await
             .map_err(outbox_error)?
             .caused_by(self.envelope)
-            .with_trace(self.trace.clone());
+            .with_trace(trace_of(Some(self.envelope), self.span));
         let id = follow_up.id();
         outbox
             .enqueue(self.transaction()?, topic, &follow_up)
             .await
             .map_err(outbox_error)?;
         Ok(id)
+    }
+}
+
+/// The trace context a follow-up of `event` carries when handled in `span`.
+fn trace_of(event: Option<&Envelope>, span: Option<TraceParent>) -> TraceContext {
+    match (span, event) {
+        (Some(span), event) => TraceContext {
+            traceparent: Some(span.to_string()),
+            tracestate: event.and_then(|e| e.trace().tracestate.clone()),
+        },
+        (None, Some(event)) => event.trace().clone(),
+        (None, None) => TraceContext::default(),
     }
 }
 

@@ -94,7 +94,7 @@ where
         let Context {
             incoming,
             info,
-            trace,
+            span,
             transaction,
             outbox,
             ..
@@ -109,7 +109,7 @@ where
         let ctx = EventContext {
             envelope,
             info,
-            trace,
+            span: *span,
             transaction,
             outbox: outbox.as_ref(),
         };

@@ -15,18 +15,114 @@
 //! `unrouted` — never a value read off the wire, so the label set stays
 //! bounded whatever arrives.
 
-use std::sync::Once;
+use std::collections::HashMap;
+use std::sync::{Arc, Once, RwLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{Counter, Histogram, Unit, counter, describe_counter, describe_histogram, histogram};
 
 use super::context::Context;
-use super::layer::{Layer, Next, Verdict};
+use super::layer::{DeadLetterReason, Layer, Next, Verdict};
 
-/// The metrics layer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Metrics;
+/// The metrics layer. It registers its handles once per topic, group and
+/// event type with the recorder installed at that moment (install yours
+/// before the router starts) and then only bumps them.
+#[derive(Default)]
+pub struct Metrics {
+    /// Handles by topic, then by (group, event type): a lookup allocates
+    /// nothing.
+    handles: RwLock<ByTopic>,
+}
+
+/// Handles by topic, then by (group, event type).
+type ByTopic = HashMap<String, Vec<(String, &'static str, Arc<Handles>)>>;
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+const VERDICTS: [&str; 6] = [
+    "handled",
+    "skipped",
+    "retry",
+    "backoff",
+    "dead-letter",
+    "dead-lettered",
+];
+const REASONS: [DeadLetterReason; 4] = [
+    DeadLetterReason::Poison,
+    DeadLetterReason::UnknownType,
+    DeadLetterReason::Fatal,
+    DeadLetterReason::Exhausted,
+];
+
+/// One label set's handles.
+struct Handles {
+    seconds: Histogram,
+    handled: Counter,
+    failed: Counter,
+    retried: Counter,
+    /// By [`VERDICTS`].
+    events: [Counter; 6],
+    /// By [`REASONS`].
+    dead_lettered: [Counter; 4],
+}
+
+impl Handles {
+    fn register(topic: &str, group: &str, event_type: &'static str) -> Handles {
+        let labels = [
+            ("topic", topic.to_owned()),
+            ("group", group.to_owned()),
+            ("event_type", event_type.to_owned()),
+        ];
+        let with = |name: &'static str, value: &str| {
+            let mut l = labels.to_vec();
+            l.push((name, value.to_owned()));
+            l
+        };
+        Handles {
+            seconds: histogram!("keel_router_handler_seconds", &labels),
+            handled: counter!("keel_router_handled_total", &labels),
+            failed: counter!("keel_router_failed_total", &labels),
+            retried: counter!("keel_router_retried_total", &labels),
+            events: VERDICTS.map(|v| counter!("keel_router_events_total", &with("verdict", v))),
+            dead_lettered: REASONS.map(|r| {
+                counter!(
+                    "keel_router_dead_lettered_total",
+                    &with("reason", r.as_str())
+                )
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    fn handles(&self, topic: &str, group: &str, event_type: &'static str) -> Arc<Handles> {
+        let find = |map: &ByTopic| {
+            map.get(topic).and_then(|sets| {
+                sets.iter()
+                    .find(|(g, t, _)| g == group && *t == event_type)
+                    .map(|(_, _, h)| h.clone())
+            })
+        };
+        if let Some(h) = find(&self.handles.read().unwrap_or_else(|p| p.into_inner())) {
+            return h;
+        }
+        let mut map = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = find(&map) {
+            return h;
+        }
+        describe();
+        let h = Arc::new(Handles::register(topic, group, event_type));
+        map.entry(topic.to_owned())
+            .or_default()
+            .push((group.to_owned(), event_type, h.clone()));
+        h
+    }
+}
 
 fn describe() {
     static ONCE: Once = Once::new();
@@ -62,45 +158,41 @@ fn describe() {
 #[async_trait]
 impl Layer for Metrics {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
-        describe();
         let started = Instant::now();
         let verdict = next.run(ctx).await;
         let elapsed = started.elapsed();
-        let labels = [
-            ("topic", ctx.info().coordinates.topic.clone()),
-            ("group", ctx.info().group.clone()),
-            (
-                "event_type",
-                ctx.routed_type().unwrap_or("unrouted").to_owned(),
-            ),
-        ];
-        histogram!("keel_router_handler_seconds", &labels).record(elapsed.as_secs_f64());
-        let mut with_verdict = labels.to_vec();
-        with_verdict.push(("verdict", verdict.name().to_owned()));
-        counter!("keel_router_events_total", &with_verdict).increment(1);
-        match &verdict {
-            Verdict::Handled => counter!("keel_router_handled_total", &labels).increment(1),
+        let info = ctx.info();
+        let h = self.handles(
+            &info.coordinates.topic,
+            &info.group,
+            ctx.routed_type().unwrap_or("unrouted"),
+        );
+        h.seconds.record(elapsed.as_secs_f64());
+        let (index, failed) = match &verdict {
+            Verdict::Handled => {
+                h.handled.increment(1);
+                (0, false)
+            }
+            Verdict::Skipped { .. } => (1, false),
             Verdict::Retry { .. } => {
-                counter!("keel_router_failed_total", &labels).increment(1);
-                counter!("keel_router_retried_total", &labels).increment(1);
+                h.retried.increment(1);
+                (2, true)
             }
             Verdict::Backoff { .. } => {
-                counter!("keel_router_retried_total", &labels).increment(1);
+                h.retried.increment(1);
+                (3, false)
             }
-            Verdict::DeadLetter { reason, .. } => {
-                if reason.is_handler_failure() {
-                    counter!("keel_router_failed_total", &labels).increment(1);
-                }
-            }
+            Verdict::DeadLetter { reason, .. } => (4, reason.is_handler_failure()),
             Verdict::DeadLettered { reason, .. } => {
-                if reason.is_handler_failure() {
-                    counter!("keel_router_failed_total", &labels).increment(1);
+                if let Some(i) = REASONS.iter().position(|r| r == reason) {
+                    h.dead_lettered[i].increment(1);
                 }
-                let mut with_reason = labels.to_vec();
-                with_reason.push(("reason", reason.as_str().to_owned()));
-                counter!("keel_router_dead_lettered_total", &with_reason).increment(1);
+                (5, reason.is_handler_failure())
             }
-            Verdict::Skipped { .. } => {}
+        };
+        h.events[index].increment(1);
+        if failed {
+            h.failed.increment(1);
         }
         verdict
     }
@@ -119,6 +211,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
+        let metrics = Metrics::default();
         for v in [
             || Verdict::Handled,
             || Verdict::Handled,
@@ -132,7 +225,7 @@ mod tests {
             },
         ] {
             let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 1);
-            run_layer(&Metrics, ctx, v).await;
+            run_layer(&metrics, ctx, v).await;
         }
         let counts: std::collections::HashMap<String, u64> = snapshotter
             .snapshot()

@@ -220,7 +220,7 @@ impl Router {
         let retry = Retry::new(retry)?;
         Ok(self
             .layer(Tracing)
-            .layer(Metrics)
+            .layer(Metrics::default())
             .layer(DeadLetters::new(transport))
             .layer(retry))
     }

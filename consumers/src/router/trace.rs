@@ -12,7 +12,6 @@
 //! worth an OpenTelemetry dependency in every consumer).
 
 use async_trait::async_trait;
-use keel_core::TraceContext;
 use rand::Rng;
 use tracing::Instrument;
 
@@ -101,15 +100,11 @@ pub struct Tracing;
 impl Layer for Tracing {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
         let parent = ctx
-            .trace()
-            .traceparent
-            .as_deref()
+            .event()
+            .and_then(|e| e.trace().traceparent.as_deref())
             .and_then(TraceParent::parse);
         let this = parent.map_or_else(TraceParent::root, |p| p.child());
-        ctx.set_trace(TraceContext {
-            traceparent: Some(this.to_string()),
-            tracestate: ctx.trace().tracestate.clone(),
-        });
+        ctx.set_span(this);
         let info = ctx.info();
         let span = tracing::info_span!(
             "handle",
@@ -152,7 +147,7 @@ impl Layer for Tracing {
 
 #[cfg(test)]
 mod tests {
-    use keel_core::Envelope;
+    use keel_core::{Envelope, TraceContext};
 
     use super::*;
     use crate::router::testing::run_layer_with;
