@@ -108,10 +108,12 @@ pub fn codec(registry: &str) -> Arc<AvroCodec> {
     ))
 }
 
-/// The router of `role` (`billing` or `shipping`): standard layers, a
-/// handler timeout, the inbox with the outbox for follow-ups.
+/// The router of `role` (`billing` or `shipping`) as consumer group
+/// `group`: standard layers, a handler timeout, the inbox with the outbox
+/// for follow-ups.
 pub fn router(
     role: &str,
+    group: &str,
     transport: Arc<dyn Transport>,
     pool: PgPool,
     codec: Arc<AvroCodec>,
@@ -119,7 +121,7 @@ pub fn router(
 ) -> Result<Router> {
     let tables = OutboxTables::default();
     let outbox = Arc::new(Outbox::new(tables.clone(), codec.clone()));
-    let base = Router::new(role, codec)
+    let base = Router::new(group, codec)
         .standard_layers(transport, RetryPolicy::default())?
         .layer(Timeout::new(Duration::from_secs(10))?)
         .layer(Inboxed::new(pool, &tables).with_outbox(outbox));

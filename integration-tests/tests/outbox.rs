@@ -373,7 +373,12 @@ async fn the_inbox_applies_an_event_delivered_three_times_once() {
     }
     let inbox = Inbox::new(&tables);
     let mut deliveries = transport
-        .subscribe(Subscription::new(&topic, "billing").start_from(StartFrom::Earliest))
+        // A group of its own: Kafka groups span topics, so a shared name
+        // would rebalance with every other test's members of that group.
+        .subscribe(
+            Subscription::new(&topic, keel_integration_tests::unique_name("billing"))
+                .start_from(StartFrom::Earliest),
+        )
         .await
         .unwrap();
     let mut applied = 0;

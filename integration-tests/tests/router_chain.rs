@@ -26,6 +26,10 @@ const ORDERS: usize = 10_000;
 
 struct Chain {
     broker: &'static str,
+    /// Consumer groups of their own (Kafka groups span topics: a shared
+    /// name would rebalance with other tests' members).
+    billing: String,
+    shipping: String,
     db: TestDatabase,
     registry: String,
     topics: Topics,
@@ -36,6 +40,11 @@ impl Chain {
         let child: Child = Command::new(env!("CARGO_BIN_EXE_router_chain_worker"))
             .args([
                 role,
+                if role == "billing" {
+                    &self.billing
+                } else {
+                    &self.shipping
+                },
                 self.broker,
                 self.db.url(),
                 &self.registry,
@@ -128,6 +137,8 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     );
     let chain = Chain {
         broker,
+        billing: keel_integration_tests::unique_name("billing"),
+        shipping: keel_integration_tests::unique_name("shipping"),
         db,
         registry: registry.url.clone(),
         topics,

@@ -1,7 +1,7 @@
 //! One service of the orders → billing → shipping chain as its own OS
 //! process, for the SIGKILL test: the router of `role` until Ctrl-C.
 //!
-//! Usage: `router_chain_worker <billing|shipping> <kafka|nats> <database-url> <registry-url> <orders> <payments> <shipments>`
+//! Usage: `router_chain_worker <billing|shipping> <group> <kafka|nats> <database-url> <registry-url> <orders> <payments> <shipments>`
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
     let [
         _,
         role,
+        group,
         broker,
         database,
         registry,
@@ -25,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     ] = args.as_slice()
     else {
         anyhow::bail!(
-            "usage: router_chain_worker <billing|shipping> <kafka|nats> <database-url> <registry-url> <orders> <payments> <shipments>"
+            "usage: router_chain_worker <billing|shipping> <group> <kafka|nats> <database-url> <registry-url> <orders> <payments> <shipments>"
         );
     };
     init_worker_tracing();
@@ -42,7 +43,14 @@ async fn main() -> anyhow::Result<()> {
         payments: payments.clone(),
         shipments: shipments.clone(),
     };
-    let router = router(role, transport.clone(), pool, codec(registry), &topics)?;
+    let router = router(
+        role,
+        group,
+        transport.clone(),
+        pool,
+        codec(registry),
+        &topics,
+    )?;
     tracing::info!(%role, "chain worker starting");
     router
         .run(transport, async {
