@@ -6,7 +6,7 @@
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use keel_consumers::router::{Router, from_fn, Inboxed, RetryPolicy};
-//! # use keel_schemas::domain::OrderPlaced;
+//! # use keel_schemas::events::OrderPlaced;
 //! # async fn f(transport: Arc<dyn keel_core::Transport>, codec: Arc<keel_schemas::AvroCodec>) -> keel_core::Result<()> {
 //! let report = Router::new("billing", codec)
 //!     .standard_layers(transport.clone(), RetryPolicy::default())?
