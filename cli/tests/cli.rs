@@ -196,15 +196,21 @@ impl RegistryProcess {
             .spawn()
             .expect("start keel registry serve");
         let stderr = child.stderr.take().expect("stderr");
-        let mut line = String::new();
-        std::io::BufReader::new(stderr)
-            .read_line(&mut line)
-            .expect("read the serving line");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .to_owned();
+        let mut stderr = std::io::BufReader::new(stderr);
+        // Warnings (a slow statement on a loaded machine, say) may come
+        // before the line that names the URL.
+        let mut seen = Vec::new();
+        let url = loop {
+            let mut line = String::new();
+            let read = stderr
+                .read_line(&mut line)
+                .expect("read the registry's output");
+            assert!(read > 0 && seen.len() < 100, "no URL in {seen:?}");
+            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                break url.to_owned();
+            }
+            seen.push(line);
+        };
         RegistryProcess { child, url }
     }
 }
