@@ -202,14 +202,30 @@ pub async fn write(pool: &PgPool, outbox: &Outbox, topic: &str, plan: WriterPlan
                             event,
                         ));
                     }
-                    if as_batch {
+                    let enqueued = if as_batch {
                         let batch: Vec<(&str, &Envelope)> =
                             events.iter().map(|(_, e)| (topic.as_str(), e)).collect();
-                        outbox.enqueue_batch(&mut tx, &batch).await.unwrap();
+                        outbox.enqueue_batch(&mut tx, &batch).await
                     } else {
+                        let mut enqueued = Ok(());
                         for (_, event) in &events {
-                            outbox.enqueue(&mut tx, &topic, event).await.unwrap();
+                            enqueued = outbox.enqueue(&mut tx, &topic, event).await;
+                            if enqueued.is_err() {
+                                break;
+                            }
                         }
+                        enqueued
+                    };
+                    if let Err(e) = enqueued {
+                        // Two writers locking keys in different orders:
+                        // PostgreSQL aborts one with a deadlock (retriable),
+                        // as the outbox documents. Like an application,
+                        // this writer gives the transaction up; its events
+                        // count as rolled back.
+                        assert!(e.is_retriable(), "{e}");
+                        let _ = tx.rollback().await;
+                        writes.rolled_back.extend(events.iter().map(|(w, _)| w.id));
+                        continue;
                     }
                     tokio::time::sleep(hold).await;
                     if roll_back {
