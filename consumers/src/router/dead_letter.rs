@@ -141,9 +141,7 @@ fn dead_letter(
     reason: DeadLetterReason,
 ) -> RawRecord {
     let info = ctx.info();
-    record
-        .headers
-        .retain(|(name, _)| !headers::ALL.iter().any(|h| name.eq_ignore_ascii_case(h)));
+    strip_dead_letter_headers(&mut record);
     let text = one_line(&error.to_string());
     let fields = [
         (headers::ERROR, text),
@@ -227,10 +225,15 @@ fn one_line(text: &str) -> String {
 /// and the topic it came from (for a redrive).
 pub fn original(mut record: RawRecord) -> (Option<String>, RawRecord) {
     let topic = record.header(headers::TOPIC).map(str::to_owned);
+    strip_dead_letter_headers(&mut record);
+    (topic, record)
+}
+
+/// Removes every `keel-dlq-*` header [`headers::ALL`] names.
+fn strip_dead_letter_headers(record: &mut RawRecord) {
     record
         .headers
         .retain(|(name, _)| !headers::ALL.iter().any(|h| name.eq_ignore_ascii_case(h)));
-    (topic, record)
 }
 
 /// Publishes a dead letter's original record back to the topic it came
