@@ -1,6 +1,7 @@
 //! Keel's schema registry against real PostgreSQL and SQLite: every
 //! endpoint with Confluent's exact error codes, every compatibility level
-//! over the spec-derived pairs, concurrent registration, restarts, and the
+//! over the spec-derived pairs, concurrent registration, restarts, IMPORT
+//! mode (copying another registry's schemas with their ids), and the
 //! codec working through the HTTP client.
 #![allow(clippy::unwrap_used)] // test bodies live in helpers: a panic is the failure report
 
@@ -43,6 +44,7 @@ on_both_backends!(
     ids_survive_a_restart,
     references_and_the_codec_through_the_client,
     bad_requests_get_codes_not_500s,
+    import_mode_keeps_ids_and_versions,
 );
 
 struct Api {
@@ -1021,6 +1023,157 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
     )
     .unwrap();
     assert_eq!(client.subjects().await.unwrap(), Vec::<String>::new());
+}
+
+/// IMPORT mode, as Confluent defines it: schemas copied from another
+/// registry keep their ids and versions; ids assigned afterwards continue
+/// above them; nothing already stored is overwritten.
+async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
+    let registry = RegistryUnderTest::start(backend, ServerOptions::default()).await;
+    let api = Api::new(&registry);
+    let v1 = record("Imported", json!([{"name": "a", "type": "string"}]));
+    // Incompatible with v1 under BACKWARD: imports skip the check.
+    let v2 = record("Imported", json!([{"name": "a", "type": "int"}]));
+    let other = record("Other", json!([{"name": "b", "type": "long"}]));
+    let import = |subject: &str, schema: &Value, id: i64, version: Option<i64>| {
+        let mut body = json!({"schema": schema.to_string(), "id": id});
+        if let Some(version) = version {
+            body["version"] = json!(version);
+        }
+        (format!("/subjects/{subject}/versions"), body)
+    };
+    let refused = |(status, body): (StatusCode, Value)| {
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        error_code(&body)
+    };
+
+    // READWRITE: an explicit id is refused.
+    let (path, body) = import("orders-value", &v1, 5000, None);
+    assert_eq!(refused(api.post(&path, body).await), 42205);
+
+    // A registry holding subjects switches to IMPORT only when forced.
+    let plain_id = api.register("plain", &other).await;
+    assert_eq!(
+        refused(api.put("/mode", json!({"mode": "IMPORT"})).await),
+        42205
+    );
+    assert_eq!(api.get("/mode").await.1, json!({"mode": "READWRITE"}));
+    // An empty subject may switch on its own.
+    assert_eq!(
+        api.put("/mode/orders-value", json!({"mode": "IMPORT"}))
+            .await
+            .1,
+        json!({"mode": "IMPORT"})
+    );
+    // …but one holding versions not without force.
+    assert_eq!(
+        refused(api.put("/mode/plain", json!({"mode": "IMPORT"})).await),
+        42205
+    );
+
+    // IMPORT: no id is refused; ids and versions are kept, out of order,
+    // with gaps, without compatibility checks.
+    assert_eq!(
+        refused(
+            api.post(
+                "/subjects/orders-value/versions",
+                json!({"schema": v1.to_string()})
+            )
+            .await
+        ),
+        42205
+    );
+    let (path, body) = import("orders-value", &v2, 5003, Some(3));
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5003}))
+    );
+    let (path, body) = import("orders-value", &v1, 5001, Some(1));
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5001}))
+    );
+    // Again: idempotent.
+    let (path, body) = import("orders-value", &v1, 5001, Some(1));
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5001}))
+    );
+    assert_eq!(
+        api.get("/subjects/orders-value/versions").await.1,
+        json!([1, 3])
+    );
+    let (_, got) = api.get("/subjects/orders-value/versions/3").await;
+    assert_eq!(
+        (got["id"].clone(), got["version"].clone()),
+        (json!(5003), json!(3))
+    );
+    assert_eq!(api.get("/schemas/ids/5001/schema").await.1, v1);
+
+    // Nothing is overwritten: an id holding another schema (42205), a
+    // schema stored under another id (42207), a version holding another
+    // schema (42205).
+    let (path, body) = import("orders-value", &other, 5001, None);
+    assert_eq!(refused(api.post(&path, body).await), 42205);
+    let (path, body) = import("orders-value", &v1, 5009, None);
+    assert_eq!(refused(api.post(&path, body).await), 42207);
+    let third = record("Third", json!([{"name": "c", "type": "double"}]));
+    let (path, body) = import("orders-value", &third, 5004, Some(3));
+    assert_eq!(refused(api.post(&path, body).await), 42205);
+    assert_eq!(api.get("/schemas/ids/5004").await.0, StatusCode::NOT_FOUND);
+    // No version given: the next one after the highest.
+    let (path, body) = import("orders-value", &third, 5004, None);
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5004}))
+    );
+    assert_eq!(
+        api.get("/subjects/orders-value/versions").await.1,
+        json!([1, 3, 4])
+    );
+    // Ids beyond what the wire format carries are refused.
+    let (path, body) = import("orders-value", &third, 1 << 40, None);
+    assert_eq!(refused(api.post(&path, body).await), 42201);
+
+    // Back to READWRITE: new ids continue above every imported one, and
+    // normal registration checks compatibility against the imported
+    // versions again.
+    api.put("/mode/orders-value", json!({"mode": "READWRITE"}))
+        .await;
+    let fresh = record("Fresh", json!([{"name": "d", "type": "string"}]));
+    let fresh_id = api.register("fresh", &fresh).await;
+    assert!(
+        fresh_id > 5004,
+        "new ids continue above imported ones: {fresh_id} (plain was {plain_id})"
+    );
+    let v5 = record(
+        "Third",
+        json!([{"name": "c", "type": "double"}, {"name": "e", "type": "int"}]),
+    );
+    let (status, body) = api
+        .post(
+            "/subjects/orders-value/versions",
+            json!({"schema": v5.to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(error_code(&body), 409);
+
+    // Forced, the whole registry switches; READWRITE afterwards refuses ids.
+    assert_eq!(
+        api.put("/mode?force=true", json!({"mode": "IMPORT"}))
+            .await
+            .1,
+        json!({"mode": "IMPORT"})
+    );
+    let (path, body) = import("plain", &v2, 5003, None);
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5003}))
+    );
+    api.put("/mode", json!({"mode": "READWRITE"})).await;
+    let (path, body) = import("plain", &v1, 5001, None);
+    assert_eq!(refused(api.post(&path, body).await), 42205);
 }
 
 fn deep(levels: usize) -> Value {

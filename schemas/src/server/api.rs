@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, CONTENT_TYPE};
-use super::store::{NewSchema, SchemaReference, Setting, Store, StoredSchema, SubjectVersion};
+use super::store::{
+    ImportRefusal, NewSchema, SchemaReference, Setting, Store, StoredSchema, SubjectVersion,
+};
 use crate::canonical::{References, named_types, resolve};
 use crate::compat::Compatibility;
 
@@ -167,6 +169,8 @@ struct Flags {
     default_to_global: bool,
     #[serde(default)]
     subject_prefix: String,
+    #[serde(default)]
+    force: bool,
 }
 
 /// `latest` (or -1) or a version number.
@@ -201,6 +205,13 @@ struct SchemaRequest {
     schema_type: Option<String>,
     #[serde(default)]
     references: Vec<SchemaReference>,
+    /// The global id to register under (IMPORT mode only); absent or
+    /// negative = assign one, as Confluent's `-1`.
+    #[serde(default)]
+    id: Option<i64>,
+    /// The version to register as; absent or ≤ 0 = the next one.
+    #[serde(default)]
+    version: Option<i64>,
 }
 
 fn schema_json(schema: &StoredSchema) -> serde_json::Map<String, Value> {
@@ -501,20 +512,58 @@ fn normal_forms(versions: &[SubjectVersion]) -> Vec<Value> {
         .collect()
 }
 
+/// The largest schema id the Confluent wire format can carry.
+const MAX_SCHEMA_ID: i64 = i32::MAX as i64;
+
 async fn register(
     State(state): State<AppStateRef>,
     Path(subject): Path<String>,
     Query(flags): Query<Flags>,
     JsonBody(request): JsonBody<SchemaRequest>,
 ) -> ApiResult {
-    writable(&state, &subject).await?;
+    // Confluent's rules: an explicit id only in IMPORT mode, no id only in
+    // READWRITE mode, nothing in the read-only modes.
+    let mode = mode_of(&state, &subject).await?;
+    if mode == "READONLY" || mode == "READONLY_OVERRIDE" {
+        return Err(ApiError::not_permitted(&subject, &mode));
+    }
+    let id = request.id.filter(|id| *id >= 0);
+    let version = request.version.filter(|v| *v > 0);
+    match id {
+        Some(id) if mode != "IMPORT" => {
+            return Err(ApiError::operation_not_permitted(format!(
+                "Subject {subject} is not in import mode: schema id {id} can only be given in IMPORT mode (PUT /mode/{subject} {{\"mode\": \"IMPORT\"}})"
+            )));
+        }
+        Some(id) => return import(&state, &subject, id, version, &request, flags).await,
+        None if mode != "READWRITE" => {
+            return Err(ApiError::operation_not_permitted(format!(
+                "Subject {subject} is not in read-write mode: in {mode} mode every schema must be registered with its id"
+            )));
+        }
+        None => {}
+    }
     let candidate = candidate(&state, &request, flags.normalize).await?;
     let live = state.store.versions(&subject, false).await?;
     if let Some(existing) = live
         .iter()
         .find(|v| matches(&v.schema, &candidate, flags.normalize))
+        .filter(|v| version.is_none_or(|wanted| wanted == v.version))
     {
         return Ok(ok(json!({"id": existing.schema.id})));
+    }
+    if let Some(wanted) = version {
+        let next = state
+            .store
+            .versions(&subject, true)
+            .await?
+            .last()
+            .map_or(1, |v| v.version + 1);
+        if wanted != next {
+            return Err(ApiError::invalid_schema(format!(
+                "Version is not one more than previous version: version {wanted} was given, the next version of {subject} is {next}"
+            )));
+        }
     }
     let level = level_of(&state, &subject).await?;
     let problems = level.check(&candidate.normal, &normal_forms(&live));
@@ -540,6 +589,44 @@ async fn register(
             Ok(ok(json!({"id": id})))
         }
         Err(problems) => Err(ApiError::incompatible(&subject, &problems)),
+    }
+}
+
+/// A registration in IMPORT mode: the schema keeps the id (and version)
+/// it has in the registry it comes from; no compatibility check.
+async fn import(
+    state: &AppState,
+    subject: &str,
+    id: i64,
+    version: Option<i64>,
+    request: &SchemaRequest,
+    flags: Flags,
+) -> ApiResult {
+    if id > MAX_SCHEMA_ID {
+        return Err(ApiError::invalid_schema(format!(
+            "schema id {id} is out of range: ids are 0 to {MAX_SCHEMA_ID} (four bytes on the wire)"
+        )));
+    }
+    let candidate = candidate(state, request, flags.normalize).await?;
+    match state
+        .store
+        .import_version(subject, id, version, &candidate.stored)
+        .await?
+    {
+        Ok(version) => {
+            tracing::info!(%subject, id, version, "schema imported");
+            Ok(ok(json!({"id": id})))
+        }
+        Err(ImportRefusal::IdTaken(id)) => Err(ApiError::operation_not_permitted(format!(
+            "Overwrite new schema with id {id} is not permitted."
+        ))),
+        Err(ImportRefusal::OtherId(existing)) => Err(ApiError::id_does_not_match(existing, id)),
+        Err(ImportRefusal::VersionTaken { version, holds }) => {
+            Err(ApiError::operation_not_permitted(format!(
+                "Version {version} of subject {subject} already holds schema id {holds}; \
+                 delete it (permanently) before importing another schema as that version"
+            )))
+        }
     }
 }
 
@@ -717,15 +804,31 @@ fn parse_mode(text: &str) -> ApiResult<String> {
     }
 }
 
+/// Confluent's refusal to switch a registry (or subject) that holds
+/// schemas to IMPORT mode without `?force=true`.
+fn cannot_import() -> ApiError {
+    ApiError::operation_not_permitted(
+        "Cannot import since found existing subjects (delete them first, or PUT the mode with ?force=true)",
+    )
+}
+
 async fn get_global_mode(State(state): State<AppStateRef>) -> ApiResult {
     Ok(ok(json!({"mode": mode_of(&state, "").await?})))
 }
 
 async fn put_global_mode(
     State(state): State<AppStateRef>,
+    Query(flags): Query<Flags>,
     JsonBody(request): JsonBody<ModeRequest>,
 ) -> ApiResult {
     let mode = parse_mode(&request.mode)?;
+    if mode == "IMPORT"
+        && mode_of(&state, "").await? != "IMPORT"
+        && !flags.force
+        && !state.store.subjects(false, "").await?.is_empty()
+    {
+        return Err(cannot_import());
+    }
     state.store.set_setting(Setting::Mode, "", &mode).await?;
     Ok(ok(json!({"mode": mode})))
 }
@@ -745,9 +848,17 @@ async fn get_subject_mode(
 async fn put_subject_mode(
     State(state): State<AppStateRef>,
     Path(subject): Path<String>,
+    Query(flags): Query<Flags>,
     JsonBody(request): JsonBody<ModeRequest>,
 ) -> ApiResult {
     let mode = parse_mode(&request.mode)?;
+    if mode == "IMPORT"
+        && mode_of(&state, &subject).await? != "IMPORT"
+        && !flags.force
+        && !state.store.versions(&subject, false).await?.is_empty()
+    {
+        return Err(cannot_import());
+    }
     state
         .store
         .set_setting(Setting::Mode, &subject, &mode)

@@ -185,6 +185,22 @@ impl ApiError {
         )
     }
 
+    /// 42205 with Confluent's own wording for the other refusals (import
+    /// mode rules, an id already holding another schema).
+    pub fn operation_not_permitted(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, 42205, message)
+    }
+
+    /// 42207: the schema is already registered under another id than the
+    /// one an import gives it.
+    pub fn id_does_not_match(existing: i64, given: i64) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42207,
+            format!("Schema already registered with id {existing} instead of input id {given}"),
+        )
+    }
+
     /// 42206.
     pub fn referenced(subject: &str, version: i64, by: &[i64]) -> Self {
         Self::new(

@@ -91,6 +91,25 @@ pub struct NewSchema {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    /// PostgreSQL (a sequence to move past imported ids) or SQLite
+    /// (`AUTOINCREMENT` moves past them by itself).
+    postgres: bool,
+}
+
+/// Why an import (a registration with an explicit id) was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImportRefusal {
+    /// The id already holds a different schema.
+    IdTaken(i64),
+    /// The schema is already stored under this other id.
+    OtherId(i64),
+    /// The subject's version already holds another schema (the id given).
+    VersionTaken {
+        /// The version asked for.
+        version: i64,
+        /// The schema id it holds.
+        holds: i64,
+    },
 }
 
 const SCHEMA_COLUMNS: &str = "s.id, s.schema_type, s.schema_text, s.references_json, s.normal_form";
@@ -119,7 +138,10 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-            Ok(Store { pool })
+            Ok(Store {
+                pool,
+                postgres: true,
+            })
         } else if let Some(path) = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -139,7 +161,10 @@ impl Store {
                 .connect(&format!("sqlite://{path}?mode=rwc"))
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Ok(Store { pool })
+            Ok(Store {
+                pool,
+                postgres: false,
+            })
         } else {
             Err(StoreError::UnsupportedUrl(url.to_owned()))
         }
@@ -314,6 +339,155 @@ impl Store {
         }
         Err(StoreError::Corrupt(format!(
             "could not allocate a version of `{subject}` after {VERSION_RETRIES} attempts"
+        )))
+    }
+
+    /// Imports `schema` under the given global `id` as `version` of
+    /// `subject` (the next version when `None`), as a registry in IMPORT
+    /// mode does when another registry's schemas are copied in with their
+    /// ids. Idempotent: importing the same schema, id and version again
+    /// answers the version it has. Nothing is overwritten: an id holding
+    /// another schema, a schema stored under another id, or a version
+    /// holding another schema is refused. Returns the version.
+    pub async fn import_version(
+        &self,
+        subject: &str,
+        id: i64,
+        version: Option<i64>,
+        schema: &NewSchema,
+    ) -> Result<Result<i64, ImportRefusal>> {
+        let references_json = serde_json::to_string(&schema.references)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let identity = sha256(&[&schema.schema_type, &schema.text, &references_json]);
+        let normal_hash = sha256(&[&schema.normal_form]);
+        for _ in 0..VERSION_RETRIES {
+            let mut tx = self.pool.begin().await?;
+            let by_id: Option<String> =
+                sqlx::query("SELECT identity FROM registry_schemas WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+            let by_identity: Option<i64> =
+                sqlx::query("SELECT id FROM registry_schemas WHERE identity = $1")
+                    .bind(&identity)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+            match (by_id, by_identity) {
+                (Some(held), _) if held != identity => {
+                    return Ok(Err(ImportRefusal::IdTaken(id)));
+                }
+                (_, Some(other)) if other != id => return Ok(Err(ImportRefusal::OtherId(other))),
+                (Some(_), _) => {}
+                (None, _) => {
+                    let inserted = sqlx::query(
+                        "INSERT INTO registry_schemas (id, schema_type, schema_text, references_json, identity, normal_form, normal_hash) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(id)
+                    .bind(&schema.schema_type)
+                    .bind(&schema.text)
+                    .bind(&references_json)
+                    .bind(&identity)
+                    .bind(&schema.normal_form)
+                    .bind(&normal_hash)
+                    .execute(&mut *tx)
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        // Another import raced us to the id or the schema:
+                        // look again.
+                        Err(e) if is_unique_violation(&e) => {
+                            tx.rollback().await?;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    for r in &schema.references {
+                        sqlx::query(
+                            "INSERT INTO registry_references (schema_id, name, subject, version) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (schema_id, name) DO NOTHING",
+                        )
+                        .bind(id)
+                        .bind(&r.name)
+                        .bind(&r.subject)
+                        .bind(r.version)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if self.postgres {
+                        // Ids assigned later continue above every imported one.
+                        sqlx::query(
+                            "SELECT setval(pg_get_serial_sequence('registry_schemas', 'id'), \
+                             GREATEST((SELECT MAX(id) FROM registry_schemas), 1))",
+                        )
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+            let rows = sqlx::query(
+                "SELECT version, schema_id, deleted FROM registry_subject_versions WHERE subject = $1 ORDER BY version",
+            )
+            .bind(subject)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut held = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let (v, schema_id, deleted): (i64, i64, i64) =
+                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                held.push((v, schema_id, deleted != 0));
+            }
+            let wanted = match version {
+                Some(v) => match held.iter().find(|(held_v, _, _)| *held_v == v) {
+                    Some((_, holds, false)) if *holds == id => {
+                        tx.commit().await?;
+                        return Ok(Ok(v));
+                    }
+                    Some((_, holds, _)) => {
+                        return Ok(Err(ImportRefusal::VersionTaken {
+                            version: v,
+                            holds: *holds,
+                        }));
+                    }
+                    None => v,
+                },
+                None => {
+                    if let Some((v, _, _)) =
+                        held.iter().find(|(_, s, deleted)| *s == id && !deleted)
+                    {
+                        let v = *v;
+                        tx.commit().await?;
+                        return Ok(Ok(v));
+                    }
+                    held.last().map_or(1, |(v, _, _)| v + 1)
+                }
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO registry_subject_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, 0)",
+            )
+            .bind(subject)
+            .bind(wanted)
+            .bind(id)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {
+                    tx.commit().await?;
+                    return Ok(Ok(wanted));
+                }
+                Err(e) if is_unique_violation(&e) => {
+                    tx.rollback().await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "could not import schema id {id} into `{subject}` after {VERSION_RETRIES} attempts"
         )))
     }
 
