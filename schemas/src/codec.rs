@@ -56,6 +56,10 @@ impl Default for CodecOptions {
 struct Writer {
     id: u32,
     schema: FastSchema,
+    /// `schema` has its decimals as plain `bytes`, which the type's
+    /// [`Money`](crate::events::Money) fields write themselves
+    /// ([`Event::MONEY_DECIMALS`]).
+    money_as_bytes: bool,
 }
 
 /// Encodes and decodes events against a [`Registry`], caching schemas.
@@ -178,8 +182,26 @@ impl AvroCodec {
                 });
             }
         };
-        let schema = parse_fast(&text)?;
-        let writer = Arc::new(Writer { id, schema });
+        let plain = if T::MONEY_DECIMALS {
+            money_as_bytes(
+                &serde_json::from_str(&text)
+                    .map_err(|e| SchemaError::InvalidSchema(format!("{}: {e}", T::FULL_NAME)))?,
+            )
+        } else {
+            None
+        };
+        let writer = Arc::new(match plain {
+            Some(plain) => Writer {
+                id,
+                schema: parse_fast(&plain.to_string())?,
+                money_as_bytes: true,
+            },
+            None => Writer {
+                id,
+                schema: parse_fast(&text)?,
+                money_as_bytes: false,
+            },
+        });
         let mut writers = write(&self.writers);
         if !writers
             .iter()
@@ -205,7 +227,41 @@ impl AvroCodec {
     }
 }
 
+/// `schema` with every `bytes`-based `decimal` turned into plain `bytes`,
+/// for a type whose decimals are all [`Money`](crate::events::Money): it
+/// writes the decimal's bytes itself, so the encoding is the same. `None`
+/// when a decimal is `fixed`-based (Money writes the shortest form, which a
+/// `fixed` size need not match): such a type encodes through decimal text.
+fn money_as_bytes(schema: &serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    Some(match schema {
+        Value::Object(fields) => {
+            if fields.get("logicalType").and_then(Value::as_str) == Some("decimal") {
+                if fields.get("type").and_then(Value::as_str) != Some("bytes") {
+                    return None;
+                }
+                return Some(serde_json::json!({"type": "bytes"}));
+            }
+            let mut plain = serde_json::Map::with_capacity(fields.len());
+            for (name, value) in fields {
+                plain.insert(name.clone(), money_as_bytes(value)?);
+            }
+            Value::Object(plain)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(money_as_bytes)
+                .collect::<Option<Vec<_>>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
 fn encode_with<T: Serialize>(writer: &Writer, event: &T) -> Result<Vec<u8>> {
+    let _money = writer
+        .money_as_bytes
+        .then(crate::events::MoneyAsBytes::enter);
     let mut out = Vec::with_capacity(256);
     out.push(MAGIC);
     out.extend_from_slice(&writer.id.to_be_bytes());

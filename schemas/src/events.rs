@@ -10,6 +10,7 @@
 //! each derived schema with its file (names, namespaces, docs, logical types,
 //! defaults) and fails on any drift.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -24,10 +25,21 @@ use uuid::Uuid;
 pub trait Event: Serialize + for<'de> Deserialize<'de> + AvroSchema {
     /// Avro full name, also the event type header (`shop.orders.OrderPlaced`).
     const FULL_NAME: &'static str;
+
+    /// `true` when every Avro `decimal` in this type's schema is held by a
+    /// [`Money`] field. The codec then has each amount write its unscaled
+    /// two's-complement bytes directly instead of decimal text that the
+    /// Avro serializer parses back and rescales; the bytes on the wire are
+    /// the same either way (see `BENCHMARKS.md` for what it saves). Leave
+    /// it `false` (the default) for a type holding decimals as other types
+    /// (text, `rust_decimal`, floats).
+    const MONEY_DECIMALS: bool = false;
 }
 
-/// A money amount in minor units (cents), Avro `decimal(12, 2)` on the wire
-/// (serialized as its decimal text, which the Avro serializer scales).
+/// A money amount in minor units (cents), Avro `decimal(12, 2)` on the wire.
+/// Serialized as its decimal text (`"12.50"`: JSON, and Avro serializers
+/// scale it); inside Keel's codec, for [`Event::MONEY_DECIMALS`] types, as
+/// the decimal's bytes themselves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Money(pub i64);
 
@@ -79,8 +91,39 @@ impl std::str::FromStr for Money {
     }
 }
 
+thread_local! {
+    /// Set while the codec encodes an [`Event::MONEY_DECIMALS`] type with a
+    /// writer schema whose decimals are plain `bytes` (see [`MoneyAsBytes`]).
+    static MONEY_AS_BYTES: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, [`Money`] serializes as the Avro `decimal(12, 2)` bytes
+/// themselves on this thread. Only the codec uses it, around one encode
+/// with a schema in which those decimals are plain `bytes`.
+pub(crate) struct MoneyAsBytes {
+    before: bool,
+}
+
+impl MoneyAsBytes {
+    pub(crate) fn enter() -> MoneyAsBytes {
+        MoneyAsBytes {
+            before: MONEY_AS_BYTES.replace(true),
+        }
+    }
+}
+
+impl Drop for MoneyAsBytes {
+    fn drop(&mut self) {
+        MONEY_AS_BYTES.set(self.before);
+    }
+}
+
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if MONEY_AS_BYTES.get() {
+            let (bytes, start) = self.decimal_bytes();
+            return s.serialize_bytes(&bytes[start..]);
+        }
         // The decimal's text: serde_avro_fast scales it to the schema's
         // `decimal(12, 2)` and writes the two's complement bytes. Formatted
         // on the stack: this runs for every amount of every event.
@@ -90,6 +133,25 @@ impl Serialize for Money {
 }
 
 impl Money {
+    /// Avro's `decimal(12, 2)` bytes: the unscaled amount (the cents) as
+    /// big-endian two's complement, in the fewest bytes that keep the sign
+    /// (at least one) — what serde_avro_fast writes for the same amount as
+    /// text. Returns the buffer and where the bytes start in it.
+    fn decimal_bytes(self) -> ([u8; 8], usize) {
+        let bytes = self.0.to_be_bytes();
+        let mut start = 0;
+        while start < bytes.len() - 1 {
+            let (this, next) = (bytes[start], bytes[start + 1]);
+            let redundant =
+                (this == 0x00 && next & 0x80 == 0) || (this == 0xFF && next & 0x80 != 0);
+            if !redundant {
+                break;
+            }
+            start += 1;
+        }
+        (bytes, start)
+    }
+
     /// Writes `-123.45` into `buf` (an i64 needs at most 21 bytes) and
     /// returns it.
     fn format_into<'b>(&self, buf: &'b mut [u8; 24]) -> &'b str {
@@ -399,21 +461,27 @@ pub struct ShipmentDispatched {
 
 impl Event for OrderPlaced {
     const FULL_NAME: &'static str = "shop.orders.OrderPlaced";
+    const MONEY_DECIMALS: bool = true;
 }
 impl Event for OrderPlacedV1 {
     const FULL_NAME: &'static str = "shop.orders.OrderPlaced";
+    const MONEY_DECIMALS: bool = true;
 }
 impl Event for OrderCancelled {
     const FULL_NAME: &'static str = "shop.orders.OrderCancelled";
+    const MONEY_DECIMALS: bool = true;
 }
 impl Event for PaymentCaptured {
     const FULL_NAME: &'static str = "shop.payments.PaymentCaptured";
+    const MONEY_DECIMALS: bool = true;
 }
 impl Event for PaymentFailed {
     const FULL_NAME: &'static str = "shop.payments.PaymentFailed";
+    const MONEY_DECIMALS: bool = true;
 }
 impl Event for ShipmentDispatched {
     const FULL_NAME: &'static str = "shop.shipping.ShipmentDispatched";
+    const MONEY_DECIMALS: bool = true;
 }
 
 #[cfg(test)]

@@ -131,6 +131,57 @@ async fn the_wire_is_confluent_framed_avro() {
     assert_eq!(decoded["shipping_address"]["city"], "Bristol");
 }
 
+/// Keel's domain events have their `Money` amounts write the decimal
+/// bytes themselves (`Event::MONEY_DECIMALS`); the wire must be exactly
+/// what serde_avro_fast writes for the same amounts as decimal text under
+/// the registered schema — signs, byte boundaries, extremes.
+#[tokio::test]
+async fn money_written_as_bytes_is_the_decimal_encoding() {
+    let registry = Arc::new(LocalRegistry::new());
+    let codec = codec(registry.clone(), SubjectNameStrategy::TopicName);
+    let amounts = [
+        0,
+        1,
+        -1,
+        99,
+        127,
+        128,
+        -128,
+        -129,
+        255,
+        256,
+        32_767,
+        32_768,
+        -32_768,
+        -32_769,
+        8_388_608,
+        999_999_999_999,
+        -999_999_999_999,
+        i64::MAX,
+        i64::MIN + 1,
+    ];
+    for cents in amounts {
+        let mut event = order();
+        event.total = Money(cents);
+        event.subtotal = Money(cents / 2);
+        event.lines[0].unit_price = Money(-cents);
+        let framed = codec.encode("orders", &event).await.unwrap();
+        let id = u32::from_be_bytes(framed[1..5].try_into().unwrap());
+        let registered: serde_avro_fast::Schema =
+            registry.schema_by_id(id).await.unwrap().parse().unwrap();
+        let as_text = serde_avro_fast::to_datum_vec(
+            &event,
+            &mut serde_avro_fast::ser::SerializerConfig::new(&registered),
+        )
+        .unwrap();
+        assert_eq!(&framed[5..], &as_text[..], "amount {cents} cents");
+        let back: OrderPlaced = codec.decode(&framed).await.unwrap();
+        assert_eq!(back, event, "amount {cents} cents");
+    }
+    // Outside the codec, Money is decimal text again (JSON, other tools).
+    assert_eq!(serde_json::to_string(&Money(-1234)).unwrap(), "\"-12.34\"");
+}
+
 #[tokio::test]
 async fn old_events_decode_into_new_types_and_new_into_old() {
     let registry = Arc::new(LocalRegistry::new());
