@@ -42,6 +42,7 @@ mod schema;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel_core::KeelConfig;
 use serde::Serialize;
@@ -73,6 +74,11 @@ struct Cli {
         hide_env_values = true
     )]
     registry_auth: Option<String>,
+
+    /// A CA certificate (PEM) to trust for an https:// schema registry, in
+    /// addition to the system's roots.
+    #[arg(long, global = true, env = "KEEL_REGISTRY_CA", value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -184,7 +190,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schema(command) => {
             let config = load_config(cli.config, &overrides)?;
-            schema::run(&registry_client(&config, cli.registry_auth)?, command).await
+            schema::run(
+                &registry_client(&config, cli.registry_auth, cli.registry_ca.as_deref())?,
+                command,
+            )
+            .await
         }
         Command::Topics(command) => {
             broker::topics(&load_config(cli.config, &overrides)?, command).await
@@ -195,18 +205,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Publish(args) => {
             let config = load_config(cli.config, &overrides)?;
-            let registry = registry_client(&config, cli.registry_auth)?;
+            let registry = registry_client(&config, cli.registry_auth, cli.registry_ca.as_deref())?;
             broker::publish(&config, registry, args).await
         }
         Command::Tail(args) => {
             let config = load_config(cli.config, &overrides)?;
-            let registry = registry_client(&config, cli.registry_auth)?;
+            let registry = registry_client(&config, cli.registry_auth, cli.registry_ca.as_deref())?;
             broker::tail(&config, registry, args).await
         }
         Command::Relay(args) => relay::run(&load_config(cli.config, &overrides)?, args).await,
         Command::Dlq(command) => {
             let config = load_config(cli.config, &overrides)?;
-            let registry = registry_client(&config, cli.registry_auth)?;
+            let registry = registry_client(&config, cli.registry_auth, cli.registry_ca.as_deref())?;
             dlq::run(&config, registry, command).await
         }
     }
@@ -215,12 +225,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn registry_client(
     config: &KeelConfig,
     basic_auth: Option<String>,
+    ca: Option<&std::path::Path>,
 ) -> anyhow::Result<keel_schemas::RegistryClient> {
     let url = config.registry.as_deref().unwrap_or(DEFAULT_REGISTRY);
+    let ca_certificate_pem = ca
+        .map(|path| {
+            std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read the registry CA certificate {} (--registry-ca)",
+                    path.display()
+                )
+            })
+        })
+        .transpose()?;
     Ok(keel_schemas::RegistryClient::new(
         url,
         keel_schemas::ClientOptions {
             basic_auth,
+            ca_certificate_pem,
             ..keel_schemas::ClientOptions::default()
         },
     )?)

@@ -1,12 +1,13 @@
 //! `keel registry serve`: Keel's Confluent-compatible schema registry.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use keel_core::KeelConfig;
 use keel_core::config::redact;
-use keel_schemas::server::{ServerOptions, Store, serve};
+use keel_schemas::server::{ServerOptions, ServerTls, Store, serve};
 
 /// Default store when neither `--database` nor `database` is set: a SQLite
 /// file in the working directory (created when missing).
@@ -43,6 +44,23 @@ pub(crate) struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = ServerOptions::default().body_limit)]
     body_limit: usize,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs
+    /// --tls-key.
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "KEEL_REGISTRY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 pub(crate) async fn run(config: &KeelConfig, command: RegistryCommand) -> anyhow::Result<()> {
@@ -67,8 +85,16 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(certificate_chain), Some(private_key)) => Some(ServerTls {
+            certificate_chain,
+            private_key,
+        }),
+        _ => None,
+    };
     eprintln!(
-        "keel registry: serving http://{} on {}{}",
+        "keel registry: serving {}://{} on {}{}",
+        if tls.is_some() { "https" } else { "http" },
         listener.local_addr()?,
         redact(&database),
         if args.basic_auth.is_some() {
@@ -80,6 +106,7 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     let options = ServerOptions {
         body_limit: args.body_limit,
         basic_auth: args.basic_auth,
+        tls,
     };
     serve(listener, store.clone(), options, shutdown_signal()).await?;
     store.close().await;

@@ -525,7 +525,7 @@ pub enum RegistryBackend {
 
 /// Keel's registry server running in this process on `127.0.0.1:0`.
 pub struct RegistryUnderTest {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when started with TLS).
     pub url: String,
     /// The database URL it stores into (reuse it to restart).
     pub database_url: String,
@@ -600,7 +600,12 @@ impl RegistryUnderTest {
             .await
             .unwrap_or_else(|e| panic!("cannot bind a port for the registry: {e}"));
         let url = format!(
-            "http://{}",
+            "{}://{}",
+            if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

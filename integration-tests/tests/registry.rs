@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use keel_integration_tests::{RegistryBackend, RegistryUnderTest};
-use keel_schemas::server::ServerOptions;
+use keel_schemas::server::{ServerOptions, ServerTls};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -45,6 +45,7 @@ on_both_backends!(
     references_and_the_codec_through_the_client,
     bad_requests_get_codes_not_500s,
     import_mode_keeps_ids_and_versions,
+    the_client_speaks_tls_to_an_https_registry,
 );
 
 struct Api {
@@ -905,7 +906,7 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
         backend,
         ServerOptions {
             body_limit: 64 * 1024,
-            basic_auth: None,
+            ..ServerOptions::default()
         },
     )
     .await;
@@ -1174,6 +1175,87 @@ async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
     api.put("/mode", json!({"mode": "READWRITE"})).await;
     let (path, body) = import("plain", &v1, 5001, None);
     assert_eq!(refused(api.post(&path, body).await), 42205);
+}
+
+/// The registry served over HTTPS with a private CA's certificate: the
+/// client trusting that CA registers, looks up and fetches (with basic
+/// auth over TLS); a client that does not trust it, or speaks plain HTTP to
+/// the port, gets an error naming the registry and registers nothing.
+async fn the_client_speaks_tls_to_an_https_registry(backend: RegistryBackend) {
+    use keel_schemas::{ClientOptions, Registry, RegistryClient, SchemaError};
+    let dir = keel_integration_tests::TempDir::new();
+    // A private CA and the registry's certificate, signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let registry_key = rcgen::KeyPair::generate().unwrap();
+    let registry_cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&registry_key, &ca)
+            .unwrap();
+    let ca_pem = ca.pem().into_bytes();
+    let certificate_chain = dir.path().join("registry.pem");
+    let private_key = dir.path().join("registry.key");
+    std::fs::write(&certificate_chain, registry_cert.pem()).unwrap();
+    std::fs::write(&private_key, registry_key.serialize_pem()).unwrap();
+    let auth = "keel:s3cret".to_owned();
+    let registry = RegistryUnderTest::start(
+        backend,
+        ServerOptions {
+            basic_auth: Some(auth.clone()),
+            tls: Some(ServerTls {
+                certificate_chain,
+                private_key,
+            }),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    assert!(registry.url.starts_with("https://"), "{}", registry.url);
+    let options = |ca: Option<Vec<u8>>| ClientOptions {
+        basic_auth: Some(auth.clone()),
+        ca_certificate_pem: ca,
+        retries: 0,
+        ..ClientOptions::default()
+    };
+    let schema = record("Secure", json!([{"name": "a", "type": "string"}])).to_string();
+
+    let trusting = RegistryClient::new(&registry.url, options(Some(ca_pem.clone()))).unwrap();
+    let id = trusting.register("secure-value", &schema).await.unwrap();
+    assert_eq!(
+        trusting.lookup("secure-value", &schema).await.unwrap(),
+        Some(id)
+    );
+    let fresh = RegistryClient::new(&registry.url, options(Some(ca_pem.clone()))).unwrap();
+    let fetched: Value = serde_json::from_str(&fresh.schema_by_id(id).await.unwrap()).unwrap();
+    assert_eq!(
+        (&fetched["name"], &fetched["fields"]),
+        (
+            &json!("test.Secure"),
+            &json!([{"name": "a", "type": "string"}])
+        )
+    );
+
+    let stranger = RegistryClient::new(&registry.url, options(None)).unwrap();
+    let refused = stranger.register("other-value", &schema).await.unwrap_err();
+    assert!(
+        matches!(&refused, SchemaError::Unreachable { url, .. } if url.starts_with(&registry.url)),
+        "untrusted certificate: {refused}"
+    );
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "the error says why: {refused}"
+    );
+    let plain_url = registry.url.replacen("https://", "http://", 1);
+    let plain = RegistryClient::new(&plain_url, options(None)).unwrap();
+    assert!(plain.register("other-value", &schema).await.is_err());
+    assert_eq!(
+        trusting.lookup("other-value", &schema).await.unwrap(),
+        None,
+        "nothing registered by the refused clients"
+    );
 }
 
 fn deep(levels: usize) -> Value {

@@ -9,14 +9,16 @@
 //!
 //! Start one with [`serve`], giving it a bound listener and a shutdown
 //! future; it answers until the future resolves, then finishes in-flight
-//! requests.
+//! requests. With [`ServerOptions::tls`] it speaks HTTPS only.
 
 mod api;
 pub mod error;
 pub mod store;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -31,6 +33,8 @@ pub struct ServerOptions {
     pub body_limit: usize,
     /// `user:password` for HTTP basic auth; `None` (default) accepts anyone.
     pub basic_auth: Option<String>,
+    /// Serve HTTPS with this certificate and key; `None` (default): HTTP.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerOptions {
@@ -38,9 +42,23 @@ impl Default for ServerOptions {
         ServerOptions {
             body_limit: 2 * 1024 * 1024,
             basic_auth: None,
+            tls: None,
         }
     }
 }
+
+/// The registry's TLS identity, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The certificate chain, leaf first.
+    pub certificate_chain: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+}
+
+/// How long requests in flight get to finish over HTTPS once shutdown is
+/// asked for (plain HTTP waits for them without a limit, as axum does).
+const TLS_DRAIN: Duration = Duration::from_secs(30);
 
 /// Serves the registry on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -54,7 +72,35 @@ pub async fn serve(
         body_limit: options.body_limit,
         basic_auth: options.basic_auth.as_deref().map(api::basic_auth_header),
     });
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
+    let router = api::router(state);
+    let Some(tls) = options.tls else {
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_chain_file(
+        &tls.certificate_chain,
+        &tls.private_key,
+    )
+    .await
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot load the registry's TLS certificate {} and key {}: {e}",
+                tls.certificate_chain.display(),
+                tls.private_key.display()
+            ),
+        )
+    })?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.graceful_shutdown(Some(TLS_DRAIN));
+    });
+    axum_server::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(router.into_make_service())
         .await
 }
