@@ -62,6 +62,29 @@ struct Writer {
     money_as_bytes: bool,
 }
 
+/// A writer schema fetched by id, for decoding.
+struct Reader {
+    id: u32,
+    schema: FastSchema,
+    /// The same schema with its decimals as plain `bytes`, which
+    /// [`Event::MONEY_DECIMALS`] types' [`Money`](crate::events::Money)
+    /// fields read themselves; `None` when a decimal is `fixed`-based or of
+    /// another scale.
+    money: Option<FastSchema>,
+}
+
+impl Reader {
+    fn decode<T: DeserializeOwned>(&self, body: &[u8], money_decimals: bool) -> Result<T> {
+        match &self.money {
+            Some(money) if money_decimals => {
+                let _money = crate::events::MoneyAsBytes::enter();
+                decode_body(money, self.id, body)
+            }
+            _ => decode_body(&self.schema, self.id, body),
+        }
+    }
+}
+
 /// Encodes and decodes events against a [`Registry`], caching schemas.
 pub struct AvroCodec {
     registry: Arc<dyn Registry>,
@@ -70,7 +93,7 @@ pub struct AvroCodec {
     /// pairs, so a linear scan (no hashing, no allocation) beats a map here.
     writers: RwLock<Vec<(TypeId, String, Arc<Writer>)>>,
     /// Writer schemas by id, for decoding (few per codec: scanned, not hashed).
-    readers: RwLock<Vec<(u32, Arc<FastSchema>)>>,
+    readers: RwLock<Vec<Arc<Reader>>>,
     registry_calls: AtomicU64,
 }
 
@@ -121,25 +144,38 @@ impl AvroCodec {
         encode_with(&writer, event)
     }
 
-    /// Decodes a framed payload into `T`, resolving the writer's schema
-    /// against `T`.
-    pub async fn decode<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T> {
-        let (id, body) = framing::unframe(payload)?;
-        {
-            let readers = read(&self.readers);
-            if let Some((_, schema)) = readers.iter().find(|(known, _)| *known == id) {
-                return decode_body(schema, id, body);
-            }
-        }
-        let schema = self.writer_schema(id).await?;
-        decode_body(&schema, id, body)
+    /// Decodes a framed payload into the event type `T`, resolving the
+    /// writer's schema against `T`.
+    pub async fn decode<T: Event>(&self, payload: &[u8]) -> Result<T> {
+        self.decode_as::<T>(payload, T::MONEY_DECIMALS).await
+    }
+
+    /// Decodes a framed payload into any deserializable `T` (not only an
+    /// [`Event`]), resolving the writer's schema against it.
+    pub async fn decode_value<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T> {
+        self.decode_as::<T>(payload, false).await
     }
 
     /// Decodes a framed payload into JSON (for `keel tail` and dead-letter
     /// listings): records as objects, decimals as strings, timestamps as
     /// epoch milliseconds.
     pub async fn decode_json(&self, payload: &[u8]) -> Result<serde_json::Value> {
-        self.decode::<serde_json::Value>(payload).await
+        self.decode_value::<serde_json::Value>(payload).await
+    }
+
+    async fn decode_as<T: DeserializeOwned>(
+        &self,
+        payload: &[u8],
+        money_decimals: bool,
+    ) -> Result<T> {
+        let (id, body) = framing::unframe(payload)?;
+        {
+            let readers = read(&self.readers);
+            if let Some(reader) = readers.iter().find(|r| r.id == id) {
+                return reader.decode(body, money_decimals);
+            }
+        }
+        self.reader(id).await?.decode(body, money_decimals)
     }
 
     /// Encodes any serializable value (e.g. JSON from `keel publish`) with
@@ -149,11 +185,11 @@ impl AvroCodec {
         id: u32,
         value: &V,
     ) -> Result<Vec<u8>> {
-        let schema = self.writer_schema(id).await?;
+        let schema = &self.reader(id).await?.schema;
         let mut out = Vec::with_capacity(128);
         out.push(MAGIC);
         out.extend_from_slice(&id.to_be_bytes());
-        let mut config = SerializerConfig::new(&schema);
+        let mut config = SerializerConfig::new(schema);
         serde_avro_fast::to_datum(value, out, &mut config).map_err(|e| SchemaError::Encode {
             schema_id: id,
             rust_type: std::any::type_name::<V>(),
@@ -212,32 +248,49 @@ impl AvroCodec {
         Ok(writer)
     }
 
-    async fn writer_schema(&self, id: u32) -> Result<Arc<FastSchema>> {
-        if let Some((_, s)) = read(&self.readers).iter().find(|(known, _)| *known == id) {
-            return Ok(s.clone());
+    /// The writer schema with id `id`, from the cache or the registry.
+    async fn reader(&self, id: u32) -> Result<Arc<Reader>> {
+        if let Some(r) = read(&self.readers).iter().find(|r| r.id == id) {
+            return Ok(r.clone());
         }
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
         let text = self.registry.schema_by_id(id).await?;
-        let schema = Arc::new(parse_fast(&text)?);
+        let schema = parse_fast(&text)?;
+        let money = match serde_json::from_str(&text)
+            .ok()
+            .as_ref()
+            .and_then(money_as_bytes)
+        {
+            Some(plain) => Some(parse_fast(&plain.to_string())?),
+            None => None,
+        };
+        let reader = Arc::new(Reader { id, schema, money });
         let mut readers = write(&self.readers);
-        if !readers.iter().any(|(known, _)| *known == id) {
-            readers.push((id, schema.clone()));
+        match readers.iter().find(|r| r.id == id) {
+            Some(r) => Ok(r.clone()),
+            None => {
+                readers.push(reader.clone());
+                Ok(reader)
+            }
         }
-        Ok(schema)
     }
 }
 
-/// `schema` with every `bytes`-based `decimal` turned into plain `bytes`,
-/// for a type whose decimals are all [`Money`](crate::events::Money): it
-/// writes the decimal's bytes itself, so the encoding is the same. `None`
-/// when a decimal is `fixed`-based (Money writes the shortest form, which a
-/// `fixed` size need not match): such a type encodes through decimal text.
+/// `schema` with every `bytes`-based `decimal` of Money's scale turned into
+/// plain `bytes`, for a type whose decimals are all
+/// [`Money`](crate::events::Money): it writes and reads the decimal's bytes
+/// itself, so the encoding is the same. `None` when a decimal is
+/// `fixed`-based (Money writes the shortest form, which a `fixed` size need
+/// not match) or of another scale: such a type goes through decimal text.
 fn money_as_bytes(schema: &serde_json::Value) -> Option<serde_json::Value> {
     use serde_json::Value;
     Some(match schema {
         Value::Object(fields) => {
             if fields.get("logicalType").and_then(Value::as_str) == Some("decimal") {
-                if fields.get("type").and_then(Value::as_str) != Some("bytes") {
+                let scale = fields.get("scale").and_then(Value::as_u64);
+                if fields.get("type").and_then(Value::as_str) != Some("bytes")
+                    || scale != Some(crate::events::Money::SCALE as u64)
+                {
                     return None;
                 }
                 return Some(serde_json::json!({"type": "bytes"}));

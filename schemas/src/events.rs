@@ -27,10 +27,10 @@ pub trait Event: Serialize + for<'de> Deserialize<'de> + AvroSchema {
     const FULL_NAME: &'static str;
 
     /// `true` when every Avro `decimal` in this type's schema is held by a
-    /// [`Money`] field. The codec then has each amount write its unscaled
-    /// two's-complement bytes directly instead of decimal text that the
-    /// Avro serializer parses back and rescales; the bytes on the wire are
-    /// the same either way (see `BENCHMARKS.md` for what it saves). Leave
+    /// [`Money`] field. The codec then has each amount write (and read) its
+    /// unscaled two's-complement bytes directly instead of going through
+    /// decimal text that the Avro library parses and formats; the bytes on
+    /// the wire are the same either way (see `BENCHMARKS.md`). Leave
     /// it `false` (the default) for a type holding decimals as other types
     /// (text, `rust_decimal`, floats).
     const MONEY_DECIMALS: bool = false;
@@ -97,9 +97,10 @@ thread_local! {
     static MONEY_AS_BYTES: Cell<bool> = const { Cell::new(false) };
 }
 
-/// While alive, [`Money`] serializes as the Avro `decimal(12, 2)` bytes
-/// themselves on this thread. Only the codec uses it, around one encode
-/// with a schema in which those decimals are plain `bytes`.
+/// While alive, [`Money`] serializes as (and deserializes from) the Avro
+/// `decimal(12, 2)` bytes themselves on this thread. Only the codec uses
+/// it, around one encode or decode with a schema in which those decimals
+/// are plain `bytes`.
 pub(crate) struct MoneyAsBytes {
     before: bool,
 }
@@ -137,19 +138,31 @@ impl Money {
     /// big-endian two's complement, in the fewest bytes that keep the sign
     /// (at least one) — what serde_avro_fast writes for the same amount as
     /// text. Returns the buffer and where the bytes start in it.
-    fn decimal_bytes(self) -> ([u8; 8], usize) {
-        let bytes = self.0.to_be_bytes();
-        let mut start = 0;
-        while start < bytes.len() - 1 {
-            let (this, next) = (bytes[start], bytes[start + 1]);
-            let redundant =
-                (this == 0x00 && next & 0x80 == 0) || (this == 0xFF && next & 0x80 != 0);
-            if !redundant {
-                break;
-            }
-            start += 1;
+    fn from_decimal_bytes(bytes: &[u8]) -> Option<Money> {
+        let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+        let fill = if negative { 0xFF } else { 0x00 };
+        // Sign-extension bytes beyond an i64 carry nothing.
+        let mut rest = bytes;
+        while rest.len() > 8 && rest[0] == fill {
+            rest = &rest[1..];
         }
-        (bytes, start)
+        if rest.len() > 8 || (bytes.len() > rest.len() && (rest[0] & 0x80 != 0) != negative) {
+            return None;
+        }
+        let mut buf = [fill; 8];
+        buf[8 - rest.len()..].copy_from_slice(rest);
+        Some(Money(i64::from_be_bytes(buf)))
+    }
+
+    fn decimal_bytes(self) -> ([u8; 8], usize) {
+        // Bits that carry the value, plus one for the sign.
+        let redundant = if self.0 < 0 {
+            self.0.leading_ones()
+        } else {
+            self.0.leading_zeros()
+        };
+        let needed = (64 - redundant + 1).div_ceil(8).clamp(1, 8) as usize;
+        (self.0.to_be_bytes(), 8 - needed)
     }
 
     /// Writes `-123.45` into `buf` (an i64 needs at most 21 bytes) and
@@ -201,8 +214,23 @@ impl<'de> Deserialize<'de> for Money {
                     .map_err(|_| E::custom(format!("{v} is out of range")))
                     .and_then(|v| self.visit_i64(v))
             }
+            /// The decimal's own bytes (only asked for by the codec, see
+            /// [`MoneyAsBytes`]): the unscaled amount in big-endian two's
+            /// complement; scale 2 is guaranteed by the codec.
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Money, E> {
+                Money::from_decimal_bytes(v).ok_or_else(|| {
+                    E::custom(format!(
+                        "a decimal of {} bytes is out of range for an amount in cents",
+                        v.len()
+                    ))
+                })
+            }
         }
-        d.deserialize_str(Visitor)
+        if MONEY_AS_BYTES.get() {
+            d.deserialize_bytes(Visitor)
+        } else {
+            d.deserialize_str(Visitor)
+        }
     }
 }
 

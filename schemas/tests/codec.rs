@@ -131,10 +131,11 @@ async fn the_wire_is_confluent_framed_avro() {
     assert_eq!(decoded["shipping_address"]["city"], "Bristol");
 }
 
-/// Keel's domain events have their `Money` amounts write the decimal
-/// bytes themselves (`Event::MONEY_DECIMALS`); the wire must be exactly
-/// what serde_avro_fast writes for the same amounts as decimal text under
-/// the registered schema — signs, byte boundaries, extremes.
+/// Keel's domain events have their `Money` amounts write and read the
+/// decimal bytes themselves (`Event::MONEY_DECIMALS`); the wire must be
+/// exactly what serde_avro_fast writes for the same amounts as decimal text
+/// under the registered schema, and read back the same both ways — signs,
+/// byte boundaries, extremes.
 #[tokio::test]
 async fn money_written_as_bytes_is_the_decimal_encoding() {
     let registry = Arc::new(LocalRegistry::new());
@@ -177,6 +178,9 @@ async fn money_written_as_bytes_is_the_decimal_encoding() {
         assert_eq!(&framed[5..], &as_text[..], "amount {cents} cents");
         let back: OrderPlaced = codec.decode(&framed).await.unwrap();
         assert_eq!(back, event, "amount {cents} cents");
+        // Read through decimal text (any deserializable type) too.
+        let via_text: OrderPlaced = codec.decode_value(&framed).await.unwrap();
+        assert_eq!(via_text, event, "amount {cents} cents, as text");
     }
     // Outside the codec, Money is decimal text again (JSON, other tools).
     assert_eq!(serde_json::to_string(&Money(-1234)).unwrap(), "\"-12.34\"");
