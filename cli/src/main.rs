@@ -75,8 +75,8 @@ struct Cli {
     )]
     registry_auth: Option<String>,
 
-    /// A CA certificate (PEM) to trust for an https:// schema registry, in
-    /// addition to the system's roots.
+    /// CA certificates (PEM, one or more) to trust for an https:// schema
+    /// registry, besides the public roots Keel is built with.
     #[arg(long, global = true, env = "KEEL_REGISTRY_CA", value_name = "FILE")]
     registry_ca: Option<PathBuf>,
 

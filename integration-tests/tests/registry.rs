@@ -1195,7 +1195,13 @@ async fn the_client_speaks_tls_to_an_https_registry(backend: RegistryBackend) {
             .unwrap()
             .signed_by(&registry_key, &ca)
             .unwrap();
-    let ca_pem = ca.pem().into_bytes();
+    // The trusted file is a bundle: another CA first, then the right one.
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = other_params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_pem = format!("{}{}", other.pem(), ca.pem()).into_bytes();
     let certificate_chain = dir.path().join("registry.pem");
     let private_key = dir.path().join("registry.key");
     std::fs::write(&certificate_chain, registry_cert.pem()).unwrap();
@@ -1250,7 +1256,11 @@ async fn the_client_speaks_tls_to_an_https_registry(backend: RegistryBackend) {
     );
     let plain_url = registry.url.replacen("https://", "http://", 1);
     let plain = RegistryClient::new(&plain_url, options(None)).unwrap();
-    assert!(plain.register("other-value", &schema).await.is_err());
+    let refused = plain.register("other-value", &schema).await.unwrap_err();
+    assert!(
+        refused.to_string().contains(&plain_url),
+        "the error names the registry: {refused}"
+    );
     assert_eq!(
         trusting.lookup("other-value", &schema).await.unwrap(),
         None,

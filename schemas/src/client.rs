@@ -40,7 +40,8 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// `user:password` for basic auth.
     pub basic_auth: Option<String>,
-    /// Extra trusted CA certificate (PEM) for `https://` registries.
+    /// Extra trusted CA certificates (PEM, one or more) for `https://`
+    /// registries, besides the public (webpki) roots.
     pub ca_certificate_pem: Option<Vec<u8>>,
 }
 
@@ -124,9 +125,16 @@ impl RegistryClient {
         }
         let mut builder = reqwest::Client::builder().timeout(options.timeout);
         if let Some(pem) = &options.ca_certificate_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| SchemaError::InvalidSchema(format!("registry CA certificate: {e}")))?;
-            builder = builder.add_root_certificate(cert);
+            if certs.is_empty() {
+                return Err(SchemaError::InvalidSchema(
+                    "registry CA certificate: no PEM certificate found".to_owned(),
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         let http = builder.build().map_err(|e| SchemaError::Unreachable {
             url: url.to_owned(),

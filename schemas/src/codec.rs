@@ -203,7 +203,8 @@ impl AvroCodec {
         let subject = self.subject::<T>(topic);
         let derived = serde_json::to_value(T::get_schema())
             .map_err(|e| SchemaError::InvalidSchema(format!("{}: {e}", T::FULL_NAME)))?;
-        let text = resolve(&derived, &References::new())?.to_string();
+        let resolved = resolve(&derived, &References::new())?;
+        let text = resolved.to_string();
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
         let id = match self.registry.lookup(&subject, &text).await? {
             Some(id) => id,
@@ -218,18 +219,13 @@ impl AvroCodec {
                 });
             }
         };
-        let plain = if T::MONEY_DECIMALS {
-            money_as_bytes(
-                &serde_json::from_str(&text)
-                    .map_err(|e| SchemaError::InvalidSchema(format!("{}: {e}", T::FULL_NAME)))?,
-            )
-        } else {
-            None
-        };
-        let writer = Arc::new(match plain {
-            Some(plain) => Writer {
+        let money = T::MONEY_DECIMALS
+            .then(|| money_as_bytes(&resolved))
+            .flatten();
+        let writer = Arc::new(match money {
+            Some(schema) => Writer {
                 id,
-                schema: parse_fast(&plain.to_string())?,
+                schema,
                 money_as_bytes: true,
             },
             None => Writer {
@@ -256,14 +252,10 @@ impl AvroCodec {
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
         let text = self.registry.schema_by_id(id).await?;
         let schema = parse_fast(&text)?;
-        let money = match serde_json::from_str(&text)
+        let money = serde_json::from_str(&text)
             .ok()
             .as_ref()
-            .and_then(money_as_bytes)
-        {
-            Some(plain) => Some(parse_fast(&plain.to_string())?),
-            None => None,
-        };
+            .and_then(money_as_bytes);
         let reader = Arc::new(Reader { id, schema, money });
         let mut readers = write(&self.readers);
         match readers.iter().find(|r| r.id == id) {
@@ -279,36 +271,74 @@ impl AvroCodec {
 /// `schema` with every `bytes`-based `decimal` of Money's scale turned into
 /// plain `bytes`, for a type whose decimals are all
 /// [`Money`](crate::events::Money): it writes and reads the decimal's bytes
-/// itself, so the encoding is the same. `None` when a decimal is
-/// `fixed`-based (Money writes the shortest form, which a `fixed` size need
-/// not match) or of another scale: such a type goes through decimal text.
-fn money_as_bytes(schema: &serde_json::Value) -> Option<serde_json::Value> {
+/// itself, so the encoding is the same. `None` when the schema has no such
+/// decimal, when a decimal is `fixed`-based (Money writes the shortest
+/// form, which a `fixed` size need not match) or of another scale, or when
+/// the result does not parse: such types go through decimal text.
+fn money_as_bytes(schema: &serde_json::Value) -> Option<FastSchema> {
+    let mut changed = false;
+    let plain = plain_decimals(schema, &mut changed)?;
+    if !changed {
+        return None;
+    }
+    plain.to_string().parse().ok()
+}
+
+/// The type `schema` with its decimals as plain `bytes` (see
+/// [`money_as_bytes`]), walking type positions only: union branches,
+/// record fields' types, array items, map values.
+fn plain_decimals(schema: &serde_json::Value, changed: &mut bool) -> Option<serde_json::Value> {
     use serde_json::Value;
-    Some(match schema {
+    match schema {
+        Value::Array(branches) => branches
+            .iter()
+            .map(|b| plain_decimals(b, changed))
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array),
         Value::Object(fields) => {
             if fields.get("logicalType").and_then(Value::as_str) == Some("decimal") {
-                let scale = fields.get("scale").and_then(Value::as_u64);
-                if fields.get("type").and_then(Value::as_str) != Some("bytes")
-                    || scale != Some(crate::events::Money::SCALE as u64)
-                {
+                let money = fields.get("type").and_then(Value::as_str) == Some("bytes")
+                    && fields.get("scale").and_then(Value::as_u64)
+                        == Some(crate::events::Money::SCALE as u64);
+                if !money {
                     return None;
                 }
+                *changed = true;
                 return Some(serde_json::json!({"type": "bytes"}));
             }
-            let mut plain = serde_json::Map::with_capacity(fields.len());
-            for (name, value) in fields {
-                plain.insert(name.clone(), money_as_bytes(value)?);
+            let mut plain = fields.clone();
+            match fields.get("type").and_then(Value::as_str) {
+                Some("record" | "error") => {
+                    if let Some(Value::Array(members)) = plain.get_mut("fields") {
+                        for member in members {
+                            if let Some(t) = member.get_mut("type") {
+                                *t = plain_decimals(t, changed)?;
+                            }
+                        }
+                    }
+                }
+                Some("array") => {
+                    if let Some(items) = plain.get_mut("items") {
+                        *items = plain_decimals(items, changed)?;
+                    }
+                }
+                Some("map") => {
+                    if let Some(values) = plain.get_mut("values") {
+                        *values = plain_decimals(values, changed)?;
+                    }
+                }
+                // `{"type": {…}}`: a type wrapped in another object.
+                None => {
+                    if let Some(inner) = plain.get_mut("type") {
+                        *inner = plain_decimals(inner, changed)?;
+                    }
+                }
+                Some(_) => {}
             }
-            Value::Object(plain)
+            Some(Value::Object(plain))
         }
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(money_as_bytes)
-                .collect::<Option<Vec<_>>>()?,
-        ),
-        other => other.clone(),
-    })
+        other => Some(other.clone()),
+    }
 }
 
 fn encode_with<T: Serialize>(writer: &Writer, event: &T) -> Result<Vec<u8>> {
@@ -353,4 +383,60 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{money_as_bytes, plain_decimals};
+
+    fn plain(schema: &serde_json::Value) -> Option<serde_json::Value> {
+        let mut changed = false;
+        plain_decimals(schema, &mut changed).filter(|_| changed)
+    }
+
+    #[test]
+    fn only_money_decimals_in_type_positions_become_bytes() {
+        let money = json!({"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2});
+        let schema = json!({"type": "record", "name": "r", "fields": [
+            {"name": "total", "type": money},
+            {"name": "maybe", "type": ["null", money]},
+            {"name": "lines", "type": {"type": "array", "items": money}},
+            {"name": "by_sku", "type": {"type": "map", "values": money}},
+            // Field-level logicalType is not a type: left as it is.
+            {"name": "odd", "type": "bytes", "logicalType": "decimal", "scale": 2},
+        ]});
+        let bytes = json!({"type": "bytes"});
+        assert_eq!(
+            plain(&schema),
+            Some(json!({"type": "record", "name": "r", "fields": [
+                {"name": "total", "type": bytes},
+                {"name": "maybe", "type": ["null", bytes]},
+                {"name": "lines", "type": {"type": "array", "items": bytes}},
+                {"name": "by_sku", "type": {"type": "map", "values": bytes}},
+                {"name": "odd", "type": "bytes", "logicalType": "decimal", "scale": 2},
+            ]}))
+        );
+        assert!(money_as_bytes(&schema).is_some());
+    }
+
+    #[test]
+    fn schemas_money_cannot_hold_keep_the_text_path() {
+        let record = |t: serde_json::Value| json!({"type": "record", "name": "r", "fields": [{"name": "a", "type": t}]});
+        // No decimal at all: nothing to gain, no second schema.
+        assert!(money_as_bytes(&record(json!("string"))).is_none());
+        // Another scale, or a fixed-size decimal.
+        assert!(
+            money_as_bytes(&record(
+                json!({"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 3})
+            ))
+            .is_none()
+        );
+        assert!(
+            money_as_bytes(&record(json!({"type": "fixed", "name": "f", "size": 8,
+            "logicalType": "decimal", "precision": 12, "scale": 2})))
+            .is_none()
+        );
+    }
 }

@@ -32,7 +32,9 @@ pub trait Event: Serialize + for<'de> Deserialize<'de> + AvroSchema {
     /// decimal text that the Avro library parses and formats; the bytes on
     /// the wire are the same either way (see `BENCHMARKS.md`). Leave
     /// it `false` (the default) for a type holding decimals as other types
-    /// (text, `rust_decimal`, floats).
+    /// (text, `rust_decimal`, floats): the promise is not checked, and a
+    /// `decimal(…, 2)` field of another Rust type under `true` would be
+    /// written and read as the raw bytes — silently wrong data.
     const MONEY_DECIMALS: bool = false;
 }
 
@@ -103,12 +105,16 @@ thread_local! {
 /// are plain `bytes`.
 pub(crate) struct MoneyAsBytes {
     before: bool,
+    /// Not `Send`: the flag is this thread's, so the guard must never be
+    /// held across an `.await` that could move the task.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl MoneyAsBytes {
     pub(crate) fn enter() -> MoneyAsBytes {
         MoneyAsBytes {
             before: MONEY_AS_BYTES.replace(true),
+            _thread: std::marker::PhantomData,
         }
     }
 }
@@ -134,10 +140,9 @@ impl Serialize for Money {
 }
 
 impl Money {
-    /// Avro's `decimal(12, 2)` bytes: the unscaled amount (the cents) as
-    /// big-endian two's complement, in the fewest bytes that keep the sign
-    /// (at least one) — what serde_avro_fast writes for the same amount as
-    /// text. Returns the buffer and where the bytes start in it.
+    /// The amount in Avro `decimal(…, 2)` bytes (big-endian two's
+    /// complement of the cents, any length); `None` when it does not fit an
+    /// `i64`. No bytes is zero, as serde_avro_fast reads it.
     fn from_decimal_bytes(bytes: &[u8]) -> Option<Money> {
         let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
         let fill = if negative { 0xFF } else { 0x00 };
@@ -154,6 +159,10 @@ impl Money {
         Some(Money(i64::from_be_bytes(buf)))
     }
 
+    /// Avro's `decimal(12, 2)` bytes: the unscaled amount (the cents) as
+    /// big-endian two's complement, in the fewest bytes that keep the sign
+    /// (at least one) — what serde_avro_fast writes for the same amount as
+    /// text. Returns the buffer and where the bytes start in it.
     fn decimal_bytes(self) -> ([u8; 8], usize) {
         // Bits that carry the value, plus one for the sign.
         let redundant = if self.0 < 0 {

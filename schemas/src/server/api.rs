@@ -497,12 +497,13 @@ async fn mode_of(state: &AppState, subject: &str) -> ApiResult<String> {
     })
 }
 
-async fn writable(state: &AppState, subject: &str) -> ApiResult<()> {
+/// The subject's mode, unless it is read-only (42205).
+async fn writable(state: &AppState, subject: &str) -> ApiResult<String> {
     let mode = mode_of(state, subject).await?;
     if mode == "READONLY" || mode == "READONLY_OVERRIDE" {
         return Err(ApiError::not_permitted(subject, &mode));
     }
-    Ok(())
+    Ok(mode)
 }
 
 fn normal_forms(versions: &[SubjectVersion]) -> Vec<Value> {
@@ -523,10 +524,7 @@ async fn register(
 ) -> ApiResult {
     // Confluent's rules: an explicit id only in IMPORT mode, no id only in
     // READWRITE mode, nothing in the read-only modes.
-    let mode = mode_of(&state, &subject).await?;
-    if mode == "READONLY" || mode == "READONLY_OVERRIDE" {
-        return Err(ApiError::not_permitted(&subject, &mode));
-    }
+    let mode = writable(&state, &subject).await?;
     let id = request.id.filter(|id| *id >= 0);
     let version = request.version.filter(|v| *v > 0);
     match id {
@@ -621,6 +619,12 @@ async fn import(
             "Overwrite new schema with id {id} is not permitted."
         ))),
         Err(ImportRefusal::OtherId(existing)) => Err(ApiError::id_does_not_match(existing, id)),
+        Err(ImportRefusal::VersionDeleted(version)) => {
+            Err(ApiError::operation_not_permitted(format!(
+                "Version {version} of subject {subject} was deleted; delete it permanently \
+             (DELETE /subjects/{subject}/versions/{version}?permanent=true) before importing it again"
+            )))
+        }
         Err(ImportRefusal::VersionTaken { version, holds }) => {
             Err(ApiError::operation_not_permitted(format!(
                 "Version {version} of subject {subject} already holds schema id {holds}; \

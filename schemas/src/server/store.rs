@@ -103,6 +103,9 @@ pub enum ImportRefusal {
     IdTaken(i64),
     /// The schema is already stored under this other id.
     OtherId(i64),
+    /// The subject's version was soft-deleted (it may be deleted for good,
+    /// then imported).
+    VersionDeleted(i64),
     /// The subject's version already holds another schema (the id given).
     VersionTaken {
         /// The version asked for.
@@ -244,24 +247,42 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let identity = sha256(&[&schema.schema_type, &schema.text, &references_json]);
         let normal_hash = sha256(&[&schema.normal_form]);
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO registry_schemas (schema_type, schema_text, references_json, identity, normal_form, normal_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (identity) DO NOTHING",
-        )
-        .bind(&schema.schema_type)
-        .bind(&schema.text)
-        .bind(&references_json)
-        .bind(&identity)
-        .bind(&schema.normal_form)
-        .bind(&normal_hash)
-        .execute(&mut *tx)
-        .await?;
-        let id: i64 = sqlx::query("SELECT id FROM registry_schemas WHERE identity = $1")
+        let mut attempts = 0;
+        let (mut tx, id) = loop {
+            let mut tx = self.pool.begin().await?;
+            // Any conflict: the same schema (then its id is found below),
+            // or an id an import took that the sequence handed out again
+            // (then nothing is found and the next id is drawn).
+            sqlx::query(
+                "INSERT INTO registry_schemas (schema_type, schema_text, references_json, identity, normal_form, normal_hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(&schema.schema_type)
+            .bind(&schema.text)
+            .bind(&references_json)
             .bind(&identity)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+            .bind(&schema.normal_form)
+            .bind(&normal_hash)
+            .execute(&mut *tx)
+            .await?;
+            let found = sqlx::query("SELECT id FROM registry_schemas WHERE identity = $1")
+                .bind(&identity)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match found {
+                Some(row) => break (tx, row.try_get::<i64, _>(0)?),
+                None if attempts < VERSION_RETRIES => {
+                    attempts += 1;
+                    tx.rollback().await?;
+                }
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "could not allocate a schema id after {VERSION_RETRIES} attempts: \
+                         every id drawn was taken (imported ids above the id sequence?)"
+                    )));
+                }
+            }
+        };
         for r in &schema.references {
             sqlx::query(
                 "INSERT INTO registry_references (schema_id, name, subject, version) VALUES ($1, $2, $3, $4) \
@@ -419,11 +440,16 @@ impl Store {
                         .await?;
                     }
                     if self.postgres {
-                        // Ids assigned later continue above every imported one.
+                        // Ids assigned later continue above every imported
+                        // one. Sequences ignore transactions, so only ever
+                        // move it forward (`last_value` counts ids drawn by
+                        // uncommitted registrations too); an id drawn by a
+                        // registration racing this is retried there.
                         sqlx::query(
-                            "SELECT setval(pg_get_serial_sequence('registry_schemas', 'id'), \
-                             GREATEST((SELECT MAX(id) FROM registry_schemas), 1))",
+                            "SELECT setval('registry_schemas_id_seq', $1) \
+                             FROM registry_schemas_id_seq WHERE last_value < $1",
                         )
+                        .bind(id)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -447,7 +473,8 @@ impl Store {
                         tx.commit().await?;
                         return Ok(Ok(v));
                     }
-                    Some((_, holds, _)) => {
+                    Some((_, _, true)) => return Ok(Err(ImportRefusal::VersionDeleted(v))),
+                    Some((_, holds, false)) => {
                         return Ok(Err(ImportRefusal::VersionTaken {
                             version: v,
                             holds: *holds,
