@@ -24,7 +24,7 @@ pub struct EventId(Uuid);
 impl EventId {
     /// A new UUIDv7 id.
     pub fn new() -> Self {
-        EventId(Uuid::now_v7())
+        id_and_time().0
     }
 
     /// Wraps an existing UUID (for example one read back from a database).
@@ -157,11 +157,12 @@ impl Envelope {
         key: impl Into<Key>,
         payload: impl Into<Bytes>,
     ) -> Self {
+        let (id, occurred_at) = id_and_time();
         Envelope {
-            id: EventId::new(),
+            id,
             event_type: event_type.into(),
             key: key.into(),
-            occurred_at: now_millis(),
+            occurred_at,
             source: None,
             correlation_id: None,
             causation_id: None,
@@ -326,8 +327,27 @@ pub(crate) struct EnvelopeParts {
     pub(crate) payload: Bytes,
 }
 
-fn now_millis() -> DateTime<Utc> {
-    truncate_to_millis(Utc::now())
+/// Orders this process's event ids, as `Uuid::now_v7` does with uuid's own
+/// context; Keel keeps its own so that one clock read serves both the id
+/// and the envelope's time (clock reads showed up in publish profiles).
+static ID_CONTEXT: std::sync::Mutex<uuid::ContextV7> =
+    std::sync::Mutex::new(uuid::ContextV7::new());
+
+/// A fresh UUIDv7 event id and the millisecond it was taken at.
+fn id_and_time() -> (EventId, DateTime<Utc>) {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let timestamp = uuid::Timestamp::from_unix(
+        &ID_CONTEXT,
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos(),
+    );
+    let millis = i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX);
+    (
+        EventId(Uuid::new_v7(timestamp)),
+        DateTime::from_timestamp_millis(millis).unwrap_or_default(),
+    )
 }
 
 fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {

@@ -142,13 +142,16 @@ impl KafkaPublisher {
         what: Sent<'_>,
         mut record: FutureRecord<'_, [u8], [u8]>,
     ) -> Result<(u64, DeliveryFuture)> {
-        let deadline = tokio::time::Instant::now() + self.config.ack_timeout();
+        // The clock is read only once the queue is full: not per event.
+        let mut deadline = None;
         let (generation, producer) = self.producer();
         loop {
             match producer.send_result(record) {
                 Ok(future) => return Ok((generation, future)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    if tokio::time::Instant::now() >= deadline {
+                    let now = tokio::time::Instant::now();
+                    let deadline = *deadline.get_or_insert(now + self.config.ack_timeout());
+                    if now >= deadline {
                         return Err(publish_error(
                             topic,
                             what,
