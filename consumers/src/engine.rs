@@ -5,9 +5,10 @@
 //! Only a key's oldest unacked record can be out at a time, so different
 //! keys — also inside one partition — are handled in parallel while each
 //! key keeps its order. A partition's commit position is its lowest unacked
-//! offset (or one past the highest fetched when all are acked), so a crash
-//! re-delivers at most what lies between that position and what was
-//! dispatched — bounded by the partition window.
+//! offset (or one past the highest fetched when all are acked); what is out
+//! past it is bounded by the partition window. A crash re-delivers from the
+//! last position that was committed, so on Kafka that is the window plus
+//! whatever was acked since that commit.
 //!
 //! All state sits behind one mutex: the poll thread adds records and
 //! assignments, settling deliveries dispatches the next ones directly, and

@@ -2,8 +2,10 @@
 //! subscription.
 //!
 //! Delivery guarantee: at-least-once. An offset is committed only once every
-//! record below it was acked (or dead-lettered by the caller); a crash
-//! re-delivers at most each partition's window past its commit position.
+//! record below it was acked (or dead-lettered by the caller). A crash
+//! re-delivers, per partition, what was acked since the last commit that
+//! landed (commits go out every `commit_interval_ms`) plus at most the
+//! partition window of records dispatched past the lowest unacked one.
 //!
 //! A dedicated thread owns the librdkafka consumer: it polls records into
 //! the engine, commits positions periodically, and runs the rebalance
@@ -46,8 +48,9 @@ use crate::engine::{Engine, Fetched, Limits};
 pub struct KafkaConsumerConfig {
     /// Connection settings.
     pub client: KafkaClientConfig,
-    /// Most offsets a partition may run ahead of its committed position;
-    /// bounds re-delivery after a crash and memory per partition. Default 1000.
+    /// Most offsets a partition may run ahead of its lowest unacked record;
+    /// bounds memory per partition and, with `commit_interval_ms`,
+    /// re-delivery after a crash. Default 1000.
     pub partition_window: u32,
     /// How often acked positions are committed, in ms. Default 1000.
     pub commit_interval_ms: u64,
