@@ -338,24 +338,8 @@ impl Store {
                 tx.rollback().await?;
                 continue;
             }
-            let inserted = sqlx::query(
-                "INSERT INTO registry_subject_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, 0)",
-            )
-            .bind(subject)
-            .bind(next)
-            .bind(schema_id)
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {
-                    tx.commit().await?;
-                    return Ok(Ok(next));
-                }
-                Err(e) if is_unique_violation(&e) => {
-                    tx.rollback().await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            if insert_version(tx, subject, next, schema_id).await? {
+                return Ok(Ok(next));
             }
         }
         Err(StoreError::Corrupt(format!(
@@ -493,24 +477,8 @@ impl Store {
                     held.last().map_or(1, |(v, _, _)| v + 1)
                 }
             };
-            let inserted = sqlx::query(
-                "INSERT INTO registry_subject_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, 0)",
-            )
-            .bind(subject)
-            .bind(wanted)
-            .bind(id)
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {
-                    tx.commit().await?;
-                    return Ok(Ok(wanted));
-                }
-                Err(e) if is_unique_violation(&e) => {
-                    tx.rollback().await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            if insert_version(tx, subject, wanted, id).await? {
+                return Ok(Ok(wanted));
             }
         }
         Err(StoreError::Corrupt(format!(
@@ -633,6 +601,35 @@ impl Setting {
             Setting::Compatibility => "compatibility",
             Setting::Mode => "mode",
         }
+    }
+}
+
+/// Inserts `version` of `subject` and commits; `false` (rolled back) when a
+/// concurrent writer took that version first.
+async fn insert_version(
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    subject: &str,
+    version: i64,
+    schema_id: i64,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO registry_subject_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, 0)",
+    )
+    .bind(subject)
+    .bind(version)
+    .bind(schema_id)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Ok(_) => {
+            tx.commit().await?;
+            Ok(true)
+        }
+        Err(e) if is_unique_violation(&e) => {
+            tx.rollback().await?;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
