@@ -75,6 +75,13 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     {
         anyhow::bail!("--basic-auth must be `user:password`");
     }
+    // Refused before anything is opened or announced.
+    for (flag, path) in [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)] {
+        if let Some(path) = path {
+            std::fs::File::open(path)
+                .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+        }
+    }
     let database = args
         .database
         .or_else(|| config.database.clone())

@@ -111,6 +111,38 @@ fn bad_config_is_refused_by_name() {
 }
 
 #[test]
+fn registry_tls_files_are_checked_before_serving() {
+    let dir = scratch();
+    let out = keel(
+        &[
+            "registry",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite://registry.db",
+            "--tls-cert",
+            "missing.pem",
+            "--tls-key",
+            "missing.key",
+        ],
+        dir.path(),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--tls-cert missing.pem"),
+        "names the flag and file: {stderr}"
+    );
+    assert!(!stderr.contains("serving"), "{stderr}");
+    assert!(
+        !dir.path().join("registry.db").exists(),
+        "nothing created before the refusal"
+    );
+}
+
+#[test]
 fn bad_flags_and_environment_are_refused_by_name() {
     let dir = scratch();
     let out = keel(&["demo", "--partitions", "0"], dir.path(), &[]);
