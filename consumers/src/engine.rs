@@ -5,10 +5,13 @@
 //! Only a key's oldest unacked record can be out at a time, so different
 //! keys — also inside one partition — are handled in parallel while each
 //! key keeps its order. A partition's commit position is its lowest unacked
-//! offset (or one past the highest fetched when all are acked); what is out
-//! past it is bounded by the partition window. A crash re-delivers from the
-//! last position that was committed, so on Kafka that is the window plus
-//! whatever was acked since that commit.
+//! offset (or one past the highest fetched when all are acked). Where
+//! commits are made (Kafka), nothing is dispatched a partition window or
+//! more past the last commit sent — a crash re-delivers from the last commit
+//! that landed, so at most the window (two, if the crash lost the commit in
+//! flight) — and a commit goes out early once half the window is used.
+//! (JetStream acks each message on the server; there the window counts from
+//! the lowest unacked.)
 //!
 //! All state sits behind one mutex: the poll thread adds records and
 //! assignments, settling deliveries dispatches the next ones directly, and
@@ -419,6 +422,21 @@ impl Engine {
         out
     }
 
+    /// Whether some partition's position ran half a window or more past its
+    /// last commit: committing now keeps dispatch (bounded by that commit)
+    /// flowing without waiting for the commit interval.
+    pub(crate) fn commit_due(&self) -> bool {
+        let state = self.lock();
+        let half = (state.limits.partition_window / 2).max(1);
+        state
+            .partitions
+            .values()
+            .any(|ps| match (ps.position(), ps.committed) {
+                (Some(position), Some(committed)) => position - committed >= half,
+                _ => false,
+            })
+    }
+
     /// A commit of `position` did not land: the next one sends it again.
     pub(crate) fn commit_failed(&self, partition: i32, position: i64) {
         let mut state = self.lock();
@@ -499,7 +517,11 @@ impl Engine {
             if ps.revoking {
                 continue;
             }
-            let Some(base) = ps.position() else { continue };
+            let Some(position) = ps.position() else {
+                continue;
+            };
+            // The window counts from the last commit sent.
+            let base = ps.committed.map_or(position, |c| c.min(position));
             while *in_flight < limits.max_in_flight {
                 let Some(&offset) = ps.ready.first() else {
                     break;
@@ -760,6 +782,37 @@ mod tests {
             2
         );
         drop(second);
+    }
+
+    /// The last commit sent bounds dispatch: a crash then re-delivers at
+    /// most the window, however much was acked since that commit.
+    #[tokio::test]
+    async fn the_window_counts_from_the_last_commit() {
+        let (e, mut rx) = engine(100, 4);
+        e.assign(&[(0, Some(0))]);
+        for o in 0..10 {
+            let out = e.ingest(0, record(o, &format!("k{o}")));
+            e.send(out);
+        }
+        for expected in 0..4 {
+            let d = rx.next().await.unwrap().unwrap();
+            assert_eq!(d.info().coordinates.position, expected);
+            d.ack();
+        }
+        assert_eq!(e.in_flight(), 0, "acked, but nothing committed yet");
+        assert!(e.commit_due(), "half the window used past the commit");
+        assert_eq!(e.positions_to_commit(), vec![(0, 4)]);
+        assert!(!e.commit_due());
+        let out = e.tick();
+        e.send(out);
+        let mut next = Vec::new();
+        for _ in 0..4 {
+            next.push(rx.next().await.unwrap().unwrap());
+        }
+        let positions: Vec<u64> = next.iter().map(|d| d.info().coordinates.position).collect();
+        assert_eq!(positions, vec![4, 5, 6, 7]);
+        assert_eq!(e.in_flight(), 4, "offset 8 waits for the next commit");
+        drop(next);
     }
 
     #[tokio::test]

@@ -2,10 +2,11 @@
 //! subscription.
 //!
 //! Delivery guarantee: at-least-once. An offset is committed only once every
-//! record below it was acked (or dead-lettered by the caller). A crash
-//! re-delivers, per partition, what was acked since the last commit that
-//! landed (commits go out every `commit_interval_ms`) plus at most the
-//! partition window of records dispatched past the lowest unacked one.
+//! record below it was acked (or dead-lettered by the caller). Nothing is
+//! dispatched a partition window or more past the last commit sent, and a
+//! commit goes out early once half the window is used, so a crash
+//! re-delivers at most the window per partition (two windows if the crash
+//! also lost the commit in flight).
 //!
 //! A dedicated thread owns the librdkafka consumer: it polls records into
 //! the engine, commits positions periodically, and runs the rebalance
@@ -48,9 +49,9 @@ use crate::engine::{Engine, Fetched, Limits};
 pub struct KafkaConsumerConfig {
     /// Connection settings.
     pub client: KafkaClientConfig,
-    /// Most offsets a partition may run ahead of its lowest unacked record;
-    /// bounds memory per partition and, with `commit_interval_ms`,
-    /// re-delivery after a crash. Default 1000.
+    /// Most offsets a partition may run ahead of its last commit; bounds
+    /// re-delivery after a crash and memory per partition (a commit goes out
+    /// early once half of it is used). Default 1000.
     pub partition_window: u32,
     /// How often acked positions are committed, in ms. Default 1000.
     pub commit_interval_ms: u64,
@@ -534,9 +535,15 @@ fn poll_loop(
             tracing::debug!(%topic, state = %engine.summary(), "engine");
             last_report = Instant::now();
         }
-        if last_commit.elapsed() >= commit_interval {
+        // Periodically, and early when a partition has used half its
+        // window past its last commit (dispatch stops at the whole window).
+        let due = last_commit.elapsed() >= commit_interval
+            || (last_commit.elapsed() >= EARLY_COMMIT_SPACING && engine.commit_due());
+        if due {
             context.commit(consumer, &engine.positions_to_commit(), CommitMode::Async);
             last_commit = Instant::now();
+            let out = engine.tick();
+            engine.send(out);
         }
     }
     drop(queues);
@@ -550,6 +557,10 @@ fn poll_loop(
     // same value landed.
     context.commit(consumer, &engine.all_positions(), CommitMode::Sync);
 }
+
+/// Least time between two commits sent early (a partition's window half
+/// used past its last commit): bounds the commit rate under load.
+const EARLY_COMMIT_SPACING: Duration = Duration::from_millis(10);
 
 fn is_fatal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
     use rdkafka::error::RDKafkaErrorCode as C;
