@@ -283,18 +283,7 @@ impl Store {
                 }
             }
         };
-        for r in &schema.references {
-            sqlx::query(
-                "INSERT INTO registry_references (schema_id, name, subject, version) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (schema_id, name) DO NOTHING",
-            )
-            .bind(id)
-            .bind(&r.name)
-            .bind(&r.subject)
-            .bind(r.version)
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_references(&mut tx, id, &schema.references).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -411,18 +400,7 @@ impl Store {
                         }
                         Err(e) => return Err(e.into()),
                     }
-                    for r in &schema.references {
-                        sqlx::query(
-                            "INSERT INTO registry_references (schema_id, name, subject, version) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (schema_id, name) DO NOTHING",
-                        )
-                        .bind(id)
-                        .bind(&r.name)
-                        .bind(&r.subject)
-                        .bind(r.version)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+                    insert_references(&mut tx, id, &schema.references).await?;
                     if self.postgres {
                         // Ids assigned later continue above every imported
                         // one. Sequences ignore transactions, so only ever
@@ -602,6 +580,27 @@ impl Setting {
             Setting::Mode => "mode",
         }
     }
+}
+
+/// Records which (subject, version) schema `id` references.
+async fn insert_references(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: i64,
+    references: &[SchemaReference],
+) -> Result<()> {
+    for r in references {
+        sqlx::query(
+            "INSERT INTO registry_references (schema_id, name, subject, version) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (schema_id, name) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&r.name)
+        .bind(&r.subject)
+        .bind(r.version)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Inserts `version` of `subject` and commits; `false` (rolled back) when a
