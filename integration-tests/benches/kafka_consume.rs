@@ -24,12 +24,7 @@ const LATENCY_SAMPLES: usize = 200;
 const PARTITIONS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
-    let (events, _) = bench::args()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    tokio::runtime::Runtime::new()?.block_on(run(events))
+    bench::main(|events, _| run(events))
 }
 
 async fn run(events: usize) -> anyhow::Result<()> {
@@ -42,17 +37,12 @@ async fn run(events: usize) -> anyhow::Result<()> {
         payload.len()
     );
 
-    raw_round(&client, &topic, events).await?;
-    keel_round(&client, &topic, events).await?;
-    let (mut raw_rates, mut keel_rates) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        raw_rates.push(raw_round(&client, &topic, events).await?);
-        keel_rates.push(keel_round(&client, &topic, events).await?);
-    }
-    let (raw_rate, keel_rate) = (
-        bench::median(&mut raw_rates),
-        bench::median(&mut keel_rates),
-    );
+    let ((raw_rate, raw_rates), (keel_rate, keel_rates)) = bench::alternate(
+        ROUNDS,
+        || raw_round(&client, &topic, events),
+        || keel_round(&client, &topic, events),
+    )
+    .await?;
     println!("throughput  raw StreamConsumer loop  {raw_rate:>10.0} msg/s  rounds {raw_rates:.0?}");
     println!(
         "throughput  keel group consumer      {keel_rate:>10.0} msg/s  rounds {keel_rates:.0?}"

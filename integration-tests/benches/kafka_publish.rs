@@ -21,8 +21,7 @@ const ROUNDS: usize = 3;
 const LATENCY_SAMPLES: usize = 1000;
 
 fn main() -> anyhow::Result<()> {
-    let (events, batch) = bench::args()?;
-    tokio::runtime::Runtime::new()?.block_on(run(events, batch))
+    bench::main(run)
 }
 
 async fn run(events: usize, batch: usize) -> anyhow::Result<()> {

@@ -34,8 +34,7 @@ const LATENCY_SAMPLES: usize = 1000;
 const ONE_AT_A_TIME: usize = 3000;
 
 fn main() -> anyhow::Result<()> {
-    let (events, batch) = bench::args()?;
-    tokio::runtime::Runtime::new()?.block_on(run(events, batch))
+    bench::main(run)
 }
 
 async fn run(events: usize, batch: usize) -> anyhow::Result<()> {

@@ -28,12 +28,7 @@ const ROUNDS: usize = 3;
 const PARTITIONS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
-    let (events, _) = bench::args()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    tokio::runtime::Runtime::new()?.block_on(run(events))
+    bench::main(|events, _| run(events))
 }
 
 /// Counts handled events and wakes the round when all are in.
@@ -127,17 +122,12 @@ async fn run(events: usize) -> anyhow::Result<()> {
         "router overhead on {}: {events} OrderPlaced events of {size} bytes over {PARTITIONS} partitions, 1000 keys, {ROUNDS} rounds each",
         transport.name()
     );
-    raw_round(&transport, &topic, events).await?;
-    router_round(&transport, &codec, &topic, events).await?;
-    let (mut raw_rates, mut router_rates) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        raw_rates.push(raw_round(&transport, &topic, events).await?);
-        router_rates.push(router_round(&transport, &codec, &topic, events).await?);
-    }
-    let (raw, routed) = (
-        bench::median(&mut raw_rates),
-        bench::median(&mut router_rates),
-    );
+    let ((raw, raw_rates), (routed, router_rates)) = bench::alternate(
+        ROUNDS,
+        || raw_round(&transport, &topic, events),
+        || router_round(&transport, &codec, &topic, events),
+    )
+    .await?;
     println!("throughput  raw handler (serve)        {raw:>10.0} msg/s  rounds {raw_rates:.0?}");
     println!(
         "throughput  router + standard layers   {routed:>10.0} msg/s  rounds {router_rates:.0?}"

@@ -20,6 +20,48 @@ pub fn args() -> anyhow::Result<(usize, usize)> {
     Ok((events, batch))
 }
 
+/// A bench binary's `main`: `run(events, batch)` (from [`args`]) on a fresh
+/// runtime, logging to stderr as `RUST_LOG` asks.
+pub fn main<F, Fut>(run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (events, batch) = args()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(run(events, batch))
+}
+
+/// Rates of two contenders measured the same way: one warm-up round of
+/// each, then `rounds` alternating rounds. Returns each side's median and
+/// its rounds (sorted).
+pub async fn alternate<A, FA, B, FB>(
+    rounds: usize,
+    mut a: A,
+    mut b: B,
+) -> anyhow::Result<((f64, Vec<f64>), (f64, Vec<f64>))>
+where
+    A: FnMut() -> FA,
+    FA: std::future::Future<Output = anyhow::Result<f64>>,
+    B: FnMut() -> FB,
+    FB: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    a().await?;
+    b().await?;
+    let (mut a_rates, mut b_rates) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        a_rates.push(a().await?);
+        b_rates.push(b().await?);
+    }
+    Ok((
+        (median(&mut a_rates), a_rates),
+        (median(&mut b_rates), b_rates),
+    ))
+}
+
 /// The median of `rates` (sorts them, so printing them after shows the
 /// spread).
 pub fn median(rates: &mut [f64]) -> f64 {

@@ -540,10 +540,9 @@ fn poll_loop(
         let due = last_commit.elapsed() >= commit_interval
             || (last_commit.elapsed() >= EARLY_COMMIT_SPACING && engine.commit_due());
         if due {
+            // The next turn's tick dispatches what the commit let through.
             context.commit(consumer, &engine.positions_to_commit(), CommitMode::Async);
             last_commit = Instant::now();
-            let out = engine.tick();
-            engine.send(out);
         }
     }
     drop(queues);
