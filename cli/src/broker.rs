@@ -212,9 +212,10 @@ async fn connect_publisher(broker: Broker) -> anyhow::Result<std::sync::Arc<dyn 
 
 pub(crate) fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
-        BrokerUrl::Kafka { bootstrap } => {
-            Ok(Broker::Kafka(KafkaClientConfig::new(bootstrap.clone())))
-        }
+        BrokerUrl::Kafka { bootstrap } => Ok(Broker::Kafka(KafkaClientConfig {
+            security: config.kafka.clone(),
+            ..KafkaClientConfig::new(bootstrap.clone())
+        })),
         BrokerUrl::Nats { servers } => Ok(Broker::Nats(NatsClientConfig {
             auth: config.nats.clone(),
             ..NatsClientConfig::new(servers.join(","))

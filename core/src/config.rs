@@ -231,6 +231,8 @@ pub struct KeelConfig {
     pub publisher: PublisherConfig,
     /// How to authenticate to NATS (when `broker` is `nats://…`).
     pub nats: NatsAuth,
+    /// TLS and SASL towards Kafka (when `broker` is `kafka://…`).
+    pub kafka: KafkaSecurity,
 }
 
 /// NATS credentials and TLS (`[nats]` in `keel.toml`, `KEEL_NATS__TOKEN`,
@@ -303,6 +305,74 @@ impl NatsAuth {
     }
 }
 
+/// How Kafka clients talk to the brokers: TLS and SASL (`[kafka]` in
+/// `keel.toml`, `KEEL_KAFKA__SASL_PASSWORD`, …).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSecurity {
+    /// Use TLS. Default false (librdkafka's `security.protocol=plaintext`).
+    pub tls: bool,
+    /// PEM file of CA certificates to trust (`ssl.ca.location`).
+    pub ca_location: Option<String>,
+    /// Client certificate PEM file for mutual TLS (`ssl.certificate.location`).
+    pub certificate_location: Option<String>,
+    /// Client key PEM file (`ssl.key.location`).
+    pub key_location: Option<String>,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password.
+    pub sasl_password: Option<String>,
+}
+
+impl std::fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSecurity")
+            .field("tls", &self.tls)
+            .field("ca_location", &self.ca_location)
+            .field("certificate_location", &self.certificate_location)
+            .field("key_location", &self.key_location)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "(redacted)"),
+            )
+            .finish()
+    }
+}
+
+const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+impl KafkaSecurity {
+    /// Refuses incomplete settings, naming them.
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        if let Some(m) = &s.sasl_mechanism {
+            if !SASL_MECHANISMS.contains(&m.as_str()) {
+                return Err(Error::config(
+                    "kafka.sasl_mechanism",
+                    format!("`{m}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+                ));
+            }
+            if s.sasl_username.is_none() || s.sasl_password.is_none() {
+                return Err(Error::config(
+                    "kafka.sasl_username",
+                    "SASL needs both sasl_username and sasl_password",
+                ));
+            }
+        }
+        if s.certificate_location.is_some() != s.key_location.is_some() {
+            return Err(Error::config(
+                "kafka.key_location",
+                "mutual TLS needs both certificate_location and key_location",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for KeelConfig {
     fn default() -> Self {
         KeelConfig {
@@ -314,6 +384,7 @@ impl Default for KeelConfig {
             consumer: ConsumerConfig::default(),
             publisher: PublisherConfig::default(),
             nats: NatsAuth::default(),
+            kafka: KafkaSecurity::default(),
         }
     }
 }
@@ -429,6 +500,7 @@ impl KeelConfig {
     /// Refuses invalid values and combinations, naming the setting.
     pub fn validate(&self) -> Result<()> {
         self.nats.validate()?;
+        self.kafka.validate()?;
         let partitions = self.topics.partitions;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(Error::config(
@@ -695,5 +767,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("/nonexistent/keel.toml"), "{msg}");
+    }
+
+    #[test]
+    fn kafka_security_is_read_checked_and_kept_out_of_debug() {
+        let c = KeelConfig::from_toml(
+            "broker = \"kafka://k:9092\"\n[kafka]\ntls = true\nca_location = \"ca.pem\"\n\
+             sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"orders\"\n\
+             sasl_password = \"s3cret\"\n",
+        )
+        .unwrap();
+        assert!(c.kafka.tls);
+        assert_eq!(c.kafka.sasl_mechanism.as_deref(), Some("SCRAM-SHA-512"));
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("redacted"),
+            "{debug}"
+        );
+
+        let msg = KeelConfig::from_toml("[kafka]\nsasl_mechanism = \"GSSAPI\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("kafka.sasl_mechanism") && msg.contains("GSSAPI"),
+            "{msg}"
+        );
+        let msg = KeelConfig::from_toml("[kafka]\nsasl_mechanism = \"PLAIN\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("sasl_username"), "{msg}");
     }
 }

@@ -7,6 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
+"$here/build-deps.sh"
 KEEL_TEST_KAFKA=${KEEL_TEST_KAFKA:-$("$here/tansu.sh")}
 KEEL_TEST_NATS=${KEEL_TEST_NATS:-$("$here/nats.sh")}
 KEEL_TEST_DATABASE_URL=${KEEL_TEST_DATABASE_URL:-$("$here/postgres.sh")}

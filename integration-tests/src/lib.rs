@@ -17,6 +17,7 @@
 //! | [`faults`] | worker processes and their records, for the SIGKILL tests |
 //! | [`outbox`] | a migrated outbox, concurrent writers, and the completeness and key-order checks |
 //! | [`bench`] | what the benchmark binaries share: medians, percentiles, latency loops |
+//! | [`tls`] | a private CA, and a TLS terminator in front of a plaintext server |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -33,6 +34,7 @@ pub mod bench;
 pub mod chain;
 pub mod faults;
 pub mod outbox;
+pub mod tls;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};
@@ -681,13 +683,41 @@ pub const TANSU_ENV: &str = "KEEL_TEST_TANSU";
 /// `sqlite://` in a temporary directory (durable across a stop and restart)
 /// or in memory.
 pub struct TansuUnderTest {
-    /// `127.0.0.1:<port>`.
+    /// `127.0.0.1:<port>`, or its TLS terminator's `localhost:<port>`.
     pub bootstrap: String,
     port: u16,
+    /// The address the broker tells clients to connect to: its own, or
+    /// its TLS terminator's as `localhost:<port>` (librdkafka verifies a
+    /// host name against the certificate's DNS names, not IP addresses).
+    advertised: String,
+    /// Whether clients must authenticate (SASL).
+    authentication: bool,
+    /// Held for its lifetime: the terminator stops when dropped.
+    _tls: Option<tls::TlsTerminator>,
     binary: std::path::PathBuf,
     dir: TempDir,
     storage: &'static str,
     child: Option<std::process::Child>,
+}
+
+/// A SCRAM mechanism tansu stores credentials for.
+#[derive(Clone, Copy, Debug)]
+pub enum Scram {
+    /// `SCRAM-SHA-256`.
+    Sha256,
+    /// `SCRAM-SHA-512`.
+    Sha512,
+}
+
+/// A user of a secured [`TansuUnderTest`], with SCRAM credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct ScramUser<'a> {
+    /// User name.
+    pub name: &'a str,
+    /// Password.
+    pub password: &'a str,
+    /// The mechanism the credentials are for.
+    pub mechanism: Scram,
 }
 
 impl TansuUnderTest {
@@ -703,21 +733,84 @@ impl TansuUnderTest {
     }
 
     async fn start_on(storage: &'static str) -> TansuUnderTest {
+        let mut tansu = Self::unstarted(storage, None).await;
+        tansu.restart().await;
+        tansu
+    }
+
+    /// A broker on durable storage with `sasl_users`: it then requires SASL
+    /// authentication (tansu's `--authentication`): SCRAM against these
+    /// users, or PLAIN (tansu checks no PLAIN password). The users are
+    /// created before authentication is switched on (tansu then refuses
+    /// unauthenticated admin requests). With `tls` (a certificate and key,
+    /// PEM), clients reach the broker only through a
+    /// [`tls::TlsTerminator`] on `bootstrap`, which the broker advertises.
+    pub async fn start_secured(
+        sasl_users: Option<&[ScramUser<'_>]>,
+        tls: Option<(&str, &str)>,
+    ) -> TansuUnderTest {
+        let mut tansu = Self::unstarted("sqlite://tansu.db", tls).await;
+        tansu.restart().await;
+        let Some(users) = sasl_users else {
+            return tansu;
+        };
+        for user in users {
+            let mechanism = match user.mechanism {
+                Scram::Sha256 => "scram256",
+                Scram::Sha512 => "scram512",
+            };
+            let broker = format!("tcp://127.0.0.1:{}", tansu.port);
+            let output = std::process::Command::new(&tansu.binary)
+                .args([
+                    "user",
+                    "create",
+                    "--broker",
+                    &broker,
+                    "--mechanism",
+                    mechanism,
+                ])
+                .args([user.name, user.password])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", tansu.binary.display()));
+            assert!(
+                output.status.success(),
+                "tansu user create {} failed: {}",
+                user.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        tansu.authentication = true;
+        tansu.restart().await;
+        tansu
+    }
+
+    async fn unstarted(storage: &'static str, tls: Option<(&str, &str)>) -> TansuUnderTest {
         let binary = tansu_binary();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"));
-        let mut tansu = TansuUnderTest {
-            bootstrap: format!("127.0.0.1:{port}"),
+        let terminator = match tls {
+            Some((certificate, key)) => {
+                Some(tls::TlsTerminator::start(port, certificate, key).await)
+            }
+            None => None,
+        };
+        let advertised = match &terminator {
+            Some(t) => format!("localhost:{}", t.port),
+            None => format!("127.0.0.1:{port}"),
+        };
+        TansuUnderTest {
+            bootstrap: advertised.clone(),
             port,
+            advertised,
+            authentication: false,
+            _tls: terminator,
             binary,
             dir: TempDir::new(),
             storage,
             child: None,
-        };
-        tansu.restart().await;
-        tansu
+        }
     }
 
     /// Kills the broker process (SIGKILL: no shutdown of any kind).
@@ -736,17 +829,20 @@ impl TansuUnderTest {
             .append(true)
             .open(self.dir.path().join("tansu.log"))
             .unwrap_or_else(|e| panic!("cannot open the tansu log: {e}"));
-        let child = std::process::Command::new(&self.binary)
-            .current_dir(self.dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--storage-engine",
-                self.storage,
-            ])
+        let mut command = std::process::Command::new(&self.binary);
+        command.current_dir(self.dir.path()).args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{}", self.port),
+            "--advertised-listener-url",
+            &format!("tcp://{}", self.advertised),
+            "--storage-engine",
+            self.storage,
+        ]);
+        if self.authentication {
+            command.arg("--authentication");
+        }
+        let child = command
             .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
             .stderr(log)
             .spawn()

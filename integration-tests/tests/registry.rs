@@ -1185,27 +1185,15 @@ async fn the_client_speaks_tls_to_an_https_registry(backend: RegistryBackend) {
     use keel_schemas::{ClientOptions, Registry, RegistryClient, SchemaError};
     let dir = keel_integration_tests::TempDir::new();
     // A private CA and the registry's certificate, signed by it.
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let registry_key = rcgen::KeyPair::generate().unwrap();
-    let registry_cert =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap()
-            .signed_by(&registry_key, &ca)
-            .unwrap();
+    let ca = keel_integration_tests::tls::TestCa::new();
+    let (registry_cert, registry_key) = ca.issue(&["127.0.0.1", "localhost"]);
     // The trusted file is a bundle: another CA first, then the right one.
-    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let other = other_params
-        .self_signed(&rcgen::KeyPair::generate().unwrap())
-        .unwrap();
+    let other = keel_integration_tests::tls::TestCa::new();
     let ca_pem = format!("{}{}", other.pem(), ca.pem()).into_bytes();
     let certificate_chain = dir.path().join("registry.pem");
     let private_key = dir.path().join("registry.key");
-    std::fs::write(&certificate_chain, registry_cert.pem()).unwrap();
-    std::fs::write(&private_key, registry_key.serialize_pem()).unwrap();
+    std::fs::write(&certificate_chain, registry_cert).unwrap();
+    std::fs::write(&private_key, registry_key).unwrap();
     let auth = "keel:s3cret".to_owned();
     let registry = RegistryUnderTest::start(
         backend,

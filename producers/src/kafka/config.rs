@@ -5,29 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use keel_core::config::KafkaSecurity;
 use keel_core::{Error, Result};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-
-/// How a client talks to the brokers (TLS and SASL).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSecurity {
-    /// Use TLS. Default false (librdkafka's `security.protocol=plaintext`).
-    pub tls: bool,
-    /// PEM file of CA certificates to trust (`ssl.ca.location`).
-    pub ca_location: Option<String>,
-    /// Client certificate PEM file for mutual TLS (`ssl.certificate.location`).
-    pub certificate_location: Option<String>,
-    /// Client key PEM file (`ssl.key.location`).
-    pub key_location: Option<String>,
-    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
-    pub sasl_mechanism: Option<String>,
-    /// SASL user name.
-    pub sasl_username: Option<String>,
-    /// SASL password.
-    pub sasl_password: Option<String>,
-}
 
 /// Settings every Kafka client shares.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +37,6 @@ impl Default for KafkaClientConfig {
     }
 }
 
-const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
-
 impl KafkaClientConfig {
     /// Settings for `bootstrap` servers, defaults otherwise.
     pub fn new(bootstrap: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -75,27 +54,7 @@ impl KafkaClientConfig {
                 "needs at least one host:port",
             ));
         }
-        let s = &self.security;
-        if let Some(m) = &s.sasl_mechanism {
-            if !SASL_MECHANISMS.contains(&m.as_str()) {
-                return Err(Error::config(
-                    "kafka.security.sasl_mechanism",
-                    format!("`{m}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
-                ));
-            }
-            if s.sasl_username.is_none() || s.sasl_password.is_none() {
-                return Err(Error::config(
-                    "kafka.security.sasl_username",
-                    "SASL needs both sasl_username and sasl_password",
-                ));
-            }
-        }
-        if s.certificate_location.is_some() != s.key_location.is_some() {
-            return Err(Error::config(
-                "kafka.security.key_location",
-                "mutual TLS needs both certificate_location and key_location",
-            ));
-        }
+        self.security.validate()?;
         Ok(())
     }
 

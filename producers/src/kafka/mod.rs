@@ -6,9 +6,11 @@
 //! | [`config`] | typed, validated client and publisher settings → librdkafka |
 //! | [`publisher`] | [`KafkaPublisher`]: idempotent, murmur2-partitioned, acked publishes |
 //! | [`admin`] | [`KafkaAdmin`]: idempotent topic creation |
+//! | [`context`] | [`ErrorMemory`]: the client's last error, for timeouts that say why |
 
 pub mod admin;
 pub mod config;
+pub mod context;
 pub mod publisher;
 
 pub use admin::{
@@ -16,4 +18,5 @@ pub use admin::{
     TopicDescription, TopicSettings,
 };
 pub use config::{Compression, KafkaClientConfig, KafkaPublisherConfig, KafkaSecurity};
+pub use context::ErrorMemory;
 pub use publisher::KafkaPublisher;

@@ -20,6 +20,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tracing::Instrument;
 
 use super::config::KafkaPublisherConfig;
+use super::context::ErrorMemory;
 
 /// How long to wait before retrying an enqueue into a full local queue.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
@@ -28,7 +29,9 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 pub struct KafkaPublisher {
     /// The producer and its generation: replaced (see [`Self::recover`])
     /// when the broker stops accepting its idempotent sequence.
-    producer: std::sync::RwLock<(u64, FutureProducer)>,
+    producer: std::sync::RwLock<(u64, FutureProducer<ErrorMemory>)>,
+    /// The producers' last client-level error, told with a timeout.
+    errors: ErrorMemory,
     config: KafkaPublisherConfig,
 }
 
@@ -44,20 +47,25 @@ impl KafkaPublisher {
     /// A publisher with validated `config`. Connects lazily.
     pub fn new(config: KafkaPublisherConfig) -> Result<Self> {
         config.validate()?;
-        let producer: FutureProducer = config.client_config().create().map_err(|e| {
-            Error::config(
-                "kafka",
-                format!("librdkafka refused the producer configuration: {e}"),
-            )
-        })?;
+        let errors = ErrorMemory::default();
+        let producer = config
+            .client_config()
+            .create_with_context(errors.clone())
+            .map_err(|e| {
+                Error::config(
+                    "kafka",
+                    format!("librdkafka refused the producer configuration: {e}"),
+                )
+            })?;
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new((0, producer)),
+            errors,
             config,
         })
     }
 
     /// The current producer and its generation.
-    fn producer(&self) -> (u64, FutureProducer) {
+    fn producer(&self) -> (u64, FutureProducer<ErrorMemory>) {
         match self.producer.read() {
             Ok(current) => current.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -94,7 +102,11 @@ impl KafkaPublisher {
         if slot.0 != generation {
             return; // already replaced by another failed delivery
         }
-        match self.config.client_config().create::<FutureProducer>() {
+        match self
+            .config
+            .client_config()
+            .create_with_context::<_, FutureProducer<ErrorMemory>>(self.errors.clone())
+        {
             Ok(fresh) => {
                 tracing::warn!(error = %e, fatal, generation, "replacing the Kafka producer: the broker no longer accepts its idempotent state");
                 *slot = (generation + 1, fresh);
@@ -155,7 +167,9 @@ impl KafkaPublisher {
                         return Err(publish_error(
                             topic,
                             what,
-                            "the local producer queue stayed full (is the broker reachable?)",
+                            &self.with_last_error(
+                                "the local producer queue stayed full (is the broker reachable?)",
+                            ),
                             true,
                             None,
                         ));
@@ -178,6 +192,15 @@ impl KafkaPublisher {
         }
     }
 
+    /// `what` went wrong, and the client's last error if there was one
+    /// (a timeout alone does not say that the credentials were refused).
+    fn with_last_error(&self, what: &str) -> String {
+        match self.errors.last() {
+            Some(last) => format!("{what}; the client's last error: {last}"),
+            None => what.to_owned(),
+        }
+    }
+
     async fn acknowledged(
         &self,
         topic: &str,
@@ -194,13 +217,12 @@ impl KafkaPublisher {
             Ok(Err((e, _))) => {
                 self.recover(generation, &e);
                 let retriable = retriable(&e);
-                Err(publish_error(
-                    topic,
-                    what,
-                    "the broker did not acknowledge it",
-                    retriable,
-                    Some(e),
-                ))
+                let why = "the broker did not acknowledge it";
+                let why = match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::MessageTimedOut) => self.with_last_error(why),
+                    _ => why.to_owned(),
+                };
+                Err(publish_error(topic, what, &why, retriable, Some(e)))
             }
             Err(_) => Err(publish_error(
                 topic,

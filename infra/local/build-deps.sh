@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build prerequisites the Rust toolchain does not bring: OpenSSL's headers,
+# for librdkafka's TLS and SASL/SCRAM (rdkafka's `ssl` feature). Installs
+# Debian's libssl-dev and pkg-config when they are missing.
+set -euo pipefail
+if command -v pkg-config >/dev/null && pkg-config --exists openssl; then
+    exit 0
+fi
+echo "installing libssl-dev and pkg-config (OpenSSL headers for librdkafka's TLS and SCRAM)..." >&2
+if ! { apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config; } >&2; then
+    echo "error: cannot install OpenSSL's headers; install them (Debian: apt-get install libssl-dev pkg-config) and run again" >&2
+    exit 1
+fi

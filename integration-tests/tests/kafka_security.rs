@@ -1,0 +1,211 @@
+//! Kafka security against a real broker: a private tansu that requires SASL
+//! (`--authentication`), reached directly (`sasl_plaintext`) or through a
+//! TLS terminator holding a certificate from a private CA (`ssl`,
+//! `sasl_ssl`). Keel's admin, publisher and group consumer work with
+//! SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu 0.6 offers no
+//! PLAIN); a wrong password
+//! and an untrusted certificate fail the publish with an error that says
+//! so, and nothing is published.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::time::Duration;
+
+use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
+use keel_core::{Envelope, Publisher, Subscriber, Subscription};
+use keel_integration_tests::tls::TestCa;
+use keel_integration_tests::{
+    Scram, ScramUser, TansuUnderTest, TempDir, kafka_topic, read_acked, unique_name,
+};
+use keel_producers::kafka::{
+    Compression, KafkaClientConfig, KafkaPublisher, KafkaPublisherConfig, KafkaSecurity,
+};
+
+const ALICE: ScramUser<'static> = ScramUser {
+    name: "alice",
+    password: "alice-secret",
+    mechanism: Scram::Sha256,
+};
+const BOB: ScramUser<'static> = ScramUser {
+    name: "bob",
+    password: "bob-secret",
+    mechanism: Scram::Sha512,
+};
+
+/// Client settings for `tansu` with `security`.
+fn client(tansu: &TansuUnderTest, security: KafkaSecurity) -> KafkaClientConfig {
+    KafkaClientConfig {
+        security,
+        ..KafkaClientConfig::new([tansu.bootstrap.clone()])
+    }
+}
+
+fn sasl(mechanism: &str, user: &str, password: &str) -> KafkaSecurity {
+    KafkaSecurity {
+        sasl_mechanism: Some(mechanism.to_owned()),
+        sasl_username: Some(user.to_owned()),
+        sasl_password: Some(password.to_owned()),
+        ..KafkaSecurity::default()
+    }
+}
+
+fn publisher(client: &KafkaClientConfig, compression: Compression) -> KafkaPublisher {
+    KafkaPublisher::new(KafkaPublisherConfig {
+        client: client.clone(),
+        compression,
+        // Refused credentials end the publish after this long.
+        ack_timeout_ms: 5_000,
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap()
+}
+
+/// Creates a topic, publishes 20 events and reads them back through a Keel
+/// group, all as `client`.
+async fn round_trip(client: &KafkaClientConfig, compression: Compression) {
+    let topic = kafka_topic(client, "secure", 2).await;
+    let publisher = publisher(client, compression);
+    let events: Vec<Envelope> = (0..20)
+        .map(|i| Envelope::new("keel.test.Secure", format!("key-{i}"), format!("event {i}")))
+        .collect();
+    let receipts = publisher.publish_batch(&topic, events).await.unwrap();
+    assert_eq!(receipts.len(), 20);
+    let mut deliveries = KafkaGroupConsumer::new(KafkaConsumerConfig {
+        client: client.clone(),
+        ..KafkaConsumerConfig::default()
+    })
+    .unwrap()
+    .subscribe(Subscription::new(&topic, unique_name("secure")))
+    .await
+    .unwrap();
+    let mut read = read_acked(&mut deliveries, 20).await;
+    read.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("event {i}")).collect();
+    expected.sort();
+    assert_eq!(read, expected);
+    deliveries.leave().await.unwrap();
+}
+
+/// Publishes one event as `client` into `topic` and returns the error.
+async fn refused(client: &KafkaClientConfig, topic: &str) -> String {
+    publisher(client, Compression::None)
+        .publish(topic, Envelope::new("keel.test.Secure", "k", "refused"))
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
+/// How many events `topic` holds, read as `client` from the start.
+async fn stored(client: &KafkaClientConfig, topic: &str) -> usize {
+    use futures::StreamExt;
+    let mut deliveries = KafkaGroupConsumer::new(KafkaConsumerConfig {
+        client: client.clone(),
+        ..KafkaConsumerConfig::default()
+    })
+    .unwrap()
+    .subscribe(Subscription::new(topic, unique_name("count")))
+    .await
+    .unwrap();
+    let mut count = 0;
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await
+    {
+        delivery.unwrap().ack();
+        count += 1;
+    }
+    deliveries.leave().await.unwrap();
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
+    let tansu = TansuUnderTest::start_secured(Some(&[ALICE, BOB]), None).await;
+    let alice = client(&tansu, sasl("SCRAM-SHA-256", ALICE.name, ALICE.password));
+    round_trip(&alice, Compression::Lz4).await;
+    round_trip(
+        &client(&tansu, sasl("SCRAM-SHA-512", BOB.name, BOB.password)),
+        Compression::Zstd,
+    )
+    .await;
+
+    let topic = kafka_topic(&alice, "refused", 1).await;
+    for (security, why) in [
+        (
+            sasl("SCRAM-SHA-256", ALICE.name, "not-her-password"),
+            "SASL authentication error",
+        ),
+        // Alice has SCRAM-SHA-256 credentials only.
+        (
+            sasl("SCRAM-SHA-512", ALICE.name, ALICE.password),
+            "SASL authentication error",
+        ),
+        // tansu 0.6 offers no PLAIN: the handshake fails, and says so.
+        (
+            sasl("PLAIN", ALICE.name, ALICE.password),
+            "SASL PLAIN mechanism handshake failed",
+        ),
+        (KafkaSecurity::default(), ""),
+    ] {
+        let mechanism = security.sasl_mechanism.clone();
+        let error = refused(&client(&tansu, security), &topic).await;
+        assert!(error.contains(&topic), "the error names the topic: {error}");
+        assert!(
+            error.contains(why),
+            "{mechanism:?}: the error says why ({why}): {error}"
+        );
+    }
+    assert_eq!(
+        stored(&alice, &topic).await,
+        0,
+        "nothing refused was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca_alone_and_under_sasl() {
+    let ca = TestCa::new();
+    // The terminator is advertised as `localhost`: librdkafka checks DNS
+    // names.
+    let (certificate, key) = ca.issue(&["localhost"]);
+    let dir = TempDir::new();
+    let trusted = dir.path().join("ca.pem");
+    std::fs::write(&trusted, ca.pem()).unwrap();
+    let stranger = dir.path().join("other-ca.pem");
+    std::fs::write(&stranger, TestCa::new().pem()).unwrap();
+    let tls = |ca: &std::path::Path, sasl_security: KafkaSecurity| KafkaSecurity {
+        tls: true,
+        ca_location: Some(ca.display().to_string()),
+        ..sasl_security
+    };
+
+    // TLS alone.
+    let tansu = TansuUnderTest::start_secured(None, Some((&certificate, &key))).await;
+    let trusting = client(&tansu, tls(&trusted, KafkaSecurity::default()));
+    round_trip(&trusting, Compression::Lz4).await;
+    let topic = kafka_topic(&trusting, "refused", 1).await;
+    let error = refused(
+        &client(&tansu, tls(&stranger, KafkaSecurity::default())),
+        &topic,
+    )
+    .await;
+    assert!(
+        error.contains("certificate"),
+        "the error says the broker's certificate is not trusted: {error}"
+    );
+    assert_eq!(
+        stored(&trusting, &topic).await,
+        0,
+        "nothing refused was stored"
+    );
+    drop(tansu);
+
+    // SASL over TLS.
+    let tansu = TansuUnderTest::start_secured(Some(&[ALICE]), Some((&certificate, &key))).await;
+    round_trip(
+        &client(
+            &tansu,
+            tls(&trusted, sasl("SCRAM-SHA-256", ALICE.name, ALICE.password)),
+        ),
+        Compression::Zstd,
+    )
+    .await;
+}
