@@ -742,12 +742,12 @@ impl TansuUnderTest {
     /// authentication (tansu's `--authentication`): SCRAM against these
     /// users, or PLAIN (tansu checks no PLAIN password). The users are
     /// created before authentication is switched on (tansu then refuses
-    /// unauthenticated admin requests). With `tls` (a certificate and key,
-    /// PEM), clients reach the broker only through a
+    /// unauthenticated admin requests). With `tls`, clients reach the
+    /// broker only through a
     /// [`tls::TlsTerminator`] on `bootstrap`, which the broker advertises.
     pub async fn start_secured(
         sasl_users: Option<&[ScramUser<'_>]>,
-        tls: Option<(&str, &str)>,
+        tls: Option<tls::ServerTls<'_>>,
     ) -> TansuUnderTest {
         let mut tansu = Self::unstarted("sqlite://tansu.db", tls).await;
         tansu.restart().await;
@@ -784,16 +784,14 @@ impl TansuUnderTest {
         tansu
     }
 
-    async fn unstarted(storage: &'static str, tls: Option<(&str, &str)>) -> TansuUnderTest {
+    async fn unstarted(storage: &'static str, tls: Option<tls::ServerTls<'_>>) -> TansuUnderTest {
         let binary = tansu_binary();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"));
         let terminator = match tls {
-            Some((certificate, key)) => {
-                Some(tls::TlsTerminator::start(port, certificate, key).await)
-            }
+            Some(tls) => Some(tls::TlsTerminator::start(port, tls).await),
             None => None,
         };
         let advertised = match &terminator {

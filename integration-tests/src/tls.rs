@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 /// A private certificate authority that issues server certificates.
 pub struct TestCa {
@@ -64,6 +65,18 @@ impl Default for TestCa {
     }
 }
 
+/// What a [`TlsTerminator`] presents and asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerTls<'a> {
+    /// Its certificate (chain), PEM.
+    pub certificate: &'a str,
+    /// The certificate's private key, PEM.
+    pub key: &'a str,
+    /// When set: clients must present a certificate signed by this CA
+    /// (PEM) — mutual TLS.
+    pub client_ca: Option<&'a str>,
+}
+
 /// Accepts TLS on `127.0.0.1:<port>` and relays each connection, decrypted,
 /// to a plaintext backend. Stops when dropped.
 pub struct TlsTerminator {
@@ -76,18 +89,28 @@ impl TlsTerminator {
     /// Listens on a free port; each accepted connection is relayed to
     /// `127.0.0.1:<backend>` (connected only then, so the backend may start
     /// later).
-    pub async fn start(backend: u16, certificate_pem: &str, key_pem: &str) -> TlsTerminator {
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(certificate_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+    pub async fn start(backend: u16, tls: ServerTls<'_>) -> TlsTerminator {
+        let chain = certificates(tls.certificate);
+        let key = PrivateKeyDer::from_pem_slice(tls.key.as_bytes()).unwrap();
+        let provider = Arc::new(ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
             .unwrap();
+        let builder = match tls.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for certificate in certificates(ca) {
+                    roots.add(certificate).unwrap();
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_single_cert(chain, key).unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -110,6 +133,12 @@ impl TlsTerminator {
         });
         TlsTerminator { port, task }
     }
+}
+
+fn certificates(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 impl Drop for TlsTerminator {

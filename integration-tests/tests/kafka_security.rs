@@ -1,7 +1,7 @@
 //! Kafka security against a real broker: a private tansu that requires SASL
 //! (`--authentication`), reached directly (`sasl_plaintext`) or through a
-//! TLS terminator holding a certificate from a private CA (`ssl`,
-//! `sasl_ssl`). Keel's admin, publisher and group consumer work with
+//! TLS terminator holding a certificate from a private CA (`ssl` with a
+//! client certificate, `sasl_ssl`). Keel's admin, publisher and group consumer work with
 //! SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu 0.6 offers no
 //! PLAIN); a wrong password
 //! and an untrusted certificate fail the publish with an error that says
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_core::{Envelope, Publisher, Subscriber, Subscription};
-use keel_integration_tests::tls::TestCa;
+use keel_integration_tests::tls::{ServerTls, TestCa};
 use keel_integration_tests::{
     Scram, ScramUser, TansuUnderTest, TempDir, kafka_topic, read_acked, unique_name,
 };
@@ -161,36 +161,66 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_a_private_ca_alone_and_under_sasl() {
+async fn mutual_tls_and_sasl_over_tls_with_a_private_ca() {
     let ca = TestCa::new();
     // The terminator is advertised as `localhost`: librdkafka checks DNS
     // names.
     let (certificate, key) = ca.issue(&["localhost"]);
+    let (client_certificate, client_key) = ca.issue(&["keel-client"]);
     let dir = TempDir::new();
-    let trusted = dir.path().join("ca.pem");
-    std::fs::write(&trusted, ca.pem()).unwrap();
-    let stranger = dir.path().join("other-ca.pem");
-    std::fs::write(&stranger, TestCa::new().pem()).unwrap();
-    let tls = |ca: &std::path::Path, sasl_security: KafkaSecurity| KafkaSecurity {
+    let file = |name: &str, content: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        Some(path.display().to_string())
+    };
+    let trusted = file("ca.pem", &ca.pem());
+    let stranger = file("other-ca.pem", &TestCa::new().pem());
+    let certificate_location = file("client.pem", &client_certificate);
+    let key_location = file("client.key", &client_key);
+    let mutual = KafkaSecurity {
         tls: true,
-        ca_location: Some(ca.display().to_string()),
-        ..sasl_security
+        ca_location: trusted.clone(),
+        certificate_location,
+        key_location,
+        ..KafkaSecurity::default()
     };
 
-    // TLS alone.
-    let tansu = TansuUnderTest::start_secured(None, Some((&certificate, &key))).await;
-    let trusting = client(&tansu, tls(&trusted, KafkaSecurity::default()));
+    // Mutual TLS: the broker's terminator asks for a client certificate
+    // from the same CA.
+    let tansu = TansuUnderTest::start_secured(
+        None,
+        Some(ServerTls {
+            certificate: &certificate,
+            key: &key,
+            client_ca: Some(&ca.pem()),
+        }),
+    )
+    .await;
+    let trusting = client(&tansu, mutual.clone());
     round_trip(&trusting, Compression::Lz4).await;
     let topic = kafka_topic(&trusting, "refused", 1).await;
     let error = refused(
-        &client(&tansu, tls(&stranger, KafkaSecurity::default())),
+        &client(
+            &tansu,
+            KafkaSecurity {
+                ca_location: stranger,
+                ..mutual.clone()
+            },
+        ),
         &topic,
     )
     .await;
     assert!(
-        error.contains("certificate"),
+        error.contains("certificate verify failed"),
         "the error says the broker's certificate is not trusted: {error}"
     );
+    let anonymous = KafkaSecurity {
+        certificate_location: None,
+        key_location: None,
+        ..mutual.clone()
+    };
+    let error = refused(&client(&tansu, anonymous), &topic).await;
+    assert!(error.contains(&topic), "{error}");
     assert_eq!(
         stored(&trusting, &topic).await,
         0,
@@ -198,12 +228,24 @@ async fn tls_with_a_private_ca_alone_and_under_sasl() {
     );
     drop(tansu);
 
-    // SASL over TLS.
-    let tansu = TansuUnderTest::start_secured(Some(&[ALICE]), Some((&certificate, &key))).await;
+    // SASL over (one-way) TLS.
+    let tansu = TansuUnderTest::start_secured(
+        Some(&[ALICE]),
+        Some(ServerTls {
+            certificate: &certificate,
+            key: &key,
+            client_ca: None,
+        }),
+    )
+    .await;
     round_trip(
         &client(
             &tansu,
-            tls(&trusted, sasl("SCRAM-SHA-256", ALICE.name, ALICE.password)),
+            KafkaSecurity {
+                tls: true,
+                ca_location: trusted,
+                ..sasl("SCRAM-SHA-256", ALICE.name, ALICE.password)
+            },
         ),
         Compression::Zstd,
     )
