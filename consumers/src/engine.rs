@@ -607,7 +607,7 @@ impl Settle for Engine {
                 let _ = hook.send((t.partition, t.offset, outcome));
             }
             match outcome {
-                Outcome::Ack => ps.acked(t.offset),
+                Outcome::Ack | Outcome::Term => ps.acked(t.offset),
                 Outcome::Nack { delay } if delay.is_zero() => {
                     ps.ready.insert(t.offset);
                 }

@@ -67,6 +67,11 @@ pub enum Outcome {
         /// How long to wait before re-delivery.
         delay: Duration,
     },
+    /// Given up for good — handed to dead letters, or deliberately
+    /// dropped: never delivered again, and the position moves on as after
+    /// an ack. JetStream terminates the message (`+TERM`, which raises a
+    /// server advisory); Kafka commits past it.
+    Term,
 }
 
 /// The transport side of settling: receives each delivery's outcome once.
@@ -131,6 +136,12 @@ impl Settler {
         self.0.settle(Outcome::Nack { delay })
     }
 
+    /// Gives the event up for good (see [`Outcome::Term`]). Returns
+    /// `false` if already settled.
+    pub fn term(&self) -> bool {
+        self.0.settle(Outcome::Term)
+    }
+
     /// Whether `ack` or `nack` was called.
     pub fn is_settled(&self) -> bool {
         self.0.is_settled()
@@ -192,6 +203,12 @@ impl Delivery {
     /// Returns `false` if already settled.
     pub fn nack_with_delay(&self, delay: Duration) -> bool {
         self.settlement.settle(Outcome::Nack { delay })
+    }
+
+    /// Gives the event up for good — after handing it to dead letters (see
+    /// [`Outcome::Term`]). Returns `false` if already settled.
+    pub fn term(&self) -> bool {
+        self.settlement.settle(Outcome::Term)
     }
 
     /// Whether `ack` or `nack` was called.
@@ -323,6 +340,11 @@ impl Undecodable {
     /// Deliver it again after `delay` (e.g. the dead-letter topic was down).
     pub fn nack_with_delay(&self, delay: Duration) -> bool {
         self.settlement.settle(Outcome::Nack { delay })
+    }
+
+    /// Given up for good after it was dead-lettered (see [`Outcome::Term`]).
+    pub fn term(&self) -> bool {
+        self.settlement.settle(Outcome::Term)
     }
 
     /// The record, its facts, why it is undecodable and its ack/nack handle.
@@ -471,8 +493,16 @@ mod tests {
         assert!(d.ack());
         assert!(!d.ack());
         assert!(!d.nack());
+        assert!(!d.term());
         drop(d);
-        assert_eq!(*recorder.0.lock().unwrap(), vec![(1, Outcome::Ack)]);
+        let d = delivery(&recorder, 2);
+        assert!(d.term());
+        assert!(!d.ack());
+        drop(d);
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            vec![(1, Outcome::Ack), (2, Outcome::Term)]
+        );
     }
 
     #[test]

@@ -577,7 +577,7 @@ impl Settle for Broker {
             let ps = &mut group.partitions[t.partition as usize];
             ps.in_flight.remove(&t.offset);
             match outcome {
-                Outcome::Ack => {
+                Outcome::Ack | Outcome::Term => {
                     let key = partitions[t.partition as usize][t.offset as usize].key_bytes();
                     ps.acked(t.offset, &key);
                 }

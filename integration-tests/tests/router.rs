@@ -455,7 +455,31 @@ async fn router_on_kafka() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_on_nats() {
+    // JetStream hears that dead-lettered events were given up for good
+    // (`+TERM`: a terminated-message advisory each), not merely acked.
+    let client = async_nats::connect(keel_integration_tests::nats_url().await)
+        .await
+        .unwrap();
+    let mut terminated = client
+        .subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.>")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
     scenario(Arc::new(nats_transport().await)).await;
+    let mut ours = 0;
+    while let Ok(Some(advisory)) =
+        tokio::time::timeout(Duration::from_secs(1), terminated.next()).await
+    {
+        // `….MSG_TERMINATED.<stream>.<consumer>`: this test's streams only
+        // (other tests may run meanwhile).
+        if advisory.subject.as_str().contains(".router-orders-") {
+            ours += 1;
+        }
+    }
+    assert!(
+        ours >= 3,
+        "the two poison payloads and the doomed event are terminated on the server: {ours} advisories"
+    );
 }
 
 /// The same behaviour on the in-process transport (the inbox still on the

@@ -212,8 +212,9 @@ fn lock(acks: &AckMap) -> std::sync::MutexGuard<'_, HashMap<u32, PartitionAcks>>
 
 /// What the ack pump does.
 enum Pump {
-    /// Ack `(partition, ordinal)` on the server.
-    Ack(i32, i64),
+    /// Ack (`AckKind::Ack`) or terminate (`AckKind::Term`, after dead
+    /// letters) `(partition, ordinal)` on the server.
+    Ack(i32, i64, AckKind),
     /// Nak `(partition, ordinal)` with a redelivery delay: the server
     /// counts the retry and restarts its ack timer; Keel itself delivers
     /// the event again (the server's re-send is recognised and ignored).
@@ -396,7 +397,8 @@ async fn pump_acks(
         let job = tokio::select! {
             biased;
             a = acked.recv() => match a {
-                Some((p, o, Outcome::Ack)) => Pump::Ack(p, o),
+                Some((p, o, Outcome::Ack)) => Pump::Ack(p, o, AckKind::Ack),
+                Some((p, o, Outcome::Term)) => Pump::Ack(p, o, AckKind::Term),
                 Some((p, o, Outcome::Nack { delay })) => Pump::Nak(p, o, delay),
                 None => break,
             },
@@ -406,7 +408,7 @@ async fn pump_acks(
             },
         };
         match job {
-            Pump::Ack(p, ordinal) => ack_on_server(&acks, p, ordinal).await,
+            Pump::Ack(p, ordinal, kind) => ack_on_server(&acks, p, ordinal, kind).await,
             Pump::Nak(p, ordinal, delay) => {
                 let held = lock(&acks)
                     .get_mut(&(p as u32))
@@ -424,8 +426,10 @@ async fn pump_acks(
             Pump::Barrier(done) => {
                 // Acks reported before the barrier are queued ahead of it.
                 while let Ok((p, ordinal, outcome)) = acked.try_recv() {
-                    if outcome == Outcome::Ack {
-                        ack_on_server(&acks, p, ordinal).await;
+                    match outcome {
+                        Outcome::Ack => ack_on_server(&acks, p, ordinal, AckKind::Ack).await,
+                        Outcome::Term => ack_on_server(&acks, p, ordinal, AckKind::Term).await,
+                        Outcome::Nack { .. } => {}
                     }
                 }
                 let _ = client.flush().await;
@@ -435,14 +439,20 @@ async fn pump_acks(
     }
 }
 
-/// Acks `(partition, ordinal)` on the server, if still held.
-async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64) {
+/// Acks (or terminates) `(partition, ordinal)` on the server, if still
+/// held.
+async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64, kind: AckKind) {
     let acker = lock(acks)
         .get_mut(&(p as u32))
         .and_then(|pa| pa.take_for_ack(ordinal));
-    if let Some((sequence, acker)) = acker
-        && let Err(e) = acker.ack().await
-    {
+    let Some((sequence, acker)) = acker else {
+        return;
+    };
+    let sent = match kind {
+        AckKind::Ack => acker.ack().await,
+        kind => acker.ack_with(kind).await,
+    };
+    if let Err(e) = sent {
         tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
     }
 }

@@ -418,7 +418,9 @@ impl Chain {
                 }
             }
             Verdict::DeadLettered { .. } => {
-                settler.ack();
+                // Handed over to dead letters: given up here for good
+                // (JetStream terminates it; Kafka commits past it).
+                settler.term();
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::Retry { error, delay } | Verdict::Backoff { error, delay } => {

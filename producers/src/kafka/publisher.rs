@@ -25,6 +25,9 @@ use super::context::ErrorMemory;
 /// How long to wait before retrying an enqueue into a full local queue.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 
+/// A producer and its generation (see [`KafkaPublisher::recover`]).
+type Current = (u64, FutureProducer<ErrorMemory>);
+
 /// Publishes Keel events to Kafka.
 pub struct KafkaPublisher {
     /// The producer and its generation: replaced (see [`Self::recover`])
@@ -65,7 +68,7 @@ impl KafkaPublisher {
     }
 
     /// The current producer and its generation.
-    fn producer(&self) -> (u64, FutureProducer<ErrorMemory>) {
+    fn producer(&self) -> Current {
         match self.producer.read() {
             Ok(current) => current.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -130,7 +133,12 @@ impl KafkaPublisher {
     }
 
     /// Enqueues one event, waiting while the local queue is full.
-    async fn enqueue(&self, topic: &str, event: &Envelope) -> Result<(u64, DeliveryFuture)> {
+    async fn enqueue(
+        &self,
+        current: &Current,
+        topic: &str,
+        event: &Envelope,
+    ) -> Result<(u64, DeliveryFuture)> {
         let mut owned = Some(OwnedHeaders::new_with_capacity(8 + event.headers().len()));
         wire::visit_headers(event, |name, value| {
             if let Some(headers) = owned.take() {
@@ -144,19 +152,20 @@ impl KafkaPublisher {
             .key(event.key().as_bytes())
             .payload(event.payload().as_ref())
             .headers(owned.unwrap_or_default());
-        self.send(topic, Sent::Event(event), record).await
+        self.send(current, topic, Sent::Event(event), record).await
     }
 
     /// Hands `record` to the producer, waiting while the local queue is full.
     async fn send(
         &self,
+        current: &Current,
         topic: &str,
         what: Sent<'_>,
         mut record: FutureRecord<'_, [u8], [u8]>,
     ) -> Result<(u64, DeliveryFuture)> {
+        let (generation, producer) = (current.0, &current.1);
         // The clock is read only once the queue is full: not per event.
         let mut deadline = None;
-        let (generation, producer) = self.producer();
         loop {
             match producer.send_result(record) {
                 Ok(future) => return Ok((generation, future)),
@@ -319,7 +328,7 @@ impl Publisher for KafkaPublisher {
     async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
         async {
-            let future = self.enqueue(topic, &event).await?;
+            let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
                 .acknowledged(topic, Sent::Event(&event), future)
                 .await?;
@@ -332,8 +341,10 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let mut pending = Vec::with_capacity(events.len());
+        // One producer for the whole batch: not a lock and a clone per event.
+        let current = self.producer();
         for (i, event) in events.iter().enumerate() {
-            match self.enqueue(topic, event).await {
+            match self.enqueue(&current, topic, event).await {
                 Ok(future) => pending.push(future),
                 Err(e) => {
                     // What was already sent is on its way: say how much of
@@ -380,7 +391,9 @@ impl Publisher for KafkaPublisher {
         } else {
             outgoing = outgoing.partition(0);
         }
-        let sent = self.send(topic, Sent::Record(&record), outgoing).await?;
+        let sent = self
+            .send(&self.producer(), topic, Sent::Record(&record), outgoing)
+            .await?;
         self.acknowledged(topic, Sent::Record(&record), sent).await
     }
 }
