@@ -1,6 +1,7 @@
 //! NATS credentials from configuration, each against a private nats-server
 //! started for it (the machine's binary, JetStream on): user/password, token,
-//! NKey and TLS with client certificates (certificates made with `openssl`
+//! NKey, a `.creds` file in operator mode (JWTs signed here with NKeys, as
+//! `nsc` would) and TLS with client certificates (certificates made with `openssl`
 //! for the test). A publish and a group read prove the whole path works; a
 //! wrong secret is refused with a message that names the server and not the
 //! secret.
@@ -123,6 +124,113 @@ async fn nkey() {
     round_trip(with(&s.url, auth(user.seed().unwrap()))).await;
     let stranger = nkeys::KeyPair::new_user().seed().unwrap();
     refused(with(&s.url, auth(stranger.clone())), &stranger).await;
+}
+
+/// A NATS JWT (`ed25519-nkey`): `subject`'s claims, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = serde_json::json!({"typ": "JWT", "alg": "ed25519-nkey"});
+    let claims = serde_json::json!({
+        "jti": unique_name("jti"),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A `.creds` file as `nsc` writes it: the user's JWT and NKey seed.
+fn creds_file(dir: &Path, name: &str, user_jwt: &str, seed: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\
+             NKEYs are sensitive and should be treated as secrets.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+             *************************************************************\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Decentralised auth (operator mode, as `nsc` sets up): the server trusts
+/// an operator, which signs an account (JetStream enabled), which signs a
+/// user; the client holds the user's `.creds` file. A user signed by
+/// another account's key is refused.
+#[tokio::test]
+async fn creds_file_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = |key: &nkeys::KeyPair, name: &str, limits: serde_json::Value| {
+        jwt(
+            &operator,
+            &key.public_key(),
+            name,
+            serde_json::json!({"type": "account", "version": 2, "limits": limits}),
+        )
+    };
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "keel-test",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let system_jwt = account_jwt(&system, "SYS", serde_json::json!({}));
+    let app_jwt = account_jwt(&account, "APP", unlimited);
+    let dir = TempDir::new();
+    let s = server(
+        &format!(
+            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: {system_jwt}\n  {}: {app_jwt}\n}}",
+            system.public_key(),
+            system.public_key(),
+            account.public_key(),
+        ),
+        "nats",
+        TempDir::new(),
+    );
+    let user_creds = |signer: &nkeys::KeyPair, file: &str| {
+        let user = nkeys::KeyPair::new_user();
+        let claims = serde_json::json!({
+            "type": "user", "version": 2, "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1,
+        });
+        let user_jwt = jwt(signer, &user.public_key(), file, claims);
+        creds_file(dir.path(), file, &user_jwt, &user.seed().unwrap())
+    };
+    let auth = |creds_file: std::path::PathBuf| NatsAuth {
+        creds_file: Some(creds_file),
+        ..NatsAuth::default()
+    };
+    round_trip(with(&s.url, auth(user_creds(&account, "app.creds")))).await;
+    // Signed by an account the operator never signed.
+    let stranger = user_creds(&nkeys::KeyPair::new_account(), "stranger.creds");
+    let seed = std::fs::read_to_string(&stranger).unwrap();
+    let seed = seed
+        .lines()
+        .find(|l| l.starts_with("SU"))
+        .unwrap()
+        .to_owned();
+    refused(with(&s.url, auth(stranger)), &seed).await;
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
