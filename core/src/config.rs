@@ -238,7 +238,7 @@ pub struct KeelConfig {
 /// NATS credentials and TLS (`[nats]` in `keel.toml`, `KEEL_NATS__TOKEN`,
 /// …). At most one way of authenticating; TLS combines with any of them.
 /// A `user:password@` or `token@` in the URL works too.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsAuth {
     /// User name (with `password`).
@@ -268,6 +268,24 @@ pub struct NatsTls {
     pub cert_file: Option<std::path::PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<std::path::PathBuf>,
+}
+
+/// `"(redacted)"` for a secret that is set: Debug output never shows one.
+fn redacted(secret: &Option<String>) -> Option<&'static str> {
+    secret.as_ref().map(|_| "(redacted)")
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &redacted(&self.password))
+            .field("token", &redacted(&self.token))
+            .field("nkey_seed", &redacted(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl NatsAuth {
@@ -335,10 +353,7 @@ impl std::fmt::Debug for KafkaSecurity {
             .field("key_location", &self.key_location)
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)
-            .field(
-                "sasl_password",
-                &self.sasl_password.as_ref().map(|_| "(redacted)"),
-            )
+            .field("sasl_password", &redacted(&self.sasl_password))
             .finish()
     }
 }
@@ -346,28 +361,60 @@ impl std::fmt::Debug for KafkaSecurity {
 const SASL_MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
 
 impl KafkaSecurity {
-    /// Refuses incomplete settings, naming them.
+    /// Refuses incomplete or contradictory settings, naming them: nothing
+    /// set here is silently ignored.
     pub fn validate(&self) -> Result<()> {
-        let s = self;
-        if let Some(m) = &s.sasl_mechanism {
+        if let Some(m) = &self.sasl_mechanism {
             if !SASL_MECHANISMS.contains(&m.as_str()) {
                 return Err(Error::config(
                     "kafka.sasl_mechanism",
                     format!("`{m}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
                 ));
             }
-            if s.sasl_username.is_none() || s.sasl_password.is_none() {
+            for (name, value) in [
+                ("kafka.sasl_username", &self.sasl_username),
+                ("kafka.sasl_password", &self.sasl_password),
+            ] {
+                if value.is_none() {
+                    return Err(Error::config(
+                        name,
+                        "SASL needs both sasl_username and sasl_password",
+                    ));
+                }
+            }
+        } else if self.sasl_username.is_some() || self.sasl_password.is_some() {
+            return Err(Error::config(
+                "kafka.sasl_mechanism",
+                "a SASL user or password is set without a mechanism: set sasl_mechanism \
+                 (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
+            ));
+        }
+        match (&self.certificate_location, &self.key_location) {
+            (Some(_), None) => {
                 return Err(Error::config(
-                    "kafka.sasl_username",
-                    "SASL needs both sasl_username and sasl_password",
+                    "kafka.key_location",
+                    "mutual TLS needs both certificate_location and key_location",
                 ));
             }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "kafka.certificate_location",
+                    "mutual TLS needs both certificate_location and key_location",
+                ));
+            }
+            _ => {}
         }
-        if s.certificate_location.is_some() != s.key_location.is_some() {
-            return Err(Error::config(
-                "kafka.key_location",
-                "mutual TLS needs both certificate_location and key_location",
-            ));
+        let tls_files = [
+            ("kafka.ca_location", &self.ca_location),
+            ("kafka.certificate_location", &self.certificate_location),
+        ];
+        for (name, value) in tls_files {
+            if value.is_some() && !self.tls {
+                return Err(Error::config(
+                    name,
+                    "a TLS file is set but tls = false: set tls = true (or remove it)",
+                ));
+            }
         }
         Ok(())
     }
@@ -770,7 +817,7 @@ mod tests {
     }
 
     #[test]
-    fn kafka_security_is_read_checked_and_kept_out_of_debug() {
+    fn secrets_are_read_checked_and_kept_out_of_debug() {
         let c = KeelConfig::from_toml(
             "broker = \"kafka://k:9092\"\n[kafka]\ntls = true\nca_location = \"ca.pem\"\n\
              sasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"orders\"\n\
@@ -784,6 +831,12 @@ mod tests {
             !debug.contains("s3cret") && debug.contains("redacted"),
             "{debug}"
         );
+        let nats = KeelConfig::from_toml("[nats]\ntoken = \"t0ken\"\n").unwrap();
+        let debug = format!("{nats:?}");
+        assert!(
+            !debug.contains("t0ken") && debug.contains("redacted"),
+            "{debug}"
+        );
 
         let msg = KeelConfig::from_toml("[kafka]\nsasl_mechanism = \"GSSAPI\"\n")
             .unwrap_err()
@@ -792,9 +845,26 @@ mod tests {
             msg.contains("kafka.sasl_mechanism") && msg.contains("GSSAPI"),
             "{msg}"
         );
-        let msg = KeelConfig::from_toml("[kafka]\nsasl_mechanism = \"PLAIN\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("sasl_username"), "{msg}");
+        for (toml, setting) in [
+            ("sasl_mechanism = \"PLAIN\"", "kafka.sasl_username"),
+            (
+                "sasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"",
+                "kafka.sasl_password",
+            ),
+            (
+                "sasl_username = \"u\"\nsasl_password = \"p\"",
+                "kafka.sasl_mechanism",
+            ),
+            ("ca_location = \"ca.pem\"", "kafka.ca_location"),
+            (
+                "tls = true\ncertificate_location = \"c.pem\"",
+                "kafka.key_location",
+            ),
+        ] {
+            let msg = KeelConfig::from_toml(&format!("[kafka]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(setting), "{toml}: {msg}");
+        }
     }
 }

@@ -142,7 +142,7 @@ impl Settler {
         self.0.settle(Outcome::Term)
     }
 
-    /// Whether `ack` or `nack` was called.
+    /// Whether `ack`, `nack` or `term` was called.
     pub fn is_settled(&self) -> bool {
         self.0.is_settled()
     }
@@ -211,7 +211,7 @@ impl Delivery {
         self.settlement.settle(Outcome::Term)
     }
 
-    /// Whether `ack` or `nack` was called.
+    /// Whether `ack`, `nack` or `term` was called.
     pub fn is_settled(&self) -> bool {
         self.settlement.is_settled()
     }

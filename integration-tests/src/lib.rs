@@ -740,7 +740,7 @@ impl TansuUnderTest {
 
     /// A broker on durable storage with `sasl_users`: it then requires SASL
     /// authentication (tansu's `--authentication`): SCRAM against these
-    /// users, or PLAIN (tansu checks no PLAIN password). The users are
+    /// users (tansu 0.6 offers no PLAIN). The users are
     /// created before authentication is switched on (tansu then refuses
     /// unauthenticated admin requests). With `tls`, clients reach the
     /// broker only through a

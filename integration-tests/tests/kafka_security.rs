@@ -94,9 +94,16 @@ async fn refused(client: &KafkaClientConfig, topic: &str) -> String {
         .to_string()
 }
 
-/// How many events `topic` holds, read as `client` from the start.
-async fn stored(client: &KafkaClientConfig, topic: &str) -> usize {
+/// What `topic` holds, read as `client` from the start: a marker event is
+/// published first (as `client`), and everything up to and including it is
+/// returned — so an empty answer cannot come from a reader that never
+/// joined.
+async fn stored(client: &KafkaClientConfig, topic: &str) -> Vec<String> {
     use futures::StreamExt;
+    publisher(client, Compression::None)
+        .publish(topic, Envelope::new("keel.test.Secure", "k", "marker"))
+        .await
+        .unwrap();
     let mut deliveries = KafkaGroupConsumer::new(KafkaConsumerConfig {
         client: client.clone(),
         ..KafkaConsumerConfig::default()
@@ -105,15 +112,18 @@ async fn stored(client: &KafkaClientConfig, topic: &str) -> usize {
     .subscribe(Subscription::new(topic, unique_name("count")))
     .await
     .unwrap();
-    let mut count = 0;
-    while let Ok(Some(delivery)) =
-        tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await
-    {
-        delivery.unwrap().ack();
-        count += 1;
+    let mut read = Vec::new();
+    while read.last().map(String::as_str) != Some("marker") {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .expect("the marker is read within 30 s")
+            .unwrap()
+            .unwrap();
+        read.push(String::from_utf8_lossy(delivery.envelope().payload()).into_owned());
+        delivery.ack();
     }
     deliveries.leave().await.unwrap();
-    count
+    read
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +153,8 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
             sasl("PLAIN", ALICE.name, ALICE.password),
             "SASL PLAIN mechanism handshake failed",
         ),
-        (KafkaSecurity::default(), ""),
+        // No credentials at all: the broker closes the connection.
+        (KafkaSecurity::default(), "the client's last error"),
     ] {
         let mechanism = security.sasl_mechanism.clone();
         let error = refused(&client(&tansu, security), &topic).await;
@@ -155,7 +166,7 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
     }
     assert_eq!(
         stored(&alice, &topic).await,
-        0,
+        ["marker"],
         "nothing refused was stored"
     );
 }
@@ -221,9 +232,13 @@ async fn mutual_tls_and_sasl_over_tls_with_a_private_ca() {
     };
     let error = refused(&client(&tansu, anonymous), &topic).await;
     assert!(error.contains(&topic), "{error}");
+    assert!(
+        error.contains("the client's last error"),
+        "the error carries the connection's failure: {error}"
+    );
     assert_eq!(
         stored(&trusting, &topic).await,
-        0,
+        ["marker"],
         "nothing refused was stored"
     );
     drop(tansu);

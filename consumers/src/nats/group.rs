@@ -164,10 +164,10 @@ struct PartitionAcks {
     last_sequence: u64,
     /// Unacked messages by ordinal: stream sequence and acker.
     pending: BTreeMap<i64, (u64, jetstream::message::Acker)>,
-    /// The most recently acked stream sequences (at most `ACKED_MEMORY`):
-    /// a re-send of one of them (its ack was lost) is acked again, not
-    /// handled again.
-    acked: std::collections::BTreeSet<u64>,
+    /// The most recently acked stream sequences (at most `ACKED_MEMORY`)
+    /// and how (`Ack` or `Term`): a re-send of one of them (its ack was
+    /// lost) is acked — or terminated — again, not handled again.
+    acked: BTreeMap<u64, AckKind>,
     /// The consumer sequence of the last delivery: every delivery,
     /// re-sends included, advances it by one, so a jump means one was lost.
     last_delivery: u64,
@@ -184,10 +184,15 @@ impl PartitionAcks {
             .or((self.last_sequence > 0).then_some(self.last_sequence + 1))
     }
 
-    /// Takes the acker of `ordinal` out, remembering its sequence as acked.
-    fn take_for_ack(&mut self, ordinal: i64) -> Option<(u64, jetstream::message::Acker)> {
+    /// Takes the acker of `ordinal` out, remembering its sequence as acked
+    /// with `kind`.
+    fn take_for_ack(
+        &mut self,
+        ordinal: i64,
+        kind: AckKind,
+    ) -> Option<(u64, jetstream::message::Acker)> {
         let (sequence, acker) = self.pending.remove(&ordinal)?;
-        self.acked.insert(sequence);
+        self.acked.insert(sequence, kind);
         if self.acked.len() > ACKED_MEMORY {
             self.acked.pop_first();
         }
@@ -444,7 +449,7 @@ async fn pump_acks(
 async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64, kind: AckKind) {
     let acker = lock(acks)
         .get_mut(&(p as u32))
-        .and_then(|pa| pa.take_for_ack(ordinal));
+        .and_then(|pa| pa.take_for_ack(ordinal, kind));
     let Some((sequence, acker)) = acker else {
         return;
     };
@@ -1074,8 +1079,9 @@ impl Member {
 enum Next {
     /// Hand it to the engine under this ordinal.
     Ingest(i64),
-    /// A re-send of a message handled before whose ack was lost.
-    AckAgain(Box<jetstream::message::Acker>),
+    /// A re-send of a message handled before whose ack (or term) was lost:
+    /// sent again.
+    AckAgain(Box<jetstream::message::Acker>, AckKind),
     /// A re-send of a message still held.
     Skip,
 }
@@ -1174,14 +1180,13 @@ async fn read_partition(
                 if sequence <= pa.last_sequence {
                     // A re-send: of a message still held (ignored), or of
                     // one handled whose ack was lost (acked again).
-                    let ack_again = pa.acked.contains(&sequence);
-                    if !ack_again && !pa.holds(sequence) {
+                    let ack_again = pa.acked.get(&sequence).copied();
+                    if ack_again.is_none() && !pa.holds(sequence) {
                         tracing::warn!(%topic, partition = p, sequence, "re-sent message neither held nor acked; ignored");
                     }
-                    if ack_again {
-                        Next::AckAgain(Box::new(acker))
-                    } else {
-                        Next::Skip
+                    match ack_again {
+                        Some(kind) => Next::AckAgain(Box::new(acker), kind),
+                        None => Next::Skip,
                     }
                 } else {
                     pa.last_sequence = sequence;
@@ -1193,8 +1198,8 @@ async fn read_partition(
             };
             let ordinal = match next {
                 Next::Ingest(ordinal) => ordinal,
-                Next::AckAgain(acker) => {
-                    let _ = acker.ack().await;
+                Next::AckAgain(acker, kind) => {
+                    let _ = acker.ack_with(kind).await;
                     continue;
                 }
                 Next::Skip => continue,

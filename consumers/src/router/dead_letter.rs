@@ -1,6 +1,7 @@
 //! Dead letters: an event that cannot be handled — poison, an unknown type
 //! (when the router's policy says so), a fatal handler error, a spent retry
-//! budget — is stored in a dead-letter topic, and only then acked.
+//! budget — is stored in a dead-letter topic, and only then terminated
+//! (`+TERM` on JetStream; Kafka commits past it).
 //!
 //! The dead-letter record is the original record — key, payload untouched,
 //! the event's headers — plus headers that say what happened

@@ -3,8 +3,8 @@
 //! [`Verdict`] into another.
 //!
 //! The router settles each delivery from the chain's final verdict:
-//! [`Handled`](Verdict::Handled), [`Skipped`](Verdict::Skipped) and
-//! [`DeadLettered`](Verdict::DeadLettered) ack it; [`Retry`](Verdict::Retry)
+//! [`Handled`](Verdict::Handled) and [`Skipped`](Verdict::Skipped) ack it,
+//! [`DeadLettered`](Verdict::DeadLettered) terminates it; [`Retry`](Verdict::Retry)
 //! and [`Backoff`](Verdict::Backoff) nack it for re-delivery (later events
 //! of its key wait, other keys flow);
 //! [`DeadLetter`](Verdict::DeadLetter) left over — no dead-letter layer took
@@ -107,7 +107,7 @@ pub enum Verdict {
         /// Why it is dead.
         reason: DeadLetterReason,
     },
-    /// Stored in a dead-letter topic: ack.
+    /// Stored in a dead-letter topic: terminate (given up for good).
     DeadLettered {
         /// The dead-letter topic.
         topic: String,

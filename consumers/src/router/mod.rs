@@ -28,8 +28,9 @@
 //! straight to dead letters ([`poison`]). Event types without a handler
 //! are skipped and counted, or dead-lettered ([`UnknownTypes`]).
 //!
-//! The final [`Verdict`] settles the delivery: handled, skipped and
-//! dead-lettered events are acked; a retry nacks with its delay — the
+//! The final [`Verdict`] settles the delivery: handled and skipped events
+//! are acked, dead-lettered ones terminated (given up for good: `+TERM` on
+//! JetStream, committed past on Kafka); a retry nacks with its delay — the
 //! transport holds the rest of that key back and keeps other keys, also in
 //! the same partition, flowing. A panicking handler is a retriable failure.
 //! A dead letter no layer took (no dead-letter layer) is re-delivered after

@@ -3,7 +3,7 @@
 //! handshake failed, broker unreachable) instead of only "timed out".
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
@@ -17,14 +17,16 @@ pub struct ErrorMemory {
 }
 
 impl ErrorMemory {
-    /// The last client-level error, with how long ago it was reported:
-    /// `"SASL authentication error: … (2 s ago)"`.
-    pub fn last(&self) -> Option<String> {
+    /// The last client-level error if it is at most `max_age` old, with
+    /// how long ago it was reported: `"SASL authentication error: … (2 s
+    /// ago)"`. (An older one is not what a timeout of `max_age` is about.)
+    pub fn last(&self, max_age: Duration) -> Option<String> {
         let last = match self.last.lock() {
             Ok(last) => last.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        last.map(|(at, reason)| format!("{reason} ({} s ago)", at.elapsed().as_secs()))
+        last.filter(|(at, _)| at.elapsed() <= max_age)
+            .map(|(at, reason)| format!("{reason} ({} s ago)", at.elapsed().as_secs()))
     }
 }
 
@@ -51,13 +53,13 @@ mod tests {
     #[test]
     fn keeps_the_last_error() {
         let memory = ErrorMemory::default();
-        assert_eq!(memory.last(), None);
+        assert_eq!(memory.last(Duration::from_secs(60)), None);
         memory.error(
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
             "1/1 brokers are down",
         );
         assert_eq!(
-            memory.last().as_deref(),
+            memory.last(Duration::from_secs(60)).as_deref(),
             Some("1/1 brokers are down (0 s ago)")
         );
         memory.error(
@@ -73,9 +75,15 @@ mod tests {
             "1/1 brokers are down",
         );
         assert_eq!(
-            memory.last().as_deref(),
+            memory.last(Duration::from_secs(60)).as_deref(),
             Some("SASL authentication error: bad password (0 s ago)"),
             "the cause is kept over its consequence"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            memory.last(Duration::from_millis(10)),
+            None,
+            "too old to explain a timeout"
         );
     }
 }

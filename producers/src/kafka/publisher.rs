@@ -204,7 +204,12 @@ impl KafkaPublisher {
     /// `what` went wrong, and the client's last error if there was one
     /// (a timeout alone does not say that the credentials were refused).
     fn with_last_error(&self, what: &str) -> String {
-        match self.errors.last() {
+        // An error older than the acknowledgement timeout (plus a margin
+        // for the clock reads) did not make this publish time out.
+        match self
+            .errors
+            .last(self.config.ack_timeout() + Duration::from_secs(5))
+        {
             Some(last) => format!("{what}; the client's last error: {last}"),
             None => what.to_owned(),
         }
