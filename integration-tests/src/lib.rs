@@ -786,14 +786,19 @@ impl TansuUnderTest {
 
     async fn unstarted(storage: &'static str, tls: Option<tls::ServerTls<'_>>) -> TansuUnderTest {
         let binary = tansu_binary();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
+        // The port stays reserved until the terminator has its own, so the
+        // two cannot be given the same one.
+        let reserved = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"));
+        let port = reserved
+            .local_addr()
+            .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"))
+            .port();
         let terminator = match tls {
             Some(tls) => Some(tls::TlsTerminator::start(port, tls).await),
             None => None,
         };
+        drop(reserved);
         let advertised = match &terminator {
             Some(t) => format!("localhost:{}", t.port),
             None => format!("127.0.0.1:{port}"),
