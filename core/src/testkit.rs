@@ -212,8 +212,8 @@ pub async fn every_event_delivered_and_acked(t: &dyn Transport) {
     member.leave().await.expect("graceful leave");
 
     // Acked (or terminated) means committed: a rejoining member sees only
-    // newer events. One
-    // marker per partition — an uncommitted older event would precede it.
+    // newer events. One marker per partition — an uncommitted older event
+    // would precede it.
     let markers: HashSet<EventId> = {
         let mut ids = HashSet::new();
         for (_, key) in key_per_partition(&format!("{topic}-marker"), partitions) {

@@ -683,13 +683,12 @@ pub const TANSU_ENV: &str = "KEEL_TEST_TANSU";
 /// `sqlite://` in a temporary directory (durable across a stop and restart)
 /// or in memory.
 pub struct TansuUnderTest {
-    /// `127.0.0.1:<port>`, or its TLS terminator's `localhost:<port>`.
+    /// Where clients connect, and what the broker advertises:
+    /// `127.0.0.1:<port>`, or its TLS terminator's `localhost:<port>`
+    /// (librdkafka verifies a host name against the certificate's DNS
+    /// names, not IP addresses).
     pub bootstrap: String,
     port: u16,
-    /// The address the broker tells clients to connect to: its own, or
-    /// its TLS terminator's as `localhost:<port>` (librdkafka verifies a
-    /// host name against the certificate's DNS names, not IP addresses).
-    advertised: String,
     /// Whether clients must authenticate (SASL).
     authentication: bool,
     /// Held for its lifetime: the terminator stops when dropped.
@@ -738,12 +737,11 @@ impl TansuUnderTest {
         tansu
     }
 
-    /// A broker on durable storage with `sasl_users`: it then requires SASL
+    /// A broker on durable storage. With `sasl_users` it requires SASL
     /// authentication (tansu's `--authentication`): SCRAM against these
-    /// users (tansu 0.6 offers no PLAIN). The users are
-    /// created before authentication is switched on (tansu then refuses
-    /// unauthenticated admin requests). With `tls`, clients reach the
-    /// broker only through a
+    /// users (tansu 0.6 offers no PLAIN), created before authentication is
+    /// switched on (tansu then refuses unauthenticated admin requests).
+    /// With `tls`, clients reach the broker only through a
     /// [`tls::TlsTerminator`] on `bootstrap`, which the broker advertises.
     pub async fn start_secured(
         sasl_users: Option<&[ScramUser<'_>]>,
@@ -799,14 +797,13 @@ impl TansuUnderTest {
             None => None,
         };
         drop(reserved);
-        let advertised = match &terminator {
+        let bootstrap = match &terminator {
             Some(t) => format!("localhost:{}", t.port),
             None => format!("127.0.0.1:{port}"),
         };
         TansuUnderTest {
-            bootstrap: advertised.clone(),
+            bootstrap,
             port,
-            advertised,
             authentication: false,
             _tls: terminator,
             binary,
@@ -838,7 +835,7 @@ impl TansuUnderTest {
             "--listener-url",
             &format!("tcp://127.0.0.1:{}", self.port),
             "--advertised-listener-url",
-            &format!("tcp://{}", self.advertised),
+            &format!("tcp://{}", self.bootstrap),
             "--storage-engine",
             self.storage,
         ]);

@@ -46,13 +46,15 @@ impl TestCa {
     /// CA, and its private key: `(certificate PEM, key PEM)`.
     pub fn issue(&self, names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names.clone()).unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
         if let Some(name) = names.first() {
             params
                 .distinguished_name
-                .push(rcgen::DnType::CommonName, name.as_str());
+                .push(rcgen::DnType::CommonName, *name);
         }
         let certificate = params.signed_by(&key, &self.issuer).unwrap();
         (certificate.pem(), key.serialize_pem())

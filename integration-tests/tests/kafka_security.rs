@@ -1,17 +1,16 @@
 //! Kafka security against a real broker: a private tansu that requires SASL
 //! (`--authentication`), reached directly (`sasl_plaintext`) or through a
 //! TLS terminator holding a certificate from a private CA (`ssl` with a
-//! client certificate, `sasl_ssl`). Keel's admin, publisher and group consumer work with
-//! SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu 0.6 offers no
-//! PLAIN); a wrong password
-//! and an untrusted certificate fail the publish with an error that says
-//! so, and nothing is published.
+//! client certificate, `sasl_ssl`). Keel's admin, publisher and group
+//! consumer work with SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu
+//! 0.6 offers no PLAIN); a wrong password and an untrusted certificate fail
+//! the publish with an error that says so, and nothing is published.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::time::Duration;
 
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
-use keel_core::{Envelope, Publisher, Subscriber, Subscription};
+use keel_core::{Deliveries, Envelope, Publisher, Subscriber, Subscription};
 use keel_integration_tests::tls::{ServerTls, TestCa};
 use keel_integration_tests::{
     Scram, ScramUser, TansuUnderTest, TempDir, kafka_topic, read_acked, unique_name,
@@ -69,20 +68,25 @@ async fn round_trip(client: &KafkaClientConfig, compression: Compression) {
         .collect();
     let receipts = publisher.publish_batch(&topic, events).await.unwrap();
     assert_eq!(receipts.len(), 20);
-    let mut deliveries = KafkaGroupConsumer::new(KafkaConsumerConfig {
-        client: client.clone(),
-        ..KafkaConsumerConfig::default()
-    })
-    .unwrap()
-    .subscribe(Subscription::new(&topic, unique_name("secure")))
-    .await
-    .unwrap();
+    let mut deliveries = member(client, &topic).await;
     let mut read = read_acked(&mut deliveries, 20).await;
     read.sort();
     let mut expected: Vec<String> = (0..20).map(|i| format!("event {i}")).collect();
     expected.sort();
     assert_eq!(read, expected);
     deliveries.leave().await.unwrap();
+}
+
+/// A new group's member on `topic`, as `client`, from the start.
+async fn member(client: &KafkaClientConfig, topic: &str) -> Deliveries {
+    KafkaGroupConsumer::new(KafkaConsumerConfig {
+        client: client.clone(),
+        ..KafkaConsumerConfig::default()
+    })
+    .unwrap()
+    .subscribe(Subscription::new(topic, unique_name("secure")))
+    .await
+    .unwrap()
 }
 
 /// Publishes one event as `client` into `topic` and returns the error.
@@ -104,14 +108,7 @@ async fn stored(client: &KafkaClientConfig, topic: &str) -> Vec<String> {
         .publish(topic, Envelope::new("keel.test.Secure", "k", "marker"))
         .await
         .unwrap();
-    let mut deliveries = KafkaGroupConsumer::new(KafkaConsumerConfig {
-        client: client.clone(),
-        ..KafkaConsumerConfig::default()
-    })
-    .unwrap()
-    .subscribe(Subscription::new(topic, unique_name("count")))
-    .await
-    .unwrap();
+    let mut deliveries = member(client, topic).await;
     let mut read = Vec::new();
     while read.last().map(String::as_str) != Some("marker") {
         let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())

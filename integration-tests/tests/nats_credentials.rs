@@ -215,21 +215,16 @@ async fn creds_file_in_operator_mode() {
             "subs": -1, "data": -1, "payload": -1,
         });
         let user_jwt = jwt(signer, &user.public_key(), file, claims);
-        creds_file(dir.path(), file, &user_jwt, &user.seed().unwrap())
+        let seed = user.seed().unwrap();
+        (creds_file(dir.path(), file, &user_jwt, &seed), seed)
     };
     let auth = |creds_file: std::path::PathBuf| NatsAuth {
         creds_file: Some(creds_file),
         ..NatsAuth::default()
     };
-    round_trip(with(&s.url, auth(user_creds(&account, "app.creds")))).await;
+    round_trip(with(&s.url, auth(user_creds(&account, "app.creds").0))).await;
     // Signed by an account the operator never signed.
-    let stranger = user_creds(&nkeys::KeyPair::new_account(), "stranger.creds");
-    let seed = std::fs::read_to_string(&stranger).unwrap();
-    let seed = seed
-        .lines()
-        .find(|l| l.starts_with("SU"))
-        .unwrap()
-        .to_owned();
+    let (stranger, seed) = user_creds(&nkeys::KeyPair::new_account(), "stranger.creds");
     refused(with(&s.url, auth(stranger)), &seed).await;
 }
 

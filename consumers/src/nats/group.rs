@@ -450,14 +450,9 @@ async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64, kind: AckKind) {
     let acker = lock(acks)
         .get_mut(&(p as u32))
         .and_then(|pa| pa.take_for_ack(ordinal, kind));
-    let Some((sequence, acker)) = acker else {
-        return;
-    };
-    let sent = match kind {
-        AckKind::Ack => acker.ack().await,
-        kind => acker.ack_with(kind).await,
-    };
-    if let Err(e) = sent {
+    if let Some((sequence, acker)) = acker
+        && let Err(e) = acker.ack_with(kind).await
+    {
         tracing::warn!(error = %e, partition = p, sequence, "cannot send an ack; the server will re-send the event and it is acked again then");
     }
 }

@@ -28,11 +28,19 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// A producer and its generation (see [`KafkaPublisher::recover`]).
 type Current = (u64, FutureProducer<ErrorMemory>);
 
+/// A producer for `config` whose client errors go to `errors`.
+fn create(
+    config: &KafkaPublisherConfig,
+    errors: &ErrorMemory,
+) -> rdkafka::error::KafkaResult<FutureProducer<ErrorMemory>> {
+    config.client_config().create_with_context(errors.clone())
+}
+
 /// Publishes Keel events to Kafka.
 pub struct KafkaPublisher {
     /// The producer and its generation: replaced (see [`Self::recover`])
     /// when the broker stops accepting its idempotent sequence.
-    producer: std::sync::RwLock<(u64, FutureProducer<ErrorMemory>)>,
+    producer: std::sync::RwLock<Current>,
     /// The producers' last client-level error, told with a timeout.
     errors: ErrorMemory,
     config: KafkaPublisherConfig,
@@ -51,15 +59,12 @@ impl KafkaPublisher {
     pub fn new(config: KafkaPublisherConfig) -> Result<Self> {
         config.validate()?;
         let errors = ErrorMemory::default();
-        let producer = config
-            .client_config()
-            .create_with_context(errors.clone())
-            .map_err(|e| {
-                Error::config(
-                    "kafka",
-                    format!("librdkafka refused the producer configuration: {e}"),
-                )
-            })?;
+        let producer = create(&config, &errors).map_err(|e| {
+            Error::config(
+                "kafka",
+                format!("librdkafka refused the producer configuration: {e}"),
+            )
+        })?;
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new((0, producer)),
             errors,
@@ -105,11 +110,7 @@ impl KafkaPublisher {
         if slot.0 != generation {
             return; // already replaced by another failed delivery
         }
-        match self
-            .config
-            .client_config()
-            .create_with_context::<_, FutureProducer<ErrorMemory>>(self.errors.clone())
-        {
+        match create(&self.config, &self.errors) {
             Ok(fresh) => {
                 tracing::warn!(error = %e, fatal, generation, "replacing the Kafka producer: the broker no longer accepts its idempotent state");
                 *slot = (generation + 1, fresh);
