@@ -6,6 +6,7 @@
 //! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
 //! | `relay` | `keel relay`: publishes a PostgreSQL outbox's events to the broker |
+//! | `outbox` | `keel outbox parked|requeue`: rows the broker refused, listed and put back in line |
 //! | `broker` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka or NATS |
 //! | `dlq` | `keel dlq list|redrive`: a topic's dead letters, decoded; back to their topic |
 //!
@@ -35,6 +36,7 @@ macro_rules! say {
 mod broker;
 mod demo;
 mod dlq;
+mod outbox;
 mod registry;
 mod relay;
 mod schema;
@@ -126,6 +128,10 @@ enum Command {
         keel --broker kafka://127.0.0.1:9092 relay --database postgres://app@db/orders\n  \
         keel --broker nats://127.0.0.1:4222 relay --database postgres://app@db/orders --schema orders --metrics-listen 0.0.0.0:9464")]
     Relay(relay::RelayArgs),
+    /// The outbox's parked rows (refused by the broker `max_attempts`
+    /// times): list them with their errors, put them back in line.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
     /// Dead letters: list them decoded with their errors, or redrive them to
     /// the topic they came from.
     #[command(subcommand)]
@@ -214,6 +220,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             broker::tail(&config, registry, args).await
         }
         Command::Relay(args) => relay::run(&load_config(cli.config, &overrides)?, args).await,
+        Command::Outbox(command) => {
+            outbox::run(&load_config(cli.config, &overrides)?, command).await
+        }
         Command::Dlq(command) => {
             let config = load_config(cli.config, &overrides)?;
             let registry = registry_client(&config, cli.registry_auth, cli.registry_ca.as_deref())?;

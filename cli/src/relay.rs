@@ -10,9 +10,12 @@ use clap::Args;
 use keel_core::KeelConfig;
 use keel_core::config::redact;
 use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 
+/// Where an outbox lives: its database and table names.
 #[derive(Debug, Args)]
-pub(crate) struct RelayArgs {
+pub(crate) struct OutboxDb {
     /// The outbox's database, postgres://… (default: the `database` setting).
     #[arg(long, value_name = "URL")]
     database: Option<String>,
@@ -25,6 +28,67 @@ pub(crate) struct RelayArgs {
     /// Inbox table (created by the migrations alongside the outbox).
     #[arg(long, default_value = "inbox")]
     inbox_table: String,
+}
+
+impl OutboxDb {
+    /// The database URL (flag, else config) and the table names, checked;
+    /// `command` names who needs them in the error.
+    pub(crate) fn resolve(
+        &self,
+        config: &KeelConfig,
+        command: &str,
+    ) -> anyhow::Result<(String, OutboxTables)> {
+        let database = self
+            .database
+            .clone()
+            .or_else(|| config.database.clone())
+            .with_context(|| format!("`{command}` needs the outbox's database: --database postgres://… (or `database` in keel.toml)"))?;
+        if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+            bail!(
+                "--database {}: the outbox is on PostgreSQL (postgres://…)",
+                redact(&database)
+            );
+        }
+        let tables = OutboxTables::new(&self.schema, &self.table, &self.inbox_table)?;
+        Ok((database, tables))
+    }
+}
+
+/// A pool on `database`. One direct connection first: its error says why
+/// (refused, unknown database, authentication), where a pool would only
+/// time out.
+pub(crate) async fn connect(database: &str) -> anyhow::Result<(PgPool, PgConnectOptions)> {
+    let options: PgConnectOptions = database
+        .parse()
+        .with_context(|| format!("--database {} is not a PostgreSQL URL", redact(database)))?;
+    {
+        use sqlx::Connection;
+        sqlx::postgres::PgConnection::connect_with(&options)
+            .await
+            // Its text, not its chain: sqlx repeats the cause in both.
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to the outbox database {}: {e}",
+                    redact(database)
+                )
+            })?
+            .close()
+            .await
+            .ok();
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.clone())
+        .await
+        .with_context(|| format!("cannot connect to the outbox database {}", redact(database)))?;
+    Ok((pool, options))
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    #[command(flatten)]
+    db: OutboxDb,
     /// This relay's name among the outbox's relays (default: host, pid and
     /// a random suffix).
     #[arg(long)]
@@ -56,18 +120,7 @@ pub(crate) struct RelayArgs {
 }
 
 pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<()> {
-    let database = args
-        .database
-        .clone()
-        .or_else(|| config.database.clone())
-        .context("`keel relay` needs the outbox's database: --database postgres://… (or `database` in keel.toml)")?;
-    if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
-        bail!(
-            "--database {}: the relay runs on PostgreSQL (postgres://…)",
-            redact(&database)
-        );
-    }
-    let tables = OutboxTables::new(&args.schema, &args.table, &args.inbox_table)?;
+    let (database, tables) = args.db.resolve(config, "keel relay")?;
     let session_timeout = Duration::from_secs(args.session_timeout_secs);
     // The defaults' proportions for any session: heartbeat a tenth of it,
     // a batch at most half of it less a heartbeat.
@@ -86,37 +139,7 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     };
     relay_config.validate()?;
     let publisher = crate::broker::publisher(config, "relay", relay_config.publish_timeout).await?;
-    let options: sqlx::postgres::PgConnectOptions = database
-        .parse()
-        .with_context(|| format!("--database {} is not a PostgreSQL URL", redact(&database)))?;
-    // One direct connection first: its error says why (refused, unknown
-    // database, authentication), where a pool would only time out.
-    {
-        use sqlx::Connection;
-        sqlx::postgres::PgConnection::connect_with(&options)
-            .await
-            // Its text, not its chain: sqlx repeats the cause in both.
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot connect to the outbox database {}: {e}",
-                    redact(&database)
-                )
-            })?
-            .close()
-            .await
-            .ok();
-    }
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the outbox database {}",
-                redact(&database)
-            )
-        })?;
+    let (pool, options) = connect(&database).await?;
     if !args.no_migrate {
         tables.migrate(&pool).await?;
     }

@@ -246,3 +246,155 @@ fn relay_refuses_bad_settings_by_name() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Runs `keel` with `args`; returns (exit code, stdout, stderr).
+fn keel_output(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = keel().args(args).output().expect("run keel");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_rows_are_listed_with_their_errors_and_requeued_by_selection() {
+    let url = database().await;
+    let pool = PgPool::connect(&url).await.expect("connect");
+    let tables = OutboxTables::default();
+    tables.migrate(&pool).await.expect("migrate");
+    let codec = keel_schemas::AvroCodec::new(
+        Arc::new(keel_schemas::LocalRegistry::new()),
+        keel_schemas::CodecOptions::default(),
+    );
+    let outbox = Outbox::new(tables, Arc::new(codec));
+    let mut tx = pool.begin().await.expect("begin");
+    for (topic, key) in [("orders", "o-1"), ("orders", "o-2"), ("payments", "p-1")] {
+        let event = Envelope::new("test.Event", key, "{}");
+        outbox
+            .enqueue(&mut tx, topic, &event)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    // What a relay leaves behind after max_attempts refusals (the relay's
+    // parking itself is tested in keel-integration-tests' outbox tests).
+    sqlx::query(
+        "UPDATE keel.outbox SET attempts = 5, parked_at = now(), \
+         last_error = 'Message size too large' WHERE event_key <> 'o-2'",
+    )
+    .execute(&pool)
+    .await
+    .expect("park two rows");
+    let parked_ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM keel.outbox WHERE parked_at IS NOT NULL ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("query");
+    assert_eq!(parked_ids.len(), 2);
+
+    let (code, out, err) = keel_output(&["outbox", "parked", "--database", &url]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[0]["id"], parked_ids[0]);
+    assert_eq!(rows[0]["key"], "o-1");
+    assert_eq!(rows[0]["topic"], "orders");
+    assert_eq!(rows[0]["attempts"], 5);
+    assert_eq!(rows[0]["last_error"], "Message size too large");
+    assert_eq!(rows[0]["payload_bytes"], 2);
+    assert_eq!(rows[1]["key"], "p-1");
+    assert!(err.contains("2 parked row(s)"), "{err}");
+
+    let (code, out, _) = keel_output(&["outbox", "parked", "--database", &url, "--topic", "nope"]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+
+    // No selection: refused, nothing requeued.
+    let (code, _, err) = keel_output(&["outbox", "requeue", "--database", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--all"), "{err}");
+    let (code, _, err) = keel_output(&[
+        "outbox",
+        "requeue",
+        "--database",
+        &url,
+        "--all",
+        "--topic",
+        "orders",
+    ]);
+    assert_eq!(code, Some(2), "--all with --topic is a usage error: {err}");
+
+    let first = parked_ids[0].to_string();
+    let (code, out, err) = keel_output(&["outbox", "requeue", "--database", &url, "--id", &first]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("requeued 1 parked row(s)"), "{out}");
+    let (attempts, parked): (i32, bool) =
+        sqlx::query_as("SELECT attempts, parked_at IS NOT NULL FROM keel.outbox WHERE id = $1")
+            .bind(parked_ids[0])
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+    assert_eq!(
+        (attempts, parked),
+        (0, false),
+        "back in line, attempts reset"
+    );
+
+    let (code, out, err) = keel_output(&["outbox", "requeue", "--database", &url, "--all"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("requeued 1 parked row(s)"), "{out}");
+    let (code, out, _) = keel_output(&["outbox", "parked", "--database", &url]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+
+    pool.close().await;
+    drop_database(&url).await;
+}
+
+#[test]
+fn outbox_commands_refuse_bad_settings_by_name() {
+    for (args, expected) in [
+        (&["outbox", "parked"][..], "--database"),
+        (
+            &["outbox", "requeue", "--all", "--database", "mysql://x/y"][..],
+            "PostgreSQL",
+        ),
+        (
+            &["outbox", "parked", "--database", "postgres://127.0.0.1:1/x"][..],
+            "cannot connect to the outbox database",
+        ),
+    ] {
+        let (code, _, err) = keel_output(args);
+        assert_eq!(code, Some(1), "keel {args:?}: {err}");
+        assert!(err.contains(expected), "keel {args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_commands_name_a_missing_outbox_table() {
+    let url = database().await;
+    for args in [
+        &["outbox", "parked", "--database", &url][..],
+        &[
+            "outbox",
+            "requeue",
+            "--all",
+            "--database",
+            &url,
+            "--schema",
+            "orders",
+        ][..],
+    ] {
+        let (code, _, err) = keel_output(args);
+        assert_eq!(code, Some(1), "keel {args:?}: {err}");
+        assert!(
+            err.contains("there is no outbox table"),
+            "keel {args:?}: {err}"
+        );
+        assert!(err.contains("--schema"), "keel {args:?}: {err}");
+    }
+    drop_database(&url).await;
+}

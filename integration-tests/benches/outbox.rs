@@ -37,18 +37,10 @@ const WRITERS: usize = 4;
 const LATENCY_RUN: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
-    let (events, batch) = bench::args()?;
-    let events = if std::env::args().count() > 1 {
-        events
-    } else {
-        20_000
-    };
-    let batch = if std::env::args().count() > 2 {
-        batch
-    } else {
-        500
-    };
-    tokio::runtime::Runtime::new()?.block_on(run(events, batch))
+    // Relay batches of 500 (the relay's default) unless a batch size is
+    // given after the event count.
+    let given = std::env::args().filter(|a| !a.starts_with("--")).count();
+    bench::main(|events, batch| run(events, if given > 2 { batch } else { 500 }))
 }
 
 async fn run(events: usize, batch: usize) -> anyhow::Result<()> {

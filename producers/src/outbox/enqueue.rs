@@ -94,23 +94,13 @@ impl Outbox {
     /// Puts parked rows back in line (attempts reset, error kept until the
     /// next attempt), all of them or those of `topic`; returns how many.
     /// For after the cause was fixed (a topic created, a limit raised).
+    /// [`super::parked`] also lists them and picks them by id.
     pub async fn requeue_parked(&self, pool: &sqlx::PgPool, topic: Option<&str>) -> Result<u64> {
-        let outbox = self.tables.outbox();
-        let done = sqlx::query(&format!(
-            "UPDATE {outbox} SET parked_at = NULL, attempts = 0 \
-             WHERE parked_at IS NOT NULL AND published_at IS NULL \
-             AND ($1::text IS NULL OR topic = $1)"
-        ))
-        .bind(topic)
-        .execute(pool)
-        .await?;
-        if done.rows_affected() > 0 {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(self.tables.channel())
-                .execute(pool)
-                .await?;
-        }
-        Ok(done.rows_affected())
+        let filter = super::parked::ParkedFilter {
+            topic: topic.map(str::to_owned),
+            ids: Vec::new(),
+        };
+        super::parked::requeue(pool, &self.tables, &filter).await
     }
 
     /// The codec typed events are encoded with.

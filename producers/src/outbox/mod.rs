@@ -9,6 +9,7 @@
 //! | [`relay`] | [`OutboxRelay`]: publishes committed rows, in key order, at least once |
 //! | [`leases`] | how several relays split the outbox (slots and leases) |
 //! | [`inbox`] | [`Inbox`]: `(group, event id)` records for exactly-once effects |
+//! | [`parked`] | rows the broker refused `max_attempts` times: list them, requeue them |
 //! | [`sqlite`] | the same on SQLite for the embedded default: [`SqliteOutbox`](sqlite::SqliteOutbox), [`OutboxRelay::sqlite`], [`SqliteInbox`](sqlite::SqliteInbox) |
 //! | [`error`] | [`OutboxError`] |
 
@@ -16,6 +17,7 @@ pub mod enqueue;
 pub mod error;
 pub mod inbox;
 pub mod leases;
+pub mod parked;
 mod postgres;
 pub mod relay;
 pub mod sqlite;

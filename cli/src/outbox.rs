@@ -1,0 +1,125 @@
+//! `keel outbox parked` and `keel outbox requeue`: the rows a relay parked
+//! because the broker refused them `max_attempts` times, listed with their
+//! errors, and put back in line once the cause is fixed.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use keel_core::KeelConfig;
+use keel_core::config::redact;
+use keel_producers::outbox::OutboxTables;
+use keel_producers::outbox::parked::{self, ParkedFilter};
+use sqlx::PgPool;
+
+use crate::relay::{OutboxDb, connect};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum OutboxCommand {
+    /// Print parked rows as JSON lines, oldest first: id, topic, event id,
+    /// type, key, payload size, attempts, last error, when enqueued and
+    /// parked.
+    #[command(after_help = "Examples:\n  \
+        keel outbox parked --database postgres://app@db/orders\n  \
+        keel outbox parked --database postgres://app@db/orders --topic orders --limit 10")]
+    Parked(ParkedArgs),
+    /// Put parked rows back in line (attempts reset) and wake the relays.
+    /// Pick them with --topic and/or --id, or take every one with --all.
+    #[command(after_help = "Examples:\n  \
+        keel outbox requeue --database postgres://app@db/orders --topic orders\n  \
+        keel outbox requeue --database postgres://app@db/orders --id 1042 --id 1043\n  \
+        keel outbox requeue --database postgres://app@db/orders --all")]
+    Requeue(RequeueArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Selection {
+    /// Only rows of this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this row (its outbox id); repeat for several.
+    #[arg(long = "id", value_name = "ID")]
+    ids: Vec<i64>,
+}
+
+impl Selection {
+    fn filter(&self) -> ParkedFilter {
+        ParkedFilter {
+            topic: self.topic.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.topic.is_none() && self.ids.is_empty()
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ParkedArgs {
+    #[command(flatten)]
+    db: OutboxDb,
+    #[command(flatten)]
+    selection: Selection,
+    /// Print at most this many rows.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RequeueArgs {
+    #[command(flatten)]
+    db: OutboxDb,
+    #[command(flatten)]
+    selection: Selection,
+    /// Requeue every parked row of the outbox.
+    #[arg(long, conflicts_with_all = ["topic", "ids"])]
+    all: bool,
+}
+
+pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::Result<()> {
+    match command {
+        OutboxCommand::Parked(args) => {
+            let (database, tables) = args.db.resolve(config, "keel outbox parked")?;
+            let pool = connect_outbox(&database, &tables).await?;
+            let rows = parked::list(&pool, &tables, &args.selection.filter(), args.limit).await?;
+            for row in &rows {
+                say!("{}", serde_json::to_string(row)?);
+            }
+            eprintln!("{} parked row(s) in {}", rows.len(), tables.channel());
+        }
+        OutboxCommand::Requeue(args) => {
+            if !args.all && args.selection.is_empty() {
+                bail!(
+                    "`keel outbox requeue` needs a selection: --topic, --id, or --all for every parked row"
+                );
+            }
+            let (database, tables) = args.db.resolve(config, "keel outbox requeue")?;
+            let pool = connect_outbox(&database, &tables).await?;
+            let done = parked::requeue(&pool, &tables, &args.selection.filter()).await?;
+            say!("requeued {done} parked row(s) of {}", tables.channel());
+        }
+    }
+    Ok(())
+}
+
+/// A pool on the outbox's database, once its outbox table is known to be
+/// there (a wrong --schema/--table or a database never migrated is named,
+/// not reported as a failing query).
+async fn connect_outbox(database: &str, tables: &OutboxTables) -> anyhow::Result<PgPool> {
+    let (pool, _) = connect(database).await?;
+    // The names passed Keel's identifier allowlist; quoted, they are a
+    // value for to_regclass, not SQL.
+    let name = format!("\"{}\".\"{}\"", tables.schema(), tables.outbox_name());
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&name)
+        .fetch_one(&pool)
+        .await?;
+    if !exists {
+        bail!(
+            "there is no outbox table {}.{} in {}: check --schema and --table, or create it by running `keel relay` once (it migrates) or OutboxTables::migrate",
+            tables.schema(),
+            tables.outbox_name(),
+            redact(database)
+        );
+    }
+    Ok(pool)
+}

@@ -1,0 +1,115 @@
+//! Parked rows: outbox rows the broker refused `max_attempts` times (too
+//! large, a topic name it does not accept, headers edited into something
+//! that is not an event). The relay skips them; an operator lists them,
+//! fixes the cause and puts them back in line (`keel outbox parked`,
+//! `keel outbox requeue`).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::error::Result;
+use super::tables::OutboxTables;
+
+/// Which parked rows an operation applies to: all of them, or those
+/// matching every given field.
+#[derive(Clone, Debug, Default)]
+pub struct ParkedFilter {
+    /// Only rows of this topic.
+    pub topic: Option<String>,
+    /// Only these rows (outbox ids); empty means any.
+    pub ids: Vec<i64>,
+}
+
+/// A parked row as an operator sees it (the payload stays in the table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParkedRow {
+    /// The row's id in the outbox.
+    pub id: i64,
+    /// The topic it was to be published to.
+    pub topic: String,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The event's type.
+    pub event_type: String,
+    /// The event's key (lossily decoded as UTF-8).
+    pub key: String,
+    /// The payload's size in bytes.
+    pub payload_bytes: i64,
+    /// Refusals counted against it.
+    pub attempts: i32,
+    /// The last refusal's error.
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// The parked rows matching `filter`, oldest first, at most `limit`.
+pub async fn list(
+    pool: &PgPool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: u32,
+) -> Result<Vec<ParkedRow>> {
+    let outbox = tables.outbox();
+    let rows = sqlx::query(&format!(
+        "SELECT id, topic, event_id, event_type, event_key, octet_length(payload)::int8 AS size, \
+         attempts, last_error, enqueued_at, parked_at FROM {outbox} \
+         WHERE published_at IS NULL AND parked_at IS NOT NULL \
+         AND ($1::text IS NULL OR topic = $1) \
+         AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \
+         ORDER BY id LIMIT $3"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(&filter.ids)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let key: Vec<u8> = row.try_get("event_key")?;
+            Ok(ParkedRow {
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                event_id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                key: String::from_utf8_lossy(&key).into_owned(),
+                payload_bytes: row.try_get("size")?,
+                attempts: row.try_get("attempts")?,
+                last_error: row.try_get("last_error")?,
+                enqueued_at: row.try_get("enqueued_at")?,
+                parked_at: row.try_get("parked_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts the parked rows matching `filter` back in line (attempts reset,
+/// the last error kept until the next attempt) and wakes the relays;
+/// returns how many. For after the cause was fixed (a topic created, a
+/// limit raised). A key's later rows waited behind its parked row only
+/// while it was being retried; once parked they went on, so a requeued
+/// row is published after them.
+pub async fn requeue(pool: &PgPool, tables: &OutboxTables, filter: &ParkedFilter) -> Result<u64> {
+    let outbox = tables.outbox();
+    let done = sqlx::query(&format!(
+        "UPDATE {outbox} SET parked_at = NULL, attempts = 0 \
+         WHERE parked_at IS NOT NULL AND published_at IS NULL \
+         AND ($1::text IS NULL OR topic = $1) \
+         AND (cardinality($2::int8[]) = 0 OR id = ANY($2))"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(&filter.ids)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() > 0 {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(tables.channel())
+            .execute(pool)
+            .await?;
+    }
+    Ok(done.rows_affected())
+}
