@@ -161,11 +161,45 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
             "{mechanism:?}: the error says why ({why}): {error}"
         );
     }
+    let impostor = client(
+        &tansu,
+        sasl("SCRAM-SHA-256", ALICE.name, "not-her-password"),
+    );
+    let why = refused_member(&impostor, &topic).await;
+    assert!(
+        why.contains("SASL authentication error"),
+        "the error carries librdkafka's reason: {why}"
+    );
     assert_eq!(
         stored(&alice, &topic).await,
         ["marker"],
         "nothing refused was stored"
     );
+}
+
+/// Subscribes a group member as `client`, whose credentials the brokers
+/// refuse: its stream must end with an error saying so (not wait
+/// silently). Returns the error's text.
+async fn refused_member(client: &KafkaClientConfig, topic: &str) -> String {
+    use futures::StreamExt;
+    let mut deliveries = member(client, topic).await;
+    let item = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+        .await
+        .expect("a refused member reports it within 30 s");
+    let error = match item {
+        Some(Err(e)) => e,
+        Some(Ok(d)) => panic!("a refused member got event {}", d.envelope().id()),
+        None => panic!("a refused member's stream ended without an error"),
+    };
+    let text = error.to_string();
+    assert!(!error.is_retriable(), "{text}");
+    assert!(
+        text.contains(topic) && text.contains("refused this member before it joined"),
+        "{text}"
+    );
+    assert!(text.contains("sasl_password"), "names the settings: {text}");
+    let _ = deliveries.leave().await;
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +245,7 @@ async fn mutual_tls_and_sasl_over_tls_with_a_private_ca() {
         &client(
             &tansu,
             KafkaSecurity {
-                ca_location: stranger,
+                ca_location: stranger.clone(),
                 ..mutual.clone()
             },
         ),
@@ -222,6 +256,15 @@ async fn mutual_tls_and_sasl_over_tls_with_a_private_ca() {
         error.contains("certificate verify failed"),
         "the error says the broker's certificate is not trusted: {error}"
     );
+    let distrusting = client(
+        &tansu,
+        KafkaSecurity {
+            ca_location: stranger,
+            ..mutual.clone()
+        },
+    );
+    let why = refused_member(&distrusting, &topic).await;
+    assert!(why.contains("certificate verify failed"), "{why}");
     let anonymous = KafkaSecurity {
         certificate_location: None,
         key_location: None,

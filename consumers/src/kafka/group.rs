@@ -21,8 +21,8 @@
 //! current end for `Latest`) before listing it as owned.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use keel_core::delivery::{Deliveries, Membership};
 use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result};
 use keel_producers::kafka::KafkaClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -151,9 +152,26 @@ struct KeelContext {
     topic: String,
     drain_timeout: Duration,
     assignment: watch::Sender<Vec<u32>>,
+    /// librdkafka's last error-level log line: the detail (e.g. "SASL
+    /// authentication error: …") that its error events leave out.
+    last_failure: Mutex<Option<String>>,
 }
 
-impl ClientContext for KeelContext {}
+impl ClientContext for KeelContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}");
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(message.to_owned());
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+}
 
 impl KeelContext {
     /// Each partition's start: the committed offset, else earliest or the
@@ -353,6 +371,7 @@ impl Subscriber for KafkaGroupConsumer {
             topic: topic.clone(),
             drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
             assignment: assignment_tx,
+            last_failure: Mutex::new(None),
         };
         let mut client = self.config.client.client_config();
         client
@@ -397,7 +416,8 @@ impl Subscriber for KafkaGroupConsumer {
         let commit_interval = Duration::from_millis(self.config.commit_interval_ms);
         let drain_timeout = Duration::from_millis(self.config.drain_timeout_ms);
         let thread = {
-            let (engine, control, topic) = (engine.clone(), control.clone(), topic.clone());
+            let (engine, control) = (engine.clone(), control.clone());
+            let (topic, group) = (topic.clone(), group.clone());
             std::thread::Builder::new()
                 .name(format!("keel-kafka-{group}"))
                 .spawn(move || {
@@ -405,7 +425,7 @@ impl Subscriber for KafkaGroupConsumer {
                         &consumer,
                         &engine,
                         &control,
-                        &topic,
+                        (&topic, &group),
                         commit_interval,
                         drain_timeout,
                         &tx,
@@ -459,12 +479,15 @@ fn poll_loop(
     consumer: &Arc<BaseConsumer<KeelContext>>,
     engine: &Arc<Engine>,
     control: &Control,
-    topic: &str,
+    (topic, group): (&str, &str),
     commit_interval: Duration,
     drain_timeout: Duration,
     tx: &mpsc::UnboundedSender<Result<keel_core::Delivery>>,
 ) {
     let context = consumer.context();
+    // Whether this member ever owned a partition: credentials refused
+    // before that are a setting to fix, not a passing failure.
+    let mut joined = false;
     let mut last_commit = Instant::now();
     let mut last_report = Instant::now();
     // Each owned partition is fetched into its own queue, read only while
@@ -475,6 +498,7 @@ fn poll_loop(
         HashMap::new();
     while control.stop.load(Ordering::Acquire) == RUNNING {
         let owned = engine.assignment();
+        joined |= !owned.is_empty();
         queues.retain(|p, _| owned.contains(&(*p as u32)));
         for p in owned {
             let p = p as i32;
@@ -516,11 +540,31 @@ fn poll_loop(
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, %topic, "kafka consumer error");
-                if e.rdkafka_error_code().is_some_and(is_fatal) {
+                let code = e.rdkafka_error_code();
+                // librdkafka retries refused credentials for ever; a member
+                // that never got in ends here, saying why, instead of
+                // waiting silently. One that was in rides out a passing
+                // refusal (credentials being rotated).
+                let refused = !joined && code.is_some_and(is_refusal);
+                if refused || code.is_some_and(is_fatal) {
+                    let reason = if refused {
+                        let detail = context
+                            .last_failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .take()
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default();
+                        format!(
+                            "the brokers refused this member before it joined: {e}{detail}; {CHECK_SECURITY}"
+                        )
+                    } else {
+                        e.to_string()
+                    };
                     let _ = tx.send(Err(Error::Subscribe {
                         topic: topic.to_owned(),
-                        group: String::new(),
-                        reason: e.to_string(),
+                        group: group.to_owned(),
+                        reason,
                         retriable: false,
                         source: None,
                     }));
@@ -566,6 +610,20 @@ fn is_fatal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
     matches!(
         code,
         C::GroupAuthorizationFailed | C::TopicAuthorizationFailed | C::Fatal | C::InvalidGroupId
+    )
+}
+
+/// What to check when the brokers refuse a member.
+const CHECK_SECURITY: &str = "check the kafka security settings (sasl_mechanism, sasl_username, \
+     sasl_password, tls, ca_location, certificate_location, key_location)";
+
+/// The brokers refused the client itself: its credentials or its TLS
+/// handshake.
+fn is_refusal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Authentication | C::SaslAuthenticationFailed | C::SSL
     )
 }
 
