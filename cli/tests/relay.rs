@@ -128,11 +128,10 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
 
     let started = Instant::now();
     loop {
-        let published: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE published_at IS NOT NULL")
-                .fetch_one(&pool)
-                .await
-                .expect("query");
+        let published: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox_archive")
+            .fetch_one(&pool)
+            .await
+            .expect("query");
         if published == 3 {
             break;
         }

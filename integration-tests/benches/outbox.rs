@@ -323,7 +323,7 @@ async fn commit_to_ack(
 ) -> anyhow::Result<Vec<Duration>> {
     let ids: Vec<uuid::Uuid> = committed.keys().map(|id| *id.as_uuid()).collect();
     let rows: Vec<(uuid::Uuid, f64)> = sqlx::query_as(
-        "SELECT event_id, extract(epoch FROM published_at)::float8 FROM keel.outbox WHERE event_id = ANY($1)",
+        "SELECT event_id, extract(epoch FROM published_at)::float8 FROM keel.outbox_archive WHERE event_id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(pool)

@@ -231,8 +231,8 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
     // first attempt's round.
     wait_for(&mut stats, "the other key published", |s| s.published >= 2).await;
     let other_state: (bool, i32) = sqlx::query_as(
-        "SELECT published_at IS NOT NULL, (SELECT attempts FROM keel.outbox WHERE event_id = $2) \
-         FROM keel.outbox WHERE event_id = $1",
+        "SELECT EXISTS (SELECT 1 FROM keel.outbox_archive WHERE event_id = $1), \
+         (SELECT attempts FROM keel.outbox WHERE event_id = $2)",
     )
     .bind(other.id().as_uuid())
     .bind(huge.id().as_uuid())
@@ -458,6 +458,51 @@ async fn racing_deliveries_of_one_event_apply_it_once_and_a_rollback_frees_it() 
     assert!(inbox.begin(db.pool(), "g", id).await.unwrap().is_some());
 }
 
+/// An outbox migrated before the archive existed kept its published rows
+/// in the outbox table: the archive migration moves them (and nothing
+/// else), so they are purged from the archive and never scanned again.
+#[tokio::test]
+async fn rows_published_before_the_archive_migration_move_into_it() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let outbox = outbox(&tables);
+    let mut tx = db.pool().begin().await.unwrap();
+    for key in ["published-1", "published-2", "waiting"] {
+        outbox
+            .enqueue(&mut tx, "t", &Envelope::new("t", key, key))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // The state the first migration's relay left: published rows marked
+    // in place. Then the archive migration runs (again, as on an upgrade).
+    sqlx::query("UPDATE keel.outbox SET published_at = now() WHERE event_key <> 'waiting'::bytea")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM keel._sqlx_migrations WHERE description = 'keel outbox archive'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    tables.migrate(db.pool()).await.unwrap();
+    let keys = |table: &'static str| {
+        let pool = db.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, Vec<u8>>(&format!(
+                "SELECT event_key FROM keel.{table} ORDER BY id"
+            ))
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(keys("outbox").await, [b"waiting".to_vec()]);
+    assert_eq!(
+        keys("outbox_archive").await,
+        [b"published-1".to_vec(), b"published-2".to_vec()]
+    );
+}
+
 #[tokio::test]
 async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
     let db = TestDatabase::create().await;
@@ -476,6 +521,7 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
         [
             "_sqlx_migrations",
             "order",
+            "order_archive",
             "order_leases",
             "order_relays",
             "user"
@@ -700,13 +746,19 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
         .unwrap();
         RunningRelay::spawn(relay)
     };
-    let rows = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.outbox")
-            .fetch_one(db.pool())
-            .await
-            .unwrap()
+    let pool = db.pool().clone();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
     };
-    // A long retention keeps the published rows (for replay from the outbox).
+    let rows = || count("SELECT count(*) FROM keel.outbox_archive");
+    // A long retention keeps the published rows (for replay from the
+    // outbox) in the archive; the outbox keeps only unpublished ones.
     let RunningRelay {
         stop,
         mut stats,
@@ -715,6 +767,16 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
     wait_for(&mut stats, "all published", |s| s.published == 30).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rows().await, 30);
+    assert_eq!(count("SELECT count(*) FROM keel.outbox").await, 0);
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM keel.outbox_archive \
+         WHERE topic = $1 AND payload = 'x'::bytea AND published_at >= enqueued_at",
+    )
+    .bind(&topic)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, 30, "archived rows keep their columns");
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     // A short one purges them, a small batch at a time.

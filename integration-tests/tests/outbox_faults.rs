@@ -71,7 +71,7 @@ async fn wait_for_owners(
 }
 
 async fn published(db: &TestDatabase) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE published_at IS NOT NULL")
+    sqlx::query_scalar("SELECT count(*) FROM keel.outbox_archive")
         .fetch_one(db.pool())
         .await
         .unwrap()

@@ -209,7 +209,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     chain
         .wait_for(
             "every follow-up published",
-            "SELECT count(*) FROM keel.outbox WHERE published_at IS NOT NULL",
+            "SELECT count(*) FROM keel.outbox_archive",
             3 * ORDERS as i64,
         )
         .await;
@@ -246,16 +246,17 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     );
     // Follow-ups: one per order and stage, caused by the event before them,
     // correlated with the order's event.
-    let per_topic: Vec<(String, i64)> =
-        sqlx::query_as("SELECT topic, count(*) FROM keel.outbox GROUP BY topic ORDER BY topic")
-            .fetch_all(chain.db.pool())
-            .await
-            .unwrap();
+    let per_topic: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT topic, count(*) FROM keel.outbox_archive GROUP BY topic ORDER BY topic",
+    )
+    .fetch_all(chain.db.pool())
+    .await
+    .unwrap();
     for (topic, n) in &per_topic {
         assert_eq!(*n, ORDERS as i64, "{topic}: {per_topic:?}");
     }
     let payments_caused_by_orders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM keel.outbox p JOIN keel.outbox o \
+        "SELECT count(*) FROM keel.outbox_archive p JOIN keel.outbox_archive o \
            ON p.causation_id = o.event_id::text AND p.correlation_id = o.event_id::text \
          WHERE p.topic = $1 AND o.topic = $2",
     )
@@ -266,7 +267,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     .unwrap();
     assert_eq!(payments_caused_by_orders, ORDERS as i64);
     let shipments_caused_by_payments: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM keel.outbox s JOIN keel.outbox p \
+        "SELECT count(*) FROM keel.outbox_archive s JOIN keel.outbox_archive p \
            ON s.causation_id = p.event_id::text AND s.correlation_id = p.correlation_id \
          WHERE s.topic = $1 AND p.topic = $2",
     )
@@ -279,7 +280,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     // The trace went on from stage to stage: a shipment's traceparent is a
     // child span in its payment's trace.
     let traced: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM keel.outbox s JOIN keel.outbox p ON s.causation_id = p.event_id::text \
+        "SELECT count(*) FROM keel.outbox_archive s JOIN keel.outbox_archive p ON s.causation_id = p.event_id::text \
          WHERE s.topic = $1 AND split_part(s.traceparent, '-', 2) = split_part(p.traceparent, '-', 2) \
            AND s.traceparent <> p.traceparent",
     )

@@ -1,6 +1,6 @@
-//! The relay's PostgreSQL side: claiming in id order by slot, marking,
-//! parking, purging, backlog figures, slot leases ([`super::leases`]) and
-//! the LISTEN/NOTIFY wake-up.
+//! The relay's PostgreSQL side: claiming in id order by slot, moving
+//! published rows to the archive, parking, purging, vacuuming, backlog
+//! figures, slot leases ([`super::leases`]) and the LISTEN/NOTIFY wake-up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +24,13 @@ pub(crate) struct PgRelayStore {
     refuse: String,
     purge: String,
     backlog: String,
+    vacuum: String,
 }
 
 impl PgRelayStore {
     pub(crate) fn new(pool: PgPool, tables: OutboxTables, leases: SlotLeases) -> Self {
         let outbox = tables.outbox();
+        let archive = tables.archive();
         PgRelayStore {
             claim: format!(
                 "SELECT id, topic, event_id, event_type, event_key, occurred_at, source, \
@@ -37,9 +39,19 @@ impl PgRelayStore {
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
                  AND topic <> ALL($4) ORDER BY id LIMIT $3"
             ),
+            // Published: out of the outbox, into the archive.
             mark: format!(
-                "UPDATE {outbox} SET published_at = clock_timestamp() \
-                 WHERE id = ANY($1) AND published_at IS NULL"
+                "WITH moved AS (DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL \
+                 RETURNING id, topic, event_id, event_type, event_key, key_hash, occurred_at, \
+                 source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
+                 enqueued_at, attempts, last_error) \
+                 INSERT INTO {archive} (id, topic, event_id, event_type, event_key, key_hash, \
+                 occurred_at, source, correlation_id, causation_id, traceparent, tracestate, \
+                 headers, payload, enqueued_at, published_at, attempts, last_error) \
+                 SELECT id, topic, event_id, event_type, event_key, key_hash, occurred_at, source, \
+                 correlation_id, causation_id, traceparent, tracestate, headers, payload, \
+                 enqueued_at, clock_timestamp(), attempts, last_error FROM moved \
+                 ON CONFLICT (id) DO NOTHING"
             ),
             refuse: format!(
                 "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
@@ -47,8 +59,14 @@ impl PgRelayStore {
                  WHERE id = $1 RETURNING parked_at IS NOT NULL"
             ),
             purge: format!(
-                "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
+                "DELETE FROM {archive} WHERE id IN (SELECT id FROM {archive} \
                  WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' LIMIT $2)"
+            ),
+            // SKIP_LOCKED: another relay's run is as good. TRUNCATE false:
+            // giving the emptied end of the table back takes a lock that
+            // stops every enqueue meanwhile. `{analyze}` is filled in.
+            vacuum: format!(
+                "VACUUM ({{analyze}}SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) {outbox}"
             ),
             // Each figure through its partial index, never a scan of the
             // published rows kept for the retention.
@@ -95,7 +113,13 @@ impl RelayStore for PgRelayStore {
 
     async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>> {
         let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
+        // Planned with its values each time: a cached generic plan cannot
+        // estimate the slot filter, takes it to match almost nothing, and
+        // over a large backlog sorts the whole outbox instead of reading
+        // the first rows of the pending index (50 ms instead of 0.3 ms per
+        // claim at 300,000 rows waiting).
         let rows = sqlx::query(&self.claim)
+            .persistent(false)
             .bind(self.leases.slots() as i32)
             .bind(&slot_list)
             .bind(limit as i64)
@@ -155,6 +179,23 @@ impl RelayStore for PgRelayStore {
             .execute(&self.pool)
             .await?
             .rows_affected())
+    }
+
+    fn vacuum(&self, analyze: bool) -> Option<futures::future::BoxFuture<'static, Result<()>>> {
+        // Without owning the table PostgreSQL skips it with a warning and
+        // autovacuum (set up by the migration for a small table) remains.
+        // ANALYZE now and then: the claim's plan needs to know the outbox
+        // is all pending rows (with no statistics PostgreSQL guesses a
+        // handful and sorts the whole backlog instead of reading the
+        // pending index's first rows).
+        let sql = self
+            .vacuum
+            .replace("{analyze}", if analyze { "ANALYZE, " } else { "" });
+        let pool = self.pool.clone();
+        Some(Box::pin(async move {
+            sqlx::raw_sql(&sql).execute(&pool).await?;
+            Ok(())
+        }))
     }
 
     async fn backlog(&self) -> Result<Backlog> {

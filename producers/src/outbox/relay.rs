@@ -1,7 +1,7 @@
 //! [`OutboxRelay`]: publishes committed outbox rows to the broker.
 //!
-//! Delivery guarantee: at least once. A row is marked published only after
-//! the broker acknowledged it, so a relay killed at any instant loses
+//! Delivery guarantee: at least once. A row is marked published — moved
+//! from the outbox to its archive — only after the broker acknowledged it, so a relay killed at any instant loses
 //! nothing and re-publishes at most the one batch it had in flight (same
 //! event ids: JetStream drops them inside its duplicate window, inboxes
 //! drop them everywhere).
@@ -75,8 +75,8 @@ pub struct RelayConfig {
     pub backoff_min: Duration,
     /// Longest back-off. Default 30 s.
     pub backoff_max: Duration,
-    /// How long published rows are kept (for replay from the outbox).
-    /// Default 7 days.
+    /// How long published rows are kept in the outbox's archive
+    /// (`<outbox>_archive`, for replay from the outbox). Default 7 days.
     pub retention: Duration,
     /// How often published rows past the retention are purged. Default 60 s.
     pub purge_interval: Duration,
@@ -318,6 +318,11 @@ impl OutboxRelay {
         let mut next_purge = now + config.purge_interval;
         let mut blocked_until = now;
         let mut topics = TopicBackoff::new(config.backoff_min, config.backoff_max);
+        // When the outbox was last vacuumed (and analysed: once at start,
+        // for the claim's plan over a backlog), and this relay's published
+        // count then.
+        let mut vacuuming = self.vacuum(true);
+        let (mut vacuumed, mut analysed) = ((now, 0u64), now);
         loop {
             let now = Instant::now();
             if now >= next_heartbeat {
@@ -365,6 +370,21 @@ impl OutboxRelay {
                         metrics::counter!("keel_outbox_failed_batches_total").increment(1);
                         blocked_until = Instant::now() + pause;
                     }
+                }
+            }
+            // Marking leaves dead index entries that every claim walks
+            // until a VACUUM removes them: vacuum the (small) outbox as
+            // rows go out.
+            let published = self.stats.borrow().published;
+            if published - vacuumed.1 >= VACUUM_AFTER_ROWS
+                && vacuumed.0.elapsed() >= VACUUM_SPACING
+                && vacuuming.as_ref().is_none_or(|v| v.0.is_finished())
+            {
+                let analyze = analysed.elapsed() >= ANALYZE_SPACING;
+                vacuuming = self.vacuum(analyze);
+                vacuumed = (Instant::now(), published);
+                if analyze {
+                    analysed = Instant::now();
                 }
             }
             if more {
@@ -516,6 +536,17 @@ impl OutboxRelay {
         Ok(full || failed > 0)
     }
 
+    /// Starts a VACUUM of the outbox in the background, where the store
+    /// has one; dropping the handle stops it.
+    fn vacuum(&self, analyze: bool) -> Option<AbortOnDrop> {
+        let vacuum = self.store.vacuum(analyze)?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = vacuum.await {
+                tracing::debug!(error = %e, "relay cannot vacuum the outbox");
+            }
+        })))
+    }
+
     async fn refresh_stats(&self) {
         let figures = match self.store.backlog().await {
             Ok(figures) => figures,
@@ -563,6 +594,13 @@ impl OutboxRelay {
         }
     }
 }
+
+/// Rows published between two VACUUMs of the outbox, at least.
+const VACUUM_AFTER_ROWS: u64 = 5_000;
+/// Time between two VACUUMs of the outbox, at least.
+const VACUUM_SPACING: Duration = Duration::from_secs(1);
+/// Time between two of them that also ANALYZE it, at least.
+const ANALYZE_SPACING: Duration = Duration::from_secs(30);
 
 /// HELP texts for the relay's metrics (for the Prometheus exporter).
 fn describe_metrics() {

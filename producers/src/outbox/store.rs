@@ -35,6 +35,13 @@ pub(crate) trait RelayStore: Send + Sync {
     async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>>;
     /// Marks rows published (after the broker acknowledged them).
     async fn mark(&self, ids: &[i64]) -> Result<()>;
+    /// Reclaims what marking left behind (dead index entries the next
+    /// claim would walk) and refreshes the planner's statistics, where the
+    /// database needs it.
+    /// Runs on its own (the relay spawns it and goes on publishing).
+    fn vacuum(&self, _analyze: bool) -> Option<futures::future::BoxFuture<'static, Result<()>>> {
+        None
+    }
     /// Counts a refusal against a row; `true` when that parked it.
     async fn refuse(&self, id: i64, reason: &str, max_attempts: u32) -> Result<bool>;
     /// Deletes up to `batch` published rows older than `retention`.

@@ -18,11 +18,18 @@ use sqlx::{Connection, PgPool};
 use super::error::{OutboxError, Result};
 
 /// The template of every migration, in order: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    20261128000001,
-    "keel outbox and inbox",
-    include_str!("../../migrations/postgres/0001_outbox_inbox.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        20261128000001,
+        "keel outbox and inbox",
+        include_str!("../../migrations/postgres/0001_outbox_inbox.sql"),
+    ),
+    (
+        20261130000001,
+        "keel outbox archive",
+        include_str!("../../migrations/postgres/0002_outbox_archive.sql"),
+    ),
+];
 
 /// Longest schema or table name accepted. Keel derives index, lease and
 /// notification-channel names from these and PostgreSQL cuts identifiers
@@ -88,6 +95,18 @@ impl OutboxTables {
         &self.inbox
     }
 
+    /// The archive's bare name (`<outbox>_archive`): published rows, kept
+    /// for the relay's retention. The outbox table holds unpublished rows
+    /// only.
+    pub fn archive_name(&self) -> String {
+        format!("{}_archive", self.outbox)
+    }
+
+    /// The archive, quoted, for SQL.
+    pub(crate) fn archive(&self) -> String {
+        self.qualified(&self.archive_name())
+    }
+
     /// `"schema"."outbox"`, quoted, for SQL.
     pub(crate) fn outbox(&self) -> String {
         self.qualified(&self.outbox)
@@ -124,6 +143,11 @@ impl OutboxTables {
             ("{schema}", quote(&self.schema)),
             ("{outbox}", quote(&self.outbox)),
             ("{inbox}", quote(&self.inbox)),
+            ("{archive}", quote(&self.archive_name())),
+            (
+                "{archive_published_index}",
+                quote(&format!("{}_archived", self.outbox)),
+            ),
             ("{leases}", quote(&format!("{}_leases", self.outbox))),
             ("{relays}", quote(&format!("{}_relays", self.outbox))),
             (
@@ -266,7 +290,12 @@ mod tests {
                 .any(|(at, _)| sql[at + 1..].starts_with(|c: char| c.is_ascii_lowercase()));
             assert!(!unfilled, "unfilled placeholder in:\n{sql}");
             assert!(sql.contains("\"shop\".\"orders_outbox\""));
-            assert!(sql.contains("\"orders_outbox_leases\""));
         }
+        let all: String = MIGRATIONS
+            .iter()
+            .map(|(_, _, t)| tables.render(t))
+            .collect();
+        assert!(all.contains("\"orders_outbox_leases\""));
+        assert!(all.contains("\"shop\".\"orders_outbox_archive\""));
     }
 }
