@@ -84,7 +84,12 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             for row in &rows {
                 say!("{}", serde_json::to_string(row)?);
             }
-            eprintln!("{} parked row(s) in {}", rows.len(), tables.channel());
+            let more = if rows.len() == args.limit as usize {
+                " (the --limit: there may be more)"
+            } else {
+                ""
+            };
+            eprintln!("{} parked row(s) in {}{more}", rows.len(), tables.channel());
         }
         OutboxCommand::Requeue(args) => {
             if !args.all && args.selection.is_empty() {

@@ -503,6 +503,34 @@ async fn rows_published_before_the_archive_migration_move_into_it() {
     );
 }
 
+/// A relay whose outbox lacks the archive (the migrations not applied
+/// since it was added) would fail every mark and publish the same batch
+/// again and again: it refuses to start, saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refuses_an_outbox_without_its_archive() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    sqlx::query("DROP TABLE keel.outbox_archive")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let relay = OutboxRelay::new(
+        db.pool().clone(),
+        tables,
+        Arc::new(keel_core::MemoryTransport::new()),
+        relay_config("relay-no-archive", 10),
+    )
+    .unwrap();
+    let ran = tokio::time::timeout(Duration::from_secs(10), relay.run(std::future::pending()))
+        .await
+        .expect("the relay stops at once");
+    let error = ran.unwrap_err().to_string();
+    assert!(
+        error.contains("outbox_archive") && error.contains("migrat"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
     let db = TestDatabase::create().await;

@@ -143,6 +143,9 @@ const ABANDON: u8 = 2;
 
 struct Control {
     stop: AtomicU8,
+    /// The group took this member in (an assignment arrived, even an
+    /// empty one).
+    joined: std::sync::atomic::AtomicBool,
 }
 
 struct KeelContext {
@@ -289,6 +292,9 @@ impl ConsumerContext for KeelContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.control.joined.store(true, Ordering::Release);
+                // Whatever failed before is not what a later refusal is about.
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let (positioned, starts) = self.positioned(consumer, tpl);
                 let assigned = if cooperative {
                     consumer.incremental_assign(&positioned)
@@ -363,6 +369,7 @@ impl Subscriber for KafkaGroupConsumer {
         );
         let control = Arc::new(Control {
             stop: AtomicU8::new(RUNNING),
+            joined: std::sync::atomic::AtomicBool::new(false),
         });
         let context = KeelContext {
             engine: engine.clone(),
@@ -485,9 +492,6 @@ fn poll_loop(
     tx: &mpsc::UnboundedSender<Result<keel_core::Delivery>>,
 ) {
     let context = consumer.context();
-    // Whether this member ever owned a partition: credentials refused
-    // before that are a setting to fix, not a passing failure.
-    let mut joined = false;
     let mut last_commit = Instant::now();
     let mut last_report = Instant::now();
     // Each owned partition is fetched into its own queue, read only while
@@ -498,7 +502,6 @@ fn poll_loop(
         HashMap::new();
     while control.stop.load(Ordering::Acquire) == RUNNING {
         let owned = engine.assignment();
-        joined |= !owned.is_empty();
         queues.retain(|p, _| owned.contains(&(*p as u32)));
         for p in owned {
             let p = p as i32;
@@ -542,9 +545,11 @@ fn poll_loop(
                 tracing::warn!(error = %e, %topic, "kafka consumer error");
                 let code = e.rdkafka_error_code();
                 // librdkafka retries refused credentials for ever; a member
-                // that never got in ends here, saying why, instead of
-                // waiting silently. One that was in rides out a passing
-                // refusal (credentials being rotated).
+                // the group never took in ends here, saying why, instead of
+                // waiting silently (credentials refused before that are a
+                // setting to fix). One that was in rides out a passing
+                // refusal (credentials being rotated, a broker restarting).
+                let joined = control.joined.load(Ordering::Acquire);
                 let refused = !joined && code.is_some_and(is_refusal);
                 if refused || code.is_some_and(is_fatal) {
                     let reason = if refused {

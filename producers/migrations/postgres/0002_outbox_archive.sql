@@ -31,14 +31,18 @@ CREATE TABLE IF NOT EXISTS {schema}.{archive} (
 CREATE INDEX IF NOT EXISTS {archive_published_index}
     ON {schema}.{archive} USING brin (published_at);
 
--- Rows published before this migration move too.
+-- Rows published before this migration move too, in one statement (a
+-- row marked meanwhile by a relay of the previous version is either moved
+-- or stays for the next run; stop such relays before upgrading).
+WITH moved AS (
+    DELETE FROM {schema}.{outbox} WHERE published_at IS NOT NULL
+    RETURNING id, topic, event_id, event_type, event_key, key_hash, occurred_at, source,
+              correlation_id, causation_id, traceparent, tracestate, headers, payload,
+              enqueued_at, published_at, attempts, last_error
+)
 INSERT INTO {schema}.{archive}
-SELECT id, topic, event_id, event_type, event_key, key_hash, occurred_at, source,
-       correlation_id, causation_id, traceparent, tracestate, headers, payload,
-       enqueued_at, published_at, attempts, last_error
-FROM {schema}.{outbox} WHERE published_at IS NOT NULL
+SELECT * FROM moved
 ON CONFLICT (id) DO NOTHING;
-DELETE FROM {schema}.{outbox} WHERE published_at IS NOT NULL;
 DROP INDEX IF EXISTS {schema}.{outbox_published_index};
 
 -- Autovacuum treats the outbox as the small queue it now is: after 10,000

@@ -25,6 +25,8 @@ pub(crate) struct PgRelayStore {
     purge: String,
     backlog: String,
     vacuum: String,
+    /// This relay's role owns the outbox, so it may VACUUM it.
+    vacuums: bool,
 }
 
 impl PgRelayStore {
@@ -78,6 +80,7 @@ impl PgRelayStore {
                  (SELECT extract(epoch FROM clock_timestamp() - enqueued_at)::float8 FROM {outbox} \
                    WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1) AS oldest"
             ),
+            vacuums: false,
             pool,
             tables,
             leases,
@@ -92,6 +95,34 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn prepare(&mut self) -> Result<()> {
+        // Without the archive every mark would fail and the same batch
+        // would go out again and again: refuse to start instead.
+        let (archive, owned): (bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, \
+             coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+                       WHERE oid = to_regclass($2)), false)",
+        )
+        .bind(self.tables.archive())
+        .bind(self.tables.outbox())
+        .fetch_one(&self.pool)
+        .await?;
+        if !archive {
+            return Err(super::error::OutboxError::config(
+                "outbox.table",
+                format!(
+                    "{} has no archive table {}: apply Keel's outbox migrations \
+                     (OutboxTables::migrate, or `keel relay` without --no-migrate)",
+                    self.tables.outbox(),
+                    self.tables.archive()
+                ),
+            ));
+        }
+        // Only the table's owner may VACUUM it (others get a warning per
+        // try); autovacuum, set up by the migration, remains for them.
+        self.vacuums = owned;
+        if !owned {
+            tracing::info!(outbox = %self.tables.outbox(), "this relay's role does not own the outbox: autovacuum alone cleans it");
+        }
         self.leases.prepare(&self.pool).await
     }
 
@@ -182,8 +213,9 @@ impl RelayStore for PgRelayStore {
     }
 
     fn vacuum(&self, analyze: bool) -> Option<futures::future::BoxFuture<'static, Result<()>>> {
-        // Without owning the table PostgreSQL skips it with a warning and
-        // autovacuum (set up by the migration for a small table) remains.
+        if !self.vacuums {
+            return None;
+        }
         // ANALYZE now and then: the claim's plan needs to know the outbox
         // is all pending rows (with no statistics PostgreSQL guesses a
         // handful and sorts the whole backlog instead of reading the
@@ -191,11 +223,11 @@ impl RelayStore for PgRelayStore {
         let sql = self
             .vacuum
             .replace("{analyze}", if analyze { "ANALYZE, " } else { "" });
-        let pool = self.pool.clone();
-        Some(Box::pin(async move {
-            sqlx::raw_sql(&sql).execute(&pool).await?;
-            Ok(())
-        }))
+        let options = self.pool.connect_options();
+        // Its own connection: the pool's stay free for claims and marks,
+        // and a skipped VACUUM's warning (another relay's or autovacuum's
+        // run holds the table) is not logged every second.
+        Some(Box::pin(vacuum_on(options, sql)))
     }
 
     async fn backlog(&self) -> Result<Backlog> {
@@ -221,6 +253,17 @@ impl RelayStore for PgRelayStore {
             wake,
         )))
     }
+}
+
+/// Runs `sql` (a VACUUM) on a connection of its own, quiet about the
+/// warning of a VACUUM skipped for a lock another one holds.
+async fn vacuum_on(options: Arc<sqlx::postgres::PgConnectOptions>, sql: String) -> Result<()> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    conn.execute("SET client_min_messages = error").await?;
+    conn.execute(sql.as_str()).await?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// Wakes the relay on every notification of `channel`; (re)connects with a

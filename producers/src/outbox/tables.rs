@@ -37,8 +37,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub const MAX_IDENTIFIER_LEN: usize = 31;
 
 /// Names of the outbox's schema and tables. Defaults: schema `keel`, tables
-/// `outbox` and `inbox`; the relay's lease tables are named after the
-/// outbox (`outbox_leases`, `outbox_relays`).
+/// `outbox` and `inbox`; the archive of published rows and the relay's
+/// lease tables are named after the outbox (`outbox_archive`,
+/// `outbox_leases`, `outbox_relays`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxTables {
     schema: String,
