@@ -501,6 +501,47 @@ async fn rows_published_before_the_archive_migration_move_into_it() {
         keys("outbox_archive").await,
         [b"published-1".to_vec(), b"published-2".to_vec()]
     );
+
+    // A relay of the previous version, still running after the upgrade,
+    // marks a row in place: the next purge round moves it to the archive
+    // (keeping its publication time) and leaves the waiting row alone.
+    sqlx::query(
+        "UPDATE keel.outbox SET published_at = '2026-01-02T03:04:05Z' \
+         WHERE event_key = 'waiting'::bytea",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let relay = OutboxRelay::new(
+        db.pool().clone(),
+        tables,
+        Arc::new(keel_core::MemoryTransport::new()),
+        keel_producers::outbox::RelayConfig {
+            purge_interval: Duration::from_millis(100),
+            // Long enough to keep the row's old publication time.
+            retention: Duration::from_secs(5 * 365 * 24 * 3600),
+            ..relay_config("relay-sweep", 10)
+        },
+    )
+    .unwrap();
+    let running = RunningRelay::spawn(relay);
+    let started = std::time::Instant::now();
+    while !keys("outbox").await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the row marked in place was not moved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.finish().await;
+    let kept: bool = sqlx::query_scalar(
+        "SELECT published_at = '2026-01-02T03:04:05Z'::timestamptz FROM keel.outbox_archive \
+         WHERE event_key = 'waiting'::bytea",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(kept, "the archive keeps the row's publication time");
 }
 
 /// A relay whose outbox lacks the archive (the migrations not applied

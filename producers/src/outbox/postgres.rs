@@ -23,6 +23,7 @@ pub(crate) struct PgRelayStore {
     mark: String,
     refuse: String,
     purge: String,
+    sweep: String,
     backlog: String,
     vacuum: String,
     /// This relay's role owns the outbox, so it may VACUUM it.
@@ -63,6 +64,16 @@ impl PgRelayStore {
             purge: format!(
                 "DELETE FROM {archive} WHERE id IN (SELECT id FROM {archive} \
                  WHERE published_at < clock_timestamp() - $1 * interval '1 millisecond' LIMIT $2)"
+            ),
+            // Rows a relay of the version before the archive marked in
+            // place (it ran on after the upgrade) move to the archive too.
+            sweep: format!(
+                "WITH moved AS (DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
+                 WHERE published_at IS NOT NULL LIMIT $1) \
+                 RETURNING id, topic, event_id, event_type, event_key, key_hash, occurred_at, \
+                 source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
+                 enqueued_at, published_at, attempts, last_error) \
+                 INSERT INTO {archive} SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
             ),
             // SKIP_LOCKED: another relay's run is as good. TRUNCATE false:
             // giving the emptied end of the table back takes a lock that
@@ -203,6 +214,10 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn purge(&self, retention: Duration, batch: usize) -> Result<u64> {
+        sqlx::query(&self.sweep)
+            .bind(batch as i64)
+            .execute(&self.pool)
+            .await?;
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         Ok(sqlx::query(&self.purge)
             .bind(retention_ms)
