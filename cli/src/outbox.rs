@@ -111,14 +111,7 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
 /// not reported as a failing query).
 async fn connect_outbox(database: &str, tables: &OutboxTables) -> anyhow::Result<PgPool> {
     let (pool, _) = connect(database).await?;
-    // The names passed Keel's identifier allowlist; quoted, they are a
-    // value for to_regclass, not SQL.
-    let name = format!("\"{}\".\"{}\"", tables.schema(), tables.outbox_name());
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(&name)
-        .fetch_one(&pool)
-        .await?;
-    if !exists {
+    if !tables.outbox_exists(&pool).await? {
         bail!(
             "there is no outbox table {}.{} in {}: check --schema and --table, or create it by running `keel relay` once (it migrates) or OutboxTables::migrate",
             tables.schema(),

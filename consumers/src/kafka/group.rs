@@ -21,7 +21,7 @@
 //! current end for `Latest`) before listing it as owned.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -145,7 +145,7 @@ struct Control {
     stop: AtomicU8,
     /// The group took this member in (an assignment arrived, even an
     /// empty one).
-    joined: std::sync::atomic::AtomicBool,
+    joined: AtomicBool,
 }
 
 struct KeelContext {
@@ -166,8 +166,7 @@ impl ClientContext for KeelContext {
         match level {
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 tracing::error!(target: "librdkafka", facility, "{message}");
-                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(message.to_owned());
+                *self.last_failure() = Some(message.to_owned());
             }
             L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
             L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
@@ -177,6 +176,10 @@ impl ClientContext for KeelContext {
 }
 
 impl KeelContext {
+    fn last_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.last_failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Each partition's start: the committed offset, else earliest or the
     /// current end (`Latest`).
     fn positioned(
@@ -294,7 +297,7 @@ impl ConsumerContext for KeelContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.control.joined.store(true, Ordering::Release);
                 // Whatever failed before is not what a later refusal is about.
-                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last_failure() = None;
                 let (positioned, starts) = self.positioned(consumer, tpl);
                 let assigned = if cooperative {
                     consumer.incremental_assign(&positioned)
@@ -369,7 +372,7 @@ impl Subscriber for KafkaGroupConsumer {
         );
         let control = Arc::new(Control {
             stop: AtomicU8::new(RUNNING),
-            joined: std::sync::atomic::AtomicBool::new(false),
+            joined: AtomicBool::new(false),
         });
         let context = KeelContext {
             engine: engine.clone(),
@@ -554,9 +557,7 @@ fn poll_loop(
                 if refused || code.is_some_and(is_fatal) {
                     let reason = if refused {
                         let detail = context
-                            .last_failure
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
+                            .last_failure()
                             .take()
                             .map(|d| format!(" ({d})"))
                             .unwrap_or_default();

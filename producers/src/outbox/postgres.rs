@@ -25,7 +25,6 @@ pub(crate) struct PgRelayStore {
     purge: String,
     sweep: String,
     backlog: String,
-    vacuum: String,
     /// This relay's role owns the outbox, so it may VACUUM it.
     vacuums: bool,
 }
@@ -43,18 +42,10 @@ impl PgRelayStore {
                  AND topic <> ALL($4) ORDER BY id LIMIT $3"
             ),
             // Published: out of the outbox, into the archive.
-            mark: format!(
-                "WITH moved AS (DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL \
-                 RETURNING id, topic, event_id, event_type, event_key, key_hash, occurred_at, \
-                 source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
-                 enqueued_at, attempts, last_error) \
-                 INSERT INTO {archive} (id, topic, event_id, event_type, event_key, key_hash, \
-                 occurred_at, source, correlation_id, causation_id, traceparent, tracestate, \
-                 headers, payload, enqueued_at, published_at, attempts, last_error) \
-                 SELECT id, topic, event_id, event_type, event_key, key_hash, occurred_at, source, \
-                 correlation_id, causation_id, traceparent, tracestate, headers, payload, \
-                 enqueued_at, clock_timestamp(), attempts, last_error FROM moved \
-                 ON CONFLICT (id) DO NOTHING"
+            mark: move_to_archive(
+                &tables,
+                "id = ANY($1) AND published_at IS NULL",
+                "clock_timestamp()",
             ),
             refuse: format!(
                 "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
@@ -67,19 +58,10 @@ impl PgRelayStore {
             ),
             // Rows a relay of the version before the archive marked in
             // place (it ran on after the upgrade) move to the archive too.
-            sweep: format!(
-                "WITH moved AS (DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
-                 WHERE published_at IS NOT NULL LIMIT $1) \
-                 RETURNING id, topic, event_id, event_type, event_key, key_hash, occurred_at, \
-                 source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
-                 enqueued_at, published_at, attempts, last_error) \
-                 INSERT INTO {archive} SELECT * FROM moved ON CONFLICT (id) DO NOTHING"
-            ),
-            // SKIP_LOCKED: another relay's run is as good. TRUNCATE false:
-            // giving the emptied end of the table back takes a lock that
-            // stops every enqueue meanwhile. `{analyze}` is filled in.
-            vacuum: format!(
-                "VACUUM ({{analyze}}SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) {outbox}"
+            sweep: move_to_archive(
+                &tables,
+                &format!("id IN (SELECT id FROM {outbox} WHERE published_at IS NOT NULL LIMIT $1)"),
+                "published_at",
             ),
             // Each figure through its partial index, never a scan of the
             // published rows kept for the retention.
@@ -234,10 +216,14 @@ impl RelayStore for PgRelayStore {
         // ANALYZE now and then: the claim's plan needs to know the outbox
         // is all pending rows (with no statistics PostgreSQL guesses a
         // handful and sorts the whole backlog instead of reading the
-        // pending index's first rows).
-        let sql = self
-            .vacuum
-            .replace("{analyze}", if analyze { "ANALYZE, " } else { "" });
+        // pending index's first rows). SKIP_LOCKED: another relay's run is
+        // as good. TRUNCATE false: giving the emptied end of the table back
+        // takes a lock that stops every enqueue meanwhile.
+        let sql = format!(
+            "VACUUM ({}SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP ON) {}",
+            if analyze { "ANALYZE, " } else { "" },
+            self.tables.outbox()
+        );
         let options = self.pool.connect_options();
         // Its own connection: the pool's stay free for claims and marks,
         // and a skipped VACUUM's warning (another relay's or autovacuum's
@@ -268,6 +254,21 @@ impl RelayStore for PgRelayStore {
             wake,
         )))
     }
+}
+
+/// Moves the outbox rows `which` selects into the archive, published at
+/// `published_at` (an expression over the moved row).
+fn move_to_archive(tables: &OutboxTables, which: &str, published_at: &str) -> String {
+    const COLUMNS: &str = "id, topic, event_id, event_type, event_key, key_hash, occurred_at, \
+        source, correlation_id, causation_id, traceparent, tracestate, headers, payload, \
+        enqueued_at, attempts, last_error";
+    format!(
+        "WITH moved AS (DELETE FROM {outbox} WHERE {which} RETURNING {COLUMNS}, published_at) \
+         INSERT INTO {archive} ({COLUMNS}, published_at) \
+         SELECT {COLUMNS}, {published_at} FROM moved ON CONFLICT (id) DO NOTHING",
+        outbox = tables.outbox(),
+        archive = tables.archive(),
+    )
 }
 
 /// Runs `sql` (a VACUUM) on a connection of its own, quiet about the

@@ -1,10 +1,10 @@
 //! [`OutboxRelay`]: publishes committed outbox rows to the broker.
 //!
 //! Delivery guarantee: at least once. A row is marked published — moved
-//! from the outbox to its archive — only after the broker acknowledged it, so a relay killed at any instant loses
-//! nothing and re-publishes at most the one batch it had in flight (same
-//! event ids: JetStream drops them inside its duplicate window, inboxes
-//! drop them everywhere).
+//! from the outbox to its archive — only after the broker acknowledged
+//! it, so a relay killed at any instant loses nothing and re-publishes at
+//! most the one batch it had in flight (same event ids: JetStream drops
+//! them inside its duplicate window, inboxes drop them everywhere).
 //!
 //! Completeness: the relay never keeps a cursor. Each batch is the
 //! unpublished rows it can see, in id order, so a row whose transaction

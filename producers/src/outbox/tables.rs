@@ -103,6 +103,14 @@ impl OutboxTables {
         format!("{}_archive", self.outbox)
     }
 
+    /// Whether the outbox table exists in `pool`'s database.
+    pub async fn outbox_exists(&self, pool: &PgPool) -> Result<bool> {
+        Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.outbox())
+            .fetch_one(pool)
+            .await?)
+    }
+
     /// The archive, quoted, for SQL.
     pub(crate) fn archive(&self) -> String {
         self.qualified(&self.archive_name())
