@@ -105,8 +105,9 @@ pub(crate) struct RelayArgs {
     /// Seconds a silent relay keeps its slots (fail-over time), 1 to 3600.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     session_timeout_secs: u64,
-    /// Hours published rows are kept before they are purged (at most ten
-    /// years).
+    /// Hours published rows are kept in the archive before they are purged
+    /// (at most ten years); 0 deletes them at once (fewer database writes
+    /// per event; replay then comes from the broker's own retention).
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87_600))]
     retention_hours: u64,
     /// Serve Prometheus metrics (backlog, oldest unpublished age, publish

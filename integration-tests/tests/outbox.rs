@@ -784,6 +784,71 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
     keel_integration_tests::delete_nats_topic(&topic).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_retention_published_rows_are_deleted_not_archived() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let topic = new_topic(transport.as_ref(), "outbox-no-retention", 2).await;
+    let outbox = outbox(&tables);
+    let mut tx = db.pool().begin().await.unwrap();
+    let mut expected = HashSet::new();
+    for i in 0..40 {
+        let event = Envelope::new("t", format!("k{}", i % 7), format!("x{i}"));
+        expected.insert(event.id());
+        outbox.enqueue(&mut tx, &topic, &event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let config = keel_producers::outbox::RelayConfig {
+        retention: Duration::ZERO,
+        ..relay_config("relay-no-retention", 16)
+    };
+    let relay = OutboxRelay::new(db.pool().clone(), tables, transport.clone(), config).unwrap();
+    let RunningRelay {
+        stop,
+        mut stats,
+        task,
+    } = RunningRelay::spawn(relay);
+    wait_for(&mut stats, "all published", |s| s.published == 40).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(db.pool());
+    assert_eq!(count("SELECT count(*) FROM keel.outbox").await.unwrap(), 0);
+    assert_eq!(
+        count("SELECT count(*) FROM keel.outbox_archive")
+            .await
+            .unwrap(),
+        0,
+        "with no retention nothing is archived"
+    );
+    // The broker has every event, each key's in enqueue order.
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await;
+    let ids: HashSet<_> = seen.iter().map(Envelope::id).collect();
+    assert_eq!(ids, expected);
+    for key in 0..7 {
+        let payloads: Vec<usize> = seen
+            .iter()
+            .filter(|e| e.key().as_bytes() == format!("k{key}").as_bytes())
+            .map(|e| {
+                std::str::from_utf8(e.payload()).unwrap()[1..]
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            payloads.windows(2).all(|w| w[0] < w[1]),
+            "key k{key} out of order: {payloads:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn published_rows_are_kept_for_the_retention_then_purged() {
     let tables = OutboxTables::default();

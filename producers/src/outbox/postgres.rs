@@ -30,7 +30,9 @@ pub(crate) struct PgRelayStore {
 }
 
 impl PgRelayStore {
-    pub(crate) fn new(pool: PgPool, tables: OutboxTables, leases: SlotLeases) -> Self {
+    /// `keep`: published rows move to the archive (kept for a
+    /// retention); without it they are deleted at once.
+    pub(crate) fn new(pool: PgPool, tables: OutboxTables, leases: SlotLeases, keep: bool) -> Self {
         let outbox = tables.outbox();
         let archive = tables.archive();
         PgRelayStore {
@@ -41,12 +43,18 @@ impl PgRelayStore {
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
                  AND topic <> ALL($4) ORDER BY id LIMIT $3"
             ),
-            // Published: out of the outbox, into the archive.
-            mark: move_to_archive(
-                &tables,
-                "id = ANY($1) AND published_at IS NULL",
-                "clock_timestamp()",
-            ),
+            // Published: out of the outbox, into the archive — or gone,
+            // with no retention (half the writes: no archive row, no
+            // archive index entry).
+            mark: if keep {
+                move_to_archive(
+                    &tables,
+                    "id = ANY($1) AND published_at IS NULL",
+                    "clock_timestamp()",
+                )
+            } else {
+                format!("DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL")
+            },
             refuse: format!(
                 "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
                  parked_at = CASE WHEN attempts + 1 >= $3 THEN clock_timestamp() END \
