@@ -68,10 +68,29 @@ impl OutboxTables {
         ] {
             check_identifier(setting, name)?;
         }
-        if outbox == inbox {
+        // Every relation the migrations create, by whose name it carries:
+        // none may be another's (CREATE … IF NOT EXISTS would silently
+        // take the existing one), nor sqlx's migration table.
+        let of_outbox = OUTBOX_SUFFIXES.map(|suffix| format!("{outbox}{suffix}"));
+        let of_inbox = INBOX_SUFFIXES.map(|suffix| format!("{inbox}{suffix}"));
+        if let Some(clash) = of_inbox
+            .iter()
+            .find(|name| of_outbox.contains(name))
+            .or_else(|| {
+                of_outbox
+                    .iter()
+                    .chain(&of_inbox)
+                    .find(|name| *name == "_sqlx_migrations")
+            })
+        {
             return Err(OutboxError::config(
                 "outbox.inbox_table",
-                format!("the inbox cannot share the outbox's table name `{outbox}`"),
+                format!(
+                    "outbox `{outbox}` and inbox `{inbox}` would both use the name `{clash}` \
+                     (the outbox's tables and indexes are `{outbox}`, `{outbox}_archive`, \
+                     `{outbox}_leases` and so on; `_sqlx_migrations` is taken): choose \
+                     other names"
+                ),
             ));
         }
         Ok(OutboxTables {
@@ -243,6 +262,21 @@ impl<'s> MigrationSource<'s> for Rendered {
     }
 }
 
+/// The names of the relations the migrations create for an outbox
+/// (table, archive, leases, relays, indexes): the outbox's name plus these.
+const OUTBOX_SUFFIXES: [&str; 8] = [
+    "",
+    "_archive",
+    "_archived",
+    "_leases",
+    "_relays",
+    "_pending",
+    "_parked",
+    "_published",
+];
+/// The same for an inbox (table, index).
+const INBOX_SUFFIXES: [&str; 2] = ["", "_processed"];
+
 fn check_identifier(setting: &str, name: &str) -> Result<()> {
     let mut chars = name.chars();
     let well_formed = matches!(chars.next(), Some('a'..='z' | '_'))
@@ -286,6 +320,15 @@ mod tests {
             assert!(e.to_string().contains("outbox.table"), "{bad}: {e}");
         }
         assert!(OutboxTables::new("keel", "outbox", "outbox").is_err());
+        for (outbox, inbox) in [
+            ("outbox", "outbox_archive"),
+            ("outbox", "outbox_leases"),
+            ("orders_processed", "orders"),
+            ("outbox", "_sqlx_migrations"),
+        ] {
+            let e = OutboxTables::new("keel", outbox, inbox).unwrap_err();
+            assert!(e.to_string().contains("choose other names"), "{e}");
+        }
         assert!(OutboxTables::new("shop", "order", "_inbox_2").is_ok());
     }
 
@@ -304,6 +347,20 @@ mod tests {
             .iter()
             .map(|(_, _, t)| tables.render(t))
             .collect();
+        // Every name the migrations create is one the clash check knows.
+        let known: Vec<String> = OUTBOX_SUFFIXES
+            .map(|s| format!("\"orders_outbox{s}\""))
+            .into_iter()
+            .chain(INBOX_SUFFIXES.map(|s| format!("\"orders_inbox{s}\"")))
+            .chain(["\"shop\"".to_owned()])
+            .collect();
+        for quoted in all.split('"').skip(1).step_by(2) {
+            let quoted = format!("\"{quoted}\"");
+            assert!(
+                known.contains(&quoted),
+                "{quoted} is not in the suffix lists"
+            );
+        }
         assert!(all.contains("\"orders_outbox_leases\""));
         assert!(all.contains("\"shop\".\"orders_outbox_archive\""));
     }
