@@ -474,17 +474,31 @@ async fn rows_published_before_the_archive_migration_move_into_it() {
             .unwrap();
     }
     tx.commit().await.unwrap();
-    // The state the first migration's relay left: published rows marked
-    // in place. Then the archive migration runs (again, as on an upgrade).
-    sqlx::query("UPDATE keel.outbox SET published_at = now() WHERE event_key <> 'waiting'::bytea")
-        .execute(db.pool())
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM keel._sqlx_migrations WHERE description = 'keel outbox archive'")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    // The state the first migration and its relay left: no archive, the
+    // published-time index, published rows marked in place. Then the
+    // archive migration runs, as on an upgrade.
+    for sql in [
+        "DROP TABLE keel.outbox_archive",
+        "CREATE INDEX outbox_published ON keel.outbox USING brin (published_at)",
+        "ALTER TABLE keel.outbox RESET (autovacuum_vacuum_threshold)",
+        "UPDATE keel.outbox SET published_at = now() WHERE event_key <> 'waiting'::bytea",
+        "DELETE FROM keel._sqlx_migrations WHERE description = 'keel outbox archive'",
+    ] {
+        sqlx::query(sql).execute(db.pool()).await.unwrap();
+    }
     tables.migrate(db.pool()).await.unwrap();
+    let (index_gone, vacuum_set): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('keel.outbox_published') IS NULL, \
+         (SELECT 'autovacuum_vacuum_threshold=10000' = ANY(reloptions) FROM pg_class \
+          WHERE oid = 'keel.outbox'::regclass)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(
+        index_gone && vacuum_set,
+        "the upgrade drops the published-time index and sets autovacuum"
+    );
     let keys = |table: &'static str| {
         let pool = db.pool().clone();
         async move {
