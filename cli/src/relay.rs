@@ -106,8 +106,9 @@ pub(crate) struct RelayArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     session_timeout_secs: u64,
     /// Hours published rows are kept in the archive before they are purged
-    /// (at most ten years); 0 deletes them at once (fewer database writes
-    /// per event; replay then comes from the broker's own retention).
+    /// (at most ten years; give every relay of an outbox the same); 0
+    /// deletes them at once (fewer database writes per event; replay then
+    /// comes from the broker's own retention).
     #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(0..=87_600))]
     retention_hours: u64,
     /// Serve Prometheus metrics (backlog, oldest unpublished age, publish

@@ -13,6 +13,11 @@
 //!
 //! Run: `KEEL_TEST_KAFKA=127.0.0.1:9092 KEEL_TEST_DATABASE_URL=postgres://postgres@127.0.0.1/postgres \
 //!   cargo bench -p keel-integration-tests --bench outbox` (optional `-- <events> <batch>`).
+//! Knobs: `KEEL_BENCH_LINGER_MS` (default 1), `KEEL_BENCH_WRITERS` (4),
+//! `KEEL_BENCH_PER_TX` (100 events per writer transaction) and
+//! `KEEL_BENCH_RETENTION_SECS` (the relay's retention; 0 deletes published
+//! rows, and then no latency is measured). A value that is not a positive
+//! number (non-negative for the retention) stops the bench.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,11 +42,20 @@ static WRITERS: std::sync::LazyLock<usize> =
     std::sync::LazyLock::new(|| env_or("KEEL_BENCH_WRITERS", 4));
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
+    knob(name, default as u64, 1).map_or(default, |n| n as usize)
+}
+
+/// `name`'s value from the environment (`default` when unset); an error
+/// for anything but a number of at least `min`.
+fn knob(name: &str, default: u64, min: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(text) => {
+            text.parse().ok().filter(|&n| n >= min).ok_or_else(|| {
+                anyhow::anyhow!("{name}={text}: give a whole number of at least {min}")
+            })
+        }
+    }
 }
 /// How long the latency run lasts.
 const LATENCY_RUN: Duration = Duration::from_secs(10);
@@ -54,15 +68,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
-    let linger_ms: u64 = std::env::var("KEEL_BENCH_LINGER_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let linger_ms = knob("KEEL_BENCH_LINGER_MS", 1, 0)?;
     // KEEL_BENCH_RETENTION_SECS=0: published rows are deleted, not archived.
-    let retention = std::env::var("KEEL_BENCH_RETENTION_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(RelayConfig::default().retention, Duration::from_secs);
+    let retention = Duration::from_secs(knob(
+        "KEEL_BENCH_RETENTION_SECS",
+        RelayConfig::default().retention.as_secs(),
+        0,
+    )?);
+    // Checked here, read where the writers run.
+    knob("KEEL_BENCH_WRITERS", 4, 1)?;
+    knob("KEEL_BENCH_PER_TX", 100, 1)?;
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let pool = db.pool().clone();
@@ -263,9 +278,10 @@ async fn enqueue(
     payload: &[u8],
     events: usize,
 ) -> anyhow::Result<()> {
-    let per_writer = events / *WRITERS;
     let tasks: Vec<_> = (0..*WRITERS)
         .map(|w| {
+            // Every event is written: the first writers take the remainder.
+            let per_writer = events / *WRITERS + usize::from(w < events % *WRITERS);
             let (pool, outbox, topic, payload) = (
                 pool.clone(),
                 outbox.clone(),

@@ -22,7 +22,7 @@ pub enum OutboxError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The event id is already in the outbox, waiting to be published
     /// (event ids are unique there; once published, a row moves to the
-    /// archive and consumers' inboxes de-duplicate by id).
+    /// archive or is deleted, and consumers' inboxes de-duplicate by id).
     #[error("event {0} is already in the outbox: give each event its own id")]
     DuplicateEvent(EventId),
     /// The event could not be encoded (unknown schema, codec error).

@@ -1,10 +1,11 @@
 //! [`OutboxRelay`]: publishes committed outbox rows to the broker.
 //!
 //! Delivery guarantee: at least once. A row is marked published — moved
-//! from the outbox to its archive — only after the broker acknowledged
-//! it, so a relay killed at any instant loses nothing and re-publishes at
-//! most the one batch it had in flight (same event ids: JetStream drops
-//! them inside its duplicate window, inboxes drop them everywhere).
+//! from the outbox to its archive, or deleted when nothing is kept — only
+//! after the broker acknowledged it, so a relay killed at any instant
+//! loses nothing and re-publishes at most the one batch it had in flight
+//! (same event ids: JetStream drops them inside its duplicate window,
+//! inboxes drop them everywhere).
 //!
 //! Completeness: the relay never keeps a cursor. Each batch is the
 //! unpublished rows it can see, in id order, so a row whose transaction
@@ -77,9 +78,12 @@ pub struct RelayConfig {
     pub backoff_max: Duration,
     /// How long published rows are kept in the outbox's archive
     /// (`<outbox>_archive`, for replay from the outbox). Default 7 days.
-    /// Zero deletes published rows at once instead of archiving them (no
-    /// archive row to write: the relay drains about half again as fast),
-    /// for services that replay from the broker's own retention.
+    /// It applies to the whole archive, whichever relay purges: give every
+    /// relay of an outbox the same. Zero (PostgreSQL) deletes published
+    /// rows at once instead of archiving them (no archive row to write: the
+    /// relay drains about half again as fast), for services that replay
+    /// from the broker's own retention; the SQLite flavour marks them and
+    /// purges them at the next round.
     pub retention: Duration,
     /// How often published rows past the retention are purged. Default 60 s.
     pub purge_interval: Duration,

@@ -73,23 +73,27 @@ impl OutboxTables {
         // take the existing one), nor sqlx's migration table.
         let of_outbox = OUTBOX_SUFFIXES.map(|suffix| format!("{outbox}{suffix}"));
         let of_inbox = INBOX_SUFFIXES.map(|suffix| format!("{inbox}{suffix}"));
-        if let Some(clash) = of_inbox
-            .iter()
-            .find(|name| of_outbox.contains(name))
-            .or_else(|| {
-                of_outbox
-                    .iter()
-                    .chain(&of_inbox)
-                    .find(|name| *name == "_sqlx_migrations")
-            })
-        {
+        for (setting, names) in [
+            ("outbox.table (keel's --table)", &of_outbox[..]),
+            ("outbox.inbox_table (keel's --inbox-table)", &of_inbox[..]),
+        ] {
+            if names.iter().any(|name| name == "_sqlx_migrations") {
+                return Err(OutboxError::config(
+                    setting,
+                    "`_sqlx_migrations` is the migration table in the outbox's schema: \
+                     choose other names",
+                ));
+            }
+        }
+        if let Some(clash) = of_inbox.iter().find(|name| of_outbox.contains(name)) {
             return Err(OutboxError::config(
-                "outbox.inbox_table",
+                "outbox.inbox_table (keel's --inbox-table)",
                 format!(
                     "outbox `{outbox}` and inbox `{inbox}` would both use the name `{clash}` \
-                     (the outbox's tables and indexes are `{outbox}`, `{outbox}_archive`, \
-                     `{outbox}_leases` and so on; `_sqlx_migrations` is taken): choose \
-                     other names"
+                     (the outbox's tables, indexes and sequence: {}; the inbox's: {}): \
+                     choose other names",
+                    of_outbox.join(", "),
+                    of_inbox.join(", ")
                 ),
             ));
         }
@@ -263,8 +267,10 @@ impl<'s> MigrationSource<'s> for Rendered {
 }
 
 /// The names of the relations the migrations create for an outbox
-/// (table, archive, leases, relays, indexes): the outbox's name plus these.
-const OUTBOX_SUFFIXES: [&str; 8] = [
+/// (table, archive, leases, relays, indexes, and those PostgreSQL names
+/// itself: keys, the id sequence; the SQLite flavour's lease table): the
+/// outbox's name plus these.
+const OUTBOX_SUFFIXES: [&str; 15] = [
     "",
     "_archive",
     "_archived",
@@ -273,9 +279,16 @@ const OUTBOX_SUFFIXES: [&str; 8] = [
     "_pending",
     "_parked",
     "_published",
+    "_pkey",
+    "_id_seq",
+    "_event_id_key",
+    "_archive_pkey",
+    "_leases_pkey",
+    "_relays_pkey",
+    "_relay",
 ];
-/// The same for an inbox (table, index).
-const INBOX_SUFFIXES: [&str; 2] = ["", "_processed"];
+/// The same for an inbox (table, index, key).
+const INBOX_SUFFIXES: [&str; 3] = ["", "_processed", "_pkey"];
 
 fn check_identifier(setting: &str, name: &str) -> Result<()> {
     let mut chars = name.chars();
@@ -324,11 +337,20 @@ mod tests {
             ("outbox", "outbox_archive"),
             ("outbox", "outbox_leases"),
             ("orders_processed", "orders"),
+            ("outbox", "outbox_pkey"),
             ("outbox", "_sqlx_migrations"),
+            ("_sqlx_migrations", "inbox"),
         ] {
             let e = OutboxTables::new("keel", outbox, inbox).unwrap_err();
             assert!(e.to_string().contains("choose other names"), "{e}");
         }
+        let e = OutboxTables::new("keel", "_sqlx_migrations", "inbox").unwrap_err();
+        assert!(e.to_string().contains("outbox.table"), "{e}");
+        let e = OutboxTables::new("keel", "orders_processed", "orders").unwrap_err();
+        assert!(
+            e.to_string().contains("inbox's: orders, orders_processed"),
+            "{e}"
+        );
         assert!(OutboxTables::new("shop", "order", "_inbox_2").is_ok());
     }
 
