@@ -1,7 +1,7 @@
 //! The relay's PostgreSQL side: claiming in id order by slot, moving
 //! published rows to the archive (or deleting them, with no retention),
-//! parking, purging, vacuuming, backlog
-//! figures, slot leases ([`super::leases`]) and the LISTEN/NOTIFY wake-up.
+//! parking, purging, vacuuming, backlog figures, slot leases
+//! ([`super::leases`]) and the LISTEN/NOTIFY wake-up.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -71,8 +71,8 @@ impl OutboxTables {
         // Every relation the migrations create, by whose name it carries:
         // none may be another's (CREATE … IF NOT EXISTS would silently
         // take the existing one), nor sqlx's migration table.
-        let of_outbox = OUTBOX_SUFFIXES.map(|suffix| format!("{outbox}{suffix}"));
-        let of_inbox = INBOX_SUFFIXES.map(|suffix| format!("{inbox}{suffix}"));
+        let of_outbox = derived_names(outbox, &OUTBOX_RELATIONS, &OUTBOX_IMPLIED);
+        let of_inbox = derived_names(inbox, &INBOX_RELATIONS, &INBOX_IMPLIED);
         for (setting, names) in [
             ("outbox.table (keel's --table)", &of_outbox[..]),
             ("outbox.inbox_table (keel's --inbox-table)", &of_inbox[..]),
@@ -171,37 +171,20 @@ impl OutboxTables {
 
     /// The migration SQL with this outbox's names filled in.
     fn render(&self, template: &str) -> String {
-        let names = [
-            ("{schema}", quote(&self.schema)),
-            ("{outbox}", quote(&self.outbox)),
-            ("{inbox}", quote(&self.inbox)),
-            ("{archive}", quote(&self.archive_name())),
-            (
-                "{archive_published_index}",
-                quote(&format!("{}_archived", self.outbox)),
-            ),
-            ("{leases}", quote(&format!("{}_leases", self.outbox))),
-            ("{relays}", quote(&format!("{}_relays", self.outbox))),
-            (
-                "{outbox_pending_index}",
-                quote(&format!("{}_pending", self.outbox)),
-            ),
-            (
-                "{outbox_parked_index}",
-                quote(&format!("{}_parked", self.outbox)),
-            ),
-            (
-                "{outbox_published_index}",
-                quote(&format!("{}_published", self.outbox)),
-            ),
-            (
-                "{inbox_processed_index}",
-                quote(&format!("{}_processed", self.inbox)),
-            ),
-        ];
-        names
+        let relations = OUTBOX_RELATIONS
             .iter()
-            .fold(template.to_owned(), |sql, (from, to)| sql.replace(from, to))
+            .map(|(placeholder, suffix)| (*placeholder, &self.outbox, *suffix))
+            .chain(
+                INBOX_RELATIONS
+                    .iter()
+                    .map(|(placeholder, suffix)| (*placeholder, &self.inbox, *suffix)),
+            );
+        relations.fold(
+            template.replace("{schema}", &quote(&self.schema)),
+            |sql, (placeholder, name, suffix)| {
+                sql.replace(placeholder, &quote(&format!("{name}{suffix}")))
+            },
+        )
     }
 
     /// Creates the schema and applies the outbox and inbox migrations
@@ -266,19 +249,21 @@ impl<'s> MigrationSource<'s> for Rendered {
     }
 }
 
-/// The names of the relations the migrations create for an outbox
-/// (table, archive, leases, relays, indexes, and those PostgreSQL names
-/// itself: keys, the id sequence; the SQLite flavour's lease table): the
-/// outbox's name plus these.
-const OUTBOX_SUFFIXES: [&str; 15] = [
-    "",
-    "_archive",
-    "_archived",
-    "_leases",
-    "_relays",
-    "_pending",
-    "_parked",
-    "_published",
+/// The relations the migrations create for an outbox, by their
+/// placeholder in the migration SQL: the outbox's name plus the suffix.
+const OUTBOX_RELATIONS: [(&str, &str); 8] = [
+    ("{outbox}", ""),
+    ("{archive}", "_archive"),
+    ("{archive_published_index}", "_archived"),
+    ("{leases}", "_leases"),
+    ("{relays}", "_relays"),
+    ("{outbox_pending_index}", "_pending"),
+    ("{outbox_parked_index}", "_parked"),
+    ("{outbox_published_index}", "_published"),
+];
+/// The names PostgreSQL gives those tables' keys and id sequence, and the
+/// SQLite flavour's lease table: the outbox's name plus these.
+const OUTBOX_IMPLIED: [&str; 7] = [
     "_pkey",
     "_id_seq",
     "_event_id_key",
@@ -287,8 +272,20 @@ const OUTBOX_SUFFIXES: [&str; 15] = [
     "_relays_pkey",
     "_relay",
 ];
-/// The same for an inbox (table, index, key).
-const INBOX_SUFFIXES: [&str; 3] = ["", "_processed", "_pkey"];
+/// The same for an inbox (table, index; its key).
+const INBOX_RELATIONS: [(&str, &str); 2] =
+    [("{inbox}", ""), ("{inbox_processed_index}", "_processed")];
+const INBOX_IMPLIED: [&str; 1] = ["_pkey"];
+
+/// Every relation name `name`'s migrations create or imply.
+fn derived_names(name: &str, relations: &[(&str, &str)], implied: &[&str]) -> Vec<String> {
+    relations
+        .iter()
+        .map(|(_, suffix)| *suffix)
+        .chain(implied.iter().copied())
+        .map(|suffix| format!("{name}{suffix}"))
+        .collect()
+}
 
 fn check_identifier(setting: &str, name: &str) -> Result<()> {
     let mut chars = name.chars();
@@ -339,7 +336,6 @@ mod tests {
             ("orders_processed", "orders"),
             ("outbox", "outbox_pkey"),
             ("outbox", "_sqlx_migrations"),
-            ("_sqlx_migrations", "inbox"),
         ] {
             let e = OutboxTables::new("keel", outbox, inbox).unwrap_err();
             assert!(e.to_string().contains("choose other names"), "{e}");
@@ -369,18 +365,17 @@ mod tests {
             .iter()
             .map(|(_, _, t)| tables.render(t))
             .collect();
-        // Every name the migrations create is one the clash check knows.
-        let known: Vec<String> = OUTBOX_SUFFIXES
-            .map(|s| format!("\"orders_outbox{s}\""))
+        // Every name the migrations create comes from a placeholder (and
+        // so is one the clash check knows), none is written in by hand.
+        let known: Vec<String> = derived_names("orders_outbox", &OUTBOX_RELATIONS, &[])
             .into_iter()
-            .chain(INBOX_SUFFIXES.map(|s| format!("\"orders_inbox{s}\"")))
-            .chain(["\"shop\"".to_owned()])
+            .chain(derived_names("orders_inbox", &INBOX_RELATIONS, &[]))
+            .chain(["shop".to_owned()])
             .collect();
         for quoted in all.split('"').skip(1).step_by(2) {
-            let quoted = format!("\"{quoted}\"");
             assert!(
-                known.contains(&quoted),
-                "{quoted} is not in the suffix lists"
+                known.iter().any(|name| name == quoted),
+                "\"{quoted}\" is not named by a placeholder"
             );
         }
         assert!(all.contains("\"orders_outbox_leases\""));
