@@ -2,7 +2,9 @@
 //! codec + framing + Keel headers + KafkaPublisher) against a raw rdkafka
 //! `FutureProducer` sending pre-encoded bytes — the same payload and the
 //! same header bytes, built once — so the ratio is Keel's own cost. Same
-//! broker, same run, one warm-up round each, then alternating rounds.
+//! broker, same run, one warm-up round each, then alternating rounds; the
+//! client process's CPU per event is printed too (with the broker on the
+//! same cores it is what the ratio turns on, and it is steadier).
 //!
 //! Run: `KEEL_TEST_KAFKA=127.0.0.1:9092 cargo bench -p keel-integration-tests --bench kafka_publish`
 //! (`infra/local/tansu.sh` starts a broker). Optional: `-- <events> <batch>`.
@@ -17,7 +19,7 @@ use keel_schemas::{AvroCodec, CodecOptions, LocalRegistry, SubjectNameStrategy, 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const LATENCY_SAMPLES: usize = 1000;
 
 fn main() -> anyhow::Result<()> {
@@ -67,12 +69,24 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events / 4, batch).await?;
     keel_throughput(&keel, &codec, &topic, events / 4, batch).await?;
     let (mut raw_rates, mut keel_rates) = (Vec::new(), Vec::new());
+    // The client process's CPU per event (librdkafka's threads included).
+    let (mut raw_cpu, mut keel_cpu) = (Vec::new(), Vec::new());
+    let per_event = |before: Option<Duration>| {
+        let used = bench::process_cpu()
+            .zip(before)
+            .map(|(after, before)| after - before);
+        used.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6 / events as f64)
+    };
     for _ in 0..ROUNDS {
+        let before = bench::process_cpu();
         raw_rates.push(
             bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events, batch)
                 .await?,
         );
+        raw_cpu.push(per_event(before));
+        let before = bench::process_cpu();
         keel_rates.push(keel_throughput(&keel, &codec, &topic, events, batch).await?);
+        keel_cpu.push(per_event(before));
     }
     let (raw_rate, keel_rate) = (
         bench::median(&mut raw_rates),
@@ -87,6 +101,11 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     println!(
         "ratio keel/raw {:.2} (target >= 0.90)",
         keel_rate / raw_rate
+    );
+    println!(
+        "client cpu per event  raw {:.2} us  keel {:.2} us  (medians; rounds {raw_cpu:.2?} / {keel_cpu:.2?})",
+        bench::median(&mut raw_cpu),
+        bench::median(&mut keel_cpu)
     );
 
     let raw_lat = raw_latency(&raw, &topic, &pre_encoded, &headers).await?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::transport::{Publisher, Receipt};
-use keel_core::{Envelope, Error, RawRecord, Result, wire};
+use keel_core::{Envelope, Error, EventId, RawRecord, Result, wire};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -153,7 +153,8 @@ impl KafkaPublisher {
             .key(event.key().as_bytes())
             .payload(event.payload().as_ref())
             .headers(owned.unwrap_or_default());
-        self.send(current, topic, Sent::Event(event), record).await
+        self.send(current, topic, Sent::Event(event.id()), record)
+            .await
     }
 
     /// Hands `record` to the producer, waiting while the local queue is full.
@@ -253,14 +254,14 @@ impl KafkaPublisher {
 /// What a publish was about, for its error.
 #[derive(Clone, Copy)]
 enum Sent<'a> {
-    Event(&'a Envelope),
+    Event(EventId),
     Record(&'a RawRecord),
 }
 
 impl Sent<'_> {
     fn id(self) -> String {
         match self {
-            Sent::Event(event) => event.id().to_string(),
+            Sent::Event(id) => id.to_string(),
             Sent::Record(record) => record
                 .header(wire::EVENT_ID)
                 .map_or_else(|| "(record without an event id)".to_owned(), str::to_owned),
@@ -336,7 +337,7 @@ impl Publisher for KafkaPublisher {
         async {
             let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
-                .acknowledged(topic, Sent::Event(&event), future)
+                .acknowledged(topic, Sent::Event(event.id()), future)
                 .await?;
             tracing::Span::current().record("partition", receipt.partition);
             Ok(receipt)
@@ -346,36 +347,54 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
-        let mut pending = Vec::with_capacity(events.len());
+        let total = events.len();
+        let mut pending = Vec::with_capacity(total);
         // One producer for the whole batch: not a lock and a clone per event.
         let current = self.producer();
-        for (i, event) in events.iter().enumerate() {
-            match self.enqueue(&current, topic, event).await {
-                Ok(future) => pending.push(future),
+        // Each envelope is dropped once librdkafka has its copy: freed
+        // while the batch goes out rather than a thousand at the end.
+        for (i, event) in events.into_iter().enumerate() {
+            match self.enqueue(&current, topic, &event).await {
+                Ok(future) => pending.push((event.id(), future)),
                 Err(e) => {
                     // What was already sent is on its way: say how much of
                     // the batch the broker has, so a retry can skip it.
-                    let acked = futures::future::join_all(events.iter().zip(pending).map(
-                        |(event, future)| self.acknowledged(topic, Sent::Event(event), future),
-                    ))
-                    .await
-                    .into_iter()
-                    .filter(Result::is_ok)
-                    .count();
+                    let mut acked = 0;
+                    for (id, future) in pending {
+                        acked += usize::from(
+                            self.acknowledged(topic, Sent::Event(id), future)
+                                .await
+                                .is_ok(),
+                        );
+                    }
                     let progress = format!(
-                        "event {} of {} in the batch; {acked} before it were acknowledged, none after it was sent",
+                        "event {} of {total} in the batch; {acked} before it were acknowledged, none after it was sent",
                         i + 1,
-                        events.len()
                     );
-                    return Err(crate::batch_failure(e, topic, event, progress));
+                    return Err(crate::batch_failure(e, topic, &event, progress));
                 }
             }
         }
-        let acks = events
-            .iter()
-            .zip(pending)
-            .map(|(event, future)| self.acknowledged(topic, Sent::Event(event), future));
-        futures::future::join_all(acks).await.into_iter().collect()
+        // Acknowledgements come back about in order: awaiting them one by
+        // one wakes this task about once per broker response, where a
+        // join of a thousand futures would allocate, wake and re-order for
+        // each of them.
+        let mut receipts = Vec::with_capacity(total);
+        let mut failed = None;
+        for (id, future) in pending {
+            match self.acknowledged(topic, Sent::Event(id), future).await {
+                Ok(receipt) => receipts.push(receipt),
+                // The first failure is the batch's; the rest are still
+                // awaited, so none is left unobserved.
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(receipts),
+        }
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
