@@ -34,15 +34,13 @@ use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-/// Events per writer transaction (`KEEL_BENCH_PER_TX`, default 100).
-static PER_TX: std::sync::LazyLock<usize> =
-    std::sync::LazyLock::new(|| env_or("KEEL_BENCH_PER_TX", 100));
-/// Concurrent writers (`KEEL_BENCH_WRITERS`, default 4).
-static WRITERS: std::sync::LazyLock<usize> =
-    std::sync::LazyLock::new(|| env_or("KEEL_BENCH_WRITERS", 4));
-
-fn env_or(name: &str, default: usize) -> usize {
-    knob(name, default as u64, 1).map_or(default, |n| n as usize)
+/// How the bench's writers enqueue.
+#[derive(Clone, Copy)]
+struct Writers {
+    /// Concurrent writers (`KEEL_BENCH_WRITERS`, default 4).
+    count: usize,
+    /// Events per writer transaction (`KEEL_BENCH_PER_TX`, default 100).
+    per_tx: usize,
 }
 
 /// `name`'s value from the environment (`default` when unset); an error
@@ -75,9 +73,10 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
         RelayConfig::default().retention.as_secs(),
         0,
     )?);
-    // Checked here, read where the writers run.
-    knob("KEEL_BENCH_WRITERS", 4, 1)?;
-    knob("KEEL_BENCH_PER_TX", 100, 1)?;
+    let writers = Writers {
+        count: knob("KEEL_BENCH_WRITERS", 4, 1)? as usize,
+        per_tx: knob("KEEL_BENCH_PER_TX", 100, 1)? as usize,
+    };
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let pool = db.pool().clone();
@@ -98,8 +97,8 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     println!(
         "outbox: {events} events of {} bytes, relay batches of {batch}, {} writers x {} events per transaction, linger.ms {linger_ms}, retention {retention:?}",
         payload.len(),
-        *WRITERS,
-        *PER_TX
+        writers.count,
+        writers.per_tx
     );
 
     // Raw parts.
@@ -137,12 +136,12 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     };
     let (stop, stats, relay) = start_relay(&pool, &tables, publisher.clone(), &relay_config)?;
     // Warm-up: the relay owns its slots and the producer knows the topic.
-    enqueue(&pool, &outbox, &topic, &payload, 2_000).await?;
+    enqueue(&pool, &outbox, &topic, &payload, 2_000, writers).await?;
     published(&stats, 2_000).await?;
 
     let before = stats.borrow().published;
     let start = Instant::now();
-    enqueue(&pool, &outbox, &topic, &payload, events).await?;
+    enqueue(&pool, &outbox, &topic, &payload, events, writers).await?;
     published(&stats, before + events as u64).await?;
     let end_to_end = events as f64 / start.elapsed().as_secs_f64();
     stop.send(true)?;
@@ -151,7 +150,7 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     // The relay alone, draining a pre-filled outbox (and the writers
     // alone, filling it).
     let start = Instant::now();
-    enqueue(&pool, &outbox, &topic, &payload, events).await?;
+    enqueue(&pool, &outbox, &topic, &payload, events, writers).await?;
     let enqueue_rate = events as f64 / start.elapsed().as_secs_f64();
     let (stop, stats, relay) = start_relay(&pool, &tables, publisher.clone(), &relay_config)?;
     let start = Instant::now();
@@ -178,7 +177,7 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     }
     let rate = end_to_end / 2.0;
     let before = stats.borrow().published;
-    let committed = paced(&pool, &outbox, &topic, &payload, rate, LATENCY_RUN).await?;
+    let committed = paced(&pool, &outbox, &topic, &payload, rate, LATENCY_RUN, writers).await?;
     published(&stats, before + committed.len() as u64).await?;
     let latencies = commit_to_ack(&pool, &committed).await?;
     let (p50, p99) = bench::percentiles(latencies);
@@ -270,18 +269,20 @@ async fn raw_insert_rate(
     Ok(events as f64 / start.elapsed().as_secs_f64())
 }
 
-/// `WRITERS` writers enqueue `events` in transactions of `PER_TX`.
+/// `writers.count` writers enqueue `events` in transactions of
+/// `writers.per_tx`.
 async fn enqueue(
     pool: &PgPool,
     outbox: &Outbox,
     topic: &str,
     payload: &[u8],
     events: usize,
+    writers: Writers,
 ) -> anyhow::Result<()> {
-    let tasks: Vec<_> = (0..*WRITERS)
+    let tasks: Vec<_> = (0..writers.count)
         .map(|w| {
             // Every event is written: the first writers take the remainder.
-            let per_writer = events / *WRITERS + usize::from(w < events % *WRITERS);
+            let per_writer = events / writers.count + usize::from(w < events % writers.count);
             let (pool, outbox, topic, payload) = (
                 pool.clone(),
                 outbox.clone(),
@@ -291,7 +292,7 @@ async fn enqueue(
             tokio::spawn(async move {
                 let mut done = 0;
                 while done < per_writer {
-                    let n = PER_TX.min(per_writer - done);
+                    let n = writers.per_tx.min(per_writer - done);
                     let rows: Vec<Envelope> =
                         (0..n).map(|i| event(w, done + i, &payload)).collect();
                     let batch: Vec<(&str, &Envelope)> =
@@ -320,10 +321,11 @@ async fn paced(
     payload: &[u8],
     rate: f64,
     duration: Duration,
+    writers: Writers,
 ) -> anyhow::Result<HashMap<EventId, SystemTime>> {
     const EVENTS_PER_TX: usize = 10;
-    let interval = Duration::from_secs_f64(EVENTS_PER_TX as f64 * *WRITERS as f64 / rate);
-    let tasks: Vec<_> = (0..*WRITERS)
+    let interval = Duration::from_secs_f64(EVENTS_PER_TX as f64 * writers.count as f64 / rate);
+    let tasks: Vec<_> = (0..writers.count)
         .map(|w| {
             let (pool, outbox, topic, payload) = (
                 pool.clone(),
