@@ -18,7 +18,7 @@ use keel_integration_tests::faults::Worker;
 use keel_integration_tests::outbox::{RunningRelay, new_topic, relay_config};
 use keel_integration_tests::{
     RegistryBackend, RegistryUnderTest, TestDatabase, kafka_bootstrap, kafka_publisher,
-    nats_transport,
+    kafka_transport, nats_transport,
 };
 use keel_producers::outbox::{Outbox, OutboxRelay, OutboxTables};
 
@@ -52,7 +52,8 @@ impl Chain {
                 &self.topics.payments,
                 &self.topics.shipments,
             ])
-            .env("RUST_LOG", "warn")
+            // Assignments and hand-overs at info: what a stall report needs.
+            .env("RUST_LOG", "warn,keel_consumers=info")
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -291,12 +292,16 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     assert_eq!(traced, ORDERS as i64, "follow-ups continue the trace");
 }
 
-// On tansu 0.6.0 the same chain passed twice (≈ 155–180 s) and once
-// stalled with 261 orders never delivered to the billing group after the
-// SIGKILL and re-join, with no error from Keel (tansu's group coordinator is
-// known to mis-assign partitions); until that is understood it runs on
-// JetStream only, where group membership is Keel's own. `chain("kafka", …)`
-// is the same test on Kafka.
+// On tansu 0.6.0 the chain once stalled (2026-11-29) with 261 orders never
+// delivered to the billing group after the SIGKILL and re-join. It did not
+// recur in 11 runs on 2026-11-30, alone and inside the whole suite; its
+// cause was not found. The workers log their assignments (info), so a
+// stall shows which member held which partition when it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_on_kafka_is_exactly_once_through_a_sigkill() {
+    chain("kafka", Arc::new(kafka_transport().await)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_on_nats_is_exactly_once_through_a_sigkill() {
     chain("nats", Arc::new(nats_transport().await)).await;

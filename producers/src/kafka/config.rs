@@ -197,6 +197,11 @@ impl KafkaPublisherConfig {
                 "retries" | "message.send.max.retries" if value == "0" => {
                     return refused("retries are what make a transient broker failure harmless");
                 }
+                "enable.gapless.guarantee" if value != "false" => {
+                    return refused(
+                        "Keel reports failures per event instead of stopping the producer",
+                    );
+                }
                 "partitioner" if value != "murmur2_random" && value != "murmur2" => {
                     return refused(
                         "keys must map to partitions by murmur2 as in Kafka's Java clients",
@@ -212,7 +217,11 @@ impl KafkaPublisherConfig {
     pub fn client_config(&self) -> ClientConfig {
         let mut c = self.client.client_config();
         for (key, value, _) in GUARANTEES {
-            c.set(key, value);
+            // `false` is librdkafka's default, and naming this experimental
+            // property makes librdkafka warn at every start.
+            if key != "enable.gapless.guarantee" {
+                c.set(key, value);
+            }
         }
         c.set(
             "compression.type",
@@ -246,6 +255,8 @@ mod tests {
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        // Left at librdkafka's default (false): naming it only warns.
+        assert_eq!(c.get("enable.gapless.guarantee"), None);
         for (key, value, setting) in [
             (
                 "enable.idempotence",
@@ -259,6 +270,11 @@ mod tests {
                 "kafka.librdkafka.max.in.flight.requests.per.connection",
             ),
             ("retries", "0", "kafka.librdkafka.retries"),
+            (
+                "enable.gapless.guarantee",
+                "true",
+                "kafka.librdkafka.enable.gapless.guarantee",
+            ),
             (
                 "partitioner",
                 "consistent_random",
