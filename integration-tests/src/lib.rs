@@ -692,7 +692,7 @@ pub struct TansuUnderTest {
     /// Whether clients must authenticate (SASL).
     authentication: bool,
     /// Held for its lifetime: the terminator stops when dropped.
-    _tls: Option<tls::TlsTerminator>,
+    tls: Option<tls::TlsTerminator>,
     binary: std::path::PathBuf,
     dir: TempDir,
     storage: &'static str,
@@ -720,6 +720,11 @@ pub struct ScramUser<'a> {
 }
 
 impl TansuUnderTest {
+    /// The TLS terminator clients reach the broker through, if it has one.
+    pub fn tls(&self) -> Option<&tls::TlsTerminator> {
+        self.tls.as_ref()
+    }
+
     /// Starts the broker and waits until it accepts connections.
     pub async fn start() -> TansuUnderTest {
         Self::start_on("sqlite://tansu.db").await
@@ -805,7 +810,7 @@ impl TansuUnderTest {
             bootstrap,
             port,
             authentication: false,
-            _tls: terminator,
+            tls: terminator,
             binary,
             dir: TempDir::new(),
             storage,

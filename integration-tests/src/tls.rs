@@ -4,6 +4,7 @@
 //! of brokers).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -81,9 +82,18 @@ pub struct ServerTls<'a> {
 
 /// Accepts TLS on `127.0.0.1:<port>` and relays each connection, decrypted,
 /// to a plaintext backend. Stops when dropped.
+///
+/// [`refuse`](Self::refuse) makes it a broker that refuses its clients for
+/// a while: open connections are cut and new ones are offered a
+/// certificate from a CA no client trusts, so their handshakes fail.
 pub struct TlsTerminator {
     /// The port it accepts TLS on.
     pub port: u16,
+    refusing: Arc<AtomicBool>,
+    /// Handshakes that failed (the client hung up on the certificate).
+    failed_handshakes: Arc<AtomicU64>,
+    /// Bumped to cut every open connection.
+    cut: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -114,26 +124,76 @@ impl TlsTerminator {
         };
         let config = builder.with_single_cert(chain, key).unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
+        // What it presents while refusing: a certificate from a stranger.
+        let (certificate, key) = TestCa::new().issue(&["localhost", "127.0.0.1"]);
+        let stranger = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                certificates(&certificate),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let stranger = TlsAcceptor::from(Arc::new(stranger));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            let mut relays = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                relays.spawn(async move {
-                    // A client that fails the handshake (it does not trust
-                    // the certificate) just loses its connection.
-                    let Ok(mut client) = acceptor.accept(client).await else {
-                        return;
+        let refusing = Arc::new(AtomicBool::new(false));
+        let failed_handshakes = Arc::new(AtomicU64::new(0));
+        let (cut, cuts) = tokio::sync::watch::channel(0);
+        let task = tokio::spawn({
+            let (refusing, failed_handshakes) = (refusing.clone(), failed_handshakes.clone());
+            async move {
+                let mut relays = tokio::task::JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    let acceptor = if refusing.load(Ordering::Acquire) {
+                        stranger.clone()
+                    } else {
+                        acceptor.clone()
                     };
-                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", backend)).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
+                    let failed_handshakes = failed_handshakes.clone();
+                    let mut cuts = cuts.clone();
+                    cuts.mark_unchanged();
+                    relays.spawn(async move {
+                        // A client that fails the handshake (it does not
+                        // trust the certificate) just loses its connection.
+                        let Ok(mut client) = acceptor.accept(client).await else {
+                            failed_handshakes.fetch_add(1, Ordering::AcqRel);
+                            return;
+                        };
+                        let Ok(mut server) = TcpStream::connect(("127.0.0.1", backend)).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cuts.changed() => {}
+                        }
+                    });
+                }
             }
         });
-        TlsTerminator { port, task }
+        TlsTerminator {
+            port,
+            refusing,
+            failed_handshakes,
+            cut,
+            task,
+        }
+    }
+
+    /// Starts (`true`) or stops refusing clients: on start, every open
+    /// connection is cut.
+    pub fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::Release);
+        if refusing {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// How many clients' handshakes failed so far.
+    pub fn failed_handshakes(&self) -> u64 {
+        self.failed_handshakes.load(Ordering::Acquire)
     }
 }
 

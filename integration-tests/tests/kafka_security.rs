@@ -4,7 +4,8 @@
 //! client certificate, `sasl_ssl`). Keel's admin, publisher and group
 //! consumer work with SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu
 //! 0.6 offers no PLAIN); a wrong password and an untrusted certificate fail
-//! the publish with an error that says so, and nothing is published.
+//! the publish with an error that says so, and nothing is published; a
+//! member that had joined rides out a passing refusal.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::time::Duration;
@@ -295,4 +296,91 @@ async fn mutual_tls_and_sasl_over_tls_with_a_private_ca() {
         Compression::Zstd,
     )
     .await;
+}
+
+/// A member that has joined rides out a passing refusal (certificates or
+/// credentials being rotated, a terminator misconfigured for a while): its
+/// connections are cut and every reconnect fails the TLS handshake, yet its
+/// stream neither ends nor errors, and once the brokers accept it again it
+/// reads on. (Refused before it ever joined, it ends with an error instead:
+/// see `refused_member`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_member_rides_out_a_passing_refusal() {
+    use futures::StreamExt;
+    let ca = TestCa::new();
+    let (certificate, key) = ca.issue(&["localhost"]);
+    let dir = TempDir::new();
+    let ca_location = dir.path().join("ca.pem");
+    std::fs::write(&ca_location, ca.pem()).unwrap();
+    let tansu = TansuUnderTest::start_secured(
+        None,
+        Some(ServerTls {
+            certificate: &certificate,
+            key: &key,
+            client_ca: None,
+        }),
+    )
+    .await;
+    let client = client(
+        &tansu,
+        KafkaSecurity {
+            tls: true,
+            ca_location: Some(ca_location.display().to_string()),
+            ..KafkaSecurity::default()
+        },
+    );
+    let topic = kafka_topic(&client, "rides-out", 1).await;
+    // Patient enough to outlast the client's reconnect back-off.
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: client.clone(),
+        ack_timeout_ms: 60_000,
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    let events = |label: &str| -> Vec<Envelope> {
+        (0..10)
+            .map(|i| {
+                Envelope::new(
+                    "keel.test.Secure",
+                    format!("key-{i}"),
+                    format!("{label} {i}"),
+                )
+            })
+            .collect()
+    };
+    let texts = |label: &str| -> Vec<String> { (0..10).map(|i| format!("{label} {i}")).collect() };
+    publisher
+        .publish_batch(&topic, events("before"))
+        .await
+        .unwrap();
+    let mut deliveries = member(&client, &topic).await;
+    assert_eq!(read_acked(&mut deliveries, 10).await, texts("before"));
+
+    let terminator = tansu.tls().unwrap();
+    let before = terminator.failed_handshakes();
+    terminator.refuse(true);
+    let refused_a_while = async {
+        while terminator.failed_handshakes() < before + 5 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        item = deliveries.next() => match item {
+            Some(Err(e)) => panic!("a joined member gave up on a passing refusal: {e}"),
+            Some(Ok(d)) => panic!("nothing was published, yet event {} came", d.envelope().id()),
+            None => panic!("a joined member's stream ended on a passing refusal"),
+        },
+        () = refused_a_while => {}
+        () = tokio::time::sleep(Duration::from_secs(60)) => {
+            panic!("the clients did not reconnect into the refusal within 60 s")
+        }
+    }
+    terminator.refuse(false);
+
+    publisher
+        .publish_batch(&topic, events("after"))
+        .await
+        .unwrap();
+    assert_eq!(read_acked(&mut deliveries, 10).await, texts("after"));
+    deliveries.leave().await.unwrap();
 }
