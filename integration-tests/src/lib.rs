@@ -18,6 +18,7 @@
 //! | [`outbox`] | a migrated outbox, concurrent writers, and the completeness and key-order checks |
 //! | [`bench`] | what the benchmark binaries share: medians, percentiles, latency loops |
 //! | [`tls`] | a private CA, and a TLS terminator in front of a plaintext server |
+//! | [`sasl_plain`] | a SASL PLAIN front in front of a plaintext broker (tansu offers only SCRAM) |
 //!
 //! CI (`.ci/run`) starts the local services through `infra/local/` and sets
 //! the variables; a laptop with Docker gets containers through
@@ -34,6 +35,7 @@ pub mod bench;
 pub mod chain;
 pub mod faults;
 pub mod outbox;
+pub mod sasl_plain;
 pub mod tls;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -693,6 +695,8 @@ pub struct TansuUnderTest {
     authentication: bool,
     /// Held for its lifetime: the terminator stops when dropped.
     tls: Option<tls::TlsTerminator>,
+    /// Held for its lifetime, like `tls`.
+    _plain: Option<sasl_plain::SaslPlainFront>,
     binary: std::path::PathBuf,
     dir: TempDir,
     storage: &'static str,
@@ -737,7 +741,7 @@ impl TansuUnderTest {
     }
 
     async fn start_on(storage: &'static str) -> TansuUnderTest {
-        let mut tansu = Self::unstarted(storage, None).await;
+        let mut tansu = Self::unstarted(storage, None, None).await;
         tansu.restart().await;
         tansu
     }
@@ -752,7 +756,7 @@ impl TansuUnderTest {
         sasl_users: Option<&[ScramUser<'_>]>,
         tls: Option<tls::ServerTls<'_>>,
     ) -> TansuUnderTest {
-        let mut tansu = Self::unstarted("sqlite://tansu.db", tls).await;
+        let mut tansu = Self::unstarted("sqlite://tansu.db", tls, None).await;
         tansu.restart().await;
         let Some(users) = sasl_users else {
             return tansu;
@@ -787,7 +791,21 @@ impl TansuUnderTest {
         tansu
     }
 
-    async fn unstarted(storage: &'static str, tls: Option<tls::ServerTls<'_>>) -> TansuUnderTest {
+    /// A broker on durable storage that clients reach only through a
+    /// [`sasl_plain::SaslPlainFront`] on `bootstrap` (which the broker
+    /// advertises), authenticating with SASL PLAIN as one of `users`
+    /// (`(name, password)`).
+    pub async fn start_behind_sasl_plain(users: &[(&str, &str)]) -> TansuUnderTest {
+        let mut tansu = Self::unstarted("sqlite://tansu.db", None, Some(users)).await;
+        tansu.restart().await;
+        tansu
+    }
+
+    async fn unstarted(
+        storage: &'static str,
+        tls: Option<tls::ServerTls<'_>>,
+        plain_users: Option<&[(&str, &str)]>,
+    ) -> TansuUnderTest {
         let binary = tansu_binary();
         // The port stays reserved until the terminator has its own, so the
         // two cannot be given the same one.
@@ -801,16 +819,22 @@ impl TansuUnderTest {
             Some(tls) => Some(tls::TlsTerminator::start(port, tls).await),
             None => None,
         };
+        let plain = match plain_users {
+            Some(users) => Some(sasl_plain::SaslPlainFront::start(port, users).await),
+            None => None,
+        };
         drop(reserved);
-        let bootstrap = match &terminator {
-            Some(t) => format!("localhost:{}", t.port),
-            None => format!("127.0.0.1:{port}"),
+        let bootstrap = match (&terminator, &plain) {
+            (Some(t), _) => format!("localhost:{}", t.port),
+            (None, Some(front)) => format!("127.0.0.1:{}", front.port),
+            (None, None) => format!("127.0.0.1:{port}"),
         };
         TansuUnderTest {
             bootstrap,
             port,
             authentication: false,
             tls: terminator,
+            _plain: plain,
             binary,
             dir: TempDir::new(),
             storage,

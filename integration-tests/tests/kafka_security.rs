@@ -3,7 +3,8 @@
 //! TLS terminator holding a certificate from a private CA (`ssl` with a
 //! client certificate, `sasl_ssl`). Keel's admin, publisher and group
 //! consumer work with SCRAM-SHA-256 and SCRAM-SHA-512 and with TLS (tansu
-//! 0.6 offers no PLAIN); a wrong password and an untrusted certificate fail
+//! 0.6 offers no PLAIN: PLAIN is tested through a front that authenticates
+//! it); a wrong password and an untrusted certificate fail
 //! the publish with an error that says so, and nothing is published; a
 //! member that had joined rides out a passing refusal.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
@@ -173,6 +174,40 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
     );
     assert_eq!(
         stored(&alice, &topic).await,
+        ["marker"],
+        "nothing refused was stored"
+    );
+}
+
+/// SASL PLAIN, through a front that authenticates PLAIN itself (tansu 0.6
+/// offers only SCRAM; see `keel_integration_tests::sasl_plain`): a user
+/// publishes and consumes; a wrong password and a client without
+/// credentials are refused with errors that say so; nothing refused is
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_plain_users_publish_and_consume_and_wrong_credentials_are_refused() {
+    const CAROL: (&str, &str) = ("carol", "carol-secret");
+    let tansu = TansuUnderTest::start_behind_sasl_plain(&[CAROL]).await;
+    let carol = client(&tansu, sasl("PLAIN", CAROL.0, CAROL.1));
+    round_trip(&carol, Compression::Lz4).await;
+    let topic = kafka_topic(&carol, "refused", 1).await;
+    let impostor = client(&tansu, sasl("PLAIN", CAROL.0, "not-her-password"));
+    let error = refused(&impostor, &topic).await;
+    assert!(error.contains(&topic), "the error names the topic: {error}");
+    assert!(
+        error.contains("SASL authentication error")
+            && error.contains("invalid username or password"),
+        "the error carries the broker's reason: {error}"
+    );
+    let why = refused_member(&impostor, &topic).await;
+    assert!(why.contains("SASL authentication error"), "{why}");
+    let error = refused(&client(&tansu, KafkaSecurity::default()), &topic).await;
+    assert!(
+        error.contains("the client's last error"),
+        "a client without credentials is cut off, and the error says so: {error}"
+    );
+    assert_eq!(
+        stored(&carol, &topic).await,
         ["marker"],
         "nothing refused was stored"
     );
