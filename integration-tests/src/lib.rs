@@ -686,9 +686,10 @@ pub const TANSU_ENV: &str = "KEEL_TEST_TANSU";
 /// or in memory.
 pub struct TansuUnderTest {
     /// Where clients connect, and what the broker advertises:
-    /// `127.0.0.1:<port>`, or its TLS terminator's `localhost:<port>`
+    /// `127.0.0.1:<port>`, its TLS terminator's `localhost:<port>`
     /// (librdkafka verifies a host name against the certificate's DNS
-    /// names, not IP addresses).
+    /// names, not IP addresses), or its SASL PLAIN front's
+    /// `127.0.0.1:<port>`.
     pub bootstrap: String,
     port: u16,
     /// Whether clients must authenticate (SASL).
@@ -791,10 +792,10 @@ impl TansuUnderTest {
         tansu
     }
 
-    /// A broker on durable storage that clients reach only through a
-    /// [`sasl_plain::SaslPlainFront`] on `bootstrap` (which the broker
-    /// advertises), authenticating with SASL PLAIN as one of `users`
-    /// (`(name, password)`).
+    /// A broker on durable storage whose advertised address (`bootstrap`)
+    /// is a [`sasl_plain::SaslPlainFront`]: clients authenticate there with
+    /// SASL PLAIN as one of `users` (`(name, password)`). The broker's own
+    /// port stays open, unauthenticated, as a plaintext backend does.
     pub async fn start_behind_sasl_plain(users: &[(&str, &str)]) -> TansuUnderTest {
         let mut tansu = Self::unstarted("sqlite://tansu.db", None, Some(users)).await;
         tansu.restart().await;
@@ -806,9 +807,13 @@ impl TansuUnderTest {
         tls: Option<tls::ServerTls<'_>>,
         plain_users: Option<&[(&str, &str)]>,
     ) -> TansuUnderTest {
+        assert!(
+            tls.is_none() || plain_users.is_none(),
+            "a TLS terminator and a SASL PLAIN front cannot be chained here; use one"
+        );
         let binary = tansu_binary();
-        // The port stays reserved until the terminator has its own, so the
-        // two cannot be given the same one.
+        // The port stays reserved until the terminator (or front) has its
+        // own, so the two cannot be given the same one.
         let reserved = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap_or_else(|e| panic!("cannot find a free port for tansu: {e}"));
         let port = reserved

@@ -128,11 +128,15 @@ async fn serve(mut client: TcpStream, backend: u16, users: &[(String, String)]) 
     }
 }
 
-/// The user a PLAIN token (`authzid NUL user NUL password`) names, if the
-/// password is theirs.
+/// The user a PLAIN token (`authzid NUL user NUL password`, RFC 4616)
+/// names, if the password is theirs and they act for no one else (as
+/// Kafka's own PLAIN server: the authzid empty or the user).
 fn plain_user<'a>(token: &[u8], users: &'a [(String, String)]) -> Option<&'a str> {
     let mut parts = token.split(|&b| b == 0);
-    let (_authzid, user, password) = (parts.next()?, parts.next()?, parts.next()?);
+    let (authzid, user, password) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !(authzid.is_empty() || authzid == user) {
+        return None;
+    }
     users
         .iter()
         .find(|(u, p)| u.as_bytes() == user && p.as_bytes() == password)
@@ -195,5 +199,27 @@ impl<'a> Reader<'a> {
         let n = usize::try_from(self.i32()?)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "null bytes"))?;
         self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_user;
+
+    #[test]
+    fn plain_tokens_name_a_user_with_their_password_only() {
+        let users = [("carol".to_owned(), "secret".to_owned())];
+        assert_eq!(plain_user(b"\0carol\0secret", &users), Some("carol"));
+        assert_eq!(plain_user(b"carol\0carol\0secret", &users), Some("carol"));
+        for refused in [
+            &b"\0carol\0wrong"[..],
+            b"\0dave\0secret",
+            b"dave\0carol\0secret",
+            b"\0carol\0secret\0more",
+            b"\0carol",
+            b"",
+        ] {
+            assert_eq!(plain_user(refused, &users), None, "{refused:?}");
+        }
     }
 }

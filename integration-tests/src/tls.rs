@@ -4,7 +4,7 @@
 //! of brokers).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -89,11 +89,12 @@ pub struct ServerTls<'a> {
 pub struct TlsTerminator {
     /// The port it accepts TLS on.
     pub port: u16,
-    refusing: Arc<AtomicBool>,
-    /// Handshakes that failed (the client hung up on the certificate).
+    /// Whether it refuses, and how many times it started to: a connection
+    /// accepted before the latest start is cut.
+    refusing: tokio::sync::watch::Sender<(bool, u64)>,
+    /// Handshakes that failed (the client did not trust the certificate,
+    /// or had none to show where one is required, or hung up mid-way).
     failed_handshakes: Arc<AtomicU64>,
-    /// Bumped to cut every open connection.
-    cut: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -102,58 +103,31 @@ impl TlsTerminator {
     /// `127.0.0.1:<backend>` (connected only then, so the backend may start
     /// later).
     pub async fn start(backend: u16, tls: ServerTls<'_>) -> TlsTerminator {
-        let chain = certificates(tls.certificate);
-        let key = PrivateKeyDer::from_pem_slice(tls.key.as_bytes()).unwrap();
-        let provider = Arc::new(ring::default_provider());
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = match tls.client_ca {
-            None => builder.with_no_client_auth(),
-            Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for certificate in certificates(ca) {
-                    roots.add(certificate).unwrap();
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .unwrap();
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let config = builder.with_single_cert(chain, key).unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = acceptor(tls);
         // What it presents while refusing: a certificate from a stranger.
         let (certificate, key) = TestCa::new().issue(&["localhost", "127.0.0.1"]);
-        let stranger = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                certificates(&certificate),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap();
-        let stranger = TlsAcceptor::from(Arc::new(stranger));
+        let stranger = self::acceptor(ServerTls {
+            certificate: &certificate,
+            key: &key,
+            client_ca: None,
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let refusing = Arc::new(AtomicBool::new(false));
         let failed_handshakes = Arc::new(AtomicU64::new(0));
-        let (cut, cuts) = tokio::sync::watch::channel(0);
+        let (refusing, state) = tokio::sync::watch::channel((false, 0u64));
         let task = tokio::spawn({
-            let (refusing, failed_handshakes) = (refusing.clone(), failed_handshakes.clone());
+            let failed_handshakes = failed_handshakes.clone();
             async move {
                 let mut relays = tokio::task::JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
-                    let acceptor = if refusing.load(Ordering::Acquire) {
+                    let mut state = state.clone();
+                    let (refusing, cuts) = *state.borrow_and_update();
+                    let acceptor = if refusing {
                         stranger.clone()
                     } else {
                         acceptor.clone()
                     };
                     let failed_handshakes = failed_handshakes.clone();
-                    let mut cuts = cuts.clone();
-                    cuts.mark_unchanged();
                     relays.spawn(async move {
                         // A client that fails the handshake (it does not
                         // trust the certificate) just loses its connection.
@@ -167,7 +141,7 @@ impl TlsTerminator {
                         };
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = cuts.changed() => {}
+                            _ = state.wait_for(|&(_, now)| now != cuts) => {}
                         }
                     });
                 }
@@ -177,7 +151,6 @@ impl TlsTerminator {
             port,
             refusing,
             failed_handshakes,
-            cut,
             task,
         }
     }
@@ -185,16 +158,42 @@ impl TlsTerminator {
     /// Starts (`true`) or stops refusing clients: on start, every open
     /// connection is cut.
     pub fn refuse(&self, refusing: bool) {
-        self.refusing.store(refusing, Ordering::Release);
-        if refusing {
-            self.cut.send_modify(|n| *n += 1);
-        }
+        self.refusing.send_modify(|(now, cuts)| {
+            if refusing && !*now {
+                *cuts += 1;
+            }
+            *now = refusing;
+        });
     }
 
     /// How many clients' handshakes failed so far.
     pub fn failed_handshakes(&self) -> u64 {
         self.failed_handshakes.load(Ordering::Acquire)
     }
+}
+
+/// Presents `tls`'s certificate; asks for a client's where `tls` says so.
+fn acceptor(tls: ServerTls<'_>) -> TlsAcceptor {
+    let chain = certificates(tls.certificate);
+    let key = PrivateKeyDer::from_pem_slice(tls.key.as_bytes()).unwrap();
+    let provider = Arc::new(ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for certificate in certificates(ca) {
+                roots.add(certificate).unwrap();
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    TlsAcceptor::from(Arc::new(builder.with_single_cert(chain, key).unwrap()))
 }
 
 fn certificates(pem: &str) -> Vec<CertificateDer<'static>> {

@@ -181,9 +181,9 @@ async fn sasl_users_publish_and_consume_and_wrong_credentials_are_refused() {
 
 /// SASL PLAIN, through a front that authenticates PLAIN itself (tansu 0.6
 /// offers only SCRAM; see `keel_integration_tests::sasl_plain`): a user
-/// publishes and consumes; a wrong password and a client without
-/// credentials are refused with errors that say so; nothing refused is
-/// stored.
+/// publishes and consumes; a wrong password, an unoffered mechanism and a
+/// client without credentials are refused with errors that say so; nothing
+/// refused is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_plain_users_publish_and_consume_and_wrong_credentials_are_refused() {
     const CAROL: (&str, &str) = ("carol", "carol-secret");
@@ -197,10 +197,20 @@ async fn sasl_plain_users_publish_and_consume_and_wrong_credentials_are_refused(
     assert!(
         error.contains("SASL authentication error")
             && error.contains("invalid username or password"),
-        "the error carries the broker's reason: {error}"
+        "the error carries the refusal's reason: {error}"
     );
     let why = refused_member(&impostor, &topic).await;
     assert!(why.contains("SASL authentication error"), "{why}");
+    // A mechanism the listener does not offer.
+    let error = refused(
+        &client(&tansu, sasl("SCRAM-SHA-256", CAROL.0, CAROL.1)),
+        &topic,
+    )
+    .await;
+    assert!(
+        error.contains("SASL SCRAM-SHA-256 mechanism handshake failed"),
+        "{error}"
+    );
     let error = refused(&client(&tansu, KafkaSecurity::default()), &topic).await;
     assert!(
         error.contains("the client's last error"),
@@ -365,13 +375,6 @@ async fn a_joined_member_rides_out_a_passing_refusal() {
         },
     );
     let topic = kafka_topic(&client, "rides-out", 1).await;
-    // Patient enough to outlast the client's reconnect back-off.
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client: client.clone(),
-        ack_timeout_ms: 60_000,
-        ..KafkaPublisherConfig::default()
-    })
-    .unwrap();
     let events = |label: &str| -> Vec<Envelope> {
         (0..10)
             .map(|i| {
@@ -384,7 +387,10 @@ async fn a_joined_member_rides_out_a_passing_refusal() {
             .collect()
     };
     let texts = |label: &str| -> Vec<String> { (0..10).map(|i| format!("{label} {i}")).collect() };
-    publisher
+    // A publisher for each side of the refusal, each dropped at once:
+    // during it the member is the only client, so every refused handshake
+    // counted is the member's.
+    publisher(&client, Compression::None)
         .publish_batch(&topic, events("before"))
         .await
         .unwrap();
@@ -412,7 +418,7 @@ async fn a_joined_member_rides_out_a_passing_refusal() {
     }
     terminator.refuse(false);
 
-    publisher
+    publisher(&client, Compression::None)
         .publish_batch(&topic, events("after"))
         .await
         .unwrap();

@@ -8,6 +8,7 @@
 //! order's correlation id and its cause's event id.
 #![allow(clippy::unwrap_used)]
 
+use std::fs::File;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use keel_integration_tests::chain::{SCHEMA, Topics, codec};
 use keel_integration_tests::faults::Worker;
 use keel_integration_tests::outbox::{RunningRelay, new_topic, relay_config};
 use keel_integration_tests::{
-    RegistryBackend, RegistryUnderTest, TestDatabase, kafka_bootstrap, kafka_publisher,
+    RegistryBackend, RegistryUnderTest, TempDir, TestDatabase, kafka_bootstrap, kafka_publisher,
     kafka_transport, nats_transport,
 };
 use keel_producers::outbox::{Outbox, OutboxRelay, OutboxTables};
@@ -33,6 +34,8 @@ struct Chain {
     db: TestDatabase,
     registry: String,
     topics: Topics,
+    /// Each worker's log, `<name>.log`: quoted when the chain stalls.
+    logs: TempDir,
 }
 
 impl Chain {
@@ -55,6 +58,7 @@ impl Chain {
             // Assignments and hand-overs at info: what a stall report needs.
             .env("RUST_LOG", "warn,keel_consumers=info")
             .stdin(Stdio::null())
+            .stderr(File::create(self.logs.path().join(format!("{name}.log"))).unwrap())
             .spawn()
             .unwrap();
         Worker {
@@ -79,10 +83,36 @@ impl Chain {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(300),
-                "{what}: {n} of {at_least} after 300 s"
+                "{what}: {n} of {at_least} after 300 s; the workers' group changes:\n{}",
+                self.group_changes()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl Chain {
+    /// Every worker's joins, assignments and revocations (and warnings),
+    /// by worker: who held which partition when the chain stopped.
+    fn group_changes(&self) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<_> = std::fs::read_dir(self.logs.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        logs.sort();
+        for log in logs {
+            let name = log.file_stem().unwrap_or_default().to_string_lossy();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for line in text
+                .lines()
+                .filter(|l| l.contains("partition") || l.contains("group") || l.contains("WARN"))
+            {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -143,6 +173,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
         db,
         registry: registry.url.clone(),
         topics,
+        logs: TempDir::new(),
     };
     let billing_a = chain.start("billing", "billing-a");
     let billing_b = chain.start("billing", "billing-b");
@@ -295,8 +326,9 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
 // On tansu 0.6.0 the chain once stalled (2026-11-29) with 261 orders never
 // delivered to the billing group after the SIGKILL and re-join. It did not
 // recur in 11 runs on 2026-11-30, alone and inside the whole suite; its
-// cause was not found. The workers log their assignments (info), so a
-// stall shows which member held which partition when it stopped.
+// cause was not found. Each worker logs its assignments (info) to a file of
+// its own, quoted by a stall's panic: who held which partition when it
+// stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_on_kafka_is_exactly_once_through_a_sigkill() {
     chain("kafka", Arc::new(kafka_transport().await)).await;

@@ -135,7 +135,7 @@ impl Default for KafkaPublisherConfig {
 }
 
 /// librdkafka settings whose values Keel fixes, and why.
-const GUARANTEES: [(&str, &str, &str); 4] = [
+const GUARANTEES: [(&str, &str, &str); 3] = [
     (
         "enable.idempotence",
         "true",
@@ -151,12 +151,18 @@ const GUARANTEES: [(&str, &str, &str); 4] = [
         "murmur2_random",
         "keys must map to partitions as Kafka's Java clients map them",
     ),
-    (
-        "enable.gapless.guarantee",
-        "false",
-        "Keel reports failures per event instead of stopping the producer",
-    ),
 ];
+
+/// A librdkafka boolean: `true`/`t`/`1` or `false`/`f`/`0`, any case (as
+/// librdkafka reads them).
+fn is_bool(value: &str, want: bool) -> bool {
+    let spellings: [&str; 3] = if want {
+        ["true", "t", "1"]
+    } else {
+        ["false", "f", "0"]
+    };
+    spellings.iter().any(|s| value.eq_ignore_ascii_case(s))
+}
 
 impl KafkaPublisherConfig {
     /// The acknowledgement timeout.
@@ -165,7 +171,9 @@ impl KafkaPublisherConfig {
     }
 
     /// Refuses invalid settings and raw overrides that would silently
-    /// disable idempotence or reorder retries, naming them.
+    /// disable idempotence, weaken acknowledgements, reorder retries,
+    /// stop the producer on a failed batch or move keys to other
+    /// partitions, naming them.
     pub fn validate(&self) -> Result<()> {
         self.client.validate()?;
         if self.ack_timeout_ms == 0 {
@@ -179,7 +187,7 @@ impl KafkaPublisherConfig {
                 ))
             };
             match key.as_str() {
-                "enable.idempotence" if value != "true" => {
+                "enable.idempotence" if !is_bool(value, true) => {
                     return refused(
                         "idempotence keeps retries from duplicating or reordering events",
                     );
@@ -197,7 +205,9 @@ impl KafkaPublisherConfig {
                 "retries" | "message.send.max.retries" if value == "0" => {
                     return refused("retries are what make a transient broker failure harmless");
                 }
-                "enable.gapless.guarantee" if value != "false" => {
+                // Left at librdkafka's default (false) rather than set:
+                // naming this experimental property makes librdkafka warn.
+                "enable.gapless.guarantee" if !is_bool(value, false) => {
                     return refused(
                         "Keel reports failures per event instead of stopping the producer",
                     );
@@ -217,11 +227,7 @@ impl KafkaPublisherConfig {
     pub fn client_config(&self) -> ClientConfig {
         let mut c = self.client.client_config();
         for (key, value, _) in GUARANTEES {
-            // `false` is librdkafka's default, and naming this experimental
-            // property makes librdkafka warn at every start.
-            if key != "enable.gapless.guarantee" {
-                c.set(key, value);
-            }
+            c.set(key, value);
         }
         c.set(
             "compression.type",
@@ -272,8 +278,13 @@ mod tests {
             ("retries", "0", "kafka.librdkafka.retries"),
             (
                 "enable.gapless.guarantee",
-                "true",
+                "True",
                 "kafka.librdkafka.enable.gapless.guarantee",
+            ),
+            (
+                "enable.idempotence",
+                "0",
+                "kafka.librdkafka.enable.idempotence",
             ),
             (
                 "partitioner",
@@ -291,6 +302,14 @@ mod tests {
         )]
         .into();
         config.validate().unwrap();
+        for (key, value) in [
+            ("enable.idempotence", "TRUE"),
+            ("enable.gapless.guarantee", "f"),
+        ] {
+            let mut accepted = KafkaPublisherConfig::default();
+            accepted.client.librdkafka = [(key.to_owned(), value.to_owned())].into();
+            accepted.validate().unwrap();
+        }
         assert_eq!(
             config.client_config().get("queue.buffering.max.messages"),
             Some("500000")
