@@ -325,7 +325,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
 
 // On tansu 0.6.0 the chain once stalled (2026-11-29) with 261 orders never
 // delivered to the billing group after the SIGKILL and re-join. It did not
-// recur in 11 runs on 2026-11-30, alone and inside the whole suite; its
+// recur in 15 runs on 2026-11-30, alone, in the whole suite and in CI; its
 // cause was not found. Each worker logs its assignments (info) to a file of
 // its own, quoted by a stall's panic: who held which partition when it
 // stopped.
