@@ -16,7 +16,7 @@ tansu=${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}
 
 # A memory:// tansu of ours that benchmark runs grew large slows everything
 # else on the machine (seen: 1.5 GB, a later test's publishes timing out).
-# Its topics are disposable (every test makes its own), so past 1 GiB it is
+# Its topics are disposable (every test makes its own), so past 512 MiB it is
 # restarted empty.
 pidfile="$KEEL_STATE_DIR/tansu.pid"
 if port_open 127.0.0.1 "$port" && [[ -f $pidfile ]]; then
@@ -24,7 +24,7 @@ if port_open 127.0.0.1 "$port" && [[ -f $pidfile ]]; then
     if [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] &&
         tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--storage-engine memory://"; then
         rss_kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
-        if ((${rss_kb:-0} > 1048576)); then
+        if ((${rss_kb:-0} > 524288)); then
             echo "Kafka (tansu): its memory storage holds $((rss_kb / 1024)) MiB; restarting it empty" >&2
             kill "$pid" 2>/dev/null || true
             for _ in $(seq 50); do
