@@ -34,7 +34,7 @@ struct Chain {
     db: TestDatabase,
     registry: String,
     topics: Topics,
-    /// Each worker's log, `<name>.log`: quoted when the chain stalls.
+    /// Each worker's stderr, `<name>.log`: quoted when the chain stalls.
     logs: TempDir,
 }
 
@@ -83,32 +83,27 @@ impl Chain {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(300),
-                "{what}: {n} of {at_least} after 300 s; the workers' group changes:\n{}",
-                self.group_changes()
+                "{what}: {n} of {at_least} after 300 s; the workers' logs:\n{}",
+                self.worker_logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
 
-impl Chain {
-    /// Every worker's joins, assignments and revocations (and warnings),
-    /// by worker: who held which partition when the chain stopped.
-    fn group_changes(&self) -> String {
-        let mut out = String::new();
+    /// Every worker's log, line by line under its name: its group changes
+    /// (info) and any warning, error or panic — who held which partition
+    /// when the chain stopped, and why a worker failed.
+    fn worker_logs(&self) -> String {
         let mut logs: Vec<_> = std::fs::read_dir(self.logs.path())
             .unwrap()
             .flatten()
             .map(|e| e.path())
             .collect();
         logs.sort();
+        let mut out = String::new();
         for log in logs {
             let name = log.file_stem().unwrap_or_default().to_string_lossy();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            for line in text
-                .lines()
-                .filter(|l| l.contains("partition") || l.contains("group") || l.contains("WARN"))
-            {
+            for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
                 out.push_str(&format!("{name}: {line}\n"));
             }
         }
