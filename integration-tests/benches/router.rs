@@ -5,14 +5,16 @@
 //! the registry codec and dispatching it to a typed handler. Both handlers
 //! only look at what they get. A fresh group per round, timed from the
 //! first handled event to the last; one warm-up round each, then
-//! alternating rounds.
+//! alternating rounds. Each round's CPU per event (this process) is
+//! reported too.
 //!
 //! Run: `KEEL_TEST_KAFKA=127.0.0.1:9092 cargo bench -p keel-integration-tests --bench router`
 //! (`KEEL_BENCH_BROKER=nats` with `KEEL_TEST_NATS` for JetStream).
 //! Optional: `-- <events>` (default 100,000).
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -24,7 +26,7 @@ use keel_schemas::events::{Event, OrderPlaced};
 use keel_schemas::{AvroCodec, CodecOptions, LocalRegistry};
 use tokio::sync::Notify;
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const PARTITIONS: u32 = 6;
 
 fn main() -> anyhow::Result<()> {
@@ -35,8 +37,8 @@ fn main() -> anyhow::Result<()> {
 struct Progress {
     handled: AtomicU64,
     target: u64,
-    first: std::sync::Mutex<Option<Instant>>,
-    last: std::sync::Mutex<Option<Instant>>,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
     done: Notify,
 }
 
@@ -45,8 +47,8 @@ impl Progress {
         Arc::new(Progress {
             handled: AtomicU64::new(0),
             target: target as u64,
-            first: std::sync::Mutex::new(None),
-            last: std::sync::Mutex::new(None),
+            first: Mutex::new(None),
+            last: Mutex::new(None),
             done: Notify::new(),
         })
     }
@@ -122,15 +124,39 @@ async fn run(events: usize) -> anyhow::Result<()> {
         "router overhead on {}: {events} OrderPlaced events of {size} bytes over {PARTITIONS} partitions, 1000 keys, {ROUNDS} rounds each",
         transport.name()
     );
+    // The bench process's CPU per event of each round (consumer, handler
+    // pool and client threads; the broker runs elsewhere): steadier than
+    // throughput when a round's pull stalls for a while.
+    let (raw_cpu, router_cpu) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
     let ((raw, raw_rates), (routed, router_rates)) = bench::alternate(
         ROUNDS,
-        || raw_round(&transport, &topic, events),
-        || router_round(&transport, &codec, &topic, events),
+        || cpu_per_event(&raw_cpu, events, raw_round(&transport, &topic, events)),
+        || {
+            cpu_per_event(
+                &router_cpu,
+                events,
+                router_round(&transport, &codec, &topic, events),
+            )
+        },
     )
     .await?;
+    let (mut raw_cpu, mut router_cpu) = (into_inner(raw_cpu), into_inner(router_cpu));
+    // The warm-up rounds' figures go.
+    raw_cpu.remove(0);
+    router_cpu.remove(0);
     println!("throughput  raw handler (serve)        {raw:>10.0} msg/s  rounds {raw_rates:.0?}");
     println!(
         "throughput  router + standard layers   {routed:>10.0} msg/s  rounds {router_rates:.0?}"
+    );
+    let (raw_us, router_us) = (bench::median(&mut raw_cpu), bench::median(&mut router_cpu));
+    println!("cpu/event   raw handler                {raw_us:>10.2} us     rounds {raw_cpu:.2?}");
+    println!(
+        "cpu/event   router                     {router_us:>10.2} us     rounds {router_cpu:.2?}"
+    );
+    println!(
+        "router/raw by cpu/event {:.2} (the router's extra {:.2} us per event)",
+        raw_us / router_us,
+        router_us - raw_us
     );
     println!(
         "router/raw {:.2}: {:.1} % throughput loss (target <= 10 %)",
@@ -138,6 +164,27 @@ async fn run(events: usize) -> anyhow::Result<()> {
         (1.0 - routed / raw) * 100.0
     );
     Ok(())
+}
+
+/// Runs `round`, adding the process's CPU per event during it to `into`.
+async fn cpu_per_event(
+    into: &Mutex<Vec<f64>>,
+    events: usize,
+    round: impl Future<Output = anyhow::Result<f64>>,
+) -> anyhow::Result<f64> {
+    let before = bench::process_cpu();
+    let rate = round.await?;
+    let used = bench::process_cpu()
+        .zip(before)
+        .map_or(f64::NAN, |(after, before)| {
+            (after - before).as_secs_f64() * 1e6 / events as f64
+        });
+    into.lock().unwrap_or_else(|p| p.into_inner()).push(used);
+    Ok(rate)
+}
+
+fn into_inner(cpu: Mutex<Vec<f64>>) -> Vec<f64> {
+    cpu.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn raw_round(

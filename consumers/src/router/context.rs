@@ -10,7 +10,6 @@ use keel_producers::outbox::Outbox;
 use keel_schemas::events::Event;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use super::handler::Route;
 use super::trace::TraceParent;
 
 /// What arrived.
@@ -31,7 +30,9 @@ pub enum Incoming {
 pub struct Context {
     pub(crate) incoming: Incoming,
     pub(crate) info: DeliveryInfo,
-    pub(crate) route: Option<Arc<dyn Route>>,
+    /// The event type of the route that will handle it, if one is
+    /// registered (the route itself travels in [`Next`](super::Next)).
+    pub(crate) routed: Option<&'static str>,
     pub(crate) span: Option<TraceParent>,
     pub(crate) transaction: Option<Transaction<'static, Postgres>>,
     pub(crate) outbox: Option<Arc<Outbox>>,
@@ -42,7 +43,7 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("incoming", &self.incoming)
             .field("info", &self.info)
-            .field("routed", &self.route.is_some())
+            .field("routed", &self.routed)
             .field("in_transaction", &self.transaction.is_some())
             .finish_non_exhaustive()
     }
@@ -52,12 +53,12 @@ impl Context {
     pub(crate) fn new(
         incoming: Incoming,
         info: DeliveryInfo,
-        route: Option<Arc<dyn Route>>,
+        routed: Option<&'static str>,
     ) -> Self {
         Context {
             incoming,
             info,
-            route,
+            routed,
             span: None,
             transaction: None,
             outbox: None,
@@ -101,7 +102,7 @@ impl Context {
 
     /// The event type a handler is registered for, if one is.
     pub fn routed_type(&self) -> Option<&'static str> {
-        self.route.as_ref().map(|r| r.event_type())
+        self.routed
     }
 
     /// The trace context follow-up events carry: this handling's span

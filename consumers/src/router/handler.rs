@@ -146,7 +146,7 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) async fn call(&self, ctx: &mut Context) -> Verdict {
+    pub(crate) async fn call(&self, ctx: &mut Context, route: Option<&dyn Route>) -> Verdict {
         let (codec, unknown) = match self {
             Endpoint::Routes { codec, unknown } => (codec, *unknown),
             #[cfg(test)]
@@ -155,7 +155,7 @@ impl Endpoint {
         if let Incoming::Undecodable { .. } = ctx.incoming {
             return poison::undecodable(&ctx.incoming);
         }
-        if let Some(route) = ctx.route.clone() {
+        if let Some(route) = route {
             return route.call(codec, ctx).await;
         }
         match unknown {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use keel_core::Error;
 
 use super::context::Context;
-use super::handler::Endpoint;
+use super::handler::{Endpoint, Route};
 
 /// Why an event goes to dead letters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,24 +196,29 @@ impl<L: Layer + ?Sized> Layer for Arc<L> {
 pub struct Next<'a> {
     pub(crate) layers: &'a [Arc<dyn Layer>],
     pub(crate) endpoint: &'a Endpoint,
+    /// The handler registered for the event's type, if any.
+    pub(crate) route: Option<&'a dyn Route>,
 }
 
 impl Next<'_> {
     /// Runs the remaining layers and then the handler.
     pub async fn run(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
+            // Through the `dyn Layer` itself: calling on the `Arc` would
+            // go through `Layer for Arc<L>` and box every layer's future
+            // twice.
             Some((layer, rest)) => {
-                layer
+                (**layer)
                     .call(
                         ctx,
                         Next {
                             layers: rest,
-                            endpoint: self.endpoint,
+                            ..self
                         },
                     )
                     .await
             }
-            None => self.endpoint.call(ctx).await,
+            None => self.endpoint.call(ctx, self.route).await,
         }
     }
 }

@@ -385,13 +385,14 @@ impl Chain {
                 .routes
                 .get(&info.coordinates.topic)
                 .and_then(|types| types.get(event.event_type()))
-                .cloned(),
+                .map(|route| &**route),
             Incoming::Undecodable { .. } => None,
         };
-        let mut ctx = Context::new(incoming, info, route);
+        let mut ctx = Context::new(incoming, info, route.map(|r| r.event_type()));
         let next = Next {
             layers: &self.layers,
             endpoint: &self.endpoint,
+            route,
         };
         let verdict = AssertUnwindSafe(next.run(&mut ctx))
             .catch_unwind()

@@ -26,6 +26,7 @@ where
     let next = Next {
         layers: &[],
         endpoint: &endpoint,
+        route: None,
     };
     let verdict = layer.call(&mut ctx, next).await;
     (verdict, ctx)
@@ -51,6 +52,7 @@ where
     let next = Next {
         layers: &[],
         endpoint: &endpoint,
+        route: None,
     };
     layer.call(&mut ctx, next).await
 }
