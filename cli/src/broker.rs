@@ -519,7 +519,9 @@ pub(crate) async fn publish(
                     latest.id, latest.version
                 )
             })?;
-        events.push(Envelope::new(event_type.as_str(), key, payload).with_source(&config.service));
+        events.push(
+            Envelope::new(event_type.clone(), key, payload).with_source(config.service.clone()),
+        );
     }
     if events.is_empty() {
         bail!("no events to publish: the input is empty");

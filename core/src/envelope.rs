@@ -6,6 +6,7 @@
 //! typed accessors instead of stringly-typed map lookups. The payload is
 //! opaque here: the schema crate frames it (Confluent wire format).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -136,10 +137,12 @@ pub struct TraceContext {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
     id: EventId,
-    event_type: String,
+    // Borrowed when given a `&'static str` (an event type's full name, a
+    // service's fixed name): no allocation per event.
+    event_type: Cow<'static, str>,
     key: Key,
     occurred_at: DateTime<Utc>,
-    source: Option<String>,
+    source: Option<Cow<'static, str>>,
     correlation_id: Option<String>,
     causation_id: Option<String>,
     trace: TraceContext,
@@ -151,9 +154,10 @@ impl Envelope {
     /// A new event with a fresh UUIDv7 id, occurring now.
     ///
     /// `event_type` is the Avro full name of the payload's schema
-    /// (`shop.orders.OrderPlaced`).
+    /// (`shop.orders.OrderPlaced`): a `&'static str` (such as
+    /// `Event::FULL_NAME`) is kept as it is, a `String` is taken over.
     pub fn new(
-        event_type: impl Into<String>,
+        event_type: impl Into<Cow<'static, str>>,
         key: impl Into<Key>,
         payload: impl Into<Bytes>,
     ) -> Self {
@@ -186,8 +190,8 @@ impl Envelope {
         self
     }
 
-    /// Names the producing service.
-    pub fn with_source(mut self, service: impl Into<String>) -> Self {
+    /// Names the producing service (a `&'static str` is not copied).
+    pub fn with_source(mut self, service: impl Into<Cow<'static, str>>) -> Self {
         self.source = Some(service.into());
         self
     }
@@ -316,10 +320,10 @@ impl Envelope {
 /// Every field of an envelope, for the wire decoder.
 pub(crate) struct EnvelopeParts {
     pub(crate) id: EventId,
-    pub(crate) event_type: String,
+    pub(crate) event_type: Cow<'static, str>,
     pub(crate) key: Key,
     pub(crate) occurred_at: DateTime<Utc>,
-    pub(crate) source: Option<String>,
+    pub(crate) source: Option<Cow<'static, str>>,
     pub(crate) correlation_id: Option<String>,
     pub(crate) causation_id: Option<String>,
     pub(crate) trace: TraceContext,

@@ -91,7 +91,7 @@ impl MemoryTransport {
                 stored_at: chrono::Utc::now(),
             });
             let receipt = Receipt {
-                topic: topic.to_owned(),
+                topic: topic.into(),
                 partition,
                 position: (log.len() - 1) as u64,
                 duplicate: false,
@@ -351,7 +351,7 @@ impl Broker {
             stored_at: chrono::Utc::now(),
         });
         let receipt = Receipt {
-            topic: topic_name.to_owned(),
+            topic: topic_name.into(),
             partition,
             position: (log.len() - 1) as u64,
             duplicate: false,

@@ -14,6 +14,7 @@
 //!   the lowest unacked event of the partition, so a crash re-delivers at
 //!   most the in-flight window (at-least-once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,8 +26,9 @@ use crate::error::Result;
 /// The broker's acknowledgement of one stored event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
-    /// Topic the event was stored in.
-    pub topic: String,
+    /// Topic the event was stored in (shared by a batch's receipts: not an
+    /// allocation per event).
+    pub topic: Arc<str>,
     /// Partition the key mapped to.
     pub partition: u32,
     /// Kafka offset or JetStream stream sequence.

@@ -231,10 +231,10 @@ pub fn decode<'a>(
         |h: &str| Error::malformed(format!("record has no `{h}` header; is it a Keel event?"));
     Ok(Envelope::from_parts(EnvelopeParts {
         id: id.ok_or_else(|| missing(EVENT_ID))?,
-        event_type: event_type.ok_or_else(|| missing(EVENT_TYPE))?,
+        event_type: event_type.ok_or_else(|| missing(EVENT_TYPE))?.into(),
         key: Key::from_bytes(Bytes::copy_from_slice(key)),
         occurred_at: occurred_at.ok_or_else(|| missing(OCCURRED_AT))?,
-        source,
+        source: source.map(Into::into),
         correlation_id,
         causation_id,
         trace,

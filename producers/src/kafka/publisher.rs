@@ -9,6 +9,7 @@
 //! rather than letting a later event overtake — and its acknowledgements are
 //! awaited together.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -219,13 +220,13 @@ impl KafkaPublisher {
 
     async fn acknowledged(
         &self,
-        topic: &str,
+        topic: &Arc<str>,
         what: Sent<'_>,
         (generation, future): (u64, DeliveryFuture),
     ) -> Result<Receipt> {
         match future.await {
             Ok(Ok(delivery)) => Ok(Receipt {
-                topic: topic.to_owned(),
+                topic: topic.clone(),
                 partition: u32::try_from(delivery.partition).unwrap_or_default(),
                 position: u64::try_from(delivery.offset).unwrap_or_default(),
                 duplicate: false,
@@ -337,7 +338,7 @@ impl Publisher for KafkaPublisher {
         async {
             let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
-                .acknowledged(topic, Sent::Event(event.id()), future)
+                .acknowledged(&topic.into(), Sent::Event(event.id()), future)
                 .await?;
             tracing::Span::current().record("partition", receipt.partition);
             Ok(receipt)
@@ -349,6 +350,8 @@ impl Publisher for KafkaPublisher {
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let total = events.len();
         let mut pending = Vec::with_capacity(total);
+        // One topic name shared by the batch's receipts.
+        let shared: Arc<str> = topic.into();
         // One producer for the whole batch: not a lock and a clone per event.
         let current = self.producer();
         // Each envelope is dropped once librdkafka has its copy: freed
@@ -362,7 +365,7 @@ impl Publisher for KafkaPublisher {
                     let mut acked = 0;
                     for (id, future) in pending {
                         acked += usize::from(
-                            self.acknowledged(topic, Sent::Event(id), future)
+                            self.acknowledged(&shared, Sent::Event(id), future)
                                 .await
                                 .is_ok(),
                         );
@@ -382,7 +385,7 @@ impl Publisher for KafkaPublisher {
         let mut receipts = Vec::with_capacity(total);
         let mut failed = None;
         for (id, future) in pending {
-            match self.acknowledged(topic, Sent::Event(id), future).await {
+            match self.acknowledged(&shared, Sent::Event(id), future).await {
                 Ok(receipt) => receipts.push(receipt),
                 // The first failure is the batch's; the rest are still
                 // awaited, so none is left unobserved.
@@ -419,6 +422,7 @@ impl Publisher for KafkaPublisher {
         let sent = self
             .send(&self.producer(), topic, Sent::Record(&record), outgoing)
             .await?;
-        self.acknowledged(topic, Sent::Record(&record), sent).await
+        self.acknowledged(&topic.into(), Sent::Record(&record), sent)
+            .await
     }
 }

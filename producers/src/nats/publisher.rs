@@ -16,7 +16,7 @@
 //! the events around it.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
@@ -328,14 +328,14 @@ impl JetStreamPublisher {
     /// The receipt, or an error naming the event, of an awaited ack.
     fn receipt(
         &self,
-        topic: &str,
+        topic: &Arc<str>,
         id: &(dyn std::fmt::Display + Sync),
         partition: u32,
         ack: std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
     ) -> Result<Receipt> {
         match ack {
             Ok(ack) => Ok(Receipt {
-                topic: topic.to_owned(),
+                topic: topic.clone(),
                 partition,
                 position: ack.sequence,
                 duplicate: ack.duplicate,
@@ -400,7 +400,7 @@ impl JetStreamPublisher {
         prepared.message = prepared.message.expected_last_subject_sequence(expected);
         let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
         let ack = ack.await;
-        self.receipt(topic, &event.id(), partition, ack).map_err(|e| match e {
+        self.receipt(&topic.into(), &event.id(), partition, ack).map_err(|e| match e {
             Error::Publish {
                 topic,
                 event_id,
@@ -436,7 +436,7 @@ impl Publisher for JetStreamPublisher {
             tracing::Span::current().record("partition", prepared.partition);
             let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
             let ack = ack.await;
-            self.receipt(topic, &event.id(), partition, ack)
+            self.receipt(&topic.into(), &event.id(), partition, ack)
         }
         .instrument(span)
         .await
@@ -459,9 +459,11 @@ impl Publisher for JetStreamPublisher {
         let mut receipts = Vec::with_capacity(events.len());
         let mut outstanding = FuturesOrdered::new();
         let mut failure: Option<(usize, Error)> = None;
+        // One topic name shared by the batch's receipts.
+        let shared: Arc<str> = topic.into();
         let mut settle = |(i, partition, ack): (usize, u32, _),
                           failure: &mut Option<(usize, Error)>| match self
-            .receipt(topic, &events[i].id(), partition, ack)
+            .receipt(&shared, &events[i].id(), partition, ack)
         {
             Ok(r) => receipts.push(r),
             Err(e) => {
@@ -598,6 +600,6 @@ impl Publisher for JetStreamPublisher {
         };
         let (partition, ack) = self.send(topic, &id, prepared).await?;
         let ack = ack.await;
-        self.receipt(topic, &id, partition, ack)
+        self.receipt(&topic.into(), &id, partition, ack)
     }
 }
