@@ -534,7 +534,7 @@ pub(crate) async fn publish(
         writeln!(
             out,
             "{}",
-            json!({"topic": receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
+            json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
         )?;
     }
     Ok(())

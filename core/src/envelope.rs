@@ -155,7 +155,8 @@ impl Envelope {
     ///
     /// `event_type` is the Avro full name of the payload's schema
     /// (`shop.orders.OrderPlaced`): a `&'static str` (such as
-    /// `Event::FULL_NAME`) is kept as it is, a `String` is taken over.
+    /// `Event::FULL_NAME`) is kept as it is, a `String` is taken over; pass
+    /// a borrowed, non-`'static` `&str` as `s.to_owned()`.
     pub fn new(
         event_type: impl Into<Cow<'static, str>>,
         key: impl Into<Key>,
@@ -190,7 +191,8 @@ impl Envelope {
         self
     }
 
-    /// Names the producing service (a `&'static str` is not copied).
+    /// Names the producing service (a `&'static str` is not copied; pass a
+    /// borrowed, non-`'static` one as `s.to_owned()`).
     pub fn with_source(mut self, service: impl Into<Cow<'static, str>>) -> Self {
         self.source = Some(service.into());
         self

@@ -26,8 +26,9 @@ use crate::error::Result;
 /// The broker's acknowledgement of one stored event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
-    /// Topic the event was stored in (shared by a batch's receipts: not an
-    /// allocation per event).
+    /// Topic the event was stored in (the Kafka and JetStream publishers
+    /// share one among a batch's receipts: not an allocation per event).
+    /// Compare it as text with `&*receipt.topic == "orders"`.
     pub topic: Arc<str>,
     /// Partition the key mapped to.
     pub partition: u32,
