@@ -15,9 +15,8 @@
 //! `unrouted` — never a value read off the wire, so the label set stays
 //! bounded whatever arrives.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Once, RwLock};
-use std::time::Instant;
+use std::sync::{Once, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use metrics::{Counter, Histogram, Unit, counter, describe_counter, describe_histogram, histogram};
@@ -30,13 +29,26 @@ use super::layer::{DeadLetterReason, Layer, Next, Verdict};
 /// before the router starts) and then only bumps them.
 #[derive(Default)]
 pub struct Metrics {
-    /// Handles by topic, then by (group, event type): a lookup allocates
-    /// nothing.
-    handles: RwLock<ByTopic>,
+    /// The label sets seen so far, with their handles: a few, so scanned
+    /// (comparing the static event type first) rather than hashed; a
+    /// lookup allocates nothing, and the handles are used under the read
+    /// lock rather than cloned out.
+    sets: RwLock<Vec<LabelSet>>,
 }
 
-/// Handles by topic, then by (group, event type).
-type ByTopic = HashMap<String, Vec<(String, &'static str, Arc<Handles>)>>;
+/// One (topic, group, event type) and its handles.
+struct LabelSet {
+    topic: String,
+    group: String,
+    event_type: &'static str,
+    handles: Handles,
+}
+
+impl LabelSet {
+    fn is(&self, topic: &str, group: &str, event_type: &str) -> bool {
+        self.event_type == event_type && self.topic == topic && self.group == group
+    }
+}
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,30 +109,67 @@ impl Handles {
             }),
         }
     }
+
+    /// Counts one handling's verdict and time.
+    fn record(&self, elapsed: Duration, verdict: &Verdict) {
+        self.seconds.record(elapsed.as_secs_f64());
+        let (index, failed) = match verdict {
+            Verdict::Handled => {
+                self.handled.increment(1);
+                (0, false)
+            }
+            Verdict::Skipped { .. } => (1, false),
+            Verdict::Retry { .. } => {
+                self.retried.increment(1);
+                (2, true)
+            }
+            Verdict::Backoff { .. } => {
+                self.retried.increment(1);
+                (3, false)
+            }
+            Verdict::DeadLetter { reason, .. } => (4, reason.is_handler_failure()),
+            Verdict::DeadLettered { reason, .. } => {
+                if let Some(i) = REASONS.iter().position(|r| r == reason) {
+                    self.dead_lettered[i].increment(1);
+                }
+                (5, reason.is_handler_failure())
+            }
+        };
+        self.events[index].increment(1);
+        if failed {
+            self.failed.increment(1);
+        }
+    }
 }
 
 impl Metrics {
-    fn handles(&self, topic: &str, group: &str, event_type: &'static str) -> Arc<Handles> {
-        let find = |map: &ByTopic| {
-            map.get(topic).and_then(|sets| {
-                sets.iter()
-                    .find(|(g, t, _)| g == group && *t == event_type)
-                    .map(|(_, _, h)| h.clone())
-            })
-        };
-        if let Some(h) = find(&self.handles.read().unwrap_or_else(|p| p.into_inner())) {
-            return h;
+    /// Records one handling of `event_type` on `topic` for `group`.
+    fn record(
+        &self,
+        (topic, group, event_type): (&str, &str, &'static str),
+        elapsed: Duration,
+        verdict: &Verdict,
+    ) {
+        {
+            let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(set) = sets.iter().find(|set| set.is(topic, group, event_type)) {
+                set.handles.record(elapsed, verdict);
+                return;
+            }
         }
-        let mut map = self.handles.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = find(&map) {
-            return h;
+        let mut sets = self.sets.write().unwrap_or_else(|p| p.into_inner());
+        if !sets.iter().any(|set| set.is(topic, group, event_type)) {
+            describe();
+            sets.push(LabelSet {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                event_type,
+                handles: Handles::register(topic, group, event_type),
+            });
         }
-        describe();
-        let h = Arc::new(Handles::register(topic, group, event_type));
-        map.entry(topic.to_owned())
-            .or_default()
-            .push((group.to_owned(), event_type, h.clone()));
-        h
+        if let Some(set) = sets.iter().find(|set| set.is(topic, group, event_type)) {
+            set.handles.record(elapsed, verdict);
+        }
     }
 }
 
@@ -160,40 +209,16 @@ impl Layer for Metrics {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
         let started = Instant::now();
         let verdict = next.run(ctx).await;
-        let elapsed = started.elapsed();
         let info = ctx.info();
-        let h = self.handles(
-            &info.coordinates.topic,
-            &info.group,
-            ctx.routed_type().unwrap_or("unrouted"),
+        self.record(
+            (
+                &info.coordinates.topic,
+                &info.group,
+                ctx.routed_type().unwrap_or("unrouted"),
+            ),
+            started.elapsed(),
+            &verdict,
         );
-        h.seconds.record(elapsed.as_secs_f64());
-        let (index, failed) = match &verdict {
-            Verdict::Handled => {
-                h.handled.increment(1);
-                (0, false)
-            }
-            Verdict::Skipped { .. } => (1, false),
-            Verdict::Retry { .. } => {
-                h.retried.increment(1);
-                (2, true)
-            }
-            Verdict::Backoff { .. } => {
-                h.retried.increment(1);
-                (3, false)
-            }
-            Verdict::DeadLetter { reason, .. } => (4, reason.is_handler_failure()),
-            Verdict::DeadLettered { reason, .. } => {
-                if let Some(i) = REASONS.iter().position(|r| r == reason) {
-                    h.dead_lettered[i].increment(1);
-                }
-                (5, reason.is_handler_failure())
-            }
-        };
-        h.events[index].increment(1);
-        if failed {
-            h.failed.increment(1);
-        }
         verdict
     }
 }

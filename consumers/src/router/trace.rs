@@ -120,8 +120,16 @@ impl Layer for Tracing {
             attempt = info.attempt,
             verdict = tracing::field::Empty,
         );
-        let verdict = next.run(ctx).instrument(span.clone()).await;
-        span.record("verdict", verdict.name());
+        let verdict = if span.is_disabled() {
+            // No subscriber records the span: not entered and left at every
+            // poll of the rest of the chain (its ids still go into
+            // follow-up events through the context).
+            next.run(ctx).await
+        } else {
+            let verdict = next.run(ctx).instrument(span.clone()).await;
+            span.record("verdict", verdict.name());
+            verdict
+        };
         match &verdict {
             Verdict::Retry { error, delay } => {
                 span.in_scope(|| tracing::warn!(%error, ?delay, "handling failed; will retry"));
