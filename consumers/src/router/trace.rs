@@ -71,15 +71,28 @@ impl TraceParent {
     pub fn root() -> TraceParent {
         let mut rng = rand::rng();
         TraceParent {
-            trace_id: rng.random_range(1..=u128::MAX),
-            span_id: fresh_span_id(),
+            trace_id: nonzero(|| rng.random()),
+            span_id: nonzero(|| rng.random()),
             flags: 1,
         }
     }
 }
 
 fn fresh_span_id() -> u64 {
-    rand::rng().random_range(1..=u64::MAX)
+    let mut rng = rand::rng();
+    nonzero(|| rng.random())
+}
+
+/// A random id that is not zero (the standard's invalid value): drawn
+/// again in the 1-in-2^64 case rather than through a range, whose
+/// uniform sampling costs a 128-bit (for trace ids, 256-bit) multiply.
+fn nonzero<T: Default + PartialEq>(mut draw: impl FnMut() -> T) -> T {
+    loop {
+        let id = draw();
+        if id != T::default() {
+            return id;
+        }
+    }
 }
 
 impl std::fmt::Display for TraceParent {
