@@ -71,22 +71,21 @@ async fn run(events: usize, batch: usize) -> anyhow::Result<()> {
     let (mut raw_rates, mut keel_rates) = (Vec::new(), Vec::new());
     // The client process's CPU per event (librdkafka's threads included).
     let (mut raw_cpu, mut keel_cpu) = (Vec::new(), Vec::new());
-    let per_event = |before: Option<Duration>| {
-        let used = bench::process_cpu()
-            .zip(before)
-            .map(|(after, before)| after - before);
-        used.map_or(f64::NAN, |d| d.as_secs_f64() * 1e6 / events as f64)
-    };
     for _ in 0..ROUNDS {
-        let before = bench::process_cpu();
-        raw_rates.push(
-            bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events, batch)
-                .await?,
-        );
-        raw_cpu.push(per_event(before));
-        let before = bench::process_cpu();
-        keel_rates.push(keel_throughput(&keel, &codec, &topic, events, batch).await?);
-        keel_cpu.push(per_event(before));
+        let (rate, cpu) = bench::cpu_per_event(
+            events,
+            bench::raw_kafka_produce_rate(&raw, &topic, &pre_encoded, &headers, events, batch),
+        )
+        .await;
+        raw_rates.push(rate?);
+        raw_cpu.push(cpu);
+        let (rate, cpu) = bench::cpu_per_event(
+            events,
+            keel_throughput(&keel, &codec, &topic, events, batch),
+        )
+        .await;
+        keel_rates.push(rate?);
+        keel_cpu.push(cpu);
     }
     let (raw_rate, keel_rate) = (
         bench::median(&mut raw_rates),

@@ -180,15 +180,9 @@ async fn cpu_per_event(
     events: usize,
     round: impl Future<Output = anyhow::Result<f64>>,
 ) -> anyhow::Result<f64> {
-    let before = bench::process_cpu();
-    let rate = round.await?;
-    let used = bench::process_cpu()
-        .zip(before)
-        .map_or(f64::NAN, |(after, before)| {
-            (after - before).as_secs_f64() * 1e6 / events as f64
-        });
-    into.lock().unwrap_or_else(|p| p.into_inner()).push(used);
-    Ok(rate)
+    let (rate, cpu) = bench::cpu_per_event(events, round).await;
+    into.lock().unwrap_or_else(|p| p.into_inner()).push(cpu);
+    rate
 }
 
 fn into_inner(cpu: Mutex<Vec<f64>>) -> Vec<f64> {

@@ -82,6 +82,22 @@ pub fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// Runs `work` and returns its output with this process's CPU time per
+/// event while it ran, in µs (`events` events; NaN without procfs).
+pub async fn cpu_per_event<T>(
+    events: usize,
+    work: impl std::future::Future<Output = T>,
+) -> (T, f64) {
+    let before = process_cpu();
+    let output = work.await;
+    let used = process_cpu()
+        .zip(before)
+        .map_or(f64::NAN, |(after, before)| {
+            (after - before).as_secs_f64() * 1e6 / events as f64
+        });
+    (output, used)
+}
+
 /// p50 and p99 of `samples`.
 pub fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
