@@ -50,11 +50,14 @@ impl PgRelayStore {
             mark: if keep {
                 move_to_archive(
                     &tables,
-                    "id = ANY($1) AND published_at IS NULL",
+                    &format!("id = ANY($1) AND published_at IS NULL AND {NO_FLUSH_WAIT}"),
                     "clock_timestamp()",
                 )
             } else {
-                format!("DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL")
+                format!(
+                    "DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL \
+                     AND {NO_FLUSH_WAIT}"
+                )
             },
             refuse: format!(
                 "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
@@ -185,12 +188,12 @@ impl RelayStore for PgRelayStore {
         // The broker has these rows: losing the mark in a database crash
         // only re-publishes them (at least once either way), so the mark
         // need not wait for its WAL flush.
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit TO off")
-            .execute(&mut *tx)
+        // One statement, one round trip: it turns the flush wait off for
+        // its own (implicit) transaction, see `NO_FLUSH_WAIT`.
+        sqlx::query(&self.mark)
+            .bind(ids)
+            .execute(&self.pool)
             .await?;
-        sqlx::query(&self.mark).bind(ids).execute(&mut *tx).await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -264,6 +267,14 @@ impl RelayStore for PgRelayStore {
         )))
     }
 }
+
+/// A condition that is always true and, evaluated once (an uncorrelated
+/// subquery), sets `synchronous_commit` off for the rest of the statement's
+/// own transaction: the mark is one statement in one round trip instead of
+/// `BEGIN`, `SET LOCAL`, the statement and `COMMIT` in four. The setting is
+/// still in force when the implicit transaction commits (PostgreSQL resets
+/// transaction-local settings after the commit record is written).
+const NO_FLUSH_WAIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
 
 /// Moves the outbox rows `which` selects into the archive, published at
 /// `published_at` (an expression over the moved row).
