@@ -75,7 +75,8 @@ where
         // future (or its stage) by value several times over its life: at
         // spawn, into its cell, and at every stage change (~3k and ~5k
         // instructions of copying per event for serve() and the router,
-        // by callgrind, against one copy into the box and its allocation).
+        // by callgrind, against one copy into the box and its allocation;
+        // tokio boxes a future itself only above 16 KiB in release builds).
         tasks.spawn(Box::pin(async move {
             let _permit = permit;
             task.await;

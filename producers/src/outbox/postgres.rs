@@ -188,8 +188,9 @@ impl RelayStore for PgRelayStore {
         // The broker has these rows: losing the mark in a database crash
         // only re-publishes them (at least once either way), so the mark
         // need not wait for its WAL flush.
-        // One statement, one round trip: it turns the flush wait off for
-        // its own (implicit) transaction, see `NO_FLUSH_WAIT`.
+        // One statement, no transaction around it (three round trips fewer):
+        // it turns the flush wait off for its own implicit transaction, see
+        // `NO_FLUSH_WAIT`.
         sqlx::query(&self.mark)
             .bind(ids)
             .execute(&self.pool)
@@ -270,8 +271,8 @@ impl RelayStore for PgRelayStore {
 
 /// A condition that is always true and, evaluated once (an uncorrelated
 /// subquery), sets `synchronous_commit` off for the rest of the statement's
-/// own transaction: the mark is one statement in one round trip instead of
-/// `BEGIN`, `SET LOCAL`, the statement and `COMMIT` in four. The setting is
+/// own transaction: the mark is one statement instead of `BEGIN`,
+/// `SET LOCAL`, the statement and `COMMIT`. The setting is
 /// still in force when the implicit transaction commits (PostgreSQL resets
 /// transaction-local settings after the commit record is written).
 const NO_FLUSH_WAIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL";
