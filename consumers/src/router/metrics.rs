@@ -157,19 +157,23 @@ impl Metrics {
                 return;
             }
         }
+        // First use of this label set (another task may have added it
+        // since the read).
         let mut sets = self.sets.write().unwrap_or_else(|p| p.into_inner());
-        if !sets.iter().any(|set| set.is(topic, group, event_type)) {
-            describe();
-            sets.push(LabelSet {
-                topic: topic.to_owned(),
-                group: group.to_owned(),
-                event_type,
-                handles: Handles::register(topic, group, event_type),
-            });
-        }
-        if let Some(set) = sets.iter().find(|set| set.is(topic, group, event_type)) {
-            set.handles.record(elapsed, verdict);
-        }
+        let at = match sets.iter().position(|set| set.is(topic, group, event_type)) {
+            Some(at) => at,
+            None => {
+                describe();
+                sets.push(LabelSet {
+                    topic: topic.to_owned(),
+                    group: group.to_owned(),
+                    event_type,
+                    handles: Handles::register(topic, group, event_type),
+                });
+                sets.len() - 1
+            }
+        };
+        sets[at].handles.record(elapsed, verdict);
     }
 }
 

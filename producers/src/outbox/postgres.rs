@@ -36,6 +36,8 @@ impl PgRelayStore {
     pub(crate) fn new(pool: PgPool, tables: OutboxTables, leases: SlotLeases, keep: bool) -> Self {
         let outbox = tables.outbox();
         let archive = tables.archive();
+        // The rows a mark takes out of the outbox.
+        let marked = format!("id = ANY($1) AND published_at IS NULL AND {NO_FLUSH_WAIT}");
         PgRelayStore {
             claim: format!(
                 "SELECT id, topic, event_id, event_type, event_key, occurred_at, source, \
@@ -48,16 +50,9 @@ impl PgRelayStore {
             // with no retention (half the writes: no archive row, no
             // archive index entry).
             mark: if keep {
-                move_to_archive(
-                    &tables,
-                    &format!("id = ANY($1) AND published_at IS NULL AND {NO_FLUSH_WAIT}"),
-                    "clock_timestamp()",
-                )
+                move_to_archive(&tables, &marked, "clock_timestamp()")
             } else {
-                format!(
-                    "DELETE FROM {outbox} WHERE id = ANY($1) AND published_at IS NULL \
-                     AND {NO_FLUSH_WAIT}"
-                )
+                format!("DELETE FROM {outbox} WHERE {marked}")
             },
             refuse: format!(
                 "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
