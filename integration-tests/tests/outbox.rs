@@ -973,6 +973,102 @@ async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
     assert_eq!(order, [b"first".to_vec(), b"second".to_vec()]);
 }
 
+/// A key other than `key` whose lock bucket (1,024 of them) is `key`'s.
+fn bucket_mate(key: &str, nth: usize) -> String {
+    let bucket = |k: &str| (keel_core::partition::murmur2(k.as_bytes()) & 0x7fff_ffff) % 1024;
+    (0..)
+        .map(|i| format!("mate-{i}"))
+        .filter(|k| bucket(k) == bucket(key) && k != key)
+        .nth(nth)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let outbox = outbox(&tables);
+    let mut first = db.pool().begin().await.unwrap();
+    outbox
+        .enqueue(&mut first, "t", &Envelope::new("t", "held-key", "first"))
+        .await
+        .unwrap();
+    // A few keys, one in the open transaction's bucket: not held up.
+    let small: Vec<Envelope> = [bucket_mate("held-key", 0), "elsewhere".into()]
+        .into_iter()
+        .map(|k| Envelope::new("t", k, "small"))
+        .collect();
+    let mut other = db.pool().begin().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        outbox.enqueue_batch(
+            &mut other,
+            &small.iter().map(|e| ("t", e)).collect::<Vec<_>>(),
+        ),
+    )
+    .await
+    .expect("a key sharing only a bucket waited for the open transaction")
+    .unwrap();
+    other.commit().await.unwrap();
+    // A batch of more keys than are locked one by one takes buckets: it
+    // waits for the open transaction (whose key it holds too), and its row
+    // of that key comes after the open transaction's.
+    let large: Vec<Envelope> = std::iter::once("held-key".to_owned())
+        .chain((0..300).map(|i| format!("many-{i}")))
+        .map(|k| Envelope::new("t", k, "large"))
+        .collect();
+    let batch = {
+        let (pool, outbox) = (db.pool().clone(), outbox.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let rows: Vec<(&str, &Envelope)> = large.iter().map(|e| ("t", e)).collect();
+            outbox.enqueue_batch(&mut tx, &rows).await.unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !batch.is_finished(),
+        "a bucket-locked batch did not wait for the open transaction of one of its keys"
+    );
+    first.commit().await.unwrap();
+    batch.await.unwrap();
+    let order: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM keel.outbox WHERE event_key = 'held-key'::bytea ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(order, [b"first".to_vec(), b"large".to_vec()]);
+    // And a few-key transaction of a key a large open batch holds waits.
+    let mut big = db.pool().begin().await.unwrap();
+    let many: Vec<Envelope> = std::iter::once(bucket_mate("held-key", 1))
+        .chain((0..300).map(|i| format!("more-{i}")))
+        .map(|k| Envelope::new("t", k, "big"))
+        .collect();
+    let rows: Vec<(&str, &Envelope)> = many.iter().map(|e| ("t", e)).collect();
+    outbox.enqueue_batch(&mut big, &rows).await.unwrap();
+    let single = {
+        let (pool, outbox) = (db.pool().clone(), outbox.clone());
+        let key = bucket_mate("held-key", 1);
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .enqueue(&mut tx, "t", &Envelope::new("t", key, "after"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !single.is_finished(),
+        "a single key did not wait for the open large batch holding it"
+    );
+    big.commit().await.unwrap();
+    single.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_makes_the_relay_wait_not_park() {
     let tables = OutboxTables::default();

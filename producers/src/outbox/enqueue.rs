@@ -38,55 +38,87 @@ pub struct Outbox {
     tables: OutboxTables,
     codec: Arc<AvroCodec>,
     insert_one: Arc<str>,
-    insert_many: Arc<str>,
+    /// A batch of at most [`KEY_LOCKS_MAX`] keys: per-key locks.
+    insert_keys: Arc<str>,
+    /// A larger batch: bucket locks.
+    insert_buckets: Arc<str>,
     /// First key of the per-key advisory locks: this outbox's own.
     lock_class: i32,
 }
 
-/// Buckets of the per-key advisory locks: enough that unrelated keys rarely
-/// wait for each other, few enough that a large batch stays well inside
-/// PostgreSQL's lock table (`max_locks_per_transaction` × connections).
+/// Buckets of the coarse advisory locks: a batch of many keys locks the
+/// buckets of its keys, so it stays well inside PostgreSQL's lock table
+/// (`max_locks_per_transaction` × connections) however large it is.
 const KEY_LOCK_BUCKETS: i32 = 1024;
+
+/// Batches with at most this many distinct keys lock each key itself (two
+/// locks per key, see [`Outbox::new`]); larger ones lock buckets.
+const KEY_LOCKS_MAX: usize = 256;
 
 impl Outbox {
     /// An outbox in `tables` (created by [`OutboxTables::migrate`]) that
     /// encodes typed events with `codec`.
     pub fn new(tables: OutboxTables, codec: Arc<AvroCodec>) -> Self {
         let outbox = tables.outbox();
-        // Same-key enqueues take a transaction-scoped advisory lock on the
-        // key's bucket before the row gets its id: a second transaction
-        // enqueuing the key waits until the first commits or rolls back, so
-        // a key's ids are allocated in commit order and the relay's id order
-        // is the key's commit order even without the application's own
-        // lock. Batches lock their buckets in ascending order.
+        // Same-key enqueues take transaction-scoped advisory locks before
+        // the row gets its id: a second transaction enqueuing the key waits
+        // until the first commits or rolls back, so a key's ids are
+        // allocated in commit order and the relay's id order is the key's
+        // commit order even without the application's own lock.
+        //
+        // Two granularities, so that unrelated keys do not wait for each
+        // other and a large batch still takes a bounded number of locks:
+        // - a transaction enqueuing few keys takes its keys' buckets in
+        //   share mode, then each key's own lock (exclusive, in the bigint
+        //   key space: `lock_class << 32 | key_hash`);
+        // - a batch of more than `KEY_LOCKS_MAX` keys takes its keys'
+        //   buckets exclusively (at most `KEY_LOCK_BUCKETS` locks).
+        // Two few-key transactions meet on a key's lock only; a large batch
+        // meets every other transaction on the bucket. (With buckets alone,
+        // two concurrent 100-key transactions almost always shared a bucket
+        // of 1,024 and ran one after the other.) Every transaction takes
+        // buckets before keys, each in ascending order, so the locks of one
+        // statement cannot deadlock with another's.
         let insert_one = format!(
             "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13 \
-             FROM (SELECT pg_advisory_xact_lock($15, $5 % {KEY_LOCK_BUCKETS})) AS key_lock \
+             FROM (SELECT pg_advisory_xact_lock_shared($15, $5 % {KEY_LOCK_BUCKETS}), \
+                          pg_advisory_xact_lock($16)) AS key_lock \
              RETURNING 1) \
              SELECT pg_notify($14, '') FROM enqueued"
         );
         // Rows are inserted (and get their ids) in the batch's order; a
         // data-modifying CTE runs to completion whatever the outer query
         // reads, so LIMIT 1 notifies once and still inserts every row.
-        let insert_many = format!(
-            "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
-             SELECT t, e, y, k, h, o, s, c, a, tp, ts, hd::jsonb, p \
-             FROM (SELECT count(*) FROM (SELECT pg_advisory_xact_lock($15, b) FROM \
-                   (SELECT DISTINCT h % {KEY_LOCK_BUCKETS} AS b FROM UNNEST($5::int4[]) AS h ORDER BY b) AS buckets \
-                  ) AS locks) AS key_locks \
-             CROSS JOIN UNNEST(\
-             $1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::int4[], $6::timestamptz[], \
-             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[]) \
-             WITH ORDINALITY AS u(t, e, y, k, h, o, s, c, a, tp, ts, hd, p, n) ORDER BY n RETURNING 1) \
-             SELECT pg_notify($14, '') FROM enqueued LIMIT 1"
-        );
+        // $16: the distinct buckets, ascending; $17: the distinct per-key
+        // lock keys, ascending (empty for a bucket-locked batch). Each
+        // lock count is used by what follows it (always true conditions):
+        // the key locks are taken only after the bucket locks, and the
+        // planner cannot drop either set as unused (it does drop a
+        // `UNION ALL` of the two whose count nothing reads).
+        let insert_many = |bucket_lock: &str| {
+            format!(
+                "WITH enqueued AS (INSERT INTO {outbox} ({COLUMNS}) \
+                 SELECT t, e, y, k, h, o, s, c, a, tp, ts, hd::jsonb, p \
+                 FROM (SELECT count(*) FROM (SELECT {bucket_lock}($15, b) \
+                       FROM UNNEST($16::int4[]) AS b) AS bl) AS buckets_locked(buckets) \
+                 CROSS JOIN LATERAL (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(l) \
+                       FROM UNNEST($17::int8[]) AS l WHERE buckets_locked.buckets >= 0) AS kl) AS keys_locked(keys) \
+                 CROSS JOIN UNNEST(\
+                 $1::text[], $2::uuid[], $3::text[], $4::bytea[], $5::int4[], $6::timestamptz[], \
+                 $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[]) \
+                 WITH ORDINALITY AS u(t, e, y, k, h, o, s, c, a, tp, ts, hd, p, n) \
+                 WHERE keys_locked.keys >= 0 ORDER BY n RETURNING 1) \
+                 SELECT pg_notify($14, '') FROM enqueued LIMIT 1"
+            )
+        };
         let lock_class = murmur2(tables.channel().as_bytes());
         Outbox {
             tables,
             codec,
             insert_one: insert_one.into(),
-            insert_many: insert_many.into(),
+            insert_keys: insert_many("pg_advisory_xact_lock_shared").into(),
+            insert_buckets: insert_many("pg_advisory_xact_lock").into(),
             lock_class,
         }
     }
@@ -141,8 +173,9 @@ impl Outbox {
 
     /// Enqueues an already encoded event in `tx` (pass a transaction: the
     /// event is published once it commits). Waits while another open
-    /// transaction holds an enqueued event of the same key (or of a key in
-    /// the same lock bucket); transactions enqueuing several keys in
+    /// transaction holds an enqueued event of the same key (or, for an
+    /// [`enqueue_batch`](Self::enqueue_batch) of more than 256 keys, of a
+    /// key in the same of 1,024 lock buckets); transactions enqueuing several keys in
     /// different orders can deadlock like any row locks — PostgreSQL then
     /// aborts one with a retriable error.
     pub async fn enqueue(
@@ -168,6 +201,7 @@ impl Outbox {
             .bind(row.payload)
             .bind(self.tables.channel())
             .bind(self.lock_class)
+            .bind(key_lock(self.lock_class, row.key_hash))
             .execute(tx)
             .await
             .map_err(|e| duplicate_or(e, &[event]))?;
@@ -187,7 +221,8 @@ impl Outbox {
         for (topic, event) in events {
             columns.push(Row::new(topic, event)?);
         }
-        sqlx::query(&self.insert_many)
+        let (sql, buckets, keys) = self.locks(&columns.key_hash);
+        sqlx::query(sql)
             .bind(columns.topic)
             .bind(columns.event_id)
             .bind(columns.event_type)
@@ -203,6 +238,8 @@ impl Outbox {
             .bind(columns.payload)
             .bind(self.tables.channel())
             .bind(self.lock_class)
+            .bind(buckets)
+            .bind(keys)
             .execute(tx)
             .await
             .map_err(|e| {
@@ -211,6 +248,32 @@ impl Outbox {
             })?;
         Ok(())
     }
+
+    /// The batch statement for these key hashes, with its bucket and
+    /// per-key lock arrays (distinct, ascending).
+    fn locks(&self, hashes: &[i32]) -> (&str, Vec<i32>, Vec<i64>) {
+        let mut unique = hashes.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let mut buckets: Vec<i32> = unique.iter().map(|h| h % KEY_LOCK_BUCKETS).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        if unique.len() > KEY_LOCKS_MAX {
+            return (&self.insert_buckets, buckets, Vec::new());
+        }
+        let keys = unique
+            .iter()
+            .map(|&h| key_lock(self.lock_class, h))
+            .collect();
+        (&self.insert_keys, buckets, keys)
+    }
+}
+
+/// The per-key lock of `key_hash` (non-negative) in `lock_class`: the
+/// class in the high half, so each outbox has its own keys; ascending in
+/// the hash within a class.
+fn key_lock(lock_class: i32, key_hash: i32) -> i64 {
+    (i64::from(lock_class) << 32) | i64::from(key_hash)
 }
 
 /// One outbox row, as bound to the insert.
