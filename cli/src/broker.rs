@@ -49,8 +49,8 @@ pub(crate) enum TopicsCommand {
 pub(crate) struct CreateArgs {
     /// Topic name.
     topic: String,
-    /// Partitions (default: the `topics.partitions` setting).
-    #[arg(long)]
+    /// Partitions, 1 to 10,000 (default: the `topics.partitions` setting).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(keel_core::config::MAX_PARTITIONS)))]
     partitions: Option<u32>,
     /// Replication factor (-1: the broker's default).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]

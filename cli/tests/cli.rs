@@ -153,6 +153,28 @@ fn bad_flags_and_environment_are_refused_by_name() {
         text(&out.stderr)
     );
 
+    // Refused before anything connects (a stream would list a subject per
+    // partition).
+    let out = keel(
+        &[
+            "--broker",
+            "nats://127.0.0.1:1",
+            "topics",
+            "create",
+            "t",
+            "--partitions",
+            "4294967295",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--partitions"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = keel(&["--broker", "tcp://x:1", "demo"], dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

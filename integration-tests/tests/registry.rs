@@ -1084,6 +1084,9 @@ async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
         ),
         42205
     );
+    // A version past 2^31-1 is refused (no next version could follow).
+    let (path, body) = import("orders-value", &v2, 5009, Some(i64::MAX));
+    assert_eq!(refused(api.post(&path, body).await), 42202);
     let (path, body) = import("orders-value", &v2, 5003, Some(3));
     assert_eq!(
         api.post(&path, body).await,

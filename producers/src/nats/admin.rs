@@ -338,10 +338,16 @@ impl JetStreamAdmin {
     /// it exists exactly so and fails naming every difference otherwise.
     pub async fn ensure_stream(&self, spec: &TopicSpec, settings: &StreamSettings) -> Result<()> {
         validate_name("topic", &spec.name)?;
-        if spec.partitions == 0 {
+        if spec.partitions == 0 || spec.partitions > keel_core::config::MAX_PARTITIONS {
+            // A stream lists a subject per partition: a typo like 600000
+            // would build them all before the server refused.
             return Err(Error::config(
                 "partitions",
-                "a topic needs at least 1 partition",
+                format!(
+                    "a topic needs 1 to {} partitions, got {}",
+                    keel_core::config::MAX_PARTITIONS,
+                    spec.partitions
+                ),
             ));
         }
         settings.validate()?;

@@ -247,7 +247,9 @@ impl RelayStore for PgRelayStore {
         Ok(Backlog {
             backlog: backlog.max(0) as u64,
             parked: parked.max(0) as u64,
-            oldest: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            // An infinite age (a row enqueued at `-infinity`, PostgreSQL 17+)
+            // is no figure, not a panic.
+            oldest: oldest.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
         })
     }
 

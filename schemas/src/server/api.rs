@@ -527,6 +527,13 @@ async fn register(
     let mode = writable(&state, &subject).await?;
     let id = request.id.filter(|id| *id >= 0);
     let version = request.version.filter(|v| *v > 0);
+    // Versions are Confluent's positive 32-bit ids: a larger one would
+    // leave no room for the next version's number.
+    if let Some(v) = version
+        && v > i64::from(i32::MAX)
+    {
+        return Err(ApiError::invalid_version(&v.to_string()));
+    }
     match id {
         Some(id) if mode != "IMPORT" => {
             return Err(ApiError::operation_not_permitted(format!(
