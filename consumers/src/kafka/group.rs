@@ -460,19 +460,7 @@ impl Subscriber for KafkaGroupConsumer {
 
 /// Copies a fetched message out of librdkafka's buffer.
 fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
-    let headers = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = message.headers().map(copy_headers).unwrap_or_default();
     Fetched {
         offset: message.offset(),
         position: u64::try_from(message.offset()).unwrap_or_default(),
@@ -480,6 +468,34 @@ fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
         headers,
         payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
     }
+}
+
+/// Copies a record's headers. rdkafka (0.39) reads each header name as a C
+/// string and panics (`to_str().unwrap()`) on one that is not UTF-8 —
+/// bytes any producer may write, which would take the poll thread, and one
+/// member after another, down. Such a header is dropped with a warning (its
+/// bytes cannot be reached without that panic); the record goes on as
+/// usual, and is dead-lettered if it was a Keel header it needed.
+fn copy_headers<H: Headers + ?Sized>(headers: &H) -> Vec<(String, Bytes)> {
+    (0..headers.count())
+        .filter_map(|idx| {
+            let copy = std::panic::AssertUnwindSafe(|| {
+                headers.try_get(idx).map(|h| {
+                    (
+                        h.key.to_owned(),
+                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                    )
+                })
+            });
+            std::panic::catch_unwind(copy).unwrap_or_else(|_| {
+                tracing::warn!(
+                    header = idx,
+                    "a record header whose name is not UTF-8 was dropped"
+                );
+                None
+            })
+        })
+        .collect()
 }
 
 /// Most records taken from one partition queue per loop turn.
@@ -663,5 +679,47 @@ impl Drop for KafkaMembership {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Header, Headers};
+
+    use super::copy_headers;
+
+    /// Headers whose second name is not UTF-8, as rdkafka reads them: it
+    /// panics on that index.
+    struct OneBadName;
+
+    impl Headers for OneBadName {
+        fn count(&self) -> usize {
+            3
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            match idx {
+                0 => Some(Header {
+                    key: "keel-event-id",
+                    value: Some(b"id"),
+                }),
+                // What rdkafka's `CStr::to_str().unwrap()` does there.
+                1 => panic!("called `Result::unwrap()` on an `Err` value: Utf8Error"),
+                2 => Some(Header {
+                    key: "tenant",
+                    value: None,
+                }),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_header_name_rdkafka_cannot_read_is_dropped_not_fatal() {
+        let copied = copy_headers(&OneBadName);
+        let names: Vec<&str> = copied.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["keel-event-id", "tenant"]);
+        assert_eq!(copied[0].1.as_ref(), b"id");
+        assert!(copied[1].1.is_empty());
     }
 }
