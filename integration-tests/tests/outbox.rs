@@ -301,6 +301,64 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_time_cannot_be_read_is_parked_and_the_relay_goes_on() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(nats_transport().await);
+    let topic = new_topic(&*transport, "outbox-time", 1).await;
+    let outbox = outbox(&tables);
+    let (infinite, far, good) = (
+        Envelope::new("t", "a", "infinite"),
+        Envelope::new("t", "b", "far"),
+        Envelope::new("t", "c", "good"),
+    );
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox
+        .enqueue_batch(
+            &mut tx,
+            &[(&topic, &infinite), (&topic, &far), (&topic, &good)],
+        )
+        .await
+        .unwrap();
+    // Edited by hand: times PostgreSQL stores and chrono cannot hold (a
+    // decode of them panics inside sqlx).
+    sqlx::query(
+        "UPDATE keel.outbox SET occurred_at = CASE event_id \
+         WHEN $1 THEN 'infinity'::timestamptz ELSE '270000-01-01'::timestamptz END \
+         WHERE event_id IN ($1, $2)",
+    )
+    .bind(infinite.id().as_uuid())
+    .bind(far.id().as_uuid())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let RunningRelay {
+        stop,
+        mut stats,
+        task: relay,
+    } = start_relay(db.pool(), transport.clone(), "relay-time");
+    wait_for(&mut stats, "the good row out, the two others parked", |s| {
+        s.published == 1 && s.parked_by_me == 2
+    })
+    .await;
+    let errors: Vec<String> = sqlx::query_scalar(
+        "SELECT last_error FROM keel.outbox WHERE parked_at IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(errors.len(), 2);
+    for error in &errors {
+        assert!(error.contains("occurred_at"), "{error}");
+    }
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    keel_integration_tests::delete_nats_topic(&topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_survives_its_database_connections_being_killed() {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;

@@ -40,7 +40,7 @@ impl PgRelayStore {
         let marked = format!("id = ANY($1) AND published_at IS NULL AND {NO_FLUSH_WAIT}");
         PgRelayStore {
             claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, occurred_at, source, \
+                "SELECT id, topic, event_id, event_type, event_key, {OCCURRED_AT}, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
                  payload FROM {outbox} \
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
@@ -265,6 +265,13 @@ impl RelayStore for PgRelayStore {
         )))
     }
 }
+
+/// The row's `occurred_at`, or NULL where decoding it would panic (sqlx
+/// reads a timestamptz by adding microseconds to an epoch, which chrono
+/// refuses for `±infinity` and for years past its range): such a row is
+/// refused and parked, not a relay that crashes on every claim.
+const OCCURRED_AT: &str = "CASE WHEN isfinite(occurred_at) \
+     AND occurred_at < '200000-01-01 00:00:00+00'::timestamptz THEN occurred_at END AS occurred_at";
 
 /// A condition that is always true and, evaluated once (an uncorrelated
 /// subquery), sets `synchronous_commit` off for the rest of the statement's

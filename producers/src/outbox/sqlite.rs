@@ -403,8 +403,7 @@ impl RelayStore for SqliteRelayStore {
                     event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
                     event_type: row.try_get("event_type")?,
                     key: row.try_get("event_key")?,
-                    occurred_at: chrono::DateTime::from_timestamp_millis(occurred)
-                        .unwrap_or_default(),
+                    occurred_at: chrono::DateTime::from_timestamp_millis(occurred),
                     source: row.try_get("source")?,
                     correlation_id: row.try_get("correlation_id")?,
                     causation_id: row.try_get("causation_id")?,

@@ -80,7 +80,9 @@ pub(crate) struct ClaimedRow {
     pub(crate) event_id: Uuid,
     pub(crate) event_type: String,
     pub(crate) key: Vec<u8>,
-    pub(crate) occurred_at: DateTime<Utc>,
+    /// `None` when the column holds no time an event can carry (edited by
+    /// hand to `infinity`, or past chrono's range): the row is refused.
+    pub(crate) occurred_at: Option<DateTime<Utc>>,
     pub(crate) source: Option<String>,
     pub(crate) correlation_id: Option<String>,
     pub(crate) causation_id: Option<String>,
@@ -104,9 +106,19 @@ impl ClaimedRow {
     /// parked after its attempts and the relay goes on.
     pub(crate) fn into_claimed(self) -> Claimed {
         let id = self.id;
+        let Some(occurred_at) = self.occurred_at else {
+            return Claimed {
+                id,
+                topic: self.topic,
+                event: Err(format!(
+                    "outbox row {id}: occurred_at is not a time an event can carry \
+                     (infinite, or out of range); fix the column and requeue the row"
+                )),
+            };
+        };
         let mut event = Envelope::new(self.event_type, Key::from_bytes(self.key), self.payload)
             .with_id(EventId::from_uuid(self.event_id))
-            .with_occurred_at(self.occurred_at)
+            .with_occurred_at(occurred_at)
             .with_trace(TraceContext {
                 traceparent: self.traceparent,
                 tracestate: self.tracestate,
