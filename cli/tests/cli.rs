@@ -153,6 +153,20 @@ fn bad_flags_and_environment_are_refused_by_name() {
         text(&out.stderr)
     );
 
+    // The flags' own variables are read as flags, not refused as unknown
+    // settings: the command gets as far as the (unreachable) registry.
+    let out = keel(
+        &["--registry", "http://127.0.0.1:1", "schema", "list"],
+        dir.path(),
+        &[("KEEL_REGISTRY_AUTH", "user:secret")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        !stderr.contains("unknown setting") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
+
     // Refused before anything connects (a stream would list a subject per
     // partition).
     let out = keel(

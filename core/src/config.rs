@@ -498,6 +498,20 @@ impl PublisherConfig {
 /// Upper bound on partitions, to catch typos like `600000`.
 pub const MAX_PARTITIONS: u32 = 10_000;
 
+/// `KEEL_*` variables that are not settings: the `keel` binary reads them
+/// as its own flags (`--config`, `--registry-auth`, `registry serve
+/// --basic-auth`, …), so the settings loader leaves them alone instead of
+/// refusing them as unknown settings.
+const FLAG_VARIABLES: &[&str] = &[
+    "config",
+    "log",
+    "registry_auth",
+    "registry_ca",
+    "registry_basic_auth",
+    "registry_tls_cert",
+    "registry_tls_key",
+];
+
 impl KeelConfig {
     /// Loads defaults ← `file` (when given; it must exist) ← `KEEL_*`
     /// environment, then validates.
@@ -525,7 +539,7 @@ impl KeelConfig {
         figment = figment.merge(
             Env::prefixed("KEEL_")
                 .split("__")
-                .ignore(&["config", "log"])
+                .ignore(FLAG_VARIABLES)
                 .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_")),
         );
         Ok(figment)
@@ -783,6 +797,13 @@ mod tests {
             jail.set_env("KEEL_BROKER", "nats://env:4222");
             jail.set_env("KEEL_CONSUMER__MAX_IN_FLIGHT", "7");
             jail.set_env("KEEL_TEST_KAFKA", "ignored by config");
+            // The binary's own flag variables are not settings.
+            jail.set_env("KEEL_REGISTRY_AUTH", "user:secret");
+            jail.set_env("KEEL_REGISTRY_BASIC_AUTH", "keel:s3cret");
+            jail.set_env("KEEL_REGISTRY_CA", "ca.pem");
+            jail.set_env("KEEL_REGISTRY_TLS_CERT", "cert.pem");
+            jail.set_env("KEEL_REGISTRY_TLS_KEY", "key.pem");
+            jail.set_env("KEEL_REGISTRY", "http://env:8081");
             #[derive(Serialize)]
             struct Flags {
                 topics: TopicDefaults,
@@ -793,6 +814,7 @@ mod tests {
             let c = KeelConfig::load_with(Some(Path::new("keel.toml")), &flags)
                 .map_err(|e| e.to_string())?;
             assert_eq!(c.broker.to_string(), "nats://env:4222");
+            assert_eq!(c.registry.as_deref(), Some("http://env:8081"));
             assert_eq!(c.service, "orders");
             assert_eq!(c.consumer.max_in_flight, 7);
             assert_eq!(c.topics.partitions, 12);
