@@ -462,6 +462,37 @@ fn topic_error(topic: &str, reason: String, retriable: bool) -> Error {
     }
 }
 
+/// Kafka's own rule for topic names (as its brokers enforce it; some
+/// Kafka-compatible brokers do not): 1 to 249 of `a-z A-Z 0-9 . _ -`, and
+/// not `.` or `..`.
+fn check_topic_name(name: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(topic_error(
+            name,
+            format!("not a valid Kafka topic name: {why}"),
+            false,
+        ))
+    };
+    if name.is_empty() {
+        return refuse("it is empty");
+    }
+    if name.len() > 249 {
+        return refuse("it is longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return refuse("`.` and `..` are reserved");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return refuse(&format!(
+            "{c:?} is not allowed (only a-z, A-Z, 0-9, `.`, `_` and `-`)"
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl TopicAdmin for KafkaAdmin {
     async fn ensure_topic(&self, spec: &TopicSpec) -> Result<()> {
@@ -471,6 +502,7 @@ impl TopicAdmin for KafkaAdmin {
 
 impl KafkaAdmin {
     async fn create(&self, spec: &TopicSpec, settings: &TopicSettings) -> Result<()> {
+        check_topic_name(&spec.name)?;
         if spec.partitions == 0 {
             return Err(topic_error(
                 &spec.name,
@@ -548,6 +580,31 @@ impl KafkaAdmin {
                     ));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_topic_name;
+
+    #[test]
+    fn topic_names_follow_kafkas_rule() {
+        for good in ["orders", "shop.orders-v2_x", &"a".repeat(249)] {
+            assert!(check_topic_name(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("bad name", "' '"),
+            ("ordres/x", "'/'"),
+            ("..", "reserved"),
+            (&"a".repeat(250), "249"),
+        ] {
+            let e = check_topic_name(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains("Kafka topic name"),
+                "{bad}: {e}"
+            );
         }
     }
 }
