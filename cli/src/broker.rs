@@ -699,7 +699,8 @@ pub(crate) async fn tail(
         )
         .await?;
     let mut printed = 0;
-    let stop = tokio::signal::ctrl_c();
+    // Ctrl-C or SIGTERM: either way the tail leaves its group.
+    let stop = crate::registry::shutdown_signal();
     tokio::pin!(stop);
     while args.count.is_none_or(|n| printed < n) {
         let item = tokio::select! {

@@ -598,6 +598,40 @@ fn broker_commands(broker: &str, partitions: usize) {
     ]);
     assert_eq!(again.lines().count(), 10, "{again}");
 
+    // SIGTERM (a service manager's stop) ends a tail as Ctrl-C does: it
+    // leaves its group and exits 0.
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["tail", "--topic", &topic, "--from", "earliest"])
+        .current_dir(dir.path())
+        .envs(env.clone())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keel tail");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        tail.stdout.take().expect("tail's stdout"),
+    ));
+    assert!(
+        lines.next().is_some_and(|l| l.is_ok()),
+        "tail printed nothing"
+    );
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &tail.id().to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    // Its stdout stays open until it ended: a closed pipe would end it
+    // cleanly on its own.
+    let status = tail.wait().expect("tail ends");
+    drop(lines);
+    let mut stderr = String::new();
+    if let Some(mut pipe) = tail.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    assert!(status.success(), "{status}: {stderr}");
+
     // A reader that goes away (`keel … | head -0`) ends the command
     // quietly, never with a panic.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
