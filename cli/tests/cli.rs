@@ -603,7 +603,7 @@ fn broker_commands(broker: &str, partitions: usize) {
     let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["tail", "--topic", &topic, "--from", "earliest"])
         .current_dir(dir.path())
-        .envs(env.clone())
+        .envs(env)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
