@@ -981,6 +981,22 @@ async fn published_rows_are_kept_for_the_retention_then_purged() {
     purging.finish().await;
 }
 
+/// The payloads of `key`'s rows in the outbox, in id order.
+async fn payloads_of(pool: &sqlx::PgPool, key: &str) -> Vec<Vec<u8>> {
+    sqlx::query_scalar("SELECT payload FROM keel.outbox WHERE event_key = $1 ORDER BY id")
+        .bind(key.as_bytes())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Asserts that `task` (an enqueue that must wait for a lock) is still
+/// waiting after a while.
+async fn assert_waiting(task: &tokio::task::JoinHandle<()>, what: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "{what} did not wait");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
     let tables = OutboxTables::default();
@@ -1015,20 +1031,13 @@ async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
     .expect("a different key waited for the open transaction")
     .unwrap();
     other.commit().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !second.is_finished(),
-        "the same key did not wait for the open transaction"
-    );
+    assert_waiting(&second, "the same key (behind the open transaction)").await;
     first.commit().await.unwrap();
     second.await.unwrap();
-    let order: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT payload FROM keel.outbox WHERE event_key = 'same-key'::bytea ORDER BY id",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
-    assert_eq!(order, [b"first".to_vec(), b"second".to_vec()]);
+    assert_eq!(
+        payloads_of(db.pool(), "same-key").await,
+        [b"first".to_vec(), b"second".to_vec()]
+    );
 }
 
 /// A key other than `key` whose lock bucket (1,024 of them) is `key`'s.
@@ -1084,20 +1093,17 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
             tx.commit().await.unwrap();
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !batch.is_finished(),
-        "a bucket-locked batch did not wait for the open transaction of one of its keys"
-    );
+    assert_waiting(
+        &batch,
+        "a bucket-locked batch (behind an open transaction of one of its keys)",
+    )
+    .await;
     first.commit().await.unwrap();
     batch.await.unwrap();
-    let order: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT payload FROM keel.outbox WHERE event_key = 'held-key'::bytea ORDER BY id",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
-    assert_eq!(order, [b"first".to_vec(), b"large".to_vec()]);
+    assert_eq!(
+        payloads_of(db.pool(), "held-key").await,
+        [b"first".to_vec(), b"large".to_vec()]
+    );
     // And a few-key transaction of a key a large open batch holds waits.
     let mut big = db.pool().begin().await.unwrap();
     let many: Vec<Envelope> = std::iter::once(bucket_mate("held-key", 1))
@@ -1118,11 +1124,11 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
             tx.commit().await.unwrap();
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !single.is_finished(),
-        "a single key did not wait for the open large batch holding it"
-    );
+    assert_waiting(
+        &single,
+        "a single key (behind the open large batch holding it)",
+    )
+    .await;
     big.commit().await.unwrap();
     single.await.unwrap();
 }
