@@ -990,6 +990,27 @@ async fn payloads_of(pool: &sqlx::PgPool, key: &str) -> Vec<Vec<u8>> {
         .unwrap()
 }
 
+/// Enqueues `events` (topic `t`) in a transaction of its own on another
+/// task and commits: one event through `enqueue` (the single-row
+/// statement), more through `enqueue_batch`.
+fn spawn_enqueue(
+    pool: &sqlx::PgPool,
+    outbox: &keel_producers::outbox::Outbox,
+    events: Vec<Envelope>,
+) -> tokio::task::JoinHandle<()> {
+    let (pool, outbox) = (pool.clone(), outbox.clone());
+    tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        if let [event] = events.as_slice() {
+            outbox.enqueue(&mut tx, "t", event).await.unwrap();
+        } else {
+            let rows: Vec<(&str, &Envelope)> = events.iter().map(|e| ("t", e)).collect();
+            outbox.enqueue_batch(&mut tx, &rows).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    })
+}
+
 /// Asserts that `task` (an enqueue that must wait for a lock) is still
 /// waiting after a while.
 async fn assert_waiting(task: &tokio::task::JoinHandle<()>, what: &str) {
@@ -1010,17 +1031,11 @@ async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
         .enqueue(&mut first, "t", &Envelope::new("t", "same-key", "first"))
         .await
         .unwrap();
-    let second = {
-        let (pool, outbox) = (db.pool().clone(), outbox.clone());
-        tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            outbox
-                .enqueue(&mut tx, "t", &Envelope::new("t", "same-key", "second"))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-        })
-    };
+    let second = spawn_enqueue(
+        db.pool(),
+        &outbox,
+        vec![Envelope::new("t", "same-key", "second")],
+    );
     // Another key is not held up.
     let mut other = db.pool().begin().await.unwrap();
     tokio::time::timeout(
@@ -1084,15 +1099,7 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
         .chain((0..300).map(|i| format!("many-{i}")))
         .map(|k| Envelope::new("t", k, "large"))
         .collect();
-    let batch = {
-        let (pool, outbox) = (db.pool().clone(), outbox.clone());
-        tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            let rows: Vec<(&str, &Envelope)> = large.iter().map(|e| ("t", e)).collect();
-            outbox.enqueue_batch(&mut tx, &rows).await.unwrap();
-            tx.commit().await.unwrap();
-        })
-    };
+    let batch = spawn_enqueue(db.pool(), &outbox, large);
     assert_waiting(
         &batch,
         "a bucket-locked batch (behind an open transaction of one of its keys)",
@@ -1112,18 +1119,11 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
         .collect();
     let rows: Vec<(&str, &Envelope)> = many.iter().map(|e| ("t", e)).collect();
     outbox.enqueue_batch(&mut big, &rows).await.unwrap();
-    let single = {
-        let (pool, outbox) = (db.pool().clone(), outbox.clone());
-        let key = bucket_mate("held-key", 1);
-        tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            outbox
-                .enqueue(&mut tx, "t", &Envelope::new("t", key, "after"))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-        })
-    };
+    let single = spawn_enqueue(
+        db.pool(),
+        &outbox,
+        vec![Envelope::new("t", bucket_mate("held-key", 1), "after")],
+    );
     assert_waiting(
         &single,
         "a single key (behind the open large batch holding it)",
