@@ -23,7 +23,7 @@ use keel_producers::kafka::{
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
 };
-use keel_schemas::{AvroCodec, CodecOptions, RegistryClient, SubjectNameStrategy};
+use keel_schemas::{AvroCodec, CodecOptions, RegistryClient, SchemaError, SubjectNameStrategy};
 use serde_json::{Value, json};
 
 #[derive(Debug, Subcommand)]
@@ -465,10 +465,20 @@ pub(crate) async fn publish(
         .subject
         .clone()
         .unwrap_or_else(|| SubjectNameStrategy::TopicName.subject(&args.topic, ""));
-    let latest = registry
-        .version(&subject, "latest")
-        .await
-        .with_context(|| format!("no schema to encode with under subject `{subject}`"))?;
+    let latest = match registry.version(&subject, "latest").await {
+        Ok(latest) => latest,
+        Err(SchemaError::Registry { status: 404, .. }) if args.subject.is_none() => bail!(
+            "no schema under subject `{subject}` (the topic-name default for topic `{topic}`): \
+             register one there (`keel schema register DIR --strategy topic-name --topic {topic}`) \
+             or name the subject with --subject (`keel schema register DIR` registers each \
+             record under its full name, e.g. --subject shop.orders.OrderPlaced)",
+            topic = args.topic
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("no schema to encode with under subject `{subject}`"));
+        }
+    };
     let event_type = full_name(&latest.schema)
         .with_context(|| format!("the latest schema of `{subject}` is not a named record"))?;
     let codec = AvroCodec::new(
@@ -511,14 +521,9 @@ pub(crate) async fn publish(
             (None, None) => bail!("say which key to publish under: --key-field FIELD or --key KEY"),
         };
         let payload = codec
-            .encode_with_id(latest.id, &value)
+            .encode_json(latest.id, &value)
             .await
-            .with_context(|| {
-                format!(
-                    "line {at}: does not fit schema {} (`{subject}` v{})",
-                    latest.id, latest.version
-                )
-            })?;
+            .with_context(|| format!("line {at} (subject `{subject}` v{})", latest.version))?;
         events.push(
             Envelope::new(event_type.clone(), key, payload).with_source(config.service.clone()),
         );

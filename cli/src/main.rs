@@ -114,8 +114,10 @@ enum Command {
     Group(broker::GroupCommand),
     /// Publish JSON lines as Avro events, encoded with the subject's latest
     /// schema from the registry; prints partition and offset of each.
-    #[command(after_help = "Example:\n  \
-        echo '{\"order_id\":\"o-1\", …}' | keel --broker kafka://127.0.0.1:9092 publish --topic orders --key-field order_id")]
+    #[command(after_help = "Examples:\n  \
+        keel --broker kafka://127.0.0.1:9092 publish --topic orders --subject shop.orders.OrderPlaced \\\n    \
+        --file orders.jsonl --key-field order_id\n  \
+        echo '{\"order_id\":\"0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091\", …}' | keel publish --topic orders --key-field order_id")]
     Publish(broker::PublishArgs),
     /// Print events as JSON lines: decoded payload, headers, partition and
     /// offset.

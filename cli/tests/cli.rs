@@ -473,7 +473,9 @@ fn broker_commands(broker: &str, partitions: usize) {
     std::fs::write(
         schemas.join("test.Greeting.avsc"),
         r#"{"type":"record","name":"Greeting","namespace":"test","fields":[
-            {"name":"id","type":"string"},{"name":"n","type":"long"}]}"#,
+            {"name":"id","type":"string"},{"name":"n","type":"long"},
+            {"name":"price","type":["null",{"type":"bytes","logicalType":"decimal",
+             "precision":6,"scale":2}],"default":null}]}"#,
     )
     .expect("write schema");
     let dir_arg = schemas.display().to_string();
@@ -547,6 +549,36 @@ fn broker_commands(broker: &str, partitions: usize) {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // A decimal the schema's scale cannot hold is refused, not rounded.
+    std::fs::write(&bad, "{\"id\":\"x\",\"n\":1,\"price\":\"1.005\"}\n").expect("write");
+    let out = keel(
+        &[
+            "publish", "--topic", &topic, "--file", &bad_arg, "--key", "x",
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("field `price`: 1.005 has 3 decimal places"),
+        "{stderr}"
+    );
+    // No schema under the topic's default subject: the hint names both ways.
+    let other = format!("{topic}-other");
+    let out = keel(
+        &[
+            "publish", "--topic", &other, "--file", &bad_arg, "--key", "x",
+        ],
+        dir.path(),
+        &env,
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("`{other}-value`")) && stderr.contains("--subject"),
+        "{stderr}"
+    );
     let out = keel(
         &["publish", "--topic", &topic, "--file", &bad_arg],
         dir.path(),

@@ -71,6 +71,9 @@ struct Reader {
     /// fields read themselves; `None` when a decimal is `fixed`-based or of
     /// another scale.
     money: Option<FastSchema>,
+    /// The schema's graph, for checking JSON values against its logical
+    /// types ([`AvroCodec::encode_json`]).
+    graph: Option<serde_avro_fast::schema::SchemaMut>,
 }
 
 impl Reader {
@@ -178,8 +181,32 @@ impl AvroCodec {
         self.reader(id).await?.decode(body, money_decimals)
     }
 
-    /// Encodes any serializable value (e.g. JSON from `keel publish`) with
-    /// the schema registered under `id`.
+    /// Encodes a JSON value (`keel publish`'s input) with the schema
+    /// registered under `id`. Values the schema's logical types cannot hold
+    /// exactly are refused, naming the field: a decimal with more places
+    /// than its scale (never rounded) or more digits than its precision, a
+    /// `uuid` string that is not a UUID. Decimals may be JSON strings or
+    /// numbers; a number is taken as the digits it is written with.
+    pub async fn encode_json(&self, id: u32, value: &serde_json::Value) -> Result<Vec<u8>> {
+        let reader = self.reader(id).await?;
+        let refused = |reason| SchemaError::Json {
+            schema_id: id,
+            reason,
+        };
+        let mut value = value.clone();
+        if let Some(graph) = &reader.graph {
+            crate::logical::check(graph, &mut value).map_err(refused)?;
+        }
+        let mut out = Vec::with_capacity(128);
+        out.push(MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        let mut config = SerializerConfig::new(&reader.schema);
+        serde_avro_fast::to_datum(&value, out, &mut config).map_err(|e| refused(e.to_string()))
+    }
+
+    /// Encodes any serializable value with the schema registered under
+    /// `id` (for JSON, [`AvroCodec::encode_json`] also checks logical
+    /// types).
     pub async fn encode_with_id<V: Serialize + ?Sized>(
         &self,
         id: u32,
@@ -256,7 +283,13 @@ impl AvroCodec {
             .ok()
             .as_ref()
             .and_then(money_as_bytes);
-        let reader = Arc::new(Reader { id, schema, money });
+        let graph = text.parse().ok();
+        let reader = Arc::new(Reader {
+            id,
+            schema,
+            money,
+            graph,
+        });
         let mut readers = write(&self.readers);
         match readers.iter().find(|r| r.id == id) {
             Some(r) => Ok(r.clone()),

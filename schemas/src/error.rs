@@ -51,6 +51,15 @@ pub enum SchemaError {
         reason: String,
     },
 
+    /// A JSON value does not fit the schema it is encoded with.
+    #[error("the JSON value does not fit schema {schema_id}: {reason}")]
+    Json {
+        /// The schema's id.
+        schema_id: u32,
+        /// What does not fit, naming the field.
+        reason: String,
+    },
+
     /// A schema document is not valid Avro.
     #[error("invalid Avro schema: {0}")]
     InvalidSchema(String),

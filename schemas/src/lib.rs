@@ -27,6 +27,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod framing;
+mod logical;
 pub mod registry;
 pub mod server;
 pub mod subject;

@@ -1,0 +1,274 @@
+//! Checks a JSON value against its schema's logical types before it is
+//! encoded (`keel publish`, [`AvroCodec::encode_json`]).
+//!
+//! The Avro encoder takes a decimal's text and *rescales* it to the
+//! schema's scale, rounding `"12.505"` to `12.51` for a `decimal(12,2)`,
+//! and never looks at the precision; a `uuid` string is written as any
+//! string. A value the schema's type cannot hold exactly is refused here,
+//! with the field's path, instead of being changed silently. JSON numbers
+//! in decimal positions are turned into their text, so the encoder parses
+//! the digits written rather than a binary float.
+//!
+//! [`AvroCodec::encode_json`]: crate::codec::AvroCodec::encode_json
+
+use std::fmt::Write as _;
+
+use rust_decimal::Decimal as RustDecimal;
+use serde_avro_fast::schema::{LogicalType, RegularType, SchemaKey, SchemaMut};
+use serde_json::Value;
+
+/// Checks (and, for decimals given as JSON numbers, rewrites) `value`
+/// against `schema`. The error names the field (`lines[1].unit_price`) and
+/// what is wrong; a value of the wrong JSON kind is left to the encoder.
+pub(crate) fn check(schema: &SchemaMut, value: &mut Value) -> Result<(), String> {
+    let mut path = String::new();
+    match walk(schema, schema.root(), value, &mut path) {
+        Fit::Bad(reason) => Err(reason),
+        Fit::Fits | Fit::OtherKind => Ok(()),
+    }
+}
+
+enum Fit {
+    /// The value has the node's JSON kind and, where it has a logical
+    /// type, a value that type holds.
+    Fits,
+    /// The value is of another JSON kind (another union branch may take
+    /// it; otherwise the encoder says what it expected).
+    OtherKind,
+    /// The value has the node's kind but its logical type cannot hold it.
+    Bad(String),
+}
+
+fn walk(
+    schema: &SchemaMut,
+    node: &serde_avro_fast::schema::SchemaNode,
+    value: &mut Value,
+    path: &mut String,
+) -> Fit {
+    match (&node.logical_type, &node.type_) {
+        (Some(LogicalType::Decimal(decimal)), RegularType::Bytes | RegularType::Fixed(_)) => {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                Value::Number(number) => number.to_string(),
+                _ => return Fit::OtherKind,
+            };
+            match check_decimal(&text, decimal.precision, decimal.scale) {
+                Ok(()) => {
+                    *value = Value::String(text);
+                    Fit::Fits
+                }
+                Err(reason) => Fit::Bad(at(path, &reason)),
+            }
+        }
+        (Some(LogicalType::Uuid), RegularType::String) => match value {
+            Value::String(text) => match uuid::Uuid::try_parse(text) {
+                Ok(_) => Fit::Fits,
+                Err(_) => Fit::Bad(at(
+                    path,
+                    &format!("{value} is not a UUID (the schema's logical type is uuid)"),
+                )),
+            },
+            _ => Fit::OtherKind,
+        },
+        (_, RegularType::Union(union)) => {
+            let mut bad = None;
+            for variant in &union.variants {
+                match walk(schema, node_at(schema, *variant), value, path) {
+                    Fit::Fits => return Fit::Fits,
+                    Fit::Bad(reason) => {
+                        bad.get_or_insert(reason);
+                    }
+                    Fit::OtherKind => {}
+                }
+            }
+            bad.map_or(Fit::OtherKind, Fit::Bad)
+        }
+        (_, RegularType::Record(record)) => {
+            let Value::Object(fields) = value else {
+                return Fit::OtherKind;
+            };
+            for field in &record.fields {
+                if let Some(member) = fields.get_mut(&field.name) {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(&field.name);
+                    let fit = walk(schema, node_at(schema, field.type_), member, path);
+                    path.truncate(len);
+                    if let Fit::Bad(reason) = fit {
+                        return Fit::Bad(reason);
+                    }
+                }
+            }
+            Fit::Fits
+        }
+        (_, RegularType::Array(array)) => {
+            let Value::Array(items) = value else {
+                return Fit::OtherKind;
+            };
+            each(
+                schema,
+                array.items,
+                items.iter_mut().enumerate(),
+                path,
+                |path, i| {
+                    let _ = write!(path, "[{i}]");
+                },
+            )
+        }
+        (_, RegularType::Map(map)) => {
+            let Value::Object(entries) = value else {
+                return Fit::OtherKind;
+            };
+            each(schema, map.values, entries.iter_mut(), path, |path, key| {
+                let _ = write!(path, "[{key:?}]");
+            })
+        }
+        (_, plain) => {
+            let fits = match plain {
+                RegularType::Null => value.is_null(),
+                RegularType::Boolean => value.is_boolean(),
+                RegularType::Int | RegularType::Long => value.is_i64() || value.is_u64(),
+                RegularType::Float | RegularType::Double => value.is_number(),
+                RegularType::Bytes
+                | RegularType::String
+                | RegularType::Fixed(_)
+                | RegularType::Enum(_) => value.is_string(),
+                _ => true,
+            };
+            if fits { Fit::Fits } else { Fit::OtherKind }
+        }
+    }
+}
+
+/// Walks every `(label, value)` of an array or map against `items`.
+fn each<'v, L>(
+    schema: &SchemaMut,
+    items: SchemaKey,
+    values: impl Iterator<Item = (L, &'v mut Value)>,
+    path: &mut String,
+    label: impl Fn(&mut String, L),
+) -> Fit {
+    let node = node_at(schema, items);
+    for (name, item) in values {
+        let len = path.len();
+        label(path, name);
+        let fit = walk(schema, node, item, path);
+        path.truncate(len);
+        if let Fit::Bad(reason) = fit {
+            return Fit::Bad(reason);
+        }
+    }
+    Fit::Fits
+}
+
+fn node_at(schema: &SchemaMut, key: SchemaKey) -> &serde_avro_fast::schema::SchemaNode {
+    // Keys come from the schema's own nodes, so every one resolves.
+    schema.get(key).unwrap_or(schema.root())
+}
+
+fn at(path: &str, reason: &str) -> String {
+    if path.is_empty() {
+        reason.to_owned()
+    } else {
+        format!("field `{path}`: {reason}")
+    }
+}
+
+/// Whether `text` is a decimal number that `decimal(precision, scale)`
+/// holds exactly.
+fn check_decimal(text: &str, precision: usize, scale: u32) -> Result<(), String> {
+    let number = RustDecimal::from_str_exact(text.trim()).map_err(|_| {
+        format!(
+            "{text:?} is not a decimal number (write it as digits with an optional \
+             sign and point, e.g. \"12.50\", for decimal({precision},{scale}))"
+        )
+    })?;
+    let places = number.normalize().scale();
+    if places > scale {
+        return Err(format!(
+            "{text} has {places} decimal places; the schema's decimal({precision},{scale}) \
+             keeps {scale}: round it before publishing (nothing is rounded for you)"
+        ));
+    }
+    let whole = number.trunc().abs();
+    let digits = if whole.is_zero() {
+        0
+    } else {
+        whole.normalize().to_string().len()
+    };
+    let allowed = precision.saturating_sub(scale as usize);
+    if digits > allowed {
+        return Err(format!(
+            "{text} has {digits} digits before the point; the schema's \
+             decimal({precision},{scale}) allows {allowed}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> SchemaMut {
+        r#"{"type": "record", "name": "Order", "fields": [
+            {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+            {"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+            {"name": "lines", "type": {"type": "array", "items": {"type": "record", "name": "Line", "fields": [
+                {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}}
+            ]}}},
+            {"name": "note", "type": ["null", {"type": "string", "logicalType": "uuid"}], "default": null}
+        ]}"#
+        .parse()
+        .expect("test schema parses")
+    }
+
+    fn order(total: Value, price: Value, note: Value) -> Value {
+        json!({"id": "0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091", "total": total,
+               "lines": [{"price": "1.00"}, {"price": price}], "note": note})
+    }
+
+    #[test]
+    fn values_the_types_hold_pass_and_json_numbers_become_text() {
+        let mut value = order(json!("12.50"), json!(3.5), Value::Null);
+        check(&schema(), &mut value).expect("fits");
+        assert_eq!(value["lines"][1]["price"], json!("3.5"));
+        for total in ["0", "-0.01", "9999999999.99", "12.5", "12.500", " 7 "] {
+            check(&schema(), &mut order(json!(total), json!("1"), Value::Null))
+                .unwrap_or_else(|e| panic!("{total}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rounding_precision_and_bad_uuids_are_refused_by_field() {
+        let refused = |mut value: Value| check(&schema(), &mut value).expect_err("refused");
+        let e = refused(order(json!("12.505"), json!("1"), Value::Null));
+        assert!(
+            e.starts_with("field `total`: 12.505 has 3 decimal places"),
+            "{e}"
+        );
+        let e = refused(order(json!("123456789012345.00"), json!("1"), Value::Null));
+        assert!(
+            e.contains("15 digits before the point") && e.contains("allows 10"),
+            "{e}"
+        );
+        let e = refused(order(json!("1"), json!("10000.00"), Value::Null));
+        assert!(e.starts_with("field `lines[1].price`: "), "{e}");
+        let e = refused(order(json!("1e3"), json!("1"), Value::Null));
+        assert!(e.contains("not a decimal number"), "{e}");
+        let e = refused(order(json!("1"), json!("1"), json!("o-1")));
+        assert!(e.starts_with("field `note`: \"o-1\" is not a UUID"), "{e}");
+        let mut value = order(json!("1"), json!("1"), Value::Null);
+        value["id"] = json!("o-1");
+        assert!(refused(value).starts_with("field `id`: "));
+    }
+
+    #[test]
+    fn other_kinds_are_left_to_the_encoder() {
+        let mut value = order(json!(true), json!("1"), Value::Null);
+        check(&schema(), &mut value).expect("the encoder says what it expected");
+    }
+}
