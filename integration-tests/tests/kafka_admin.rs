@@ -168,6 +168,20 @@ async fn topics_groups_lag_and_resets() {
     member.leave().await.unwrap();
     wait_until_empty(&admin, &group).await;
 
+    // A time after the last event: the end, not a replay of everything
+    // (tansu answers offset 0 for it where Kafka answers none).
+    let after_all = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1_000;
+    admin
+        .reset_group(&group, &topic, ResetTo::Timestamp(after_all))
+        .await
+        .unwrap();
+    let lag = admin.lag(&group, &topic).await.unwrap();
+    assert_eq!(lag.iter().map(|p| p.lag).sum::<i64>(), 0, "{lag:?}");
+
     // Per partition: only the partitions named move.
     let positions = admin
         .reset_group(&group, &topic, ResetTo::Offsets(vec![(1, 0)]))

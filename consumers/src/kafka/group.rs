@@ -32,6 +32,7 @@ use keel_core::delivery::{Deliveries, Membership};
 use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result};
 use keel_producers::kafka::KafkaClientConfig;
+use keel_producers::kafka::admin::correct_time_offsets;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
@@ -158,6 +159,8 @@ struct KeelContext {
     /// librdkafka's last error-level log line: the detail (e.g. "SASL
     /// authentication error: …") that its error events leave out.
     last_failure: Mutex<Option<String>>,
+    /// The client's settings, to check a time start's offsets with.
+    time_reader: rdkafka::ClientConfig,
 }
 
 impl ClientContext for KeelContext {
@@ -217,6 +220,7 @@ impl KeelContext {
                     .offsets_for_times(query, Duration::from_secs(10))
                     .map_err(|e| tracing::warn!(error = %e, topic = %self.topic, "cannot look up offsets for the start time; starting from the earliest"))
                     .ok()
+                    .map(|found| self.corrected(consumer, &found, at.timestamp_millis()))
             }
             _ => None,
         };
@@ -237,8 +241,8 @@ impl KeelContext {
                     StartFrom::Timestamp(_) => {
                         match by_time
                             .as_ref()
-                            .and_then(|t| t.find_partition(e.topic(), p))
-                            .map(|found| found.offset())
+                            .and_then(|t| t.iter().find(|(q, _)| *q == p))
+                            .map(|&(_, found)| found)
                         {
                             Some(Offset::Offset(o)) if o >= 0 => (Offset::Offset(o), Some(o)),
                             // No event at or after the time: the end.
@@ -253,6 +257,41 @@ impl KeelContext {
             starts.push((p, start));
         }
         (out, starts)
+    }
+
+    /// Each partition's offsets-for-times answer, checked against its
+    /// last record (see [`correct_time_offsets`]).
+    fn corrected(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        found: &TopicPartitionList,
+        at_ms: i64,
+    ) -> Vec<(i32, Offset)> {
+        let mut answers = Vec::new();
+        let mut others = Vec::new();
+        for e in found.elements() {
+            match e.offset() {
+                Offset::Offset(o) if o >= 0 => {
+                    match consumer.fetch_watermarks(
+                        e.topic(),
+                        e.partition(),
+                        Duration::from_secs(10),
+                    ) {
+                        Ok((low, high)) => answers.push((e.partition(), o, low, high)),
+                        Err(_) => others.push((e.partition(), e.offset())),
+                    }
+                }
+                offset => others.push((e.partition(), offset)),
+            }
+        }
+        if let Err(e) = correct_time_offsets(&self.time_reader, &self.topic, at_ms, &mut answers) {
+            tracing::warn!(error = %e, topic = %self.topic, "cannot check the broker's offsets for the start time; taking them as they are");
+        }
+        answers
+            .into_iter()
+            .map(|(p, o, _, _)| (p, Offset::Offset(o)))
+            .chain(others)
+            .collect()
     }
 
     fn commit(&self, consumer: &BaseConsumer<Self>, positions: &[(i32, i64)], mode: CommitMode) {
@@ -382,6 +421,7 @@ impl Subscriber for KafkaGroupConsumer {
             drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
             assignment: assignment_tx,
             last_failure: Mutex::new(None),
+            time_reader: self.config.client.client_config(),
         };
         let mut client = self.config.client.client_config();
         client

@@ -346,12 +346,15 @@ impl KafkaAdmin {
             partitions.retain(|p| wanted.iter().any(|(w, _)| w == p));
         }
         let topic_name = topic.to_owned();
+        let reader_config = self.client.client_config();
         let result = tokio::task::spawn_blocking(move || {
             let mut positions = Vec::new();
             let mut by_time = TopicPartitionList::new();
+            let mut watermarks = Vec::new();
             for &p in &partitions {
                 let (earliest, latest) =
                     consumer.fetch_watermarks(&topic_name, p, ADMIN_TIMEOUT)?;
+                watermarks.push((p, earliest, latest));
                 match &to {
                     ResetTo::Earliest => positions.push((p, earliest)),
                     ResetTo::Latest => positions.push((p, latest)),
@@ -367,17 +370,24 @@ impl KafkaAdmin {
                     }
                 }
             }
-            if let ResetTo::Timestamp(_) = to {
+            if let ResetTo::Timestamp(ms) = to {
                 let found = consumer.offsets_for_times(by_time, ADMIN_TIMEOUT)?;
                 for e in found.elements() {
                     e.error()?;
                 }
-                for (p, position) in &mut positions {
+                let mut answers = Vec::new();
+                for &(p, earliest, latest) in &watermarks {
                     // No event at or after the time: the end (kept).
                     if let Some(Offset::Offset(o)) =
-                        found.find_partition(&topic_name, *p).map(|e| e.offset())
+                        found.find_partition(&topic_name, p).map(|e| e.offset())
                         && o >= 0
                     {
+                        answers.push((p, o, earliest, latest));
+                    }
+                }
+                correct_time_offsets(&reader_config, &topic_name, ms, &mut answers)?;
+                for (p, position) in &mut positions {
+                    if let Some(&(_, o, _, _)) = answers.iter().find(|a| a.0 == *p) {
                         *position = o;
                     }
                 }
@@ -462,6 +472,18 @@ fn topic_error(topic: &str, reason: String, retriable: bool) -> Error {
     }
 }
 
+/// `retention.ms` as Kafka's brokers validate it: -1 (forever) or more.
+fn check_retention(topic: &str, retention_ms: Option<i64>) -> Result<()> {
+    match retention_ms {
+        Some(ms) if ms < -1 => Err(topic_error(
+            topic,
+            format!("retention.ms {ms}: give a number of ms, or -1 to keep events forever"),
+            false,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Kafka's own rule for topic names (as its brokers enforce it; some
 /// Kafka-compatible brokers do not): 1 to 249 of `a-z A-Z 0-9 . _ -`, and
 /// not `.` or `..`.
@@ -503,6 +525,7 @@ impl TopicAdmin for KafkaAdmin {
 impl KafkaAdmin {
     async fn create(&self, spec: &TopicSpec, settings: &TopicSettings) -> Result<()> {
         check_topic_name(&spec.name)?;
+        check_retention(&spec.name, settings.retention_ms)?;
         if spec.partitions == 0 {
             return Err(topic_error(
                 &spec.name,
@@ -584,9 +607,81 @@ impl KafkaAdmin {
     }
 }
 
+/// Corrects a broker's offsets-for-times answers for `at_ms` on `topic`,
+/// given as (partition, offset, low watermark, high watermark).
+///
+/// Kafka answers "none" (-1) for a partition with no record at or after
+/// the time; some Kafka-compatible brokers (tansu 0.6) answer offset 0
+/// there instead, which would re-read the whole partition. An answer at or
+/// below the partition's first offset is therefore checked: when the
+/// partition's last record is older than the time, nothing is at or after
+/// it and the answer becomes the end (the high watermark). Other answers,
+/// and partitions whose last record cannot be read within a few seconds,
+/// are kept. `config` is a client configuration to read with (no group is
+/// joined, nothing is committed).
+pub fn correct_time_offsets(
+    config: &rdkafka::ClientConfig,
+    topic: &str,
+    at_ms: i64,
+    answers: &mut [(i32, i64, i64, i64)],
+) -> rdkafka::error::KafkaResult<()> {
+    let suspicious: Vec<usize> = (0..answers.len())
+        .filter(|&i| {
+            let (_, offset, low, high) = answers[i];
+            offset <= low && high > low
+        })
+        .collect();
+    if suspicious.is_empty() {
+        return Ok(());
+    }
+    let mut reader = config.clone();
+    // librdkafka wants a group for `assign`; it is never joined (no
+    // subscribe) and nothing is committed to it.
+    reader
+        .set("group.id", "keel-time-check")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = reader.create()?;
+    let mut last = TopicPartitionList::new();
+    for &i in &suspicious {
+        let (p, _, _, high) = answers[i];
+        last.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
+    }
+    consumer.assign(&last)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut unread = suspicious;
+    while !unread.is_empty() && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        use rdkafka::Message;
+        let Some(at) = unread
+            .iter()
+            .position(|&i| answers[i].0 == message.partition())
+        else {
+            continue;
+        };
+        let i = unread.swap_remove(at);
+        if message.timestamp().to_millis().is_some_and(|ts| ts < at_ms) {
+            answers[i].1 = answers[i].3;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_topic_name;
+    use super::{check_retention, check_topic_name};
+
+    #[test]
+    fn retention_is_minus_one_or_more() {
+        for good in [None, Some(-1), Some(0), Some(604_800_000)] {
+            assert!(check_retention("t", good).is_ok(), "{good:?}");
+        }
+        let e = check_retention("t", Some(-5)).unwrap_err().to_string();
+        assert!(e.contains("retention.ms -5") && e.contains("-1"), "{e}");
+    }
 
     #[test]
     fn topic_names_follow_kafkas_rule() {
