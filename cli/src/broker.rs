@@ -669,15 +669,26 @@ impl Reader {
         })
     }
 
-    /// Removes a throw-away group's state where the broker keeps it per
-    /// group (NATS durable consumers would otherwise pile up, one set per
-    /// run).
+    /// Removes a throw-away group's state (NATS durable consumers, Kafka
+    /// group offsets), which would otherwise pile up, one set per run.
     pub(crate) async fn clean_up(&self, topic: &str) -> anyhow::Result<()> {
-        if let (Broker::Nats(client), true) = (&self.broker, self.throwaway) {
-            JetStreamAdmin::connect(client)
-                .await?
-                .delete_group(&self.group, topic)
-                .await?;
+        if !self.throwaway {
+            return Ok(());
+        }
+        match &self.broker {
+            Broker::Nats(client) => {
+                JetStreamAdmin::connect(client)
+                    .await?
+                    .delete_group(&self.group, topic)
+                    .await?;
+            }
+            // The group has left; a broker that still counts it as a
+            // member keeps the (empty) group, which is only clutter.
+            Broker::Kafka(client) => {
+                if let Err(e) = KafkaAdmin::new(client, -1)?.delete_group(&self.group).await {
+                    tracing::warn!(error = %e, "the throw-away group is left on the broker");
+                }
+            }
         }
         Ok(())
     }
@@ -695,6 +706,22 @@ pub(crate) async fn tail(
         (None, From::Latest) => StartFrom::Latest,
     };
     let reader = Reader::with_group(config, "tail", args.group.clone()).await?;
+    // A Kafka consumer waits for a missing topic, and for an unreachable
+    // broker, without end: find out first, as NATS does.
+    if let Broker::Kafka(client) = &reader.broker {
+        let brokers = client.bootstrap.join(",");
+        let partitions = KafkaAdmin::new(client, -1)?
+            .partitions(&args.topic)
+            .await
+            .with_context(|| format!("cannot reach the Kafka broker at {brokers}"))?;
+        if partitions.is_none() {
+            bail!(
+                "topic `{}` does not exist on {brokers}: create it with `keel topics create {}`",
+                args.topic,
+                args.topic
+            );
+        }
+    }
     // One at a time, so lines come out in each partition's order.
     let mut deliveries = reader
         .subscribe(

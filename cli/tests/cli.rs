@@ -631,7 +631,16 @@ fn broker_commands(broker: &str, partitions: usize) {
     assert_eq!(again.lines().count(), 10, "{again}");
 
     // SIGTERM (a service manager's stop) ends a tail as Ctrl-C does: it
-    // leaves its group and exits 0.
+    // leaves its group, removes it (a throw-away group) and exits 0.
+    let throwaway_groups = || -> std::collections::BTreeSet<String> {
+        run(&["group", "list"])
+            .lines()
+            .filter_map(|l| l.split('\t').next())
+            .filter(|name| name.starts_with("keel-tail-"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = throwaway_groups();
     let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["tail", "--topic", &topic, "--from", "earliest"])
         .current_dir(dir.path())
@@ -663,6 +672,8 @@ fn broker_commands(broker: &str, partitions: usize) {
         let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
     }
     assert!(status.success(), "{status}: {stderr}");
+    let left: Vec<String> = throwaway_groups().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "throw-away groups left: {left:?}");
 
     // A reader that goes away (`keel … | head -0`) ends the command
     // quietly, never with a panic.
@@ -683,6 +694,21 @@ fn broker_commands(broker: &str, partitions: usize) {
     );
 
     dlq_commands(broker, &topic, &registry.url, &run);
+
+    // A topic that does not exist: refused at once on either broker (a
+    // Kafka consumer alone would wait for it without end).
+    let missing = format!("{topic}-missing");
+    let out = keel(
+        &["tail", "--topic", &missing, "--count", "1"],
+        dir.path(),
+        &env,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("keel topics create"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Not a broker: refused by name.
     let out = keel(

@@ -225,6 +225,23 @@ impl KafkaAdmin {
         Ok(groups)
     }
 
+    /// Deletes `group` and its committed offsets (refused by the broker
+    /// while it has members). For throw-away groups such as `keel tail`'s.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+        let results = self
+            .admin
+            .delete_groups(&[group], &options)
+            .await
+            .map_err(|e| group_error(group, "", format!("cannot delete it: {e}")))?;
+        for result in results {
+            if let Err((_, code)) = result {
+                return Err(group_error(group, "", format!("cannot delete it: {code}")));
+            }
+        }
+        Ok(())
+    }
+
     /// The broker's groups, or only `name` (described alone).
     async fn groups(&self, name: Option<&str>) -> Result<Vec<GroupSummary>> {
         let admin = self.admin.clone();
