@@ -105,7 +105,7 @@ impl PartitionState {
     /// Adds `offset` to the acked ranges, merging neighbours.
     fn mark_acked(&mut self, offset: i64) {
         let mut start = offset;
-        let mut end = offset + 1;
+        let mut end = offset.saturating_add(1);
         if let Some((&s, &e)) = self.acked.range(..=offset).next_back()
             && e >= offset
         {
@@ -332,7 +332,9 @@ impl Engine {
         }
         ps.fetched_end = Some(
             ps.fetched_end
-                .map_or(record.offset + 1, |end| end.max(record.offset + 1)),
+                .map_or(record.offset.saturating_add(1), |end| {
+                    end.max(record.offset.saturating_add(1))
+                }),
         );
         let queue = ps.queues.entry(key.clone()).or_default();
         let at = queue.partition_point(|&o| o < record.offset);

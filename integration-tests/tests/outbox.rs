@@ -355,6 +355,20 @@ async fn a_row_whose_time_cannot_be_read_is_parked_and_the_relay_goes_on() {
     }
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
+    // An operator's listing reads such times as unknown, not a panic.
+    sqlx::query("UPDATE keel.outbox SET enqueued_at = 'infinity', parked_at = '-infinity' WHERE event_id = $1")
+        .bind(infinite.id().as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let listed = keel_producers::outbox::parked::list(db.pool(), &tables, &Default::default(), 10)
+        .await
+        .unwrap();
+    let times: Vec<_> = listed
+        .iter()
+        .map(|r| (r.enqueued_at.is_some(), r.parked_at.is_some()))
+        .collect();
+    assert_eq!(times, [(false, false), (true, true)], "{listed:?}");
     keel_integration_tests::delete_nats_topic(&topic).await;
 }
 

@@ -199,9 +199,29 @@ impl RegistryClient {
                     .body(body.to_string());
             }
             let outcome = match request.send().await {
-                Ok(response) => {
+                Ok(response) => 'answer: {
                     let status = response.status();
-                    let text = response.text().await.unwrap_or_default();
+                    let text = match read_capped(response, MAX_ANSWER_BYTES).await {
+                        Ok(text) => text,
+                        Err(Some(e)) => {
+                            break 'answer SchemaError::Unreachable {
+                                url: self.base.to_string(),
+                                cause: format!("the answer from {url} broke off: {}", chain(&e))
+                                    .into(),
+                            };
+                        }
+                        Err(None) => {
+                            return Err(SchemaError::Registry {
+                                status: status.as_u16(),
+                                code: 0,
+                                message: format!(
+                                    "the answer from {url} is larger than {} MiB; \
+                                     is this URL a schema registry?",
+                                    MAX_ANSWER_BYTES >> 20
+                                ),
+                            });
+                        }
+                    };
                     if status.is_success() {
                         return serde_json::from_str(&text).map_err(|e| SchemaError::Registry {
                             status: status.as_u16(),
@@ -218,7 +238,15 @@ impl RegistryClient {
                         Err(_) => SchemaError::Registry {
                             status: status.as_u16(),
                             code: i64::from(status.as_u16()),
-                            message: text.chars().take(500).collect(),
+                            message: if text.trim().is_empty() {
+                                format!(
+                                    "{} from {url} with no error body (is this URL a \
+                                     Confluent-compatible schema registry?)",
+                                    status.canonical_reason().unwrap_or("no answer")
+                                )
+                            } else {
+                                text.chars().take(500).collect()
+                            },
                         },
                     };
                     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
@@ -466,5 +494,80 @@ impl Registry for RegistryClient {
         let id = self.register_schema(subject, schema, &[], true).await?;
         write(&self.ids).insert(key, id);
         Ok(id)
+    }
+}
+
+/// The largest registry answer read (a listing of every schema of a large
+/// registry stays far below it; anything bigger is not a registry's).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// The body of `response` as text, read chunk by chunk up to `cap` bytes:
+/// `Err(None)` past it, `Err(Some(_))` when reading failed.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> std::result::Result<String, Option<reqwest::Error>> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Some)? {
+        if body.len() + chunk.len() > cap {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode as Status;
+    use axum::routing::get;
+
+    #[tokio::test]
+    async fn oversized_and_empty_answers_are_named_errors() {
+        let chunks = || {
+            futures::stream::iter(
+                (0..65).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1 << 20]))),
+            )
+        };
+        let app = axum::Router::new()
+            .route(
+                "/subjects/sized/versions/latest",
+                get(|| async { vec![b' '; MAX_ANSWER_BYTES + 1] }),
+            )
+            .route(
+                "/subjects/streamed/versions/latest",
+                get(move || async move { axum::body::Body::from_stream(chunks()) }),
+            )
+            .route(
+                "/subjects/empty/versions/latest",
+                get(|| async { Status::NOT_FOUND }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = RegistryClient::new(&url, ClientOptions::default()).expect("client");
+        for subject in ["sized", "streamed"] {
+            let e = client
+                .version(subject, "latest")
+                .await
+                .expect_err("too large")
+                .to_string();
+            assert!(e.contains("is larger than 64 MiB"), "{subject}: {e}");
+        }
+        let e = client
+            .version("empty", "latest")
+            .await
+            .expect_err("404")
+            .to_string();
+        assert!(
+            e.contains("Not Found from http://") && e.contains("no error body"),
+            "{e}"
+        );
     }
 }

@@ -181,7 +181,7 @@ impl PartitionAcks {
             .values()
             .next()
             .map(|(s, _)| *s)
-            .or((self.last_sequence > 0).then_some(self.last_sequence + 1))
+            .or((self.last_sequence > 0).then_some(self.last_sequence.saturating_add(1)))
     }
 
     /// Takes the acker of `ordinal` out, remembering its sequence as acked
@@ -861,7 +861,7 @@ impl Member {
                         .state
                         .last_sequence;
                     consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: last + 1,
+                        start_sequence: last.saturating_add(1),
                     }
                 }
                 StartFrom::Timestamp(at) => consumer::DeliverPolicy::ByStartTime { start_time: at },
@@ -1162,12 +1162,12 @@ async fn read_partition(
                 let Some(pa) = map.get_mut(&p) else {
                     return; // no longer ours
                 };
-                if pa.last_delivery != 0 && delivery != pa.last_delivery + 1 {
+                if pa.last_delivery != 0 && delivery != pa.last_delivery.saturating_add(1) {
                     // A delivery never reached us (a reconnect, a lost pull
                     // batch): handling what follows could overtake it within
                     // its key. Stop here; the partition re-opens at its ack
                     // floor once what is out has drained.
-                    tracing::warn!(%topic, partition = p, expected = pa.last_delivery + 1, got = delivery, "a delivery was lost; re-reading the partition from its ack floor");
+                    tracing::warn!(%topic, partition = p, expected = pa.last_delivery.saturating_add(1), got = delivery, "a delivery was lost; re-reading the partition from its ack floor");
                     let _ = broken.send((p, assignment));
                     return;
                 }

@@ -180,11 +180,11 @@ pub fn resume_policy(info: &consumer::Info) -> consumer::DeliverPolicy {
     match info.config.deliver_policy {
         consumer::DeliverPolicy::ByStartSequence { start_sequence } => {
             consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start_sequence.max(floor + 1),
+                start_sequence: start_sequence.max(floor.saturating_add(1)),
             }
         }
         _ if floor > 0 => consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: floor + 1,
+            start_sequence: floor.saturating_add(1),
         },
         // `All` or `ByStartTime` with nothing acked: the same start again.
         // (Keel never creates `New`: `Latest` is resolved to a sequence.)
@@ -759,7 +759,7 @@ impl JetStreamAdmin {
                         (
                             p,
                             consumer::DeliverPolicy::ByStartSequence {
-                                start_sequence: last + 1,
+                                start_sequence: last.saturating_add(1),
                             },
                         )
                     })

@@ -10,6 +10,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::error::Result;
+use super::postgres::readable_time;
 use super::tables::OutboxTables;
 
 /// Which parked rows an operation applies to: all of them, or those
@@ -41,10 +42,11 @@ pub struct ParkedRow {
     pub attempts: i32,
     /// The last refusal's error.
     pub last_error: Option<String>,
-    /// When it was enqueued.
-    pub enqueued_at: DateTime<Utc>,
-    /// When it was parked.
-    pub parked_at: DateTime<Utc>,
+    /// When it was enqueued (`None` for a stored time no date can hold,
+    /// such as a hand-edited `infinity`).
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// When it was parked (`None` as for `enqueued_at`).
+    pub parked_at: Option<DateTime<Utc>>,
 }
 
 /// The parked rows matching `filter`, oldest first, at most `limit`.
@@ -55,9 +57,10 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<ParkedRow>> {
     let outbox = tables.outbox();
+    let (enqueued_at, parked_at) = (readable_time("enqueued_at"), readable_time("parked_at"));
     let rows = sqlx::query(&format!(
         "SELECT id, topic, event_id, event_type, event_key, octet_length(payload)::int8 AS size, \
-         attempts, last_error, enqueued_at, parked_at FROM {outbox} \
+         attempts, last_error, {enqueued_at}, {parked_at} FROM {outbox} \
          WHERE published_at IS NULL AND parked_at IS NOT NULL \
          AND ($1::text IS NULL OR topic = $1) \
          AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \

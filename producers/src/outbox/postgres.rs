@@ -38,9 +38,12 @@ impl PgRelayStore {
         let archive = tables.archive();
         // The rows a mark takes out of the outbox.
         let marked = format!("id = ANY($1) AND published_at IS NULL AND {NO_FLUSH_WAIT}");
+        // A row whose time cannot be read is refused and parked, not a
+        // relay that crashes on every claim.
+        let occurred_at = readable_time("occurred_at");
         PgRelayStore {
             claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, {OCCURRED_AT}, source, \
+                "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
                  payload FROM {outbox} \
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
@@ -266,12 +269,16 @@ impl RelayStore for PgRelayStore {
     }
 }
 
-/// The row's `occurred_at`, or NULL where decoding it would panic (sqlx
-/// reads a timestamptz by adding microseconds to an epoch, which chrono
-/// refuses for `±infinity` and for years past its range): such a row is
-/// refused and parked, not a relay that crashes on every claim.
-const OCCURRED_AT: &str = "CASE WHEN isfinite(occurred_at) \
-     AND occurred_at < '200000-01-01 00:00:00+00'::timestamptz THEN occurred_at END AS occurred_at";
+/// `column` (a timestamptz) as itself, or NULL where decoding it would
+/// panic (sqlx reads a timestamptz by adding microseconds to an epoch,
+/// which chrono refuses for `±infinity` and for years past its range).
+/// Such times get there only by a hand edit or another writer.
+pub(crate) fn readable_time(column: &str) -> String {
+    format!(
+        "CASE WHEN isfinite({column}) AND {column} < '200000-01-01 00:00:00+00'::timestamptz \
+         THEN {column} END AS {column}"
+    )
+}
 
 /// A condition that is always true and, evaluated once (an uncorrelated
 /// subquery), sets `synchronous_commit` off for the rest of the statement's

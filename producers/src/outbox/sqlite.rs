@@ -243,7 +243,8 @@ impl SqliteInbox {
 
     /// Deletes records older than `retention`, `batch` rows per statement.
     pub async fn purge(&self, pool: &SqlitePool, retention: Duration, batch: usize) -> Result<u64> {
-        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2));
         let mut total = 0;
         loop {
             let done = sqlx::query(&self.purge)
@@ -450,7 +451,8 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn purge(&self, retention: Duration, batch: usize) -> Result<u64> {
-        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2));
         Ok(sqlx::query(&self.purge)
             .bind(cutoff)
             .bind(batch as i64)
@@ -467,7 +469,8 @@ impl RelayStore for SqliteRelayStore {
         Ok(Backlog {
             backlog: backlog.max(0) as u64,
             parked: parked.max(0) as u64,
-            oldest: oldest.map(|at| Duration::from_millis((now_ms() - at).max(0) as u64)),
+            oldest: oldest
+                .map(|at| Duration::from_millis(now_ms().saturating_sub(at).max(0) as u64)),
         })
     }
 
