@@ -185,23 +185,23 @@ impl AvroCodec {
     /// registered under `id`. Values the schema's logical types cannot hold
     /// exactly are refused, naming the field: a decimal with more places
     /// than its scale (never rounded) or more digits than its precision, a
-    /// `uuid` string that is not a UUID. Decimals may be JSON strings or
-    /// numbers; a number is taken as the digits it is written with.
+    /// `uuid` string that is not a hyphenated UUID. Decimals are JSON
+    /// strings or integers (a JSON number with a fraction is refused: it
+    /// is a binary float once parsed).
     pub async fn encode_json(&self, id: u32, value: &serde_json::Value) -> Result<Vec<u8>> {
         let reader = self.reader(id).await?;
         let refused = |reason| SchemaError::Json {
             schema_id: id,
             reason,
         };
-        let mut value = value.clone();
         if let Some(graph) = &reader.graph {
-            crate::logical::check(graph, &mut value).map_err(refused)?;
+            crate::logical::check(graph, value).map_err(refused)?;
         }
         let mut out = Vec::with_capacity(128);
         out.push(MAGIC);
         out.extend_from_slice(&id.to_be_bytes());
         let mut config = SerializerConfig::new(&reader.schema);
-        serde_avro_fast::to_datum(&value, out, &mut config).map_err(|e| refused(e.to_string()))
+        serde_avro_fast::to_datum(value, out, &mut config).map_err(|e| refused(e.to_string()))
     }
 
     /// Encodes any serializable value with the schema registered under

@@ -5,9 +5,10 @@
 //! schema's scale, rounding `"12.505"` to `12.51` for a `decimal(12,2)`,
 //! and never looks at the precision; a `uuid` string is written as any
 //! string. A value the schema's type cannot hold exactly is refused here,
-//! with the field's path, instead of being changed silently. JSON numbers
-//! in decimal positions are turned into their text, so the encoder parses
-//! the digits written rather than a binary float.
+//! with the field's path, instead of being changed silently. Decimals are
+//! JSON strings, or JSON integers: a JSON number with a fraction is a
+//! binary float by the time it is parsed (`0.1` is not one tenth), so it is
+//! refused with a hint to quote it.
 //!
 //! [`AvroCodec::encode_json`]: crate::codec::AvroCodec::encode_json
 
@@ -17,10 +18,10 @@ use rust_decimal::Decimal as RustDecimal;
 use serde_avro_fast::schema::{LogicalType, RegularType, SchemaKey, SchemaMut};
 use serde_json::Value;
 
-/// Checks (and, for decimals given as JSON numbers, rewrites) `value`
-/// against `schema`. The error names the field (`lines[1].unit_price`) and
-/// what is wrong; a value of the wrong JSON kind is left to the encoder.
-pub(crate) fn check(schema: &SchemaMut, value: &mut Value) -> Result<(), String> {
+/// Checks `value` against `schema`'s logical types. The error names the
+/// field (`lines[1].unit_price`) and what is wrong; a value of the wrong
+/// JSON kind is left to the encoder.
+pub(crate) fn check(schema: &SchemaMut, value: &Value) -> Result<(), String> {
     let mut path = String::new();
     match walk(schema, schema.root(), value, &mut path) {
         Fit::Bad(reason) => Err(reason),
@@ -42,32 +43,40 @@ enum Fit {
 fn walk(
     schema: &SchemaMut,
     node: &serde_avro_fast::schema::SchemaNode,
-    value: &mut Value,
+    value: &Value,
     path: &mut String,
 ) -> Fit {
     match (&node.logical_type, &node.type_) {
         (Some(LogicalType::Decimal(decimal)), RegularType::Bytes | RegularType::Fixed(_)) => {
-            let text = match value {
-                Value::String(text) => text.clone(),
-                Value::Number(number) => number.to_string(),
+            let checked = match value {
+                Value::String(text) => check_decimal(text, decimal.precision, decimal.scale),
+                Value::Number(number) if number.is_i64() || number.is_u64() => {
+                    check_decimal(&number.to_string(), decimal.precision, decimal.scale)
+                }
+                Value::Number(number) => Err(format!(
+                    "{number} is a JSON number with a fraction, which JSON readers take \
+                     as a binary float (inexact); write the decimal as a string: \"{number}\""
+                )),
                 _ => return Fit::OtherKind,
             };
-            match check_decimal(&text, decimal.precision, decimal.scale) {
-                Ok(()) => {
-                    *value = Value::String(text);
-                    Fit::Fits
-                }
+            match checked {
+                Ok(()) => Fit::Fits,
                 Err(reason) => Fit::Bad(at(path, &reason)),
             }
         }
         (Some(LogicalType::Uuid), RegularType::String) => match value {
-            Value::String(text) => match uuid::Uuid::try_parse(text) {
-                Ok(_) => Fit::Fits,
-                Err(_) => Fit::Bad(at(
-                    path,
-                    &format!("{value} is not a UUID (the schema's logical type is uuid)"),
-                )),
-            },
+            // The hyphenated form only, as other languages' readers (Java's
+            // UUID.fromString) take it.
+            Value::String(text) if text.len() == 36 && uuid::Uuid::try_parse(text).is_ok() => {
+                Fit::Fits
+            }
+            Value::String(_) => Fit::Bad(at(
+                path,
+                &format!(
+                    "{value} is not a UUID in its hyphenated form \
+                     (8-4-4-4-12 hex digits; the schema's logical type is uuid)"
+                ),
+            )),
             _ => Fit::OtherKind,
         },
         (_, RegularType::Union(union)) => {
@@ -88,7 +97,7 @@ fn walk(
                 return Fit::OtherKind;
             };
             for field in &record.fields {
-                if let Some(member) = fields.get_mut(&field.name) {
+                if let Some(member) = fields.get(&field.name) {
                     let len = path.len();
                     if !path.is_empty() {
                         path.push('.');
@@ -110,7 +119,7 @@ fn walk(
             each(
                 schema,
                 array.items,
-                items.iter_mut().enumerate(),
+                items.iter().enumerate(),
                 path,
                 |path, i| {
                     let _ = write!(path, "[{i}]");
@@ -121,7 +130,7 @@ fn walk(
             let Value::Object(entries) = value else {
                 return Fit::OtherKind;
             };
-            each(schema, map.values, entries.iter_mut(), path, |path, key| {
+            each(schema, map.values, entries.iter(), path, |path, key| {
                 let _ = write!(path, "[{key:?}]");
             })
         }
@@ -146,7 +155,7 @@ fn walk(
 fn each<'v, L>(
     schema: &SchemaMut,
     items: SchemaKey,
-    values: impl Iterator<Item = (L, &'v mut Value)>,
+    values: impl Iterator<Item = (L, &'v Value)>,
     path: &mut String,
     label: impl Fn(&mut String, L),
 ) -> Fit {
@@ -179,12 +188,17 @@ fn at(path: &str, reason: &str) -> String {
 /// Whether `text` is a decimal number that `decimal(precision, scale)`
 /// holds exactly.
 fn check_decimal(text: &str, precision: usize, scale: u32) -> Result<(), String> {
-    let number = RustDecimal::from_str_exact(text.trim()).map_err(|_| {
+    let malformed = |why: String| {
         format!(
-            "{text:?} is not a decimal number (write it as digits with an optional \
-             sign and point, e.g. \"12.50\", for decimal({precision},{scale}))"
+            "{text:?} is not a decimal number ({why}; write digits with an optional sign \
+             and point, e.g. \"12.50\", for decimal({precision},{scale}))"
         )
-    })?;
+    };
+    // rust_decimal reads `1_000` as 1000; JSON users mean no such thing.
+    if text.contains('_') {
+        return Err(malformed("`_` is not a digit".into()));
+    }
+    let number = RustDecimal::from_str_exact(text).map_err(|e| malformed(e.to_string()))?;
     let places = number.normalize().scale();
     if places > scale {
         return Err(format!(
@@ -232,19 +246,28 @@ mod tests {
     }
 
     #[test]
-    fn values_the_types_hold_pass_and_json_numbers_become_text() {
-        let mut value = order(json!("12.50"), json!(3.5), Value::Null);
-        check(&schema(), &mut value).expect("fits");
-        assert_eq!(value["lines"][1]["price"], json!("3.5"));
-        for total in ["0", "-0.01", "9999999999.99", "12.5", "12.500", " 7 "] {
-            check(&schema(), &mut order(json!(total), json!("1"), Value::Null))
+    fn values_the_types_hold_pass() {
+        check(&schema(), &order(json!("12.50"), json!(3), Value::Null)).expect("fits");
+        for total in [
+            "0",
+            "-0",
+            "+1",
+            "-0.01",
+            "9999999999.99",
+            "12.5",
+            "12.500",
+            "007.50",
+        ] {
+            check(&schema(), &order(json!(total), json!("1"), Value::Null))
                 .unwrap_or_else(|e| panic!("{total}: {e}"));
         }
+        let note = json!("0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091");
+        check(&schema(), &order(json!("1"), json!("1"), note)).expect("a uuid");
     }
 
     #[test]
     fn rounding_precision_and_bad_uuids_are_refused_by_field() {
-        let refused = |mut value: Value| check(&schema(), &mut value).expect_err("refused");
+        let refused = |value: Value| check(&schema(), &value).expect_err("refused");
         let e = refused(order(json!("12.505"), json!("1"), Value::Null));
         assert!(
             e.starts_with("field `total`: 12.505 has 3 decimal places"),
@@ -257,8 +280,17 @@ mod tests {
         );
         let e = refused(order(json!("1"), json!("10000.00"), Value::Null));
         assert!(e.starts_with("field `lines[1].price`: "), "{e}");
-        let e = refused(order(json!("1e3"), json!("1"), Value::Null));
-        assert!(e.contains("not a decimal number"), "{e}");
+        for bad in ["1e3", "1_000", " 7 ", "", "12.5.0"] {
+            let e = refused(order(json!(bad), json!("1"), Value::Null));
+            assert!(e.contains("is not a decimal number ("), "{bad}: {e}");
+        }
+        let e = refused(order(json!("1"), json!(3.5), Value::Null));
+        assert!(e.contains("write the decimal as a string: \"3.5\""), "{e}");
+        let e = refused(order(json!("1"), json!(123456), Value::Null));
+        assert!(e.contains("6 digits before the point"), "{e}");
+        let braced = json!("{0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091}");
+        let e = refused(order(json!("1"), json!("1"), braced));
+        assert!(e.contains("hyphenated form"), "{e}");
         let e = refused(order(json!("1"), json!("1"), json!("o-1")));
         assert!(e.starts_with("field `note`: \"o-1\" is not a UUID"), "{e}");
         let mut value = order(json!("1"), json!("1"), Value::Null);
@@ -268,7 +300,7 @@ mod tests {
 
     #[test]
     fn other_kinds_are_left_to_the_encoder() {
-        let mut value = order(json!(true), json!("1"), Value::Null);
-        check(&schema(), &mut value).expect("the encoder says what it expected");
+        let value = order(json!(true), json!("1"), Value::Null);
+        check(&schema(), &value).expect("the encoder says what it expected");
     }
 }
