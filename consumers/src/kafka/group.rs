@@ -205,16 +205,23 @@ impl KeelContext {
                 return (out, starts);
             }
         };
-        // For a time start: each partition's first offset at or after it.
+        // For a time start: each partition's first offset at or after it,
+        // for the partitions the group has not committed on.
         let by_time = match self.start {
             StartFrom::Timestamp(at) => {
                 let mut query = TopicPartitionList::new();
-                for e in tpl.elements() {
+                let uncommitted = committed.elements().into_iter().filter(|e| {
+                    e.error().is_ok() && !matches!(e.offset(), Offset::Offset(o) if o >= 0)
+                });
+                for e in uncommitted {
                     let _ = query.add_partition_offset(
                         e.topic(),
                         e.partition(),
                         Offset::Offset(at.timestamp_millis()),
                     );
+                }
+                if query.count() == 0 {
+                    return self.place(consumer, &committed, None);
                 }
                 consumer
                     .offsets_for_times(query, Duration::from_secs(10))
@@ -224,6 +231,17 @@ impl KeelContext {
             }
             _ => None,
         };
+        self.place(consumer, &committed, by_time.as_deref())
+    }
+
+    /// Each partition's start: its committed offset, else where the
+    /// subscription starts (`by_time`: the offsets for a time start).
+    fn place(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        committed: &TopicPartitionList,
+        by_time: Option<&[(i32, Offset)]>,
+    ) -> (TopicPartitionList, Vec<(i32, Option<i64>)>) {
         let mut out = TopicPartitionList::new();
         let mut starts = Vec::new();
         for e in committed.elements() {
@@ -240,7 +258,6 @@ impl KeelContext {
                     }
                     StartFrom::Timestamp(_) => {
                         match by_time
-                            .as_ref()
                             .and_then(|t| t.iter().find(|(q, _)| *q == p))
                             .map(|&(_, found)| found)
                         {
@@ -259,8 +276,8 @@ impl KeelContext {
         (out, starts)
     }
 
-    /// Each partition's offsets-for-times answer, checked against its
-    /// last record (see [`correct_time_offsets`]).
+    /// Each partition's offsets-for-times answer, checked against the
+    /// record it names (see [`correct_time_offsets`]).
     fn corrected(
         &self,
         consumer: &BaseConsumer<Self>,

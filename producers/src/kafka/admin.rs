@@ -140,7 +140,7 @@ impl KafkaAdmin {
                 format!("must be -1 (broker default) or at least 1, got {replication_factor}"),
             ));
         }
-        let admin = config.client_config().create().map_err(|e| {
+        let admin = admin_config(config).create().map_err(|e| {
             Error::config(
                 "kafka",
                 format!("librdkafka refused the admin configuration: {e}"),
@@ -489,6 +489,16 @@ fn topic_error(topic: &str, reason: String, retriable: bool) -> Error {
     }
 }
 
+/// The admin client's settings: `config`'s, and never asking the broker
+/// to create a topic it looks up (librdkafka lets producer-type clients,
+/// which the admin client is, do that by default: `topics describe` of a
+/// misspelt name would create it on a broker with auto-creation on).
+fn admin_config(config: &KafkaClientConfig) -> rdkafka::ClientConfig {
+    let mut client = config.client_config();
+    client.set("allow.auto.create.topics", "false");
+    client
+}
+
 /// `retention.ms` as Kafka's brokers validate it: -1 (forever) or more.
 fn check_retention(topic: &str, retention_ms: Option<i64>) -> Result<()> {
     match retention_ms {
@@ -630,25 +640,27 @@ impl KafkaAdmin {
 /// Kafka answers "none" (-1) for a partition with no record at or after
 /// the time; some Kafka-compatible brokers (tansu 0.6) answer offset 0
 /// there instead, which would re-read the whole partition. An answer at or
-/// below the partition's first offset is therefore checked: when the
-/// partition's last record is older than the time, nothing is at or after
-/// it and the answer becomes the end (the high watermark). Other answers,
-/// and partitions whose last record cannot be read within a few seconds,
-/// are kept. `config` is a client configuration to read with (no group is
-/// joined, nothing is committed).
+/// below the partition's first offset is therefore checked against the
+/// record it names: Kafka never names a record older than the time, so an
+/// older one means nothing is at or after it, and the answer becomes the
+/// end (the high watermark). Other answers are kept, and so are answers
+/// whose record cannot be read within a few seconds (with a warning).
+/// `config` is a client configuration to read with (no group is joined,
+/// nothing is committed).
 pub fn correct_time_offsets(
     config: &rdkafka::ClientConfig,
     topic: &str,
     at_ms: i64,
     answers: &mut [(i32, i64, i64, i64)],
 ) -> rdkafka::error::KafkaResult<()> {
-    let suspicious: Vec<usize> = (0..answers.len())
+    use rdkafka::Message;
+    let mut unread: Vec<usize> = (0..answers.len())
         .filter(|&i| {
             let (_, offset, low, high) = answers[i];
             offset <= low && high > low
         })
         .collect();
-    if suspicious.is_empty() {
+    if unread.is_empty() {
         return Ok(());
     }
     let mut reader = config.clone();
@@ -659,20 +671,22 @@ pub fn correct_time_offsets(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     let consumer: BaseConsumer = reader.create()?;
-    let mut last = TopicPartitionList::new();
-    for &i in &suspicious {
-        let (p, _, _, high) = answers[i];
-        last.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
+    let mut named = TopicPartitionList::new();
+    for &i in &unread {
+        let (p, offset, low, _) = answers[i];
+        named.add_partition_offset(topic, p, Offset::Offset(offset.max(low)))?;
     }
-    consumer.assign(&last)?;
+    consumer.assign(&named)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut unread = suspicious;
     while !unread.is_empty() && std::time::Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, topic, "reading a record to check a time offset");
+                continue;
+            }
+            None => continue,
         };
-        let message = message?;
-        use rdkafka::Message;
         let Some(at) = unread
             .iter()
             .position(|&i| answers[i].0 == message.partition())
@@ -684,12 +698,33 @@ pub fn correct_time_offsets(
             answers[i].1 = answers[i].3;
         }
     }
+    if !unread.is_empty() {
+        let partitions: Vec<i32> = unread.iter().map(|&i| answers[i].0).collect();
+        tracing::warn!(
+            topic,
+            ?partitions,
+            "cannot read the records the broker named for the start time; taking its offsets as they are"
+        );
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{check_retention, check_topic_name};
+    use super::{admin_config, check_retention, check_topic_name};
+    use crate::kafka::KafkaClientConfig;
+
+    #[test]
+    fn the_admin_client_never_creates_topics_it_looks_up() {
+        let mut config = KafkaClientConfig::default();
+        config
+            .librdkafka
+            .insert("allow.auto.create.topics".into(), "true".into());
+        assert_eq!(
+            admin_config(&config).get("allow.auto.create.topics"),
+            Some("false")
+        );
+    }
 
     #[test]
     fn retention_is_minus_one_or_more() {
