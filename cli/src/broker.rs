@@ -394,6 +394,14 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
         args.group,
         args.topic
     );
+    if lags.iter().all(|p| p.committed.is_none()) {
+        say!(
+            "group {} has committed nothing on {} (a misspelt name, or a group that has \
+             not committed yet): the lag counts from each partition's earliest event",
+            args.group,
+            args.topic
+        );
+    }
     Ok(())
 }
 

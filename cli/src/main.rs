@@ -96,13 +96,23 @@ enum Command {
     )]
     Demo(demo::DemoArgs),
     /// Run Keel's schema registry.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  keel registry serve --listen 127.0.0.1:8081"
+    )]
     Registry(registry::RegistryCommand),
     /// Register, check, inspect and compare schemas in a registry.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keel schema register schemas/avro\n  keel schema list"
+    )]
     Schema(schema::SchemaCommand),
     /// List, create and describe topics.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keel --broker kafka://127.0.0.1:9092 topics create orders --partitions 12\n  \
+            keel --broker nats://127.0.0.1:4222 topics list"
+    )]
     Topics(broker::TopicsCommand),
     /// How far a consumer group is behind, per partition.
     #[command(
@@ -110,7 +120,11 @@ enum Command {
     )]
     Lag(broker::LagArgs),
     /// List consumer groups; reset a stopped group's positions.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keel --broker kafka://127.0.0.1:9092 group list\n  \
+            keel --broker kafka://127.0.0.1:9092 group reset --group billing --topic orders --to-earliest"
+    )]
     Group(broker::GroupCommand),
     /// Publish JSON lines as Avro events, encoded with the subject's latest
     /// schema from the registry; prints partition and offset of each.
@@ -132,11 +146,19 @@ enum Command {
     Relay(relay::RelayArgs),
     /// The outbox's parked rows (refused by the broker `max_attempts`
     /// times): list them with their errors, put them back in line.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keel outbox parked --database postgres://app@db/orders\n  \
+            keel outbox requeue --database postgres://app@db/orders --topic orders"
+    )]
     Outbox(outbox::OutboxCommand),
     /// Dead letters: list them decoded with their errors, or redrive them to
     /// the topic they came from.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  keel --broker kafka://127.0.0.1:9092 dlq list --topic orders\n  \
+            keel --broker kafka://127.0.0.1:9092 dlq redrive --topic orders --type shop.orders.OrderPlaced"
+    )]
     Dlq(dlq::DlqCommand),
 }
 

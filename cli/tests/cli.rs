@@ -79,8 +79,19 @@ fn help_and_version_work() {
     let out = keel(&["--help"], dir.path(), &[]);
     assert!(out.status.success());
     assert!(text(&out.stdout).contains("demo"));
-    let out = keel(&["demo", "--help"], dir.path(), &[]);
-    assert!(text(&out.stdout).contains("Examples:"));
+    // Every command, and every group of commands, shows how it is used.
+    let commands = [
+        "demo", "registry", "schema", "topics", "lag", "group", "publish", "tail", "relay",
+        "outbox", "dlq",
+    ];
+    for command in commands {
+        let out = keel(&[command, "--help"], dir.path(), &[]);
+        assert!(
+            text(&out.stdout).contains("Example"),
+            "keel {command} --help:\n{}",
+            text(&out.stdout)
+        );
+    }
     let out = keel(&["--version"], dir.path(), &[]);
     assert_eq!(
         text(&out.stdout).trim(),
@@ -612,6 +623,18 @@ fn broker_commands(broker: &str, partitions: usize) {
     }
 
     let lag = run(&["lag", "--group", &group, "--topic", &topic]);
+    assert!(!lag.contains("committed nothing"), "{lag}");
+    if !broker.starts_with("nats://") {
+        // A group that never committed (a misspelt name) is said to be one.
+        let never = run(&[
+            "lag",
+            "--group",
+            &format!("{group}-never"),
+            "--topic",
+            &topic,
+        ]);
+        assert!(never.contains("has committed nothing"), "{never}");
+    }
     assert!(lag.contains("events behind"), "{lag}");
     let reset = run(&[
         "group",
