@@ -718,10 +718,7 @@ pub(crate) async fn tail(
     // broker, without end: find out first, as NATS does.
     if let Broker::Kafka(client) = &reader.broker {
         let brokers = client.bootstrap.join(",");
-        let partitions = KafkaAdmin::new(client, -1)?
-            .partitions(&args.topic)
-            .await
-            .with_context(|| format!("cannot reach the Kafka broker at {brokers}"))?;
+        let partitions = KafkaAdmin::new(client, -1)?.partitions(&args.topic).await?;
         if partitions.is_none() {
             bail!(
                 "topic `{}` does not exist on {brokers}: create it with `keel topics create {}`",

@@ -171,7 +171,9 @@ impl KafkaAdmin {
             tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
                 .await
                 .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?
-                .map_err(|e| broker_error(format!("cannot list topics: {e}")))?;
+                .map_err(|e| {
+                    broker_error(format!("cannot list topics from {}: {e}", self.brokers()))
+                })?;
         let mut names: Vec<String> = metadata
             .topics()
             .iter()
@@ -214,7 +216,11 @@ impl KafkaAdmin {
         .await
         .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?;
         result.map_err(|e: rdkafka::error::KafkaError| {
-            topic_error(topic, format!("cannot describe it: {e}"), true)
+            topic_error(
+                topic,
+                format!("cannot describe it on {}: {e}", self.brokers()),
+                true,
+            )
         })
     }
 
@@ -263,7 +269,12 @@ impl KafkaAdmin {
         })
         .await
         .map_err(|e| Error::closed(format!("kafka group list task: {e}")))?
-        .map_err(|e| broker_error(format!("cannot list consumer groups: {e}")))
+        .map_err(|e| {
+            broker_error(format!(
+                "cannot list consumer groups from {}: {e}",
+                self.brokers()
+            ))
+        })
     }
 
     /// Per partition of `topic`: `group`'s committed offset, the high
@@ -443,6 +454,11 @@ impl KafkaAdmin {
         Ok((consumer, (0..count).collect()))
     }
 
+    /// The bootstrap brokers, for errors.
+    fn brokers(&self) -> String {
+        format!("the Kafka broker(s) at {}", self.client.bootstrap.join(","))
+    }
+
     /// The partition count of `topic`, or `None` if it does not exist.
     pub async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
         let admin = self.admin.clone();
@@ -452,7 +468,13 @@ impl KafkaAdmin {
         })
         .await
         .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?
-        .map_err(|e| topic_error(topic, format!("cannot fetch metadata: {e}"), true))?;
+        .map_err(|e| {
+            topic_error(
+                topic,
+                format!("cannot fetch metadata from {}: {e}", self.brokers()),
+                true,
+            )
+        })?;
         Ok(metadata
             .topics()
             .iter()
