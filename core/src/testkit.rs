@@ -567,17 +567,14 @@ pub async fn replay_from_start(t: &dyn Transport) {
     let new = workload("replay-new", 5, 2);
     let new_ids: HashSet<EventId> = new.iter().map(|e| e.id()).collect();
     publish_all(t, &topic, partitions, new).await;
-    let mut seen = HashSet::new();
-    while seen.len() < new_ids.len() {
-        let d = next(t, &mut latest, "events after a Latest start").await;
-        assert!(
-            new_ids.contains(&d.envelope().id()),
-            "[{}] a Latest group got an event published before it joined",
-            t.name()
-        );
-        seen.insert(d.envelope().id());
-        d.ack();
-    }
+    read_only(
+        t,
+        &mut latest,
+        &new_ids,
+        "events after a Latest start",
+        "a Latest group got an event published before it joined",
+    )
+    .await;
     latest.leave().await.expect("graceful leave");
 
     // From a point in time: exactly what was stored after it.
@@ -586,17 +583,14 @@ pub async fn replay_from_start(t: &dyn Transport) {
         Subscription::new(&topic, unique_name("replay-t")).start_from(StartFrom::Timestamp(cut)),
     )
     .await;
-    let mut seen = HashSet::new();
-    while seen.len() < new_ids.len() {
-        let d = next(t, &mut from_time, "events after the start time").await;
-        assert!(
-            new_ids.contains(&d.envelope().id()),
-            "[{}] a group starting at a time got an event stored before it",
-            t.name()
-        );
-        seen.insert(d.envelope().id());
-        d.ack();
-    }
+    read_only(
+        t,
+        &mut from_time,
+        &new_ids,
+        "events after the start time",
+        "a group starting at a time got an event stored before it",
+    )
+    .await;
     from_time.leave().await.expect("graceful leave");
 
     // From a time after every stored event: what follows, not a replay of
@@ -614,23 +608,33 @@ pub async fn replay_from_start(t: &dyn Transport) {
     let newest = workload("replay-newest", 3, 2);
     let newest_ids: HashSet<EventId> = newest.iter().map(|e| e.id()).collect();
     publish_all(t, &topic, partitions, newest).await;
+    read_only(
+        t,
+        &mut from_later,
+        &newest_ids,
+        "events after a start time past the last event",
+        "a group starting after the last event got one stored before its start",
+    )
+    .await;
+    from_later.leave().await.expect("graceful leave");
+}
+
+/// Reads `member` (acking) until it delivered every event of `ids`; any
+/// other event fails the test with `stray`.
+async fn read_only(
+    t: &dyn Transport,
+    member: &mut Deliveries,
+    ids: &HashSet<EventId>,
+    what: &str,
+    stray: &str,
+) {
     let mut seen = HashSet::new();
-    while seen.len() < newest_ids.len() {
-        let d = next(
-            t,
-            &mut from_later,
-            "events after a start time past the last event",
-        )
-        .await;
-        assert!(
-            newest_ids.contains(&d.envelope().id()),
-            "[{}] a group starting after the last event got one stored before its start",
-            t.name()
-        );
+    while seen.len() < ids.len() {
+        let d = next(t, member, what).await;
+        assert!(ids.contains(&d.envelope().id()), "[{}] {stray}", t.name());
         seen.insert(d.envelope().id());
         d.ack();
     }
-    from_later.leave().await.expect("graceful leave");
 }
 
 /// Members of one group split the partitions and never receive an event
