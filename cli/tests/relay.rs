@@ -93,12 +93,14 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
         .spawn()
         .expect("start keel relay");
 
-    // The relay migrates the outbox; enqueue once the tables are there.
+    // The relay migrates the outbox; enqueue once the tables are there
+    // (the archive comes with the last migration, each of which commits on
+    // its own: the leases table of the first is not enough).
     let pool = PgPool::connect(&url).await.expect("connect");
     let started = Instant::now();
     loop {
         let ready: bool =
-            sqlx::query_scalar("SELECT to_regclass('keel.outbox_leases') IS NOT NULL")
+            sqlx::query_scalar("SELECT to_regclass('keel.outbox_archive') IS NOT NULL")
                 .fetch_one(&pool)
                 .await
                 .expect("query");
