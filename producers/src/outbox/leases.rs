@@ -130,7 +130,6 @@ impl SlotLeases {
     /// should no longer own and takes or renews the ones it should. Call it
     /// only between batches.
     pub(crate) async fn heartbeat(&mut self, pool: &PgPool) -> Result<()> {
-        let sent = Instant::now();
         let relays = self.tables.relays();
         let leases = self.tables.leases();
         let session_ms = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX);
@@ -188,6 +187,12 @@ impl SlotLeases {
         .await?;
         let desired = desired_slots(&live, &self.relay_id, self.slots);
         let want: Vec<i32> = desired.iter().map(|&s| s as i32).collect();
+        // Slots given back are no longer published from here on, before
+        // the release is sent: a release that commits while this call
+        // fails (a later statement's error, a lost reply) must not leave
+        // this relay publishing slots another one may take at once.
+        let before = self.owned.clone();
+        self.owned.retain(|s| desired.contains(s));
         // Everything held beyond the desired slots goes back, including
         // leases this relay stopped trusting but still holds on record.
         sqlx::query(&format!(
@@ -198,6 +203,9 @@ impl SlotLeases {
         .bind(&self.relay_id)
         .execute(pool)
         .await?;
+        // Trust is counted from before the statement that sets the
+        // leases' expiry (by the database's clock, after this instant).
+        let sent = Instant::now();
         let held: Vec<i32> = sqlx::query_scalar(&format!(
             "UPDATE {leases} SET owner = $2, \
              expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
@@ -211,17 +219,20 @@ impl SlotLeases {
         .bind(session_ms)
         .fetch_all(pool)
         .await?;
-        // Relays gone for a long time are forgotten.
-        sqlx::query(&format!(
+        self.owned = held.into_iter().map(|s| s as u32).collect();
+        self.valid_until = Some(sent + self.session_timeout.mul_f64(VALIDITY));
+        // Relays gone for a long time are forgotten; housekeeping, which
+        // must not undo the leases just taken when it fails.
+        if let Err(e) = sqlx::query(&format!(
             "DELETE FROM {relays} \
              WHERE heartbeat_at < clock_timestamp() - $1 * 10 * interval '1 millisecond'"
         ))
         .bind(session_ms)
         .execute(pool)
-        .await?;
-        let before = std::mem::take(&mut self.owned);
-        self.owned = held.into_iter().map(|s| s as u32).collect();
-        self.valid_until = Some(sent + self.session_timeout.mul_f64(VALIDITY));
+        .await
+        {
+            tracing::debug!(error = %e, "relay cannot forget long-gone relays");
+        }
         if before != self.owned {
             tracing::info!(
                 relay = %self.relay_id,
