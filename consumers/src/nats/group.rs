@@ -163,7 +163,7 @@ struct PartitionAcks {
     /// Highest stream sequence received in this assignment.
     last_sequence: u64,
     /// Unacked messages by ordinal: stream sequence and acker.
-    pending: BTreeMap<i64, (u64, jetstream::message::Acker)>,
+    pending: BTreeMap<i64, (u64, Arc<jetstream::message::Acker>)>,
     /// The most recently acked stream sequences (at most `ACKED_MEMORY`)
     /// and how (`Ack` or `Term`): a re-send of one of them (its ack was
     /// lost) is acked — or terminated — again, not handled again.
@@ -190,7 +190,7 @@ impl PartitionAcks {
         &mut self,
         ordinal: i64,
         kind: AckKind,
-    ) -> Option<(u64, jetstream::message::Acker)> {
+    ) -> Option<(u64, Arc<jetstream::message::Acker>)> {
         let (sequence, acker) = self.pending.remove(&ordinal)?;
         self.acked.insert(sequence, kind);
         if self.acked.len() > ACKED_MEMORY {
@@ -415,17 +415,17 @@ async fn pump_acks(
         match job {
             Pump::Ack(p, ordinal, kind) => ack_on_server(&acks, p, ordinal, kind).await,
             Pump::Nak(p, ordinal, delay) => {
+                // The entry stays in place while the nak is out: the
+                // message is still held (a re-send of it is ignored, the
+                // resume position stays at or before it); its ack comes
+                // later, through this pump.
                 let held = lock(&acks)
-                    .get_mut(&(p as u32))
-                    .and_then(|pa| pa.pending.remove(&ordinal));
-                if let Some((sequence, acker)) = held {
-                    if let Err(e) = acker.ack_with(AckKind::Nak(Some(delay))).await {
-                        tracing::debug!(error = %e, partition = p, sequence, "cannot send a nak");
-                    }
-                    // Back in place: its ack comes later, through this pump.
-                    if let Some(pa) = lock(&acks).get_mut(&(p as u32)) {
-                        pa.pending.insert(ordinal, (sequence, acker));
-                    }
+                    .get(&(p as u32))
+                    .and_then(|pa| pa.pending.get(&ordinal).cloned());
+                if let Some((sequence, acker)) = held
+                    && let Err(e) = acker.ack_with(AckKind::Nak(Some(delay))).await
+                {
+                    tracing::debug!(error = %e, partition = p, sequence, "cannot send a nak");
                 }
             }
             Pump::Barrier(done) => {
@@ -1174,20 +1174,24 @@ async fn read_partition(
                 pa.last_delivery = delivery;
                 if sequence <= pa.last_sequence {
                     // A re-send: of a message still held (ignored), or of
-                    // one handled whose ack was lost (acked again).
-                    let ack_again = pa.acked.get(&sequence).copied();
-                    if ack_again.is_none() && !pa.holds(sequence) {
-                        tracing::warn!(%topic, partition = p, sequence, "re-sent message neither held nor acked; ignored");
-                    }
-                    match ack_again {
-                        Some(kind) => Next::AckAgain(Box::new(acker), kind),
-                        None => Next::Skip,
+                    // one settled whose ack was lost (acked again). This
+                    // assignment's consumer started at the ack floor and
+                    // saw every delivery in order (a gap re-opens it), so
+                    // a sequence at or below the last one that is not held
+                    // was settled here, even when its kind is no longer
+                    // remembered: left unacked, it would hold the floor
+                    // and an ack-pending slot for good.
+                    if pa.holds(sequence) {
+                        Next::Skip
+                    } else {
+                        let kind = pa.acked.get(&sequence).copied().unwrap_or(AckKind::Ack);
+                        Next::AckAgain(Box::new(acker), kind)
                     }
                 } else {
                     pa.last_sequence = sequence;
                     let ordinal = pa.next;
                     pa.next += 1;
-                    pa.pending.insert(ordinal, (sequence, acker));
+                    pa.pending.insert(ordinal, (sequence, Arc::new(acker)));
                     Next::Ingest(ordinal)
                 }
             };
