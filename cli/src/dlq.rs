@@ -45,7 +45,8 @@ pub(crate) enum DlqCommand {
 #[derive(Debug, Args)]
 pub(crate) struct DlqArgs {
     /// The topic whose dead letters to read (its dead-letter topic is
-    /// `<topic>.dlq`, or `<topic>-dlq` on NATS).
+    /// `<topic>.dlq`, or `<topic>-dlq` on NATS). With --dlq-topic: only
+    /// that topic's dead letters in it.
     #[arg(long, required_unless_present = "dlq_topic")]
     topic: Option<String>,
     /// Read this dead-letter topic instead of the default name.
@@ -79,6 +80,9 @@ pub(crate) struct RedriveArgs {
 
 /// The selection, parsed.
 struct Filter {
+    /// The original topic, when a `--dlq-topic` (which may hold the dead
+    /// letters of several topics) is read for one `--topic`.
+    origin: Option<String>,
     event_type: Option<String>,
     key: Option<String>,
     reason: Option<DeadLetterReason>,
@@ -94,6 +98,7 @@ impl Filter {
                 .transpose()
         };
         Ok(Filter {
+            origin: args.dlq_topic.as_ref().and(args.topic.clone()),
             event_type: args.event_type.clone(),
             key: args.key.clone(),
             reason: args.reason.as_deref().and_then(DeadLetterReason::parse),
@@ -103,6 +108,11 @@ impl Filter {
     }
 
     fn matches(&self, record: &RawRecord) -> bool {
+        if let Some(t) = &self.origin
+            && record.header(headers::TOPIC) != Some(t.as_str())
+        {
+            return false;
+        }
         if let Some(t) = &self.event_type
             && record.header(wire::EVENT_TYPE) != Some(t.as_str())
         {
@@ -223,7 +233,7 @@ async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
 async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let topic = dlq_topic(config, &args.filter, "dlq redrive")?;
     let filter = Filter::new(&args.filter)?;
-    let mut selected = Vec::new();
+    let mut selected: Vec<DeadLetter> = Vec::new();
     let mut total = 0;
     read_dead_letters(config, &topic, async |dead| {
         total += 1;
@@ -233,6 +243,30 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         true
     })
     .await?;
+    let (selected, superseded) = latest_per_event(selected);
+    // Letters another producer wrote (no original topic): reported and
+    // left where they are; the rest still go.
+    let (selected, foreign): (Vec<DeadLetter>, Vec<DeadLetter>) =
+        selected.into_iter().partition(|dead| {
+            dead.record
+                .header(headers::TOPIC)
+                .is_some_and(|t| !t.is_empty())
+        });
+    for dead in &foreign {
+        say!(
+            "skipped {topic}/{}@{}: it has no `{}` header naming the topic it came from \
+             (not a dead letter of Keel's router)",
+            dead.partition,
+            dead.position,
+            headers::TOPIC
+        );
+    }
+    if superseded > 0 {
+        eprintln!(
+            "{superseded} older dead letters of events dead-lettered again later left out \
+             (each event goes back once, as its latest dead letter)"
+        );
+    }
     if args.dry_run {
         for dead in &selected {
             let r = &dead.record;
@@ -251,7 +285,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             "{} of {total} dead letters selected; nothing published (--dry-run)",
             selected.len()
         );
-        return Ok(());
+        return skipped(&foreign);
     }
     let publisher = broker::publisher(config, "dlq redrive", Duration::from_secs(30)).await?;
     let progress = ProgressBar::new(selected.len() as u64).with_style(
@@ -266,7 +300,11 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         let receipt = dead_letter::redrive(&*publisher, dead.record)
             .await
             .with_context(|| {
-                format!("cannot redrive the dead letter at {at} ({redriven} redriven before it; running the command again is safe: inboxes de-duplicate by event id)")
+                format!(
+                    "cannot redrive the dead letter at {at} ({redriven} redriven before it: \
+                     running the command again sends those again too; consumers with an \
+                     inbox skip the ones they applied, or narrow it with --since/--key/--type)"
+                )
             })?;
         progress.suspend(|| {
             say!(
@@ -281,7 +319,64 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
     eprintln!("{redriven} of {total} dead letters redriven from {topic}");
-    Ok(())
+    skipped(&foreign)
+}
+
+/// The command's outcome when `foreign` letters were skipped: a failure
+/// naming how many, so scripts notice.
+fn skipped(foreign: &[DeadLetter]) -> anyhow::Result<()> {
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} selected dead letters were skipped (listed above): they do not name the topic \
+         they came from; publish them yourself (`keel dlq list` shows them) or leave them out \
+         with --type, --key, --since or --until",
+        foreign.len()
+    )
+}
+
+/// `letters` with only the latest dead letter of each event id (an event
+/// redriven and dead-lettered again has several: sending each would
+/// deliver it once per copy, and every copy that fails again adds one
+/// more), in read order, and how many were left out. The latest is the one
+/// dead-lettered last (by its `keel-dlq-at`), later in the log on a tie.
+fn latest_per_event(letters: Vec<DeadLetter>) -> (Vec<DeadLetter>, usize) {
+    let when = |dead: &DeadLetter| {
+        dead.record
+            .header(headers::AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    };
+    let mut latest: HashMap<(String, String), usize> = HashMap::new();
+    for (i, dead) in letters.iter().enumerate() {
+        let Some(id) = dead.record.header(wire::EVENT_ID) else {
+            continue;
+        };
+        let origin = dead.record.header(headers::TOPIC).unwrap_or_default();
+        let slot = latest
+            .entry((origin.to_owned(), id.to_owned()))
+            .or_insert(i);
+        let (old, new) = (&letters[*slot], dead);
+        let newer = match (when(old), when(new)) {
+            (Some(a), Some(b)) => b > a || (b == a && new.position >= old.position),
+            (None, Some(_)) => true,
+            (Some(_), None) => false,
+            (None, None) => new.position >= old.position,
+        };
+        if newer {
+            *slot = i;
+        }
+    }
+    let keep: std::collections::HashSet<usize> = latest.values().copied().collect();
+    let before = letters.len();
+    let kept: Vec<DeadLetter> = letters
+        .into_iter()
+        .enumerate()
+        .filter(|(i, dead)| keep.contains(i) || dead.record.header(wire::EVENT_ID).is_none())
+        .map(|(_, dead)| dead)
+        .collect();
+    let left_out = before - kept.len();
+    (kept, left_out)
 }
 
 /// Reads `topic` from its start to the end it has now, handing each record
@@ -343,7 +438,14 @@ async fn read_dead_letters(
         }
         *slot -= 1;
         left -= 1;
-        let record = record.with_context(|| format!("record {topic}/{partition}@{position}"))?;
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                break Err(anyhow::Error::new(e).context(format!(
+                    "the record at {topic}/{partition}@{position} has headers Keel cannot carry"
+                )));
+            }
+        };
         if !each(DeadLetter {
             partition,
             position,

@@ -716,7 +716,8 @@ fn broker_commands(broker: &str, partitions: usize) {
         text(&out.stderr)
     );
 
-    dlq_commands(broker, &topic, &registry.url, &run);
+    let status = |args: &[&str]| keel(args, dir.path(), &env);
+    dlq_commands(broker, &topic, &registry.url, &run, &status);
 
     // A topic that does not exist: refused at once on either broker (a
     // Kafka consumer alone would wait for it without end).
@@ -749,8 +750,16 @@ fn broker_commands(broker: &str, partitions: usize) {
 
 /// `dlq list` and `dlq redrive` on dead letters of `topic` (whose
 /// `test.Greeting` schema is registered) stored as the router's dead-letter
-/// layer stores them.
-fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&str]) -> String) {
+/// layer stores them, plus a later dead letter of an event already there
+/// (redriven and failed again) and one another producer wrote. `run`
+/// asserts success, `status` does not.
+fn dlq_commands(
+    broker: &str,
+    topic: &str,
+    registry_url: &str,
+    run: &dyn Fn(&[&str]) -> String,
+    status: &dyn Fn(&[&str]) -> Output,
+) {
     use keel_consumers::router::dead_letter::{default_suffix, headers};
     use keel_core::{Envelope, Publisher, RawRecord};
     use keel_schemas::Registry;
@@ -815,7 +824,15 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
             payload: "not an event".into(),
         };
         records.push((poison, "poison"));
-        for (mut record, reason) in records {
+        // The first event again, dead-lettered an hour later.
+        let again = records[0].0.clone();
+        records.push((again, "fatal"));
+        for (i, (mut record, reason)) in records.into_iter().enumerate() {
+            let at = if i == 3 {
+                "2026-11-29T13:00:00.000Z"
+            } else {
+                "2026-11-29T12:00:00.000Z"
+            };
             for (name, value) in [
                 (headers::ERROR, "handler failed: boom"),
                 (headers::REASON, reason),
@@ -824,12 +841,16 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
                 (headers::PARTITION, "0"),
                 (headers::POSITION, "7"),
                 (headers::GROUP, "billing"),
-                (headers::AT, "2026-11-29T12:00:00.000Z"),
+                (headers::AT, at),
             ] {
                 record.headers.push((name.to_owned(), value.to_owned().into()));
             }
             publisher.publish_record(&dlq, record).await.expect("store a dead letter");
         }
+        // Another producer's record: no original topic to send it back to.
+        let foreign = Envelope::new("test.Foreign", "k7", b"x".to_vec());
+        let foreign = RawRecord::from_envelope(&foreign).expect("record");
+        publisher.publish_record(&dlq, foreign).await.expect("store a foreign record");
         ids
     });
 
@@ -838,7 +859,16 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
     listed.sort_by_key(|l| l["dlq_position"].as_u64());
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 5, "{listed:?}");
+    assert_eq!(listed[3]["reason"], "fatal");
+    assert_eq!(listed[3]["id"], ids[0].as_str());
+    assert_eq!(listed[4]["type"], "test.Foreign");
+    assert!(listed[4]["topic"].is_null(), "{}", listed[4]);
+    // A dead-letter topic read for one original topic: only its letters.
+    let only_topic = run(&["dlq", "list", "--dlq-topic", &dlq, "--topic", topic]);
+    assert_eq!(only_topic.lines().count(), 4, "{only_topic}");
+    let other = run(&["dlq", "list", "--dlq-topic", &dlq, "--topic", "elsewhere"]);
+    assert_eq!(other.lines().count(), 0, "{other}");
     for line in &listed[..2] {
         assert_eq!(line["reason"], "retries-exhausted");
         assert_eq!(line["error"], "handler failed: boom");
@@ -863,9 +893,9 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
         "--topic",
         topic,
         "--since",
-        "2026-11-29T13:00:00Z",
+        "2026-11-29T12:30:00Z",
     ]);
-    assert_eq!(later.lines().count(), 0, "{later}");
+    assert_eq!(later.lines().count(), 1, "{later}");
 
     let dry = run(&[
         "dlq",
@@ -883,6 +913,7 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
         2,
         "{dry}"
     );
+    // Three dead letters of two events: each event goes back once.
     let redriven = run(&[
         "dlq",
         "redrive",
@@ -898,6 +929,19 @@ fn dlq_commands(broker: &str, topic: &str, registry_url: &str, run: &dyn Fn(&[&s
             .count(),
         2,
         "{redriven}"
+    );
+    // The foreign record is skipped, named, and the command fails.
+    let out = status(&["dlq", "redrive", "--topic", topic, "--key", "k7"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("skipped"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("1 selected dead letters were skipped"),
+        "{}",
+        text(&out.stderr)
     );
 
     // Back in the original topic, with the original event ids and without
