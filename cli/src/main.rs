@@ -6,7 +6,7 @@
 //! | `registry` | `keel registry serve`: the Confluent-compatible schema registry |
 //! | `schema` | `keel schema register|check|get|list|diff` against any registry |
 //! | `relay` | `keel relay`: publishes a PostgreSQL outbox's events to the broker |
-//! | `outbox` | `keel outbox parked|requeue`: rows the broker refused, listed and put back in line |
+//! | `outbox` | `keel outbox parked|requeue|discard`: rows the broker refused, listed, put back in line or dropped |
 //! | `broker` | `keel topics`, `keel lag`, `keel group list|reset`, `keel publish`, `keel tail` on Kafka or NATS |
 //! | `dlq` | `keel dlq list|redrive`: a topic's dead letters, decoded; back to their topic |
 //!

@@ -1,6 +1,7 @@
-//! `keel outbox parked` and `keel outbox requeue`: the rows a relay parked
-//! because the broker refused them `max_attempts` times, listed with their
-//! errors, and put back in line once the cause is fixed.
+//! `keel outbox parked`, `requeue` and `discard`: the rows a relay parked
+//! because the broker refused them `max_attempts` times (their keys'
+//! later rows wait behind them), listed with their errors, put back in
+//! line once the cause is fixed, or deleted when they can never go out.
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
@@ -28,6 +29,13 @@ pub(crate) enum OutboxCommand {
         keel outbox requeue --database postgres://app@db/orders --id 1042 --id 1043\n  \
         keel outbox requeue --database postgres://app@db/orders --all")]
     Requeue(RequeueArgs),
+    /// Delete parked rows that can never be published, so the later rows
+    /// of their keys go on; prints each deleted row as a JSON line (payload
+    /// aside) for the record. Pick them with --topic and/or --id, or --all.
+    #[command(after_help = "Examples:\n  \
+        keel outbox discard --database postgres://app@db/orders --id 1042\n  \
+        keel outbox discard --database postgres://app@db/orders --topic orders")]
+    Discard(RequeueArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,7 +78,7 @@ pub(crate) struct RequeueArgs {
     db: OutboxDb,
     #[command(flatten)]
     selection: Selection,
-    /// Requeue every parked row of the outbox.
+    /// Every parked row of the outbox.
     #[arg(long, conflicts_with_all = ["topic", "ids"])]
     all: bool,
 }
@@ -101,6 +109,24 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             let pool = connect_outbox(&database, &tables).await?;
             let done = parked::requeue(&pool, &tables, &args.selection.filter()).await?;
             say!("requeued {done} parked row(s) of {}", tables.channel());
+        }
+        OutboxCommand::Discard(args) => {
+            if !args.all && args.selection.is_empty() {
+                bail!(
+                    "`keel outbox discard` needs a selection: --topic, --id, or --all for every parked row"
+                );
+            }
+            let (database, tables) = args.db.resolve(config, "keel outbox discard")?;
+            let pool = connect_outbox(&database, &tables).await?;
+            let rows = parked::discard(&pool, &tables, &args.selection.filter()).await?;
+            for row in &rows {
+                say!("{}", serde_json::to_string(row)?);
+            }
+            eprintln!(
+                "discarded {} parked row(s) of {}",
+                rows.len(),
+                tables.channel()
+            );
         }
     }
     Ok(())

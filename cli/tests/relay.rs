@@ -259,7 +259,7 @@ fn keel_output(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parked_rows_are_listed_with_their_errors_and_requeued_by_selection() {
+async fn parked_rows_are_listed_with_their_errors_requeued_and_discarded_by_selection() {
     let url = database().await;
     let pool = PgPool::connect(&url).await.expect("connect");
     let tables = OutboxTables::default();
@@ -349,6 +349,28 @@ async fn parked_rows_are_listed_with_their_errors_and_requeued_by_selection() {
     assert!(out.contains("requeued 1 parked row(s)"), "{out}");
     let (code, out, _) = keel_output(&["outbox", "parked", "--database", &url]);
     assert_eq!((code, out.as_str()), (Some(0), ""));
+
+    // Discarded: deleted and printed for the record; needs a selection.
+    sqlx::query("UPDATE keel.outbox SET attempts = 5, parked_at = now() WHERE id = $1")
+        .bind(parked_ids[1])
+        .execute(&pool)
+        .await
+        .expect("park again");
+    let (code, _, err) = keel_output(&["outbox", "discard", "--database", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--all"), "{err}");
+    let second = parked_ids[1].to_string();
+    let (code, out, err) = keel_output(&["outbox", "discard", "--database", &url, "--id", &second]);
+    assert_eq!(code, Some(0), "{err}");
+    let discarded: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(discarded["key"], "p-1");
+    assert!(err.contains("discarded 1 parked row(s)"), "{err}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE id = $1")
+        .bind(parked_ids[1])
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert_eq!(left, 0, "the discarded row is gone");
 
     pool.close().await;
     drop_database(&url).await;

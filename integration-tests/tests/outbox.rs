@@ -178,7 +178,7 @@ async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
 }
 
 #[tokio::test]
-async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
+async fn a_row_the_broker_refuses_is_parked_and_holds_its_key_until_discarded() {
     use keel_producers::nats::{JetStreamAdmin, NatsClientConfig, StreamSettings};
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
@@ -229,7 +229,7 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
     } = start_relay(db.pool(), transport.clone(), "relay-park");
     // Another key is not held up by the refused row: it goes out with the
     // first attempt's round.
-    wait_for(&mut stats, "the other key published", |s| s.published >= 2).await;
+    wait_for(&mut stats, "the other key published", |s| s.published >= 1).await;
     let other_state: (bool, i32) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM keel.outbox_archive WHERE event_id = $1), \
          (SELECT attempts FROM keel.outbox WHERE event_id = $2)",
@@ -240,29 +240,19 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
     .await
     .unwrap();
     assert!(other_state.0);
+    // Parked: its key's earlier row goes, its later row waits behind it.
     wait_for(&mut stats, "the huge row parked", |s| {
-        s.parked == 1 && s.backlog == 0
+        s.parked == 1 && s.backlog == 1 && s.published == 2
     })
     .await;
-    let expected: HashSet<_> = [before.id(), after.id(), other.id()].into();
-    let seen = consume(
-        transport.as_ref(),
-        &topic,
-        &expected,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
+    let after_waits: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM keel.outbox WHERE event_id = $1 AND parked_at IS NULL)",
     )
-    .await;
-    let payloads: Vec<_> = seen
-        .iter()
-        .filter(|e| e.key().as_bytes() == b"k")
-        .map(|e| String::from_utf8_lossy(e.payload()).into_owned())
-        .collect();
-    assert_eq!(
-        payloads,
-        ["before", "after"],
-        "the key goes on past its parked row, in order"
-    );
+    .bind(after.id().as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(after_waits, "the key's later row is held back");
     let (attempts, error): (i32, String) = sqlx::query_as(
         "SELECT attempts, last_error FROM keel.outbox WHERE event_id = $1 AND parked_at IS NOT NULL",
     )
@@ -295,6 +285,34 @@ async fn a_row_the_broker_refuses_is_parked_and_the_relay_goes_on() {
         error.contains("max_message_size") || error.contains("bytes"),
         "{error}"
     );
+    // It can never go out: discarded, the key goes on.
+    let discarded = outbox
+        .discard_parked(db.pool(), Some(&topic))
+        .await
+        .unwrap();
+    assert_eq!(
+        discarded.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+        [*huge.id().as_uuid()]
+    );
+    wait_for(&mut stats, "the held-back row published", |s| {
+        s.published >= 3 && s.backlog == 0 && s.parked == 0
+    })
+    .await;
+    let expected: HashSet<_> = [before.id(), after.id(), other.id()].into();
+    let seen = consume(
+        transport.as_ref(),
+        &topic,
+        &expected,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    let payloads: Vec<_> = seen
+        .iter()
+        .filter(|e| e.key().as_bytes() == b"k")
+        .map(|e| String::from_utf8_lossy(e.payload()).into_owned())
+        .collect();
+    assert_eq!(payloads, ["before", "after"], "the key's order holds");
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     admin.delete_topic(&topic).await.unwrap();
@@ -836,13 +854,30 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
     stop_a.send(true).unwrap();
     task_a.await.unwrap().unwrap();
     wait_for(&mut stats_b, "relay b takes over", |s| !s.slots.is_empty()).await;
+    // A parked row (as a relay leaves one after its attempts) holds its
+    // key's later row back; other keys go on.
+    let (held, blocked) = (
+        Envelope::new(SEQ_EVENT, "held", "held:1"),
+        Envelope::new(SEQ_EVENT, "held", "held:2"),
+    );
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &topic, &held).await.unwrap();
+    outbox.enqueue(&mut tx, &topic, &blocked).await.unwrap();
+    sqlx::query("UPDATE outbox SET parked_at_ms = 1, attempts = 5 WHERE event_id = ?")
+        .bind(held.id().to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     let late = Envelope::new(SEQ_EVENT, "late", "late:1");
     let mut tx = pool.begin().await.unwrap();
     outbox.enqueue(&mut tx, &topic, &late).await.unwrap();
     tx.commit().await.unwrap();
-    wait_for(&mut stats_b, "relay b published the late event", |s| {
-        s.published == 1
-    })
+    wait_for(
+        &mut stats_b,
+        "relay b published the late event, not the held-back one",
+        |s| s.published == 1 && s.backlog == 1 && s.parked == 1,
+    )
     .await;
     stop_b.send(true).unwrap();
     task_b.await.unwrap().unwrap();

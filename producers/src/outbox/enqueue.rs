@@ -135,6 +135,21 @@ impl Outbox {
         super::parked::requeue(pool, &self.tables, &filter).await
     }
 
+    /// Deletes parked rows — all of them or those of `topic` — that will
+    /// never be published, so their keys' later rows go on; returns them
+    /// (payloads aside). [`super::parked::discard`] also picks them by id.
+    pub async fn discard_parked(
+        &self,
+        pool: &sqlx::PgPool,
+        topic: Option<&str>,
+    ) -> Result<Vec<super::parked::ParkedRow>> {
+        let filter = super::parked::ParkedFilter {
+            topic: topic.map(str::to_owned),
+            ids: Vec::new(),
+        };
+        super::parked::discard(pool, &self.tables, &filter).await
+    }
+
     /// The codec typed events are encoded with.
     pub fn codec(&self) -> &Arc<AvroCodec> {
         &self.codec

@@ -1,8 +1,11 @@
 //! Parked rows: outbox rows the broker refused `max_attempts` times (too
 //! large, a topic name it does not accept, headers edited into something
-//! that is not an event). The relay skips them; an operator lists them,
-//! fixes the cause and puts them back in line (`keel outbox parked`,
-//! `keel outbox requeue`).
+//! that is not an event). The relay skips them and holds back the later
+//! rows of their keys (a key's events go out in commit order or not at
+//! all); an operator lists them, fixes the cause and puts them back in
+//! line, or discards those that can never go out, which lets their keys
+//! go on (`keel outbox parked`, `keel outbox requeue`, `keel outbox
+//! discard`).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -71,31 +74,14 @@ pub async fn list(
     .bind(i64::from(limit))
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let key: Vec<u8> = row.try_get("event_key")?;
-            Ok(ParkedRow {
-                id: row.try_get("id")?,
-                topic: row.try_get("topic")?,
-                event_id: row.try_get("event_id")?,
-                event_type: row.try_get("event_type")?,
-                key: String::from_utf8_lossy(&key).into_owned(),
-                payload_bytes: row.try_get("size")?,
-                attempts: row.try_get("attempts")?,
-                last_error: row.try_get("last_error")?,
-                enqueued_at: row.try_get("enqueued_at")?,
-                parked_at: row.try_get("parked_at")?,
-            })
-        })
-        .collect()
+    rows.iter().map(parked_row).collect()
 }
 
 /// Puts the parked rows matching `filter` back in line (attempts reset,
 /// the last error kept until the next attempt) and wakes the relays;
 /// returns how many. For after the cause was fixed (a topic created, a
-/// limit raised). A key's later rows waited behind its parked row only
-/// while it was being retried; once parked they went on, so a requeued
-/// row is published after them.
+/// limit raised): the row goes out first, then its key's later rows,
+/// which waited behind it.
 pub async fn requeue(pool: &PgPool, tables: &OutboxTables, filter: &ParkedFilter) -> Result<u64> {
     let outbox = tables.outbox();
     let done = sqlx::query(&format!(
@@ -109,10 +95,63 @@ pub async fn requeue(pool: &PgPool, tables: &OutboxTables, filter: &ParkedFilter
     .execute(pool)
     .await?;
     if done.rows_affected() > 0 {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(tables.channel())
-            .execute(pool)
-            .await?;
+        wake(pool, tables).await?;
     }
     Ok(done.rows_affected())
+}
+
+/// Deletes the parked rows matching `filter` — events that will never be
+/// published — and wakes the relays, whose later rows of those keys go on;
+/// returns the rows as they were (payloads aside), for the operator's
+/// record.
+pub async fn discard(
+    pool: &PgPool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+) -> Result<Vec<ParkedRow>> {
+    let outbox = tables.outbox();
+    let (enqueued_at, parked_at) = (readable_time("enqueued_at"), readable_time("parked_at"));
+    let rows = sqlx::query(&format!(
+        "DELETE FROM {outbox} \
+         WHERE parked_at IS NOT NULL AND published_at IS NULL \
+         AND ($1::text IS NULL OR topic = $1) \
+         AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \
+         RETURNING id, topic, event_id, event_type, event_key, \
+         octet_length(payload)::int8 AS size, attempts, last_error, {enqueued_at}, {parked_at}"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(&filter.ids)
+    .fetch_all(pool)
+    .await?;
+    let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
+    discarded.sort_by_key(|row| row.id);
+    if !discarded.is_empty() {
+        wake(pool, tables).await?;
+    }
+    Ok(discarded)
+}
+
+/// Wakes the relays of `tables`' outbox.
+async fn wake(pool: &PgPool, tables: &OutboxTables) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(tables.channel())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn parked_row(row: &sqlx::postgres::PgRow) -> Result<ParkedRow> {
+    let key: Vec<u8> = row.try_get("event_key")?;
+    Ok(ParkedRow {
+        id: row.try_get("id")?,
+        topic: row.try_get("topic")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        key: String::from_utf8_lossy(&key).into_owned(),
+        payload_bytes: row.try_get("size")?,
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        enqueued_at: row.try_get("enqueued_at")?,
+        parked_at: row.try_get("parked_at")?,
+    })
 }

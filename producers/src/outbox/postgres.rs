@@ -41,13 +41,22 @@ impl PgRelayStore {
         // A row whose time cannot be read is refused and parked, not a
         // relay that crashes on every claim.
         let occurred_at = readable_time("occurred_at");
+        // A key with a parked row is blocked: its later rows wait until an
+        // operator requeues or discards the parked one, so a key's events
+        // go out in commit order whatever happens (the parked rows, few,
+        // are read once per claim through their partial index). Its
+        // earlier rows still go (held back with it while it was retried).
         PgRelayStore {
             claim: format!(
                 "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
-                 payload FROM {outbox} \
+                 payload FROM {outbox} o \
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
-                 AND topic <> ALL($4) ORDER BY id LIMIT $3"
+                 AND topic <> ALL($4) \
+                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                   WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
+                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                 ORDER BY id LIMIT $3"
             ),
             // Published: out of the outbox, into the archive — or gone,
             // with no retention (half the writes: no archive row, no

@@ -21,7 +21,9 @@
 //! is bounded by `batch_size`. A broker that refuses or times out makes the
 //! relay back off exponentially with jitter; a row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
-//! error after `max_attempts`, and the relay goes on. Database errors
+//! error after `max_attempts`, and the relay goes on with other keys: the
+//! parked row's key stays blocked (its later rows wait) until an operator
+//! requeues or discards it ([`super::parked`]). Database errors
 //! (a restart, a killed connection) are retried the same way; the pool
 //! reconnects.
 
@@ -62,7 +64,11 @@ pub struct RelayConfig {
     /// taken over after about this long. Default 10 s.
     pub session_timeout: Duration,
     /// How long one batch may wait for the broker's acknowledgements.
-    /// Default 5 s.
+    /// Default 5 s. Give the publisher an acknowledgement timeout no
+    /// longer than this (Kafka: `delivery.timeout.ms`, which `keel relay`
+    /// sets to it): a message the client still retries after the relay
+    /// gave up on its batch could land after another relay, which took the
+    /// slot over, published the key's later rows.
     pub publish_timeout: Duration,
     /// Polling interval when no notification arrives (notifications are
     /// lost while the listening connection is down). Default 1 s.
@@ -498,7 +504,16 @@ impl OutboxRelay {
                 .await?
             {
                 parked += 1;
-                tracing::error!(row = id, error = %reason, "outbox row parked after {} attempts: it cannot be published", self.config.max_attempts);
+                let key = claimed
+                    .iter()
+                    .find(|row| row.id == *id)
+                    .map(|row| String::from_utf8_lossy(row.key()).into_owned());
+                tracing::error!(
+                    row = id, key = ?key, error = %reason,
+                    "outbox row parked after {} attempts: it cannot be published; later rows of \
+                     its key wait until it is requeued or discarded (keel outbox parked|requeue|discard)",
+                    self.config.max_attempts
+                );
             } else {
                 tracing::warn!(row = id, error = %reason, "an outbox row cannot be published; it goes again");
             }
@@ -663,16 +678,23 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
     let sends = by_topic.iter().map(|(topic, rows)| async move {
         // Rows whose columns do not make an event are refused up front;
         // the rest go out.
+        // Later rows of a broken row's key wait behind it (sent neither
+        // now nor refused: they stay in line).
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         let mut broken = Vec::new();
+        let mut broken_keys: HashSet<&[u8]> = HashSet::new();
         for row in rows {
             match &row.event {
+                Ok(_) if broken_keys.contains(row.key()) => {}
                 Ok(event) => {
                     events.push(event.clone());
                     ids.push((row.id, event.id()));
                 }
-                Err(reason) => broken.push((row.id, reason.clone())),
+                Err(reason) => {
+                    broken.push((row.id, reason.clone()));
+                    broken_keys.insert(row.key());
+                }
             }
         }
         let sent = if events.is_empty() {

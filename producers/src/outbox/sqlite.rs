@@ -60,6 +60,12 @@ pub async fn migrate_sqlite(tables: &OutboxTables, pool: &SqlitePool) -> Result<
              WHERE published_at_ms IS NULL AND parked_at_ms IS NULL",
             quote(&format!("{}_pending", tables.outbox_name()))
         ),
+        // Parked rows block their keys: every claim reads them.
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {outbox} (id) \
+             WHERE published_at_ms IS NULL AND parked_at_ms IS NOT NULL",
+            quote(&format!("{}_parked", tables.outbox_name()))
+        ),
         format!(
             "CREATE TABLE IF NOT EXISTS {inbox} (
                 consumer_group  TEXT    NOT NULL,
@@ -304,8 +310,12 @@ impl SqliteRelayStore {
             claim: format!(
                 "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers, payload \
-                 FROM {outbox} WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
-                 AND topic NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?"
+                 FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
+                 AND topic NOT IN (SELECT value FROM json_each(?)) \
+                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                   WHERE p.published_at_ms IS NULL AND p.parked_at_ms IS NOT NULL \
+                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                 ORDER BY id LIMIT ?"
             ),
             mark: format!(
                 "UPDATE {outbox} SET published_at_ms = ? \
@@ -418,12 +428,9 @@ impl RelayStore for SqliteRelayStore {
                 // like malformed headers, not published under the nil id.
                 Ok(match uuid::Uuid::parse_str(&event_id) {
                     Ok(_) => claimed,
-                    Err(e) => Claimed {
-                        event: Err(format!(
-                            "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
-                        )),
-                        ..claimed
-                    },
+                    Err(e) => claimed.broken(format!(
+                        "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
+                    )),
                 })
             })
             .collect()

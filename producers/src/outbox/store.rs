@@ -71,6 +71,9 @@ pub(crate) struct Claimed {
     pub(crate) id: i64,
     pub(crate) topic: String,
     pub(crate) event: std::result::Result<Envelope, String>,
+    /// The key of a row that does not make an event (empty otherwise: the
+    /// event carries it), so its key's later rows still wait behind it.
+    pub(crate) broken_key: Vec<u8>,
 }
 
 /// A claimed row's columns, as each database reads them.
@@ -93,10 +96,21 @@ pub(crate) struct ClaimedRow {
 }
 
 impl Claimed {
-    /// The row's key (empty when the row does not make an event: such a
-    /// row is refused before anything of its topic is sent).
+    /// The row's key.
     pub(crate) fn key(&self) -> &[u8] {
-        self.event.as_ref().map_or(&[], |e| e.key().as_bytes())
+        self.event
+            .as_ref()
+            .map_or(self.broken_key.as_slice(), |e| e.key().as_bytes())
+    }
+
+    /// The same row refused for `reason` before it is sent.
+    pub(crate) fn broken(self, reason: String) -> Claimed {
+        let broken_key = self.key().to_vec();
+        Claimed {
+            event: Err(reason),
+            broken_key,
+            ..self
+        }
     }
 }
 
@@ -114,6 +128,7 @@ impl ClaimedRow {
                     "outbox row {id}: occurred_at is not a time an event can carry \
                      (infinite, or out of range); fix the column and requeue the row"
                 )),
+                broken_key: self.key,
             };
         };
         let mut event = Envelope::new(self.event_type, Key::from_bytes(self.key), self.payload)
@@ -132,18 +147,20 @@ impl ClaimedRow {
         if let Some(id) = self.causation_id {
             event = event.with_causation_id(id);
         }
-        let event = match serde_json::from_str::<BTreeMap<String, String>>(&self.headers) {
-            Ok(map) => Ok(map
-                .into_iter()
-                .fold(event, |event, (name, value)| event.with_header(name, value))),
-            Err(e) => Err(format!(
-                "outbox row {id}: headers are not a JSON object of strings: {e}"
-            )),
-        };
-        Claimed {
+        let claimed = |event| Claimed {
             id,
             topic: self.topic,
-            event,
+            event: Ok(event),
+            broken_key: Vec::new(),
+        };
+        match serde_json::from_str::<BTreeMap<String, String>>(&self.headers) {
+            Ok(map) => claimed(
+                map.into_iter()
+                    .fold(event, |event, (name, value)| event.with_header(name, value)),
+            ),
+            Err(e) => claimed(event).broken(format!(
+                "outbox row {id}: headers are not a JSON object of strings: {e}"
+            )),
         }
     }
 }
