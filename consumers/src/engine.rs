@@ -234,6 +234,13 @@ impl Engine {
         }
     }
 
+    /// Stops dispatching every partition (a graceful leave's start).
+    pub(crate) fn stop_dispatching(&self) {
+        for ps in self.lock().partitions.values_mut() {
+            ps.revoking = true;
+        }
+    }
+
     /// Stops dispatching `partitions` (the first half of a revocation).
     pub(crate) fn start_revoking(&self, partitions: &[i32]) {
         let mut state = self.lock();

@@ -383,6 +383,15 @@ impl fmt::Display for Undecodable {
 /// re-delivered to the next owner).
 #[async_trait]
 pub trait Membership: Send + Sync {
+    /// Stops handing out deliveries (the start of a graceful leave):
+    /// settling one no longer dispatches the next, so deliveries not yet
+    /// read can be dropped (nacked) without coming back to this member.
+    /// Returns whether it did; the default (a transport whose leave does
+    /// not wait for outstanding deliveries) does nothing.
+    fn stop_dispatching(&self) -> bool {
+        false
+    }
+
     /// Leaves the group gracefully: commits what was acked, then hands the
     /// partitions over.
     async fn leave(self: Box<Self>) -> Result<()>;
@@ -436,7 +445,17 @@ impl Deliveries {
     /// re-delivered to the next owner.
     pub async fn leave(mut self) -> Result<()> {
         match self.membership.take() {
-            Some(membership) => membership.leave().await,
+            Some(membership) => {
+                // Deliveries dispatched but never read are given back now
+                // (dropped, so nacked, on partitions no longer dispatched:
+                // they go to the next owner uncommitted). Left queued they
+                // would count as in flight and hold the leave's drain for
+                // its whole timeout.
+                if membership.stop_dispatching() {
+                    self.stream = Box::pin(futures::stream::empty());
+                }
+                membership.leave().await
+            }
             None => Ok(()),
         }
     }

@@ -430,6 +430,55 @@ pub async fn crashed_member_hands_over(t: &dyn Transport) {
     hand_over(t, "crash", false).await;
 }
 
+/// A member that settled everything it read leaves at once, though the
+/// transport had dispatched more it never read (settling each read one
+/// hands out the next): those are given back, not waited for until the
+/// drain timeout (10 s by default; the suite's broker transports use 5 s,
+/// and leaving takes 0.01–0.1 s with nothing in a handler), and the next
+/// member gets every event not acked.
+pub async fn leave_gives_back_unread_deliveries(t: &dyn Transport) {
+    let case = "unread";
+    let partitions = 2;
+    let topic = fresh_topic(t, case, partitions).await;
+    let group = unique_name(&format!("{case}-g"));
+    let events = workload(case, 10, 10);
+    let ids: HashSet<EventId> = events.iter().map(|e| e.id()).collect();
+    publish_all(t, &topic, partitions, events).await;
+
+    let subscription = || {
+        Subscription::new(&topic, &group)
+            .start_from(StartFrom::Earliest)
+            .max_in_flight(8)
+    };
+    let mut a = subscribe(t, subscription()).await;
+    let mut log = HandledLog::default();
+    let mut acked = HashSet::new();
+    for _ in 0..8 {
+        let d = next(t, &mut a, "member A").await;
+        log.handle(t, &d);
+        acked.insert(d.envelope().id());
+        d.ack();
+    }
+    let started = std::time::Instant::now();
+    a.leave().await.expect("graceful leave");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "[{}] leaving with only unread deliveries out took {took:?}: it waited for them",
+        t.name()
+    );
+
+    let mut b = subscribe(t, subscription()).await;
+    let rest: HashSet<EventId> = ids.difference(&acked).copied().collect();
+    let mut seen = HashSet::new();
+    while !rest.is_subset(&seen) {
+        let d = next(t, &mut b, "member B").await;
+        seen.insert(d.envelope().id());
+        d.ack();
+    }
+    b.leave().await.expect("graceful leave");
+}
+
 /// A nacked delivery comes back (attempt 2, after its delay) before any
 /// later event of its key, while other keys keep flowing.
 pub async fn nack_redelivers(t: &dyn Transport) {
@@ -709,6 +758,7 @@ macro_rules! conformance_tests {
             per_key_order_under_parallel_consumption,
             member_leaving_hands_over,
             crashed_member_hands_over,
+            leave_gives_back_unread_deliveries,
             nack_redelivers,
             same_event_id_twice,
             replay_from_start,

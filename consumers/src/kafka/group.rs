@@ -430,6 +430,7 @@ impl Subscriber for KafkaGroupConsumer {
             stop: AtomicU8::new(RUNNING),
             joined: AtomicBool::new(false),
         });
+        let stopper = engine.clone();
         let context = KeelContext {
             engine: engine.clone(),
             control: control.clone(),
@@ -508,6 +509,7 @@ impl Subscriber for KafkaGroupConsumer {
             assignment_rx,
             Box::new(KafkaMembership {
                 control,
+                engine: stopper,
                 done: Some(done_rx),
                 thread: Some(thread),
             }),
@@ -708,12 +710,18 @@ fn is_refusal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
 
 struct KafkaMembership {
     control: Arc<Control>,
+    engine: Arc<Engine>,
     done: Option<oneshot::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 #[async_trait]
 impl Membership for KafkaMembership {
+    fn stop_dispatching(&self) -> bool {
+        self.engine.stop_dispatching();
+        true
+    }
+
     async fn leave(mut self: Box<Self>) -> Result<()> {
         self.control.stop.store(LEAVE_GRACEFULLY, Ordering::Release);
         if let Some(done) = self.done.take() {

@@ -339,6 +339,7 @@ impl Subscriber for JetStreamGroupConsumer {
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
         let (released_tx, released_rx) = mpsc::unbounded_channel();
         let (broken_tx, broken_rx) = mpsc::unbounded_channel();
+        let stopper = engine.clone();
         let member = Member {
             id: id.clone(),
             topic: topic.clone(),
@@ -367,6 +368,7 @@ impl Subscriber for JetStreamGroupConsumer {
             assignment_rx,
             Box::new(NatsMembership {
                 stop: stop_tx,
+                engine: stopper,
                 task: Some(task),
             }),
         ))
@@ -1240,11 +1242,17 @@ async fn read_partition(
 
 struct NatsMembership {
     stop: watch::Sender<Stop>,
+    engine: Arc<Engine>,
     task: Option<JoinHandle<()>>,
 }
 
 #[async_trait]
 impl Membership for NatsMembership {
+    fn stop_dispatching(&self) -> bool {
+        self.engine.stop_dispatching();
+        true
+    }
+
     async fn leave(mut self: Box<Self>) -> Result<()> {
         let _ = self.stop.send(Stop::Leave);
         if let Some(task) = self.task.take() {
