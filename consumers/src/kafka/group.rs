@@ -461,6 +461,16 @@ impl Subscriber for KafkaGroupConsumer {
         if let Some(id) = &self.config.instance_id {
             client.set("group.instance.id", id);
         }
+        // Each owned partition is read from a queue of its own, and
+        // librdkafka's prefetch limits then apply per partition: by default
+        // 100,000 messages or 64 MiB each, buffered even while a stuck key
+        // holds its partition's window full. Lower defaults bound a member's
+        // memory by its partition count (the pass-through map still wins).
+        for (key, value) in PREFETCH_PER_PARTITION {
+            if client.get(key).is_none() {
+                client.set(key, value);
+            }
+        }
         let subscribe_error = |reason: String, retriable: bool| Error::Subscribe {
             topic: topic.clone(),
             group: group.clone(),
@@ -556,6 +566,14 @@ fn copy_headers<H: Headers + ?Sized>(headers: &H) -> Vec<(String, Bytes)> {
         })
         .collect()
 }
+
+/// librdkafka's prefetch limits per partition queue, unless the client's
+/// pass-through map sets them: 10,000 messages (seconds of a busy
+/// partition) or 8 MiB.
+const PREFETCH_PER_PARTITION: [(&str, &str); 2] = [
+    ("queued.min.messages", "10000"),
+    ("queued.max.messages.kbytes", "8192"),
+];
 
 /// Most records taken from one partition queue per loop turn.
 const PARTITION_BATCH: usize = 512;
