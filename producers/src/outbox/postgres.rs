@@ -28,6 +28,11 @@ pub(crate) struct PgRelayStore {
     backlog: String,
     /// This relay's role owns the outbox, so it may VACUUM it.
     vacuums: bool,
+    /// When the sweep of rows marked in place runs next. Such rows come
+    /// only from relays of the version before the archive, and without an
+    /// index on published rows the sweep reads the whole outbox: once it
+    /// finds none, it runs again only after `SWEEP_SPACING`.
+    next_sweep: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl PgRelayStore {
@@ -93,6 +98,7 @@ impl PgRelayStore {
                    WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1) AS oldest"
             ),
             vacuums: false,
+            next_sweep: std::sync::Mutex::new(tokio::time::Instant::now()),
             pool,
             tables,
             leases,
@@ -216,10 +222,17 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn purge(&self, retention: Duration, batch: usize) -> Result<u64> {
-        sqlx::query(&self.sweep)
-            .bind(batch as i64)
-            .execute(&self.pool)
-            .await?;
+        let next_sweep = || self.next_sweep.lock().unwrap_or_else(|p| p.into_inner());
+        if tokio::time::Instant::now() >= *next_sweep() {
+            let moved = sqlx::query(&self.sweep)
+                .bind(batch as i64)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            if moved == 0 {
+                *next_sweep() = tokio::time::Instant::now() + SWEEP_SPACING;
+            }
+        }
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         Ok(sqlx::query(&self.purge)
             .bind(retention_ms)
@@ -277,6 +290,9 @@ impl RelayStore for PgRelayStore {
         )))
     }
 }
+
+/// Time between two sweeps for rows marked in place once one found none.
+const SWEEP_SPACING: Duration = Duration::from_secs(600);
 
 /// `column` (a timestamptz) as itself, or NULL where decoding it would
 /// panic (sqlx reads a timestamptz by adding microseconds to an epoch,

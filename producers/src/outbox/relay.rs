@@ -349,6 +349,18 @@ impl OutboxRelay {
                 }
                 next_heartbeat = Instant::now() + config.heartbeat;
                 let slots = self.store.publishable();
+                if !slots.is_empty() && self.store.remaining() < config.publish_timeout {
+                    // Held, yet no batch may start: the heartbeat took
+                    // longer than the leases' margin over a publish.
+                    tracing::warn!(
+                        relay = %config.relay_id,
+                        trusted_for = ?self.store.remaining(),
+                        publish_timeout = ?config.publish_timeout,
+                        "relay heartbeat too slow: its leases are trusted for less than a publish, \
+                         so nothing is published; check the database's latency, or lower \
+                         publish_timeout / raise session_timeout"
+                    );
+                }
                 self.stats.send_modify(|s| s.slots = slots);
             }
             if now >= next_stats {
