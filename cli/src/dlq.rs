@@ -347,36 +347,32 @@ fn latest_per_event(letters: Vec<DeadLetter>) -> (Vec<DeadLetter>, usize) {
             .header(headers::AT)
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
     };
-    let mut latest: HashMap<(String, String), usize> = HashMap::new();
+    // A letter without a time ranks below one with it (`None < Some`).
+    let rank = |dead: &DeadLetter| (when(dead), dead.position);
+    let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut superseded = std::collections::HashSet::new();
     for (i, dead) in letters.iter().enumerate() {
         let Some(id) = dead.record.header(wire::EVENT_ID) else {
             continue;
         };
         let origin = dead.record.header(headers::TOPIC).unwrap_or_default();
-        let slot = latest
-            .entry((origin.to_owned(), id.to_owned()))
-            .or_insert(i);
-        let (old, new) = (&letters[*slot], dead);
-        let newer = match (when(old), when(new)) {
-            (Some(a), Some(b)) => b > a || (b == a && new.position >= old.position),
-            (None, Some(_)) => true,
-            (Some(_), None) => false,
-            (None, None) => new.position >= old.position,
-        };
-        if newer {
-            *slot = i;
+        let slot = latest.entry((origin, id)).or_insert(i);
+        if *slot != i {
+            let older = if rank(dead) >= rank(&letters[*slot]) {
+                std::mem::replace(slot, i)
+            } else {
+                i
+            };
+            superseded.insert(older);
         }
     }
-    let keep: std::collections::HashSet<usize> = latest.values().copied().collect();
-    let before = letters.len();
     let kept: Vec<DeadLetter> = letters
         .into_iter()
         .enumerate()
-        .filter(|(i, dead)| keep.contains(i) || dead.record.header(wire::EVENT_ID).is_none())
+        .filter(|(i, _)| !superseded.contains(i))
         .map(|(_, dead)| dead)
         .collect();
-    let left_out = before - kept.len();
-    (kept, left_out)
+    (kept, superseded.len())
 }
 
 /// Reads `topic` from its start to the end it has now, handing each record
@@ -438,13 +434,11 @@ async fn read_dead_letters(
         }
         *slot -= 1;
         left -= 1;
-        let record = match record {
+        let record = match record.with_context(|| {
+            format!("the record at {topic}/{partition}@{position} has headers Keel cannot carry")
+        }) {
             Ok(record) => record,
-            Err(e) => {
-                break Err(anyhow::Error::new(e).context(format!(
-                    "the record at {topic}/{partition}@{position} has headers Keel cannot carry"
-                )));
-            }
+            Err(e) => break Err(e),
         };
         if !each(DeadLetter {
             partition,

@@ -28,14 +28,14 @@ pub(crate) enum OutboxCommand {
         keel outbox requeue --database postgres://app@db/orders --topic orders\n  \
         keel outbox requeue --database postgres://app@db/orders --id 1042 --id 1043\n  \
         keel outbox requeue --database postgres://app@db/orders --all")]
-    Requeue(RequeueArgs),
+    Requeue(PickedArgs),
     /// Delete parked rows that can never be published, so the later rows
     /// of their keys go on; prints each deleted row as a JSON line (payload
     /// aside) for the record. Pick them with --topic and/or --id, or --all.
     #[command(after_help = "Examples:\n  \
         keel outbox discard --database postgres://app@db/orders --id 1042\n  \
         keel outbox discard --database postgres://app@db/orders --topic orders")]
-    Discard(RequeueArgs),
+    Discard(PickedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -73,7 +73,7 @@ pub(crate) struct ParkedArgs {
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct RequeueArgs {
+pub(crate) struct PickedArgs {
     #[command(flatten)]
     db: OutboxDb,
     #[command(flatten)]
@@ -100,25 +100,13 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             eprintln!("{} parked row(s) in {}{more}", rows.len(), tables.channel());
         }
         OutboxCommand::Requeue(args) => {
-            if !args.all && args.selection.is_empty() {
-                bail!(
-                    "`keel outbox requeue` needs a selection: --topic, --id, or --all for every parked row"
-                );
-            }
-            let (database, tables) = args.db.resolve(config, "keel outbox requeue")?;
-            let pool = connect_outbox(&database, &tables).await?;
-            let done = parked::requeue(&pool, &tables, &args.selection.filter()).await?;
+            let (pool, tables, filter) = args.open(config, "keel outbox requeue").await?;
+            let done = parked::requeue(&pool, &tables, &filter).await?;
             say!("requeued {done} parked row(s) of {}", tables.channel());
         }
         OutboxCommand::Discard(args) => {
-            if !args.all && args.selection.is_empty() {
-                bail!(
-                    "`keel outbox discard` needs a selection: --topic, --id, or --all for every parked row"
-                );
-            }
-            let (database, tables) = args.db.resolve(config, "keel outbox discard")?;
-            let pool = connect_outbox(&database, &tables).await?;
-            let rows = parked::discard(&pool, &tables, &args.selection.filter()).await?;
+            let (pool, tables, filter) = args.open(config, "keel outbox discard").await?;
+            let rows = parked::discard(&pool, &tables, &filter).await?;
             for row in &rows {
                 say!("{}", serde_json::to_string(row)?);
             }
@@ -130,6 +118,23 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
         }
     }
     Ok(())
+}
+
+impl PickedArgs {
+    /// The outbox's pool, tables and the rows picked, for `command`, which
+    /// changes rows: refused without a selection (--all picks every one).
+    async fn open(
+        &self,
+        config: &KeelConfig,
+        command: &str,
+    ) -> anyhow::Result<(PgPool, OutboxTables, ParkedFilter)> {
+        if !self.all && self.selection.is_empty() {
+            bail!("`{command}` needs a selection: --topic, --id, or --all for every parked row");
+        }
+        let (database, tables) = self.db.resolve(config, command)?;
+        let pool = connect_outbox(&database, &tables).await?;
+        Ok((pool, tables, self.selection.filter()))
+    }
 }
 
 /// A pool on the outbox's database, once its outbox table is known to be

@@ -688,10 +688,9 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
         by_topic.entry(row.topic.as_str()).or_default().push(row);
     }
     let sends = by_topic.iter().map(|(topic, rows)| async move {
-        // Rows whose columns do not make an event are refused up front;
-        // the rest go out.
-        // Later rows of a broken row's key wait behind it (sent neither
-        // now nor refused: they stay in line).
+        // Rows whose columns do not make an event are refused up front,
+        // and later rows of their keys wait behind them (sent neither now
+        // nor refused: they stay in line); the rest go out.
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         let mut broken = Vec::new();
