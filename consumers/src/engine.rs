@@ -378,14 +378,25 @@ impl Engine {
         let mut state = self.lock();
         let now = Instant::now();
         for ps in state.partitions.values_mut() {
-            let ready = &mut ps.ready;
-            ps.retry_at.retain(|&offset, &mut at| {
-                if at <= now {
-                    ready.insert(offset);
-                    false
-                } else {
-                    true
+            let PartitionState {
+                ready,
+                retry_at,
+                records,
+                queues,
+                ..
+            } = ps;
+            retry_at.retain(|&offset, &mut at| {
+                if at > now {
+                    return true;
                 }
+                // Its key's head goes: a late record of the key that
+                // arrived meanwhile sits before it and goes first.
+                let head = records
+                    .get(&offset)
+                    .and_then(|b| queues.get(&b.key))
+                    .and_then(|queue| queue.front().copied());
+                ready.insert(head.unwrap_or(offset));
+                false
             });
         }
         self.dispatch(&mut state)
@@ -632,6 +643,16 @@ impl Settle for Engine {
         self.settled.notify_all();
         self.send(out);
     }
+
+    fn is_owned(&self, token: u64) -> bool {
+        let state = self.lock();
+        state.tokens.get(&token).is_some_and(|t| {
+            state
+                .partitions
+                .get(&t.partition)
+                .is_some_and(|ps| ps.generation == t.generation && !ps.revoking)
+        })
+    }
 }
 
 /// Settles nothing: for deliveries outliving their engine.
@@ -839,6 +860,76 @@ mod tests {
         assert_eq!(e.assignment(), vec![1]);
         // A record of a partition we no longer own is ignored.
         assert!(e.ingest(0, record(6, "a")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_late_record_of_a_key_waiting_for_its_retry_goes_first() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(0, record(10, "a"));
+        e.send(out);
+        let first = rx.next().await.unwrap().unwrap();
+        first.nack_with_delay(Duration::from_millis(1));
+        // a@5 turns up late while a@10 waits for its retry: it waits too.
+        assert!(e.ingest(0, record(5, "a")).is_empty());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let out = e.tick();
+        let offsets: Vec<u64> = out
+            .iter()
+            .map(|d| d.as_ref().unwrap().info().coordinates.position)
+            .collect();
+        assert_eq!(
+            offsets,
+            vec![5],
+            "one of the key at a time, the lower first"
+        );
+        e.send(out);
+        let late = rx.next().await.unwrap().unwrap();
+        late.ack();
+        let again = rx.next().await.unwrap().unwrap();
+        assert_eq!(again.info().coordinates.position, 10);
+        assert_eq!(again.info().attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn deliveries_of_a_revoked_or_reassigned_partition_are_not_owned() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None), (1, None)]);
+        for p in [0, 1] {
+            let out = e.ingest(p, record(0, "a"));
+            e.send(out);
+        }
+        let (d0, d1) = (
+            rx.next().await.unwrap().unwrap(),
+            rx.next().await.unwrap().unwrap(),
+        );
+        let (d0, d1) = if d0.info().coordinates.partition == 0 {
+            (d0, d1)
+        } else {
+            (d1, d0)
+        };
+        assert!(d0.is_owned() && d1.is_owned());
+        e.start_revoking(&[0]);
+        assert!(
+            !d0.is_owned(),
+            "a partition being revoked is on its way out"
+        );
+        assert!(d1.is_owned());
+        e.remove(&[0]);
+        e.assign(&[(0, None)]);
+        assert!(
+            !d0.is_owned(),
+            "a delivery of an earlier assignment stays stale"
+        );
+        let out = e.ingest(0, record(0, "a"));
+        e.send(out);
+        let again = rx.next().await.unwrap().unwrap();
+        assert!(again.is_owned());
+        e.stop_dispatching();
+        assert!(
+            !again.is_owned() && !d1.is_owned(),
+            "a leave gives everything up"
+        );
     }
 
     #[tokio::test]

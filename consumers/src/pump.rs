@@ -22,6 +22,15 @@ pub(crate) enum Item {
     Undecodable(Box<Undecodable>),
 }
 
+impl Item {
+    fn is_owned(&self) -> bool {
+        match self {
+            Item::Event(delivery) => delivery.is_owned(),
+            Item::Undecodable(record) => record.is_owned(),
+        }
+    }
+}
+
 /// Runs `work` on every item of `deliveries`, at most `permits` at once
 /// (shared between pumps to bound a whole process), until `shutdown`
 /// resolves or the stream ends; then drains and leaves.
@@ -69,6 +78,16 @@ where
             }
             Some(Err(e)) => break Err(e),
         };
+        // The wait for a permit can be long: a partition revoked or given
+        // up meanwhile has a new owner that delivers the event again, so
+        // running it here would duplicate that work, possibly alongside
+        // it and out of its key's order. Dropped, it is nacked (ignored).
+        if !item.is_owned() {
+            tracing::debug!(
+                "delivery of a partition no longer owned dropped before its handler ran"
+            );
+            continue;
+        }
         let task = work(item);
         // Boxed: the task then holds a pointer, not the whole future. A
         // router's chain future is kilobytes, and tokio moves a task's
@@ -109,4 +128,96 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned());
     format!("handler panicked: {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use keel_core::delivery::{Membership, Outcome, Settle};
+    use keel_core::{Coordinates, DeliveryInfo, Envelope};
+
+    use super::*;
+
+    /// Owns the tokens in `owned`; records what was settled.
+    #[derive(Default)]
+    struct Owner {
+        owned: Mutex<HashSet<u64>>,
+        settled: Mutex<Vec<(u64, Outcome)>>,
+    }
+
+    impl Settle for Owner {
+        fn settle(&self, token: u64, outcome: Outcome) {
+            self.settled.lock().unwrap().push((token, outcome));
+        }
+
+        fn is_owned(&self, token: u64) -> bool {
+            self.owned.lock().unwrap().contains(&token)
+        }
+    }
+
+    struct Member;
+
+    #[async_trait]
+    impl Membership for Member {
+        async fn leave(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_no_longer_owned_is_dropped_before_its_handler_runs() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 3]);
+        let deliveries = (1..=3u64).map(|token| {
+            let info = DeliveryInfo {
+                coordinates: Coordinates {
+                    topic: "t".into(),
+                    partition: 0,
+                    position: token,
+                },
+                group: "g".into(),
+                attempt: 1,
+            };
+            let event = Envelope::new("t", format!("k{token}"), "x");
+            Ok(Delivery::new(event, info, owner.clone(), token))
+        });
+        let (_tx, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            futures::stream::iter(deliveries.collect::<Vec<_>>()),
+            assignment,
+            Box::new(Member),
+        );
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        pump(
+            stream,
+            Arc::new(Semaphore::new(1)),
+            std::future::pending(),
+            |item| {
+                let ran = ran.clone();
+                async move {
+                    if let Item::Event(d) = item {
+                        ran.lock().unwrap().push(d.info().coordinates.position);
+                        d.ack();
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(*ran.lock().unwrap(), vec![1, 3], "token 2 was not owned");
+        let settled = owner.settled.lock().unwrap().clone();
+        assert!(
+            settled.contains(&(
+                2,
+                Outcome::Nack {
+                    delay: Duration::ZERO
+                }
+            )),
+            "{settled:?}"
+        );
+    }
 }

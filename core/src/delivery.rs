@@ -80,6 +80,14 @@ pub trait Settle: Send + Sync {
     /// Records `outcome` for the delivery identified by `token`. Outcomes for
     /// deliveries the member no longer owns (after a rebalance) are ignored.
     fn settle(&self, token: u64, outcome: Outcome);
+
+    /// Whether the member still owns the delivery identified by `token`:
+    /// `false` once its partition is being revoked, was given up after a
+    /// drain timeout, or was lost. The default (a transport without
+    /// rebalances) is always `true`.
+    fn is_owned(&self, _token: u64) -> bool {
+        true
+    }
 }
 
 /// The ack/nack half of a delivery: settles once, nacks when dropped unsettled.
@@ -108,6 +116,10 @@ impl Settlement {
 
     fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
+    }
+
+    fn is_owned(&self) -> bool {
+        self.settler.is_owned(self.token)
     }
 }
 
@@ -214,6 +226,15 @@ impl Delivery {
     /// Whether `ack`, `nack` or `term` was called.
     pub fn is_settled(&self) -> bool {
         self.settlement.is_settled()
+    }
+
+    /// Whether this member still owns the event: `false` once its partition
+    /// is being revoked, was given up or lost. Its outcome is then ignored
+    /// and the partition's next owner delivers it again, so handling it
+    /// would only duplicate that work and could run alongside it, out of
+    /// its key's order. Consumers check this before they start a handler.
+    pub fn is_owned(&self) -> bool {
+        self.settlement.is_owned()
     }
 
     /// The event, its facts and its ack/nack handle, without copying the
@@ -345,6 +366,12 @@ impl Undecodable {
     /// Given up for good after it was dead-lettered (see [`Outcome::Term`]).
     pub fn term(&self) -> bool {
         self.settlement.settle(Outcome::Term)
+    }
+
+    /// Whether this member still owns the record (see
+    /// [`Delivery::is_owned`]).
+    pub fn is_owned(&self) -> bool {
+        self.settlement.is_owned()
     }
 
     /// The record, its facts, why it is undecodable and its ack/nack handle.

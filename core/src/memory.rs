@@ -598,6 +598,18 @@ impl Settle for Broker {
         }
         send(out);
     }
+
+    fn is_owned(&self, token: u64) -> bool {
+        let state = self.lock();
+        state.tokens.get(&token).is_some_and(|t| {
+            state
+                .topics
+                .get(&t.topic)
+                .and_then(|topic| topic.groups.get(&t.group))
+                .and_then(|group| group.partitions.get(t.partition as usize))
+                .is_some_and(|ps| ps.owner == Some(t.member) && ps.handover_to.is_none())
+        })
+    }
 }
 
 /// Settles nothing: for deliveries outliving their broker.

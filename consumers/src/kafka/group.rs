@@ -13,10 +13,15 @@
 //! callbacks. While a partition holds a full window of unacked records the
 //! thread stops reading that partition's own fetch queue (each owned
 //! partition is split into one) until acks make room, while the member's
-//! other partitions keep flowing. On revocation it stops dispatching the revoked partitions, waits (up to the
-//! drain timeout) for their outstanding deliveries to settle, commits their
-//! final positions and only then gives them up — so nothing is committed for
-//! a partition this member no longer owns. On assignment it fixes each
+//! other partitions keep flowing. On revocation it stops dispatching the
+//! revoked partitions, waits (up to the drain timeout) for their
+//! outstanding deliveries to settle, commits their final positions and only
+//! then gives them up — so nothing is committed for a partition this member
+//! no longer owns. A delivery of a revoked partition that no handler has
+//! started yet is dropped unrun (`Delivery::is_owned`). An assignment
+//! *lost* (session or poll interval expired: the partitions are already
+//! someone else's) is given up at once, with no wait and no commit. On
+//! assignment it fixes each
 //! partition's start position (committed offset, else earliest or the
 //! current end for `Latest`) before listing it as owned.
 
@@ -374,12 +379,21 @@ impl ConsumerContext for KeelContext {
                 // Leaving: a graceful leave already waited for its
                 // deliveries (see `poll_loop`), an abandoning one does not.
                 let leaving = self.control.stop.load(Ordering::Acquire) != RUNNING;
-                if !leaving && !self.engine.wait_drained(&revoked, self.drain_timeout) {
+                // Lost (the member's session or poll interval expired): the
+                // group has already given the partitions to others, so
+                // waiting for their deliveries only holds the new owners'
+                // work back, and a commit now could overwrite theirs.
+                let lost = consumer.assignment_lost();
+                if lost {
+                    tracing::warn!(topic = %self.topic, ?revoked, "assignment lost (this member's session or max.poll.interval.ms expired): nothing is committed for these partitions; their unsettled events go to their new owners");
+                } else if !leaving && !self.engine.wait_drained(&revoked, self.drain_timeout) {
                     tracing::warn!(topic = %self.topic, ?revoked, "revoked partitions did not drain in time; their unsettled events will be re-delivered");
                 }
                 let positions = self.engine.remove(&revoked);
-                tracing::info!(topic = %self.topic, ?revoked, ?positions, "revocation commits");
-                self.commit(consumer, &positions, CommitMode::Sync);
+                if !lost {
+                    tracing::info!(topic = %self.topic, ?revoked, ?positions, "revocation commits");
+                    self.commit(consumer, &positions, CommitMode::Sync);
+                }
                 let released = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
