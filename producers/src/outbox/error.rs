@@ -52,24 +52,49 @@ impl OutboxError {
     }
 }
 
-/// Connection loss, pool exhaustion, a database shutting down or a
-/// serialization failure: worth retrying.
+/// Connection loss, pool exhaustion, a database shutting down, a
+/// serialization failure, or a statement that ran out of time or did not
+/// get its lock in time: worth retrying.
 pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 40: transaction rollback
-            // (serialization, deadlock); 57P: operator intervention
-            // (shutdown, restart); 53: insufficient resources.
-            code.starts_with("08")
-                || code.starts_with("40")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
         _ => false,
     }
 }
 
+/// 08: connection exception; 40: transaction rollback (serialization,
+/// deadlock); 57P: operator intervention (shutdown, restart); 57014: the
+/// statement was cancelled (`statement_timeout`, or an operator's
+/// `pg_cancel_backend`); 55P03: a lock not granted within `lock_timeout`
+/// (the relay's start-up locks the lease table, a migration may hold it);
+/// 53: insufficient resources.
+fn is_transient_code(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("40")
+        || code.starts_with("57P")
+        || code.starts_with("53")
+        || code == "57014"
+        || code == "55P03"
+}
+
 /// Result of outbox operations.
 pub type Result<T, E = OutboxError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_code;
+
+    #[test]
+    fn timeouts_and_lost_connections_are_transient_constraint_errors_are_not() {
+        for code in [
+            "08006", "40001", "40P01", "57P01", "53300", "57014", "55P03",
+        ] {
+            assert!(is_transient_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "42501", "22P02", "55000"] {
+            assert!(!is_transient_code(code), "{code}");
+        }
+    }
+}
