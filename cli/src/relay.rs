@@ -96,6 +96,10 @@ pub(crate) struct RelayArgs {
     /// Rows per batch: the most in flight, and the most a crash re-publishes.
     #[arg(long, default_value_t = RelayConfig::default().batch_size)]
     batch_size: usize,
+    /// Most bytes of payload and headers per batch (with --batch-size, the
+    /// relay's memory bound; a larger row goes alone), 1 KiB to 1 GiB.
+    #[arg(long, default_value_t = RelayConfig::default().max_batch_bytes)]
+    max_batch_bytes: usize,
     /// Slots the keys are spread over; every relay of an outbox must agree.
     #[arg(long, default_value_t = RelayConfig::default().slots)]
     slots: u32,
@@ -131,6 +135,7 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     let relay_config = RelayConfig {
         relay_id: args.relay_id.clone().unwrap_or(defaults.relay_id),
         batch_size: args.batch_size,
+        max_batch_bytes: args.max_batch_bytes,
         slots: args.slots,
         max_attempts: args.max_attempts,
         session_timeout,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use super::error::Result;
 use super::leases::SlotLeases;
-use super::store::{Backlog, Claimed, ClaimedRow, RelayStore};
+use super::store::{Backlog, ClaimedBatch, ClaimedRow, Limit, RelayStore, within_bytes};
 use super::tables::OutboxTables;
 
 pub(crate) struct PgRelayStore {
@@ -52,16 +52,20 @@ impl PgRelayStore {
         // are read once per claim through their partial index). Its
         // earlier rows still go (held back with it while it was retried).
         PgRelayStore {
-            claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
-                 correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
-                 payload FROM {outbox} o \
-                 WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
-                 AND topic <> ALL($4) \
-                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
-                   WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
-                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
-                 ORDER BY id LIMIT $3"
+            claim: within_bytes(
+                &format!(
+                    "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
+                     correlation_id, causation_id, traceparent, tracestate, \
+                     headers::text AS headers, payload FROM {outbox} o \
+                     WHERE published_at IS NULL AND parked_at IS NULL \
+                     AND key_hash % $1 = ANY($2) AND topic <> ALL($4) \
+                     AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                       WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
+                       AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                     ORDER BY id LIMIT $3"
+                ),
+                "octet_length(c.payload) + coalesce(octet_length(c.headers), 0)",
+                "$5",
             ),
             // Published: out of the outbox, into the archive — or gone,
             // with no retention (half the writes: no archive row, no
@@ -160,7 +164,7 @@ impl RelayStore for PgRelayStore {
         self.leases.remaining()
     }
 
-    async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>> {
+    async fn claim(&self, slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch> {
         let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
         // Planned with its values each time: a cached generic plan cannot
         // estimate the slot filter, takes it to match almost nothing, and
@@ -171,11 +175,17 @@ impl RelayStore for PgRelayStore {
             .persistent(false)
             .bind(self.leases.slots() as i32)
             .bind(&slot_list)
-            .bind(limit as i64)
+            .bind(limit.rows as i64)
             .bind(skip)
+            .bind(i64::try_from(limit.bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
+        let claimable: i64 = match rows.first() {
+            Some(row) => row.try_get("claimable")?,
+            None => 0,
+        };
+        let rows = rows
+            .iter()
             .map(|row| {
                 Ok(ClaimedRow {
                     id: row.try_get("id")?,
@@ -194,7 +204,8 @@ impl RelayStore for PgRelayStore {
                 }
                 .into_claimed())
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClaimedBatch::new(rows, claimable, limit.rows))
     }
 
     async fn mark(&self, ids: &[i64]) -> Result<()> {

@@ -18,7 +18,7 @@
 //!
 //! The loop wakes on LISTEN/NOTIFY (enqueues notify at commit), falls back
 //! to polling every `poll_interval`, and keeps one batch in flight: memory
-//! is bounded by `batch_size`. A broker that refuses or times out makes the
+//! is bounded by `batch_size` rows and `max_batch_bytes`. A broker that refuses or times out makes the
 //! relay back off exponentially with jitter; a row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
 //! error after `max_attempts`, and the relay goes on with other keys: the
@@ -41,7 +41,7 @@ use tokio::time::{Instant, sleep_until};
 use super::error::{OutboxError, Result};
 use super::leases::SlotLeases;
 use super::postgres::PgRelayStore;
-use super::store::{Claimed, RelayStore};
+use super::store::{Claimed, ClaimedBatch, Limit, RelayStore};
 use super::tables::OutboxTables;
 
 /// How a relay runs. Every field has a default ([`RelayConfig::default`]);
@@ -54,6 +54,11 @@ pub struct RelayConfig {
     /// Rows per batch: the most the relay has in flight, and the most a
     /// crash can re-publish. Default 500.
     pub batch_size: usize,
+    /// Bytes of payload and headers per batch: a batch stops short of
+    /// `batch_size` rows where the next row would pass this (a row larger
+    /// than it alone goes in a batch of its own). With `batch_size` it
+    /// bounds the relay's memory. Default 16 MiB.
+    pub max_batch_bytes: usize,
     /// Slots the outbox's keys are spread over; relays split the slots.
     /// Every relay of an outbox must use the same number. Default 16.
     pub slots: u32,
@@ -105,6 +110,7 @@ impl Default for RelayConfig {
         RelayConfig {
             relay_id: default_relay_id(),
             batch_size: 500,
+            max_batch_bytes: 16 << 20,
             slots: 16,
             heartbeat: Duration::from_secs(1),
             session_timeout: Duration::from_secs(10),
@@ -145,6 +151,12 @@ impl RelayConfig {
             return fail(
                 "relay.batch_size",
                 format!("{} is outside 1..=10000", self.batch_size),
+            );
+        }
+        if !(1024..=1 << 30).contains(&self.max_batch_bytes) {
+            return fail(
+                "relay.max_batch_bytes",
+                format!("{} is outside 1 KiB..=1 GiB", self.max_batch_bytes),
             );
         }
         if !(1..=4096).contains(&self.slots) {
@@ -231,6 +243,8 @@ pub struct RelayStats {
     pub parked: u64,
     /// Rows this relay published since it started.
     pub published: u64,
+    /// Batches this relay claimed since it started.
+    pub batches: u64,
     /// Rows the broker refused (each attempt counts).
     pub failures: u64,
     /// Batches that failed as a whole (broker or database unavailable).
@@ -450,15 +464,18 @@ impl OutboxRelay {
     async fn relay_batch(&self, slots: &[u32], topics: &mut TopicBackoff) -> Result<bool> {
         let started = Instant::now();
         let skip = topics.blocked();
-        let claimed = self
-            .store
-            .claim(slots, self.config.batch_size, &skip)
-            .await?;
+        let limit = Limit {
+            rows: self.config.batch_size,
+            bytes: self.config.max_batch_bytes,
+        };
+        let ClaimedBatch {
+            rows: claimed,
+            more: full,
+        } = self.store.claim(slots, limit, &skip).await?;
         if claimed.is_empty() {
             return Ok(false);
         }
         let claimed_after = started.elapsed();
-        let full = claimed.len() == self.config.batch_size;
         let mut total = Outcome::default();
         let mut pending: Vec<&Claimed> = claimed.iter().collect();
         // Each refusal takes at least its row out of the next round, so
@@ -548,6 +565,7 @@ impl OutboxRelay {
         let (done, failed) = (total.published.len() as u64, total.refused.len() as u64);
         let unavailable = total.unavailable.len() as u64;
         self.stats.send_modify(|s| {
+            s.batches += 1;
             s.published += done;
             s.failures += failed;
             s.parked_by_me += parked;

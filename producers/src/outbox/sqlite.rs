@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::enqueue::{Row as OutboxRow, encode};
 use super::error::{OutboxError, Result};
 use super::relay::{OutboxRelay, RelayConfig};
-use super::store::{Backlog, Claimed, ClaimedRow, RelayStore};
+use super::store::{Backlog, ClaimedBatch, ClaimedRow, Limit, RelayStore, within_bytes};
 use super::tables::OutboxTables;
 
 /// The tables, created when missing (SQLite's DDL is idempotent with
@@ -307,15 +307,19 @@ impl SqliteRelayStore {
             relay_id: config.relay_id.clone(),
             session_timeout: config.session_timeout,
             valid_until: None,
-            claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
-                 correlation_id, causation_id, traceparent, tracestate, headers, payload \
-                 FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
-                 AND topic NOT IN (SELECT value FROM json_each(?)) \
-                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
-                   WHERE p.published_at_ms IS NULL AND p.parked_at_ms IS NOT NULL \
-                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
-                 ORDER BY id LIMIT ?"
+            claim: within_bytes(
+                &format!(
+                    "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
+                     correlation_id, causation_id, traceparent, tracestate, headers, payload \
+                     FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
+                     AND topic NOT IN (SELECT value FROM json_each(?)) \
+                     AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                       WHERE p.published_at_ms IS NULL AND p.parked_at_ms IS NOT NULL \
+                       AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                     ORDER BY id LIMIT ?"
+                ),
+                "length(CAST(c.payload AS BLOB)) + coalesce(length(CAST(c.headers AS BLOB)), 0)",
+                "?",
             ),
             mark: format!(
                 "UPDATE {outbox} SET published_at_ms = ? \
@@ -397,13 +401,19 @@ impl RelayStore for SqliteRelayStore {
             .unwrap_or_default()
     }
 
-    async fn claim(&self, _slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>> {
+    async fn claim(&self, _slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch> {
         let rows = sqlx::query(&self.claim)
             .bind(serde_json::to_string(skip).unwrap_or_else(|_| "[]".into()))
-            .bind(limit as i64)
+            .bind(limit.rows as i64)
+            .bind(i64::try_from(limit.bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
+        let claimable: i64 = match rows.first() {
+            Some(row) => row.try_get("claimable")?,
+            None => 0,
+        };
+        let rows = rows
+            .iter()
             .map(|row| {
                 let id: i64 = row.try_get("id")?;
                 let event_id: String = row.try_get("event_id")?;
@@ -433,7 +443,8 @@ impl RelayStore for SqliteRelayStore {
                     )),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClaimedBatch::new(rows, claimable, limit.rows))
     }
 
     async fn mark(&self, ids: &[i64]) -> Result<()> {

@@ -30,9 +30,10 @@ pub(crate) trait RelayStore: Send + Sync {
     fn publishable(&self) -> Vec<u32>;
     /// How long the leases stay trusted.
     fn remaining(&self) -> Duration;
-    /// Unpublished, unparked rows of `slots` in id order, at most `limit`,
-    /// leaving out the topics in `skip` (backing off).
-    async fn claim(&self, slots: &[u32], limit: usize, skip: &[String]) -> Result<Vec<Claimed>>;
+    /// Unpublished, unparked rows of `slots` in id order, leaving out the
+    /// topics in `skip` (backing off): at most `limit` rows, and no more
+    /// rows than fit in `max_bytes` of payload and headers (always one).
+    async fn claim(&self, slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch>;
     /// Marks rows published (after the broker acknowledged them).
     async fn mark(&self, ids: &[i64]) -> Result<()>;
     /// Reclaims what marking left behind (dead index entries the next
@@ -63,6 +64,43 @@ pub(crate) struct Backlog {
     pub(crate) backlog: u64,
     pub(crate) parked: u64,
     pub(crate) oldest: Option<Duration>,
+}
+
+/// How much one claim takes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limit {
+    pub(crate) rows: usize,
+    pub(crate) bytes: usize,
+}
+
+/// The rows of one claim, and whether more were waiting (a limit cut it).
+pub(crate) struct ClaimedBatch {
+    pub(crate) rows: Vec<Claimed>,
+    pub(crate) more: bool,
+}
+
+/// Wraps a claim `SELECT` (rows in id order, at most the row limit) so it
+/// keeps the longest prefix whose payloads and headers fit in the byte
+/// limit (the first row whatever its size), with `claimable` (rows before
+/// the cut) and `running` (bytes up to each row) beside each row.
+/// `size` is the SQL of one row's size; `bytes` the byte limit's parameter.
+pub(crate) fn within_bytes(claim: &str, size: &str, bytes: &str) -> String {
+    format!(
+        "SELECT * FROM (SELECT c.*, count(*) OVER () AS claimable, \
+         row_number() OVER (ORDER BY c.id) AS n, \
+         sum({size}) OVER (ORDER BY c.id ROWS UNBOUNDED PRECEDING) AS running \
+         FROM ({claim}) c) w WHERE n = 1 OR running <= {bytes} ORDER BY id"
+    )
+}
+
+impl ClaimedBatch {
+    /// The batch of `rows`, of the `claimable` the row limit `limit` let
+    /// through before the byte limit cut.
+    pub(crate) fn new(rows: Vec<Claimed>, claimable: i64, limit: usize) -> Self {
+        let more = rows.len() < usize::try_from(claimable).unwrap_or(usize::MAX)
+            || usize::try_from(claimable).is_ok_and(|c| c >= limit);
+        ClaimedBatch { rows, more }
+    }
 }
 
 /// One claimed row: its id, topic and the event rebuilt from it (or why
