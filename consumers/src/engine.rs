@@ -121,6 +121,16 @@ impl PartitionState {
         self.acked.insert(start, end);
     }
 
+    /// The head of `offset`'s key queue: what goes out when `offset` is
+    /// due again (a late record of the key may sit before it).
+    fn head_of(&self, offset: i64) -> i64 {
+        self.records
+            .get(&offset)
+            .and_then(|b| self.queues.get(&b.key))
+            .and_then(|queue| queue.front().copied())
+            .unwrap_or(offset)
+    }
+
     /// Whether `offset` was already received in this assignment.
     fn seen(&self, offset: i64) -> bool {
         self.records.contains_key(&offset)
@@ -378,26 +388,17 @@ impl Engine {
         let mut state = self.lock();
         let now = Instant::now();
         for ps in state.partitions.values_mut() {
-            let PartitionState {
-                ready,
-                retry_at,
-                records,
-                queues,
-                ..
-            } = ps;
-            retry_at.retain(|&offset, &mut at| {
-                if at > now {
-                    return true;
-                }
-                // Its key's head goes: a late record of the key that
-                // arrived meanwhile sits before it and goes first.
-                let head = records
-                    .get(&offset)
-                    .and_then(|b| queues.get(&b.key))
-                    .and_then(|queue| queue.front().copied());
-                ready.insert(head.unwrap_or(offset));
-                false
-            });
+            let due: Vec<i64> = ps
+                .retry_at
+                .iter()
+                .filter(|&(_, &at)| at <= now)
+                .map(|(&offset, _)| offset)
+                .collect();
+            for offset in due {
+                ps.retry_at.remove(&offset);
+                let head = ps.head_of(offset);
+                ps.ready.insert(head);
+            }
         }
         self.dispatch(&mut state)
     }
@@ -629,7 +630,8 @@ impl Settle for Engine {
             match outcome {
                 Outcome::Ack | Outcome::Term => ps.acked(t.offset),
                 Outcome::Nack { delay } if delay.is_zero() => {
-                    ps.ready.insert(t.offset);
+                    let head = ps.head_of(t.offset);
+                    ps.ready.insert(head);
                 }
                 Outcome::Nack { delay } => {
                     let now = Instant::now();
@@ -889,6 +891,22 @@ mod tests {
         let again = rx.next().await.unwrap().unwrap();
         assert_eq!(again.info().coordinates.position, 10);
         assert_eq!(again.info().attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn a_late_record_of_a_key_goes_before_its_nacked_head() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(0, record(10, "a"));
+        e.send(out);
+        let first = rx.next().await.unwrap().unwrap();
+        assert!(e.ingest(0, record(5, "a")).is_empty(), "a@10 is out");
+        first.nack();
+        let late = rx.next().await.unwrap().unwrap();
+        assert_eq!(late.info().coordinates.position, 5);
+        late.ack();
+        let again = rx.next().await.unwrap().unwrap();
+        assert_eq!(again.info().coordinates.position, 10);
     }
 
     #[tokio::test]

@@ -60,14 +60,6 @@ where
             () = &mut shutdown => break Ok(()),
             next = deliveries.next() => next,
         };
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break Err(Error::closed("handler pool")),
-            },
-        };
         let item = match next {
             None => break Ok(()),
             Some(Ok(delivery)) => Item::Event(delivery),
@@ -78,14 +70,23 @@ where
             }
             Some(Err(e)) => break Err(e),
         };
-        // The wait for a permit can be long: a partition revoked or given
-        // up meanwhile has a new owner that delivers the event again, so
-        // running it here would duplicate that work, possibly alongside
-        // it and out of its key's order. Dropped, it is nacked (ignored).
+        // A partition revoked, given up or lost has a new owner that
+        // delivers the event again: running it here would duplicate that
+        // work, possibly alongside it and out of its key's order. Dropped,
+        // it is nacked (ignored) — checked at once, and again after the
+        // permit wait, which can be long.
         if !item.is_owned() {
-            tracing::debug!(
-                "delivery of a partition no longer owned dropped before its handler ran"
-            );
+            continue;
+        }
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Err(Error::closed("handler pool")),
+            },
+        };
+        if !item.is_owned() {
             continue;
         }
         let task = work(item);

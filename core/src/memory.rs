@@ -208,6 +208,17 @@ struct PartitionState {
 }
 
 impl PartitionState {
+    /// Gives the partition to `owner` (or to nobody). A new owner counts
+    /// attempts afresh, as a Kafka or JetStream member does after a
+    /// rebalance (and a delivery the old owner dropped unrun counts none).
+    fn hand_over(&mut self, owner: Option<u64>) {
+        if self.owner != owner {
+            self.attempts.clear();
+        }
+        self.owner = owner;
+        self.handover_to = None;
+    }
+
     /// Starts the group's position on first ownership.
     fn start(&mut self, start: StartFrom, log: &[Record]) {
         if self.committed.is_none() {
@@ -504,14 +515,10 @@ impl Broker {
                 (Some(owner), _) if group.members.iter().any(|m| m.id == owner) => {
                     ps.handover_to = target;
                     if ps.in_flight.is_empty() {
-                        ps.owner = target;
-                        ps.handover_to = None;
+                        ps.hand_over(target);
                     }
                 }
-                _ => {
-                    ps.owner = target;
-                    ps.handover_to = None;
-                }
+                _ => ps.hand_over(target),
             }
         }
         publish_assignments(group);
@@ -591,7 +598,8 @@ impl Settle for Broker {
                 }
             }
             if ps.handover_to.is_some() && ps.in_flight.is_empty() {
-                ps.owner = ps.handover_to.take();
+                let to = ps.handover_to;
+                ps.hand_over(to);
                 publish_assignments(group);
             }
             self.dispatch(&mut state, &t.topic, &t.group, &mut out);
@@ -997,6 +1005,10 @@ mod tests {
         let mut second = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
         let again = second.next().await.unwrap().unwrap();
         assert_eq!(again.envelope().id(), held.envelope().id());
-        assert_eq!(again.info().attempt, 2);
+        assert_eq!(
+            again.info().attempt,
+            1,
+            "a new owner counts afresh, as Kafka and JetStream members do"
+        );
     }
 }

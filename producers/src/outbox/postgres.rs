@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
 use super::error::Result;
 use super::leases::SlotLeases;
-use super::store::{Backlog, ClaimedBatch, ClaimedRow, Limit, RelayStore, within_bytes};
+use super::store::{Backlog, Budget, ClaimedBatch, ClaimedRow, Limit, RelayStore};
 use super::tables::OutboxTables;
 
 pub(crate) struct PgRelayStore {
@@ -52,20 +53,16 @@ impl PgRelayStore {
         // are read once per claim through their partial index). Its
         // earlier rows still go (held back with it while it was retried).
         PgRelayStore {
-            claim: within_bytes(
-                &format!(
-                    "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
-                     correlation_id, causation_id, traceparent, tracestate, \
-                     headers::text AS headers, payload FROM {outbox} o \
-                     WHERE published_at IS NULL AND parked_at IS NULL \
-                     AND key_hash % $1 = ANY($2) AND topic <> ALL($4) \
-                     AND NOT EXISTS (SELECT 1 FROM {outbox} p \
-                       WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
-                       AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
-                     ORDER BY id LIMIT $3"
-                ),
-                "octet_length(c.payload) + coalesce(octet_length(c.headers), 0)",
-                "$5",
+            claim: format!(
+                "SELECT id, topic, event_id, event_type, event_key, {occurred_at}, source, \
+                 correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
+                 payload FROM {outbox} o \
+                 WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
+                 AND topic <> ALL($4) \
+                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                   WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
+                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                 ORDER BY id LIMIT $3"
             ),
             // Published: out of the outbox, into the archive — or gone,
             // with no retention (half the writes: no archive row, no
@@ -171,41 +168,37 @@ impl RelayStore for PgRelayStore {
         // over a large backlog sorts the whole outbox instead of reading
         // the first rows of the pending index (50 ms instead of 0.3 ms per
         // claim at 300,000 rows waiting).
-        let rows = sqlx::query(&self.claim)
+        let mut rows = sqlx::query(&self.claim)
             .persistent(false)
             .bind(self.leases.slots() as i32)
             .bind(&slot_list)
             .bind(limit.rows as i64)
             .bind(skip)
-            .bind(i64::try_from(limit.bytes).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        let claimable: i64 = match rows.first() {
-            Some(row) => row.try_get("claimable")?,
-            None => 0,
-        };
-        let rows = rows
-            .iter()
-            .map(|row| {
-                Ok(ClaimedRow {
-                    id: row.try_get("id")?,
-                    topic: row.try_get("topic")?,
-                    event_id: row.try_get("event_id")?,
-                    event_type: row.try_get("event_type")?,
-                    key: row.try_get("event_key")?,
-                    occurred_at: row.try_get("occurred_at")?,
-                    source: row.try_get("source")?,
-                    correlation_id: row.try_get("correlation_id")?,
-                    causation_id: row.try_get("causation_id")?,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                    headers: row.try_get("headers")?,
-                    payload: row.try_get("payload")?,
-                }
-                .into_claimed())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ClaimedBatch::new(rows, claimable, limit.rows))
+            .fetch(&self.pool);
+        let mut batch = Budget::new(limit);
+        while let Some(row) = rows.try_next().await? {
+            let row = ClaimedRow {
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                event_id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                key: row.try_get("event_key")?,
+                occurred_at: row.try_get("occurred_at")?,
+                source: row.try_get("source")?,
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                traceparent: row.try_get("traceparent")?,
+                tracestate: row.try_get("tracestate")?,
+                headers: row.try_get("headers")?,
+                payload: row.try_get("payload")?,
+            };
+            let size = row.size();
+            if !batch.fits(size) {
+                break;
+            }
+            batch.push(row.into_claimed(), size);
+        }
+        Ok(batch.finish())
     }
 
     async fn mark(&self, ids: &[i64]) -> Result<()> {

@@ -243,7 +243,8 @@ pub struct RelayStats {
     pub parked: u64,
     /// Rows this relay published since it started.
     pub published: u64,
-    /// Batches this relay claimed since it started.
+    /// Batches this relay claimed, sent and settled since it started (one
+    /// whose database statements failed is counted in `failed_batches`).
     pub batches: u64,
     /// Rows the broker refused (each attempt counts).
     pub failures: u64,

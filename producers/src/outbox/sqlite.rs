@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel_core::{Envelope, EventId, Key, Publisher};
 use keel_schemas::AvroCodec;
 use keel_schemas::events::Event;
@@ -23,7 +24,7 @@ use tokio::time::Instant;
 use super::enqueue::{Row as OutboxRow, encode};
 use super::error::{OutboxError, Result};
 use super::relay::{OutboxRelay, RelayConfig};
-use super::store::{Backlog, ClaimedBatch, ClaimedRow, Limit, RelayStore, within_bytes};
+use super::store::{Backlog, Budget, ClaimedBatch, ClaimedRow, Limit, RelayStore};
 use super::tables::OutboxTables;
 
 /// The tables, created when missing (SQLite's DDL is idempotent with
@@ -307,19 +308,15 @@ impl SqliteRelayStore {
             relay_id: config.relay_id.clone(),
             session_timeout: config.session_timeout,
             valid_until: None,
-            claim: within_bytes(
-                &format!(
-                    "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
-                     correlation_id, causation_id, traceparent, tracestate, headers, payload \
-                     FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
-                     AND topic NOT IN (SELECT value FROM json_each(?)) \
-                     AND NOT EXISTS (SELECT 1 FROM {outbox} p \
-                       WHERE p.published_at_ms IS NULL AND p.parked_at_ms IS NOT NULL \
-                       AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
-                     ORDER BY id LIMIT ?"
-                ),
-                "length(CAST(c.payload AS BLOB)) + coalesce(length(CAST(c.headers AS BLOB)), 0)",
-                "?",
+            claim: format!(
+                "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
+                 correlation_id, causation_id, traceparent, tracestate, headers, payload \
+                 FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
+                 AND topic NOT IN (SELECT value FROM json_each(?)) \
+                 AND NOT EXISTS (SELECT 1 FROM {outbox} p \
+                   WHERE p.published_at_ms IS NULL AND p.parked_at_ms IS NOT NULL \
+                   AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
+                 ORDER BY id LIMIT ?"
             ),
             mark: format!(
                 "UPDATE {outbox} SET published_at_ms = ? \
@@ -402,49 +399,47 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn claim(&self, _slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch> {
-        let rows = sqlx::query(&self.claim)
-            .bind(serde_json::to_string(skip).unwrap_or_else(|_| "[]".into()))
+        let skip = serde_json::to_string(skip).unwrap_or_else(|_| "[]".into());
+        let mut rows = sqlx::query(&self.claim)
+            .bind(skip)
             .bind(limit.rows as i64)
-            .bind(i64::try_from(limit.bytes).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        let claimable: i64 = match rows.first() {
-            Some(row) => row.try_get("claimable")?,
-            None => 0,
-        };
-        let rows = rows
-            .iter()
-            .map(|row| {
-                let id: i64 = row.try_get("id")?;
-                let event_id: String = row.try_get("event_id")?;
-                let occurred: i64 = row.try_get("occurred_at_ms")?;
-                let claimed = ClaimedRow {
-                    id,
-                    topic: row.try_get("topic")?,
-                    event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
-                    event_type: row.try_get("event_type")?,
-                    key: row.try_get("event_key")?,
-                    occurred_at: chrono::DateTime::from_timestamp_millis(occurred),
-                    source: row.try_get("source")?,
-                    correlation_id: row.try_get("correlation_id")?,
-                    causation_id: row.try_get("causation_id")?,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                    headers: row.try_get("headers")?,
-                    payload: row.try_get("payload")?,
-                }
-                .into_claimed();
-                // An id that is not a UUID (a row edited by hand) is refused
-                // like malformed headers, not published under the nil id.
-                Ok(match uuid::Uuid::parse_str(&event_id) {
-                    Ok(_) => claimed,
-                    Err(e) => claimed.broken(format!(
-                        "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
-                    )),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ClaimedBatch::new(rows, claimable, limit.rows))
+            .fetch(&self.pool);
+        let mut batch = Budget::new(limit);
+        while let Some(row) = rows.try_next().await? {
+            let id: i64 = row.try_get("id")?;
+            let event_id: String = row.try_get("event_id")?;
+            let occurred: i64 = row.try_get("occurred_at_ms")?;
+            let row = ClaimedRow {
+                id,
+                topic: row.try_get("topic")?,
+                event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
+                event_type: row.try_get("event_type")?,
+                key: row.try_get("event_key")?,
+                occurred_at: chrono::DateTime::from_timestamp_millis(occurred),
+                source: row.try_get("source")?,
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                traceparent: row.try_get("traceparent")?,
+                tracestate: row.try_get("tracestate")?,
+                headers: row.try_get("headers")?,
+                payload: row.try_get("payload")?,
+            };
+            let size = row.size();
+            if !batch.fits(size) {
+                break;
+            }
+            let claimed = row.into_claimed();
+            // An id that is not a UUID (a row edited by hand) is refused
+            // like malformed headers, not published under the nil id.
+            let claimed = match uuid::Uuid::parse_str(&event_id) {
+                Ok(_) => claimed,
+                Err(e) => claimed.broken(format!(
+                    "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
+                )),
+            };
+            batch.push(claimed, size);
+        }
+        Ok(batch.finish())
     }
 
     async fn mark(&self, ids: &[i64]) -> Result<()> {

@@ -31,8 +31,8 @@ pub(crate) trait RelayStore: Send + Sync {
     /// How long the leases stay trusted.
     fn remaining(&self) -> Duration;
     /// Unpublished, unparked rows of `slots` in id order, leaving out the
-    /// topics in `skip` (backing off): at most `limit` rows, and no more
-    /// rows than fit in `max_bytes` of payload and headers (always one).
+    /// topics in `skip` (backing off): at most `limit.rows` rows, and no
+    /// more than fit in `limit.bytes` of payload and headers (at least one).
     async fn claim(&self, slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch>;
     /// Marks rows published (after the broker acknowledged them).
     async fn mark(&self, ids: &[i64]) -> Result<()>;
@@ -79,27 +79,46 @@ pub(crate) struct ClaimedBatch {
     pub(crate) more: bool,
 }
 
-/// Wraps a claim `SELECT` (rows in id order, at most the row limit) so it
-/// keeps the longest prefix whose payloads and headers fit in the byte
-/// limit (the first row whatever its size), with `claimable` (rows before
-/// the cut) and `running` (bytes up to each row) beside each row.
-/// `size` is the SQL of one row's size; `bytes` the byte limit's parameter.
-pub(crate) fn within_bytes(claim: &str, size: &str, bytes: &str) -> String {
-    format!(
-        "SELECT * FROM (SELECT c.*, count(*) OVER () AS claimable, \
-         row_number() OVER (ORDER BY c.id) AS n, \
-         sum({size}) OVER (ORDER BY c.id ROWS UNBOUNDED PRECEDING) AS running \
-         FROM ({claim}) c) w WHERE n = 1 OR running <= {bytes} ORDER BY id"
-    )
+/// Collects a claim's rows as they arrive, up to its [`Limit`]: rows past
+/// the byte limit are left unread (the first row goes whatever its size).
+pub(crate) struct Budget {
+    limit: Limit,
+    rows: Vec<Claimed>,
+    bytes: usize,
+    cut: bool,
 }
 
-impl ClaimedBatch {
-    /// The batch of `rows`, of the `claimable` the row limit `limit` let
-    /// through before the byte limit cut.
-    pub(crate) fn new(rows: Vec<Claimed>, claimable: i64, limit: usize) -> Self {
-        let more = rows.len() < usize::try_from(claimable).unwrap_or(usize::MAX)
-            || usize::try_from(claimable).is_ok_and(|c| c >= limit);
-        ClaimedBatch { rows, more }
+impl Budget {
+    pub(crate) fn new(limit: Limit) -> Self {
+        Budget {
+            limit,
+            rows: Vec::new(),
+            bytes: 0,
+            cut: false,
+        }
+    }
+
+    /// Whether a row of `size` bytes still fits; when it does not, the
+    /// batch is closed (the claim stops reading there).
+    pub(crate) fn fits(&mut self, size: usize) -> bool {
+        if !self.rows.is_empty() && self.bytes.saturating_add(size) > self.limit.bytes {
+            self.cut = true;
+        }
+        !self.cut
+    }
+
+    pub(crate) fn push(&mut self, row: Claimed, size: usize) {
+        self.bytes = self.bytes.saturating_add(size);
+        self.rows.push(row);
+    }
+
+    /// The batch; `more` when a limit stopped it.
+    pub(crate) fn finish(self) -> ClaimedBatch {
+        let more = self.cut || self.rows.len() >= self.limit.rows;
+        ClaimedBatch {
+            rows: self.rows,
+            more,
+        }
     }
 }
 
@@ -131,6 +150,13 @@ pub(crate) struct ClaimedRow {
     pub(crate) tracestate: Option<String>,
     pub(crate) headers: String,
     pub(crate) payload: Vec<u8>,
+}
+
+impl ClaimedRow {
+    /// What the row weighs in a batch: its payload and headers.
+    pub(crate) fn size(&self) -> usize {
+        self.payload.len() + self.headers.len()
+    }
 }
 
 impl Claimed {
