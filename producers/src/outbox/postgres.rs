@@ -58,7 +58,7 @@ impl PgRelayStore {
                  correlation_id, causation_id, traceparent, tracestate, headers::text AS headers, \
                  payload FROM {outbox} o \
                  WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = ANY($2) \
-                 AND topic <> ALL($4) \
+                 AND topic <> ALL($4) AND id <> ALL($5) \
                  AND NOT EXISTS (SELECT 1 FROM {outbox} p \
                    WHERE p.published_at IS NULL AND p.parked_at IS NOT NULL \
                    AND p.topic = o.topic AND p.event_key = o.event_key AND p.id < o.id) \
@@ -161,7 +161,17 @@ impl RelayStore for PgRelayStore {
         self.leases.remaining()
     }
 
-    async fn claim(&self, slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch> {
+    fn pipelines(&self) -> bool {
+        true
+    }
+
+    async fn claim(
+        &self,
+        slots: &[u32],
+        limit: Limit,
+        skip: &[String],
+        exclude: &[i64],
+    ) -> Result<ClaimedBatch> {
         let slot_list: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
         // Planned with its values each time: a cached generic plan cannot
         // estimate the slot filter, takes it to match almost nothing, and
@@ -174,6 +184,7 @@ impl RelayStore for PgRelayStore {
             .bind(&slot_list)
             .bind(limit.rows as i64)
             .bind(skip)
+            .bind(exclude)
             .fetch(&self.pool);
         let mut batch = Budget::new(limit);
         while let Some(row) = rows.try_next().await? {

@@ -18,7 +18,10 @@
 //!
 //! The loop wakes on LISTEN/NOTIFY (enqueues notify at commit), falls back
 //! to polling every `poll_interval`, and keeps one batch in flight: memory
-//! is bounded by `batch_size` rows and `max_batch_bytes`. A broker that refuses or times out makes the
+//! is bounded by `batch_size` rows and `max_batch_bytes`. On PostgreSQL a
+//! batch's mark (its move to the archive) runs alongside the next batch's
+//! claim, which leaves its rows out; the next batch is published only once
+//! the mark is done, so a crash still re-publishes at most one batch. A broker that refuses or times out makes the
 //! relay back off exponentially with jitter; a row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
 //! error after `max_attempts`, and the relay goes on with other keys: the
@@ -32,6 +35,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use keel_core::Publisher;
 use rand::Rng;
 use sqlx::PgPool;
@@ -351,9 +355,15 @@ impl OutboxRelay {
         // count then.
         let mut vacuuming = self.vacuum(true);
         let (mut vacuumed, mut analysed) = ((now, 0u64), now);
+        // The last batch's rows, published, their mark left to the next
+        // batch (see `relay_batch`).
+        let mut unmarked: Vec<i64> = Vec::new();
         loop {
             let now = Instant::now();
             if now >= next_heartbeat {
+                // A heartbeat may give slots away: their published rows are
+                // marked first, so the next owner does not send them again.
+                self.mark_left(&mut unmarked).await;
                 if let Err(e) = self.store.heartbeat().await {
                     if !e.is_retriable() && matches!(e, OutboxError::Config { .. }) {
                         tracing::error!(relay = %config.relay_id, error = %e, "relay stops");
@@ -395,7 +405,7 @@ impl OutboxRelay {
                 && self.store.remaining() >= config.publish_timeout
                 && Instant::now() >= blocked_until
             {
-                match self.relay_batch(&slots, &mut topics).await {
+                match self.relay_batch(&slots, &mut topics, &mut unmarked).await {
                     Ok(full) => {
                         backoff.reset();
                         more = full;
@@ -435,6 +445,14 @@ impl OutboxRelay {
                 }
                 continue;
             }
+            if !unmarked.is_empty() {
+                // Rows announced meanwhile: claim them while the last
+                // batch is marked. Otherwise mark it now, before waiting.
+                if wake.notified().now_or_never().is_some() {
+                    continue;
+                }
+                self.mark_left(&mut unmarked).await;
+            }
             // Backing off: notifications still wake the loop (for
             // heartbeats) but the next poll waits for the back-off.
             let poll_at = (Instant::now() + config.poll_interval).max(blocked_until);
@@ -446,6 +464,7 @@ impl OutboxRelay {
             }
         }
         drop(listener);
+        self.mark_left(&mut unmarked).await;
         if let Err(e) = self.store.leave().await {
             tracing::warn!(relay = %config.relay_id, error = %e, "relay could not release its slots; they expire on their own");
         }
@@ -462,17 +481,36 @@ impl OutboxRelay {
     /// refused row's key, which wait behind it to keep the key's order. A
     /// topic that is unavailable (missing, forbidden, timing out) backs off
     /// on its own; other topics keep flowing.
-    async fn relay_batch(&self, slots: &[u32], topics: &mut TopicBackoff) -> Result<bool> {
+    ///
+    /// `unmarked` holds the previous batch's published rows when their mark
+    /// was left to this one (see [`RelayStore::pipelines`]): they are
+    /// marked while this batch is claimed (without them), and before it is
+    /// published, so a crash still re-publishes at most one batch. This
+    /// batch's rows are left there in turn when all of them went out.
+    async fn relay_batch(
+        &self,
+        slots: &[u32],
+        topics: &mut TopicBackoff,
+        unmarked: &mut Vec<i64>,
+    ) -> Result<bool> {
         let started = Instant::now();
         let skip = topics.blocked();
         let limit = Limit {
             rows: self.config.batch_size,
             bytes: self.config.max_batch_bytes,
         };
+        let marking = std::mem::take(unmarked);
+        let (claimed, marked) = tokio::join!(
+            self.store.claim(slots, limit, &skip, &marking),
+            self.mark(&marking)
+        );
+        // A failed mark leaves its rows unpublished in the outbox: a later
+        // claim takes them again (published twice, at least once).
+        marked?;
         let ClaimedBatch {
             rows: claimed,
             more: full,
-        } = self.store.claim(slots, limit, &skip).await?;
+        } = claimed?;
         if claimed.is_empty() {
             return Ok(false);
         }
@@ -523,8 +561,15 @@ impl OutboxRelay {
         }
         let published_after = started.elapsed();
 
-        if !total.published.is_empty() {
-            self.store.mark(&total.published).await?;
+        // Marked by the next batch, alongside its claim, when nothing in
+        // this one needs the database first (a refusal must be counted
+        // before the next claim sees the row).
+        let mark_later =
+            self.store.pipelines() && total.refused.is_empty() && total.unavailable.is_empty();
+        if mark_later {
+            *unmarked = total.published.clone();
+        } else {
+            self.mark(&total.published).await?;
         }
         let mut parked = 0u64;
         for (id, reason) in &total.refused {
@@ -567,12 +612,10 @@ impl OutboxRelay {
         let unavailable = total.unavailable.len() as u64;
         self.stats.send_modify(|s| {
             s.batches += 1;
-            s.published += done;
             s.failures += failed;
             s.parked_by_me += parked;
             s.failed_batches += unavailable;
         });
-        metrics::counter!("keel_outbox_published_total").increment(done);
         metrics::counter!("keel_outbox_publish_failures_total").increment(failed);
         metrics::counter!("keel_outbox_parked_total").increment(parked);
         metrics::counter!("keel_outbox_failed_batches_total").increment(unavailable);
@@ -584,9 +627,34 @@ impl OutboxRelay {
             claim = ?claimed_after,
             publish = ?(published_after - claimed_after),
             mark = ?(started.elapsed() - published_after),
+            mark_later,
             "relay batch"
         );
         Ok(full || failed > 0)
+    }
+
+    /// Marks the rows a batch left for the next one to mark (see
+    /// `relay_batch`). A failure is only logged: the rows stay in the
+    /// outbox and go again (at least once).
+    async fn mark_left(&self, unmarked: &mut Vec<i64>) {
+        if let Err(e) = self.mark(&std::mem::take(unmarked)).await {
+            tracing::warn!(
+                relay = %self.config.relay_id, error = %e,
+                "relay cannot mark published rows; they will be published again"
+            );
+        }
+    }
+
+    /// Marks `ids` published (the broker acknowledged them) and counts them.
+    async fn mark(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.store.mark(ids).await?;
+        let done = ids.len() as u64;
+        self.stats.send_modify(|s| s.published += done);
+        metrics::counter!("keel_outbox_published_total").increment(done);
+        Ok(())
     }
 
     /// Starts a VACUUM of the outbox in the background, where the store

@@ -398,7 +398,14 @@ impl RelayStore for SqliteRelayStore {
             .unwrap_or_default()
     }
 
-    async fn claim(&self, _slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch> {
+    async fn claim(
+        &self,
+        _slots: &[u32],
+        limit: Limit,
+        skip: &[String],
+        _exclude: &[i64],
+    ) -> Result<ClaimedBatch> {
+        // (Never pipelined: nothing is excluded.)
         let skip = serde_json::to_string(skip).unwrap_or_else(|_| "[]".into());
         let mut rows = sqlx::query(&self.claim)
             .bind(skip)

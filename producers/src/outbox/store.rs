@@ -33,7 +33,20 @@ pub(crate) trait RelayStore: Send + Sync {
     /// Unpublished, unparked rows of `slots` in id order, leaving out the
     /// topics in `skip` (backing off): at most `limit.rows` rows, and no
     /// more than fit in `limit.bytes` of payload and headers (at least one).
-    async fn claim(&self, slots: &[u32], limit: Limit, skip: &[String]) -> Result<ClaimedBatch>;
+    /// Rows in `exclude` (published, their mark running alongside) are
+    /// left out too.
+    async fn claim(
+        &self,
+        slots: &[u32],
+        limit: Limit,
+        skip: &[String],
+        exclude: &[i64],
+    ) -> Result<ClaimedBatch>;
+    /// Whether a batch's mark may run alongside the next claim (the
+    /// database serves both at once).
+    fn pipelines(&self) -> bool {
+        false
+    }
     /// Marks rows published (after the broker acknowledged them).
     async fn mark(&self, ids: &[i64]) -> Result<()>;
     /// Reclaims what marking left behind (dead index entries the next
