@@ -360,10 +360,15 @@ impl OutboxRelay {
         let mut unmarked: Vec<i64> = Vec::new();
         loop {
             let now = Instant::now();
+            if !unmarked.is_empty() && now >= next_heartbeat.min(next_stats).min(next_purge) {
+                // A heartbeat may give slots away (the next owner must not
+                // find their published rows unmarked), and the statistics
+                // and purge delay the next claim: mark the last batch first.
+                if let Err(e) = self.mark(&std::mem::take(&mut unmarked)).await {
+                    blocked_until = self.batch_failed(&mut backoff, &e);
+                }
+            }
             if now >= next_heartbeat {
-                // A heartbeat may give slots away: their published rows are
-                // marked first, so the next owner does not send them again.
-                self.mark_left(&mut unmarked).await;
                 if let Err(e) = self.store.heartbeat().await {
                     if !e.is_retriable() && matches!(e, OutboxError::Config { .. }) {
                         tracing::error!(relay = %config.relay_id, error = %e, "relay stops");
@@ -410,16 +415,7 @@ impl OutboxRelay {
                         backoff.reset();
                         more = full;
                     }
-                    Err(e) => {
-                        let pause = backoff.next();
-                        tracing::warn!(
-                            relay = %config.relay_id, error = %e, retry_in = ?pause,
-                            "relay batch failed; backing off"
-                        );
-                        self.stats.send_modify(|s| s.failed_batches += 1);
-                        metrics::counter!("keel_outbox_failed_batches_total").increment(1);
-                        blocked_until = Instant::now() + pause;
-                    }
+                    Err(e) => blocked_until = self.batch_failed(&mut backoff, &e),
                 }
             }
             // Marking leaves dead index entries that every claim walks
@@ -451,7 +447,9 @@ impl OutboxRelay {
                 if wake.notified().now_or_never().is_some() {
                     continue;
                 }
-                self.mark_left(&mut unmarked).await;
+                if let Err(e) = self.mark(&std::mem::take(&mut unmarked)).await {
+                    blocked_until = self.batch_failed(&mut backoff, &e);
+                }
             }
             // Backing off: notifications still wake the loop (for
             // heartbeats) but the next poll waits for the back-off.
@@ -464,7 +462,9 @@ impl OutboxRelay {
             }
         }
         drop(listener);
-        self.mark_left(&mut unmarked).await;
+        if let Err(e) = self.mark(&unmarked).await {
+            self.batch_failed(&mut backoff, &e);
+        }
         if let Err(e) = self.store.leave().await {
             tracing::warn!(relay = %config.relay_id, error = %e, "relay could not release its slots; they expire on their own");
         }
@@ -633,16 +633,18 @@ impl OutboxRelay {
         Ok(full || failed > 0)
     }
 
-    /// Marks the rows a batch left for the next one to mark (see
-    /// `relay_batch`). A failure is only logged: the rows stay in the
-    /// outbox and go again (at least once).
-    async fn mark_left(&self, unmarked: &mut Vec<i64>) {
-        if let Err(e) = self.mark(&std::mem::take(unmarked)).await {
-            tracing::warn!(
-                relay = %self.config.relay_id, error = %e,
-                "relay cannot mark published rows; they will be published again"
-            );
-        }
+    /// Counts and logs a failed batch (or a failed mark: its rows stay in
+    /// the outbox and go again, at least once); returns until when the
+    /// relay backs off.
+    fn batch_failed(&self, backoff: &mut Backoff, e: &OutboxError) -> Instant {
+        let pause = backoff.next();
+        tracing::warn!(
+            relay = %self.config.relay_id, error = %e, retry_in = ?pause,
+            "relay batch failed; backing off"
+        );
+        self.stats.send_modify(|s| s.failed_batches += 1);
+        metrics::counter!("keel_outbox_failed_batches_total").increment(1);
+        Instant::now() + pause
     }
 
     /// Marks `ids` published (the broker acknowledged them) and counts them.
