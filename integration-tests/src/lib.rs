@@ -966,12 +966,18 @@ pub async fn read_acked(deliveries: &mut keel_core::Deliveries, n: usize) -> Vec
 /// streams would otherwise pile up in its store).
 pub async fn delete_nats_topic(topic: &str) {
     use keel_producers::nats::{JetStreamAdmin, NatsClientConfig};
-    JetStreamAdmin::connect(&NatsClientConfig::new(nats_url().await))
+    let admin = JetStreamAdmin::connect(&NatsClientConfig::new(nats_url().await))
         .await
-        .unwrap_or_else(|e| panic!("NATS admin: {e}"))
-        .delete_topic(topic)
-        .await
-        .unwrap_or_else(|e| panic!("cannot delete stream {topic}: {e}"));
+        .unwrap_or_else(|e| panic!("NATS admin: {e}"));
+    // A JetStream API request can time out while parallel tests load the
+    // server (seen once in a full run): the clean-up tries again.
+    let mut attempt = 1;
+    while let Err(e) = admin.delete_topic(topic).await {
+        eprintln!("deleting stream {topic}, attempt {attempt}: {e}");
+        assert!(attempt < 3, "cannot delete stream {topic}: {e}");
+        attempt += 1;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Keel's Kafka transport for tests: 100 ms commits, a 10 s session.
