@@ -7,6 +7,10 @@
 //! the command started, as a throw-away consumer group (nothing of the
 //! router's position moves, nothing is removed: a dead-letter topic is a
 //! log). Filters pick by event type, key, reason and dead-letter time.
+//! A redrive appends a marker record to the dead-letter topic for each
+//! event it sent back (`keel-dlq-redriven`, no payload), and skips events
+//! whose latest dead letter is older than their marker: running it again
+//! sends only what failed again since.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -76,6 +80,12 @@ pub(crate) struct RedriveArgs {
     /// Print what would be redriven, publish nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Send back also the events an earlier redrive already sent (by
+    /// default each redrive records what it sent in the dead-letter topic,
+    /// and a later one skips those events unless they were dead-lettered
+    /// again since).
+    #[arg(long)]
+    include_redriven: bool,
 }
 
 /// The selection, parsed.
@@ -183,7 +193,7 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let mut printed = 0;
     read_dead_letters(config, &topic, async |dead| {
-        if !filter.matches(&dead.record) {
+        if dead_letter::is_redrive_marker(&dead.record) || !filter.matches(&dead.record) {
             return true;
         }
         let line = describe(&dead, &codec).await;
@@ -234,8 +244,22 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let topic = dlq_topic(config, &args.filter, "dlq redrive")?;
     let filter = Filter::new(&args.filter)?;
     let mut selected: Vec<DeadLetter> = Vec::new();
+    let mut redriven_at: HashMap<(String, String), Option<DateTime<Utc>>> = HashMap::new();
     let mut total = 0;
     read_dead_letters(config, &topic, async |dead| {
+        if dead_letter::is_redrive_marker(&dead.record) {
+            if let (Some(origin), Some(id)) = (
+                dead.record.header(headers::TOPIC),
+                dead.record.header(wire::EVENT_ID),
+            ) {
+                let at = letter_time(&dead);
+                let latest = redriven_at
+                    .entry((origin.to_owned(), id.to_owned()))
+                    .or_default();
+                *latest = (*latest).max(at);
+            }
+            return true;
+        }
         total += 1;
         if filter.matches(&dead.record) {
             selected.push(dead);
@@ -244,6 +268,32 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     })
     .await?;
     let (selected, superseded) = latest_per_event(selected);
+    // Events an earlier redrive sent back, not dead-lettered again since.
+    let sent_since_letter = |dead: &DeadLetter| {
+        let event = (
+            dead.record
+                .header(headers::TOPIC)
+                .unwrap_or_default()
+                .to_owned(),
+            dead.record
+                .header(wire::EVENT_ID)
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        redriven_at
+            .get(&event)
+            .is_some_and(|&marked| marked >= letter_time(dead))
+    };
+    let (selected, already): (Vec<DeadLetter>, Vec<DeadLetter>) = selected
+        .into_iter()
+        .partition(|dead| args.include_redriven || !sent_since_letter(dead));
+    if !already.is_empty() {
+        eprintln!(
+            "{} events already redriven and not dead-lettered again since left out \
+             (--include-redriven sends them again)",
+            already.len()
+        );
+    }
     // Letters another producer wrote (no original topic): reported and
     // left where they are; the rest still go.
     let (selected, foreign): (Vec<DeadLetter>, Vec<DeadLetter>) =
@@ -297,13 +347,25 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let mut redriven = 0;
     for dead in selected {
         let at = format!("{topic}/{}@{}", dead.partition, dead.position);
+        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let marker = dead_letter::redrive_marker(&dead.record, &now);
         let receipt = dead_letter::redrive(&*publisher, dead.record)
             .await
             .with_context(|| {
                 format!(
-                    "cannot redrive the dead letter at {at} ({redriven} redriven before it: \
-                     running the command again sends those again too; consumers with an \
-                     inbox skip the ones they applied, or narrow it with --since/--key/--type)"
+                    "cannot redrive the dead letter at {at} ({redriven} redriven before it, \
+                     each recorded: running the command again skips them)"
+                )
+            })?;
+        // Recorded after the send: a crash between the two sends the event
+        // once more on the next run (at least once, never lost).
+        publisher
+            .publish_record(&topic, marker)
+            .await
+            .with_context(|| {
+                format!(
+                    "redrove the dead letter at {at}, but cannot record that in {topic}: \
+                     running the command again sends it again"
                 )
             })?;
         progress.suspend(|| {
@@ -336,19 +398,22 @@ fn skipped(foreign: &[DeadLetter]) -> anyhow::Result<()> {
     )
 }
 
+/// When `dead` was dead-lettered (or its marker written), if it says.
+fn letter_time(dead: &DeadLetter) -> Option<DateTime<Utc>> {
+    dead.record
+        .header(headers::AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// `letters` with only the latest dead letter of each event id (an event
 /// redriven and dead-lettered again has several: sending each would
 /// deliver it once per copy, and every copy that fails again adds one
 /// more), in read order, and how many were left out. The latest is the one
 /// dead-lettered last (by its `keel-dlq-at`), later in the log on a tie.
 fn latest_per_event(letters: Vec<DeadLetter>) -> (Vec<DeadLetter>, usize) {
-    let when = |dead: &DeadLetter| {
-        dead.record
-            .header(headers::AT)
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-    };
     // A letter without a time ranks below one with it (`None < Some`).
-    let rank = |dead: &DeadLetter| (when(dead), dead.position);
+    let rank = |dead: &DeadLetter| (letter_time(dead), dead.position);
     let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
     let mut superseded = std::collections::HashSet::new();
     for (i, dead) in letters.iter().enumerate() {

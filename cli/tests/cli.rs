@@ -930,6 +930,51 @@ fn dlq_commands(
         2,
         "{redriven}"
     );
+    // Each redrive is recorded in the dead-letter topic: a second one sends
+    // nothing (the tail below finds each event back once), unless asked.
+    let again = status(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topic,
+        "--type",
+        "test.Greeting",
+    ]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        !text(&again.stdout).contains("redrove"),
+        "{}",
+        text(&again.stdout)
+    );
+    assert!(
+        text(&again.stderr).contains("2 events already redriven"),
+        "{}",
+        text(&again.stderr)
+    );
+    let forced = run(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topic,
+        "--type",
+        "test.Greeting",
+        "--include-redriven",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        forced
+            .lines()
+            .filter(|l| l.starts_with("would redrive"))
+            .count(),
+        2,
+        "{forced}"
+    );
+    let listed_after = run(&["dlq", "list", "--topic", topic]);
+    assert_eq!(
+        listed_after.lines().count(),
+        5,
+        "markers are not listed: {listed_after}"
+    );
     // The foreign record is skipped, named, and the command fails.
     let out = status(&["dlq", "redrive", "--topic", topic, "--key", "k7"]);
     assert!(!out.status.success());

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::{Envelope, Error, Publisher, RawRecord, Receipt, Result, TopicSpec, Transport};
+use keel_core::{
+    Envelope, Error, Publisher, RawRecord, Receipt, Result, TopicSpec, Transport, wire,
+};
 
 use super::context::Context;
 use super::layer::{DeadLetterReason, Layer, Next, Verdict};
@@ -45,9 +47,12 @@ pub mod headers {
     pub const GROUP: &str = "keel-dlq-group";
     /// When it was dead-lettered (RFC 3339, UTC).
     pub const AT: &str = "keel-dlq-at";
+    /// On a redrive marker (see [`redrive_marker`](super::redrive_marker)):
+    /// when the event's dead letter was sent back (RFC 3339, UTC).
+    pub const REDRIVEN: &str = "keel-dlq-redriven";
     /// Every dead-letter header, to strip them for a redrive.
-    pub const ALL: [&str; 8] = [
-        ERROR, REASON, ATTEMPTS, TOPIC, PARTITION, POSITION, GROUP, AT,
+    pub const ALL: [&str; 9] = [
+        ERROR, REASON, ATTEMPTS, TOPIC, PARTITION, POSITION, GROUP, AT, REDRIVEN,
     ];
 }
 
@@ -165,7 +170,6 @@ fn dead_letter(
 
 /// The record of `event` with every header kept, values made single-line.
 fn lossy_record(event: &Envelope) -> RawRecord {
-    use keel_core::wire;
     let mut headers = vec![
         (wire::EVENT_ID, event.id().to_string()),
         (wire::EVENT_TYPE, one_line(event.event_type())),
@@ -252,6 +256,35 @@ pub async fn redrive(publisher: &dyn Publisher, dead_letter: RawRecord) -> Resul
     publisher.publish_record(&topic, record).await
 }
 
+/// The record that says, in the dead-letter log itself, that
+/// `dead_letter`'s event went back to its topic at `at` (RFC 3339): its
+/// key, event id and type and original topic, `keel-dlq-at` and
+/// `keel-dlq-redriven` set to `at`, no payload. A later redrive skips the
+/// event's letters up to it; a letter written after it (the event failed
+/// again) goes back again.
+pub fn redrive_marker(dead_letter: &RawRecord, at: &str) -> RawRecord {
+    let kept = [wire::EVENT_ID, wire::EVENT_TYPE, headers::TOPIC];
+    let mut marker_headers: Vec<(String, Bytes)> = dead_letter
+        .headers
+        .iter()
+        .filter(|(name, _)| kept.iter().any(|k| name.eq_ignore_ascii_case(k)))
+        .cloned()
+        .collect();
+    for name in [headers::AT, headers::REDRIVEN] {
+        marker_headers.push((name.to_owned(), Bytes::copy_from_slice(at.as_bytes())));
+    }
+    RawRecord {
+        key: dead_letter.key.clone(),
+        headers: marker_headers,
+        payload: Bytes::new(),
+    }
+}
+
+/// Whether `record` is a [`redrive_marker`], not a dead letter.
+pub fn is_redrive_marker(record: &RawRecord) -> bool {
+    record.header(headers::REDRIVEN).is_some()
+}
+
 #[async_trait]
 impl Layer for DeadLetters {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
@@ -317,6 +350,28 @@ mod tests {
         let delivery = member.next().await.unwrap().unwrap();
         delivery.ack();
         delivery.envelope().clone()
+    }
+
+    #[test]
+    fn a_redrive_marker_names_the_event_and_carries_no_payload() {
+        let event = Envelope::new("shop.OrderPlaced", "o-1", vec![1u8, 2, 3]);
+        let mut letter = RawRecord::from_envelope(&event).unwrap();
+        letter
+            .headers
+            .push((headers::TOPIC.into(), Bytes::from_static(b"orders")));
+        letter.headers.push((
+            headers::AT.into(),
+            Bytes::from_static(b"2026-12-01T10:00:00Z"),
+        ));
+        let marker = redrive_marker(&letter, "2026-12-01T11:00:00Z");
+        assert!(is_redrive_marker(&marker) && !is_redrive_marker(&letter));
+        assert!(marker.payload.is_empty());
+        assert_eq!(marker.key, letter.key);
+        let id = event.id().to_string();
+        assert_eq!(marker.header(wire::EVENT_ID), Some(id.as_str()));
+        assert_eq!(marker.header(wire::EVENT_TYPE), Some("shop.OrderPlaced"));
+        assert_eq!(marker.header(headers::TOPIC), Some("orders"));
+        assert_eq!(marker.header(headers::AT), Some("2026-12-01T11:00:00Z"));
     }
 
     #[tokio::test]
