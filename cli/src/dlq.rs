@@ -8,9 +8,9 @@
 //! router's position moves, nothing is removed: a dead-letter topic is a
 //! log). Filters pick by event type, key, reason and dead-letter time.
 //! A redrive appends a marker record to the dead-letter topic for each
-//! event it sent back (`keel-dlq-redriven`, no payload), and skips events
-//! whose latest dead letter is older than their marker: running it again
-//! sends only what failed again since.
+//! letter it sent back (`keel-dlq-redriven: <partition>@<position>`, no
+//! payload), and skips letters so marked: running it again sends only the
+//! events that were dead-lettered again since (their newer letters).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -80,10 +80,10 @@ pub(crate) struct RedriveArgs {
     /// Print what would be redriven, publish nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Send back also the events an earlier redrive already sent (by
-    /// default each redrive records what it sent in the dead-letter topic,
-    /// and a later one skips those events unless they were dead-lettered
-    /// again since).
+    /// Send back also the letters an earlier redrive already sent (by
+    /// default each redrive records the letters it sent in the dead-letter
+    /// topic, which needs write access to it, and a later one skips them;
+    /// an event dead-lettered again since has a newer letter, which goes).
     #[arg(long)]
     include_redriven: bool,
 }
@@ -244,19 +244,13 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let topic = dlq_topic(config, &args.filter, "dlq redrive")?;
     let filter = Filter::new(&args.filter)?;
     let mut selected: Vec<DeadLetter> = Vec::new();
-    let mut redriven_at: HashMap<(String, String), Option<DateTime<Utc>>> = HashMap::new();
+    // The letters earlier redrives sent back, as `partition@position`.
+    let mut sent = std::collections::HashSet::new();
     let mut total = 0;
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
-            if let (Some(origin), Some(id)) = (
-                dead.record.header(headers::TOPIC),
-                dead.record.header(wire::EVENT_ID),
-            ) {
-                let at = letter_time(&dead);
-                let latest = redriven_at
-                    .entry((origin.to_owned(), id.to_owned()))
-                    .or_default();
-                *latest = (*latest).max(at);
+            if let Some(letter) = dead.record.header(headers::REDRIVEN) {
+                sent.insert(letter.to_owned());
             }
             return true;
         }
@@ -268,29 +262,17 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     })
     .await?;
     let (selected, superseded) = latest_per_event(selected);
-    // Events an earlier redrive sent back, not dead-lettered again since.
-    let sent_since_letter = |dead: &DeadLetter| {
-        let event = (
-            dead.record
-                .header(headers::TOPIC)
-                .unwrap_or_default()
-                .to_owned(),
-            dead.record
-                .header(wire::EVENT_ID)
-                .unwrap_or_default()
-                .to_owned(),
-        );
-        redriven_at
-            .get(&event)
-            .is_some_and(|&marked| marked >= letter_time(dead))
-    };
-    let (selected, already): (Vec<DeadLetter>, Vec<DeadLetter>) = selected
-        .into_iter()
-        .partition(|dead| args.include_redriven || !sent_since_letter(dead));
+    // Each event's latest letter, unless an earlier redrive sent that very
+    // letter back (a newer one means the event failed again).
+    let (selected, already): (Vec<DeadLetter>, Vec<DeadLetter>) =
+        selected.into_iter().partition(|dead| {
+            args.include_redriven
+                || !sent.contains(&format!("{}@{}", dead.partition, dead.position))
+        });
     if !already.is_empty() {
         eprintln!(
-            "{} events already redriven and not dead-lettered again since left out \
-             (--include-redriven sends them again)",
+            "{} letters already redriven left out (events dead-lettered again since \
+             go as their newer letter; --include-redriven sends these again)",
             already.len()
         );
     }
@@ -347,8 +329,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let mut redriven = 0;
     for dead in selected {
         let at = format!("{topic}/{}@{}", dead.partition, dead.position);
-        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let marker = dead_letter::redrive_marker(&dead.record, &now);
+        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let marker = dead_letter::redrive_marker(&dead.record, dead.partition, dead.position, &now);
         let receipt = dead_letter::redrive(&*publisher, dead.record)
             .await
             .with_context(|| {

@@ -771,7 +771,7 @@ fn dlq_commands(
     );
     run(&["topics", "create", &dlq, "--partitions", "1"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let ids: Vec<String> = runtime.block_on(async {
+    let (ids, publisher, refailed) = runtime.block_on(async {
         let registry =
             keel_schemas::RegistryClient::new(registry_url, keel_schemas::ClientOptions::default())
                 .expect("registry client");
@@ -827,6 +827,9 @@ fn dlq_commands(
         // The first event again, dead-lettered an hour later.
         let again = records[0].0.clone();
         records.push((again, "fatal"));
+        // The second event once more, dead-lettered after its redrive
+        // (published below, after the first redrive).
+        let mut refailed = None;
         for (i, (mut record, reason)) in records.into_iter().enumerate() {
             let at = if i == 3 {
                 "2026-11-29T13:00:00.000Z"
@@ -845,13 +848,22 @@ fn dlq_commands(
             ] {
                 record.headers.push((name.to_owned(), value.to_owned().into()));
             }
+            if i == 1 {
+                let mut later = record.clone();
+                for (name, value) in &mut later.headers {
+                    if name == headers::AT {
+                        *value = "2026-11-29T14:00:00.000Z".into();
+                    }
+                }
+                refailed = Some(later);
+            }
             publisher.publish_record(&dlq, record).await.expect("store a dead letter");
         }
         // Another producer's record: no original topic to send it back to.
         let foreign = Envelope::new("test.Foreign", "k7", b"x".to_vec());
         let foreign = RawRecord::from_envelope(&foreign).expect("record");
         publisher.publish_record(&dlq, foreign).await.expect("store a foreign record");
-        ids
+        (ids, publisher, refailed.expect("the second letter"))
     });
 
     let mut listed: Vec<serde_json::Value> = run(&["dlq", "list", "--topic", topic])
@@ -947,7 +959,7 @@ fn dlq_commands(
         text(&again.stdout)
     );
     assert!(
-        text(&again.stderr).contains("2 events already redriven"),
+        text(&again.stderr).contains("2 letters already redriven"),
         "{}",
         text(&again.stderr)
     );
@@ -975,6 +987,24 @@ fn dlq_commands(
         5,
         "markers are not listed: {listed_after}"
     );
+    // The second event fails again after its redrive: its newer letter
+    // goes back, alone.
+    runtime
+        .block_on(publisher.publish_record(&dlq, refailed))
+        .expect("store a newer dead letter");
+    let third = run(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topic,
+        "--type",
+        "test.Greeting",
+    ]);
+    assert_eq!(
+        third.lines().filter(|l| l.starts_with("redrove")).count(),
+        1,
+        "{third}"
+    );
     // The foreign record is skipped, named, and the command fails.
     let out = status(&["dlq", "redrive", "--topic", topic, "--key", "k7"]);
     assert!(!out.status.success());
@@ -992,14 +1022,16 @@ fn dlq_commands(
     // Back in the original topic, with the original event ids and without
     // the dead-letter headers; the dry run published nothing.
     let tailed = run(&[
-        "tail", "--topic", topic, "--from", "earliest", "--count", "12",
+        "tail", "--topic", topic, "--from", "earliest", "--count", "13",
     ]);
     let back: Vec<serde_json::Value> = tailed
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
         .filter(|e| e["key"] == "k9")
         .collect();
-    assert_eq!(back.len(), 2, "{tailed}");
+    // The first event once, the second twice (redriven, failed again,
+    // redriven again).
+    assert_eq!(back.len(), 3, "{tailed}");
     for e in &back {
         assert!(
             ids.contains(&e["id"].as_str().unwrap_or_default().to_owned()),

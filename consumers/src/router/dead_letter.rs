@@ -48,11 +48,23 @@ pub mod headers {
     /// When it was dead-lettered (RFC 3339, UTC).
     pub const AT: &str = "keel-dlq-at";
     /// On a redrive marker (see [`redrive_marker`](super::redrive_marker)):
-    /// when the event's dead letter was sent back (RFC 3339, UTC).
+    /// which dead letter was sent back, as `<partition>@<position>` in the
+    /// dead-letter topic.
     pub const REDRIVEN: &str = "keel-dlq-redriven";
+    /// On a redrive marker: when (RFC 3339, UTC).
+    pub const REDRIVEN_AT: &str = "keel-dlq-redriven-at";
     /// Every dead-letter header, to strip them for a redrive.
-    pub const ALL: [&str; 9] = [
-        ERROR, REASON, ATTEMPTS, TOPIC, PARTITION, POSITION, GROUP, AT, REDRIVEN,
+    pub const ALL: [&str; 10] = [
+        ERROR,
+        REASON,
+        ATTEMPTS,
+        TOPIC,
+        PARTITION,
+        POSITION,
+        GROUP,
+        AT,
+        REDRIVEN,
+        REDRIVEN_AT,
     ];
 }
 
@@ -246,6 +258,12 @@ fn strip_dead_letter_headers(record: &mut RawRecord) {
 /// that was handled meanwhile. Fails, without publishing, for a record that
 /// is not a Keel dead letter.
 pub async fn redrive(publisher: &dyn Publisher, dead_letter: RawRecord) -> Result<Receipt> {
+    if is_redrive_marker(&dead_letter) {
+        return Err(Error::malformed(format!(
+            "the record is a redrive marker (`{}`), not a dead letter",
+            headers::REDRIVEN
+        )));
+    }
     let (topic, record) = original(dead_letter);
     let topic = topic.ok_or_else(|| {
         Error::malformed(format!(
@@ -256,25 +274,35 @@ pub async fn redrive(publisher: &dyn Publisher, dead_letter: RawRecord) -> Resul
     publisher.publish_record(&topic, record).await
 }
 
-/// The record that says, in the dead-letter log itself, that
-/// `dead_letter`'s event went back to its topic at `at` (RFC 3339): its
-/// key, event id and type and original topic, `keel-dlq-at` and
-/// `keel-dlq-redriven` set to `at`, no payload. A later redrive skips the
-/// event's letters up to it; a letter written after it (the event failed
-/// again) goes back again.
-pub fn redrive_marker(dead_letter: &RawRecord, at: &str) -> RawRecord {
-    let kept = [wire::EVENT_ID, wire::EVENT_TYPE, headers::TOPIC];
+/// The record that says, in the dead-letter log itself, that the dead
+/// letter at `partition@position` of the dead-letter topic went back to its
+/// topic at `at` (RFC 3339): `keel-dlq-redriven` names the letter,
+/// `keel-dlq-redriven-at` the time, the event id is kept for people
+/// reading the log; no key, no payload, and no `keel-dlq-topic`, so nothing
+/// takes it for a dead letter to send. A later redrive skips that letter;
+/// a newer letter of the event (it failed again) goes back again.
+pub fn redrive_marker(
+    dead_letter: &RawRecord,
+    partition: u32,
+    position: u64,
+    at: &str,
+) -> RawRecord {
     let mut marker_headers: Vec<(String, Bytes)> = dead_letter
         .headers
         .iter()
-        .filter(|(name, _)| kept.iter().any(|k| name.eq_ignore_ascii_case(k)))
+        .filter(|(name, _)| name.eq_ignore_ascii_case(wire::EVENT_ID))
         .cloned()
         .collect();
-    for name in [headers::AT, headers::REDRIVEN] {
-        marker_headers.push((name.to_owned(), Bytes::copy_from_slice(at.as_bytes())));
-    }
+    marker_headers.push((
+        headers::REDRIVEN.to_owned(),
+        Bytes::from(format!("{partition}@{position}")),
+    ));
+    marker_headers.push((
+        headers::REDRIVEN_AT.to_owned(),
+        Bytes::copy_from_slice(at.as_bytes()),
+    ));
     RawRecord {
-        key: dead_letter.key.clone(),
+        key: None,
         headers: marker_headers,
         payload: Bytes::new(),
     }
@@ -352,26 +380,23 @@ mod tests {
         delivery.envelope().clone()
     }
 
-    #[test]
-    fn a_redrive_marker_names_the_event_and_carries_no_payload() {
+    #[tokio::test]
+    async fn a_redrive_marker_names_its_letter_and_is_never_redriven() {
         let event = Envelope::new("shop.OrderPlaced", "o-1", vec![1u8, 2, 3]);
         let mut letter = RawRecord::from_envelope(&event).unwrap();
         letter
             .headers
             .push((headers::TOPIC.into(), Bytes::from_static(b"orders")));
-        letter.headers.push((
-            headers::AT.into(),
-            Bytes::from_static(b"2026-12-01T10:00:00Z"),
-        ));
-        let marker = redrive_marker(&letter, "2026-12-01T11:00:00Z");
+        let marker = redrive_marker(&letter, 2, 17, "2026-12-01T11:00:00Z");
         assert!(is_redrive_marker(&marker) && !is_redrive_marker(&letter));
-        assert!(marker.payload.is_empty());
-        assert_eq!(marker.key, letter.key);
+        assert!(marker.payload.is_empty() && marker.key.is_none());
+        assert_eq!(marker.header(headers::REDRIVEN), Some("2@17"));
         let id = event.id().to_string();
         assert_eq!(marker.header(wire::EVENT_ID), Some(id.as_str()));
-        assert_eq!(marker.header(wire::EVENT_TYPE), Some("shop.OrderPlaced"));
-        assert_eq!(marker.header(headers::TOPIC), Some("orders"));
-        assert_eq!(marker.header(headers::AT), Some("2026-12-01T11:00:00Z"));
+        assert_eq!(marker.header(headers::TOPIC), None, "not a letter to send");
+        let t = transport().await;
+        let e = redrive(t.as_ref(), marker).await.unwrap_err();
+        assert!(e.to_string().contains("redrive marker"), "{e}");
     }
 
     #[tokio::test]
