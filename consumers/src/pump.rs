@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use keel_core::{Deliveries, Delivery, Error, Result, Undecodable};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::task::JoinSet;
 
 /// What a member's stream yields that work must be done for.
@@ -73,22 +73,29 @@ where
         // A partition revoked, given up or lost has a new owner that
         // delivers the event again: running it here would duplicate that
         // work, possibly alongside it and out of its key's order. Dropped,
-        // it is nacked (ignored) — checked at once, and again after the
+        // it is nacked (ignored) — checked at once, and again after a
         // permit wait, which can be long.
         if !item.is_owned() {
             continue;
         }
-        let permit = tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break Err(Error::closed("handler pool")),
-            },
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => break Err(Error::closed("handler pool")),
+            Err(TryAcquireError::NoPermits) => {
+                let permit = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break Ok(()),
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break Err(Error::closed("handler pool")),
+                    },
+                };
+                if !item.is_owned() {
+                    continue;
+                }
+                permit
+            }
         };
-        if !item.is_owned() {
-            continue;
-        }
         let task = work(item);
         // Boxed: the task then holds a pointer, not the whole future. A
         // router's chain future is kilobytes, and tokio moves a task's
