@@ -203,11 +203,10 @@ impl RelayStore for PgRelayStore {
                 headers: row.try_get("headers")?,
                 payload: row.try_get("payload")?,
             };
-            let size = row.size();
-            if !batch.fits(size) {
+            if !batch.admit(&row) {
                 break;
             }
-            batch.push(row.into_claimed(), size);
+            batch.push(row.into_claimed());
         }
         Ok(batch.finish())
     }

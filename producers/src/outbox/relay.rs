@@ -364,9 +364,8 @@ impl OutboxRelay {
                 // A heartbeat may give slots away (the next owner must not
                 // find their published rows unmarked), and the statistics
                 // and purge delay the next claim: mark the last batch first.
-                if let Err(e) = self.mark(&std::mem::take(&mut unmarked)).await {
-                    blocked_until = self.batch_failed(&mut backoff, &e);
-                }
+                self.mark_left(&mut unmarked, &mut backoff, &mut blocked_until)
+                    .await;
             }
             if now >= next_heartbeat {
                 if let Err(e) = self.store.heartbeat().await {
@@ -447,9 +446,8 @@ impl OutboxRelay {
                 if wake.notified().now_or_never().is_some() {
                     continue;
                 }
-                if let Err(e) = self.mark(&std::mem::take(&mut unmarked)).await {
-                    blocked_until = self.batch_failed(&mut backoff, &e);
-                }
+                self.mark_left(&mut unmarked, &mut backoff, &mut blocked_until)
+                    .await;
             }
             // Backing off: notifications still wake the loop (for
             // heartbeats) but the next poll waits for the back-off.
@@ -462,9 +460,8 @@ impl OutboxRelay {
             }
         }
         drop(listener);
-        if let Err(e) = self.mark(&unmarked).await {
-            self.batch_failed(&mut backoff, &e);
-        }
+        self.mark_left(&mut unmarked, &mut backoff, &mut blocked_until)
+            .await;
         if let Err(e) = self.store.leave().await {
             tracing::warn!(relay = %config.relay_id, error = %e, "relay could not release its slots; they expire on their own");
         }
@@ -633,9 +630,8 @@ impl OutboxRelay {
         Ok(full || failed > 0)
     }
 
-    /// Counts and logs a failed batch (or a failed mark: its rows stay in
-    /// the outbox and go again, at least once); returns until when the
-    /// relay backs off.
+    /// Counts and logs a failed batch (or a failed mark); returns until when
+    /// the relay backs off.
     fn batch_failed(&self, backoff: &mut Backoff, e: &OutboxError) -> Instant {
         let pause = backoff.next();
         tracing::warn!(
@@ -645,6 +641,20 @@ impl OutboxRelay {
         self.stats.send_modify(|s| s.failed_batches += 1);
         metrics::counter!("keel_outbox_failed_batches_total").increment(1);
         Instant::now() + pause
+    }
+
+    /// Marks the rows the last batch left `unmarked` (see `relay_batch`); a
+    /// failure counts as a failed batch and backs off (the rows stay in the
+    /// outbox and go again, at least once).
+    async fn mark_left(
+        &self,
+        unmarked: &mut Vec<i64>,
+        backoff: &mut Backoff,
+        blocked_until: &mut Instant,
+    ) {
+        if let Err(e) = self.mark(&std::mem::take(unmarked)).await {
+            *blocked_until = self.batch_failed(backoff, &e);
+        }
     }
 
     /// Marks `ids` published (the broker acknowledged them) and counts them.

@@ -431,8 +431,7 @@ impl RelayStore for SqliteRelayStore {
                 headers: row.try_get("headers")?,
                 payload: row.try_get("payload")?,
             };
-            let size = row.size();
-            if !batch.fits(size) {
+            if !batch.admit(&row) {
                 break;
             }
             let claimed = row.into_claimed();
@@ -444,7 +443,7 @@ impl RelayStore for SqliteRelayStore {
                     "outbox row {id}: event id `{event_id}` is not a UUID: {e}"
                 )),
             };
-            batch.push(claimed, size);
+            batch.push(claimed);
         }
         Ok(batch.finish())
     }

@@ -92,8 +92,9 @@ pub(crate) struct ClaimedBatch {
     pub(crate) more: bool,
 }
 
-/// Collects a claim's rows as they arrive, up to its [`Limit`]: rows past
-/// the byte limit are left unread (the first row goes whatever its size).
+/// Collects a claim's rows as they arrive, up to its [`Limit`] (a row
+/// weighs its payload and headers): rows past the byte limit are left
+/// unread (the first row goes whatever its size).
 pub(crate) struct Budget {
     limit: Limit,
     rows: Vec<Claimed>,
@@ -111,17 +112,21 @@ impl Budget {
         }
     }
 
-    /// Whether a row of `size` bytes still fits; when it does not, the
-    /// batch is closed (the claim stops reading there).
-    pub(crate) fn fits(&mut self, size: usize) -> bool {
+    /// Whether `row` still fits, its size then counted; when it does not,
+    /// the batch is closed (the claim stops reading there).
+    pub(crate) fn admit(&mut self, row: &ClaimedRow) -> bool {
+        let size = row.payload.len() + row.headers.len();
         if !self.rows.is_empty() && self.bytes.saturating_add(size) > self.limit.bytes {
             self.cut = true;
+        }
+        if !self.cut {
+            self.bytes = self.bytes.saturating_add(size);
         }
         !self.cut
     }
 
-    pub(crate) fn push(&mut self, row: Claimed, size: usize) {
-        self.bytes = self.bytes.saturating_add(size);
+    /// Adds an admitted row.
+    pub(crate) fn push(&mut self, row: Claimed) {
         self.rows.push(row);
     }
 
@@ -163,13 +168,6 @@ pub(crate) struct ClaimedRow {
     pub(crate) tracestate: Option<String>,
     pub(crate) headers: String,
     pub(crate) payload: Vec<u8>,
-}
-
-impl ClaimedRow {
-    /// What the row weighs in a batch: its payload and headers.
-    pub(crate) fn size(&self) -> usize {
-        self.payload.len() + self.headers.len()
-    }
 }
 
 impl Claimed {
