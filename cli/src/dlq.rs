@@ -267,7 +267,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let (selected, already): (Vec<DeadLetter>, Vec<DeadLetter>) =
         selected.into_iter().partition(|dead| {
             args.include_redriven
-                || !sent.contains(&format!("{}@{}", dead.partition, dead.position))
+                || !sent.contains(&dead_letter::letter_at(dead.partition, dead.position))
         });
     if !already.is_empty() {
         eprintln!(
@@ -380,7 +380,7 @@ fn skipped(foreign: &[DeadLetter]) -> anyhow::Result<()> {
     )
 }
 
-/// When `dead` was dead-lettered (or its marker written), if it says.
+/// When `dead` was dead-lettered, if it says.
 fn letter_time(dead: &DeadLetter) -> Option<DateTime<Utc>> {
     dead.record
         .header(headers::AT)

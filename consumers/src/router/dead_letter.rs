@@ -295,7 +295,7 @@ pub fn redrive_marker(
         .collect();
     marker_headers.push((
         headers::REDRIVEN.to_owned(),
-        Bytes::from(format!("{partition}@{position}")),
+        Bytes::from(letter_at(partition, position)),
     ));
     marker_headers.push((
         headers::REDRIVEN_AT.to_owned(),
@@ -306,6 +306,12 @@ pub fn redrive_marker(
         headers: marker_headers,
         payload: Bytes::new(),
     }
+}
+
+/// How a [`redrive_marker`] names its letter: `<partition>@<position>` in
+/// the dead-letter topic.
+pub fn letter_at(partition: u32, position: u64) -> String {
+    format!("{partition}@{position}")
 }
 
 /// Whether `record` is a [`redrive_marker`], not a dead letter.
