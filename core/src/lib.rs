@@ -40,6 +40,6 @@ pub use error::{BoxError, Error, Result};
 pub use handler::{Handler, handler_fn};
 pub use memory::MemoryTransport;
 pub use transport::{
-    Capabilities, Publisher, Receipt, StartFrom, Subscriber, Subscription, TopicAdmin, TopicSpec,
-    Transport,
+    Capabilities, Publisher, Receipt, Sent, StartFrom, Subscriber, Subscription, TopicAdmin,
+    TopicSpec, Transport,
 };

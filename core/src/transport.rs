@@ -39,6 +39,19 @@ pub struct Receipt {
     pub duplicate: bool,
 }
 
+/// One event's outcome in [`Publisher::publish_each`].
+#[derive(Debug)]
+pub enum Sent {
+    /// The broker acknowledged it.
+    Stored(Receipt),
+    /// Not acknowledged: the error says why and whether trying again may
+    /// succeed. A lost acknowledgement (a timeout) may hide a stored event:
+    /// publishing it again is at least once, as for a failed batch.
+    Failed(crate::error::Error),
+    /// Not sent: the batch stopped at an earlier event's failure.
+    NotSent,
+}
+
 /// Publishes events and returns only after the broker acknowledged them.
 /// A flush is never taken as proof of storage.
 #[async_trait]
@@ -50,7 +63,8 @@ pub trait Publisher: Send + Sync {
     /// was acknowledged (receipts in input order).
     ///
     /// On error some events may have been stored: the caller retries the
-    /// whole batch, and event ids let consumers de-duplicate. Transports
+    /// whole batch, and event ids let consumers de-duplicate
+    /// ([`Publisher::publish_each`] says which were stored). Transports
     /// keep per-key order within a batch: an event is never acknowledged
     /// after a failed earlier event of its key.
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
@@ -59,6 +73,36 @@ pub trait Publisher: Send + Sync {
             receipts.push(self.publish(topic, event).await?);
         }
         Ok(receipts)
+    }
+
+    /// Publishes a batch like [`Publisher::publish_batch`] and reports
+    /// each event's own outcome, in input order, instead of failing the
+    /// whole batch: a caller that retries (the outbox relay) re-sends only
+    /// what the broker does not have.
+    ///
+    /// The batch stops at the first event that cannot be sent: it is
+    /// [`Sent::Failed`] and every later event [`Sent::NotSent`]. Events
+    /// already on their way are awaited and reported as they come back, so
+    /// an event may be [`Sent::Stored`] after a failed earlier event of its
+    /// key (its acknowledgement failed while the later one's did not): a
+    /// caller keeping per-key order treats such an event as not yet
+    /// published.
+    ///
+    /// The default publishes one event at a time.
+    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+        let mut outcomes = Vec::with_capacity(events.len());
+        let total = events.len();
+        for event in events {
+            match self.publish(topic, event).await {
+                Ok(receipt) => outcomes.push(Sent::Stored(receipt)),
+                Err(e) => {
+                    outcomes.push(Sent::Failed(e));
+                    break;
+                }
+            }
+        }
+        outcomes.resize_with(total, || Sent::NotSent);
+        outcomes
     }
 
     /// Publishes a stored record as it is — key, headers and payload

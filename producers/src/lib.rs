@@ -17,7 +17,7 @@ pub mod outbox;
 pub(crate) fn batch_failure(
     e: keel_core::Error,
     topic: &str,
-    event: &keel_core::Envelope,
+    event: keel_core::EventId,
     progress: String,
 ) -> keel_core::Error {
     use keel_core::Error;
@@ -50,7 +50,7 @@ pub(crate) fn batch_failure(
         },
         other => Error::Publish {
             topic: topic.to_owned(),
-            event_id: event.id().to_string(),
+            event_id: event.to_string(),
             reason: format!("{other} ({progress})"),
             retriable: other.is_retriable(),
             source: Some(Box::new(other)),

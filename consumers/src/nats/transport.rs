@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::transport::{
-    Capabilities, Publisher, Receipt, Subscriber, Subscription, TopicAdmin, TopicSpec, Transport,
+    Capabilities, Publisher, Receipt, Sent, Subscriber, Subscription, TopicAdmin, TopicSpec,
+    Transport,
 };
 use keel_core::{Deliveries, Envelope, RawRecord, Result};
 use keel_producers::nats::{
@@ -62,6 +63,10 @@ impl Publisher for NatsTransport {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         self.publisher.publish_batch(topic, events).await
+    }
+
+    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+        self.publisher.publish_each(topic, events).await
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_core::transport::{Publisher, Receipt};
+use keel_core::transport::{Publisher, Receipt, Sent};
 use keel_core::{Envelope, Error, EventId, RawRecord, Result, wire};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -154,7 +154,7 @@ impl KafkaPublisher {
             .key(event.key().as_bytes())
             .payload(event.payload().as_ref())
             .headers(owned.unwrap_or_default());
-        self.send(current, topic, Sent::Event(event.id()), record)
+        self.send(current, topic, What::Event(event.id()), record)
             .await
     }
 
@@ -163,7 +163,7 @@ impl KafkaPublisher {
         &self,
         current: &Current,
         topic: &str,
-        what: Sent<'_>,
+        what: What<'_>,
         mut record: FutureRecord<'_, [u8], [u8]>,
     ) -> Result<(u64, DeliveryFuture)> {
         let (generation, producer) = (current.0, &current.1);
@@ -204,6 +204,43 @@ impl KafkaPublisher {
         }
     }
 
+    /// Enqueues `events` in order, then hands each acknowledgement to
+    /// `acked`, in input order. Sending stops at the first event that
+    /// cannot be enqueued: it comes back (its place in the batch, its id,
+    /// the error) once every event sent before it was acknowledged or not.
+    async fn send_batch(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        mut acked: impl FnMut(Result<Receipt>),
+    ) -> Option<(usize, EventId, Error)> {
+        let mut pending = Vec::with_capacity(events.len());
+        // One producer for the whole batch: not a lock and a clone per event.
+        let current = self.producer();
+        let mut stopped = None;
+        // Each envelope is dropped once librdkafka has its copy: freed
+        // while the batch goes out rather than a thousand at the end.
+        for (i, event) in events.into_iter().enumerate() {
+            match self.enqueue(&current, topic, &event).await {
+                Ok(future) => pending.push((event.id(), future)),
+                Err(e) => {
+                    stopped = Some((i, event.id(), e));
+                    break;
+                }
+            }
+        }
+        // One topic name shared by the batch's receipts.
+        let shared: Arc<str> = topic.into();
+        // Acknowledgements come back about in order: awaiting them one by
+        // one wakes this task about once per broker response, where a
+        // join of a thousand futures would allocate, wake and re-order for
+        // each of them.
+        for (id, future) in pending {
+            acked(self.acknowledged(&shared, What::Event(id), future).await);
+        }
+        stopped
+    }
+
     /// `what` went wrong, and the client's last error if there was one
     /// (a timeout alone does not say that the credentials were refused).
     fn with_last_error(&self, what: &str) -> String {
@@ -221,7 +258,7 @@ impl KafkaPublisher {
     async fn acknowledged(
         &self,
         topic: &Arc<str>,
-        what: Sent<'_>,
+        what: What<'_>,
         (generation, future): (u64, DeliveryFuture),
     ) -> Result<Receipt> {
         match future.await {
@@ -254,16 +291,16 @@ impl KafkaPublisher {
 
 /// What a publish was about, for its error.
 #[derive(Clone, Copy)]
-enum Sent<'a> {
+enum What<'a> {
     Event(EventId),
     Record(&'a RawRecord),
 }
 
-impl Sent<'_> {
+impl What<'_> {
     fn id(self) -> String {
         match self {
-            Sent::Event(id) => id.to_string(),
-            Sent::Record(record) => record
+            What::Event(id) => id.to_string(),
+            What::Record(record) => record
                 .header(wire::EVENT_ID)
                 .map_or_else(|| "(record without an event id)".to_owned(), str::to_owned),
         }
@@ -272,7 +309,7 @@ impl Sent<'_> {
 
 fn publish_error(
     topic: &str,
-    sent: Sent<'_>,
+    sent: What<'_>,
     what: &str,
     retriable: bool,
     e: Option<KafkaError>,
@@ -338,7 +375,7 @@ impl Publisher for KafkaPublisher {
         async {
             let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
-                .acknowledged(&topic.into(), Sent::Event(event.id()), future)
+                .acknowledged(&topic.into(), What::Event(event.id()), future)
                 .await?;
             tracing::Span::current().record("partition", receipt.partition);
             Ok(receipt)
@@ -349,55 +386,50 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let total = events.len();
-        let mut pending = Vec::with_capacity(total);
-        // One topic name shared by the batch's receipts.
-        let shared: Arc<str> = topic.into();
-        // One producer for the whole batch: not a lock and a clone per event.
-        let current = self.producer();
-        // Each envelope is dropped once librdkafka has its copy: freed
-        // while the batch goes out rather than a thousand at the end.
-        for (i, event) in events.into_iter().enumerate() {
-            match self.enqueue(&current, topic, &event).await {
-                Ok(future) => pending.push((event.id(), future)),
-                Err(e) => {
-                    // What was already sent is on its way: say how much of
-                    // the batch the broker has, so a retry can skip it.
-                    let mut acked = 0;
-                    for (id, future) in pending {
-                        acked += usize::from(
-                            self.acknowledged(&shared, Sent::Event(id), future)
-                                .await
-                                .is_ok(),
-                        );
-                    }
-                    let progress = format!(
-                        "event {} of {total} in the batch; {acked} before it were acknowledged, none after it was sent",
-                        i + 1,
-                    );
-                    return Err(crate::batch_failure(e, topic, &event, progress));
-                }
-            }
-        }
-        // Acknowledgements come back about in order: awaiting them one by
-        // one wakes this task about once per broker response, where a
-        // join of a thousand futures would allocate, wake and re-order for
-        // each of them.
         let mut receipts = Vec::with_capacity(total);
+        // The first failure is the batch's; the rest are still awaited, so
+        // none is left unobserved.
         let mut failed = None;
-        for (id, future) in pending {
-            match self.acknowledged(&shared, Sent::Event(id), future).await {
+        let stopped = self
+            .send_batch(topic, events, |acked| match acked {
                 Ok(receipt) => receipts.push(receipt),
-                // The first failure is the batch's; the rest are still
-                // awaited, so none is left unobserved.
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
-            }
+            })
+            .await;
+        if let Some((i, id, e)) = stopped {
+            // What was already sent is on its way: say how much of the
+            // batch the broker has, so a retry can skip it.
+            let progress = format!(
+                "event {} of {total} in the batch; {} before it were acknowledged, none after it was sent",
+                i + 1,
+                receipts.len(),
+            );
+            return Err(crate::batch_failure(e, topic, id, progress));
         }
         match failed {
             Some(e) => Err(e),
             None => Ok(receipts),
         }
+    }
+
+    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+        let total = events.len();
+        let mut outcomes = Vec::with_capacity(total);
+        let stopped = self
+            .send_batch(topic, events, |acked| {
+                outcomes.push(match acked {
+                    Ok(receipt) => Sent::Stored(receipt),
+                    Err(e) => Sent::Failed(e),
+                })
+            })
+            .await;
+        if let Some((_, _, e)) = stopped {
+            outcomes.push(Sent::Failed(e));
+        }
+        outcomes.resize_with(total, || Sent::NotSent);
+        outcomes
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
@@ -420,9 +452,9 @@ impl Publisher for KafkaPublisher {
             outgoing = outgoing.partition(0);
         }
         let sent = self
-            .send(&self.producer(), topic, Sent::Record(&record), outgoing)
+            .send(&self.producer(), topic, What::Record(&record), outgoing)
             .await?;
-        self.acknowledged(&topic.into(), Sent::Record(&record), sent)
+        self.acknowledged(&topic.into(), What::Record(&record), sent)
             .await
     }
 }

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use keel_core::partition::partition_for_key;
-use keel_core::transport::{Publisher, Receipt};
+use keel_core::transport::{Publisher, Receipt, Sent};
 use keel_core::{Envelope, Error, RawRecord, Result, wire};
 use tracing::Instrument;
 
@@ -419,6 +419,62 @@ impl JetStreamPublisher {
         })
     }
 
+    /// Sends the first `count` of `events` (checked by the caller), at
+    /// most `max_outstanding_acks` awaiting their acknowledgement, and
+    /// hands each acknowledgement to `acked` with the event's place, in
+    /// input order. Sending stops once an event fails (its acknowledgement
+    /// or its send): a failed send comes back, with its place, after every
+    /// event sent before it was acknowledged or not.
+    async fn send_batch(
+        &self,
+        topic: &str,
+        shape: &StreamShape,
+        events: &[Envelope],
+        count: usize,
+        mut acked: impl FnMut(usize, Result<Receipt>),
+    ) -> Option<(usize, Error)> {
+        let window = self.config.max_outstanding_acks;
+        let mut outstanding = FuturesOrdered::new();
+        let mut failed = false;
+        // One topic name shared by the batch's receipts.
+        let shared: Arc<str> = topic.into();
+        let mut settle = |(i, partition, ack): (usize, u32, _), failed: &mut bool| {
+            let receipt = self.receipt(&shared, &events[i].id(), partition, ack);
+            *failed |= receipt.is_err();
+            acked(i, receipt);
+        };
+        let mut stopped = None;
+        // Headers are built as each event goes out, while earlier ones are
+        // on the wire.
+        for (i, event) in events.iter().enumerate().take(count) {
+            while outstanding.len() >= window {
+                if let Some(r) = outstanding.next().await {
+                    settle(r, &mut failed);
+                }
+            }
+            if failed {
+                break;
+            }
+            let sent = match self.prepare(topic, shape, event) {
+                Ok(prepared) => self.send(topic, &event.id(), prepared).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok((partition, ack)) => {
+                    outstanding.push_back(async move { (i, partition, ack.await) })
+                }
+                Err(e) => {
+                    stopped = Some((i, e));
+                    break;
+                }
+            }
+        }
+        while let Some(r) = outstanding.next().await {
+            settle(r, &mut failed);
+        }
+        stopped
+    }
+
     /// The admin on this publisher's connection.
     pub fn admin(&self) -> &JetStreamAdmin {
         &self.admin
@@ -450,55 +506,34 @@ impl Publisher for JetStreamPublisher {
                 crate::batch_failure(
                     err,
                     topic,
-                    e,
+                    e.id(),
                     format!("event {} of {}; nothing was sent", i + 1, events.len()),
                 )
             })
         })?;
-        let window = self.config.max_outstanding_acks;
         let mut receipts = Vec::with_capacity(events.len());
-        let mut outstanding = FuturesOrdered::new();
+        // The earliest failure is the batch's.
         let mut failure: Option<(usize, Error)> = None;
-        // One topic name shared by the batch's receipts.
-        let shared: Arc<str> = topic.into();
-        let mut settle = |(i, partition, ack): (usize, u32, _),
-                          failure: &mut Option<(usize, Error)>| match self
-            .receipt(&shared, &events[i].id(), partition, ack)
+        let stopped = self
+            .send_batch(
+                topic,
+                &shape,
+                &events,
+                events.len(),
+                |i, acked| match acked {
+                    Ok(r) => receipts.push(r),
+                    Err(e) => {
+                        if failure.as_ref().is_none_or(|(at, _)| i < *at) {
+                            failure = Some((i, e));
+                        }
+                    }
+                },
+            )
+            .await;
+        if let Some((i, e)) = stopped
+            && failure.as_ref().is_none_or(|(at, _)| i < *at)
         {
-            Ok(r) => receipts.push(r),
-            Err(e) => {
-                if failure.as_ref().is_none_or(|(at, _)| i < *at) {
-                    *failure = Some((i, e));
-                }
-            }
-        };
-        // Headers are built as each event goes out, while earlier ones are
-        // on the wire.
-        for (i, event) in events.iter().enumerate() {
-            while outstanding.len() >= window {
-                if let Some(r) = outstanding.next().await {
-                    settle(r, &mut failure);
-                }
-            }
-            if failure.is_some() {
-                break;
-            }
-            let sent = match self.prepare(topic, &shape, event) {
-                Ok(prepared) => self.send(topic, &event.id(), prepared).await,
-                Err(e) => Err(e),
-            };
-            match sent {
-                Ok((partition, ack)) => {
-                    outstanding.push_back(async move { (i, partition, ack.await) })
-                }
-                Err(e) => {
-                    failure = Some((i, e));
-                    break;
-                }
-            }
-        }
-        while let Some(r) = outstanding.next().await {
-            settle(r, &mut failure);
+            failure = Some((i, e));
         }
         match failure {
             None => Ok(receipts),
@@ -507,7 +542,7 @@ impl Publisher for JetStreamPublisher {
                 Err(crate::batch_failure(
                     e,
                     topic,
-                    &events[i],
+                    events[i].id(),
                     format!(
                         "event {} of {} in the batch; {acked} were acknowledged",
                         i + 1,
@@ -516,6 +551,48 @@ impl Publisher for JetStreamPublisher {
                 ))
             }
         }
+    }
+
+    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+        let total = events.len();
+        let shape = match self.shape(topic).await {
+            Ok(shape) => shape,
+            Err(e) => {
+                let mut outcomes = vec![Sent::Failed(e)];
+                outcomes.resize_with(total, || Sent::NotSent);
+                return outcomes;
+            }
+        };
+        // The events before the first that cannot go out as it is go.
+        let mut refused = None;
+        let sendable = events
+            .iter()
+            .position(|event| match self.check(topic, &shape, event) {
+                Ok(()) => false,
+                Err(e) => {
+                    refused = Some(e);
+                    true
+                }
+            })
+            .unwrap_or(total);
+        let mut outcomes = Vec::with_capacity(total);
+        let stopped = self
+            .send_batch(topic, &shape, &events, sendable, |_, acked| {
+                outcomes.push(match acked {
+                    Ok(receipt) => Sent::Stored(receipt),
+                    Err(e) => Sent::Failed(e),
+                })
+            })
+            .await;
+        match (stopped, refused) {
+            (Some((_, e)), _) => outcomes.push(Sent::Failed(e)),
+            // Sending stopped at the refused event, not before it at a
+            // failed acknowledgement.
+            (None, Some(e)) if outcomes.len() == sendable => outcomes.push(Sent::Failed(e)),
+            _ => {}
+        }
+        outcomes.resize_with(total, || Sent::NotSent);
+        outcomes
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {

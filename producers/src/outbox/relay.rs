@@ -21,8 +21,12 @@
 //! is bounded by `batch_size` rows and `max_batch_bytes`. On PostgreSQL a
 //! batch's mark (its move to the archive) runs alongside the next batch's
 //! claim, which leaves its rows out; the next batch is published only once
-//! the mark is done, so a crash still re-publishes at most one batch. A broker that refuses or times out makes the
-//! relay back off exponentially with jitter; a row the broker rejects for
+//! the mark is done, so a crash still re-publishes at most one batch. A
+//! broker that refuses or times out makes the relay back off exponentially
+//! with jitter. The broker's answer is taken per row
+//! ([`Publisher::publish_each`]): the rows it acknowledged are marked even
+//! when others of the batch failed, so a failure re-sends only what it does
+//! not have. A row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
 //! error after `max_attempts`, and the relay goes on with other keys: the
 //! parked row's key stays blocked (its later rows wait) until an operator
@@ -36,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use keel_core::Publisher;
+use keel_core::{Publisher, Sent};
 use rand::Rng;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
@@ -474,8 +478,10 @@ impl OutboxRelay {
     /// waiting (a full batch, or refused rows to try again).
     ///
     /// A row the broker refuses for itself counts an attempt; the rest of
-    /// the batch goes out in the same round — except later rows of the
-    /// refused row's key, which wait behind it to keep the key's order. A
+    /// the batch goes out (the rows sent before it are published already;
+    /// those the publisher did not send after it go in a second round) —
+    /// except later rows of the refused row's key, which wait behind it to
+    /// keep the key's order. A
     /// topic that is unavailable (missing, forbidden, timing out) backs off
     /// on its own; other topics keep flowing.
     ///
@@ -779,8 +785,10 @@ struct Outcome {
     unavailable: Vec<(String, OutboxError)>,
 }
 
-/// Publishes `rows` — one `publish_batch` per topic, all at once, each in
-/// id order — within `deadline`, and sorts the rows by outcome.
+/// Publishes `rows` — one `publish_each` per topic, all at once, each in
+/// id order — within `deadline`, and sorts the rows by outcome: a row the
+/// broker acknowledged counts as published even where another row of the
+/// batch failed, so a retry re-sends only what the broker does not have.
 async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duration) -> Outcome {
     let mut by_topic: BTreeMap<&str, Vec<&Claimed>> = BTreeMap::new();
     for row in rows {
@@ -791,7 +799,7 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
         // and later rows of their keys wait behind them (sent neither now
         // nor refused: they stay in line); the rest go out.
         let mut events = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
+        let mut sent_rows = Vec::with_capacity(rows.len());
         let mut broken = Vec::new();
         let mut broken_keys: HashSet<&[u8]> = HashSet::new();
         for row in rows {
@@ -799,7 +807,7 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
                 Ok(_) if broken_keys.contains(row.key()) => {}
                 Ok(event) => {
                     events.push(event.clone());
-                    ids.push((row.id, event.id()));
+                    sent_rows.push(*row);
                 }
                 Err(reason) => {
                     broken.push((row.id, reason.clone()));
@@ -808,62 +816,83 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
             }
         }
         let sent = if events.is_empty() {
-            Ok(Ok(Vec::new()))
+            Ok(Vec::new())
         } else {
-            tokio::time::timeout(deadline, publisher.publish_batch(topic, events)).await
+            tokio::time::timeout(deadline, publisher.publish_each(topic, events)).await
         };
-        (*topic, ids, broken, sent)
+        (*topic, sent_rows, broken, sent)
     });
     let mut outcome = Outcome::default();
-    for (topic, ids, broken, sent) in futures::future::join_all(sends).await {
+    for (topic, rows, broken, sent) in futures::future::join_all(sends).await {
         outcome.refused.extend(broken);
-        match sent {
-            Ok(Ok(_)) => outcome.published.extend(ids.iter().map(|(id, _)| *id)),
-            Ok(Err(e)) if e.is_retriable() => outcome
-                .unavailable
-                .push((topic.to_owned(), OutboxError::Event(e))),
-            // The event itself cannot be published (too large, a bad
-            // header): count it against that row; the others go again.
-            Ok(Err(keel_core::Error::Publish { ref event_id, .. }))
-                if ids.iter().any(|(_, id)| id.to_string() == *event_id) =>
-            {
-                let reason = sent_error_text(&sent);
-                if let Some((row, _)) = ids.iter().find(|(_, id)| id.to_string() == *event_id) {
-                    outcome.refused.push((*row, reason));
-                }
-            }
-            // Nothing under this topic name can ever be published (a name
-            // the broker does not accept): every row of it is refused.
-            Ok(Err(
-                e @ (keel_core::Error::Config { .. } | keel_core::Error::MalformedEvent { .. }),
-            )) => {
-                let reason = e.to_string();
-                outcome
-                    .refused
-                    .extend(ids.iter().map(|(row, _)| (*row, reason.clone())));
-            }
-            // The topic is missing or forbidden: no row's fault; it waits.
-            Ok(Err(e)) => outcome
-                .unavailable
-                .push((topic.to_owned(), OutboxError::Event(e))),
-            Err(_) => outcome.unavailable.push((
+        let Ok(sent) = sent else {
+            outcome.unavailable.push((
                 topic.to_owned(),
                 OutboxError::Event(keel_core::Error::Timeout {
-                    operation: format!("publishing {} outbox rows to `{topic}`", ids.len()),
+                    operation: format!("publishing {} outbox rows to `{topic}`", rows.len()),
                     after: deadline,
                 }),
-            )),
-        }
+            ));
+            continue;
+        };
+        settle_topic(topic, &rows, sent, &mut outcome);
     }
     outcome
 }
 
-fn sent_error_text<T>(
-    sent: &std::result::Result<keel_core::Result<T>, tokio::time::error::Elapsed>,
-) -> String {
-    match sent {
-        Ok(Err(e)) => e.to_string(),
-        _ => String::new(),
+/// Sorts one topic's rows by what `publish_each` reported for them.
+///
+/// After a row of a key failed, the key's later rows wait behind it, even
+/// one the broker acknowledged (its earlier row's acknowledgement failed):
+/// it goes again after that row, so the key's order holds as the last copy
+/// of each event shows it.
+fn settle_topic(topic: &str, rows: &[&Claimed], sent: Vec<Sent>, outcome: &mut Outcome) {
+    let mut held: HashSet<&[u8]> = HashSet::new();
+    let mut unavailable = None;
+    let mut refused = Vec::new();
+    // A topic name the broker does not accept: nothing under it can ever
+    // be published, so every row of it is refused.
+    let mut topic_refused = None;
+    for (row, sent) in rows.iter().zip(sent) {
+        match sent {
+            Sent::Stored(_) if !held.contains(row.key()) => outcome.published.push(row.id),
+            Sent::Stored(_) | Sent::NotSent => {}
+            Sent::Failed(e) => {
+                held.insert(row.key());
+                match e {
+                    e if e.is_retriable() => {
+                        unavailable.get_or_insert(e);
+                    }
+                    // The event itself cannot be published (too large, a
+                    // bad header): counted against its row.
+                    keel_core::Error::Publish { .. } | keel_core::Error::MalformedEvent { .. } => {
+                        refused.push((row.id, e.to_string()))
+                    }
+                    keel_core::Error::Config { .. } => {
+                        topic_refused.get_or_insert(e.to_string());
+                    }
+                    // The topic is missing or forbidden: no row's fault;
+                    // its rows wait.
+                    e => {
+                        unavailable.get_or_insert(e);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(reason) = topic_refused {
+        let published: HashSet<i64> = outcome.published.iter().copied().collect();
+        refused = rows
+            .iter()
+            .filter(|row| !published.contains(&row.id))
+            .map(|row| (row.id, reason.clone()))
+            .collect();
+    }
+    outcome.refused.extend(refused);
+    if let Some(e) = unavailable {
+        outcome
+            .unavailable
+            .push((topic.to_owned(), OutboxError::Event(e)));
     }
 }
 
@@ -977,6 +1006,83 @@ mod tests {
                 .to_string()
                 .contains("relay.batch_size")
         );
+    }
+
+    fn row(id: i64, key: &str) -> Claimed {
+        Claimed {
+            id,
+            topic: "orders".into(),
+            event: Ok(keel_core::Envelope::new("t", key, "p")),
+            broken_key: Vec::new(),
+        }
+    }
+
+    fn stored() -> Sent {
+        Sent::Stored(keel_core::Receipt {
+            topic: "orders".into(),
+            partition: 0,
+            position: 0,
+            duplicate: false,
+        })
+    }
+
+    fn failed(retriable: bool) -> Sent {
+        Sent::Failed(keel_core::Error::Publish {
+            topic: "orders".into(),
+            event_id: "e".into(),
+            reason: "too large".into(),
+            retriable,
+            source: None,
+        })
+    }
+
+    #[test]
+    fn acknowledged_rows_count_even_when_others_of_the_batch_fail() {
+        let rows = [
+            row(1, "a"),
+            row(2, "k"),
+            row(3, "b"),
+            row(4, "k"),
+            row(5, "c"),
+        ];
+        let rows: Vec<&Claimed> = rows.iter().collect();
+        // Row 2 refused; row 4 (its key, acknowledged) waits behind it;
+        // rows 1 and 3 are published; row 5 was never sent.
+        let mut outcome = Outcome::default();
+        let sent = vec![stored(), failed(false), stored(), stored(), Sent::NotSent];
+        settle_topic("orders", &rows, sent, &mut outcome);
+        assert_eq!(outcome.published, [1, 3]);
+        assert_eq!(
+            outcome
+                .refused
+                .iter()
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        assert!(outcome.unavailable.is_empty());
+
+        // A retriable failure makes the topic unavailable; what the broker
+        // acknowledged still counts.
+        let mut outcome = Outcome::default();
+        let sent = vec![stored(), failed(true), stored(), stored(), stored()];
+        settle_topic("orders", &rows, sent, &mut outcome);
+        assert_eq!(outcome.published, [1, 3, 5]);
+        assert!(outcome.refused.is_empty());
+        assert_eq!(outcome.unavailable.len(), 1);
+
+        // A topic name the broker never accepts refuses every row not stored.
+        let mut outcome = Outcome::default();
+        let sent = vec![
+            Sent::Failed(keel_core::Error::config("topic", "bad name")),
+            Sent::NotSent,
+            Sent::NotSent,
+            Sent::NotSent,
+            Sent::NotSent,
+        ];
+        settle_topic("orders", &rows, sent, &mut outcome);
+        assert!(outcome.published.is_empty());
+        assert_eq!(outcome.refused.len(), 5);
     }
 
     #[test]
