@@ -371,17 +371,33 @@ async fn a_consumer_deleted_from_outside_is_recreated_and_reading_goes_on() {
     // server (2.9) may fail the removal while the consumer's state is being
     // written ("unlinkat …: directory not empty", code 500); the operator
     // runs it again, and a consumer already gone counts as removed.
+    // Twice: the second time before anything was read from the consumer
+    // the member re-created, so the member must resume from where its own
+    // acks left it, not from where the group first started.
     let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
     let name = keel_producers::nats::groups::consumer_name(&group, 0);
-    for attempt in 1.. {
-        match stream.delete_consumer(&name).await {
-            Ok(_) => break,
-            Err(e) if attempt > 1 && e.to_string().contains("consumer not found") => break,
-            Err(e) if attempt < 5 && e.to_string().contains("directory not empty") => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        for attempt in 1.. {
+            match stream.delete_consumer(&name).await {
+                Ok(_) => break,
+                Err(e) if attempt > 1 && e.to_string().contains("consumer not found") => break,
+                Err(e) if attempt < 5 && e.to_string().contains("directory not empty") => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot remove the consumer: {e}"),
             }
-            Err(e) => panic!("cannot remove the consumer: {e}"),
         }
+        // The member notices and re-creates it.
+        let recreated = tokio::time::timeout(Duration::from_secs(30), async {
+            while stream.consumer_info(&name).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            recreated.is_ok(),
+            "the member never re-created its consumer"
+        );
     }
     let second: Vec<Envelope> = (5..10).map(|i| event("a", i)).collect();
     s.publisher.publish_batch(&s.topic, second).await.unwrap();

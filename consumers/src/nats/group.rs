@@ -874,9 +874,12 @@ impl Member {
             consumer::DeliverPolicy::ByStartSequence { start_sequence } => Some(start_sequence),
             _ => hint,
         };
-        if resume != hint {
+        if resume != self.recorded_resume(p) {
             // Recorded before the consumer is replaced: a crash in between
-            // leaves the next owner this position.
+            // leaves the next owner this position. So is a position the
+            // caller knew from this member's own acks (a re-open): were the
+            // new consumer deleted too before anything else was acked, the
+            // next re-open would otherwise start from the lease's older one.
             self.write_lease(p, resume).await?;
         }
         let durable = self
