@@ -12,6 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_consumers::nats::{JetStreamConsumerConfig, JetStreamGroupConsumer};
+use keel_consumers::router::dead_letter;
 use keel_core::{
     BrokerUrl, Envelope, Error, KeelConfig, Publisher, StartFrom, Subscriber, Subscription,
     TopicSpec,
@@ -770,12 +771,28 @@ pub(crate) async fn tail(
             }
             Err(Error::Undecodable(u)) => {
                 let info = u.info().clone();
-                let line = json!({
-                    "topic": info.coordinates.topic,
-                    "partition": info.coordinates.partition,
-                    "offset": info.coordinates.position,
-                    "undecodable": u.reason(),
-                });
+                let record = u.record();
+                // A `keel dlq redrive` marker in a dead-letter topic: no
+                // event, a note of which letter was sent back.
+                let line = if dead_letter::is_redrive_marker(record) {
+                    json!({
+                        "topic": info.coordinates.topic,
+                        "partition": info.coordinates.partition,
+                        "offset": info.coordinates.position,
+                        "redrive_marker": {
+                            "letter": record.header(dead_letter::headers::REDRIVEN),
+                            "id": record.header(keel_core::wire::EVENT_ID),
+                            "redriven_at": record.header(dead_letter::headers::REDRIVEN_AT),
+                        },
+                    })
+                } else {
+                    json!({
+                        "topic": info.coordinates.topic,
+                        "partition": info.coordinates.partition,
+                        "offset": info.coordinates.position,
+                        "undecodable": u.reason(),
+                    })
+                };
                 u.ack();
                 line
             }

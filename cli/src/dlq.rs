@@ -240,10 +240,14 @@ async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
     })
 }
 
+/// Reads the dead-letter topic twice: first to pick the letters (keeping
+/// only where each is and what picks it: memory stays small however large
+/// the letters are), then to send the picked ones back, each followed by
+/// its marker.
 async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let topic = dlq_topic(config, &args.filter, "dlq redrive")?;
     let filter = Filter::new(&args.filter)?;
-    let mut selected: Vec<DeadLetter> = Vec::new();
+    let mut selected: Vec<Note> = Vec::new();
     // The letters earlier redrives sent back, as `partition@position`.
     let mut sent = std::collections::HashSet::new();
     let mut total = 0;
@@ -256,7 +260,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         }
         total += 1;
         if filter.matches(&dead.record) {
-            selected.push(dead);
+            selected.push(Note::of(&dead));
         }
         true
     })
@@ -264,11 +268,10 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let (selected, superseded) = latest_per_event(selected);
     // Each event's latest letter, unless an earlier redrive sent that very
     // letter back (a newer one means the event failed again).
-    let (selected, already): (Vec<DeadLetter>, Vec<DeadLetter>) =
-        selected.into_iter().partition(|dead| {
-            args.include_redriven
-                || !sent.contains(&dead_letter::letter_at(dead.partition, dead.position))
-        });
+    let (selected, already): (Vec<Note>, Vec<Note>) = selected.into_iter().partition(|note| {
+        args.include_redriven
+            || !sent.contains(&dead_letter::letter_at(note.partition, note.position))
+    });
     if !already.is_empty() {
         eprintln!(
             "{} letters already redriven left out (events dead-lettered again since \
@@ -278,18 +281,14 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     }
     // Letters another producer wrote (no original topic): reported and
     // left where they are; the rest still go.
-    let (selected, foreign): (Vec<DeadLetter>, Vec<DeadLetter>) =
-        selected.into_iter().partition(|dead| {
-            dead.record
-                .header(headers::TOPIC)
-                .is_some_and(|t| !t.is_empty())
-        });
-    for dead in &foreign {
+    let (selected, foreign): (Vec<Note>, Vec<Note>) =
+        selected.into_iter().partition(|note| note.origin.is_some());
+    for note in &foreign {
         say!(
             "skipped {topic}/{}@{}: it has no `{}` header naming the topic it came from \
              (not a dead letter of Keel's router)",
-            dead.partition,
-            dead.position,
+            note.partition,
+            note.position,
             headers::TOPIC
         );
     }
@@ -300,24 +299,22 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         );
     }
     if args.dry_run {
-        for dead in &selected {
-            let r = &dead.record;
+        for note in &selected {
             say!(
                 "would redrive {} ({}) at {}/{}@{} to {}",
-                r.header(wire::EVENT_ID)
-                    .unwrap_or("a record without an event id"),
-                r.header(wire::EVENT_TYPE).unwrap_or("no event type"),
+                note.id.as_deref().unwrap_or("a record without an event id"),
+                note.event_type.as_deref().unwrap_or("no event type"),
                 topic,
-                dead.partition,
-                dead.position,
-                r.header(headers::TOPIC).unwrap_or("?")
+                note.partition,
+                note.position,
+                note.origin.as_deref().unwrap_or("?")
             );
         }
         eprintln!(
             "{} of {total} dead letters selected; nothing published (--dry-run)",
             selected.len()
         );
-        return skipped(&foreign);
+        return skipped(foreign.len());
     }
     let publisher = broker::publisher(config, "dlq redrive", Duration::from_secs(30)).await?;
     let progress = ProgressBar::new(selected.len() as u64).with_style(
@@ -326,66 +323,126 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let mut wanted: std::collections::HashSet<(u32, u64)> = selected
+        .iter()
+        .map(|note| (note.partition, note.position))
+        .collect();
     let mut redriven = 0;
-    for dead in selected {
-        let at = format!("{topic}/{}@{}", dead.partition, dead.position);
-        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let marker = dead_letter::redrive_marker(&dead.record, dead.partition, dead.position, &now);
-        let receipt = dead_letter::redrive(&*publisher, dead.record)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot redrive the dead letter at {at} ({redriven} redriven before it, \
-                     each recorded: running the command again skips them)"
-                )
-            })?;
-        // Recorded after the send: a crash between the two sends the event
-        // once more on the next run (at least once, never lost).
-        publisher
-            .publish_record(&topic, marker)
-            .await
-            .with_context(|| {
-                format!(
-                    "redrove the dead letter at {at}, but cannot record that in {topic}: \
-                     running the command again sends it again"
-                )
-            })?;
-        progress.suspend(|| {
-            say!(
-                "redrove {at} to {}/{}@{}",
-                receipt.topic,
-                receipt.partition,
-                receipt.position
-            );
-        });
-        progress.inc(1);
-        redriven += 1;
+    let mut failure = None;
+    if !wanted.is_empty() {
+        read_dead_letters(config, &topic, async |dead| {
+            if !wanted.remove(&(dead.partition, dead.position)) {
+                return true;
+            }
+            match send_back(&*publisher, &topic, dead, redriven).await {
+                Ok(line) => {
+                    progress.suspend(|| say!("{line}"));
+                    progress.inc(1);
+                    redriven += 1;
+                    !wanted.is_empty()
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })
+        .await?;
     }
     progress.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
     eprintln!("{redriven} of {total} dead letters redriven from {topic}");
-    skipped(&foreign)
+    if !wanted.is_empty() {
+        bail!(
+            "{} selected dead letters were gone from {topic} when they were to be sent \
+             (its retention removed them meanwhile?); they were not redriven",
+            wanted.len()
+        );
+    }
+    skipped(foreign.len())
+}
+
+/// Sends `dead` back to its topic and records that with a marker in
+/// `topic`; what to print, or why it failed (`before`: how many were sent
+/// before it).
+async fn send_back(
+    publisher: &dyn keel_core::Publisher,
+    topic: &str,
+    dead: DeadLetter,
+    before: usize,
+) -> anyhow::Result<String> {
+    let at = format!("{topic}/{}@{}", dead.partition, dead.position);
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let marker = dead_letter::redrive_marker(&dead.record, dead.partition, dead.position, &now);
+    let receipt = dead_letter::redrive(publisher, dead.record)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot redrive the dead letter at {at} ({before} redriven before it, \
+                 each recorded: running the command again skips them)"
+            )
+        })?;
+    // Recorded after the send: a crash between the two sends the event
+    // once more on the next run (at least once, never lost).
+    publisher
+        .publish_record(topic, marker)
+        .await
+        .with_context(|| {
+            format!(
+                "redrove the dead letter at {at}, but cannot record that in {topic}: \
+                 running the command again sends it again"
+            )
+        })?;
+    Ok(format!(
+        "redrove {at} to {}/{}@{}",
+        receipt.topic, receipt.partition, receipt.position
+    ))
 }
 
 /// The command's outcome when `foreign` letters were skipped: a failure
 /// naming how many, so scripts notice.
-fn skipped(foreign: &[DeadLetter]) -> anyhow::Result<()> {
-    if foreign.is_empty() {
+fn skipped(foreign: usize) -> anyhow::Result<()> {
+    if foreign == 0 {
         return Ok(());
     }
     bail!(
-        "{} selected dead letters were skipped (listed above): they do not name the topic \
+        "{foreign} selected dead letters were skipped (listed above): they do not name the topic \
          they came from; publish them yourself (`keel dlq list` shows them) or leave them out \
-         with --type, --key, --since or --until",
-        foreign.len()
+         with --type, --key, --since or --until"
     )
 }
 
-/// When `dead` was dead-lettered, if it says.
-fn letter_time(dead: &DeadLetter) -> Option<DateTime<Utc>> {
-    dead.record
-        .header(headers::AT)
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc))
+/// What a redrive keeps of a letter between its two reads.
+struct Note {
+    partition: u32,
+    position: u64,
+    /// The event id.
+    id: Option<String>,
+    event_type: Option<String>,
+    /// The topic it came from (none when the header is missing or empty).
+    origin: Option<String>,
+    /// When it was dead-lettered, if it says.
+    at: Option<DateTime<Utc>>,
+}
+
+impl Note {
+    fn of(dead: &DeadLetter) -> Note {
+        let header = |name: &str| dead.record.header(name).map(str::to_owned);
+        Note {
+            partition: dead.partition,
+            position: dead.position,
+            id: header(wire::EVENT_ID),
+            event_type: header(wire::EVENT_TYPE),
+            origin: header(headers::TOPIC).filter(|t| !t.is_empty()),
+            at: dead
+                .record
+                .header(headers::AT)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+        }
+    }
 }
 
 /// `letters` with only the latest dead letter of each event id (an event
@@ -393,19 +450,19 @@ fn letter_time(dead: &DeadLetter) -> Option<DateTime<Utc>> {
 /// deliver it once per copy, and every copy that fails again adds one
 /// more), in read order, and how many were left out. The latest is the one
 /// dead-lettered last (by its `keel-dlq-at`), later in the log on a tie.
-fn latest_per_event(letters: Vec<DeadLetter>) -> (Vec<DeadLetter>, usize) {
+fn latest_per_event(letters: Vec<Note>) -> (Vec<Note>, usize) {
     // A letter without a time ranks below one with it (`None < Some`).
-    let rank = |dead: &DeadLetter| (letter_time(dead), dead.position);
+    let rank = |note: &Note| (note.at, note.position);
     let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
     let mut superseded = std::collections::HashSet::new();
-    for (i, dead) in letters.iter().enumerate() {
-        let Some(id) = dead.record.header(wire::EVENT_ID) else {
+    for (i, note) in letters.iter().enumerate() {
+        let Some(id) = note.id.as_deref() else {
             continue;
         };
-        let origin = dead.record.header(headers::TOPIC).unwrap_or_default();
+        let origin = note.origin.as_deref().unwrap_or_default();
         let slot = latest.entry((origin, id)).or_insert(i);
         if *slot != i {
-            let older = if rank(dead) >= rank(&letters[*slot]) {
+            let older = if rank(note) >= rank(&letters[*slot]) {
                 std::mem::replace(slot, i)
             } else {
                 i
@@ -413,11 +470,11 @@ fn latest_per_event(letters: Vec<DeadLetter>) -> (Vec<DeadLetter>, usize) {
             superseded.insert(older);
         }
     }
-    let kept: Vec<DeadLetter> = letters
+    let kept: Vec<Note> = letters
         .into_iter()
         .enumerate()
         .filter(|(i, _)| !superseded.contains(i))
-        .map(|(_, dead)| dead)
+        .map(|(_, note)| note)
         .collect();
     (kept, superseded.len())
 }

@@ -1044,4 +1044,38 @@ fn dlq_commands(
             "{e}"
         );
     }
+    // The dead-letter topic as `keel tail` shows it: five letters, the
+    // newer one and three markers, each marker naming the letter it
+    // covers (not shown as an undecodable record, as the poison letter is).
+    let dlq_tailed = run(&[
+        "tail", "--topic", &dlq, "--from", "earliest", "--count", "9",
+    ]);
+    let lines: Vec<serde_json::Value> = dlq_tailed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 9, "{dlq_tailed}");
+    let markers: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.get("redrive_marker"))
+        .collect();
+    assert_eq!(markers.len(), 3, "{dlq_tailed}");
+    for marker in markers {
+        assert!(
+            marker["letter"].as_str().is_some_and(|l| l.contains('@')),
+            "{marker}"
+        );
+        assert!(
+            ids.contains(&marker["id"].as_str().unwrap_or_default().to_owned()),
+            "{marker}"
+        );
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["undecodable"].is_string())
+            .count(),
+        1,
+        "only the poison letter: {dlq_tailed}"
+    );
 }
