@@ -456,3 +456,42 @@ async fn records_are_stored_as_given_and_uncarriable_headers_refused_by_name() {
         assert!(err.to_string().contains(name), "{err}");
     }
 }
+
+/// A stream deleted under a publisher that knows its shape: every event of
+/// a batch fails as the topic's problem (retriable: the outbox relay backs
+/// off and keeps its rows instead of counting an attempt against each),
+/// and once the stream is back the same publisher stores again.
+#[tokio::test]
+async fn a_stream_deleted_under_a_publisher_is_a_retriable_topic_error() {
+    let s = setup(1, StreamSettings::default()).await;
+    s.publisher.publish(&s.topic, event("k", 0)).await.unwrap();
+    s.admin.delete_topic(&s.topic).await.unwrap();
+    let outcomes = s
+        .publisher
+        .publish_each(&s.topic, (1..4).map(|i| event("k", i)).collect())
+        .await;
+    assert_eq!(outcomes.len(), 3);
+    for outcome in &outcomes {
+        match outcome {
+            keel_core::Sent::Failed(e @ keel_core::Error::Topic { .. }) => {
+                assert!(e.is_retriable(), "{e}")
+            }
+            keel_core::Sent::NotSent => {}
+            other => panic!("expected the topic's retriable error: {other:?}"),
+        }
+    }
+    assert!(matches!(outcomes[0], keel_core::Sent::Failed(_)));
+    s.admin
+        .ensure_stream(
+            &TopicSpec {
+                name: s.topic.clone(),
+                partitions: 1,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+    let receipt = s.publisher.publish(&s.topic, event("k", 4)).await.unwrap();
+    assert_eq!(receipt.position, 1, "stored in the new stream");
+    s.admin.delete_topic(&s.topic).await.unwrap();
+}

@@ -153,6 +153,18 @@ impl std::fmt::Debug for JetStreamPublisher {
 }
 
 /// `id`: the event id (or what stands for it) that the error names.
+/// A publish that found no stream for `topic` (deleted, or without a
+/// leader for now): retriable, as when the stream is looked up.
+fn stream_missing(topic: &str, e: &(dyn std::fmt::Display + Sync)) -> Error {
+    topic_error(
+        topic,
+        format!(
+            "no stream answered (create it with `keel topics create`, or wait for its leader): {e}"
+        ),
+        true,
+    )
+}
+
 fn publish_error(
     topic: &str,
     id: &(dyn std::fmt::Display + Sync),
@@ -349,11 +361,17 @@ impl JetStreamPublisher {
                 ),
                 true,
             )),
+            // No stream answered (deleted, or without a leader for now):
+            // the topic's problem, not this event's; the shape is read
+            // again on the next publish.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                self.forget_shape(topic);
+                Err(stream_missing(topic, &e))
+            }
             Err(e) => {
                 let retriable = !matches!(
                     e.kind(),
-                    PublishErrorKind::StreamNotFound
-                        | PublishErrorKind::WrongLastSequence
+                    PublishErrorKind::WrongLastSequence
                         | PublishErrorKind::WrongLastMessageId
                         | PublishErrorKind::MaxPayloadExceeded
                 );
@@ -376,11 +394,9 @@ impl JetStreamPublisher {
     ) -> Error {
         if kind == PublishErrorKind::StreamNotFound {
             self.forget_shape(topic);
+            return stream_missing(topic, e);
         }
-        let retriable = !matches!(
-            kind,
-            PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded
-        );
+        let retriable = kind != PublishErrorKind::MaxPayloadExceeded;
         publish_error(topic, id, format!("cannot send: {e}"), retriable)
     }
 
@@ -422,9 +438,10 @@ impl JetStreamPublisher {
     /// Sends the first `count` of `events` (checked by the caller), at
     /// most `max_outstanding_acks` awaiting their acknowledgement, and
     /// hands each acknowledgement to `acked` with the event's place, in
-    /// input order. Sending stops once an event fails (its acknowledgement
-    /// or its send): a failed send comes back, with its place, after every
-    /// event sent before it was acknowledged or not.
+    /// input order. Sending stops once a failure is seen (a send that
+    /// fails, or a failed acknowledgement awaited while the window was
+    /// full): a failed send comes back, with its place, after every event
+    /// sent before it was acknowledged or not.
     async fn send_batch(
         &self,
         topic: &str,
