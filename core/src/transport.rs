@@ -80,13 +80,14 @@ pub trait Publisher: Send + Sync {
     /// whole batch: a caller that retries (the outbox relay) re-sends only
     /// what the broker does not have.
     ///
-    /// The batch stops at the first event that cannot be sent: it is
-    /// [`Sent::Failed`] and every later event [`Sent::NotSent`]. Events
-    /// already on their way are awaited and reported as they come back, so
-    /// an event may be [`Sent::Stored`] after a failed earlier event of its
-    /// key (its acknowledgement failed while the later one's did not): a
-    /// caller keeping per-key order treats such an event as not yet
-    /// published.
+    /// Sending stops once a failure is seen: an event that cannot be sent
+    /// is [`Sent::Failed`] and every later one [`Sent::NotSent`]. Events
+    /// already on their way (with pipelining, possibly the whole batch) are
+    /// awaited and reported as they come back, so an event may be
+    /// [`Sent::Stored`] after a failed earlier event of its key (its
+    /// acknowledgement failed while the later one's did not): a caller
+    /// keeping per-key order treats such an event as not yet published.
+    /// The result has exactly one outcome per event.
     ///
     /// The default publishes one event at a time.
     async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {

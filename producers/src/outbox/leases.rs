@@ -206,17 +206,25 @@ impl SlotLeases {
         // Trust is counted from before the statement that sets the
         // leases' expiry (by the database's clock, after this instant).
         let sent = Instant::now();
+        // Only under this relay's slot count, checked in the same
+        // statement: a relay with another count that re-split the outbox
+        // since the check above (possible once this one's heartbeat went
+        // stale) leaves this one nothing, so the two never publish one key.
+        // (The re-split holds the table's lock until it commits; this
+        // statement waits for it and then sees the new rows.)
         let held: Vec<i32> = sqlx::query_scalar(&format!(
             "UPDATE {leases} SET owner = $2, \
              expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
              epoch = CASE WHEN owner IS DISTINCT FROM $2 THEN epoch + 1 ELSE epoch END \
              WHERE slot = ANY($1) \
              AND (owner = $2 OR owner IS NULL OR expires_at < clock_timestamp()) \
+             AND (SELECT count(*) FROM {leases}) = $4 \
              RETURNING slot"
         ))
         .bind(&want)
         .bind(&self.relay_id)
         .bind(session_ms)
+        .bind(i64::from(self.slots))
         .fetch_all(pool)
         .await?;
         self.owned = held.into_iter().map(|s| s as u32).collect();

@@ -26,7 +26,7 @@
 //! with jitter. The broker's answer is taken per row
 //! ([`Publisher::publish_each`]): the rows it acknowledged are marked even
 //! when others of the batch failed, so a failure re-sends only what it does
-//! not have. A row the broker rejects for
+//! not have (a batch past `publish_timeout` as a whole goes again whole). A row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
 //! error after `max_attempts`, and the relay goes on with other keys: the
 //! parked row's key stays blocked (its later rows wait) until an operator
@@ -602,10 +602,13 @@ impl OutboxRelay {
         }
         if !topics.is_empty() {
             let published: HashSet<i64> = total.published.iter().copied().collect();
+            // A topic some of whose rows went out while others found it
+            // unavailable (a stream at its limits) keeps its back-off.
             let recovered: HashSet<&str> = claimed
                 .iter()
                 .filter(|row| published.contains(&row.id))
                 .map(|row| row.topic.as_str())
+                .filter(|topic| !total.unavailable.iter().any(|(t, _)| t == topic))
                 .collect();
             for topic in recovered {
                 topics.succeeded(topic);
@@ -853,10 +856,33 @@ fn settle_topic(topic: &str, rows: &[&Claimed], sent: Vec<Sent>, outcome: &mut O
     // A topic name the broker does not accept: nothing under it can ever
     // be published, so every row of it is refused.
     let mut topic_refused = None;
+    if sent.len() != rows.len() {
+        // A publisher that broke `publish_each`'s contract: nothing of it
+        // is trusted; the topic backs off and its rows go again.
+        outcome.unavailable.push((
+            topic.to_owned(),
+            OutboxError::Event(keel_core::Error::Publish {
+                topic: topic.to_owned(),
+                event_id: "batch".into(),
+                reason: format!(
+                    "the publisher reported {} outcomes for {} events",
+                    sent.len(),
+                    rows.len()
+                ),
+                retriable: true,
+                source: None,
+            }),
+        ));
+        return;
+    }
     for (row, sent) in rows.iter().zip(sent) {
         match sent {
             Sent::Stored(_) if !held.contains(row.key()) => outcome.published.push(row.id),
-            Sent::Stored(_) | Sent::NotSent => {}
+            Sent::Stored(_) => {}
+            // Not sent: the key's later rows, should any be stored, wait.
+            Sent::NotSent => {
+                held.insert(row.key());
+            }
             Sent::Failed(e) => {
                 held.insert(row.key());
                 match e {
@@ -1083,6 +1109,18 @@ mod tests {
         settle_topic("orders", &rows, sent, &mut outcome);
         assert!(outcome.published.is_empty());
         assert_eq!(outcome.refused.len(), 5);
+
+        // A key's row stored after one of its rows was not sent waits too.
+        let mut outcome = Outcome::default();
+        let sent = vec![stored(), Sent::NotSent, stored(), stored(), stored()];
+        settle_topic("orders", &rows, sent, &mut outcome);
+        assert_eq!(outcome.published, [1, 3, 5]);
+
+        // Fewer outcomes than rows: nothing is trusted, the topic waits.
+        let mut outcome = Outcome::default();
+        settle_topic("orders", &rows, vec![stored(), stored()], &mut outcome);
+        assert!(outcome.published.is_empty() && outcome.refused.is_empty());
+        assert_eq!(outcome.unavailable.len(), 1);
     }
 
     #[test]
