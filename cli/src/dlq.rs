@@ -323,16 +323,32 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut wanted: std::collections::HashSet<(u32, u64)> = selected
-        .iter()
-        .map(|note| (note.partition, note.position))
+    // What the first read selected, by place, with what identifies it.
+    let mut wanted: HashMap<(u32, u64), Note> = selected
+        .into_iter()
+        .map(|note| ((note.partition, note.position), note))
         .collect();
     let mut redriven = 0;
+    let mut changed = 0;
     let mut failure = None;
     if !wanted.is_empty() {
-        read_dead_letters(config, &topic, async |dead| {
-            if !wanted.remove(&(dead.partition, dead.position)) {
+        let read = read_dead_letters(config, &topic, async |dead| {
+            let Some(note) = wanted.remove(&(dead.partition, dead.position)) else {
                 return true;
+            };
+            // Another record at that place (the topic was re-created
+            // between the reads): not what was selected, not sent.
+            let now = Note::of(&dead);
+            if (now.id, now.origin) != (note.id, note.origin) {
+                progress.suspend(|| {
+                    say!(
+                        "skipped {topic}/{}@{}: another record is there than the first read found",
+                        dead.partition,
+                        dead.position
+                    )
+                });
+                changed += 1;
+                return !wanted.is_empty();
             }
             match send_back(&*publisher, &topic, dead, redriven).await {
                 Ok(line) => {
@@ -347,18 +363,27 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
                 }
             }
         })
-        .await?;
+        .await;
+        if let Err(e) = read {
+            progress.finish_and_clear();
+            return Err(e.context(format!(
+                "cannot read {topic} again to send the selected letters ({redriven} redriven \
+                 before this, each recorded: running the command again skips them)"
+            )));
+        }
     }
     progress.finish_and_clear();
     if let Some(e) = failure {
         return Err(e);
     }
     eprintln!("{redriven} of {total} dead letters redriven from {topic}");
-    if !wanted.is_empty() {
+    let missing = wanted.len() + changed;
+    if missing > 0 {
         bail!(
-            "{} selected dead letters were gone from {topic} when they were to be sent \
-             (its retention removed them meanwhile?); they were not redriven",
-            wanted.len()
+            "{missing} selected dead letters were no longer in {topic} as first read when they \
+             were to be sent (removed by its retention, or the topic re-created, meanwhile); \
+             they were not redriven: `keel dlq list` shows what it holds now, and running the \
+             command again sends what is still there"
         );
     }
     skipped(foreign.len())
