@@ -44,6 +44,19 @@ fn start_relay(pool: &sqlx::PgPool, publisher: Arc<dyn Publisher>, relay_id: &st
     )
 }
 
+/// Enqueues `events` to `topic` in one committed transaction.
+async fn enqueue_committed(
+    pool: &sqlx::PgPool,
+    outbox: &keel_producers::outbox::Outbox,
+    topic: &str,
+    events: &[&Envelope],
+) {
+    let rows: Vec<(&str, &Envelope)> = events.iter().map(|e| (topic, *e)).collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue_batch(&mut tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
 async fn wait_for(
     stats: &mut watch::Receiver<RelayStats>,
     what: &str,
@@ -258,21 +271,13 @@ async fn rows_acknowledged_beside_a_refused_row_are_published_once() {
     let huge = Envelope::new("t", "k", vec![b'x'; 50_000]);
     let third = Envelope::new("t", "c", "third");
     let after = Envelope::new("t", "k", "after");
-    let mut tx = db.pool().begin().await.unwrap();
-    outbox
-        .enqueue_batch(
-            &mut tx,
-            &[
-                (&topic, &first),
-                (&topic, &second),
-                (&topic, &huge),
-                (&topic, &third),
-                (&topic, &after),
-            ],
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_committed(
+        db.pool(),
+        &outbox,
+        &topic,
+        &[&first, &second, &huge, &third, &after],
+    )
+    .await;
 
     let RunningRelay {
         stop,
@@ -406,20 +411,13 @@ async fn a_row_the_broker_refuses_is_parked_and_holds_its_key_until_discarded() 
     let huge = Envelope::new("t", "k", vec![b'x'; 10_000]);
     let after = Envelope::new("t", "k", "after");
     let other = Envelope::new("t", "other-key", "other");
-    let mut tx = db.pool().begin().await.unwrap();
-    outbox
-        .enqueue_batch(
-            &mut tx,
-            &[
-                (&topic, &before),
-                (&topic, &huge),
-                (&topic, &after),
-                (&topic, &other),
-            ],
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_committed(
+        db.pool(),
+        &outbox,
+        &topic,
+        &[&before, &huge, &after, &other],
+    )
+    .await;
 
     let RunningRelay {
         stop,
