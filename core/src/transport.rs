@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 use crate::delivery::{Deliveries, RawRecord};
 use crate::envelope::Envelope;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The broker's acknowledgement of one stored event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +39,17 @@ pub struct Receipt {
     pub duplicate: bool,
 }
 
+/// The outcome of an event [`Publisher::publish_each`] could not see
+/// acknowledged `within` its bound: retriable, and it may be stored.
+pub fn past_deadline(topic: &str, within: Duration) -> Error {
+    Error::Timeout {
+        operation: format!(
+            "publishing to `{topic}` (no acknowledgement in time; the event may still be stored)"
+        ),
+        after: within,
+    }
+}
+
 /// One event's outcome in [`Publisher::publish_each`].
 #[derive(Debug)]
 pub enum Sent {
@@ -47,7 +58,7 @@ pub enum Sent {
     /// Not acknowledged: the error says why and whether trying again may
     /// succeed. A lost acknowledgement (a timeout) may hide a stored event:
     /// publishing it again is at least once, as for a failed batch.
-    Failed(crate::error::Error),
+    Failed(Error),
     /// Not sent: the batch stopped at an earlier event's failure.
     NotSent,
 }
@@ -89,15 +100,31 @@ pub trait Publisher: Send + Sync {
     /// keeping per-key order treats such an event as not yet published.
     /// The result has exactly one outcome per event.
     ///
+    /// `within` bounds the call: an event not acknowledged by then is
+    /// [`Sent::Failed`] with a retriable [`Error::Timeout`] (it may still be
+    /// stored) and one not sent by then [`Sent::NotSent`], while what the
+    /// broker acknowledged before is [`Sent::Stored`]. A caller with a
+    /// deadline of its own (the relay's leases) keeps what the broker has.
+    ///
     /// The default publishes one event at a time.
-    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+    async fn publish_each(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        within: Duration,
+    ) -> Vec<Sent> {
+        let deadline = tokio::time::Instant::now() + within;
         let mut outcomes = Vec::with_capacity(events.len());
         let total = events.len();
         for event in events {
-            match self.publish(topic, event).await {
-                Ok(receipt) => outcomes.push(Sent::Stored(receipt)),
-                Err(e) => {
+            match tokio::time::timeout_at(deadline, self.publish(topic, event)).await {
+                Ok(Ok(receipt)) => outcomes.push(Sent::Stored(receipt)),
+                Ok(Err(e)) => {
                     outcomes.push(Sent::Failed(e));
+                    break;
+                }
+                Err(_) => {
+                    outcomes.push(Sent::Failed(past_deadline(topic, within)));
                     break;
                 }
             }
@@ -222,4 +249,53 @@ pub trait Transport: Publisher + Subscriber + TopicAdmin {
     fn name(&self) -> &'static str;
     /// The features this transport claims.
     fn capabilities(&self) -> Capabilities;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stores at once, except an event keyed `slow`, which never returns.
+    struct Slow;
+
+    #[async_trait]
+    impl Publisher for Slow {
+        async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
+            if event.key().as_bytes() == b"slow" {
+                std::future::pending::<()>().await;
+            }
+            Ok(Receipt {
+                topic: topic.into(),
+                partition: 0,
+                position: 0,
+                duplicate: false,
+            })
+        }
+
+        async fn publish_record(&self, _: &str, _: RawRecord) -> Result<Receipt> {
+            Err(Error::closed("records"))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publish_each_reports_every_event_within_its_bound() {
+        let events = ["a", "b", "slow", "c"]
+            .map(|k| Envelope::new("t", k, "x"))
+            .to_vec();
+        let outcomes = Slow
+            .publish_each("orders", events, Duration::from_secs(1))
+            .await;
+        assert!(
+            matches!(
+                outcomes[..],
+                [
+                    Sent::Stored(_),
+                    Sent::Stored(_),
+                    Sent::Failed(Error::Timeout { .. }),
+                    Sent::NotSent
+                ]
+            ),
+            "{outcomes:?}"
+        );
+    }
 }

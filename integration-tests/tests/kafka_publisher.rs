@@ -210,3 +210,52 @@ fn settings_that_break_guarantees_are_refused_at_start_up() {
     let err = KafkaPublisher::new(config).unwrap_err().to_string();
     assert!(err.contains("enable.idempotence"), "{err}");
 }
+
+/// `publish_each` keeps to its bound even when the broker never answers
+/// (the producer's own acknowledgement timeout is 30 s): every event comes
+/// back failed as retriable or not sent, one outcome each. And against the
+/// live broker the same call stores what it reports as stored.
+#[tokio::test]
+async fn publish_each_answers_within_its_bound() {
+    // Nothing listens on port 9 here (discard): connections are refused.
+    let nowhere = KafkaPublisher::new(KafkaPublisherConfig {
+        client: KafkaClientConfig::new(["127.0.0.1:9"]),
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    let events: Vec<Envelope> = (0..20)
+        .map(|i| Envelope::new("t", format!("k{i}"), "x"))
+        .collect();
+    let started = std::time::Instant::now();
+    let outcomes = nowhere
+        .publish_each("nowhere", events.clone(), Duration::from_millis(500))
+        .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(outcomes.len(), events.len());
+    for outcome in &outcomes {
+        match outcome {
+            keel_core::Sent::Failed(e) => assert!(e.is_retriable(), "{e}"),
+            keel_core::Sent::NotSent => {}
+            keel_core::Sent::Stored(r) => panic!("stored nowhere: {r:?}"),
+        }
+    }
+
+    let (_, admin, publisher) = clients().await;
+    let topic = unique_name("each");
+    admin
+        .ensure_topic(&TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let outcomes = publisher
+        .publish_each(&topic, events, Duration::from_secs(20))
+        .await;
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, keel_core::Sent::Stored(_)))
+        .count();
+    assert_eq!(stored, 20, "{outcomes:?}");
+}

@@ -468,7 +468,11 @@ async fn a_stream_deleted_under_a_publisher_is_a_retriable_topic_error() {
     s.admin.delete_topic(&s.topic).await.unwrap();
     let outcomes = s
         .publisher
-        .publish_each(&s.topic, (1..4).map(|i| event("k", i)).collect())
+        .publish_each(
+            &s.topic,
+            (1..4).map(|i| event("k", i)).collect(),
+            Duration::from_secs(5),
+        )
         .await;
     assert_eq!(outcomes.len(), 3);
     for outcome in &outcomes {

@@ -225,8 +225,13 @@ impl Publisher for Counting {
         self.inner.publish_batch(topic, events).await
     }
 
-    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<keel_core::Sent> {
-        let outcomes = self.inner.publish_each(topic, events.clone()).await;
+    async fn publish_each(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        within: Duration,
+    ) -> Vec<keel_core::Sent> {
+        let outcomes = self.inner.publish_each(topic, events.clone(), within).await;
         self.count(&events, Some(&outcomes));
         outcomes
     }

@@ -57,3 +57,18 @@ pub(crate) fn batch_failure(
         },
     }
 }
+
+/// `step`, or the [`keel_core::transport::past_deadline`] error of `topic`
+/// when `limit` (the instant, and the bound it came from) passes first.
+pub(crate) async fn bounded<T>(
+    topic: &str,
+    limit: Option<(tokio::time::Instant, std::time::Duration)>,
+    step: impl std::future::Future<Output = keel_core::Result<T>>,
+) -> keel_core::Result<T> {
+    match limit {
+        Some((at, within)) => tokio::time::timeout_at(at, step)
+            .await
+            .unwrap_or_else(|_| Err(keel_core::transport::past_deadline(topic, within))),
+        None => step.await,
+    }
+}

@@ -65,8 +65,13 @@ impl Publisher for NatsTransport {
         self.publisher.publish_batch(topic, events).await
     }
 
-    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
-        self.publisher.publish_each(topic, events).await
+    async fn publish_each(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        within: std::time::Duration,
+    ) -> Vec<Sent> {
+        self.publisher.publish_each(topic, events, within).await
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {

@@ -208,12 +208,17 @@ impl KafkaPublisher {
     /// `acked`, in input order. Sending stops at the first event that
     /// cannot be enqueued: it comes back (its place in the batch, its id,
     /// the error) once every event sent before it was acknowledged or not.
+    /// With `within`, what is not enqueued or acknowledged by then fails
+    /// as [`keel_core::transport::past_deadline`]
+    /// (what was acknowledged before still counts).
     async fn send_batch(
         &self,
         topic: &str,
         events: Vec<Envelope>,
+        within: Option<Duration>,
         mut acked: impl FnMut(Result<Receipt>),
     ) -> Option<(usize, EventId, Error)> {
+        let limit = within.map(|w| (tokio::time::Instant::now() + w, w));
         let mut pending = Vec::with_capacity(events.len());
         // One producer for the whole batch: not a lock and a clone per event.
         let current = self.producer();
@@ -221,7 +226,7 @@ impl KafkaPublisher {
         // Each envelope is dropped once librdkafka has its copy: freed
         // while the batch goes out rather than a thousand at the end.
         for (i, event) in events.into_iter().enumerate() {
-            match self.enqueue(&current, topic, &event).await {
+            match crate::bounded(topic, limit, self.enqueue(&current, topic, &event)).await {
                 Ok(future) => pending.push((event.id(), future)),
                 Err(e) => {
                     stopped = Some((i, event.id(), e));
@@ -236,7 +241,8 @@ impl KafkaPublisher {
         // join of a thousand futures would allocate, wake and re-order for
         // each of them.
         for (id, future) in pending {
-            acked(self.acknowledged(&shared, What::Event(id), future).await);
+            let ack = self.acknowledged(&shared, What::Event(id), future);
+            acked(crate::bounded(topic, limit, ack).await);
         }
         stopped
     }
@@ -391,7 +397,7 @@ impl Publisher for KafkaPublisher {
         // none is left unobserved.
         let mut failed = None;
         let stopped = self
-            .send_batch(topic, events, |acked| match acked {
+            .send_batch(topic, events, None, |acked| match acked {
                 Ok(receipt) => receipts.push(receipt),
                 Err(e) => {
                     failed.get_or_insert(e);
@@ -414,11 +420,16 @@ impl Publisher for KafkaPublisher {
         }
     }
 
-    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+    async fn publish_each(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        within: Duration,
+    ) -> Vec<Sent> {
         let total = events.len();
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
-            .send_batch(topic, events, |acked| {
+            .send_batch(topic, events, Some(within), |acked| {
                 outcomes.push(match acked {
                     Ok(receipt) => Sent::Stored(receipt),
                     Err(e) => Sent::Failed(e),

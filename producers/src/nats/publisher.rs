@@ -441,22 +441,33 @@ impl JetStreamPublisher {
     /// input order. Sending stops once a failure is seen (a send that
     /// fails, or a failed acknowledgement awaited while the window was
     /// full): a failed send comes back, with its place, after every event
-    /// sent before it was acknowledged or not.
+    /// sent before it was acknowledged or not. With `within`, what is not
+    /// sent or acknowledged by then fails as
+    /// [`keel_core::transport::past_deadline`].
     async fn send_batch(
         &self,
         topic: &str,
         shape: &StreamShape,
         events: &[Envelope],
         count: usize,
+        within: Option<Duration>,
         mut acked: impl FnMut(usize, Result<Receipt>),
     ) -> Option<(usize, Error)> {
+        let limit = within.map(|w| (tokio::time::Instant::now() + w, w));
         let window = self.config.max_outstanding_acks;
         let mut outstanding = FuturesOrdered::new();
         let mut failed = false;
         // One topic name shared by the batch's receipts.
         let shared: Arc<str> = topic.into();
-        let mut settle = |(i, partition, ack): (usize, u32, _), failed: &mut bool| {
-            let receipt = self.receipt(&shared, &events[i].id(), partition, ack);
+        let mut settle = |(i, partition, ack): (usize, u32, Option<_>), failed: &mut bool| {
+            // No acknowledgement only when `within` passed first.
+            let receipt = match ack {
+                Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
+                None => Err(keel_core::transport::past_deadline(
+                    topic,
+                    within.unwrap_or_default(),
+                )),
+            };
             *failed |= receipt.is_err();
             acked(i, receipt);
         };
@@ -473,13 +484,19 @@ impl JetStreamPublisher {
                 break;
             }
             let sent = match self.prepare(topic, shape, event) {
-                Ok(prepared) => self.send(topic, &event.id(), prepared).await,
+                Ok(prepared) => {
+                    crate::bounded(topic, limit, self.send(topic, &event.id(), prepared)).await
+                }
                 Err(e) => Err(e),
             };
             match sent {
-                Ok((partition, ack)) => {
-                    outstanding.push_back(async move { (i, partition, ack.await) })
-                }
+                Ok((partition, ack)) => outstanding.push_back(async move {
+                    let ack = match limit {
+                        Some((at, _)) => tokio::time::timeout_at(at, ack).await.ok(),
+                        None => Some(ack.await),
+                    };
+                    (i, partition, ack)
+                }),
                 Err(e) => {
                     stopped = Some((i, e));
                     break;
@@ -537,6 +554,7 @@ impl Publisher for JetStreamPublisher {
                 &shape,
                 &events,
                 events.len(),
+                None,
                 |i, acked| match acked {
                     Ok(r) => receipts.push(r),
                     Err(e) => {
@@ -570,7 +588,12 @@ impl Publisher for JetStreamPublisher {
         }
     }
 
-    async fn publish_each(&self, topic: &str, events: Vec<Envelope>) -> Vec<Sent> {
+    async fn publish_each(
+        &self,
+        topic: &str,
+        events: Vec<Envelope>,
+        within: Duration,
+    ) -> Vec<Sent> {
         let total = events.len();
         let shape = match self.shape(topic).await {
             Ok(shape) => shape,
@@ -594,12 +617,19 @@ impl Publisher for JetStreamPublisher {
             .unwrap_or(total);
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
-            .send_batch(topic, &shape, &events, sendable, |_, acked| {
-                outcomes.push(match acked {
-                    Ok(receipt) => Sent::Stored(receipt),
-                    Err(e) => Sent::Failed(e),
-                })
-            })
+            .send_batch(
+                topic,
+                &shape,
+                &events,
+                sendable,
+                Some(within),
+                |_, acked| {
+                    outcomes.push(match acked {
+                        Ok(receipt) => Sent::Stored(receipt),
+                        Err(e) => Sent::Failed(e),
+                    })
+                },
+            )
             .await;
         match (stopped, refused) {
             (Some((_, e)), _) => outcomes.push(Sent::Failed(e)),

@@ -25,8 +25,8 @@
 //! broker that refuses or times out makes the relay back off exponentially
 //! with jitter. The broker's answer is taken per row
 //! ([`Publisher::publish_each`]): the rows it acknowledged are marked even
-//! when others of the batch failed, so a failure re-sends only what it does
-//! not have (a batch past `publish_timeout` as a whole goes again whole). A row the broker rejects for
+//! when others of the batch failed or timed out, so a failure re-sends only
+//! what it does not have. A row the broker rejects for
 //! itself (too large, refused) counts an attempt and is parked with its
 //! error after `max_attempts`, and the relay goes on with other keys: the
 //! parked row's key stays blocked (its later rows wait) until an operator
@@ -821,7 +821,11 @@ async fn publish(publisher: &dyn Publisher, rows: &[&Claimed], deadline: Duratio
         let sent = if events.is_empty() {
             Ok(Vec::new())
         } else {
-            tokio::time::timeout(deadline, publisher.publish_each(topic, events)).await
+            // The publisher's own bound a little inside the relay's, so
+            // what the broker acknowledged comes back before the deadline
+            // (the outer timeout remains for a publisher that ignores it).
+            let within = deadline.saturating_sub((deadline / 10).min(Duration::from_millis(100)));
+            tokio::time::timeout(deadline, publisher.publish_each(topic, events, within)).await
         };
         (*topic, sent_rows, broken, sent)
     });
