@@ -282,9 +282,13 @@ mod tests {
         let events = ["a", "b", "slow", "c"]
             .map(|k| Envelope::new("t", k, "x"))
             .to_vec();
-        let outcomes = Slow
-            .publish_each("orders", events, Duration::from_secs(1))
-            .await;
+        // Paused clock: a bound ignored fails here at once, not by hanging.
+        let outcomes = tokio::time::timeout(
+            Duration::from_secs(5),
+            Slow.publish_each("orders", events, Duration::from_secs(1)),
+        )
+        .await
+        .expect("publish_each kept to its bound");
         assert!(
             matches!(
                 outcomes[..],

@@ -499,3 +499,54 @@ async fn a_stream_deleted_under_a_publisher_is_a_retriable_topic_error() {
     assert_eq!(receipt.position, 1, "stored in the new stream");
     s.admin.delete_topic(&s.topic).await.unwrap();
 }
+
+/// `publish_each` keeps to its bound when the server goes away mid-way:
+/// the events stored before are reported stored, the rest come back
+/// failed as retriable or not sent, one outcome each, in about the bound
+/// (the publisher's own acknowledgement timeout is 5 s per event).
+#[tokio::test]
+async fn publish_each_answers_within_its_bound() {
+    let mut server = keel_integration_tests::NatsUnderTest::start("", "nats");
+    let client = NatsClientConfig::new(&server.url);
+    let admin = JetStreamAdmin::new(client.jetstream().await.unwrap());
+    let topic = unique_name("each");
+    admin
+        .ensure_stream(
+            &TopicSpec {
+                name: topic.clone(),
+                partitions: 1,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+    let publisher = JetStreamPublisher::connect(JetStreamPublisherConfig::new(client))
+        .await
+        .unwrap();
+    let before = publisher
+        .publish_each(&topic, vec![event("k", 0)], Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(before[..], [keel_core::Sent::Stored(_)]),
+        "{before:?}"
+    );
+    server.kill();
+    let started = std::time::Instant::now();
+    let outcomes = publisher
+        .publish_each(
+            &topic,
+            (1..21).map(|i| event("k", i)).collect(),
+            Duration::from_millis(500),
+        )
+        .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert_eq!(outcomes.len(), 20);
+    for outcome in &outcomes {
+        match outcome {
+            keel_core::Sent::Failed(e) => assert!(e.is_retriable(), "{e}"),
+            keel_core::Sent::NotSent => {}
+            keel_core::Sent::Stored(r) => panic!("stored with the server down: {r:?}"),
+        }
+    }
+}

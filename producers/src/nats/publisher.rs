@@ -441,8 +441,9 @@ impl JetStreamPublisher {
     /// input order. Sending stops once a failure is seen (a send that
     /// fails, or a failed acknowledgement awaited while the window was
     /// full): a failed send comes back, with its place, after every event
-    /// sent before it was acknowledged or not. With `within`, what is not
-    /// sent or acknowledged by then fails as
+    /// sent before it was acknowledged or not. With `limit` (an instant and
+    /// the bound it came from), what is not sent or acknowledged by then
+    /// fails as
     /// [`keel_core::transport::past_deadline`].
     async fn send_batch(
         &self,
@@ -450,10 +451,9 @@ impl JetStreamPublisher {
         shape: &StreamShape,
         events: &[Envelope],
         count: usize,
-        within: Option<Duration>,
+        limit: Option<(tokio::time::Instant, Duration)>,
         mut acked: impl FnMut(usize, Result<Receipt>),
     ) -> Option<(usize, Error)> {
-        let limit = within.map(|w| (tokio::time::Instant::now() + w, w));
         let window = self.config.max_outstanding_acks;
         let mut outstanding = FuturesOrdered::new();
         let mut failed = false;
@@ -465,7 +465,7 @@ impl JetStreamPublisher {
                 Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
                 None => Err(keel_core::transport::past_deadline(
                     topic,
-                    within.unwrap_or_default(),
+                    limit.map(|(_, within)| within).unwrap_or_default(),
                 )),
             };
             *failed |= receipt.is_err();
@@ -595,7 +595,10 @@ impl Publisher for JetStreamPublisher {
         within: Duration,
     ) -> Vec<Sent> {
         let total = events.len();
-        let shape = match self.shape(topic).await {
+        // The bound covers the stream's lookup too (two requests when its
+        // shape is not cached).
+        let limit = (tokio::time::Instant::now() + within, within);
+        let shape = match crate::bounded(topic, Some(limit), self.shape(topic)).await {
             Ok(shape) => shape,
             Err(e) => {
                 let mut outcomes = vec![Sent::Failed(e)];
@@ -617,19 +620,12 @@ impl Publisher for JetStreamPublisher {
             .unwrap_or(total);
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
-            .send_batch(
-                topic,
-                &shape,
-                &events,
-                sendable,
-                Some(within),
-                |_, acked| {
-                    outcomes.push(match acked {
-                        Ok(receipt) => Sent::Stored(receipt),
-                        Err(e) => Sent::Failed(e),
-                    })
-                },
-            )
+            .send_batch(topic, &shape, &events, sendable, Some(limit), |_, acked| {
+                outcomes.push(match acked {
+                    Ok(receipt) => Sent::Stored(receipt),
+                    Err(e) => Sent::Failed(e),
+                })
+            })
             .await;
         match (stopped, refused) {
             (Some((_, e)), _) => outcomes.push(Sent::Failed(e)),
