@@ -774,25 +774,20 @@ pub(crate) async fn tail(
                 let record = u.record();
                 // A `keel dlq redrive` marker in a dead-letter topic: no
                 // event, a note of which letter was sent back.
-                let line = if dead_letter::is_redrive_marker(record) {
-                    json!({
-                        "topic": info.coordinates.topic,
-                        "partition": info.coordinates.partition,
-                        "offset": info.coordinates.position,
-                        "redrive_marker": {
-                            "letter": record.header(dead_letter::headers::REDRIVEN),
-                            "id": record.header(keel_core::wire::EVENT_ID),
-                            "redriven_at": record.header(dead_letter::headers::REDRIVEN_AT),
-                        },
-                    })
+                let mut line = json!({
+                    "topic": info.coordinates.topic,
+                    "partition": info.coordinates.partition,
+                    "offset": info.coordinates.position,
+                });
+                if dead_letter::is_redrive_marker(record) {
+                    line["redrive_marker"] = json!({
+                        "letter": record.header(dead_letter::headers::REDRIVEN),
+                        "id": record.header(keel_core::wire::EVENT_ID),
+                        "redriven_at": record.header(dead_letter::headers::REDRIVEN_AT),
+                    });
                 } else {
-                    json!({
-                        "topic": info.coordinates.topic,
-                        "partition": info.coordinates.partition,
-                        "offset": info.coordinates.position,
-                        "undecodable": u.reason(),
-                    })
-                };
+                    line["undecodable"] = json!(u.reason());
+                }
                 u.ack();
                 line
             }

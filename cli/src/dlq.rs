@@ -139,11 +139,7 @@ impl Filter {
             return false;
         }
         if self.since.is_some() || self.until.is_some() {
-            let Some(at) = record
-                .header(headers::AT)
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&Utc))
-            else {
+            let Some(at) = dead_lettered_at(record) else {
                 return false;
             };
             if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
@@ -461,13 +457,17 @@ impl Note {
             id: header(wire::EVENT_ID),
             event_type: header(wire::EVENT_TYPE),
             origin: header(headers::TOPIC).filter(|t| !t.is_empty()),
-            at: dead
-                .record
-                .header(headers::AT)
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&Utc)),
+            at: dead_lettered_at(&dead.record),
         }
     }
+}
+
+/// When `record` was dead-lettered, if it says (`keel-dlq-at`).
+fn dead_lettered_at(record: &RawRecord) -> Option<DateTime<Utc>> {
+    record
+        .header(headers::AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// `letters` with only the latest dead letter of each event id (an event

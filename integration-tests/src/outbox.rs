@@ -366,9 +366,9 @@ pub async fn read_and_check(
 /// Fails the test when relays that were never killed delivered more
 /// duplicates than their failed publishes explain. A publish that timed out
 /// or failed may still have reached the broker, and the relay sends its rows
-/// again (at least once): each failed batch, and each refused row (the rows
-/// of its batch acknowledged before it go again), accounts for at most one
-/// batch of duplicates. With no failure there must be none.
+/// again (at least once): each failed batch, and each refused row (on Kafka
+/// its key's rows sent after it and stored go again), accounts for at most
+/// one batch of duplicates. With no failure there must be none.
 pub fn assert_duplicates_explained(duplicates: usize, relays: &[&RelayStats], batch_size: usize) {
     let failed: u64 = relays.iter().map(|s| s.failed_batches + s.failures).sum();
     eprintln!("{duplicates} duplicates; relays' failed batches and refused rows: {failed}");
