@@ -550,3 +550,80 @@ async fn publish_each_answers_within_its_bound() {
         }
     }
 }
+
+/// The event ids of a stream's messages in stream order, read one by one.
+async fn stored_ids(s: &Setup) -> Vec<String> {
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    let last = s
+        .admin
+        .describe_topic(&s.topic)
+        .await
+        .unwrap()
+        .messages_per_partition
+        .iter()
+        .sum::<u64>();
+    let mut ids = Vec::new();
+    for seq in 1..=last {
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        ids.push(
+            raw.headers
+                .get("keel-event-id")
+                .unwrap()
+                .as_str()
+                .to_owned(),
+        );
+    }
+    ids
+}
+
+#[tokio::test]
+async fn events_published_again_keep_their_keys_order_despite_de_duplication() {
+    // The outbox relay's retry after a try that stored a key's later event
+    // and lost its earlier one: the server de-duplicates the later one's
+    // re-send, so without a copy it would stay before the earlier one.
+    use keel_core::Sent;
+    let s = setup(1, StreamSettings::default()).await;
+    let [first, second, third] = [0, 1, 2].map(|n| event("order-9", n));
+    let other = event("order-10", 0);
+    let id = |e: &Envelope| e.id().to_string();
+    // The earlier try: only `second` got stored.
+    s.publisher.publish(&s.topic, second.clone()).await.unwrap();
+    let batch = vec![first.clone(), other.clone(), second.clone(), third.clone()];
+    let positions = |outcomes: Vec<Sent>| -> Vec<u64> {
+        outcomes
+            .into_iter()
+            .map(|o| match o {
+                Sent::Stored(r) => r.position,
+                other => panic!("every event is stored: {other:?}"),
+            })
+            .collect()
+    };
+    let stored = positions(
+        s.publisher
+            .publish_each(&s.topic, batch.clone(), Duration::from_secs(10))
+            .await,
+    );
+    // `second` and every later event of its key go again after `first`;
+    // the other key's event does not.
+    assert_eq!(
+        stored_ids(&s).await,
+        [&second, &first, &other, &third, &second, &third].map(id),
+    );
+    assert_eq!(stored, [2, 3, 5, 6], "each receipt names the last copy");
+    // Tried once more (an acknowledgement lost, say): every copy is
+    // de-duplicated, nothing is stored again, and the receipts are the same.
+    let again = positions(
+        s.publisher
+            .publish_each(&s.topic, batch.clone(), Duration::from_secs(10))
+            .await,
+    );
+    assert_eq!(again, stored);
+    // The batch API keeps the order the same way.
+    let receipts = s.publisher.publish_batch(&s.topic, batch).await.unwrap();
+    assert_eq!(
+        receipts.iter().map(|r| r.position).collect::<Vec<_>>(),
+        stored
+    );
+    assert_eq!(stored_ids(&s).await.len(), 6);
+    s.admin.delete_topic(&s.topic).await.unwrap();
+}

@@ -258,7 +258,8 @@ impl JetStreamPublisher {
             .map_err(|e| publish_error(topic, &event.id(), e.to_string(), false))?;
         // Key header (base64 at worst) and `Nats-Msg-Id` with the event id.
         size += wire::KEY_BASE64.len() + event.key().as_bytes().len().div_ceil(3) * 4 + 4;
-        size += "Nats-Msg-Id".len() + 36 + 4 + event.payload().len() + 16;
+        // (`~` and a sequence more for a copy keeping a key's order.)
+        size += "Nats-Msg-Id".len() + 36 + 21 + 4 + event.payload().len() + 16;
         // The server's own limit applies to every message, stream limit or not.
         let max_payload = shape.max_payload;
         if max_payload > 0 && size > max_payload {
@@ -459,6 +460,9 @@ impl JetStreamPublisher {
         let mut failed = false;
         // One topic name shared by the batch's receipts.
         let shared: Arc<str> = topic.into();
+        // Held until every acknowledgement is in: a re-sent event may need
+        // a copy stored after the others (see `keep_key_order`).
+        let mut done: Vec<(usize, Result<Receipt>)> = Vec::with_capacity(count);
         let mut settle = |(i, partition, ack): (usize, u32, Option<_>), failed: &mut bool| {
             // No acknowledgement only when `within` passed first.
             let receipt = match ack {
@@ -469,7 +473,7 @@ impl JetStreamPublisher {
                 )),
             };
             *failed |= receipt.is_err();
-            acked(i, receipt);
+            done.push((i, receipt));
         };
         let mut stopped = None;
         // Headers are built as each event goes out, while earlier ones are
@@ -506,7 +510,83 @@ impl JetStreamPublisher {
         while let Some(r) = outstanding.next().await {
             settle(r, &mut failed);
         }
+        self.keep_key_order(topic, shape, events, &mut done, limit)
+            .await;
+        for (i, receipt) in done {
+            acked(i, receipt);
+        }
         stopped
+    }
+
+    /// Keeps each key's order as a consumer reads the stream when events
+    /// are published again (an earlier try stored some and lost others):
+    /// the server de-duplicates a re-sent event by its `Nats-Msg-Id`, so
+    /// its copy stays where the earlier try stored it, before an event of
+    /// its key that only now got stored. Every such event, and every later
+    /// one of its key in the batch, is sent once more, in order, after the
+    /// rest, under the id `<event id>~<sequence it must follow>` (itself
+    /// de-duplicated when this is tried again). The copy's receipt replaces
+    /// the event's, so the last copy of each event keeps the key's order,
+    /// as on Kafka. `done`: the acknowledgements, in input order; only those
+    /// before the first failure are looked at (the caller holds the key's
+    /// later events back after a failure).
+    async fn keep_key_order(
+        &self,
+        topic: &str,
+        shape: &StreamShape,
+        events: &[Envelope],
+        done: &mut [(usize, Result<Receipt>)],
+        limit: Option<(tokio::time::Instant, Duration)>,
+    ) {
+        // Only a duplicate can have been stored before an earlier event.
+        if !done
+            .iter()
+            .any(|(_, r)| r.as_ref().is_ok_and(|r| r.duplicate))
+        {
+            return;
+        }
+        // By key: the last sequence seen and, once a copy is needed, the
+        // sequence the copies follow.
+        let mut keys: HashMap<&[u8], (u64, Option<u64>)> = HashMap::new();
+        let mut copies = Vec::new();
+        for (at, (i, receipt)) in done.iter().enumerate() {
+            let Ok(receipt) = receipt else { break };
+            let (last, after) = keys.entry(events[*i].key().as_bytes()).or_insert((0, None));
+            if after.is_none() && receipt.position < *last {
+                *after = Some(*last);
+            }
+            if let Some(after) = *after {
+                copies.push((at, after));
+            }
+            *last = (*last).max(receipt.position);
+        }
+        let shared: Arc<str> = topic.into();
+        let mut failed = false;
+        for (at, after) in copies {
+            let event = &events[done[at].0];
+            let id = event.id();
+            done[at].1 = if failed {
+                Err(publish_error(
+                    topic,
+                    &id,
+                    "stored before an earlier event of its key, and not sent again after it \
+                     (an earlier copy failed); publishing it again sends it",
+                    true,
+                ))
+            } else {
+                let copy = async {
+                    let mut prepared = self.prepare(topic, shape, event)?;
+                    prepared.message = prepared.message.message_id(format!("{id}~{after}"));
+                    let (partition, ack) = self.send(topic, &id, prepared).await?;
+                    self.receipt(&shared, &id, partition, ack.await)
+                };
+                crate::bounded(topic, limit, copy).await
+            };
+            failed = done[at].1.is_err();
+            if let Ok(receipt) = &done[at].1 {
+                tracing::debug!(topic, event_id = %id, after, position = receipt.position, "event stored again after an earlier event of its key");
+            }
+        }
     }
 
     /// The admin on this publisher's connection.
