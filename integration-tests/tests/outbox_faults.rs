@@ -9,14 +9,18 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keel_consumers::nats::NatsTransport;
 use keel_integration_tests::faults::Worker;
+use keel_integration_tests::outbox::{RunningRelay, assert_duplicates_explained, relay_config};
 use keel_integration_tests::outbox::{
     WriterPlan, new_topic, outbox, outbox_database, read_and_check, unpublished, write,
 };
+use keel_integration_tests::{NatsUnderTest, nats_consumer_config};
 use keel_integration_tests::{
     TestDatabase, kafka_bootstrap, kafka_transport, nats_transport, nats_url,
 };
-use keel_producers::outbox::OutboxTables;
+use keel_producers::nats::{JetStreamPublisherConfig, NatsClientConfig, StreamSettings};
+use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
 use rand::Rng;
 
 /// Rows per relay batch in the workers: the most one crash may re-publish.
@@ -200,30 +204,11 @@ async fn two_relays_share_the_outbox_and_a_survivor_takes_a_killed_ones_slots() 
 /// stream survives its restart; async-nats reconnects on its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
-    use keel_consumers::nats::NatsTransport;
-    use keel_integration_tests::outbox::RunningRelay;
-    use keel_integration_tests::outbox::relay_config;
-    use keel_integration_tests::{NatsUnderTest, nats_consumer_config};
-    use keel_producers::nats::{JetStreamPublisherConfig, NatsClientConfig, StreamSettings};
-    use keel_producers::outbox::OutboxRelay;
-
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;
     let mut nats = NatsUnderTest::start("", "nats");
-    let client = NatsClientConfig::new(nats.url.clone());
     let config = relay_config("relay-outage", BATCH);
-    let transport = Arc::new(
-        NatsTransport::connect(
-            JetStreamPublisherConfig {
-                ack_timeout: config.publish_timeout,
-                ..JetStreamPublisherConfig::new(client.clone())
-            },
-            nats_consumer_config(client),
-            StreamSettings::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let transport = private_nats_transport(&nats, &config).await;
     let topic = new_topic(transport.as_ref(), "outbox-outage", 2).await;
     let relay =
         OutboxRelay::new(db.pool().clone(), tables.clone(), transport.clone(), config).unwrap();
@@ -292,6 +277,83 @@ async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
     task.await.unwrap().unwrap();
 }
 
+/// A transport to a private nats-server, with the relay's publish timeout
+/// as its ack timeout.
+async fn private_nats_transport(nats: &NatsUnderTest, config: &RelayConfig) -> Arc<NatsTransport> {
+    let client = NatsClientConfig::new(nats.url.clone());
+    Arc::new(
+        NatsTransport::connect(
+            JetStreamPublisherConfig {
+                ack_timeout: config.publish_timeout,
+                ..JetStreamPublisherConfig::new(client.clone())
+            },
+            nats_consumer_config(client),
+            StreamSettings::default(),
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+/// The broker is SIGKILLed while the relay drains a backlog — in the middle
+/// of a batch — and comes back: what it acknowledged stays published, the
+/// rest goes again, nothing is lost, each key's events arrive in commit
+/// order, and the duplicates stay within what the failed publishes
+/// explain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_killed_mid_batch_loses_nothing_and_keeps_each_keys_order() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let mut nats = NatsUnderTest::start("", "nats");
+    let config = relay_config("relay-mid-batch", BATCH);
+    let transport = private_nats_transport(&nats, &config).await;
+    let topic = new_topic(transport.as_ref(), "outbox-mid-batch", 2).await;
+    const EVENTS: usize = 20_000;
+    let writes = write(
+        db.pool(),
+        &outbox(&tables),
+        &topic,
+        WriterPlan {
+            writers: 2,
+            events: EVENTS,
+            keys: 100,
+            max_per_tx: 50,
+            max_hold: Duration::from_millis(1),
+            rollback: 0.0,
+        },
+    )
+    .await;
+    let relay =
+        OutboxRelay::new(db.pool().clone(), tables.clone(), transport.clone(), config).unwrap();
+    let RunningRelay {
+        stop,
+        mut stats,
+        task,
+    } = RunningRelay::spawn(relay);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        stats.wait_for(|s| s.published >= 2 * BATCH as u64),
+    )
+    .await
+    .expect("the relay did not start publishing")
+    .unwrap();
+    nats.kill();
+    let at_kill = stats.borrow().published;
+    assert!(
+        at_kill < EVENTS as u64,
+        "the backlog was drained before the kill: nothing was in flight"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart();
+    drained(&db, &tables).await;
+    let duplicates =
+        read_and_check(transport.as_ref(), &topic, &writes, Duration::from_secs(1)).await;
+    eprintln!("killed at {at_kill} published; {duplicates} duplicates");
+    assert_duplicates_explained(duplicates, &[&stats.borrow()], BATCH);
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
 /// PostgreSQL crashes (every backend killed, no checkpoint) and comes back
 /// under a running relay: it reconnects and publishes what was committed
 /// before and after. A private cluster, since the shared server serves the
@@ -299,8 +361,6 @@ async fn the_relay_backs_off_while_the_broker_is_down_and_catches_up_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_reconnects_after_postgresql_crashes_and_restarts() {
     use keel_integration_tests::PostgresUnderTest;
-    use keel_integration_tests::outbox::{RunningRelay, relay_config};
-    use keel_producers::outbox::OutboxRelay;
 
     let postgres = PostgresUnderTest::start();
     let pool = sqlx::postgres::PgPoolOptions::new()
