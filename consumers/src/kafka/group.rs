@@ -610,35 +610,16 @@ fn poll_loop(
     // seeking back stalled fetching for good against tansu.)
     let mut queues: HashMap<i32, rdkafka::consumer::base_consumer::PartitionQueue<KeelContext>> =
         HashMap::new();
-    'turns: while control.stop.load(Ordering::Acquire) == RUNNING {
+    split_before_assignment(consumer, topic);
+    while control.stop.load(Ordering::Acquire) == RUNNING {
         let owned = engine.assignment();
         queues.retain(|p, _| owned.contains(&(*p as u32)));
-        let mut split = false;
         for p in owned {
             let p = p as i32;
             if let std::collections::hash_map::Entry::Vacant(slot) = queues.entry(p)
                 && let Some(queue) = consumer.split_partition_queue(topic, p)
             {
                 slot.insert(queue);
-                split = true;
-            }
-        }
-        // Records fetched before a partition's queue was split off wait in
-        // the consumer's own queue: taken first, a partition's records
-        // reach the engine in offset order (a later record already handed
-        // out would otherwise overtake an earlier one of its key).
-        while split {
-            match take_main(
-                consumer,
-                engine,
-                control,
-                (topic, group),
-                Duration::ZERO,
-                tx,
-            ) {
-                Main::Took => {}
-                Main::Empty => split = false,
-                Main::Stop => break 'turns,
             }
         }
         let mut took = 0;
@@ -695,6 +676,33 @@ fn poll_loop(
     // The final positions, whether or not an earlier async commit of the
     // same value landed.
     context.commit(consumer, &engine.all_positions(), CommitMode::Sync);
+}
+
+/// Splits every partition the topic has now off the consumer's own queue
+/// before the member joins (the first poll serves the assignment). A
+/// partition split before it is assigned is fetched into its own queue
+/// from its first record: librdkafka forwards a partition's fetch queue to
+/// the consumer's only when the application has not set its forwarding
+/// (`RD_KAFKA_Q_F_FWD_APP`, `rd_kafka_toppar_op_fetch_start`), and keeps
+/// that setting after the handle is dropped. Split only once assigned, a
+/// partition's first records would reach the consumer's own queue, and a
+/// later record taken from the partition's queue could overtake an earlier
+/// one of its key still waiting there. A partition added to the topic
+/// later is split when it is assigned (its first records then still come
+/// through the consumer's own queue, taken one per turn).
+fn split_before_assignment(consumer: &Arc<BaseConsumer<KeelContext>>, topic: &str) {
+    match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        Ok(metadata) => {
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    drop(consumer.split_partition_queue(topic, p.id()));
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %topic, "cannot read the topic's partitions before joining; a partition's first records may come through the consumer's own queue")
+        }
+    }
 }
 
 /// What one poll of the consumer's own queue did.
