@@ -342,6 +342,22 @@ pub fn check(writes: &Writes, seen: &[Envelope]) -> usize {
     duplicates
 }
 
+/// As [`check`], but taking each event at its last copy (what a consumer
+/// that applies every copy ends with): every key's numbers run 1, 2, 3, …
+/// in the order of their last copies. Returns the number of duplicates.
+pub fn check_last_copies(writes: &Writes, seen: &[Envelope]) -> usize {
+    let mut taken = HashSet::new();
+    let mut last: Vec<Envelope> = seen
+        .iter()
+        .rev()
+        .filter(|e| taken.insert(e.id()))
+        .cloned()
+        .collect();
+    last.reverse();
+    check(writes, &last);
+    seen.len() - last.len()
+}
+
 /// Reads `topic` as a new group until every committed event of `writes`
 /// arrived, then `linger` longer, and [`check`]s what came: returns the
 /// number of duplicates.

@@ -152,6 +152,41 @@ impl std::fmt::Debug for JetStreamPublisher {
     }
 }
 
+/// Which of a batch's acknowledged events need a copy to keep their key's
+/// order, and the sequence each copy must follow: for each key, from its
+/// first event stored before an earlier event of the key (a duplicate of
+/// an earlier try) on, every later one, up to the key's first failure.
+/// `done`: each event's key and outcome, in input order.
+fn order_copies<'a>(
+    done: impl Iterator<Item = (&'a [u8], &'a Result<Receipt>)>,
+) -> Vec<(usize, u64)> {
+    #[derive(Default)]
+    struct KeyState {
+        last: u64,
+        after: Option<u64>,
+        failed: bool,
+    }
+    let mut keys: HashMap<&[u8], KeyState> = HashMap::new();
+    let mut copies = Vec::new();
+    for (at, (key, receipt)) in done.enumerate() {
+        let key = keys.entry(key).or_default();
+        match receipt {
+            _ if key.failed => {}
+            Err(_) => key.failed = true,
+            Ok(receipt) => {
+                if key.after.is_none() && receipt.position < key.last {
+                    key.after = Some(key.last);
+                }
+                if let Some(after) = key.after {
+                    copies.push((at, after));
+                }
+                key.last = key.last.max(receipt.position);
+            }
+        }
+    }
+    copies
+}
+
 /// `id`: the event id (or what stands for it) that the error names.
 /// A publish that found no stream for `topic` (deleted, or without a
 /// leader for now): retriable, as when the stream is looked up.
@@ -527,9 +562,15 @@ impl JetStreamPublisher {
     /// rest, under the id `<event id>~<sequence it must follow>` (itself
     /// de-duplicated when this is tried again). The copy's receipt replaces
     /// the event's, so the last copy of each event keeps the key's order,
-    /// as on Kafka. `done`: the acknowledgements, in input order; only those
-    /// before the first failure are looked at (the caller holds the key's
-    /// later events back after a failure).
+    /// as on Kafka (a consumer that keeps only the first copy of an event,
+    /// as an inbox does, still sees the two in the order stored first).
+    ///
+    /// `done`: the acknowledgements, in input order. A key's events after
+    /// its first failure are left as they are (the caller holds them back).
+    /// When a copy fails, every event of its key in the batch fails with
+    /// it, the stored ones too: tried again, the same events make the same
+    /// copies, where a retry of the unsettled ones alone could no longer
+    /// see the disorder.
     async fn keep_key_order(
         &self,
         topic: &str,
@@ -545,46 +586,43 @@ impl JetStreamPublisher {
         {
             return;
         }
-        // By key: the last sequence seen and, once a copy is needed, the
-        // sequence the copies follow.
-        let mut keys: HashMap<&[u8], (u64, Option<u64>)> = HashMap::new();
-        let mut copies = Vec::new();
-        for (at, (i, receipt)) in done.iter().enumerate() {
-            let Ok(receipt) = receipt else { break };
-            let (last, after) = keys.entry(events[*i].key().as_bytes()).or_insert((0, None));
-            if after.is_none() && receipt.position < *last {
-                *after = Some(*last);
-            }
-            if let Some(after) = *after {
-                copies.push((at, after));
-            }
-            *last = (*last).max(receipt.position);
-        }
+        let copies = order_copies(done.iter().map(|(i, r)| (events[*i].key().as_bytes(), r)));
         let shared: Arc<str> = topic.into();
-        let mut failed = false;
+        let mut failed_keys: Vec<&[u8]> = Vec::new();
         for (at, after) in copies {
             let event = &events[done[at].0];
+            if failed_keys.contains(&event.key().as_bytes()) {
+                continue;
+            }
             let id = event.id();
-            done[at].1 = if failed {
-                Err(publish_error(
-                    topic,
-                    &id,
-                    "stored before an earlier event of its key, and not sent again after it \
-                     (an earlier copy failed); publishing it again sends it",
-                    true,
-                ))
-            } else {
-                let copy = async {
-                    let mut prepared = self.prepare(topic, shape, event)?;
-                    prepared.message = prepared.message.message_id(format!("{id}~{after}"));
-                    let (partition, ack) = self.send(topic, &id, prepared).await?;
-                    self.receipt(&shared, &id, partition, ack.await)
-                };
-                crate::bounded(topic, limit, copy).await
+            let copy = async {
+                let mut prepared = self.prepare(topic, shape, event)?;
+                prepared.message = prepared.message.message_id(format!("{id}~{after}"));
+                let (partition, ack) = self.send(topic, &id, prepared).await?;
+                self.receipt(&shared, &id, partition, ack.await)
             };
-            failed = done[at].1.is_err();
-            if let Ok(receipt) = &done[at].1 {
-                tracing::debug!(topic, event_id = %id, after, position = receipt.position, "event stored again after an earlier event of its key");
+            match crate::bounded(topic, limit, copy).await {
+                Ok(receipt) => {
+                    tracing::debug!(topic, event_id = %id, after, position = receipt.position, "event stored again after an earlier event of its key");
+                    done[at].1 = Ok(receipt);
+                }
+                Err(e) => {
+                    tracing::debug!(topic, event_id = %id, error = %e, "a copy keeping its key's order failed");
+                    done[at].1 = Err(e);
+                    failed_keys.push(event.key().as_bytes());
+                }
+            }
+        }
+        for (i, receipt) in done.iter_mut() {
+            let event = &events[*i];
+            if failed_keys.contains(&event.key().as_bytes()) && receipt.is_ok() {
+                *receipt = Err(publish_error(
+                    topic,
+                    &event.id(),
+                    "an event of its key was stored before an earlier one, and its copy \
+                     after it failed; publishing the key's events again sends it",
+                    true,
+                ));
             }
         }
     }
@@ -801,5 +839,70 @@ impl Publisher for JetStreamPublisher {
         let (partition, ack) = self.send(topic, &id, prepared).await?;
         let ack = ack.await;
         self.receipt(&topic.into(), &id, partition, ack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(position: u64, duplicate: bool) -> Result<Receipt> {
+        Ok(Receipt {
+            topic: "t".into(),
+            partition: 0,
+            position,
+            duplicate,
+        })
+    }
+
+    fn failed() -> Result<Receipt> {
+        Err(publish_error("t", &"e", "lost", true))
+    }
+
+    fn copies(done: &[(&str, Result<Receipt>)]) -> Vec<(usize, u64)> {
+        order_copies(done.iter().map(|(k, r)| (k.as_bytes(), r)))
+    }
+
+    #[test]
+    fn in_order_acknowledgements_need_no_copy() {
+        let done = [
+            ("a", stored(1, true)),
+            ("b", stored(2, false)),
+            ("a", stored(3, false)),
+        ];
+        assert!(copies(&done).is_empty());
+    }
+
+    #[test]
+    fn a_duplicate_stored_before_an_earlier_event_and_its_keys_later_events_are_copied() {
+        let done = [
+            ("a", stored(12, false)),
+            ("b", stored(13, false)),
+            ("a", stored(11, true)),
+            ("b", stored(14, false)),
+            ("a", stored(15, false)),
+        ];
+        assert_eq!(copies(&done), [(2, 12), (4, 12)]);
+    }
+
+    #[test]
+    fn another_keys_failure_does_not_stop_the_copies() {
+        let done = [
+            ("x", failed()),
+            ("b", stored(12, false)),
+            ("b", stored(11, true)),
+        ];
+        assert_eq!(copies(&done), [(2, 12)]);
+    }
+
+    #[test]
+    fn a_keys_events_after_its_failure_are_left_to_the_caller() {
+        let done = [
+            ("a", stored(12, false)),
+            ("a", stored(10, true)),
+            ("a", failed()),
+            ("a", stored(11, true)),
+        ];
+        assert_eq!(copies(&done), [(1, 12)]);
     }
 }
