@@ -176,7 +176,11 @@ async fn typed_events_are_encoded_at_enqueue_and_published_only_on_commit() {
         Duration::from_secs(1),
     )
     .await;
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    // Exactly the committed events (the rolled-back one never); a copy
+    // more of them is at-least-once (tansu has been seen storing a
+    // retried produce request twice), not what this test is about.
+    let ids: HashSet<_> = seen.iter().map(|e| e.id()).collect();
+    assert_eq!(ids, expected, "{seen:?}");
     let first = seen.iter().find(|e| e.id() == kept).unwrap();
     assert_eq!(first.event_type(), "shop.orders.OrderPlaced");
     let decoded: keel_schemas::events::OrderPlaced =

@@ -299,8 +299,8 @@ async fn private_nats_transport(nats: &NatsUnderTest, config: &RelayConfig) -> A
 
 /// The broker is SIGKILLed while the relay drains a backlog — in the middle
 /// of a batch — and comes back: what it acknowledged stays published, the
-/// rest goes again, nothing is lost, each key's events arrive in commit
-/// order, and the duplicates stay within what the failed publishes
+/// rest goes again, nothing is lost, each key's last copies arrive in
+/// commit order, and the duplicates stay within what the failed publishes
 /// explain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_mid_batch_loses_nothing_and_keeps_each_keys_order() {
