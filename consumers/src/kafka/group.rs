@@ -166,6 +166,9 @@ struct KeelContext {
     last_failure: Mutex<Option<String>>,
     /// The client's settings, to check a time start's offsets with.
     time_reader: rdkafka::ClientConfig,
+    /// The consumer this is the context of, set once it exists: splitting
+    /// a partition's queue off takes the consumer's `Arc`.
+    consumer: std::sync::OnceLock<std::sync::Weak<BaseConsumer<KeelContext>>>,
 }
 
 impl ClientContext for KeelContext {
@@ -343,6 +346,28 @@ impl KeelContext {
     }
 }
 
+impl KeelContext {
+    /// Splits the queues of partitions about to be assigned off the
+    /// consumer's own queue, before fetching starts: librdkafka forwards a
+    /// partition's fetch queue to the consumer's at fetch start only when
+    /// the application has not set its forwarding (`RD_KAFKA_Q_F_FWD_APP`,
+    /// `rd_kafka_toppar_op_fetch_start`), and keeps that setting after the
+    /// handle is dropped, so every record of the partition is fetched into
+    /// its own queue (the poll loop takes a handle to it once the partition
+    /// is owned). Split only after the assignment, a partition's first
+    /// records would reach the consumer's own queue, and a later record
+    /// taken from the partition's queue could overtake an earlier one of
+    /// its key still waiting there.
+    fn split_before_fetching(&self, partitions: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        for element in partitions.elements() {
+            drop(consumer.split_partition_queue(element.topic(), element.partition()));
+        }
+    }
+}
+
 impl ConsumerContext for KeelContext {
     fn rebalance(
         &self,
@@ -360,6 +385,7 @@ impl ConsumerContext for KeelContext {
                 // Whatever failed before is not what a later refusal is about.
                 *self.last_failure() = None;
                 let (positioned, starts) = self.positioned(consumer, tpl);
+                self.split_before_fetching(&positioned);
                 let assigned = if cooperative {
                     consumer.incremental_assign(&positioned)
                 } else {
@@ -454,6 +480,7 @@ impl Subscriber for KafkaGroupConsumer {
             assignment: assignment_tx,
             last_failure: Mutex::new(None),
             time_reader: self.config.client.client_config(),
+            consumer: std::sync::OnceLock::new(),
         };
         let mut client = self.config.client.client_config();
         client
@@ -501,6 +528,7 @@ impl Subscriber for KafkaGroupConsumer {
                     false,
                 )
             })?;
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[&topic])
             .map_err(|e| subscribe_error(format!("cannot subscribe: {e}"), true))?;
@@ -610,7 +638,6 @@ fn poll_loop(
     // seeking back stalled fetching for good against tansu.)
     let mut queues: HashMap<i32, rdkafka::consumer::base_consumer::PartitionQueue<KeelContext>> =
         HashMap::new();
-    split_before_assignment(consumer, topic);
     while control.stop.load(Ordering::Acquire) == RUNNING {
         let owned = engine.assignment();
         queues.retain(|p, _| owned.contains(&(*p as u32)));
@@ -676,33 +703,6 @@ fn poll_loop(
     // The final positions, whether or not an earlier async commit of the
     // same value landed.
     context.commit(consumer, &engine.all_positions(), CommitMode::Sync);
-}
-
-/// Splits every partition the topic has now off the consumer's own queue
-/// before the member joins (the first poll serves the assignment). A
-/// partition split before it is assigned is fetched into its own queue
-/// from its first record: librdkafka forwards a partition's fetch queue to
-/// the consumer's only when the application has not set its forwarding
-/// (`RD_KAFKA_Q_F_FWD_APP`, `rd_kafka_toppar_op_fetch_start`), and keeps
-/// that setting after the handle is dropped. Split only once assigned, a
-/// partition's first records would reach the consumer's own queue, and a
-/// later record taken from the partition's queue could overtake an earlier
-/// one of its key still waiting there. A partition added to the topic
-/// later is split when it is assigned (its first records then still come
-/// through the consumer's own queue, taken one per turn).
-fn split_before_assignment(consumer: &Arc<BaseConsumer<KeelContext>>, topic: &str) {
-    match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-        Ok(metadata) => {
-            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    drop(consumer.split_partition_queue(topic, p.id()));
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, %topic, "cannot read the topic's partitions before joining; a partition's first records may come through the consumer's own queue")
-        }
-    }
 }
 
 /// What one poll of the consumer's own queue did.
