@@ -98,10 +98,7 @@ pub trait Publisher: Send + Sync {
     /// [`Sent::Stored`] after a failed earlier event of its key (its
     /// acknowledgement failed while the later one's did not): a caller
     /// keeping per-key order treats such an event as not yet published.
-    /// An implementation may also report an acknowledged event
-    /// [`Sent::Failed`] (retriable) when it must be sent again with the
-    /// other events of its key (JetStream, to check the key's order against
-    /// its duplicate window). The result has exactly one outcome per event.
+    /// The result has exactly one outcome per event.
     ///
     /// `within` bounds the call: an event not acknowledged by then is
     /// [`Sent::Failed`] with a retriable [`Error::Timeout`] (it may still be

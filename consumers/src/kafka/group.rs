@@ -671,8 +671,8 @@ fn poll_loop(
             }
             took += n;
         }
-        // The consumer's own queue serves rebalances and errors, and holds
-        // records fetched before their partition's queue was split off.
+        // The consumer's own queue serves rebalances and errors (records
+        // come there only if a partition's split at assignment failed).
         let wait = if took > 0 { Duration::ZERO } else { IDLE_POLL };
         if let Main::Stop = take_main(consumer, engine, control, (topic, group), wait, tx) {
             break;
@@ -716,8 +716,8 @@ enum Main {
 }
 
 /// Polls the consumer's own queue once: rebalances (served by the
-/// context inside the poll), errors, and records fetched before their
-/// partition's queue was split off.
+/// context inside the poll), errors, and records of a partition whose
+/// queue could not be split off when it was assigned.
 fn take_main(
     consumer: &Arc<BaseConsumer<KeelContext>>,
     engine: &Arc<Engine>,

@@ -187,40 +187,6 @@ fn order_copies<'a>(
     copies
 }
 
-/// Reports every stored event of a key that has an event to send again
-/// (failed retriably, or not sent) as failed too, so the caller sends the
-/// key's events again together: an event left behind may already be
-/// stored by an earlier try, before an event of its key stored now, and
-/// only beside that event can [`JetStreamPublisher::keep_key_order`] see
-/// the disorder and copy it after (sent again, a stored event is only
-/// de-duplicated).
-fn send_keys_whole(topic: &str, events: &[Envelope], outcomes: &mut [Sent]) {
-    let again: std::collections::HashSet<&[u8]> = events
-        .iter()
-        .zip(outcomes.iter())
-        .filter(|(_, sent)| match sent {
-            Sent::NotSent => true,
-            Sent::Failed(e) => e.is_retriable(),
-            Sent::Stored(_) => false,
-        })
-        .map(|(event, _)| event.key().as_bytes())
-        .collect();
-    if again.is_empty() {
-        return;
-    }
-    for (event, sent) in events.iter().zip(outcomes.iter_mut()) {
-        if matches!(sent, Sent::Stored(_)) && again.contains(event.key().as_bytes()) {
-            *sent = Sent::Failed(publish_error(
-                topic,
-                &event.id(),
-                "stored, but an event of its key has to be sent again: sent again with it, \
-                 so the key's order can be checked (the server de-duplicates it)",
-                true,
-            ));
-        }
-    }
-}
-
 /// `id`: the event id (or what stands for it) that the error names.
 /// A publish that found no stream for `topic` (deleted, or without a
 /// leader for now): retriable, as when the stream is looked up.
@@ -787,7 +753,6 @@ impl Publisher for JetStreamPublisher {
             _ => {}
         }
         outcomes.resize_with(total, || Sent::NotSent);
-        send_keys_whole(topic, &events, &mut outcomes);
         outcomes
     }
 
@@ -928,36 +893,6 @@ mod tests {
             ("b", stored(11, true)),
         ];
         assert_eq!(copies(&done), [(2, 12)]);
-    }
-
-    #[test]
-    fn a_keys_stored_events_go_again_with_one_left_behind() {
-        let events: Vec<Envelope> = ["a", "b", "a", "c", "c"]
-            .iter()
-            .map(|k| Envelope::new("t.E", *k, "x"))
-            .collect();
-        let ok = |p| Sent::Stored(stored(p, false).unwrap());
-        let mut outcomes = vec![
-            ok(1),
-            ok(2),
-            Sent::Failed(failed().unwrap_err()),
-            ok(3),
-            Sent::NotSent,
-        ];
-        send_keys_whole("t", &events, &mut outcomes);
-        let stored: Vec<bool> = outcomes
-            .iter()
-            .map(|o| matches!(o, Sent::Stored(_)))
-            .collect();
-        assert_eq!(stored, [false, true, false, false, false]);
-        // A refusal (not retriable) sends nothing again.
-        let mut outcomes = vec![
-            ok(1),
-            ok(2),
-            Sent::Failed(publish_error("t", &"e", "too large", false)),
-        ];
-        send_keys_whole("t", &events[..3], &mut outcomes);
-        assert!(matches!(outcomes[0], Sent::Stored(_)));
     }
 
     #[test]
