@@ -344,9 +344,7 @@ impl KeelContext {
             changed
         });
     }
-}
 
-impl KeelContext {
     /// Splits the queues of partitions about to be assigned off the
     /// consumer's own queue, before fetching starts: librdkafka forwards a
     /// partition's fetch queue to the consumer's at fetch start only when
@@ -674,8 +672,45 @@ fn poll_loop(
         // The consumer's own queue serves rebalances and errors (records
         // come there only if a partition's split at assignment failed).
         let wait = if took > 0 { Duration::ZERO } else { IDLE_POLL };
-        if let Main::Stop = take_main(consumer, engine, control, (topic, group), wait, tx) {
-            break;
+        match consumer.poll(wait) {
+            Some(Ok(message)) => {
+                let out = engine.ingest(message.partition(), fetched(&message));
+                engine.send(out);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, %topic, "kafka consumer error");
+                let code = e.rdkafka_error_code();
+                // librdkafka retries refused credentials for ever; a member
+                // the group never took in ends here, saying why, instead of
+                // waiting silently (credentials refused before that are a
+                // setting to fix). One that was in rides out a passing
+                // refusal (credentials being rotated, a broker restarting).
+                let joined = control.joined.load(Ordering::Acquire);
+                let refused = !joined && code.is_some_and(is_refusal);
+                if refused || code.is_some_and(is_fatal) {
+                    let reason = if refused {
+                        let detail = context
+                            .last_failure()
+                            .take()
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default();
+                        format!(
+                            "the brokers refused this member before it joined: {e}{detail}; {CHECK_SECURITY}"
+                        )
+                    } else {
+                        e.to_string()
+                    };
+                    let _ = tx.send(Err(Error::Subscribe {
+                        topic: topic.to_owned(),
+                        group: group.to_owned(),
+                        reason,
+                        retriable: false,
+                        source: None,
+                    }));
+                    break;
+                }
+            }
+            None => {}
         }
         let out = engine.tick();
         engine.send(out);
@@ -703,72 +738,6 @@ fn poll_loop(
     // The final positions, whether or not an earlier async commit of the
     // same value landed.
     context.commit(consumer, &engine.all_positions(), CommitMode::Sync);
-}
-
-/// What one poll of the consumer's own queue did.
-enum Main {
-    /// Took a record (or served a rebalance or a passing error).
-    Took,
-    /// Nothing came within the wait.
-    Empty,
-    /// A fatal error, sent to the subscriber: the member stops.
-    Stop,
-}
-
-/// Polls the consumer's own queue once: rebalances (served by the
-/// context inside the poll), errors, and records of a partition whose
-/// queue could not be split off when it was assigned.
-fn take_main(
-    consumer: &Arc<BaseConsumer<KeelContext>>,
-    engine: &Arc<Engine>,
-    control: &Control,
-    (topic, group): (&str, &str),
-    wait: Duration,
-    tx: &mpsc::UnboundedSender<Result<keel_core::Delivery>>,
-) -> Main {
-    match consumer.poll(wait) {
-        Some(Ok(message)) => {
-            let out = engine.ingest(message.partition(), fetched(&message));
-            engine.send(out);
-            Main::Took
-        }
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, %topic, "kafka consumer error");
-            let code = e.rdkafka_error_code();
-            // librdkafka retries refused credentials for ever; a member
-            // the group never took in ends here, saying why, instead of
-            // waiting silently (credentials refused before that are a
-            // setting to fix). One that was in rides out a passing
-            // refusal (credentials being rotated, a broker restarting).
-            let joined = control.joined.load(Ordering::Acquire);
-            let refused = !joined && code.is_some_and(is_refusal);
-            if !(refused || code.is_some_and(is_fatal)) {
-                return Main::Took;
-            }
-            let reason = if refused {
-                let detail = consumer
-                    .context()
-                    .last_failure()
-                    .take()
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default();
-                format!(
-                    "the brokers refused this member before it joined: {e}{detail}; {CHECK_SECURITY}"
-                )
-            } else {
-                e.to_string()
-            };
-            let _ = tx.send(Err(Error::Subscribe {
-                topic: topic.to_owned(),
-                group: group.to_owned(),
-                reason,
-                retriable: false,
-                source: None,
-            }));
-            Main::Stop
-        }
-        None => Main::Empty,
-    }
 }
 
 /// Least time between two commits sent early (a partition's window half
