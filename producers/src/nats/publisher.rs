@@ -187,7 +187,6 @@ fn order_copies<'a>(
     copies
 }
 
-/// `id`: the event id (or what stands for it) that the error names.
 /// A publish that found no stream for `topic` (deleted, or without a
 /// leader for now): retriable, as when the stream is looked up.
 fn stream_missing(topic: &str, e: &(dyn std::fmt::Display + Sync)) -> Error {
@@ -200,6 +199,7 @@ fn stream_missing(topic: &str, e: &(dyn std::fmt::Display + Sync)) -> Error {
     )
 }
 
+/// `id`: the event id (or what stands for it) that the error names.
 fn publish_error(
     topic: &str,
     id: &(dyn std::fmt::Display + Sync),
@@ -473,13 +473,13 @@ impl JetStreamPublisher {
 
     /// Sends the first `count` of `events` (checked by the caller), at
     /// most `max_outstanding_acks` awaiting their acknowledgement, and
-    /// hands each acknowledgement to `acked` with the event's place, in
-    /// input order. Sending stops once a failure is seen (a send that
-    /// fails, or a failed acknowledgement awaited while the window was
-    /// full): a failed send comes back, with its place, after every event
-    /// sent before it was acknowledged or not. With `limit` (an instant and
-    /// the bound it came from), what is not sent or acknowledged by then
-    /// fails as
+    /// returns the acknowledgement of each event sent, in input order (so
+    /// the `i`-th is event `i`'s). Sending stops once a failure is seen (a
+    /// send that fails, or a failed acknowledgement awaited while the
+    /// window was full): the error of a send that failed comes second (its
+    /// event is the one after the last acknowledgement). With `limit` (an
+    /// instant and the bound it came from), what is not sent or
+    /// acknowledged by then fails as
     /// [`keel_core::transport::past_deadline`].
     async fn send_batch(
         &self,
@@ -488,16 +488,15 @@ impl JetStreamPublisher {
         events: &[Envelope],
         count: usize,
         limit: Option<(tokio::time::Instant, Duration)>,
-        mut acked: impl FnMut(usize, Result<Receipt>),
-    ) -> Option<(usize, Error)> {
+    ) -> (Vec<Result<Receipt>>, Option<Error>) {
         let window = self.config.max_outstanding_acks;
         let mut outstanding = FuturesOrdered::new();
         let mut failed = false;
         // One topic name shared by the batch's receipts.
         let shared: Arc<str> = topic.into();
-        // Held until every acknowledgement is in: a re-sent event may need
-        // a copy stored after the others (see `keep_key_order`).
-        let mut done: Vec<(usize, Result<Receipt>)> = Vec::with_capacity(count);
+        // Returned once every acknowledgement is in: a re-sent event may
+        // need a copy stored after the others (see `keep_key_order`).
+        let mut done: Vec<Result<Receipt>> = Vec::with_capacity(count);
         let mut settle = |(i, partition, ack): (usize, u32, Option<_>), failed: &mut bool| {
             // No acknowledgement only when `within` passed first.
             let receipt = match ack {
@@ -508,7 +507,7 @@ impl JetStreamPublisher {
                 )),
             };
             *failed |= receipt.is_err();
-            done.push((i, receipt));
+            done.push(receipt);
         };
         let mut stopped = None;
         // Headers are built as each event goes out, while earlier ones are
@@ -537,7 +536,7 @@ impl JetStreamPublisher {
                     (i, partition, ack)
                 }),
                 Err(e) => {
-                    stopped = Some((i, e));
+                    stopped = Some(e);
                     break;
                 }
             }
@@ -545,12 +544,9 @@ impl JetStreamPublisher {
         while let Some(r) = outstanding.next().await {
             settle(r, &mut failed);
         }
-        self.keep_key_order(topic, shape, events, &mut done, limit)
+        self.keep_key_order(topic, &shared, shape, events, &mut done, limit)
             .await;
-        for (i, receipt) in done {
-            acked(i, receipt);
-        }
-        stopped
+        (done, stopped)
     }
 
     /// Keeps each key's order as a consumer reads the stream when events
@@ -565,7 +561,8 @@ impl JetStreamPublisher {
     /// as on Kafka (a consumer that keeps only the first copy of an event,
     /// as an inbox does, still sees the two in the order stored first).
     ///
-    /// `done`: the acknowledgements, in input order. A key's events after
+    /// `done`: the acknowledgements of the first events, in input order
+    /// (the `i`-th is event `i`'s). A key's events after
     /// its first failure are left as they are (the caller holds them back).
     /// When a copy fails, every event of its key in the batch fails with
     /// it, the stored ones too: tried again, the same events make the same
@@ -574,23 +571,20 @@ impl JetStreamPublisher {
     async fn keep_key_order(
         &self,
         topic: &str,
+        shared: &Arc<str>,
         shape: &StreamShape,
         events: &[Envelope],
-        done: &mut [(usize, Result<Receipt>)],
+        done: &mut [Result<Receipt>],
         limit: Option<(tokio::time::Instant, Duration)>,
     ) {
         // Only a duplicate can have been stored before an earlier event.
-        if !done
-            .iter()
-            .any(|(_, r)| r.as_ref().is_ok_and(|r| r.duplicate))
-        {
+        if !done.iter().any(|r| r.as_ref().is_ok_and(|r| r.duplicate)) {
             return;
         }
-        let copies = order_copies(done.iter().map(|(i, r)| (events[*i].key().as_bytes(), r)));
-        let shared: Arc<str> = topic.into();
+        let copies = order_copies(events.iter().map(|e| e.key().as_bytes()).zip(done.iter()));
         let mut failed_keys: Vec<&[u8]> = Vec::new();
         for (at, after) in copies {
-            let event = &events[done[at].0];
+            let event = &events[at];
             if failed_keys.contains(&event.key().as_bytes()) {
                 continue;
             }
@@ -599,22 +593,21 @@ impl JetStreamPublisher {
                 let mut prepared = self.prepare(topic, shape, event)?;
                 prepared.message = prepared.message.message_id(format!("{id}~{after}"));
                 let (partition, ack) = self.send(topic, &id, prepared).await?;
-                self.receipt(&shared, &id, partition, ack.await)
+                self.receipt(shared, &id, partition, ack.await)
             };
             match crate::bounded(topic, limit, copy).await {
                 Ok(receipt) => {
                     tracing::debug!(topic, event_id = %id, after, position = receipt.position, "event stored again after an earlier event of its key");
-                    done[at].1 = Ok(receipt);
+                    done[at] = Ok(receipt);
                 }
                 Err(e) => {
                     tracing::debug!(topic, event_id = %id, error = %e, "a copy keeping its key's order failed");
-                    done[at].1 = Err(e);
+                    done[at] = Err(e);
                     failed_keys.push(event.key().as_bytes());
                 }
             }
         }
-        for (i, receipt) in done.iter_mut() {
-            let event = &events[*i];
+        for (event, receipt) in events.iter().zip(done.iter_mut()) {
             if failed_keys.contains(&event.key().as_bytes()) && receipt.is_ok() {
                 *receipt = Err(publish_error(
                     topic,
@@ -663,30 +656,24 @@ impl Publisher for JetStreamPublisher {
                 )
             })
         })?;
-        let mut receipts = Vec::with_capacity(events.len());
-        // The earliest failure is the batch's.
-        let mut failure: Option<(usize, Error)> = None;
-        let stopped = self
-            .send_batch(
-                topic,
-                &shape,
-                &events,
-                events.len(),
-                None,
-                |i, acked| match acked {
-                    Ok(r) => receipts.push(r),
-                    Err(e) => {
-                        if failure.as_ref().is_none_or(|(at, _)| i < *at) {
-                            failure = Some((i, e));
-                        }
-                    }
-                },
-            )
+        let (done, stopped) = self
+            .send_batch(topic, &shape, &events, events.len(), None)
             .await;
-        if let Some((i, e)) = stopped
-            && failure.as_ref().is_none_or(|(at, _)| i < *at)
-        {
-            failure = Some((i, e));
+        let sent = done.len();
+        let mut receipts = Vec::with_capacity(sent);
+        // The earliest failure is the batch's (a failed send comes after
+        // every acknowledgement).
+        let mut failure: Option<(usize, Error)> = None;
+        for (i, acked) in done.into_iter().enumerate() {
+            match acked {
+                Ok(r) => receipts.push(r),
+                Err(e) => {
+                    failure.get_or_insert((i, e));
+                }
+            }
+        }
+        if let Some(e) = stopped {
+            failure.get_or_insert((sent, e));
         }
         match failure {
             None => Ok(receipts),
@@ -736,17 +723,16 @@ impl Publisher for JetStreamPublisher {
                 }
             })
             .unwrap_or(total);
-        let mut outcomes = Vec::with_capacity(total);
-        let stopped = self
-            .send_batch(topic, &shape, &events, sendable, Some(limit), |_, acked| {
-                outcomes.push(match acked {
-                    Ok(receipt) => Sent::Stored(receipt),
-                    Err(e) => Sent::Failed(e),
-                })
-            })
+        let (done, stopped) = self
+            .send_batch(topic, &shape, &events, sendable, Some(limit))
             .await;
+        let mut outcomes = Vec::with_capacity(total);
+        outcomes.extend(done.into_iter().map(|acked| match acked {
+            Ok(receipt) => Sent::Stored(receipt),
+            Err(e) => Sent::Failed(e),
+        }));
         match (stopped, refused) {
-            (Some((_, e)), _) => outcomes.push(Sent::Failed(e)),
+            (Some(e), _) => outcomes.push(Sent::Failed(e)),
             // Sending stopped at the refused event, not before it at a
             // failed acknowledgement.
             (None, Some(e)) if outcomes.len() == sendable => outcomes.push(Sent::Failed(e)),
