@@ -92,7 +92,10 @@ pub trait Publisher: Send + Sync {
     /// what the broker does not have.
     ///
     /// Sending stops once a failure is seen: an event that cannot be sent
-    /// is [`Sent::Failed`] and every later one [`Sent::NotSent`]. Events
+    /// is [`Sent::Failed`] and the events not sent [`Sent::NotSent`] (every
+    /// later one, or, where a transport sends a key's next event only once
+    /// the previous one is stored, as JetStream's does, any event — but
+    /// never one before a stored or failed event of its key). Events
     /// already on their way (with pipelining, possibly the whole batch) are
     /// awaited and reported as they come back, so an event may be
     /// [`Sent::Stored`] after a failed earlier event of its key (its

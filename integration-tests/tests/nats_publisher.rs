@@ -102,10 +102,11 @@ async fn headers_key_and_partition_subject_are_what_keel_promises() {
 #[tokio::test]
 async fn a_batch_beyond_the_client_ack_window_completes_in_key_order() {
     // async-nats refuses publishes once 5,000 acks are outstanding; a batch
-    // four times that must neither stall nor reorder.
+    // four times that must neither stall nor reorder. 10,000 keys (one
+    // event of each in flight at a time) fill the publisher's window.
     let s = setup(3, StreamSettings::default()).await;
     let events: Vec<Envelope> = (0..20_000)
-        .map(|i| event(&format!("k{}", i % 50), i / 50))
+        .map(|i| event(&format!("k{}", i % 10_000), i / 10_000))
         .collect();
     let receipts = tokio::time::timeout(
         Duration::from_secs(120),
@@ -549,6 +550,47 @@ async fn publish_each_answers_within_its_bound() {
             keel_core::Sent::Stored(r) => panic!("stored with the server down: {r:?}"),
         }
     }
+}
+
+/// A key's events go one after another (each once the previous one is
+/// stored), so a long batch of one key outlives a short bound: what was
+/// not sent in time is reported not sent — not failed, which would make
+/// the relay back off a topic that is fine — and what was sent is stored,
+/// in order.
+#[tokio::test]
+async fn a_hot_key_outliving_the_bound_leaves_the_rest_not_sent() {
+    let s = setup(1, StreamSettings::default()).await;
+    let outcomes = s
+        .publisher
+        .publish_each(
+            &s.topic,
+            (0..20_000).map(|i| event("hot", i)).collect(),
+            Duration::from_millis(800),
+        )
+        .await;
+    assert_eq!(outcomes.len(), 20_000);
+    let stored = outcomes
+        .iter()
+        .take_while(|o| matches!(o, keel_core::Sent::Stored(_)))
+        .count();
+    assert!(stored > 0, "nothing stored: {:?}", outcomes.first());
+    // Sending stopped with a quarter of the bound left: the event in
+    // flight then came back in time.
+    let rest = &outcomes[stored..];
+    assert!(
+        !rest.is_empty() && rest.iter().all(|o| matches!(o, keel_core::Sent::NotSent)),
+        "after {stored} stored: {:?}",
+        rest.iter().find(|o| !matches!(o, keel_core::Sent::NotSent))
+    );
+    let mut last = 0;
+    for outcome in &outcomes[..stored] {
+        let keel_core::Sent::Stored(r) = outcome else {
+            unreachable!()
+        };
+        assert!(r.position > last, "stored out of order at {}", r.position);
+        last = r.position;
+    }
+    s.admin.delete_topic(&s.topic).await.unwrap();
 }
 
 /// The event ids of a stream's messages in stream order, read one by one.

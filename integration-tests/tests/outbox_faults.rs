@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use keel_consumers::nats::NatsTransport;
 use keel_integration_tests::faults::Worker;
 use keel_integration_tests::outbox::{
-    RunningRelay, assert_duplicates_explained, check_last_copies, consume, relay_config,
+    RunningRelay, assert_duplicates_explained, check, check_last_copies, consume, relay_config,
 };
 use keel_integration_tests::outbox::{
     WriterPlan, new_topic, outbox, outbox_database, read_and_check, unpublished, write,
@@ -297,10 +297,10 @@ async fn private_nats_transport(nats: &NatsUnderTest, config: &RelayConfig) -> A
     )
 }
 
-/// The broker is SIGKILLed while the relay drains a backlog — in the middle
-/// of a batch — and comes back: what it acknowledged stays published, the
-/// rest goes again, nothing is lost, each key's last copies arrive in
-/// commit order, and the duplicates stay within what the failed publishes
+/// The broker is SIGKILLed three times while the relay drains a backlog —
+/// in the middle of a batch — and comes back each time: what it acknowledged stays published, the
+/// rest goes again, nothing is lost, each key's first and last copies
+/// arrive in commit order, and the duplicates stay within what the failed publishes
 /// explain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_mid_batch_loses_nothing_and_keeps_each_keys_order() {
@@ -332,30 +332,37 @@ async fn the_broker_killed_mid_batch_loses_nothing_and_keeps_each_keys_order() {
         mut stats,
         task,
     } = RunningRelay::spawn(relay);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        stats.wait_for(|s| s.published >= 2 * BATCH as u64),
-    )
-    .await
-    .expect("the relay did not start publishing")
-    .unwrap();
-    nats.kill();
-    let at_kill = stats.borrow().published;
-    assert!(
-        at_kill < EVENTS as u64,
-        "the backlog was drained before the kill: nothing was in flight"
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        stats.borrow().failed_batches >= 1,
-        "no publish failed while the broker was down"
-    );
-    nats.restart();
+    // Three outages, each once two more batches went out since the last.
+    let mut kills = Vec::new();
+    for _ in 0..3 {
+        let from = stats.borrow().published;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            stats.wait_for(|s| s.published >= from + 2 * BATCH as u64),
+        )
+        .await
+        .expect("the relay did not publish between outages")
+        .unwrap();
+        nats.kill();
+        let at_kill = stats.borrow().published;
+        assert!(
+            at_kill < EVENTS as u64,
+            "the backlog was drained before the kill: nothing was in flight"
+        );
+        let failed_before = stats.borrow().failed_batches;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            stats.borrow().failed_batches > failed_before,
+            "no publish failed while the broker was down"
+        );
+        nats.restart();
+        kills.push(at_kill);
+    }
     drained(&db, &tables).await;
     // Publishes the client queued when the connection died go out after
-    // it reconnects, ahead of the re-sent rows that the dead connection
-    // lost: a key's first copies can then be out of order, and the
-    // publisher's copies keep its last ones in order (README, the outbox).
+    // it reconnects, the re-sent rows that the dead connection lost after
+    // them: with one event per key in flight, neither a key's first copies
+    // (what an inbox keeps) nor its last ones are out of order.
     let expected = writes.committed.iter().map(|w| w.id).collect();
     let seen = consume(
         transport.as_ref(),
@@ -365,8 +372,9 @@ async fn the_broker_killed_mid_batch_loses_nothing_and_keeps_each_keys_order() {
         Duration::from_secs(1),
     )
     .await;
-    let duplicates = check_last_copies(&writes, &seen);
-    eprintln!("killed at {at_kill} published; {duplicates} duplicates");
+    let duplicates = check(&writes, &seen);
+    check_last_copies(&writes, &seen);
+    eprintln!("killed at {kills:?} published; {duplicates} duplicates");
     assert_duplicates_explained(duplicates, &[&stats.borrow()], BATCH);
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();

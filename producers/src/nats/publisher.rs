@@ -7,15 +7,19 @@
 //! and the receipt says `duplicate`. Keys map to the partition subjects
 //! `<topic>.<p>` by murmur2, as Kafka's Java clients map them to partitions.
 //!
-//! A batch is sent in order on one connection (the server stores it in that
-//! order) while at most [`JetStreamPublisherConfig::max_outstanding_acks`]
-//! acknowledgements are awaited concurrently: async-nats refuses publishes
-//! once its own ack window is full, so sending everything before awaiting
-//! anything stalls. Every event of a batch is encoded and size-checked
+//! A batch is sent on one connection while at most
+//! [`JetStreamPublisherConfig::max_outstanding_acks`] acknowledgements are
+//! awaited concurrently (async-nats refuses publishes once its own ack
+//! window is full, so sending everything before awaiting anything stalls),
+//! and at most one per key: a key's next event goes out once the previous
+//! one is stored, so a connection lost mid-batch cannot leave a later
+//! event of a key stored before an earlier one. Events of different keys
+//! are pipelined. Every event of a batch is encoded and size-checked
 //! before the first is sent, so a bad event fails the batch without storing
 //! the events around it.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -23,7 +27,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use async_nats::{HeaderMap, HeaderName};
 use async_trait::async_trait;
 use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use futures::stream::FuturesUnordered;
 use keel_core::partition::partition_for_key;
 use keel_core::transport::{Publisher, Receipt, Sent};
 use keel_core::{Envelope, Error, RawRecord, Result, wire};
@@ -152,13 +156,75 @@ impl std::fmt::Debug for JetStreamPublisher {
     }
 }
 
+/// The order a batch's events go out in, at most one event per key
+/// awaiting its acknowledgement: a key's next event is sent only once the
+/// previous one is stored. When the connection dies, async-nats sends the
+/// publishes still queued in the client after it reconnects, while those
+/// the dead connection held are lost; with two events of a key in flight,
+/// the later could be stored and the earlier lost, to be stored after it
+/// when sent again. Other keys' events go out meanwhile, so a batch of
+/// distinct keys is pipelined whole.
+struct KeyTurns<'a> {
+    keys: Vec<&'a [u8]>,
+    /// The next event not yet looked at.
+    next: usize,
+    /// Keys with an event awaiting its acknowledgement (or about to be
+    /// sent), and their later events held back, in order.
+    busy: HashMap<&'a [u8], VecDeque<usize>>,
+    /// Held-back events whose key's previous event is stored, oldest first.
+    ready: VecDeque<usize>,
+}
+
+impl<'a> KeyTurns<'a> {
+    fn new(keys: Vec<&'a [u8]>) -> Self {
+        KeyTurns {
+            keys,
+            next: 0,
+            busy: HashMap::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// The event to send next, if one may go now.
+    fn next(&mut self) -> Option<usize> {
+        if let Some(i) = self.ready.pop_front() {
+            return Some(i);
+        }
+        while let Some(&key) = self.keys.get(self.next) {
+            let i = self.next;
+            self.next += 1;
+            match self.busy.entry(key) {
+                Entry::Occupied(mut held) => held.get_mut().push_back(i),
+                Entry::Vacant(free) => {
+                    free.insert(VecDeque::new());
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Event `i` is stored: its key's next event may go.
+    fn stored(&mut self, i: usize) {
+        let key = self.keys[i];
+        if let Some(held) = self.busy.get_mut(key) {
+            match held.pop_front() {
+                Some(after) => self.ready.push_back(after),
+                None => {
+                    self.busy.remove(key);
+                }
+            }
+        }
+    }
+}
+
 /// Which of a batch's acknowledged events need a copy to keep their key's
 /// order, and the sequence each copy must follow: for each key, from its
 /// first event stored before an earlier event of the key (a duplicate of
 /// an earlier try) on, every later one, up to the key's first failure.
-/// `done`: each event's key and outcome, in input order.
+/// `done`: each event's key and outcome (`None`: not sent), in input order.
 fn order_copies<'a>(
-    done: impl Iterator<Item = (&'a [u8], &'a Result<Receipt>)>,
+    done: impl Iterator<Item = (&'a [u8], Option<&'a Result<Receipt>>)>,
 ) -> Vec<(usize, u64)> {
     #[derive(Default)]
     struct KeyState {
@@ -172,8 +238,8 @@ fn order_copies<'a>(
         let key = keys.entry(key).or_default();
         match receipt {
             _ if key.failed => {}
-            Err(_) => key.failed = true,
-            Ok(receipt) => {
+            None | Some(Err(_)) => key.failed = true,
+            Some(Ok(receipt)) => {
                 if key.after.is_none() && receipt.position < key.last {
                     key.after = Some(key.last);
                 }
@@ -472,14 +538,14 @@ impl JetStreamPublisher {
     }
 
     /// Sends the first `count` of `events` (checked by the caller), at
-    /// most `max_outstanding_acks` awaiting their acknowledgement, and
-    /// returns the acknowledgement of each event sent, in input order (so
-    /// the `i`-th is event `i`'s). Sending stops once a failure is seen (a
-    /// send that fails, or a failed acknowledgement awaited while the
-    /// window was full): the error of a send that failed comes second (its
-    /// event is the one after the last acknowledgement). With `limit` (an
-    /// instant and the bound it came from), what is not sent or
-    /// acknowledged by then fails as
+    /// most `max_outstanding_acks` awaiting their acknowledgement and at
+    /// most one of each key (see [`KeyTurns`]), and returns the outcome of
+    /// each event, in input order (the `i`-th is event `i`'s; `None`: not
+    /// sent). Sending stops once a failure is seen (a send that fails,
+    /// returned second with its event's place, or a failed
+    /// acknowledgement). With `limit` (an instant and the bound it came
+    /// from), sending stops when a quarter of the bound is left, and an
+    /// acknowledgement not in by the instant fails as
     /// [`keel_core::transport::past_deadline`].
     async fn send_batch(
         &self,
@@ -488,61 +554,96 @@ impl JetStreamPublisher {
         events: &[Envelope],
         count: usize,
         limit: Option<(tokio::time::Instant, Duration)>,
-    ) -> (Vec<Result<Receipt>>, Option<Error>) {
-        let window = self.config.max_outstanding_acks;
-        let mut outstanding = FuturesOrdered::new();
+    ) -> (Vec<Option<Result<Receipt>>>, Option<(usize, Error)>) {
+        // (`with_context` takes the settings unchecked.)
+        let window = self.config.max_outstanding_acks.max(1);
+        let mut outstanding = FuturesUnordered::new();
         let mut failed = false;
         // One topic name shared by the batch's receipts.
         let shared: Arc<str> = topic.into();
         // Returned once every acknowledgement is in: a re-sent event may
         // need a copy stored after the others (see `keep_key_order`).
-        let mut done: Vec<Result<Receipt>> = Vec::with_capacity(count);
-        let mut settle = |(i, partition, ack): (usize, u32, Option<_>), failed: &mut bool| {
-            // No acknowledgement only when `within` passed first.
-            let receipt = match ack {
-                Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
-                None => Err(keel_core::transport::past_deadline(
-                    topic,
-                    limit.map(|(_, within)| within).unwrap_or_default(),
-                )),
-            };
-            *failed |= receipt.is_err();
-            done.push(receipt);
-        };
+        let mut done: Vec<Option<Result<Receipt>>> =
+            std::iter::repeat_with(|| None).take(count).collect();
+        let mut turns = KeyTurns::new(
+            events
+                .iter()
+                .take(count)
+                .map(|e| e.key().as_bytes())
+                .collect(),
+        );
         let mut stopped = None;
-        // Headers are built as each event goes out, while earlier ones are
-        // on the wire.
-        for (i, event) in events.iter().enumerate().take(count) {
-            while outstanding.len() >= window {
-                if let Some(r) = outstanding.next().await {
-                    settle(r, &mut failed);
+        // With `limit`, new sends stop once a quarter of the bound is left,
+        // so what is in flight can still be acknowledged in time (a key's
+        // events go one after another: a batch of one key takes a round
+        // trip per event).
+        let last_send = limit.map(|(at, within)| at.checked_sub(within / 4).unwrap_or(at));
+        let mut out_of_time = false;
+        loop {
+            let turn = if failed || stopped.is_some() || out_of_time || outstanding.len() >= window
+            {
+                None
+            } else {
+                turns.next()
+            };
+            let Some(i) = turn else {
+                let Some((i, partition, ack)): Option<(usize, u32, Option<_>)> =
+                    outstanding.next().await
+                else {
+                    break;
+                };
+                // No acknowledgement only when `within` passed first.
+                let receipt = match ack {
+                    Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
+                    None => Err(keel_core::transport::past_deadline(
+                        topic,
+                        limit.map(|(_, within)| within).unwrap_or_default(),
+                    )),
+                };
+                match receipt {
+                    Ok(_) => turns.stored(i),
+                    Err(_) => failed = true,
                 }
+                done[i] = Some(receipt);
+                continue;
+            };
+            // Headers are built as each event goes out, while earlier ones
+            // are on the wire.
+            let event = &events[i];
+            if last_send.is_some_and(|by| tokio::time::Instant::now() >= by) {
+                out_of_time = true;
+                continue;
             }
-            if failed {
-                break;
-            }
-            let sent = match self.prepare(topic, shape, event) {
-                Ok(prepared) => {
-                    crate::bounded(topic, limit, self.send(topic, &event.id(), prepared)).await
+            let id = event.id();
+            let send = match self.prepare(topic, shape, event) {
+                Ok(prepared) => self.send(topic, &id, prepared),
+                Err(e) => {
+                    stopped = Some((i, e));
+                    continue;
                 }
-                Err(e) => Err(e),
+            };
+            let sent = match last_send {
+                Some(by) => match tokio::time::timeout_at(by, send).await {
+                    Ok(sent) => sent,
+                    // Still waiting for room in the client's queue: not
+                    // sent.
+                    Err(_) => {
+                        out_of_time = true;
+                        continue;
+                    }
+                },
+                None => send.await,
             };
             match sent {
-                Ok((partition, ack)) => outstanding.push_back(async move {
+                Ok((partition, ack)) => outstanding.push(async move {
                     let ack = match limit {
                         Some((at, _)) => tokio::time::timeout_at(at, ack).await.ok(),
                         None => Some(ack.await),
                     };
                     (i, partition, ack)
                 }),
-                Err(e) => {
-                    stopped = Some(e);
-                    break;
-                }
+                Err(e) => stopped = Some((i, e)),
             }
-        }
-        while let Some(r) = outstanding.next().await {
-            settle(r, &mut failed);
         }
         self.keep_key_order(topic, &shared, shape, events, &mut done, limit)
             .await;
@@ -561,8 +662,8 @@ impl JetStreamPublisher {
     /// as on Kafka (a consumer that keeps only the first copy of an event,
     /// as an inbox does, still sees the two in the order stored first).
     ///
-    /// `done`: the acknowledgements of the first events, in input order
-    /// (the `i`-th is event `i`'s). A key's events after
+    /// `done`: the outcome of each event, in input order (the `i`-th is
+    /// event `i`'s; `None`: not sent). A key's events after
     /// its first failure are left as they are (the caller holds them back).
     /// When a copy fails, every event of its key in the batch fails with
     /// it, the stored ones too: tried again, the same events make the same
@@ -574,14 +675,19 @@ impl JetStreamPublisher {
         shared: &Arc<str>,
         shape: &StreamShape,
         events: &[Envelope],
-        done: &mut [Result<Receipt>],
+        done: &mut [Option<Result<Receipt>>],
         limit: Option<(tokio::time::Instant, Duration)>,
     ) {
         // Only a duplicate can have been stored before an earlier event.
-        if !done.iter().any(|r| r.as_ref().is_ok_and(|r| r.duplicate)) {
+        if !done.iter().any(|r| matches!(r, Some(Ok(r)) if r.duplicate)) {
             return;
         }
-        let copies = order_copies(events.iter().map(|e| e.key().as_bytes()).zip(done.iter()));
+        let copies = order_copies(
+            events
+                .iter()
+                .map(|e| e.key().as_bytes())
+                .zip(done.iter().map(Option::as_ref)),
+        );
         let mut failed_keys: Vec<&[u8]> = Vec::new();
         for (at, after) in copies {
             let event = &events[at];
@@ -598,24 +704,24 @@ impl JetStreamPublisher {
             match crate::bounded(topic, limit, copy).await {
                 Ok(receipt) => {
                     tracing::debug!(topic, event_id = %id, after, position = receipt.position, "event stored again after an earlier event of its key");
-                    done[at] = Ok(receipt);
+                    done[at] = Some(Ok(receipt));
                 }
                 Err(e) => {
                     tracing::debug!(topic, event_id = %id, error = %e, "a copy keeping its key's order failed");
-                    done[at] = Err(e);
+                    done[at] = Some(Err(e));
                     failed_keys.push(event.key().as_bytes());
                 }
             }
         }
         for (event, receipt) in events.iter().zip(done.iter_mut()) {
-            if failed_keys.contains(&event.key().as_bytes()) && receipt.is_ok() {
-                *receipt = Err(publish_error(
+            if failed_keys.contains(&event.key().as_bytes()) && matches!(receipt, Some(Ok(_))) {
+                *receipt = Some(Err(publish_error(
                     topic,
                     &event.id(),
                     "an event of its key was stored before an earlier one, and its copy \
                      after it failed; publishing the key's events again sends it",
                     true,
-                ));
+                )));
             }
         }
     }
@@ -659,21 +765,17 @@ impl Publisher for JetStreamPublisher {
         let (done, stopped) = self
             .send_batch(topic, &shape, &events, events.len(), None)
             .await;
-        let sent = done.len();
-        let mut receipts = Vec::with_capacity(sent);
-        // The earliest failure is the batch's (a failed send comes after
-        // every acknowledgement).
-        let mut failure: Option<(usize, Error)> = None;
+        let mut receipts = Vec::with_capacity(done.len());
+        // The earliest failure is the batch's.
+        let mut failure: Option<(usize, Error)> = stopped;
         for (i, acked) in done.into_iter().enumerate() {
             match acked {
-                Ok(r) => receipts.push(r),
-                Err(e) => {
-                    failure.get_or_insert((i, e));
+                Some(Ok(r)) => receipts.push(r),
+                Some(Err(e)) if failure.as_ref().is_none_or(|(at, _)| i < *at) => {
+                    failure = Some((i, e));
                 }
+                Some(Err(_)) | None => {}
             }
-        }
-        if let Some(e) = stopped {
-            failure.get_or_insert((sent, e));
         }
         match failure {
             None => Ok(receipts),
@@ -728,15 +830,18 @@ impl Publisher for JetStreamPublisher {
             .await;
         let mut outcomes = Vec::with_capacity(total);
         outcomes.extend(done.into_iter().map(|acked| match acked {
-            Ok(receipt) => Sent::Stored(receipt),
-            Err(e) => Sent::Failed(e),
+            Some(Ok(receipt)) => Sent::Stored(receipt),
+            Some(Err(e)) => Sent::Failed(e),
+            None => Sent::NotSent,
         }));
-        match (stopped, refused) {
-            (Some(e), _) => outcomes.push(Sent::Failed(e)),
-            // Sending stopped at the refused event, not before it at a
-            // failed acknowledgement.
-            (None, Some(e)) if outcomes.len() == sendable => outcomes.push(Sent::Failed(e)),
-            _ => {}
+        // Sending stopped at the refused event only when everything before
+        // it went out.
+        let all_sent = stopped.is_none() && !outcomes.iter().any(|o| matches!(o, Sent::NotSent));
+        if let Some((i, e)) = stopped {
+            outcomes[i] = Sent::Failed(e);
+        }
+        if let Some(e) = refused.filter(|_| all_sent) {
+            outcomes.push(Sent::Failed(e));
         }
         outcomes.resize_with(total, || Sent::NotSent);
         outcomes
@@ -846,7 +951,43 @@ mod tests {
     }
 
     fn copies(done: &[(&str, Result<Receipt>)]) -> Vec<(usize, u64)> {
-        order_copies(done.iter().map(|(k, r)| (k.as_bytes(), r)))
+        order_copies(done.iter().map(|(k, r)| (k.as_bytes(), Some(r))))
+    }
+
+    /// Drives `KeyTurns`: takes what may go, then, step by step, reports
+    /// the events of each of `acks` stored and takes what may go then;
+    /// returns the events taken at each step.
+    fn rounds(keys: &[&str], acks: &[&[usize]]) -> Vec<Vec<usize>> {
+        let mut turns = KeyTurns::new(keys.iter().map(|k| k.as_bytes()).collect());
+        let mut sent = vec![std::iter::from_fn(|| turns.next()).collect::<Vec<_>>()];
+        for acked in acks {
+            for &i in *acked {
+                turns.stored(i);
+            }
+            sent.push(std::iter::from_fn(|| turns.next()).collect());
+        }
+        sent
+    }
+
+    #[test]
+    fn distinct_keys_go_out_at_once() {
+        assert_eq!(rounds(&["a", "b", "c"], &[]), [vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn a_keys_next_event_waits_for_the_previous_ones_acknowledgement() {
+        let keys = ["a", "b", "a", "c", "a", "b"];
+        assert_eq!(
+            rounds(&keys, &[&[1], &[0], &[2, 3], &[5], &[4]]),
+            [vec![0, 1, 3], vec![5], vec![2], vec![4], vec![], vec![]]
+        );
+    }
+
+    #[test]
+    fn a_failed_event_holds_back_its_keys_later_ones() {
+        // Event 0 is never stored: event 2 of its key never goes.
+        let keys = ["a", "b", "a", "b"];
+        assert_eq!(rounds(&keys, &[&[1], &[3]]), [vec![0, 1], vec![3], vec![]]);
     }
 
     #[test]
@@ -879,6 +1020,17 @@ mod tests {
             ("b", stored(11, true)),
         ];
         assert_eq!(copies(&done), [(2, 12)]);
+    }
+
+    #[test]
+    fn a_key_stops_at_its_first_event_not_sent() {
+        let done = [
+            ("a", Some(stored(12, false))),
+            ("a", None),
+            ("b", Some(stored(11, true))),
+            ("a", Some(stored(10, true))),
+        ];
+        assert!(order_copies(done.iter().map(|(k, r)| (k.as_bytes(), r.as_ref()))).is_empty());
     }
 
     #[test]

@@ -475,11 +475,12 @@ impl OutboxRelay {
 
     /// Claims, publishes and marks one batch of `slots`' rows, skipping
     /// topics that are backing off. `Ok(true)` when more rows are probably
-    /// waiting (a full batch, or refused rows to try again).
+    /// waiting (a full batch, refused rows to try again, or rows the
+    /// publisher did not get to send in time while nothing failed).
     ///
     /// A row the broker refuses for itself counts an attempt; the rest of
-    /// the batch goes out (the rows sent before it are published already;
-    /// those the publisher did not send after it go in a second round) —
+    /// the batch goes out (the rows sent already are published; those the
+    /// publisher did not send go in a second round) —
     /// except later rows of the refused row's key, which wait behind it to
     /// keep the key's order. A
     /// topic that is unavailable (missing, forbidden, timing out) backs off
@@ -616,6 +617,10 @@ impl OutboxRelay {
         }
         let (done, failed) = (total.published.len() as u64, total.refused.len() as u64);
         let unavailable = total.unavailable.len() as u64;
+        // Rows neither published nor refused with every topic answering:
+        // the publisher ran out of time (a long run of one key on
+        // JetStream goes a round trip per row), so they go next.
+        let unsent = unavailable == 0 && claimed.len() as u64 > done + failed;
         self.stats.send_modify(|s| {
             s.batches += 1;
             s.failures += failed;
@@ -636,7 +641,7 @@ impl OutboxRelay {
             mark_later,
             "relay batch"
         );
-        Ok(full || failed > 0)
+        Ok(full || failed > 0 || unsent)
     }
 
     /// Counts and logs a failed batch (or a failed mark); returns until when
