@@ -59,7 +59,9 @@ pub enum Sent {
     /// succeed. A lost acknowledgement (a timeout) may hide a stored event:
     /// publishing it again is at least once, as for a failed batch.
     Failed(Error),
-    /// Not sent: the batch stopped at an earlier event's failure.
+    /// Not sent: the batch stopped at a failure, or ran out of its bound
+    /// before sending it, or (on JetStream) an earlier event of its key
+    /// was not stored.
     NotSent,
 }
 
@@ -105,7 +107,8 @@ pub trait Publisher: Send + Sync {
     ///
     /// `within` bounds the call: an event not acknowledged by then is
     /// [`Sent::Failed`] with a retriable [`Error::Timeout`] (it may still be
-    /// stored) and one not sent by then [`Sent::NotSent`], while what the
+    /// stored) and one not sent by then [`Sent::NotSent`] (or, if it was
+    /// being handed to the client when time ran out, that timeout), while what the
     /// broker acknowledged before is [`Sent::Stored`]. A caller with a
     /// deadline of its own (the relay's leases) keeps what the broker has.
     ///

@@ -5,11 +5,12 @@
 //! Events are published at a steady 4,000 msg/s (6 partitions, 10,000
 //! keys, a 148-byte Avro `OrderPlaced` payload) while two consumers, each a
 //! process of its own in its own group, read the topic with handlers that
-//! take 10 ms each, at most 32 at a time: 3,200 msg/s, so both fall
+//! take 10 ms each, at most 32 at a time: under 3,200 msg/s, so both fall
 //! further behind all along and only their limits keep what they hold
 //! from growing with the backlog. **Keel**: `KafkaGroupConsumer` with its
-//! defaults (a window of 1,000 deliveries per partition, librdkafka's
-//! prefetch bounded per partition queue) under `serve()` with 32 handlers.
+//! defaults (256 deliveries in flight per subscription, 1,000 per
+//! partition, librdkafka's prefetch bounded per partition queue) under
+//! `serve()` with 32 handlers.
 //! **Raw**: a `StreamConsumer` (librdkafka's defaults) whose loop takes a
 //! record, hands it to a handler task once one of 32 permits is free, and
 //! stores its offset when done. Every 10 s the resident set of each
@@ -76,8 +77,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A consumer process: prints how many events it handled, every second.
+/// A consumer process: prints how many events it handled, every second,
+/// and exits when its standard input closes (the soak ended or died).
 async fn member(kind: &str, topic: &str, bootstrap: &str) -> anyhow::Result<()> {
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     let client = KafkaClientConfig::new([bootstrap.to_owned()]);
     let handled = Arc::new(AtomicU64::new(0));
     let report = {
@@ -167,6 +173,7 @@ impl Watched {
     fn spawn(kind: &str, topic: &str, bootstrap: &str) -> anyhow::Result<Watched> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .args(["member", kind, topic, bootstrap])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -200,7 +207,7 @@ impl Watched {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .context("no VmRSS")?;
+            .context("no VmRSS: the member process exited (see its errors above)")?;
         Ok(kib / 1024.0)
     }
 

@@ -544,9 +544,10 @@ impl JetStreamPublisher {
     /// sent). Sending stops once a failure is seen (a send that fails,
     /// returned second with its event's place, or a failed
     /// acknowledgement). With `limit` (an instant and the bound it came
-    /// from), sending stops when a quarter of the bound is left, and an
-    /// acknowledgement not in by the instant fails as
-    /// [`keel_core::transport::past_deadline`].
+    /// from), sending stops when a quarter of the bound is left (a send
+    /// waiting for room in the client's queue then, and an acknowledgement
+    /// not in by the instant, fail as
+    /// [`keel_core::transport::past_deadline`]).
     async fn send_batch(
         &self,
         topic: &str,
@@ -577,7 +578,8 @@ impl JetStreamPublisher {
         // so what is in flight can still be acknowledged in time (a key's
         // events go one after another: a batch of one key takes a round
         // trip per event).
-        let last_send = limit.map(|(at, within)| at.checked_sub(within / 4).unwrap_or(at));
+        let last_send =
+            limit.map(|(at, within)| (at.checked_sub(within / 4).unwrap_or(at), within));
         let mut out_of_time = false;
         loop {
             let turn = if failed || stopped.is_some() || out_of_time || outstanding.len() >= window
@@ -610,7 +612,7 @@ impl JetStreamPublisher {
             // Headers are built as each event goes out, while earlier ones
             // are on the wire.
             let event = &events[i];
-            if last_send.is_some_and(|by| tokio::time::Instant::now() >= by) {
+            if last_send.is_some_and(|(by, _)| tokio::time::Instant::now() >= by) {
                 out_of_time = true;
                 continue;
             }
@@ -622,16 +624,14 @@ impl JetStreamPublisher {
                     continue;
                 }
             };
+            // A send still waiting for room in the client's queue when
+            // sending has to stop fails (retriable; it is not sent): the
+            // queue stays full while the connection is down, and the
+            // caller must see that to back off.
             let sent = match last_send {
-                Some(by) => match tokio::time::timeout_at(by, send).await {
-                    Ok(sent) => sent,
-                    // Still waiting for room in the client's queue: not
-                    // sent.
-                    Err(_) => {
-                        out_of_time = true;
-                        continue;
-                    }
-                },
+                Some((by, within)) => tokio::time::timeout_at(by, send)
+                    .await
+                    .unwrap_or_else(|_| Err(keel_core::transport::past_deadline(topic, within))),
                 None => send.await,
             };
             match sent {
