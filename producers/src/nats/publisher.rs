@@ -580,14 +580,12 @@ impl JetStreamPublisher {
         // trip per event).
         let last_send =
             limit.map(|(at, within)| (at.checked_sub(within / 4).unwrap_or(at), within));
-        let mut out_of_time = false;
         loop {
-            let turn = if failed || stopped.is_some() || out_of_time || outstanding.len() >= window
-            {
-                None
-            } else {
-                turns.next()
-            };
+            let may_send = !failed
+                && stopped.is_none()
+                && outstanding.len() < window
+                && last_send.is_none_or(|(by, _)| tokio::time::Instant::now() < by);
+            let turn = if may_send { turns.next() } else { None };
             let Some(i) = turn else {
                 let Some((i, partition, ack)): Option<(usize, u32, Option<_>)> =
                     outstanding.next().await
@@ -612,10 +610,6 @@ impl JetStreamPublisher {
             // Headers are built as each event goes out, while earlier ones
             // are on the wire.
             let event = &events[i];
-            if last_send.is_some_and(|(by, _)| tokio::time::Instant::now() >= by) {
-                out_of_time = true;
-                continue;
-            }
             let id = event.id();
             let send = match self.prepare(topic, shape, event) {
                 Ok(prepared) => self.send(topic, &id, prepared),
