@@ -126,6 +126,49 @@ async fn a_batch_beyond_the_client_ack_window_completes_in_key_order() {
 }
 
 #[tokio::test]
+async fn concurrent_batches_sharing_the_clients_ack_limit_all_complete() {
+    // async-nats frees a place in its context-wide limit of 5,000 awaited
+    // acks only when the ack's future completes. Batches at once on one
+    // publisher whose windows together exceed the limit (here each may
+    // await all 5,000) must keep taking in their acks while they wait for
+    // a place, or all wait for each other forever.
+    let mut s = setup(3, StreamSettings::default()).await;
+    let js = s.client.jetstream().await.unwrap();
+    s.publisher = JetStreamPublisher::with_context(
+        js,
+        JetStreamPublisherConfig {
+            max_outstanding_acks: 5_000,
+            ..JetStreamPublisherConfig::new(s.client.clone())
+        },
+    );
+    // The stream's shape is known before the batches start, so they
+    // send at once rather than one after the other.
+    s.publisher
+        .publish(&s.topic, event("warm", 0))
+        .await
+        .unwrap();
+    let batches: Vec<Vec<Envelope>> = (0..3)
+        .map(|b| (0..6_000).map(|i| event(&format!("b{b}k{i}"), i)).collect())
+        .collect();
+    let results = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures::future::join_all(
+            batches
+                .iter()
+                .map(|events| s.publisher.publish_batch(&s.topic, events.clone())),
+        ),
+    )
+    .await
+    .expect("concurrent batches complete");
+    for (b, receipts) in results.into_iter().enumerate() {
+        assert_eq!(receipts.unwrap().len(), 6_000, "batch {b}");
+    }
+    let d = s.admin.describe_topic(&s.topic).await.unwrap();
+    assert_eq!(d.messages_per_partition.iter().sum::<u64>(), 18_001);
+    s.admin.delete_topic(&s.topic).await.unwrap();
+}
+
+#[tokio::test]
 async fn expected_last_sequence_refuses_a_concurrent_writer() {
     let s = setup(1, StreamSettings::default()).await;
     let first = s

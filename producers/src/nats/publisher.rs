@@ -580,6 +580,25 @@ impl JetStreamPublisher {
         // trip per event).
         let last_send =
             limit.map(|(at, within)| (at.checked_sub(within / 4).unwrap_or(at), within));
+        // An acknowledgement's outcome, in `done`; a failure stops sending.
+        let settle = |(i, partition, ack): (usize, u32, Option<_>),
+                      done: &mut [Option<Result<Receipt>>],
+                      turns: &mut KeyTurns<'_>,
+                      failed: &mut bool| {
+            // No acknowledgement only when `within` passed first.
+            let receipt = match ack {
+                Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
+                None => Err(keel_core::transport::past_deadline(
+                    topic,
+                    limit.map(|(_, within)| within).unwrap_or_default(),
+                )),
+            };
+            match receipt {
+                Ok(_) => turns.stored(i),
+                Err(_) => *failed = true,
+            }
+            done[i] = Some(receipt);
+        };
         loop {
             let may_send = !failed
                 && stopped.is_none()
@@ -587,24 +606,10 @@ impl JetStreamPublisher {
                 && last_send.is_none_or(|(by, _)| tokio::time::Instant::now() < by);
             let turn = if may_send { turns.next() } else { None };
             let Some(i) = turn else {
-                let Some((i, partition, ack)): Option<(usize, u32, Option<_>)> =
-                    outstanding.next().await
-                else {
+                let Some(acked) = outstanding.next().await else {
                     break;
                 };
-                // No acknowledgement only when `within` passed first.
-                let receipt = match ack {
-                    Some(ack) => self.receipt(&shared, &events[i].id(), partition, ack),
-                    None => Err(keel_core::transport::past_deadline(
-                        topic,
-                        limit.map(|(_, within)| within).unwrap_or_default(),
-                    )),
-                };
-                match receipt {
-                    Ok(_) => turns.stored(i),
-                    Err(_) => failed = true,
-                }
-                done[i] = Some(receipt);
+                settle(acked, &mut done, &mut turns, &mut failed);
                 continue;
             };
             // Headers are built as each event goes out, while earlier ones
@@ -622,11 +627,30 @@ impl JetStreamPublisher {
             // sending has to stop fails (retriable; it is not sent): the
             // queue stays full while the connection is down, and the
             // caller must see that to back off.
-            let sent = match last_send {
-                Some((by, within)) => tokio::time::timeout_at(by, send)
-                    .await
-                    .unwrap_or_else(|_| Err(keel_core::transport::past_deadline(topic, within))),
-                None => send.await,
+            let send = async {
+                match last_send {
+                    Some((by, within)) => {
+                        tokio::time::timeout_at(by, send).await.unwrap_or_else(|_| {
+                            Err(keel_core::transport::past_deadline(topic, within))
+                        })
+                    }
+                    None => send.await,
+                }
+            };
+            // The acknowledgements in flight are taken in while the send
+            // waits: async-nats frees an acknowledgement's place in its
+            // limit (5,000 for a context) only when its future completes,
+            // so batches sharing the context, each waiting for a place
+            // without polling its own, would wait for each other forever.
+            tokio::pin!(send);
+            let sent = loop {
+                tokio::select! {
+                    biased;
+                    sent = &mut send => break sent,
+                    Some(acked) = outstanding.next(), if !outstanding.is_empty() => {
+                        settle(acked, &mut done, &mut turns, &mut failed);
+                    }
+                }
             };
             match sent {
                 Ok((partition, ack)) => outstanding.push(async move {
