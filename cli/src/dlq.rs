@@ -90,9 +90,13 @@ pub(crate) struct RedriveArgs {
 
 /// The selection, parsed.
 struct Filter {
-    /// The original topic, when a `--dlq-topic` (which may hold the dead
-    /// letters of several topics) is read for one `--topic`.
+    /// The original topic (`--topic`): a letter naming another is left
+    /// out. With `--dlq-topic` (which may hold the dead letters of several
+    /// topics) a letter must name it; read from `<topic>.dlq`, a letter
+    /// naming none is taken (and reported by a redrive as not sendable).
     origin: Option<String>,
+    /// A letter must name `origin` (read from a `--dlq-topic`).
+    origin_required: bool,
     event_type: Option<String>,
     key: Option<String>,
     reason: Option<DeadLetterReason>,
@@ -107,20 +111,26 @@ impl Filter {
                 .map(|t| broker::rfc3339(flag, t))
                 .transpose()
         };
+        let since = time("--since", &args.since)?;
+        let until = time("--until", &args.until)?;
+        if let (Some(since), Some(until)) = (since, until)
+            && since >= until
+        {
+            bail!("--since ({since}) is not before --until ({until}): no dead letter can match");
+        }
         Ok(Filter {
-            origin: args.dlq_topic.as_ref().and(args.topic.clone()),
+            origin: args.topic.clone(),
+            origin_required: args.dlq_topic.is_some(),
             event_type: args.event_type.clone(),
             key: args.key.clone(),
             reason: args.reason.as_deref().and_then(DeadLetterReason::parse),
-            since: time("--since", &args.since)?,
-            until: time("--until", &args.until)?,
+            since,
+            until,
         })
     }
 
     fn matches(&self, record: &RawRecord) -> bool {
-        if let Some(t) = &self.origin
-            && record.header(headers::TOPIC) != Some(t.as_str())
-        {
+        if !self.came_from_origin(record) {
             return false;
         }
         if let Some(t) = &self.event_type
@@ -147,6 +157,17 @@ impl Filter {
             }
         }
         true
+    }
+
+    /// Whether `record` came from the `--topic` asked for (see `origin`).
+    fn came_from_origin(&self, record: &RawRecord) -> bool {
+        let Some(origin) = &self.origin else {
+            return true;
+        };
+        match record.header(headers::TOPIC).filter(|t| !t.is_empty()) {
+            Some(t) => t == origin,
+            None => !self.origin_required,
+        }
     }
 }
 
@@ -188,8 +209,14 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let filter = Filter::new(&args)?;
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let mut printed = 0;
+    // Letters naming another original topic than `--topic`.
+    let mut elsewhere = 0;
     read_dead_letters(config, &topic, async |dead| {
-        if dead_letter::is_redrive_marker(&dead.record) || !filter.matches(&dead.record) {
+        if dead_letter::is_redrive_marker(&dead.record) {
+            return true;
+        }
+        if !filter.matches(&dead.record) {
+            elsewhere += usize::from(!filter.came_from_origin(&dead.record));
             return true;
         }
         let line = describe(&dead, &codec).await;
@@ -202,6 +229,12 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     })
     .await?;
     eprintln!("{printed} dead letters listed from {topic}");
+    if elsewhere > 0 {
+        eprintln!(
+            "{elsewhere} dead letters in {topic} came from other topics than --topic names; not \
+             listed (`--dlq-topic {topic}` alone lists every letter)"
+        );
+    }
     Ok(())
 }
 
@@ -247,6 +280,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     // The letters earlier redrives sent back, as `partition@position`.
     let mut sent = std::collections::HashSet::new();
     let mut total = 0;
+    // Letters naming another original topic than `--topic`.
+    let mut elsewhere = 0;
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             if let Some(letter) = dead.record.header(headers::REDRIVEN) {
@@ -257,10 +292,17 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         total += 1;
         if filter.matches(&dead.record) {
             selected.push(Note::of(&dead));
+        } else if !filter.came_from_origin(&dead.record) {
+            elsewhere += 1;
         }
         true
     })
     .await?;
+    if elsewhere > 0 {
+        eprintln!(
+            "{elsewhere} dead letters in {topic} came from other topics than --topic names; left              out (redrive them with --dlq-topic {topic} --topic <their topic>)"
+        );
+    }
     let (selected, superseded) = latest_per_event(selected);
     // Each event's latest letter, unless an earlier redrive sent that very
     // letter back (a newer one means the event failed again).
@@ -280,13 +322,13 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let (selected, foreign): (Vec<Note>, Vec<Note>) =
         selected.into_iter().partition(|note| note.origin.is_some());
     for note in &foreign {
-        say!(
+        tell(format_args!(
             "skipped {topic}/{}@{}: it has no `{}` header naming the topic it came from \
              (not a dead letter of Keel's router)",
             note.partition,
             note.position,
             headers::TOPIC
-        );
+        ));
     }
     if superseded > 0 {
         eprintln!(
@@ -296,7 +338,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     }
     if args.dry_run {
         for note in &selected {
-            say!(
+            tell(format_args!(
                 "would redrive {} ({}) at {}/{}@{} to {}",
                 note.id.as_deref().unwrap_or("a record without an event id"),
                 note.event_type.as_deref().unwrap_or("no event type"),
@@ -304,7 +346,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
                 note.partition,
                 note.position,
                 note.origin.as_deref().unwrap_or("?")
-            );
+            ));
         }
         eprintln!(
             "{} of {total} dead letters selected; nothing published (--dry-run)",
@@ -337,18 +379,17 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             let now = Note::of(&dead);
             if (now.id, now.origin) != (note.id, note.origin) {
                 progress.suspend(|| {
-                    say!(
+                    tell(format_args!(
                         "skipped {topic}/{}@{}: another record is there than the first read found",
-                        dead.partition,
-                        dead.position
-                    )
+                        dead.partition, dead.position
+                    ))
                 });
                 changed += 1;
                 return !wanted.is_empty();
             }
             match send_back(&*publisher, &topic, dead, redriven).await {
                 Ok(line) => {
-                    progress.suspend(|| say!("{line}"));
+                    progress.suspend(|| tell(format_args!("{line}")));
                     progress.inc(1);
                     redriven += 1;
                     !wanted.is_empty()
@@ -422,6 +463,14 @@ async fn send_back(
     ))
 }
 
+/// A line of a redrive's report on standard output. A redrive goes on
+/// when nobody reads it any more (`keel dlq redrive … | head`): stopping
+/// halfway would leave letters unsent and the summary unsaid.
+fn tell(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
 /// The command's outcome when `foreign` letters were skipped: a failure
 /// naming how many, so scripts notice.
 fn skipped(foreign: usize) -> anyhow::Result<()> {
@@ -474,10 +523,19 @@ fn dead_lettered_at(record: &RawRecord) -> Option<DateTime<Utc>> {
 /// redriven and dead-lettered again has several: sending each would
 /// deliver it once per copy, and every copy that fails again adds one
 /// more), in read order, and how many were left out. The latest is the one
-/// dead-lettered last (by its `keel-dlq-at`), later in the log on a tie.
+/// later in the log when both are in one partition of it (where an event's
+/// letters go, by its key); across partitions, the one dead-lettered last
+/// by its `keel-dlq-at` (the writing host's clock), later in the log on a
+/// tie.
 fn latest_per_event(letters: Vec<Note>) -> (Vec<Note>, usize) {
     // A letter without a time ranks below one with it (`None < Some`).
-    let rank = |note: &Note| (note.at, note.position);
+    let newer = |a: &Note, b: &Note| {
+        if a.partition == b.partition {
+            a.position >= b.position
+        } else {
+            (a.at, a.position) >= (b.at, b.position)
+        }
+    };
     let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
     let mut superseded = std::collections::HashSet::new();
     for (i, note) in letters.iter().enumerate() {
@@ -487,7 +545,7 @@ fn latest_per_event(letters: Vec<Note>) -> (Vec<Note>, usize) {
         let origin = note.origin.as_deref().unwrap_or_default();
         let slot = latest.entry((origin, id)).or_insert(i);
         if *slot != i {
-            let older = if rank(note) >= rank(&letters[*slot]) {
+            let older = if newer(note, &letters[*slot]) {
                 std::mem::replace(slot, i)
             } else {
                 i
@@ -531,10 +589,17 @@ async fn read_dead_letters(
     let outcome = loop {
         let item = match tokio::time::timeout(Duration::from_secs(30), member.next()).await {
             Ok(Some(item)) => item,
-            Ok(None) => break Ok(()),
+            Ok(None) => {
+                break Err(anyhow::anyhow!(
+                    "the subscription to `{topic}` ended with {left} records still to read; \
+                     nothing was left out on purpose: run the command again"
+                ));
+            }
             Err(_) => {
                 break Err(anyhow::anyhow!(
-                    "no record of `{topic}` arrived for 30 s with {left} still to read"
+                    "no record of `{topic}` arrived for 30 s with {left} still to read: check \
+                     that the broker is reachable and that the topic's records were not \
+                     removed meanwhile (its retention); `keel dlq list` shows what it holds"
                 ));
             }
         };
@@ -542,12 +607,17 @@ async fn read_dead_letters(
             Ok(delivery) => {
                 let (envelope, info, settler) = delivery.into_parts();
                 settler.ack();
-                (info, RawRecord::from_envelope(&envelope))
+                // Headers Keel cannot carry on (a line break in a value,
+                // from another producer): kept with the breaks made
+                // spaces, as the router dead-letters such an event.
+                let record = RawRecord::from_envelope(&envelope)
+                    .unwrap_or_else(|_| dead_letter::lossy_record(&envelope));
+                (info, record)
             }
             Err(Error::Undecodable(u)) => {
                 let (record, info, _, settler) = u.into_parts();
                 settler.ack();
-                (info, Ok(record))
+                (info, record)
             }
             Err(e) if e.is_retriable() => continue,
             Err(e) => break Err(e.into()),
@@ -563,12 +633,6 @@ async fn read_dead_letters(
         }
         *slot -= 1;
         left -= 1;
-        let record = match record.with_context(|| {
-            format!("the record at {topic}/{partition}@{position} has headers Keel cannot carry")
-        }) {
-            Ok(record) => record,
-            Err(e) => break Err(e),
-        };
         if !each(DeadLetter {
             partition,
             position,
@@ -583,4 +647,98 @@ async fn read_dead_letters(
     member.leave().await?;
     reader.clean_up(topic).await?;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn note(partition: u32, position: u64, at: &str) -> Note {
+        Note {
+            partition,
+            position,
+            id: Some("e1".into()),
+            event_type: None,
+            origin: Some("orders".into()),
+            at: Some(
+                DateTime::parse_from_rfc3339(at)
+                    .unwrap()
+                    .with_timezone(&Utc),
+            ),
+        }
+    }
+
+    #[test]
+    fn an_events_latest_letter_is_the_later_in_its_partition_whatever_the_clocks_say() {
+        // Dead-lettered again on a host whose clock is behind: still the
+        // latest, as the log orders it.
+        let (kept, superseded) = latest_per_event(vec![
+            note(0, 10, "2026-12-01T10:00:00Z"),
+            note(0, 20, "2026-12-01T09:00:00Z"),
+        ]);
+        assert_eq!(superseded, 1);
+        assert_eq!(kept.iter().map(|n| n.position).collect::<Vec<_>>(), [20]);
+        // Across partitions only the time can tell.
+        let (kept, _) = latest_per_event(vec![
+            note(0, 10, "2026-12-01T10:00:00Z"),
+            note(1, 5, "2026-12-01T09:00:00Z"),
+        ]);
+        assert_eq!(
+            kept.iter()
+                .map(|n| (n.partition, n.position))
+                .collect::<Vec<_>>(),
+            [(0, 10)]
+        );
+    }
+
+    fn letter(origin: Option<&str>) -> RawRecord {
+        RawRecord {
+            key: None,
+            headers: origin
+                .map(|t| (headers::TOPIC.to_owned(), t.to_owned().into()))
+                .into_iter()
+                .collect(),
+            payload: Default::default(),
+        }
+    }
+
+    fn args(topic: Option<&str>, dlq_topic: Option<&str>) -> DlqArgs {
+        DlqArgs {
+            topic: topic.map(str::to_owned),
+            dlq_topic: dlq_topic.map(str::to_owned),
+            event_type: None,
+            key: None,
+            reason: None,
+            since: None,
+            until: None,
+        }
+    }
+
+    #[test]
+    fn letters_naming_another_topic_than_the_one_asked_for_are_left_out() {
+        // `--topic orders` reads orders.dlq: a letter naming payments is
+        // not redriven into payments; one naming no topic is taken (and
+        // reported as not sendable).
+        let f = Filter::new(&args(Some("orders"), None)).unwrap();
+        assert!(f.matches(&letter(Some("orders"))));
+        assert!(!f.matches(&letter(Some("payments"))));
+        assert!(f.matches(&letter(None)));
+        // A shared dead-letter topic read for one topic: it must be named.
+        let f = Filter::new(&args(Some("orders"), Some("all.dlq"))).unwrap();
+        assert!(f.matches(&letter(Some("orders"))));
+        assert!(!f.matches(&letter(None)));
+        let f = Filter::new(&args(None, Some("all.dlq"))).unwrap();
+        assert!(f.matches(&letter(Some("payments"))) && f.matches(&letter(None)));
+    }
+
+    #[test]
+    fn a_time_range_that_matches_nothing_is_refused() {
+        let mut a = args(Some("orders"), None);
+        a.since = Some("2026-12-01T10:00:00Z".into());
+        a.until = Some("2026-12-01T09:00:00Z".into());
+        let e = Filter::new(&a).err().unwrap().to_string();
+        assert!(e.contains("--since") && e.contains("--until"), "{e}");
+    }
 }

@@ -102,10 +102,19 @@ impl DeadLetters {
         }
     }
 
-    /// Uses `<topic><suffix>` as the dead-letter topic.
-    pub fn suffix(mut self, suffix: impl Into<String>) -> Self {
-        self.suffix = suffix.into();
-        self
+    /// Uses `<topic><suffix>` as the dead-letter topic. An empty suffix
+    /// would make every topic its own dead-letter topic (a failed event
+    /// handled again and again); it is refused.
+    pub fn suffix(mut self, suffix: impl Into<String>) -> Result<Self> {
+        let suffix = suffix.into();
+        if suffix.is_empty() {
+            return Err(Error::config(
+                "dead_letters.suffix",
+                "must not be empty: the dead-letter topic would be the topic itself",
+            ));
+        }
+        self.suffix = suffix;
+        Ok(self)
     }
 
     /// Partitions of dead-letter topics the router creates (default 1). An
@@ -180,8 +189,10 @@ fn dead_letter(
     record
 }
 
-/// The record of `event` with every header kept, values made single-line.
-fn lossy_record(event: &Envelope) -> RawRecord {
+/// The record of `event` with every header kept, values made single-line
+/// (and cut as an error text is): for an event whose stored headers a
+/// publisher refuses (a line break in a value, which Kafka allows).
+pub fn lossy_record(event: &Envelope) -> RawRecord {
     let mut headers = vec![
         (wire::EVENT_ID, event.id().to_string()),
         (wire::EVENT_TYPE, one_line(event.event_type())),
