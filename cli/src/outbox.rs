@@ -8,8 +8,9 @@ use clap::{Args, Subcommand};
 use keel_core::KeelConfig;
 use keel_core::config::redact;
 use keel_producers::outbox::OutboxTables;
-use keel_producers::outbox::parked::{self, ParkedFilter};
-use sqlx::PgPool;
+use keel_producers::outbox::parked::{self, ParkedFilter, ParkedRow};
+use keel_producers::outbox::sqlite;
+use sqlx::{PgPool, SqlitePool};
 
 use crate::relay::{OutboxDb, connect};
 
@@ -20,7 +21,8 @@ pub(crate) enum OutboxCommand {
     /// parked.
     #[command(after_help = "Examples:\n  \
         keel outbox parked --database postgres://app@db/orders\n  \
-        keel outbox parked --database postgres://app@db/orders --topic orders --limit 10")]
+        keel outbox parked --database postgres://app@db/orders --topic orders --limit 10\n  \
+        keel outbox parked --database sqlite:///var/lib/orders/outbox.db")]
     Parked(ParkedArgs),
     /// Put parked rows back in line (attempts reset) and wake the relays.
     /// Pick them with --topic and/or --id, or take every one with --all.
@@ -86,9 +88,11 @@ pub(crate) struct PickedArgs {
 pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::Result<()> {
     match command {
         OutboxCommand::Parked(args) => {
-            let (database, tables) = args.db.resolve(config, "keel outbox parked")?;
-            let pool = connect_outbox(&database, &tables).await?;
-            let rows = parked::list(&pool, &tables, &args.selection.filter(), args.limit).await?;
+            let (database, tables) = args.db.resolve_for(config, "keel outbox parked", true)?;
+            let db = connect_outbox(&database, &tables).await?;
+            let rows = db
+                .list(&tables, &args.selection.filter(), args.limit)
+                .await?;
             for row in &rows {
                 say!("{}", serde_json::to_string(row)?);
             }
@@ -100,13 +104,13 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             eprintln!("{} parked row(s) in {}{more}", rows.len(), tables.channel());
         }
         OutboxCommand::Requeue(args) => {
-            let (pool, tables, filter) = args.open(config, "keel outbox requeue").await?;
-            let done = parked::requeue(&pool, &tables, &filter).await?;
+            let (db, tables, filter) = args.open(config, "keel outbox requeue").await?;
+            let done = db.requeue(&tables, &filter).await?;
             say!("requeued {done} parked row(s) of {}", tables.channel());
         }
         OutboxCommand::Discard(args) => {
-            let (pool, tables, filter) = args.open(config, "keel outbox discard").await?;
-            let rows = parked::discard(&pool, &tables, &filter).await?;
+            let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
+            let rows = db.discard(&tables, &filter).await?;
             for row in &rows {
                 say!("{}", serde_json::to_string(row)?);
             }
@@ -127,20 +131,64 @@ impl PickedArgs {
         &self,
         config: &KeelConfig,
         command: &str,
-    ) -> anyhow::Result<(PgPool, OutboxTables, ParkedFilter)> {
+    ) -> anyhow::Result<(OutboxDatabase, OutboxTables, ParkedFilter)> {
         if !self.all && self.selection.is_empty() {
             bail!("`{command}` needs a selection: --topic, --id, or --all for every parked row");
         }
-        let (database, tables) = self.db.resolve(config, command)?;
-        let pool = connect_outbox(&database, &tables).await?;
-        Ok((pool, tables, self.selection.filter()))
+        let (database, tables) = self.db.resolve_for(config, command, true)?;
+        let db = connect_outbox(&database, &tables).await?;
+        Ok((db, tables, self.selection.filter()))
     }
 }
 
-/// A pool on the outbox's database, once its outbox table is known to be
-/// there (a wrong --schema/--table or a database never migrated is named,
-/// not reported as a failing query).
-async fn connect_outbox(database: &str, tables: &OutboxTables) -> anyhow::Result<PgPool> {
+/// The outbox's database: PostgreSQL, or a SQLite file (the embedded
+/// flavour, which has no schema: --schema does not apply).
+enum OutboxDatabase {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl OutboxDatabase {
+    async fn list(
+        &self,
+        tables: &OutboxTables,
+        filter: &ParkedFilter,
+        limit: u32,
+    ) -> anyhow::Result<Vec<ParkedRow>> {
+        Ok(match self {
+            OutboxDatabase::Postgres(pool) => parked::list(pool, tables, filter, limit).await?,
+            OutboxDatabase::Sqlite(pool) => {
+                sqlite::list_parked(pool, tables, filter, limit).await?
+            }
+        })
+    }
+
+    async fn requeue(&self, tables: &OutboxTables, filter: &ParkedFilter) -> anyhow::Result<u64> {
+        Ok(match self {
+            OutboxDatabase::Postgres(pool) => parked::requeue(pool, tables, filter).await?,
+            OutboxDatabase::Sqlite(pool) => sqlite::requeue_parked(pool, tables, filter).await?,
+        })
+    }
+
+    async fn discard(
+        &self,
+        tables: &OutboxTables,
+        filter: &ParkedFilter,
+    ) -> anyhow::Result<Vec<ParkedRow>> {
+        Ok(match self {
+            OutboxDatabase::Postgres(pool) => parked::discard(pool, tables, filter).await?,
+            OutboxDatabase::Sqlite(pool) => sqlite::discard_parked(pool, tables, filter).await?,
+        })
+    }
+}
+
+/// The outbox's database, once its outbox table is known to be there (a
+/// wrong --schema/--table or a database never migrated is named, not
+/// reported as a failing query).
+async fn connect_outbox(database: &str, tables: &OutboxTables) -> anyhow::Result<OutboxDatabase> {
+    if database.starts_with("sqlite:") {
+        return connect_sqlite(database, tables).await;
+    }
     let (pool, _) = connect(database).await?;
     if !tables.outbox_exists(&pool).await? {
         bail!(
@@ -150,5 +198,38 @@ async fn connect_outbox(database: &str, tables: &OutboxTables) -> anyhow::Result
             redact(database)
         );
     }
-    Ok(pool)
+    Ok(OutboxDatabase::Postgres(pool))
+}
+
+/// A SQLite outbox: the file must exist (it is never created here) and
+/// hold the outbox table.
+async fn connect_sqlite(database: &str, tables: &OutboxTables) -> anyhow::Result<OutboxDatabase> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(database)
+        .map_err(|e| anyhow::anyhow!("--database {}: not a SQLite URL: {e}", redact(database)))?
+        .create_if_missing(false);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the SQLite outbox {}: {e} (the file must exist)",
+                redact(database)
+            )
+        })?;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?)",
+    )
+    .bind(tables.outbox_name())
+    .fetch_one(&pool)
+    .await?;
+    if !exists {
+        bail!(
+            "there is no outbox table {} in {}: check --table, or create it with migrate_sqlite",
+            tables.outbox_name(),
+            redact(database)
+        );
+    }
+    Ok(OutboxDatabase::Sqlite(pool))
 }

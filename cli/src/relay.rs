@@ -16,7 +16,8 @@ use sqlx::postgres::PgConnectOptions;
 /// Where an outbox lives: its database and table names.
 #[derive(Debug, Args)]
 pub(crate) struct OutboxDb {
-    /// The outbox's database, postgres://… (default: the `database` setting).
+    /// The outbox's database, postgres://… (default: the `database`
+    /// setting); `keel outbox` also takes a SQLite outbox, sqlite://<file>.
     #[arg(long, value_name = "URL")]
     database: Option<String>,
     /// Schema of the outbox tables.
@@ -38,14 +39,34 @@ impl OutboxDb {
         config: &KeelConfig,
         command: &str,
     ) -> anyhow::Result<(String, OutboxTables)> {
+        self.resolve_for(config, command, false)
+    }
+
+    /// As [`resolve`](Self::resolve); with `sqlite`, a SQLite outbox
+    /// (`sqlite://…`, the embedded flavour) is taken too.
+    pub(crate) fn resolve_for(
+        &self,
+        config: &KeelConfig,
+        command: &str,
+        sqlite: bool,
+    ) -> anyhow::Result<(String, OutboxTables)> {
         let database = self
             .database
             .clone()
             .or_else(|| config.database.clone())
             .with_context(|| format!("`{command}` needs the outbox's database: --database postgres://… (or `database` in keel.toml)"))?;
-        if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+        let postgres = database.starts_with("postgres://") || database.starts_with("postgresql://");
+        if sqlite && !postgres && !database.starts_with("sqlite:") {
             bail!(
-                "--database {}: the outbox is on PostgreSQL (postgres://…)",
+                "--database {}: `{command}` takes a PostgreSQL outbox (postgres://…) or a SQLite \
+                 one (sqlite://<file>)",
+                redact(&database)
+            );
+        }
+        if !sqlite && !postgres {
+            bail!(
+                "--database {}: `{command}` runs on a PostgreSQL outbox (postgres://…); a SQLite \
+                 outbox is relayed by its own process (OutboxRelay::sqlite)",
                 redact(&database)
             );
         }

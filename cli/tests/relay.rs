@@ -388,6 +388,15 @@ fn outbox_commands_refuse_bad_settings_by_name() {
             &["outbox", "parked", "--database", "postgres://127.0.0.1:1/x"][..],
             "cannot connect to the outbox database",
         ),
+        (
+            &[
+                "outbox",
+                "parked",
+                "--database",
+                "sqlite:///nonexistent-keel-dir/outbox.db",
+            ][..],
+            "the file must exist",
+        ),
     ] {
         let (code, _, err) = keel_output(args);
         assert_eq!(code, Some(1), "keel {args:?}: {err}");
@@ -420,4 +429,77 @@ async fn outbox_commands_name_a_missing_outbox_table() {
         assert!(err.contains("--schema"), "keel {args:?}: {err}");
     }
     drop_database(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_outboxs_parked_rows_are_listed_requeued_and_discarded() {
+    use keel_producers::outbox::sqlite::{SqliteOutbox, migrate_sqlite};
+    let dir = std::env::temp_dir().join(format!("keel-cli-sqlite-{:016x}", rand_u64()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let url = format!("sqlite://{}", dir.join("outbox.db").display());
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("sqlite URL");
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(options.create_if_missing(true))
+        .await
+        .expect("open");
+    let tables = OutboxTables::default();
+    migrate_sqlite(&tables, &pool).await.expect("migrate");
+    let codec = keel_schemas::AvroCodec::new(
+        Arc::new(keel_schemas::LocalRegistry::new()),
+        keel_schemas::CodecOptions::default(),
+    );
+    let outbox = SqliteOutbox::new(&tables, Arc::new(codec));
+    let mut tx = pool.begin().await.expect("begin");
+    for (topic, key) in [("orders", "o-1"), ("orders", "o-2"), ("payments", "p-1")] {
+        let event = Envelope::new("test.Event", key, "{}");
+        outbox
+            .enqueue(&mut tx, topic, &event)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    sqlx::query(
+        "UPDATE outbox SET attempts = 5, parked_at_ms = 1, \
+         last_error = 'Message size too large' WHERE event_key <> CAST('o-2' AS BLOB)",
+    )
+    .execute(&pool)
+    .await
+    .expect("park two rows");
+
+    let (code, out, err) = keel_output(&["outbox", "parked", "--database", &url]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[0]["key"], "o-1");
+    assert_eq!(rows[0]["last_error"], "Message size too large");
+    let first = rows[0]["id"].to_string();
+    let (code, out, err) = keel_output(&["outbox", "requeue", "--database", &url, "--id", &first]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("requeued 1 parked row(s)"), "{out}");
+    let (code, out, err) = keel_output(&[
+        "outbox",
+        "discard",
+        "--database",
+        &url,
+        "--topic",
+        "payments",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let discarded: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(discarded["key"], "p-1");
+    let left: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT CAST(event_key AS TEXT), parked_at_ms FROM outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("query");
+    assert_eq!(
+        left,
+        [("o-1".to_owned(), None), ("o-2".to_owned(), None)],
+        "o-1 requeued, p-1 discarded"
+    );
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -128,10 +128,7 @@ impl Outbox {
     /// For after the cause was fixed (a topic created, a limit raised).
     /// [`super::parked`] also lists them and picks them by id.
     pub async fn requeue_parked(&self, pool: &sqlx::PgPool, topic: Option<&str>) -> Result<u64> {
-        let filter = super::parked::ParkedFilter {
-            topic: topic.map(str::to_owned),
-            ids: Vec::new(),
-        };
+        let filter = super::parked::ParkedFilter::topic(topic);
         super::parked::requeue(pool, &self.tables, &filter).await
     }
 
@@ -143,10 +140,7 @@ impl Outbox {
         pool: &sqlx::PgPool,
         topic: Option<&str>,
     ) -> Result<Vec<super::parked::ParkedRow>> {
-        let filter = super::parked::ParkedFilter {
-            topic: topic.map(str::to_owned),
-            ids: Vec::new(),
-        };
+        let filter = super::parked::ParkedFilter::topic(topic);
         super::parked::discard(pool, &self.tables, &filter).await
     }
 
@@ -190,9 +184,13 @@ impl Outbox {
     /// event is published once it commits). Waits while another open
     /// transaction holds an enqueued event of the same key (or, for an
     /// [`enqueue_batch`](Self::enqueue_batch) of more than 256 keys, of a
-    /// key in the same of 1,024 lock buckets); transactions enqueuing several keys in
-    /// different orders can deadlock like any row locks — PostgreSQL then
-    /// aborts one with a retriable error.
+    /// key in the same of 1,024 lock buckets). Transactions enqueuing
+    /// several keys in separate statements can deadlock like any row locks:
+    /// two taking the same keys in different orders, or one against such a
+    /// large batch whatever its order (the batch locks buckets in bucket
+    /// order, not key order). PostgreSQL then aborts one with a retriable
+    /// error ([`OutboxError::is_retriable`](super::OutboxError::is_retriable)):
+    /// run that transaction again.
     pub async fn enqueue(
         &self,
         tx: &mut PgConnection,
@@ -401,8 +399,13 @@ pub(crate) fn key_hash(key: &Key) -> i32 {
 
 /// A unique violation on the event id becomes [`OutboxError::DuplicateEvent`].
 fn duplicate_or(e: sqlx::Error, events: &[&Envelope]) -> OutboxError {
+    // Only the event id's own constraint (`<outbox>_event_id_key`): a
+    // unique index the application added is its own error.
     if let sqlx::Error::Database(db) = &e
         && db.is_unique_violation()
+        && db
+            .constraint()
+            .is_some_and(|c| c.ends_with("_event_id_key"))
     {
         // PostgreSQL names the value in the detail: `Key (event_id)=(…)`.
         let detail = db

@@ -1,6 +1,7 @@
 //! [`OutboxError`]: what the outbox, the relay and the inbox report.
 
 use keel_core::EventId;
+use sqlx::sqlite::SqliteError;
 
 /// Errors of the outbox, the relay and the inbox.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +60,22 @@ pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        // SQLite: the database busy or a table locked by another
+        // connection (a deferred transaction that read before another
+        // committed cannot write: it must start again).
+        sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(is_transient_sqlite_code),
         sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
         _ => false,
     }
+}
+
+/// SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes
+/// (`SQLITE_BUSY_SNAPSHOT`, 517, …: the primary code is the low byte).
+fn is_transient_sqlite_code(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6)
 }
 
 /// 08: connection exception; 40: transaction rollback (serialization,
@@ -84,7 +98,17 @@ pub type Result<T, E = OutboxError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
-    use super::is_transient_code;
+    use super::{is_transient_code, is_transient_sqlite_code};
+
+    #[test]
+    fn a_busy_or_locked_sqlite_database_is_transient() {
+        for code in [5, 6, 261, 517, 773, 262] {
+            assert!(is_transient_sqlite_code(code), "{code}");
+        }
+        for code in [19, 2067, 1, 11] {
+            assert!(!is_transient_sqlite_code(code), "{code}");
+        }
+    }
 
     #[test]
     fn timeouts_and_lost_connections_are_transient_constraint_errors_are_not() {

@@ -26,6 +26,16 @@ pub struct ParkedFilter {
     pub ids: Vec<i64>,
 }
 
+impl ParkedFilter {
+    /// The rows of `topic`, or all of them.
+    pub fn topic(topic: Option<&str>) -> Self {
+        ParkedFilter {
+            topic: topic.map(str::to_owned),
+            ids: Vec::new(),
+        }
+    }
+}
+
 /// A parked row as an operator sees it (the payload stays in the table).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ParkedRow {

@@ -617,10 +617,11 @@ impl OutboxRelay {
         }
         let (done, failed) = (total.published.len() as u64, total.refused.len() as u64);
         let unavailable = total.unavailable.len() as u64;
-        // Rows neither published nor refused with every topic answering:
+        // Rows neither published nor refused on a topic that answered:
         // the publisher ran out of time (a long run of one key on
-        // JetStream goes a round trip per row), so they go next.
-        let unsent = unavailable == 0 && claimed.len() as u64 > done + failed;
+        // JetStream goes a round trip per row), so they go next, whatever
+        // another topic's state (its rows wait out its back-off).
+        let unsent = total.left_unsent(&claimed);
         self.stats.send_modify(|s| {
             s.batches += 1;
             s.failures += failed;
@@ -791,6 +792,22 @@ struct Outcome {
     /// Topics the broker is unavailable for now (down, timing out, the
     /// topic missing or forbidden), with the error.
     unavailable: Vec<(String, OutboxError)>,
+}
+
+impl Outcome {
+    /// Whether some of `rows` were neither published nor refused on a
+    /// topic that answered (not one found unavailable).
+    fn left_unsent(&self, rows: &[Claimed]) -> bool {
+        let settled: HashSet<i64> = self
+            .published
+            .iter()
+            .copied()
+            .chain(self.refused.iter().map(|(id, _)| *id))
+            .collect();
+        rows.iter().any(|row| {
+            !settled.contains(&row.id) && !self.unavailable.iter().any(|(t, _)| *t == row.topic)
+        })
+    }
 }
 
 /// Publishes `rows` — one `publish_each` per topic, all at once, each in
@@ -1130,6 +1147,34 @@ mod tests {
         settle_topic("orders", &rows, vec![stored(), stored()], &mut outcome);
         assert!(outcome.published.is_empty() && outcome.refused.is_empty());
         assert_eq!(outcome.unavailable.len(), 1);
+    }
+
+    #[test]
+    fn rows_left_unsent_on_a_topic_that_answered_go_next_whatever_other_topics_do() {
+        let mut other = row(3, "c");
+        other.topic = "payments".into();
+        let rows = [row(1, "a"), row(2, "b"), other];
+        let mut outcome = Outcome {
+            published: vec![1, 3],
+            ..Outcome::default()
+        };
+        assert!(outcome.left_unsent(&rows), "row 2 was not sent");
+        outcome.refused.push((2, "too large".into()));
+        assert!(!outcome.left_unsent(&rows), "every row settled");
+        // Row 2 unsent while another topic is unavailable: it still goes
+        // next; rows of the unavailable topic wait for its back-off.
+        outcome.refused.clear();
+        outcome.published = vec![1];
+        outcome.unavailable.push((
+            "payments".into(),
+            OutboxError::Event(keel_core::Error::config("x", "down")),
+        ));
+        assert!(outcome.left_unsent(&rows));
+        outcome.published = vec![1, 2];
+        assert!(
+            !outcome.left_unsent(&rows),
+            "only the unavailable topic's row is left"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::enqueue::{Row as OutboxRow, encode};
 use super::error::{OutboxError, Result};
+use super::parked::{ParkedFilter, ParkedRow};
 use super::relay::{OutboxRelay, RelayConfig};
 use super::store::{Backlog, Budget, ClaimedBatch, ClaimedRow, Limit, RelayStore};
 use super::tables::OutboxTables;
@@ -114,6 +115,7 @@ fn now_ms() -> i64 {
 pub struct SqliteOutbox {
     codec: Arc<AvroCodec>,
     insert: Arc<str>,
+    tables: OutboxTables,
 }
 
 impl SqliteOutbox {
@@ -129,7 +131,28 @@ impl SqliteOutbox {
                  enqueued_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             )
             .into(),
+            tables: tables.clone(),
         }
+    }
+
+    /// Puts parked rows back in line (attempts reset, error kept until the
+    /// next attempt), all of them or those of `topic`; returns how many
+    /// ([`Outbox::requeue_parked`](super::Outbox::requeue_parked)'s twin;
+    /// [`requeue_parked`] also picks them by id).
+    pub async fn requeue_parked(&self, pool: &SqlitePool, topic: Option<&str>) -> Result<u64> {
+        requeue_parked(pool, &self.tables, &ParkedFilter::topic(topic)).await
+    }
+
+    /// Deletes parked rows — all of them or those of `topic` — that will
+    /// never be published, so their keys' later rows go on; returns them
+    /// (payloads aside) ([`Outbox::discard_parked`](super::Outbox::discard_parked)'s
+    /// twin).
+    pub async fn discard_parked(
+        &self,
+        pool: &SqlitePool,
+        topic: Option<&str>,
+    ) -> Result<Vec<ParkedRow>> {
+        discard_parked(pool, &self.tables, &ParkedFilter::topic(topic)).await
     }
 
     /// The codec typed events are encoded with.
@@ -185,7 +208,10 @@ impl SqliteOutbox {
             .execute(tx)
             .await;
         match done {
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+            // SQLite names the column: `UNIQUE constraint failed: "outbox".event_id`.
+            Err(sqlx::Error::Database(db))
+                if db.is_unique_violation() && db.message().ends_with(".event_id") =>
+            {
                 Err(OutboxError::DuplicateEvent(event.id()))
             }
             other => other.map(|_| ()).map_err(OutboxError::from),
@@ -203,6 +229,103 @@ impl SqliteOutbox {
         }
         Ok(())
     }
+}
+
+/// The filter's conditions on a parked row, for SQLite: `?1` the topic
+/// (or NULL), `?2` the ids as a JSON array (empty: any).
+const PARKED_PICKED: &str = "published_at_ms IS NULL AND parked_at_ms IS NOT NULL \
+     AND (?1 IS NULL OR topic = ?1) \
+     AND (json_array_length(?2) = 0 OR id IN (SELECT value FROM json_each(?2)))";
+
+/// A parked row's columns as [`ParkedRow`] reads them.
+const PARKED_COLUMNS: &str = "id, topic, event_id, event_type, event_key, \
+     length(payload) AS size, attempts, last_error, enqueued_at_ms, parked_at_ms";
+
+/// The parked rows of a SQLite outbox matching `filter`, oldest first, at
+/// most `limit` ([`super::parked::list`]'s twin).
+pub async fn list_parked(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: u32,
+) -> Result<Vec<ParkedRow>> {
+    let (outbox, _, _) = names(tables);
+    let rows = sqlx::query(&format!(
+        "SELECT {PARKED_COLUMNS} FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(ids_json(&filter.ids))
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(parked_row).collect()
+}
+
+/// Puts a SQLite outbox's parked rows matching `filter` back in line
+/// (attempts reset); returns how many. The relay takes them at its next
+/// poll ([`super::parked::requeue`]'s twin).
+pub async fn requeue_parked(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+) -> Result<u64> {
+    let (outbox, _, _) = names(tables);
+    Ok(sqlx::query(&format!(
+        "UPDATE {outbox} SET parked_at_ms = NULL, attempts = 0 WHERE {PARKED_PICKED}"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(ids_json(&filter.ids))
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes a SQLite outbox's parked rows matching `filter`; returns them
+/// as they were (payloads aside), oldest first
+/// ([`super::parked::discard`]'s twin).
+pub async fn discard_parked(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+) -> Result<Vec<ParkedRow>> {
+    let (outbox, _, _) = names(tables);
+    let rows = sqlx::query(&format!(
+        "DELETE FROM {outbox} WHERE {PARKED_PICKED} RETURNING {PARKED_COLUMNS}"
+    ))
+    .bind(filter.topic.as_deref())
+    .bind(ids_json(&filter.ids))
+    .fetch_all(pool)
+    .await?;
+    let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
+    discarded.sort_by_key(|row| row.id);
+    Ok(discarded)
+}
+
+fn ids_json(ids: &[i64]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+}
+
+/// A parked row as read from SQLite. An event id that is not a UUID (a
+/// row edited by hand) reads as the nil UUID; its row id still names it.
+fn parked_row(row: &sqlx::sqlite::SqliteRow) -> Result<ParkedRow> {
+    let key: Vec<u8> = row.try_get("event_key")?;
+    let event_id: String = row.try_get("event_id")?;
+    let time = |column: &str| -> Result<_> {
+        let ms: Option<i64> = row.try_get(column)?;
+        Ok(ms.and_then(chrono::DateTime::from_timestamp_millis))
+    };
+    Ok(ParkedRow {
+        id: row.try_get("id")?,
+        topic: row.try_get("topic")?,
+        event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
+        event_type: row.try_get("event_type")?,
+        key: String::from_utf8_lossy(&key).into_owned(),
+        payload_bytes: row.try_get("size")?,
+        attempts: row.try_get("attempts")?,
+        last_error: row.try_get("last_error")?,
+        enqueued_at: time("enqueued_at_ms")?,
+        parked_at: time("parked_at_ms")?,
+    })
 }
 
 /// Records processed events per consumer group in SQLite
@@ -309,7 +432,12 @@ impl SqliteRelayStore {
             session_timeout: config.session_timeout,
             valid_until: None,
             claim: format!(
-                "SELECT id, topic, event_id, event_type, event_key, occurred_at_ms, source, \
+                // A time that is not an integer (SQLite keeps whatever a
+                // hand edit writes) reads as none: the row is refused and
+                // parked, not a claim failing on every poll.
+                "SELECT id, topic, event_id, event_type, event_key, \
+                 CASE WHEN typeof(occurred_at_ms) = 'integer' THEN occurred_at_ms END \
+                 AS occurred_at_ms, source, \
                  correlation_id, causation_id, traceparent, tracestate, headers, payload \
                  FROM {outbox} o WHERE published_at_ms IS NULL AND parked_at_ms IS NULL \
                  AND topic NOT IN (SELECT value FROM json_each(?)) \
@@ -415,14 +543,14 @@ impl RelayStore for SqliteRelayStore {
         while let Some(row) = rows.try_next().await? {
             let id: i64 = row.try_get("id")?;
             let event_id: String = row.try_get("event_id")?;
-            let occurred: i64 = row.try_get("occurred_at_ms")?;
+            let occurred: Option<i64> = row.try_get("occurred_at_ms")?;
             let row = ClaimedRow {
                 id,
                 topic: row.try_get("topic")?,
                 event_id: uuid::Uuid::parse_str(&event_id).unwrap_or_default(),
                 event_type: row.try_get("event_type")?,
                 key: row.try_get("event_key")?,
-                occurred_at: chrono::DateTime::from_timestamp_millis(occurred),
+                occurred_at: occurred.and_then(chrono::DateTime::from_timestamp_millis),
                 source: row.try_get("source")?,
                 correlation_id: row.try_get("correlation_id")?,
                 causation_id: row.try_get("causation_id")?,
@@ -500,5 +628,133 @@ impl RelayStore for SqliteRelayStore {
             .await?;
         self.valid_until = None;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn outbox_with_rows() -> (SqlitePool, OutboxTables, SqliteOutbox) {
+        // One connection: an in-memory database lives as long as it does.
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let tables = OutboxTables::default();
+        migrate_sqlite(&tables, &pool).await.unwrap();
+        let codec = AvroCodec::new(
+            Arc::new(keel_schemas::LocalRegistry::new()),
+            keel_schemas::CodecOptions::default(),
+        );
+        let outbox = SqliteOutbox::new(&tables, Arc::new(codec));
+        let mut tx = pool.begin().await.unwrap();
+        for (topic, key) in [
+            ("orders", "a"),
+            ("orders", "b"),
+            ("payments", "c"),
+            ("orders", "d"),
+        ] {
+            let event = Envelope::new("keel.test.Parked", key, "p");
+            outbox.enqueue(&mut tx, topic, &event).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        // Rows 1 to 3 parked, as the relay parks them.
+        sqlx::query(
+            "UPDATE \"outbox\" SET attempts = 5, last_error = 'too large', parked_at_ms = 1 \
+             WHERE id <= 3",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        (pool, tables, outbox)
+    }
+
+    fn ids(rows: &[ParkedRow]) -> Vec<i64> {
+        rows.iter().map(|r| r.id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_row_whose_time_is_not_an_integer_is_refused_not_a_failing_claim() {
+        let (pool, tables, _) = outbox_with_rows().await;
+        sqlx::query("UPDATE \"outbox\" SET occurred_at_ms = 'yesterday' WHERE id = 4")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let store = SqliteRelayStore::new(pool, &tables, &RelayConfig::default());
+        let limit = Limit {
+            rows: 10,
+            bytes: 1 << 20,
+        };
+        let batch = store.claim(&[0], limit, &[], &[]).await.unwrap();
+        assert_eq!(batch.rows.len(), 1, "rows 1 to 3 are parked");
+        let e = batch.rows[0].event.as_ref().err().unwrap();
+        assert!(e.contains("occurred_at"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_event_enqueued_twice_is_a_duplicate() {
+        let (pool, _, outbox) = outbox_with_rows().await;
+        let event = Envelope::new("keel.test.Parked", "k", "p");
+        let mut conn = pool.acquire().await.unwrap();
+        outbox.enqueue(&mut conn, "orders", &event).await.unwrap();
+        let again = outbox.enqueue(&mut conn, "orders", &event).await;
+        assert!(
+            matches!(again, Err(OutboxError::DuplicateEvent(id)) if id == event.id()),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn parked_rows_are_listed_requeued_and_discarded_as_on_postgres() {
+        let (pool, tables, outbox) = outbox_with_rows().await;
+        let all = list_parked(&pool, &tables, &ParkedFilter::default(), 100)
+            .await
+            .unwrap();
+        assert_eq!(ids(&all), [1, 2, 3]);
+        assert_eq!(all[0].key, "a");
+        assert_eq!(all[0].attempts, 5);
+        assert_eq!(all[0].last_error.as_deref(), Some("too large"));
+        assert_eq!(all[0].payload_bytes, 1);
+        let by_id = ParkedFilter {
+            topic: None,
+            ids: vec![2, 4],
+        };
+        // Row 4 is not parked: only row 2 is picked.
+        assert_eq!(
+            ids(&list_parked(&pool, &tables, &by_id, 100).await.unwrap()),
+            [2]
+        );
+        assert_eq!(requeue_parked(&pool, &tables, &by_id).await.unwrap(), 1);
+        let left = list_parked(&pool, &tables, &ParkedFilter::default(), 1)
+            .await
+            .unwrap();
+        assert_eq!(ids(&left), [1], "the limit holds");
+        let requeued: (i64, Option<i64>) =
+            sqlx::query_as("SELECT attempts, parked_at_ms FROM \"outbox\" WHERE id = 2")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(requeued, (0, None));
+        let discarded = outbox
+            .discard_parked(&pool, Some("payments"))
+            .await
+            .unwrap();
+        assert_eq!(ids(&discarded), [3]);
+        assert_eq!(outbox.requeue_parked(&pool, None).await.unwrap(), 1);
+        assert!(
+            list_parked(&pool, &tables, &ParkedFilter::default(), 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM \"outbox\"")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 3, "only the discarded row is gone");
     }
 }
