@@ -300,7 +300,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     .await?;
     if elsewhere > 0 {
         eprintln!(
-            "{elsewhere} dead letters in {topic} came from other topics than --topic names; left              out (redrive them with --dlq-topic {topic} --topic <their topic>)"
+            "{elsewhere} dead letters in {topic} came from other topics than --topic names; left \
+             out (redrive them with --dlq-topic {topic} --topic <their topic>)"
         );
     }
     let (selected, superseded) = latest_per_event(selected);
@@ -522,44 +523,48 @@ fn dead_lettered_at(record: &RawRecord) -> Option<DateTime<Utc>> {
 /// `letters` with only the latest dead letter of each event id (an event
 /// redriven and dead-lettered again has several: sending each would
 /// deliver it once per copy, and every copy that fails again adds one
-/// more), in read order, and how many were left out. The latest is the one
-/// later in the log when both are in one partition of it (where an event's
-/// letters go, by its key); across partitions, the one dead-lettered last
-/// by its `keel-dlq-at` (the writing host's clock), later in the log on a
-/// tie.
+/// more), in read order, and how many were left out. The latest is, in
+/// each partition of the dead-letter topic (where an event's letters go,
+/// by its key), the one later in the log; across partitions (a topic
+/// re-partitioned), of those, the one dead-lettered last by its
+/// `keel-dlq-at` (the writing host's clock), the higher partition on a tie.
 fn latest_per_event(letters: Vec<Note>) -> (Vec<Note>, usize) {
-    // A letter without a time ranks below one with it (`None < Some`).
-    let newer = |a: &Note, b: &Note| {
-        if a.partition == b.partition {
-            a.position >= b.position
-        } else {
-            (a.at, a.position) >= (b.at, b.position)
-        }
-    };
-    let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut superseded = std::collections::HashSet::new();
+    // Each event's latest letter per partition, then the latest of those.
+    let mut per_partition: HashMap<(&str, &str, u32), usize> = HashMap::new();
     for (i, note) in letters.iter().enumerate() {
         let Some(id) = note.id.as_deref() else {
             continue;
         };
         let origin = note.origin.as_deref().unwrap_or_default();
-        let slot = latest.entry((origin, id)).or_insert(i);
-        if *slot != i {
-            let older = if newer(note, &letters[*slot]) {
-                std::mem::replace(slot, i)
-            } else {
-                i
-            };
-            superseded.insert(older);
+        let slot = per_partition
+            .entry((origin, id, note.partition))
+            .or_insert(i);
+        if letters[*slot].position < note.position {
+            *slot = i;
         }
     }
+    // A letter without a time ranks below one with it (`None < Some`).
+    let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
+    for (&(origin, id, _), &i) in &per_partition {
+        let rank = |n: &Note| (n.at, n.partition);
+        let slot = latest.entry((origin, id)).or_insert(i);
+        if rank(&letters[*slot]) < rank(&letters[i]) {
+            *slot = i;
+        }
+    }
+    let kept_at: std::collections::HashSet<usize> = latest.into_values().collect();
+    let mut superseded = 0;
     let kept: Vec<Note> = letters
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| !superseded.contains(i))
+        .filter(|(i, note)| {
+            let keep = note.id.is_none() || kept_at.contains(i);
+            superseded += usize::from(!keep);
+            keep
+        })
         .map(|(_, note)| note)
         .collect();
-    (kept, superseded.len())
+    (kept, superseded)
 }
 
 /// Reads `topic` from its start to the end it has now, handing each record
@@ -680,6 +685,27 @@ mod tests {
         ]);
         assert_eq!(superseded, 1);
         assert_eq!(kept.iter().map(|n| n.position).collect::<Vec<_>>(), [20]);
+        // Whatever order the partitions' letters are read in, the same
+        // one is kept: each partition's last, then the latest by time.
+        let three = || {
+            vec![
+                note(0, 10, "2026-12-01T10:00:00Z"),
+                note(1, 5, "2026-12-01T09:30:00Z"),
+                note(0, 20, "2026-12-01T09:00:00Z"),
+            ]
+        };
+        let mut reordered = three();
+        reordered.swap(1, 2);
+        for letters in [three(), reordered] {
+            let (kept, superseded) = latest_per_event(letters);
+            assert_eq!(superseded, 2);
+            assert_eq!(
+                kept.iter()
+                    .map(|n| (n.partition, n.position))
+                    .collect::<Vec<_>>(),
+                [(1, 5)]
+            );
+        }
         // Across partitions only the time can tell.
         let (kept, _) = latest_per_event(vec![
             note(0, 10, "2026-12-01T10:00:00Z"),

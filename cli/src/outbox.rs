@@ -101,12 +101,12 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             } else {
                 ""
             };
-            eprintln!("{} parked row(s) in {}{more}", rows.len(), tables.channel());
+            eprintln!("{} parked row(s) in {}{more}", rows.len(), db.name(&tables));
         }
         OutboxCommand::Requeue(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox requeue").await?;
             let done = db.requeue(&tables, &filter).await?;
-            say!("requeued {done} parked row(s) of {}", tables.channel());
+            say!("requeued {done} parked row(s) of {}", db.name(&tables));
         }
         OutboxCommand::Discard(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
@@ -117,7 +117,7 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             eprintln!(
                 "discarded {} parked row(s) of {}",
                 rows.len(),
-                tables.channel()
+                db.name(&tables)
             );
         }
     }
@@ -149,6 +149,15 @@ enum OutboxDatabase {
 }
 
 impl OutboxDatabase {
+    /// The outbox as its database names it (`schema.table`, or the table
+    /// alone on SQLite).
+    fn name(&self, tables: &OutboxTables) -> String {
+        match self {
+            OutboxDatabase::Postgres(_) => tables.channel(),
+            OutboxDatabase::Sqlite(_) => tables.outbox_name().to_owned(),
+        }
+    }
+
     async fn list(
         &self,
         tables: &OutboxTables,

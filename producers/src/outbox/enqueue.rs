@@ -217,7 +217,7 @@ impl Outbox {
             .bind(key_lock(self.lock_class, row.key_hash))
             .execute(tx)
             .await
-            .map_err(|e| duplicate_or(e, &[event]))?;
+            .map_err(|e| duplicate_or(e, &self.tables, &[event]))?;
         Ok(())
     }
 
@@ -257,7 +257,7 @@ impl Outbox {
             .await
             .map_err(|e| {
                 let all: Vec<&Envelope> = events.iter().map(|(_, e)| *e).collect();
-                duplicate_or(e, &all)
+                duplicate_or(e, &self.tables, &all)
             })?;
         Ok(())
     }
@@ -398,14 +398,13 @@ pub(crate) fn key_hash(key: &Key) -> i32 {
 }
 
 /// A unique violation on the event id becomes [`OutboxError::DuplicateEvent`].
-fn duplicate_or(e: sqlx::Error, events: &[&Envelope]) -> OutboxError {
-    // Only the event id's own constraint (`<outbox>_event_id_key`): a
-    // unique index the application added is its own error.
+fn duplicate_or(e: sqlx::Error, tables: &OutboxTables, events: &[&Envelope]) -> OutboxError {
+    // Only the event id's own constraint (`<outbox>_event_id_key`, as
+    // PostgreSQL names it): a unique index the application added is its
+    // own error.
     if let sqlx::Error::Database(db) = &e
         && db.is_unique_violation()
-        && db
-            .constraint()
-            .is_some_and(|c| c.ends_with("_event_id_key"))
+        && db.constraint() == Some(format!("{}_event_id_key", tables.outbox_name()).as_str())
     {
         // PostgreSQL names the value in the detail: `Key (event_id)=(…)`.
         let detail = db

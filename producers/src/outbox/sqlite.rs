@@ -116,6 +116,8 @@ pub struct SqliteOutbox {
     codec: Arc<AvroCodec>,
     insert: Arc<str>,
     tables: OutboxTables,
+    /// SQLite's message for a second row with an event id.
+    duplicate: Arc<str>,
 }
 
 impl SqliteOutbox {
@@ -132,6 +134,11 @@ impl SqliteOutbox {
             )
             .into(),
             tables: tables.clone(),
+            duplicate: format!(
+                "UNIQUE constraint failed: {}.event_id",
+                tables.outbox_name()
+            )
+            .into(),
         }
     }
 
@@ -208,9 +215,10 @@ impl SqliteOutbox {
             .execute(tx)
             .await;
         match done {
-            // SQLite names the column: `UNIQUE constraint failed: "outbox".event_id`.
+            // Only the event id's own constraint: a unique index the
+            // application added is its own error.
             Err(sqlx::Error::Database(db))
-                if db.is_unique_violation() && db.message().ends_with(".event_id") =>
+                if db.is_unique_violation() && db.message() == &*self.duplicate =>
             {
                 Err(OutboxError::DuplicateEvent(event.id()))
             }
@@ -237,9 +245,12 @@ const PARKED_PICKED: &str = "published_at_ms IS NULL AND parked_at_ms IS NOT NUL
      AND (?1 IS NULL OR topic = ?1) \
      AND (json_array_length(?2) = 0 OR id IN (SELECT value FROM json_each(?2)))";
 
-/// A parked row's columns as [`ParkedRow`] reads them.
+/// A parked row's columns as [`ParkedRow`] reads them; a time that is not
+/// an integer (a hand edit) reads as none.
 const PARKED_COLUMNS: &str = "id, topic, event_id, event_type, event_key, \
-     length(payload) AS size, attempts, last_error, enqueued_at_ms, parked_at_ms";
+     length(payload) AS size, attempts, last_error, \
+     CASE WHEN typeof(enqueued_at_ms) = 'integer' THEN enqueued_at_ms END AS enqueued_at_ms, \
+     CASE WHEN typeof(parked_at_ms) = 'integer' THEN parked_at_ms END AS parked_at_ms";
 
 /// The parked rows of a SQLite outbox matching `filter`, oldest first, at
 /// most `limit` ([`super::parked::list`]'s twin).
@@ -411,6 +422,10 @@ struct SqliteRelayStore {
     pool: SqlitePool,
     label: String,
     relay_id: String,
+    /// What the lease's `owner` holds while this process has it: the
+    /// relay id and a random token, so a second process given the same
+    /// relay id waits for the lease to expire instead of sharing it.
+    holder: String,
     session_timeout: Duration,
     valid_until: Option<Instant>,
     claim: String,
@@ -429,6 +444,7 @@ impl SqliteRelayStore {
             pool,
             label: format!("sqlite:{}", tables.outbox_name()),
             relay_id: config.relay_id.clone(),
+            holder: format!("{}#{:016x}", config.relay_id, rand::random::<u64>()),
             session_timeout: config.session_timeout,
             valid_until: None,
             claim: format!(
@@ -491,7 +507,7 @@ impl RelayStore for SqliteRelayStore {
         let now = now_ms();
         let ttl = i64::try_from(self.session_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let taken = sqlx::query(&self.take_lease)
-            .bind(&self.relay_id)
+            .bind(&self.holder)
             .bind(now + ttl)
             .bind(now)
             .execute(&self.pool)
@@ -623,7 +639,7 @@ impl RelayStore for SqliteRelayStore {
 
     async fn leave(&mut self) -> Result<()> {
         sqlx::query(&self.release)
-            .bind(&self.relay_id)
+            .bind(&self.holder)
             .execute(&self.pool)
             .await?;
         self.valid_until = None;
@@ -696,6 +712,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_second_process_with_the_same_relay_id_waits_for_the_lease() {
+        let (pool, tables, _) = outbox_with_rows().await;
+        let config = RelayConfig {
+            relay_id: "same".into(),
+            ..RelayConfig::default()
+        };
+        let mut first = SqliteRelayStore::new(pool.clone(), &tables, &config);
+        let mut second = SqliteRelayStore::new(pool.clone(), &tables, &config);
+        first.heartbeat().await.unwrap();
+        second.heartbeat().await.unwrap();
+        assert_eq!(first.publishable(), [0]);
+        assert!(second.publishable().is_empty(), "one relay at a time");
+        // Renewing keeps it; once released, the other takes it.
+        first.heartbeat().await.unwrap();
+        assert_eq!(first.publishable(), [0]);
+        first.leave().await.unwrap();
+        second.heartbeat().await.unwrap();
+        assert_eq!(second.publishable(), [0]);
+    }
+
+    #[tokio::test]
     async fn an_event_enqueued_twice_is_a_duplicate() {
         let (pool, _, outbox) = outbox_with_rows().await;
         let event = Envelope::new("keel.test.Parked", "k", "p");
@@ -711,10 +748,16 @@ mod tests {
     #[tokio::test]
     async fn parked_rows_are_listed_requeued_and_discarded_as_on_postgres() {
         let (pool, tables, outbox) = outbox_with_rows().await;
+        // A hand-edited time reads as none rather than failing the list.
+        sqlx::query("UPDATE \"outbox\" SET enqueued_at_ms = 'then' WHERE id = 3")
+            .execute(&pool)
+            .await
+            .unwrap();
         let all = list_parked(&pool, &tables, &ParkedFilter::default(), 100)
             .await
             .unwrap();
         assert_eq!(ids(&all), [1, 2, 3]);
+        assert!(all[2].enqueued_at.is_none() && all[2].parked_at.is_some());
         assert_eq!(all[0].key, "a");
         assert_eq!(all[0].attempts, 5);
         assert_eq!(all[0].last_error.as_deref(), Some("too large"));
