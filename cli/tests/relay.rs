@@ -113,11 +113,7 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let codec = keel_schemas::AvroCodec::new(
-        Arc::new(keel_schemas::LocalRegistry::new()),
-        keel_schemas::CodecOptions::default(),
-    );
-    let outbox = Outbox::new(OutboxTables::default(), Arc::new(codec));
+    let outbox = Outbox::new(OutboxTables::default(), local_codec());
     let mut tx = pool.begin().await.expect("begin");
     for i in 0..3 {
         let event = Envelope::new("test.Event", format!("k{i}"), format!("{i}"));
@@ -248,6 +244,20 @@ fn relay_refuses_bad_settings_by_name() {
     }
 }
 
+/// A codec on an in-process registry.
+fn local_codec() -> Arc<keel_schemas::AvroCodec> {
+    Arc::new(keel_schemas::AvroCodec::new(
+        Arc::new(keel_schemas::LocalRegistry::new()),
+        keel_schemas::CodecOptions::default(),
+    ))
+}
+
+/// The events the parked-rows tests enqueue (keys o-1 and p-1 get parked).
+fn parkable_events() -> [(&'static str, Envelope); 3] {
+    [("orders", "o-1"), ("orders", "o-2"), ("payments", "p-1")]
+        .map(|(topic, key)| (topic, Envelope::new("test.Event", key, "{}")))
+}
+
 /// Runs `keel` with `args`; returns (exit code, stdout, stderr).
 fn keel_output(args: &[&str]) -> (Option<i32>, String, String) {
     let out = keel().args(args).output().expect("run keel");
@@ -264,14 +274,9 @@ async fn parked_rows_are_listed_with_their_errors_requeued_and_discarded_by_sele
     let pool = PgPool::connect(&url).await.expect("connect");
     let tables = OutboxTables::default();
     tables.migrate(&pool).await.expect("migrate");
-    let codec = keel_schemas::AvroCodec::new(
-        Arc::new(keel_schemas::LocalRegistry::new()),
-        keel_schemas::CodecOptions::default(),
-    );
-    let outbox = Outbox::new(tables, Arc::new(codec));
+    let outbox = Outbox::new(tables, local_codec());
     let mut tx = pool.begin().await.expect("begin");
-    for (topic, key) in [("orders", "o-1"), ("orders", "o-2"), ("payments", "p-1")] {
-        let event = Envelope::new("test.Event", key, "{}");
+    for (topic, event) in parkable_events() {
         outbox
             .enqueue(&mut tx, topic, &event)
             .await
@@ -444,14 +449,9 @@ async fn a_sqlite_outboxs_parked_rows_are_listed_requeued_and_discarded() {
         .expect("open");
     let tables = OutboxTables::default();
     migrate_sqlite(&tables, &pool).await.expect("migrate");
-    let codec = keel_schemas::AvroCodec::new(
-        Arc::new(keel_schemas::LocalRegistry::new()),
-        keel_schemas::CodecOptions::default(),
-    );
-    let outbox = SqliteOutbox::new(&tables, Arc::new(codec));
+    let outbox = SqliteOutbox::new(&tables, local_codec());
     let mut tx = pool.begin().await.expect("begin");
-    for (topic, key) in [("orders", "o-1"), ("orders", "o-2"), ("payments", "p-1")] {
-        let event = Envelope::new("test.Event", key, "{}");
+    for (topic, event) in parkable_events() {
         outbox
             .enqueue(&mut tx, topic, &event)
             .await

@@ -540,12 +540,7 @@ impl OutboxRelay {
             if !refused_now {
                 break;
             }
-            let settled: HashSet<i64> = total
-                .published
-                .iter()
-                .copied()
-                .chain(total.refused.iter().map(|(id, _)| *id))
-                .collect();
+            let settled = total.settled();
             let waiting_keys: HashSet<(&str, &[u8])> = claimed
                 .iter()
                 .filter(|row| total.refused.iter().any(|(id, _)| *id == row.id))
@@ -795,15 +790,19 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// Whether some of `rows` were neither published nor refused on a
-    /// topic that answered (not one found unavailable).
-    fn left_unsent(&self, rows: &[Claimed]) -> bool {
-        let settled: HashSet<i64> = self
-            .published
+    /// The rows published or refused.
+    fn settled(&self) -> HashSet<i64> {
+        self.published
             .iter()
             .copied()
             .chain(self.refused.iter().map(|(id, _)| *id))
-            .collect();
+            .collect()
+    }
+
+    /// Whether some of `rows` were neither published nor refused on a
+    /// topic that answered (not one found unavailable).
+    fn left_unsent(&self, rows: &[Claimed]) -> bool {
+        let settled = self.settled();
         rows.iter().any(|row| {
             !settled.contains(&row.id) && !self.unavailable.iter().any(|(t, _)| *t == row.topic)
         })
