@@ -159,6 +159,12 @@ impl Filter {
         true
     }
 
+    /// Whether `--since`/`--until` left `record` out for carrying no
+    /// readable dead-letter time (a letter another producer wrote).
+    fn untimed(&self, record: &RawRecord) -> bool {
+        (self.since.is_some() || self.until.is_some()) && dead_lettered_at(record).is_none()
+    }
+
     /// Whether `record` came from the `--topic` asked for (see `origin`).
     fn came_from_origin(&self, record: &RawRecord) -> bool {
         let Some(origin) = &self.origin else {
@@ -211,12 +217,15 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let mut printed = 0;
     // Letters naming another original topic than `--topic`.
     let mut elsewhere = 0;
+    // Letters a time filter left out for carrying no time.
+    let mut untimed = 0;
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             return true;
         }
         if !filter.matches(&dead.record) {
             elsewhere += usize::from(!filter.came_from_origin(&dead.record));
+            untimed += usize::from(filter.untimed(&dead.record));
             return true;
         }
         let line = describe(&dead, &codec).await;
@@ -235,6 +244,7 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
              listed (`--dlq-topic {topic}` alone lists every letter)"
         );
     }
+    report_untimed(untimed);
     Ok(())
 }
 
@@ -282,6 +292,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let mut total = 0;
     // Letters naming another original topic than `--topic`.
     let mut elsewhere = 0;
+    // Letters a time filter left out for carrying no time.
+    let mut untimed = 0;
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             if let Some(letter) = dead.record.header(headers::REDRIVEN) {
@@ -294,6 +306,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             selected.push(Note::of(&dead));
         } else if !filter.came_from_origin(&dead.record) {
             elsewhere += 1;
+        } else {
+            untimed += usize::from(filter.untimed(&dead.record));
         }
         true
     })
@@ -304,6 +318,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
              out (redrive them with --dlq-topic {topic} --topic <their topic>)"
         );
     }
+    report_untimed(untimed);
     let (selected, superseded) = latest_per_event(selected);
     // Each event's latest letter, unless an earlier redrive sent that very
     // letter back (a newer one means the event failed again).
@@ -462,6 +477,18 @@ async fn send_back(
         "redrove {at} to {}/{}@{}",
         receipt.topic, receipt.partition, receipt.position
     ))
+}
+
+/// Says how many letters `--since`/`--until` left out for carrying no
+/// time, if any.
+fn report_untimed(untimed: usize) {
+    if untimed > 0 {
+        eprintln!(
+            "{untimed} dead letters carry no readable `{}` time (another producer's) and were \
+             left out by --since/--until; without those flags they are included",
+            headers::AT
+        );
+    }
 }
 
 /// A line of a redrive's report on standard output. A redrive goes on
@@ -757,6 +784,17 @@ mod tests {
         assert!(!f.matches(&letter(None)));
         let f = Filter::new(&args(None, Some("all.dlq"))).unwrap();
         assert!(f.matches(&letter(Some("payments"))) && f.matches(&letter(None)));
+    }
+
+    #[test]
+    fn letters_without_a_time_are_counted_when_a_time_filter_leaves_them_out() {
+        let untimed = letter(Some("orders"));
+        let plain = Filter::new(&args(Some("orders"), None)).unwrap();
+        assert!(plain.matches(&untimed) && !plain.untimed(&untimed));
+        let mut a = args(Some("orders"), None);
+        a.since = Some("2026-12-01T10:00:00Z".into());
+        let timed = Filter::new(&a).unwrap();
+        assert!(!timed.matches(&untimed) && timed.untimed(&untimed));
     }
 
     #[test]

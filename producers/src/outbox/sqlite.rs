@@ -382,6 +382,29 @@ impl SqliteInbox {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Begins a transaction with `event` recorded for `group`, or returns
+    /// `None` when the event was already applied
+    /// ([`Inbox::begin`](super::Inbox::begin)'s twin). Apply the effect on
+    /// the returned transaction and commit it. The transaction is
+    /// `BEGIN IMMEDIATE`: it holds SQLite's write lock from the start, so
+    /// an effect that reads before it writes cannot fail with
+    /// `SQLITE_BUSY_SNAPSHOT` because the relay committed meanwhile
+    /// (waiting for the lock instead, up to the connection's busy timeout).
+    pub async fn begin(
+        &self,
+        pool: &SqlitePool,
+        group: &str,
+        event: EventId,
+    ) -> Result<Option<sqlx::Transaction<'static, sqlx::Sqlite>>> {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        if self.record(&mut tx, group, event, None).await? {
+            Ok(Some(tx))
+        } else {
+            tx.rollback().await?;
+            Ok(None)
+        }
+    }
+
     /// Deletes records older than `retention`, `batch` rows per statement.
     pub async fn purge(&self, pool: &SqlitePool, retention: Duration, batch: usize) -> Result<u64> {
         let cutoff =
@@ -730,6 +753,33 @@ mod tests {
         first.leave().await.unwrap();
         second.heartbeat().await.unwrap();
         assert_eq!(second.publishable(), [0]);
+    }
+
+    #[tokio::test]
+    async fn an_inbox_transaction_applies_an_event_once() {
+        let (pool, tables, _) = outbox_with_rows().await;
+        let inbox = SqliteInbox::new(&tables);
+        let event = EventId::new();
+        // Rolled back: not recorded, so the redelivery applies it.
+        let tx = inbox.begin(&pool, "billing", event).await.unwrap().unwrap();
+        tx.rollback().await.unwrap();
+        let tx = inbox.begin(&pool, "billing", event).await.unwrap().unwrap();
+        tx.commit().await.unwrap();
+        assert!(
+            inbox
+                .begin(&pool, "billing", event)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Another group applies it on its own.
+        assert!(
+            inbox
+                .begin(&pool, "shipping", event)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]
