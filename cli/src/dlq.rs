@@ -130,6 +130,11 @@ impl Filter {
     }
 
     fn matches(&self, record: &RawRecord) -> bool {
+        self.matches_but_time(record) && self.in_time(record)
+    }
+
+    /// Every condition but `--since`/`--until`.
+    fn matches_but_time(&self, record: &RawRecord) -> bool {
         if !self.came_from_origin(record) {
             return false;
         }
@@ -148,6 +153,11 @@ impl Filter {
         {
             return false;
         }
+        true
+    }
+
+    /// `--since`/`--until` (a letter without a readable time is out).
+    fn in_time(&self, record: &RawRecord) -> bool {
         if self.since.is_some() || self.until.is_some() {
             let Some(at) = dead_lettered_at(record) else {
                 return false;
@@ -159,10 +169,12 @@ impl Filter {
         true
     }
 
-    /// Whether `--since`/`--until` left `record` out for carrying no
+    /// Whether `--since`/`--until` alone left `record` out, for carrying no
     /// readable dead-letter time (a letter another producer wrote).
     fn untimed(&self, record: &RawRecord) -> bool {
-        (self.since.is_some() || self.until.is_some()) && dead_lettered_at(record).is_none()
+        (self.since.is_some() || self.until.is_some())
+            && dead_lettered_at(record).is_none()
+            && self.matches_but_time(record)
     }
 
     /// Whether `record` came from the `--topic` asked for (see `origin`).
@@ -795,6 +807,10 @@ mod tests {
         a.since = Some("2026-12-01T10:00:00Z".into());
         let timed = Filter::new(&a).unwrap();
         assert!(!timed.matches(&untimed) && timed.untimed(&untimed));
+        // Left out by another condition first: not counted as untimed.
+        a.event_type = Some("test.Other".into());
+        let typed = Filter::new(&a).unwrap();
+        assert!(!typed.matches(&untimed) && !typed.untimed(&untimed));
     }
 
     #[test]
