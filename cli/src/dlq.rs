@@ -129,52 +129,37 @@ impl Filter {
         })
     }
 
-    fn matches(&self, record: &RawRecord) -> bool {
-        self.matches_but_time(record) && self.in_time(record)
-    }
-
-    /// Every condition but `--since`/`--until`.
-    fn matches_but_time(&self, record: &RawRecord) -> bool {
+    /// What the selection makes of `record`.
+    fn pick(&self, record: &RawRecord) -> Pick {
         if !self.came_from_origin(record) {
-            return false;
+            return Pick::OtherTopic;
         }
-        if let Some(t) = &self.event_type
-            && record.header(wire::EVENT_TYPE) != Some(t.as_str())
-        {
-            return false;
+        let fields_differ = self
+            .event_type
+            .as_ref()
+            .is_some_and(|t| record.header(wire::EVENT_TYPE) != Some(t.as_str()))
+            || self
+                .key
+                .as_ref()
+                .is_some_and(|k| record.partition_key().as_deref() != Some(k.as_bytes()))
+            || self
+                .reason
+                .is_some_and(|r| record.header(headers::REASON) != Some(r.as_str()));
+        if fields_differ {
+            return Pick::Other;
         }
-        if let Some(k) = &self.key
-            && record.partition_key().as_deref() != Some(k.as_bytes())
-        {
-            return false;
+        if self.since.is_none() && self.until.is_none() {
+            return Pick::Taken;
         }
-        if let Some(r) = self.reason
-            && record.header(headers::REASON) != Some(r.as_str())
-        {
-            return false;
-        }
-        true
-    }
-
-    /// `--since`/`--until` (a letter without a readable time is out).
-    fn in_time(&self, record: &RawRecord) -> bool {
-        if self.since.is_some() || self.until.is_some() {
-            let Some(at) = dead_lettered_at(record) else {
-                return false;
-            };
-            if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
-                return false;
+        match dead_lettered_at(record) {
+            None => Pick::Untimed,
+            Some(at)
+                if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) =>
+            {
+                Pick::Other
             }
+            Some(_) => Pick::Taken,
         }
-        true
-    }
-
-    /// Whether `--since`/`--until` alone left `record` out, for carrying no
-    /// readable dead-letter time (a letter another producer wrote).
-    fn untimed(&self, record: &RawRecord) -> bool {
-        (self.since.is_some() || self.until.is_some())
-            && dead_lettered_at(record).is_none()
-            && self.matches_but_time(record)
     }
 
     /// Whether `record` came from the `--topic` asked for (see `origin`).
@@ -185,6 +170,55 @@ impl Filter {
         match record.header(headers::TOPIC).filter(|t| !t.is_empty()) {
             Some(t) => t == origin,
             None => !self.origin_required,
+        }
+    }
+}
+
+/// What a [`Filter`] makes of a letter.
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    Taken,
+    /// It names another original topic than `--topic`.
+    OtherTopic,
+    /// `--since`/`--until` alone left it out: it carries no readable
+    /// dead-letter time (another producer's letter).
+    Untimed,
+    /// Another condition left it out.
+    Other,
+}
+
+/// Letters the selection left out that the command reports.
+#[derive(Default)]
+struct LeftOut {
+    other_topic: usize,
+    untimed: usize,
+}
+
+impl LeftOut {
+    fn count(&mut self, pick: &Pick) {
+        match pick {
+            Pick::OtherTopic => self.other_topic += 1,
+            Pick::Untimed => self.untimed += 1,
+            Pick::Taken | Pick::Other => {}
+        }
+    }
+
+    /// On stderr; `other_topic` says what became of those letters.
+    fn report(&self, topic: &str, other_topic: &str) {
+        if self.other_topic > 0 {
+            eprintln!(
+                "{} dead letters in {topic} came from other topics than --topic names; \
+                 {other_topic}",
+                self.other_topic
+            );
+        }
+        if self.untimed > 0 {
+            eprintln!(
+                "{} dead letters carry no readable `{}` time (another producer's) and were \
+                 left out by --since/--until; without those flags they are included",
+                self.untimed,
+                headers::AT
+            );
         }
     }
 }
@@ -227,17 +261,14 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let filter = Filter::new(&args)?;
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let mut printed = 0;
-    // Letters naming another original topic than `--topic`.
-    let mut elsewhere = 0;
-    // Letters a time filter left out for carrying no time.
-    let mut untimed = 0;
+    let mut left_out = LeftOut::default();
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             return true;
         }
-        if !filter.matches(&dead.record) {
-            elsewhere += usize::from(!filter.came_from_origin(&dead.record));
-            untimed += usize::from(filter.untimed(&dead.record));
+        let pick = filter.pick(&dead.record);
+        if pick != Pick::Taken {
+            left_out.count(&pick);
             return true;
         }
         let line = describe(&dead, &codec).await;
@@ -250,13 +281,10 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     })
     .await?;
     eprintln!("{printed} dead letters listed from {topic}");
-    if elsewhere > 0 {
-        eprintln!(
-            "{elsewhere} dead letters in {topic} came from other topics than --topic names; not \
-             listed (`--dlq-topic {topic}` alone lists every letter)"
-        );
-    }
-    report_untimed(untimed);
+    left_out.report(
+        &topic,
+        &format!("not listed (`--dlq-topic {topic}` alone lists every letter)"),
+    );
     Ok(())
 }
 
@@ -302,10 +330,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     // The letters earlier redrives sent back, as `partition@position`.
     let mut sent = std::collections::HashSet::new();
     let mut total = 0;
-    // Letters naming another original topic than `--topic`.
-    let mut elsewhere = 0;
-    // Letters a time filter left out for carrying no time.
-    let mut untimed = 0;
+    let mut left_out = LeftOut::default();
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             if let Some(letter) = dead.record.header(headers::REDRIVEN) {
@@ -314,23 +339,17 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             return true;
         }
         total += 1;
-        if filter.matches(&dead.record) {
-            selected.push(Note::of(&dead));
-        } else if !filter.came_from_origin(&dead.record) {
-            elsewhere += 1;
-        } else {
-            untimed += usize::from(filter.untimed(&dead.record));
+        match filter.pick(&dead.record) {
+            Pick::Taken => selected.push(Note::of(&dead)),
+            pick => left_out.count(&pick),
         }
         true
     })
     .await?;
-    if elsewhere > 0 {
-        eprintln!(
-            "{elsewhere} dead letters in {topic} came from other topics than --topic names; left \
-             out (redrive them with --dlq-topic {topic} --topic <their topic>)"
-        );
-    }
-    report_untimed(untimed);
+    left_out.report(
+        &topic,
+        &format!("left out (redrive them with --dlq-topic {topic} --topic <their topic>)"),
+    );
     let (selected, superseded) = latest_per_event(selected);
     // Each event's latest letter, unless an earlier redrive sent that very
     // letter back (a newer one means the event failed again).
@@ -489,18 +508,6 @@ async fn send_back(
         "redrove {at} to {}/{}@{}",
         receipt.topic, receipt.partition, receipt.position
     ))
-}
-
-/// Says how many letters `--since`/`--until` left out for carrying no
-/// time, if any.
-fn report_untimed(untimed: usize) {
-    if untimed > 0 {
-        eprintln!(
-            "{untimed} dead letters carry no readable `{}` time (another producer's) and were \
-             left out by --since/--until; without those flags they are included",
-            headers::AT
-        );
-    }
 }
 
 /// A line of a redrive's report on standard output. A redrive goes on
@@ -787,30 +794,31 @@ mod tests {
         // not redriven into payments; one naming no topic is taken (and
         // reported as not sendable).
         let f = Filter::new(&args(Some("orders"), None)).unwrap();
-        assert!(f.matches(&letter(Some("orders"))));
-        assert!(!f.matches(&letter(Some("payments"))));
-        assert!(f.matches(&letter(None)));
+        assert_eq!(f.pick(&letter(Some("orders"))), Pick::Taken);
+        assert_eq!(f.pick(&letter(Some("payments"))), Pick::OtherTopic);
+        assert_eq!(f.pick(&letter(None)), Pick::Taken);
         // A shared dead-letter topic read for one topic: it must be named.
         let f = Filter::new(&args(Some("orders"), Some("all.dlq"))).unwrap();
-        assert!(f.matches(&letter(Some("orders"))));
-        assert!(!f.matches(&letter(None)));
+        assert_eq!(f.pick(&letter(Some("orders"))), Pick::Taken);
+        assert_eq!(f.pick(&letter(None)), Pick::OtherTopic);
         let f = Filter::new(&args(None, Some("all.dlq"))).unwrap();
-        assert!(f.matches(&letter(Some("payments"))) && f.matches(&letter(None)));
+        assert_eq!(f.pick(&letter(Some("payments"))), Pick::Taken);
+        assert_eq!(f.pick(&letter(None)), Pick::Taken);
     }
 
     #[test]
     fn letters_without_a_time_are_counted_when_a_time_filter_leaves_them_out() {
         let untimed = letter(Some("orders"));
         let plain = Filter::new(&args(Some("orders"), None)).unwrap();
-        assert!(plain.matches(&untimed) && !plain.untimed(&untimed));
+        assert_eq!(plain.pick(&untimed), Pick::Taken);
         let mut a = args(Some("orders"), None);
         a.since = Some("2026-12-01T10:00:00Z".into());
         let timed = Filter::new(&a).unwrap();
-        assert!(!timed.matches(&untimed) && timed.untimed(&untimed));
+        assert_eq!(timed.pick(&untimed), Pick::Untimed);
         // Left out by another condition first: not counted as untimed.
         a.event_type = Some("test.Other".into());
         let typed = Filter::new(&a).unwrap();
-        assert!(!typed.matches(&untimed) && !typed.untimed(&untimed));
+        assert_eq!(typed.pick(&untimed), Pick::Other);
     }
 
     #[test]

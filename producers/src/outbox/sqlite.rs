@@ -261,14 +261,12 @@ pub async fn list_parked(
     limit: u32,
 ) -> Result<Vec<ParkedRow>> {
     let (outbox, _, _) = names(tables);
-    let rows = sqlx::query(&format!(
-        "SELECT {PARKED_COLUMNS} FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3"
-    ))
-    .bind(filter.topic.as_deref())
-    .bind(ids_json(&filter.ids))
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await?;
+    let sql =
+        format!("SELECT {PARKED_COLUMNS} FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3");
+    let rows = picked(&sql, filter)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(parked_row).collect()
 }
 
@@ -281,14 +279,9 @@ pub async fn requeue_parked(
     filter: &ParkedFilter,
 ) -> Result<u64> {
     let (outbox, _, _) = names(tables);
-    Ok(sqlx::query(&format!(
-        "UPDATE {outbox} SET parked_at_ms = NULL, attempts = 0 WHERE {PARKED_PICKED}"
-    ))
-    .bind(filter.topic.as_deref())
-    .bind(ids_json(&filter.ids))
-    .execute(pool)
-    .await?
-    .rows_affected())
+    let sql =
+        format!("UPDATE {outbox} SET parked_at_ms = NULL, attempts = 0 WHERE {PARKED_PICKED}");
+    Ok(picked(&sql, filter).execute(pool).await?.rows_affected())
 }
 
 /// Deletes a SQLite outbox's parked rows matching `filter`; returns them
@@ -300,20 +293,21 @@ pub async fn discard_parked(
     filter: &ParkedFilter,
 ) -> Result<Vec<ParkedRow>> {
     let (outbox, _, _) = names(tables);
-    let rows = sqlx::query(&format!(
-        "DELETE FROM {outbox} WHERE {PARKED_PICKED} RETURNING {PARKED_COLUMNS}"
-    ))
-    .bind(filter.topic.as_deref())
-    .bind(ids_json(&filter.ids))
-    .fetch_all(pool)
-    .await?;
+    let sql = format!("DELETE FROM {outbox} WHERE {PARKED_PICKED} RETURNING {PARKED_COLUMNS}");
+    let rows = picked(&sql, filter).fetch_all(pool).await?;
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
     discarded.sort_by_key(|row| row.id);
     Ok(discarded)
 }
 
-fn ids_json(ids: &[i64]) -> String {
-    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+/// `sql` (a statement over [`PARKED_PICKED`]) with the filter's values
+/// bound as `?1` and `?2`.
+fn picked<'q>(
+    sql: &'q str,
+    filter: &'q ParkedFilter,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let ids = serde_json::to_string(&filter.ids).unwrap_or_else(|_| "[]".into());
+    sqlx::query(sql).bind(filter.topic.as_deref()).bind(ids)
 }
 
 /// A parked row as read from SQLite. An event id that is not a UUID (a
