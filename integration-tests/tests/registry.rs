@@ -451,6 +451,22 @@ async fn every_endpoint_answers_as_confluent_documents(backend: RegistryBackend)
         40404
     );
     assert_eq!(api.get("/subjects").await.1, json!(["users-value"]));
+    // A subject whose every version is soft-deleted is not found (40401),
+    // by version and by lookup, as Confluent answers.
+    assert_eq!(
+        error_code(&api.get("/subjects/people-value/versions/1").await.1),
+        40401
+    );
+    let (_, people_v1) = api
+        .get("/subjects/people-value/versions/1?deleted=true")
+        .await;
+    let (_, body) = api
+        .post(
+            "/subjects/people-value",
+            json!({"schema": people_v1["schema"]}),
+        )
+        .await;
+    assert_eq!(error_code(&body), 40401, "{body}");
     assert_eq!(
         api.get("/subjects?deleted=true").await.1,
         json!(["people-value", "users-value"])
@@ -499,6 +515,31 @@ async fn every_endpoint_answers_as_confluent_documents(backend: RegistryBackend)
     assert_eq!(
         (status, error_code(&body)),
         (StatusCode::UNPROCESSABLE_ENTITY, 42206)
+    );
+    // A reference to the latest version (-1) is stored pinned to the
+    // version it resolved to, so it is protected the same way and keeps
+    // its meaning when the referenced subject moves on.
+    let receipt = json!({"type": "record", "name": "Receipt", "namespace": "shop", "fields": [
+        {"name": "paid", "type": "shop.Money"}]});
+    let (status, body) = api
+        .post(
+            "/subjects/receipts-value/versions",
+            json!({"schema": receipt.to_string(),
+                   "references": [{"name": "shop.Money", "subject": "shop.Money", "version": -1}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let receipt_id = body["id"].as_u64().unwrap();
+    let (_, fetched) = api.get(&format!("/schemas/ids/{receipt_id}")).await;
+    assert_eq!(
+        fetched["references"],
+        json!([{"name": "shop.Money", "subject": "shop.Money", "version": 1}])
+    );
+    assert_eq!(
+        api.get("/subjects/shop.Money/versions/1/referencedby")
+            .await
+            .1,
+        json!([invoice_id, receipt_id])
     );
     // Without the reference the type is unknown.
     let (_, body) = api
@@ -961,6 +1002,33 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {answer}");
         assert_eq!(error_code(&answer), code, "{what}: {answer}");
     }
+    // Each schema within the depth limit, but with its reference inlined
+    // nested deeper than a stored schema can be read back: refused, never
+    // stored (stored, it would drop out of every later compatibility
+    // check and no codec could parse it).
+    let (status, body) = api
+        .post(
+            "/subjects/nested-a/versions",
+            json!({"schema": nested_records("a", 25, json!("int")).to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = api
+        .post(
+            "/subjects/nested-b/versions",
+            json!({"schema": nested_records("b", 25, json!("a.L0")).to_string(),
+                   "references": [{"name": "a.L0", "subject": "nested-a", "version": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, 42201),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("read back"),
+        "{body}"
+    );
     let huge = json!({"schema": format!("\"{}\"", "x".repeat(100 * 1024))}).to_string();
     let response = http
         .post(&url)
@@ -1257,6 +1325,17 @@ async fn the_client_speaks_tls_to_an_https_registry(backend: RegistryBackend) {
         None,
         "nothing registered by the refused clients"
     );
+}
+
+/// `levels` records nested one in another's only field, in namespace `ns`,
+/// the innermost holding `last`.
+fn nested_records(ns: &str, levels: usize, last: Value) -> Value {
+    let mut v = last;
+    for level in (0..levels).rev() {
+        v = json!({"type": "record", "namespace": ns, "name": format!("L{level}"),
+                   "fields": [{"name": "f", "type": v}]});
+    }
+    v
 }
 
 fn deep(levels: usize) -> Value {

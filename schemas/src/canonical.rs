@@ -39,6 +39,8 @@ pub fn resolve_with_usage(schema: &Value, references: &References) -> Result<(Va
         references,
         defined: HashSet::new(),
         used: Vec::new(),
+        in_reference: 0,
+        defined_by_references: HashSet::new(),
     };
     let resolved = walker.walk(schema, "", 0)?;
     // apache-avro checks what the walk does not: defaults against types,
@@ -67,6 +69,10 @@ struct Walker<'r> {
     defined: HashSet<String>,
     /// Names taken from `references`, in order of first use.
     used: Vec<String>,
+    /// How many referenced definitions the walk is inside.
+    in_reference: usize,
+    /// Types defined from inside a referenced definition.
+    defined_by_references: HashSet<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> SchemaError {
@@ -127,8 +133,10 @@ impl Walker<'_> {
         let definition = self.references[&full].clone();
         self.used.push(full.clone());
         // The reference's own namespace applies inside its definition.
-        let resolved = self.walk(&definition, namespace_of(&full), depth + 1)?;
-        Ok(resolved)
+        self.in_reference += 1;
+        let resolved = self.walk(&definition, namespace_of(&full), depth + 1);
+        self.in_reference -= 1;
+        resolved
     }
 
     fn complex(&mut self, map: &Map<String, Value>, ns: &str, depth: usize) -> Result<Value> {
@@ -149,7 +157,18 @@ impl Walker<'_> {
                 let own_ns = map.get("namespace").and_then(Value::as_str).unwrap_or(ns);
                 let full = full_name(name, own_ns);
                 if !self.defined.insert(full.clone()) {
+                    // A referenced type nesting another referenced type the
+                    // schema already used by name: that one is defined
+                    // (inlined from the references) already, and is
+                    // referred to here. A type the schema defined itself
+                    // is not replaced this way.
+                    if self.in_reference > 0 && self.defined_by_references.contains(&full) {
+                        return Ok(Value::String(full));
+                    }
                     return Err(invalid(format!("type `{full}` is defined twice")));
+                }
+                if self.in_reference > 0 {
+                    self.defined_by_references.insert(full.clone());
                 }
                 let inner_ns = namespace_of(&full).to_owned();
                 out.insert("type".into(), Value::String(ty.clone()));
@@ -318,6 +337,39 @@ mod tests {
 
     fn parse(text: &str) -> Value {
         serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_referenced_type_nested_in_another_may_be_used_before_it() {
+        let outer = json!({"type": "record", "namespace": "a", "name": "Outer", "fields": [
+            {"name": "i", "type": {"type": "record", "name": "Inner",
+                                   "fields": [{"name": "x", "type": "int"}]}}]});
+        let refs = named_types(&outer).unwrap();
+        let inner_first = json!({"type": "record", "name": "B", "fields": [
+            {"name": "p", "type": "a.Inner"}, {"name": "q", "type": "a.Outer"}]});
+        let resolved = resolve(&inner_first, &refs).unwrap();
+        let fields = &resolved["fields"];
+        assert_eq!(fields[0]["type"]["name"], "a.Inner", "{resolved}");
+        assert_eq!(
+            fields[1]["type"]["fields"][0]["type"], "a.Inner",
+            "{resolved}"
+        );
+        // The other order worked already; a schema of its own defining a
+        // type twice is still refused.
+        let outer_first = json!({"type": "record", "name": "B", "fields": [
+            {"name": "q", "type": "a.Outer"}, {"name": "p", "type": "a.Inner"}]});
+        assert!(resolve(&outer_first, &refs).is_ok());
+        let twice = json!({"type": "record", "name": "C", "fields": [
+            {"name": "p", "type": {"type": "fixed", "name": "F", "size": 2}},
+            {"name": "q", "type": {"type": "fixed", "name": "F", "size": 2}}]});
+        assert!(resolve(&twice, &References::new()).is_err());
+        // The schema's own a.Inner, then the referenced Outer nesting the
+        // referenced a.Inner: two definitions, refused as before.
+        let own_inner = json!({"type": "record", "name": "D", "fields": [
+            {"name": "p", "type": {"type": "record", "name": "Inner", "namespace": "a",
+                                   "fields": [{"name": "y", "type": "long"}]}},
+            {"name": "q", "type": "a.Outer"}]});
+        assert!(resolve(&own_inner, &refs).is_err());
     }
 
     #[test]

@@ -51,17 +51,23 @@ impl Compatibility {
         Compatibility::None,
     ];
 
-    /// Checks `new` against `existing` versions (oldest first) under this
-    /// level; returns the reasons it is incompatible (empty: compatible).
-    pub fn check(&self, new: &Value, existing: &[Value]) -> Vec<String> {
-        let against: &[Value] = match self {
-            Compatibility::None => return Vec::new(),
+    /// The versions of `existing` (oldest first) a new one is checked
+    /// against under this level: none, the latest, or all.
+    pub fn compared<'a, T>(&self, existing: &'a [T]) -> &'a [T] {
+        match self {
+            Compatibility::None => &[],
             Compatibility::Backward | Compatibility::Forward | Compatibility::Full => existing
                 .last()
                 .map(std::slice::from_ref)
                 .unwrap_or_default(),
             _ => existing,
-        };
+        }
+    }
+
+    /// Checks `new` against `existing` versions (oldest first) under this
+    /// level; returns the reasons it is incompatible (empty: compatible).
+    pub fn check(&self, new: &Value, existing: &[Value]) -> Vec<String> {
+        let against = self.compared(existing);
         let (backward, forward) = match self {
             Compatibility::Backward | Compatibility::BackwardTransitive => (true, false),
             Compatibility::Forward | Compatibility::ForwardTransitive => (false, true),
@@ -122,6 +128,8 @@ pub fn can_read(reader: &Value, writer: &Value) -> Vec<String> {
         reader_defs: definitions(reader),
         writer_defs: definitions(writer),
         in_progress: HashSet::new(),
+        checked: HashMap::new(),
+        compatible_log: Vec::new(),
         problems: Vec::new(),
     };
     checker.check(reader, writer, "");
@@ -213,6 +221,17 @@ struct Checker {
     reader_defs: HashMap<String, Value>,
     writer_defs: HashMap<String, Value>,
     in_progress: HashSet<(String, String)>,
+    /// Named pairs compared in full, and whether the reader's could read
+    /// the writer's: a type used in many places is compared once (without
+    /// this, a schema reusing named types level after level costs
+    /// exponential time).
+    checked: HashMap<(String, String), bool>,
+    /// The pairs entered in `checked` as compatible, in order: such an
+    /// answer may rest on a pair still in progress being assumed
+    /// compatible (recursive types), so when that pair turns out
+    /// incompatible, every compatible answer entered since it started is
+    /// withdrawn. (An incompatible answer never rests on an assumption.)
+    compatible_log: Vec<(String, String)>,
     problems: Vec<String>,
 }
 
@@ -262,11 +281,31 @@ impl Checker {
         // (recursive types).
         if let (Some(rn), Some(wn)) = (name(&r), name(&w)) {
             let key = (rn.to_owned(), wn.to_owned());
+            if let Some(&compatible) = self.checked.get(&key) {
+                if !compatible {
+                    self.problems.push(format!(
+                        "{}: the reader's `{rn}` cannot read the writer's `{wn}`",
+                        at(path)
+                    ));
+                }
+                return;
+            }
             if !self.in_progress.insert(key.clone()) {
                 return;
             }
+            let before = self.problems.len();
+            let logged = self.compatible_log.len();
             self.visit_resolved(&r, &w, rk, wk, path);
             self.in_progress.remove(&key);
+            if self.problems.len() == before {
+                self.compatible_log.push(key.clone());
+                self.checked.insert(key, true);
+            } else {
+                for withdrawn in self.compatible_log.drain(logged..) {
+                    self.checked.remove(&withdrawn);
+                }
+                self.checked.insert(key, false);
+            }
         } else {
             self.visit_resolved(&r, &w, rk, wk, path);
         }
@@ -487,6 +526,67 @@ mod tests {
 
     fn r(v: Value) -> Value {
         resolve(&v, &References::new()).unwrap()
+    }
+
+    /// `L0 {a: L1, b: L1}`, `L1 {a: L2, b: L2}`, … `L{n}`: each level's
+    /// type used twice, so a comparison that does not remember the pairs
+    /// it compared visits 2^n records.
+    fn doubling(levels: usize, last_field: &str) -> Value {
+        let mut schema = json!({"type": "record", "name": format!("L{levels}"),
+            "fields": [{"name": "x", "type": last_field}]});
+        for level in (0..levels).rev() {
+            schema = json!({"type": "record", "name": format!("L{level}"), "fields": [
+                {"name": "a", "type": schema},
+                {"name": "b", "type": format!("L{}", level + 1)},
+            ]});
+        }
+        r(schema)
+    }
+
+    #[test]
+    fn named_types_reused_at_every_level_are_compared_once() {
+        // 2^30 record visits (each cloning its definition) without the
+        // memo: this test would run for hours.
+        let old = doubling(30, "int");
+        assert!(can_read(&old, &old).is_empty());
+        let new = doubling(30, "long");
+        assert!(can_read(&new, &old).is_empty(), "int promotes to long");
+        let problems = can_read(&old, &new);
+        assert!(!problems.is_empty());
+        assert!(
+            problems[0].contains("/fields/0/type"),
+            "the first problem is found in full: {problems:?}"
+        );
+        assert!(problems.len() < 100, "{} problems", problems.len());
+    }
+
+    #[test]
+    fn a_pair_assumed_compatible_inside_a_failed_union_probe_is_compared_again() {
+        // While the probe of x.A against w.A runs, x.B against w.B is found
+        // compatible by assuming x.A against w.A (recursion); then x.A fails
+        // on `x`. The probe's failure is dropped (y.A matches), but x.B
+        // against w.B must not stay remembered as compatible: field `v`
+        // compares it again and it fails there.
+        let reader = r(json!({"type": "record", "name": "Top", "fields": [
+            {"name": "u", "type": [
+                {"type": "record", "name": "A", "namespace": "x", "fields": [
+                    {"name": "b", "type": {"type": "record", "name": "B", "namespace": "x",
+                        "fields": [{"name": "a", "type": ["null", "x.A"]}]}},
+                    {"name": "x", "type": "string"}]},
+                {"type": "record", "name": "A", "namespace": "y", "fields": [
+                    {"name": "x", "type": "int"}]}]},
+            {"name": "v", "type": "x.B"}]}));
+        let writer = r(json!({"type": "record", "name": "Top", "fields": [
+            {"name": "u", "type": {"type": "record", "name": "A", "namespace": "w", "fields": [
+                {"name": "b", "type": {"type": "record", "name": "B", "namespace": "w",
+                    "fields": [{"name": "a", "type": ["null", "w.A"]}]}},
+                {"name": "x", "type": "int"}]}},
+            {"name": "v", "type": "w.B"}]}));
+        let problems = can_read(&reader, &writer);
+        assert!(
+            problems.iter().any(|p| p.contains("/fields/1/")),
+            "field v cannot be read: {problems:?}"
+        );
     }
 
     #[test]

@@ -348,6 +348,10 @@ async fn find_version(
             .find(|v| v.version == n && (deleted || !v.deleted)),
     };
     found.cloned().ok_or_else(|| match spec {
+        // Every version soft-deleted: the subject is gone (as Confluent).
+        VersionSpec::Number(_) if !deleted && all.iter().all(|v| v.deleted) => {
+            ApiError::subject_not_found(subject)
+        }
         VersionSpec::Latest => ApiError::subject_not_found(subject),
         VersionSpec::Number(n) => ApiError::version_not_found(n),
     })
@@ -393,6 +397,10 @@ async fn referenced_by(
 struct Candidate {
     stored: NewSchema,
     normal: Value,
+    /// The references as the request gave them (`stored` has any latest
+    /// version (-1) pinned): a schema stored before pinning existed still
+    /// matches the request that registered it.
+    requested_references: Vec<SchemaReference>,
 }
 
 /// Named types from `references`, following their own references.
@@ -451,9 +459,32 @@ async fn candidate(
     }
     let doc: Value = serde_json::from_str(&request.schema)
         .map_err(|e| ApiError::invalid_schema(format!("the schema is not JSON: {e}")))?;
-    let references = resolve_references(state, &request.references, 0).await?;
+    // A reference to the latest version (-1) is pinned to the version it is
+    // now: what the id means must not change when the referenced subject
+    // gets a new version, and the referenced version is protected from
+    // deletion like any other.
+    let mut pinned = request.references.clone();
+    for r in pinned.iter_mut().filter(|r| r.version == -1) {
+        r.version = find_version(state, &r.subject, "latest", false)
+            .await
+            .map_err(|_| {
+                ApiError::invalid_schema(format!(
+                    "reference `{}` points to the latest version of subject `{}`, which has none",
+                    r.name, r.subject
+                ))
+            })?
+            .version;
+    }
+    let references = resolve_references(state, &pinned, 0).await?;
     let normal = resolve(&doc, &references).map_err(ApiError::invalid_schema)?;
     let normal_form = normal.to_string();
+    // Inlined references can nest deeper than any JSON reader here (and
+    // most elsewhere) accepts: stored, the schema could never be read back.
+    if let Err(e) = serde_json::from_str::<Value>(&normal_form) {
+        return Err(ApiError::invalid_schema(format!(
+            "the schema with its references inlined cannot be read back ({e}); nest fewer records"
+        )));
+    }
     let text = if normalize {
         normal_form.clone()
     } else {
@@ -463,10 +494,11 @@ async fn candidate(
         stored: NewSchema {
             schema_type: "AVRO".to_owned(),
             text,
-            references: request.references.clone(),
+            references: pinned,
             normal_form,
         },
         normal,
+        requested_references: request.references.clone(),
     })
 }
 
@@ -474,7 +506,9 @@ fn matches(existing: &StoredSchema, candidate: &Candidate, normalize: bool) -> b
     if normalize {
         existing.normal_form == candidate.stored.normal_form
     } else {
-        existing.text == candidate.stored.text && existing.references == candidate.stored.references
+        existing.text == candidate.stored.text
+            && (existing.references == candidate.stored.references
+                || existing.references == candidate.requested_references)
     }
 }
 
@@ -506,11 +540,27 @@ async fn writable(state: &AppState, subject: &str) -> ApiResult<String> {
     Ok(mode)
 }
 
-fn normal_forms(versions: &[SubjectVersion]) -> Vec<Value> {
-    versions
+/// Why `normal` may not follow `versions` under `level` (empty: it may). A
+/// stored version that cannot be read back is a problem, never skipped:
+/// skipped, it would let an incompatible schema through.
+fn check_against(level: Compatibility, normal: &Value, versions: &[SubjectVersion]) -> Vec<String> {
+    let forms: Result<Vec<Value>, String> = level
+        .compared(versions)
         .iter()
-        .filter_map(|v| serde_json::from_str(&v.schema.normal_form).ok())
-        .collect()
+        .map(|v| {
+            serde_json::from_str(&v.schema.normal_form).map_err(|e| {
+                format!(
+                    "version {} of `{}` cannot be read back to check against ({e})",
+                    v.version, v.subject
+                )
+            })
+        })
+        .collect();
+    match forms {
+        // `forms` is what the level compares against already.
+        Ok(forms) => level.check(normal, &forms),
+        Err(problem) => vec![problem],
+    }
 }
 
 /// The largest schema id the Confluent wire format can carry.
@@ -571,7 +621,7 @@ async fn register(
         }
     }
     let level = level_of(&state, &subject).await?;
-    let problems = level.check(&candidate.normal, &normal_forms(&live));
+    let problems = check_against(level, &candidate.normal, &live);
     if !problems.is_empty() {
         return Err(ApiError::incompatible(&subject, &problems));
     }
@@ -580,7 +630,7 @@ async fn register(
     let added = state
         .store
         .add_version(&subject, id, |live| {
-            let problems = level.check(&normal, &normal_forms(live));
+            let problems = check_against(level, &normal, live);
             if problems.is_empty() {
                 Ok(())
             } else {
@@ -648,6 +698,10 @@ async fn lookup(
     JsonBody(request): JsonBody<SchemaRequest>,
 ) -> ApiResult {
     let all = all_versions(&state, &subject).await?;
+    if !flags.deleted && all.iter().all(|v| v.deleted) {
+        // Every version soft-deleted: the subject is gone (as Confluent).
+        return Err(ApiError::subject_not_found(&subject));
+    }
     let candidate = candidate(&state, &request, flags.normalize).await?;
     all.iter()
         .rev()
@@ -905,7 +959,7 @@ async fn check_all(
     let candidate = candidate(&state, &request, flags.normalize).await?;
     let live = state.store.versions(&subject, false).await?;
     let level = level_of(&state, &subject).await?;
-    let problems = level.check(&candidate.normal, &normal_forms(&live));
+    let problems = check_against(level, &candidate.normal, &live);
     Ok(compatibility_answer(&problems, flags.verbose))
 }
 
@@ -927,6 +981,6 @@ async fn check_version(
         }
         VersionSpec::Number(_) => vec![find_version(&state, &subject, &version, false).await?],
     };
-    let problems = level.check(&candidate.normal, &normal_forms(&against));
+    let problems = check_against(level, &candidate.normal, &against);
     Ok(compatibility_answer(&problems, flags.verbose))
 }
