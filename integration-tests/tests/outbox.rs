@@ -927,6 +927,21 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
     let other = OutboxTables::new("shop", "outbox2", "inbox2").unwrap();
     let e = other.migrate(db.pool()).await.unwrap_err().to_string();
     assert!(e.contains("one schema per outbox"), "{e}");
+    // A schema a newer Keel migrated: an older relay says so by name
+    // instead of sqlx's "previously applied but missing".
+    let future = "INSERT INTO shop._sqlx_migrations \
+                  (version, description, success, checksum, execution_time) \
+                  VALUES (29991231000001, 'from a later Keel', true, '\\x00', 0)";
+    sqlx::query(future).execute(db.pool()).await.unwrap();
+    let e = tables.migrate(db.pool()).await.unwrap_err().to_string();
+    assert!(
+        e.contains("migrated by a newer Keel") && e.contains("29991231000001"),
+        "{e}"
+    );
+    sqlx::query("DELETE FROM shop._sqlx_migrations WHERE version = 29991231000001")
+        .execute(db.pool())
+        .await
+        .unwrap();
     let e = OutboxTables::new("shop; drop table x", "o", "i")
         .unwrap_err()
         .to_string();

@@ -214,6 +214,20 @@ impl OutboxTables {
                         self.schema
                     ),
                 ),
+                sqlx::migrate::MigrateError::VersionMissing(version)
+                    if MIGRATIONS.last().is_some_and(|newest| version > newest.0) =>
+                {
+                    OutboxError::config(
+                        "outbox.schema",
+                        format!(
+                            "schema `{}` was migrated by a newer Keel (its migration {version} is \
+                         unknown to this build, which knows up to {}); run a relay of that \
+                         version or later against it",
+                            self.schema,
+                            MIGRATIONS.last().map_or(0, |m| m.0)
+                        ),
+                    )
+                }
                 other => OutboxError::Migrate(other),
             })
         }
