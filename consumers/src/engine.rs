@@ -48,6 +48,10 @@ struct Buffered {
     record: RawRecord,
 }
 
+/// Acked ranges a partition keeps before merging the oldest across their
+/// gap (see [`PartitionState::forget_old_gaps`]).
+const KEPT_ACKED_RANGES: usize = 256;
+
 #[derive(Default)]
 struct PartitionState {
     /// Bumped on every assignment: tokens of earlier ones are stale.
@@ -69,6 +73,10 @@ struct PartitionState {
     acked: BTreeMap<i64, i64>,
     /// The last position committed (or found committed).
     committed: Option<i64>,
+    /// The position committed before `committed`: what the group falls
+    /// back to when the commit of `committed` fails (the broker still
+    /// holds an earlier one, so the window must not move on from it).
+    committed_before: Option<i64>,
 }
 
 impl PartitionState {
@@ -82,7 +90,9 @@ impl PartitionState {
         self.mark_acked(offset);
         self.attempts.remove(&offset);
         self.retry_at.remove(&offset);
-        if let Some(b) = self.records.remove(&offset)
+        let removed = self.records.remove(&offset);
+        self.forget_old_gaps();
+        if let Some(b) = removed
             && let Some(queue) = self.queues.get_mut(&b.key)
         {
             // Usually the head; a late record of the key may sit before it.
@@ -119,6 +129,27 @@ impl PartitionState {
             end = e;
         }
         self.acked.insert(start, end);
+    }
+
+    /// Bounds the acked ranges where offsets have gaps (a compacted topic,
+    /// transaction markers), which never merge: past
+    /// [`KEPT_ACKED_RANGES`], the lowest two ranges become one when both
+    /// lie wholly below the position (the gap between them long passed).
+    fn forget_old_gaps(&mut self) {
+        if self.acked.len() <= KEPT_ACKED_RANGES {
+            return;
+        }
+        let Some(position) = self.position() else {
+            return;
+        };
+        let mut lowest = self.acked.iter();
+        let (Some((&first, _)), Some((&second, &end))) = (lowest.next(), lowest.next()) else {
+            return;
+        };
+        if end <= position {
+            self.acked.remove(&second);
+            self.acked.insert(first, end);
+        }
     }
 
     /// The head of `offset`'s key queue: what goes out when `offset` is
@@ -424,6 +455,7 @@ impl Engine {
             if let Some(pos) = ps.position()
                 && Some(pos) != ps.committed
             {
+                ps.committed_before = ps.committed;
                 ps.committed = Some(pos);
                 out.push((p, pos));
             }
@@ -458,13 +490,17 @@ impl Engine {
             })
     }
 
-    /// A commit of `position` did not land: the next one sends it again.
+    /// A commit of `position` did not land: the next one sends it again,
+    /// and until one lands the window counts from the commit sent before
+    /// it, so however many commits fail in a row, dispatch runs at most a
+    /// window past that one (two while an earlier commit is still in flight
+    /// and fails too) instead of without bound.
     pub(crate) fn commit_failed(&self, partition: i32, position: i64) {
         let mut state = self.lock();
         if let Some(ps) = state.partitions.get_mut(&partition)
             && ps.committed == Some(position)
         {
-            ps.committed = None;
+            ps.committed = ps.committed_before.filter(|&before| before < position);
         }
     }
 
@@ -624,6 +660,11 @@ impl Settle for Engine {
                 return;
             }
             ps.in_flight = ps.in_flight.saturating_sub(1);
+            let (outcome, counted) = outcome.counted();
+            if !counted && let Some(attempt) = ps.attempts.get_mut(&t.offset) {
+                // The re-delivery gets this delivery's number again.
+                *attempt = attempt.saturating_sub(1);
+            }
             if let Some(hook) = hook {
                 let _ = hook.send((t.partition, t.offset, outcome));
             }
@@ -633,7 +674,7 @@ impl Settle for Engine {
                     let head = ps.head_of(t.offset);
                     ps.ready.insert(head);
                 }
-                Outcome::Nack { delay } => {
+                Outcome::Nack { delay } | Outcome::Backoff { delay } => {
                     let now = Instant::now();
                     let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
                     ps.retry_at.insert(t.offset, at);
@@ -891,6 +932,77 @@ mod tests {
         let again = rx.next().await.unwrap().unwrap();
         assert_eq!(again.info().coordinates.position, 10);
         assert_eq!(again.info().attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn failing_commits_keep_the_window_at_the_last_commit_that_may_have_landed() {
+        let (e, mut rx) = engine(100, 4);
+        e.assign(&[(0, Some(0))]);
+        let mut out = Vec::new();
+        for offset in 0..20 {
+            out.extend(e.ingest(0, record(offset, &format!("k{offset}"))));
+        }
+        e.send(out);
+        let mut dispatched = 0;
+        for _ in 0..5 {
+            while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(20), rx.next()).await
+            {
+                dispatched += 1;
+                assert!(d.unwrap().ack());
+            }
+            for (p, pos) in e.positions_to_commit() {
+                e.commit_failed(p, pos);
+            }
+            let out = e.tick();
+            e.send(out);
+        }
+        assert_eq!(dispatched, 4, "one window past the commit the broker holds");
+        // The commit lands: the window moves on.
+        assert_eq!(e.positions_to_commit(), vec![(0, 4)]);
+        let out = e.tick();
+        assert_eq!(out.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn offsets_with_gaps_keep_a_bounded_record_of_what_was_acked() {
+        // Every other offset, as on a compacted topic.
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for i in 0..2_000 {
+            let out = e.ingest(0, record(2 * i, "k"));
+            e.send(out);
+            let d = rx.next().await.unwrap().unwrap();
+            assert!(d.ack());
+            e.positions_to_commit();
+        }
+        assert_eq!(e.all_positions(), vec![(0, 3_999)]);
+        let ranges = e.lock().partitions[&0].acked.len();
+        assert!(ranges <= KEPT_ACKED_RANGES + 1, "{ranges} ranges kept");
+        // Re-sent records are still told apart from new ones.
+        assert!(e.ingest(0, record(3_998, "k")).is_empty());
+        assert!(e.ingest(0, record(10, "k")).is_empty());
+        assert_eq!(e.ingest(0, record(4_000, "k")).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_backoff_redelivers_with_the_same_attempt_number_and_a_nack_counts() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None)]);
+        let out = e.ingest(0, record(0, "a"));
+        e.send(out);
+        let mut attempts = Vec::new();
+        for step in ["backoff", "backoff", "nack", "backoff", "ack"] {
+            let d = rx.next().await.unwrap().unwrap();
+            attempts.push(d.info().attempt);
+            match step {
+                "backoff" => assert!(d.backoff(Duration::ZERO)),
+                "nack" => assert!(d.nack_with_delay(Duration::ZERO)),
+                _ => assert!(d.ack()),
+            }
+            let out = e.tick();
+            e.send(out);
+        }
+        assert_eq!(attempts, vec![1, 1, 1, 2, 2]);
     }
 
     #[tokio::test]

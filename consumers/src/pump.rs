@@ -1,7 +1,9 @@
 //! The loop both consumer front ends ([`serve`](crate::serve()) and the
 //! [`Router`](crate::router::Router)) share: take a delivery whenever a
 //! permit is free, run it in its own task, and on shutdown stop taking,
-//! let running tasks finish and settle, then leave the group gracefully.
+//! let running tasks finish and settle (for at most the transport's drain
+//! timeout: handlers still running then are dropped, their events left
+//! uncommitted for the next owner), then leave the group gracefully.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,8 +111,27 @@ where
             task.await;
         }));
     };
-    while let Some(finished) = tasks.join_next().await {
-        report_panic(finished);
+    let running = async {
+        while let Some(finished) = tasks.join_next().await {
+            report_panic(finished);
+        }
+    };
+    match deliveries.drain_timeout() {
+        None => running.await,
+        Some(limit) => {
+            if tokio::time::timeout(limit, running).await.is_err() {
+                // Handlers stuck past the transport's drain timeout would
+                // hold the leave (and the process) for ever: dropped, their
+                // events are nacked and go to the next owner uncommitted,
+                // as the leave itself would abandon them.
+                tracing::warn!(
+                    running = tasks.len(),
+                    ?limit,
+                    "handlers still running after the drain timeout; abandoning them (their events will be re-delivered)"
+                );
+                tasks.shutdown().await;
+            }
+        }
     }
     let left = deliveries.leave().await;
     outcome?;
@@ -174,6 +195,73 @@ mod tests {
         async fn leave(self: Box<Self>) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// A member whose leave would wait `.0` for outstanding deliveries.
+    struct Draining(Duration);
+
+    #[async_trait]
+    impl Membership for Draining {
+        fn drain_timeout(&self) -> Option<Duration> {
+            Some(self.0)
+        }
+
+        async fn leave(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_stuck_at_shutdown_is_abandoned_after_the_drain_timeout() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().insert(1);
+        let info = DeliveryInfo {
+            coordinates: Coordinates {
+                topic: "t".into(),
+                partition: 0,
+                position: 1,
+            },
+            group: "g".into(),
+            attempt: 1,
+        };
+        let delivery = Delivery::new(Envelope::new("t", "k", "x"), info, owner.clone(), 1);
+        let (_tx, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            futures::stream::iter([Ok(delivery)]).chain(futures::stream::pending()),
+            assignment,
+            Box::new(Draining(Duration::from_secs(10))),
+        );
+        let started = Arc::new(tokio::sync::Notify::new());
+        let running = started.clone();
+        let pumped = pump(
+            stream,
+            Arc::new(Semaphore::new(4)),
+            started.notified(),
+            move |item| {
+                let running = running.clone();
+                async move {
+                    running.notify_one();
+                    let _held = item;
+                    std::future::pending::<()>().await;
+                }
+            },
+        );
+        let left = tokio::time::timeout(Duration::from_secs(60), pumped).await;
+        assert!(
+            matches!(left, Ok(Ok(()))),
+            "the pump must leave after the drain timeout: {left:?}"
+        );
+        let settled = owner.settled.lock().unwrap().clone();
+        assert_eq!(
+            settled,
+            vec![(
+                1,
+                Outcome::Nack {
+                    delay: Duration::ZERO
+                }
+            )],
+            "the abandoned event goes back uncommitted"
+        );
     }
 
     #[tokio::test]

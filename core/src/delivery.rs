@@ -67,11 +67,31 @@ pub enum Outcome {
         /// How long to wait before re-delivery.
         delay: Duration,
     },
+    /// Not handled, through no fault of the event (the registry, the
+    /// inbox's database or the dead-letter topic is down): deliver again
+    /// after `delay`, as a nack, but the re-delivery keeps this delivery's
+    /// attempt number, so waiting out an outage spends no retry budget.
+    Backoff {
+        /// How long to wait before re-delivery.
+        delay: Duration,
+    },
     /// Given up for good — handed to dead letters, or deliberately
     /// dropped: never delivered again, and the position moves on as after
     /// an ack. JetStream terminates the message (`+TERM`, which raises a
     /// server advisory); Kafka commits past it.
     Term,
+}
+
+impl Outcome {
+    /// For a transport's bookkeeping: the outcome with a
+    /// [`Outcome::Backoff`] turned into the nack it is, and whether the
+    /// delivery counts as an attempt (`false` for a backoff only).
+    pub fn counted(self) -> (Outcome, bool) {
+        match self {
+            Outcome::Backoff { delay } => (Outcome::Nack { delay }, false),
+            other => (other, true),
+        }
+    }
 }
 
 /// The transport side of settling: receives each delivery's outcome once.
@@ -148,6 +168,12 @@ impl Settler {
         self.0.settle(Outcome::Nack { delay })
     }
 
+    /// Asks for re-delivery after `delay` without counting an attempt (see
+    /// [`Outcome::Backoff`]). Returns `false` if already settled.
+    pub fn backoff(&self, delay: Duration) -> bool {
+        self.0.settle(Outcome::Backoff { delay })
+    }
+
     /// Gives the event up for good (see [`Outcome::Term`]). Returns
     /// `false` if already settled.
     pub fn term(&self) -> bool {
@@ -215,6 +241,12 @@ impl Delivery {
     /// Returns `false` if already settled.
     pub fn nack_with_delay(&self, delay: Duration) -> bool {
         self.settlement.settle(Outcome::Nack { delay })
+    }
+
+    /// Asks for re-delivery after `delay` without counting an attempt (see
+    /// [`Outcome::Backoff`]). Returns `false` if already settled.
+    pub fn backoff(&self, delay: Duration) -> bool {
+        self.settlement.settle(Outcome::Backoff { delay })
     }
 
     /// Gives the event up for good — after handing it to dead letters (see
@@ -419,6 +451,13 @@ pub trait Membership: Send + Sync {
         false
     }
 
+    /// How long a graceful leave waits for outstanding deliveries before
+    /// abandoning them uncommitted (re-delivered to the next owner); `None`
+    /// (the default) for a transport whose leave does not wait.
+    fn drain_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// Leaves the group gracefully: commits what was acked, then hands the
     /// partitions over.
     async fn leave(self: Box<Self>) -> Result<()>;
@@ -465,6 +504,13 @@ impl Deliveries {
     /// A receiver that sees every change of this member's assignment.
     pub fn assignment_changes(&self) -> watch::Receiver<Assignment> {
         self.assignment.clone()
+    }
+
+    /// How long [`leave`](Self::leave) waits for outstanding deliveries
+    /// before abandoning them uncommitted (`None`: it does not wait), so a
+    /// consumer loop can give its running handlers the same time.
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        self.membership.as_ref().and_then(|m| m.drain_timeout())
     }
 
     /// Leaves the group gracefully. Settle the deliveries you still hold

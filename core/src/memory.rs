@@ -583,6 +583,11 @@ impl Settle for Broker {
             }
             let ps = &mut group.partitions[t.partition as usize];
             ps.in_flight.remove(&t.offset);
+            let (outcome, counted) = outcome.counted();
+            if !counted && let Some(attempt) = ps.attempts.get_mut(&t.offset) {
+                // The re-delivery gets this delivery's number again.
+                *attempt = attempt.saturating_sub(1);
+            }
             match outcome {
                 Outcome::Ack | Outcome::Term => {
                     let key = partitions[t.partition as usize][t.offset as usize].key_bytes();
@@ -591,7 +596,7 @@ impl Settle for Broker {
                 Outcome::Nack { delay } if delay.is_zero() => {
                     ps.ready.insert(t.offset);
                 }
-                Outcome::Nack { delay } => {
+                Outcome::Nack { delay } | Outcome::Backoff { delay } => {
                     let now = Instant::now();
                     let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
                     ps.retry_at.insert(t.offset, at);
@@ -989,6 +994,27 @@ mod tests {
         let d = member.next().await.unwrap().unwrap();
         assert!(d.nack_with_delay(Duration::MAX));
         assert_eq!(t.committed("orders", "g"), Some(vec![Some(0)]));
+    }
+
+    #[tokio::test]
+    async fn a_backoff_redelivers_with_the_same_attempt_number_and_a_nack_counts() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        t.publish("orders", Envelope::new("e", "a", ""))
+            .await
+            .unwrap();
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let mut attempts = Vec::new();
+        for step in ["backoff", "backoff", "nack", "backoff", "ack"] {
+            let d = member.next().await.unwrap().unwrap();
+            attempts.push(d.info().attempt);
+            match step {
+                "backoff" => assert!(d.backoff(Duration::ZERO)),
+                "nack" => assert!(d.nack_with_delay(Duration::ZERO)),
+                _ => assert!(d.ack()),
+            }
+        }
+        assert_eq!(attempts, vec![1, 1, 1, 2, 2]);
     }
 
     #[tokio::test]

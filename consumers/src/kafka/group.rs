@@ -560,6 +560,7 @@ impl Subscriber for KafkaGroupConsumer {
             Box::new(KafkaMembership {
                 control,
                 engine: stopper,
+                drain_timeout,
                 done: Some(done_rx),
                 thread: Some(thread),
             }),
@@ -769,6 +770,7 @@ fn is_refusal(code: rdkafka::error::RDKafkaErrorCode) -> bool {
 struct KafkaMembership {
     control: Arc<Control>,
     engine: Arc<Engine>,
+    drain_timeout: Duration,
     done: Option<oneshot::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -778,6 +780,10 @@ impl Membership for KafkaMembership {
     fn stop_dispatching(&self) -> bool {
         self.engine.stop_dispatching();
         true
+    }
+
+    fn drain_timeout(&self) -> Option<Duration> {
+        Some(self.drain_timeout)
     }
 
     async fn leave(mut self: Box<Self>) -> Result<()> {

@@ -369,6 +369,7 @@ impl Subscriber for JetStreamGroupConsumer {
             Box::new(NatsMembership {
                 stop: stop_tx,
                 engine: stopper,
+                drain_timeout: self.config.drain_timeout,
                 task: Some(task),
             }),
         ))
@@ -406,7 +407,9 @@ async fn pump_acks(
             a = acked.recv() => match a {
                 Some((p, o, Outcome::Ack)) => Pump::Ack(p, o, AckKind::Ack),
                 Some((p, o, Outcome::Term)) => Pump::Ack(p, o, AckKind::Term),
-                Some((p, o, Outcome::Nack { delay })) => Pump::Nak(p, o, delay),
+                Some((p, o, Outcome::Nack { delay } | Outcome::Backoff { delay })) => {
+                    Pump::Nak(p, o, delay)
+                }
                 None => break,
             },
             c = control.recv() => match c {
@@ -436,7 +439,7 @@ async fn pump_acks(
                     match outcome {
                         Outcome::Ack => ack_on_server(&acks, p, ordinal, AckKind::Ack).await,
                         Outcome::Term => ack_on_server(&acks, p, ordinal, AckKind::Term).await,
-                        Outcome::Nack { .. } => {}
+                        Outcome::Nack { .. } | Outcome::Backoff { .. } => {}
                     }
                 }
                 let _ = client.flush().await;
@@ -1246,6 +1249,7 @@ async fn read_partition(
 struct NatsMembership {
     stop: watch::Sender<Stop>,
     engine: Arc<Engine>,
+    drain_timeout: Duration,
     task: Option<JoinHandle<()>>,
 }
 
@@ -1254,6 +1258,10 @@ impl Membership for NatsMembership {
     fn stop_dispatching(&self) -> bool {
         self.engine.stop_dispatching();
         true
+    }
+
+    fn drain_timeout(&self) -> Option<Duration> {
+        Some(self.drain_timeout)
     }
 
     async fn leave(mut self: Box<Self>) -> Result<()> {

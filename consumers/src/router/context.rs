@@ -107,7 +107,8 @@ impl Context {
 
     /// The trace context follow-up events carry: this handling's span
     /// (set by the tracing layer, a child of the producer's) with the
-    /// producer's `tracestate`, else the producer's context as it came.
+    /// producer's `tracestate` when the span continues the producer's trace,
+    /// else the producer's context as it came.
     pub fn trace(&self) -> TraceContext {
         trace_of(self.event(), self.span)
     }
@@ -230,7 +231,19 @@ fn trace_of(event: Option<&Envelope>, span: Option<TraceParent>) -> TraceContext
     match (span, event) {
         (Some(span), event) => TraceContext {
             traceparent: Some(span.to_string()),
-            tracestate: event.and_then(|e| e.trace().tracestate.clone()),
+            // The producer's vendor state belongs to its trace: it goes
+            // along only where the span continues that trace (W3C: a
+            // traceparent that does not parse restarts the trace and drops
+            // the tracestate).
+            tracestate: event
+                .filter(|e| {
+                    e.trace()
+                        .traceparent
+                        .as_deref()
+                        .and_then(TraceParent::parse)
+                        .is_some_and(|parent| parent.trace_id == span.trace_id)
+                })
+                .and_then(|e| e.trace().tracestate.clone()),
         },
         (None, Some(event)) => event.trace().clone(),
         (None, None) => TraceContext::default(),

@@ -46,9 +46,13 @@ impl Layer for ConcurrencyLimit {
 }
 
 /// At most `rate` handlings per second on average, with bursts of up to
-/// `burst` (a generic cell rate algorithm: each handling books the next
-/// free slot `1/rate` after the previous one; up to `burst` slots may be
-/// booked ahead of now).
+/// `burst` (a generic cell rate algorithm: each handling that passes moves
+/// the theoretical arrival time on by `1/rate`; a handling passes when that
+/// time is at most `burst - 1` intervals ahead of now, and otherwise waits
+/// until it is).
+///
+/// A handling takes its slot only when it passes, so one that gives up
+/// waiting (a timeout, a shutdown) leaves nothing booked behind it.
 ///
 /// A dozen lines of arithmetic under a mutex; a rate-limiting crate would
 /// bring its own clock and atomics for no gain at a router's rates.
@@ -81,26 +85,31 @@ impl RateLimit {
         })
     }
 
-    /// Books a slot and returns when it starts.
-    fn book(&self) -> Instant {
+    /// Takes a slot now if one is free; otherwise says when to ask again.
+    fn try_take(&self) -> Result<(), Instant> {
         let now = Instant::now();
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         // Slots left unused in the past do not pile up beyond the burst.
-        let earliest = self
+        let arrival = next.map_or(now, |n| n.max(now));
+        let free_at = self
             .interval
             .checked_mul(self.burst - 1)
-            .and_then(|ahead| now.checked_sub(ahead))
+            .and_then(|ahead| arrival.checked_sub(ahead))
             .unwrap_or(now);
-        let slot = next.map_or(earliest, |n| n.max(earliest));
-        *next = Some(slot + self.interval);
-        slot.max(now)
+        if free_at > now {
+            return Err(free_at);
+        }
+        *next = Some(arrival + self.interval);
+        Ok(())
     }
 }
 
 #[async_trait]
 impl Layer for RateLimit {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
-        tokio::time::sleep_until(self.book()).await;
+        while let Err(at) = self.try_take() {
+            tokio::time::sleep_until(at).await;
+        }
         next.run(ctx).await
     }
 }
@@ -129,8 +138,38 @@ mod tests {
         assert!(RateLimit::per_second(0.0, 1).is_err());
         assert!(RateLimit::per_second(f64::NAN, 1).is_err());
         assert!(RateLimit::per_second(1e-300, 1).is_err());
-        RateLimit::per_second(1.0, u32::MAX).unwrap().book();
+        assert!(
+            RateLimit::per_second(1.0, u32::MAX)
+                .unwrap()
+                .try_take()
+                .is_ok()
+        );
         assert!(RateLimit::per_second(1.0, 0).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handling_that_gives_up_waiting_leaves_no_slot_booked() {
+        let limit = RateLimit::per_second(10.0, 1).unwrap();
+        let ctx = || Context::for_test("t", Envelope::new("e", "k", ""), 1);
+        run_layer_async(&limit, ctx(), || async { Verdict::Handled }).await;
+        // Fifty handlings time out waiting (as under a Timeout layer).
+        for _ in 0..50 {
+            let waiting = run_layer_async(&limit, ctx(), || async { Verdict::Handled });
+            assert!(
+                tokio::time::timeout(Duration::from_millis(1), waiting)
+                    .await
+                    .is_err()
+            );
+        }
+        // The next one waits for the one interval after the first, not for
+        // fifty abandoned ones.
+        let start = Instant::now();
+        run_layer_async(&limit, ctx(), || async { Verdict::Handled }).await;
+        assert!(
+            start.elapsed() <= Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

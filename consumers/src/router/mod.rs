@@ -425,10 +425,18 @@ impl Chain {
                 settler.term();
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-            Verdict::Retry { error, delay } | Verdict::Backoff { error, delay } => {
+            Verdict::Retry { error, delay } => {
                 let delay = delay.unwrap_or(self.options.retry_delay);
                 tracing::debug!(at = %ctx.info().coordinates, %error, ?delay, "re-delivering");
                 settler.nack_with_delay(delay);
+                c.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::Backoff { error, delay } => {
+                // Not the event's fault: the re-delivery keeps its attempt
+                // number, so an outage spends none of the retry budget.
+                let delay = delay.unwrap_or(self.options.retry_delay);
+                tracing::debug!(at = %ctx.info().coordinates, %error, ?delay, "backing off");
+                settler.backoff(delay);
                 c.retried.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::DeadLetter { error, reason } => {

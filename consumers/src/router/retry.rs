@@ -5,13 +5,17 @@
 //! then, while other keys — also in the same partition — keep flowing. Once
 //! an event has failed `max_attempts` times, the failure becomes a dead
 //! letter ([`DeadLetterReason::Exhausted`]). A [`Verdict::Backoff`] — a
-//! dependency down, not the event's fault — gets the same backoff but never
-//! spends the budget.
+//! dependency down, not the event's fault — never spends the budget (the
+//! re-delivery keeps its attempt number); its delay grows with the outage
+//! instead: the n-th backoff in a row, across all events, waits as the n-th
+//! retry would, and any other verdict ends the streak.
 //!
 //! Attempts are counted by the transport per delivery; a crash or a
 //! rebalance starts the count again for the events it re-delivers (Kafka
 //! keeps no per-message count), so the budget is per owner, at most.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -104,13 +108,18 @@ impl RetryPolicy {
 #[derive(Clone, Debug)]
 pub struct Retry {
     policy: RetryPolicy,
+    /// Backoffs in a row (shared by clones): the outage's length so far.
+    outage: Arc<AtomicU32>,
 }
 
 impl Retry {
     /// A retry layer with `policy`; fails naming a bad setting.
     pub fn new(policy: RetryPolicy) -> keel_core::Result<Self> {
         policy.validate()?;
-        Ok(Retry { policy })
+        Ok(Retry {
+            policy,
+            outage: Arc::new(AtomicU32::new(0)),
+        })
     }
 
     /// The policy.
@@ -123,7 +132,11 @@ impl Retry {
 impl Layer for Retry {
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
         let attempt = ctx.info().attempt;
-        match next.run(ctx).await {
+        let verdict = next.run(ctx).await;
+        if !matches!(verdict, Verdict::Backoff { .. }) && self.outage.load(Ordering::Relaxed) != 0 {
+            self.outage.store(0, Ordering::Relaxed);
+        }
+        match verdict {
             Verdict::Retry { error, .. } if attempt >= self.policy.max_attempts => {
                 Verdict::DeadLetter {
                     error: Error::Handler {
@@ -141,11 +154,18 @@ impl Layer for Retry {
                 error,
                 delay: Some(delay.unwrap_or_else(|| self.policy.delay(attempt))),
             },
-            // Not the event's fault: back off, budget untouched.
-            Verdict::Backoff { error, delay } => Verdict::Backoff {
-                error,
-                delay: Some(delay.unwrap_or_else(|| self.policy.delay(attempt))),
-            },
+            // Not the event's fault: back off, budget untouched, longer the
+            // longer the outage lasts. The streak counts the backoffs of
+            // every event in flight, so an outage met by many at once
+            // reaches the longest delay after a few rounds: what a
+            // dependency that is down needs.
+            Verdict::Backoff { error, delay } => {
+                let streak = self.outage.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                Verdict::Backoff {
+                    error,
+                    delay: Some(delay.unwrap_or_else(|| self.policy.delay(streak))),
+                }
+            }
             other => other,
         }
     }
@@ -196,15 +216,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // An unavailable dependency backs off, however many attempts.
-        let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 30);
-        match run_layer(&retry, ctx, || Verdict::Backoff {
+        // An unavailable dependency backs off, however many attempts, for
+        // longer the longer it lasts; the first other verdict ends it.
+        let backoff = || Verdict::Backoff {
             error: Error::retriable("registry down"),
             delay: None,
-        })
-        .await
-        {
-            Verdict::Backoff { delay, .. } => assert_eq!(delay, Some(Duration::from_secs(1))),
+        };
+        for want in [100, 200, 400, 800, 1000, 1000] {
+            let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 30);
+            match run_layer(&retry, ctx, backoff).await {
+                Verdict::Backoff { delay, .. } => {
+                    assert_eq!(delay, Some(Duration::from_millis(want)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 1);
+        assert!(matches!(
+            run_layer(&retry, ctx, || Verdict::Handled).await,
+            Verdict::Handled
+        ));
+        let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 1);
+        match run_layer(&retry, ctx, backoff).await {
+            Verdict::Backoff { delay, .. } => assert_eq!(delay, Some(Duration::from_millis(100))),
             other => panic!("{other:?}"),
         }
         // Other verdicts pass untouched.

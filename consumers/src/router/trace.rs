@@ -215,9 +215,19 @@ mod tests {
         assert_ne!(child.span_id, 0xb7ad6b7169203331);
         assert_eq!(ctx.trace().tracestate.as_deref(), Some("vendor=1"));
 
-        // No (or a broken) traceparent: a new trace starts here.
+        // No (or a broken) traceparent: a new trace starts here, without
+        // the producer's vendor state.
         let ctx = Context::for_test("t", Envelope::new("e", "k", ""), 1);
         let (_, ctx) = run_layer_with(&Tracing, ctx, || Verdict::Handled).await;
         assert!(TraceParent::parse(ctx.trace().traceparent.as_deref().unwrap()).is_some());
+        let broken = Envelope::new("e", "k", "").with_trace(TraceContext {
+            traceparent: Some(PRODUCER.to_uppercase()),
+            tracestate: Some("vendor=1".into()),
+        });
+        let ctx = Context::for_test("t", broken, 1);
+        let (_, ctx) = run_layer_with(&Tracing, ctx, || Verdict::Handled).await;
+        let restarted = TraceParent::parse(ctx.trace().traceparent.as_deref().unwrap()).unwrap();
+        assert_ne!(restarted.trace_id, 0x0af7651916cd43dd8448eb211c80319c);
+        assert_eq!(ctx.trace().tracestate, None);
     }
 }
