@@ -8,7 +8,9 @@
 //! reader's default (`#[serde(default)]`), fields the reader lacks are
 //! skipped, numeric promotions apply. After the first event of each type
 //! and each writer schema, encode and decode make no registry calls
-//! ([`AvroCodec::registry_calls`] counts them).
+//! ([`AvroCodec::registry_calls`] counts them); an id the registry does not
+//! know is asked about again only after 10 s, so poison records framed with
+//! it do not each cost a registry call.
 //!
 //! The hot path is `serde_avro_fast` — measured faster than `apache-avro`
 //! in both directions (see `BENCHMARKS.md`) and bounded on hostile input:
@@ -17,8 +19,10 @@
 //! nesting depth is limited, so garbage costs an error, not memory.
 
 use std::any::TypeId;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -97,8 +101,19 @@ pub struct AvroCodec {
     writers: RwLock<Vec<(TypeId, String, Arc<Writer>)>>,
     /// Writer schemas by id, for decoding (few per codec: scanned, not hashed).
     readers: RwLock<Vec<Arc<Reader>>>,
+    /// Ids the registry said it does not know, and when: a stream of
+    /// records framed with such an id (poison) asks the registry once per
+    /// [`UNKNOWN_ID_TTL`], not once per record.
+    unknown: Mutex<HashMap<u32, Instant>>,
     registry_calls: AtomicU64,
 }
+
+/// How long an id the registry does not know is answered from memory.
+const UNKNOWN_ID_TTL: Duration = Duration::from_secs(10);
+
+/// Most unknown ids remembered (a hostile stream of random ids is bounded;
+/// past it the memory starts afresh).
+const MAX_UNKNOWN_IDS: usize = 1024;
 
 impl std::fmt::Debug for AvroCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +132,7 @@ impl AvroCodec {
             options,
             writers: RwLock::default(),
             readers: RwLock::default(),
+            unknown: Mutex::default(),
             registry_calls: AtomicU64::new(0),
         }
     }
@@ -271,13 +287,40 @@ impl AvroCodec {
         Ok(writer)
     }
 
+    /// Whether the registry said in the last [`UNKNOWN_ID_TTL`] that it does
+    /// not know `id`.
+    fn recently_unknown(&self, id: u32) -> bool {
+        let mut unknown = lock(&self.unknown);
+        match unknown.get(&id) {
+            Some(at) if at.elapsed() < UNKNOWN_ID_TTL => true,
+            Some(_) => {
+                unknown.remove(&id);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// The writer schema with id `id`, from the cache or the registry.
     async fn reader(&self, id: u32) -> Result<Arc<Reader>> {
         if let Some(r) = read(&self.readers).iter().find(|r| r.id == id) {
             return Ok(r.clone());
         }
+        if self.recently_unknown(id) {
+            return Err(SchemaError::UnknownSchemaId(id));
+        }
         self.registry_calls.fetch_add(1, Ordering::Relaxed);
-        let text = self.registry.schema_by_id(id).await?;
+        let text = match self.registry.schema_by_id(id).await {
+            Err(SchemaError::UnknownSchemaId(_)) => {
+                let mut unknown = lock(&self.unknown);
+                if unknown.len() >= MAX_UNKNOWN_IDS {
+                    unknown.clear();
+                }
+                unknown.insert(id, Instant::now());
+                return Err(SchemaError::UnknownSchemaId(id));
+            }
+            answer => answer?,
+        };
         let schema = parse_fast(&text)?;
         let money = serde_json::from_str(&text)
             .ok()
@@ -408,6 +451,10 @@ pub fn decode_body<T: DeserializeOwned>(schema: &FastSchema, id: u32, body: &[u8
         rust_type: std::any::type_name::<T>(),
         reason: e.to_string(),
     })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

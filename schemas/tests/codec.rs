@@ -228,6 +228,18 @@ async fn steady_state_makes_no_registry_calls() {
 }
 
 #[tokio::test]
+async fn an_unknown_schema_id_is_asked_about_once_not_per_record() {
+    let c = codec(Arc::default(), SubjectNameStrategy::TopicName);
+    // Confluent framing with id 999, which the registry does not hold.
+    let poison = [0u8, 0, 0, 0x03, 0xe7, 0x02, 0x61];
+    for _ in 0..100 {
+        let err = c.decode::<OrderPlaced>(&poison).await.unwrap_err();
+        assert!(matches!(err, SchemaError::UnknownSchemaId(999)), "{err}");
+    }
+    assert_eq!(c.registry_calls(), 1);
+}
+
+#[tokio::test]
 async fn unregistered_types_are_refused_without_auto_registration() {
     let c = AvroCodec::new(Arc::new(LocalRegistry::new()), CodecOptions::default());
     let err = c.encode("orders", &order()).await.unwrap_err();
