@@ -67,7 +67,13 @@ impl Compatibility {
     /// Checks `new` against `existing` versions (oldest first) under this
     /// level; returns the reasons it is incompatible (empty: compatible).
     pub fn check(&self, new: &Value, existing: &[Value]) -> Vec<String> {
-        let against = self.compared(existing);
+        self.check_each(new, self.compared(existing))
+    }
+
+    /// Checks `new` against each of `against` (oldest first, already the
+    /// versions [`compared`](Self::compared) picks) in this level's
+    /// directions.
+    pub fn check_each(&self, new: &Value, against: &[Value]) -> Vec<String> {
         let (backward, forward) = match self {
             Compatibility::Backward | Compatibility::BackwardTransitive => (true, false),
             Compatibility::Forward | Compatibility::ForwardTransitive => (false, true),

@@ -403,13 +403,15 @@ struct Candidate {
     requested_references: Vec<SchemaReference>,
 }
 
-/// Named types from `references`, following their own references.
+/// Named types from `references`, following their own references, and the
+/// version each of `references` resolved to (the latest one for -1).
 async fn resolve_references(
     state: &AppState,
     references: &[SchemaReference],
     depth: usize,
-) -> ApiResult<References> {
+) -> ApiResult<(References, Vec<i64>)> {
     let mut out = References::new();
+    let mut versions = Vec::with_capacity(references.len());
     if depth > MAX_REFERENCE_DEPTH {
         return Err(ApiError::invalid_schema(
             "references nest too deep (a cycle?)",
@@ -425,11 +427,12 @@ async fn resolve_references(
             .await
             .map_err(|_| {
                 ApiError::invalid_schema(format!(
-                    "reference `{}` points to subject `{}` version {}, which does not exist",
-                    r.name, r.subject, r.version
+                    "reference `{}` points to subject `{}` version {spec}, which does not exist",
+                    r.name, r.subject
                 ))
             })?;
-        let nested = Box::pin(resolve_references(
+        versions.push(target.version);
+        let (nested, _) = Box::pin(resolve_references(
             state,
             &target.schema.references,
             depth + 1,
@@ -440,7 +443,7 @@ async fn resolve_references(
             .map_err(|e| ApiError::invalid_schema(format!("referenced schema is not JSON: {e}")))?;
         out.extend(named_types(&doc).map_err(ApiError::invalid_schema)?);
     }
-    Ok(out)
+    Ok((out, versions))
 }
 
 async fn candidate(
@@ -459,23 +462,20 @@ async fn candidate(
     }
     let doc: Value = serde_json::from_str(&request.schema)
         .map_err(|e| ApiError::invalid_schema(format!("the schema is not JSON: {e}")))?;
-    // A reference to the latest version (-1) is pinned to the version it is
-    // now: what the id means must not change when the referenced subject
-    // gets a new version, and the referenced version is protected from
-    // deletion like any other.
-    let mut pinned = request.references.clone();
-    for r in pinned.iter_mut().filter(|r| r.version == -1) {
-        r.version = find_version(state, &r.subject, "latest", false)
-            .await
-            .map_err(|_| {
-                ApiError::invalid_schema(format!(
-                    "reference `{}` points to the latest version of subject `{}`, which has none",
-                    r.name, r.subject
-                ))
-            })?
-            .version;
-    }
-    let references = resolve_references(state, &pinned, 0).await?;
+    let (references, versions) = resolve_references(state, &request.references, 0).await?;
+    // A reference to the latest version (-1) is stored pinned to the version
+    // it resolved to: what the id means must not change when the referenced
+    // subject gets a new version, and the referenced version is protected
+    // from deletion like any other.
+    let pinned: Vec<SchemaReference> = request
+        .references
+        .iter()
+        .zip(versions)
+        .map(|(r, version)| SchemaReference {
+            version,
+            ..r.clone()
+        })
+        .collect();
     let normal = resolve(&doc, &references).map_err(ApiError::invalid_schema)?;
     let normal_form = normal.to_string();
     // Inlined references can nest deeper than any JSON reader here (and
@@ -557,8 +557,7 @@ fn check_against(level: Compatibility, normal: &Value, versions: &[SubjectVersio
         })
         .collect();
     match forms {
-        // `forms` is what the level compares against already.
-        Ok(forms) => level.check(normal, &forms),
+        Ok(forms) => level.check_each(normal, &forms),
         Err(problem) => vec![problem],
     }
 }
