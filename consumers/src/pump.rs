@@ -151,12 +151,16 @@ fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
 /// A panicking handler is a failed attempt like any other: it is retried
 /// with backoff, not in a tight loop. This names the panic for the log.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
+    format!("handler panicked: {}", panic_text(panic))
+}
+
+/// A panic's message, where it carries one.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned());
-    format!("handler panicked: {text}")
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::Path;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher};
-use keel_integration_tests::faults::{Worker, distinct, handled, ownership, wait_until};
+use keel_integration_tests::faults::{Worker, distinct, files, handled, ownership, wait_until};
 use keel_integration_tests::{TansuUnderTest, TempDir, kafka_publisher, kafka_topic, unique_name};
 use keel_producers::kafka::KafkaClientConfig;
 
@@ -28,6 +29,9 @@ fn start(bootstrap: &str, topic: &str, group: &str, name: &str, dir: &Path) -> W
         .args([bootstrap, topic, group, name])
         .arg(dir.join(format!("{name}.log")))
         .arg(WINDOW.to_string())
+        // Rebalances, commits and warnings: what a failure report quotes.
+        .env("RUST_LOG", "warn,keel_consumers=info")
+        .stderr(File::create(dir.join(format!("{name}.stderr"))).expect("create a worker's log"))
         .spawn()
         .expect("start a worker process");
     Worker {
@@ -60,6 +64,24 @@ fn first_double_assignment(
         }
     }
     first
+}
+
+/// The workers' rebalances, commits at revocation and warnings, line by
+/// line under their names.
+fn rebalances(dir: &Path) -> String {
+    let mut out = String::new();
+    for path in files(dir, ".stderr") {
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+            if !line.contains(" INFO ")
+                || line.contains("partitions")
+                || line.contains("revocation")
+            {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,13 +184,25 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
             let since = double_assigned_since[&h.partition];
             assert!(
                 since.is_some_and(|t| t <= h.nanos),
-                "{} re-handled {}:{} (partition {}) first handled by live member {original}, \
-                 and partition {} had not been assigned to two members at once before",
+                "{} re-handled {}:{} (partition {}, offset {}) at {} first handled by live member \
+                 {original}, and partition {} had not been assigned to two members at once before; \
+                 first handled at {:?}; who owned the partition when (unix nanos): {:?}\n{}",
                 h.worker,
                 h.key,
                 h.seq,
                 h.partition,
-                h.partition
+                h.offset,
+                h.nanos,
+                h.partition,
+                records
+                    .iter()
+                    .find(|r| r.key == h.key && r.seq == h.seq)
+                    .map(|r| r.nanos),
+                owners
+                    .iter()
+                    .filter(|((_, p), _)| *p == h.partition)
+                    .collect::<BTreeMap<_, _>>(),
+                rebalances(dir.path())
             );
             *from_double_assignment
                 .entry((h.partition, original, h.worker.as_str()))

@@ -21,6 +21,8 @@ use keel_integration_tests::{
     RegistryBackend, RegistryUnderTest, TempDir, TestDatabase, kafka_bootstrap, kafka_publisher,
     kafka_transport, nats_transport,
 };
+use keel_producers::kafka::KafkaClientConfig;
+use keel_producers::kafka::admin::KafkaAdmin;
 use keel_producers::outbox::{Outbox, OutboxRelay, OutboxTables};
 
 const ORDERS: usize = 10_000;
@@ -36,6 +38,8 @@ struct Chain {
     topics: Topics,
     /// Each worker's stderr, `<name>.log`: quoted when the chain stalls.
     logs: TempDir,
+    /// For a stall report: the groups' committed offsets (Kafka).
+    kafka: Option<KafkaAdmin>,
 }
 
 impl Chain {
@@ -81,13 +85,32 @@ impl Chain {
             if n >= at_least {
                 return;
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "{what}: {n} of {at_least} after 300 s; the workers' logs:\n{}",
-                self.worker_logs()
-            );
+            if started.elapsed() >= Duration::from_secs(300) {
+                panic!(
+                    "{what}: {n} of {at_least} after 300 s; {}; the workers' logs:\n{}",
+                    self.progress().await,
+                    self.worker_logs()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Where the chain stands: rows the relay has not published yet and,
+    /// on Kafka, each group's committed offset and lag per partition.
+    async fn progress(&self) -> String {
+        let unpublished = self.count("SELECT count(*) FROM keel.outbox").await;
+        let mut out = format!("outbox rows not published: {unpublished}");
+        if let Some(admin) = &self.kafka {
+            for (group, topic) in [
+                (&self.billing, &self.topics.orders),
+                (&self.shipping, &self.topics.payments),
+            ] {
+                let lag = admin.lag(group, topic).await;
+                out.push_str(&format!("; {group} on {topic}: {lag:?}"));
+            }
+        }
+        out
     }
 
     /// Every worker's log, line by line under its name: its group changes
@@ -138,13 +161,17 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
         payments: new_topic(&*transport, "chain-payments", 4).await,
         shipments: new_topic(&*transport, "chain-shipments", 4).await,
     };
-    let publisher: Arc<dyn Publisher> = if broker == "kafka" {
+    let kafka = match broker {
+        "kafka" => Some(KafkaClientConfig::new([kafka_bootstrap().await])),
+        _ => None,
+    };
+    let publisher: Arc<dyn Publisher> = if let Some(client) = &kafka {
         // One record per producer batch: tansu's `memory://` storage answers
         // a fetch from inside a batch with the next batch, so a member
         // resuming mid-batch after a SIGKILL would skip the batch's rest (see
         // kafka_group_faults.rs). Real Kafka returns the batch holding the
         // offset.
-        let mut client = keel_producers::kafka::KafkaClientConfig::new([kafka_bootstrap().await]);
+        let mut client = client.clone();
         client
             .librdkafka
             .insert("batch.num.messages".to_owned(), "1".to_owned());
@@ -169,6 +196,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
         registry: registry.url.clone(),
         topics,
         logs: TempDir::new(),
+        kafka: kafka.map(|client| KafkaAdmin::new(&client, 1).unwrap()),
     };
     let billing_a = chain.start("billing", "billing-a");
     let billing_b = chain.start("billing", "billing-b");

@@ -1129,7 +1129,7 @@ async fn read_partition(
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, %topic, partition = p, failures, "cannot pull");
-                if failures >= PULL_FAILURES {
+                if failures >= PULL_FAILURES || consumer_gone(&durable).await {
                     let _ = broken.send((p, assignment));
                     return;
                 }
@@ -1143,7 +1143,18 @@ async fn read_partition(
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, %topic, partition = p, failures, "pull error");
-                    let deleted = e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted;
+                    use consumer::pull::MessagesErrorKind as Kind;
+                    // A pull that meets no consumer (deleted while no pull
+                    // request was waiting on it, so no "Consumer Deleted"
+                    // came) answers "no responders" or falls silent: asked
+                    // whether it is gone, the server tells at once.
+                    let deleted = match e.kind() {
+                        Kind::ConsumerDeleted => true,
+                        Kind::NoResponders | Kind::MissingHeartbeat => {
+                            consumer_gone(&durable).await
+                        }
+                        _ => false,
+                    };
                     if deleted || failures >= PULL_FAILURES {
                         let _ = broken.send((p, assignment));
                         return;
@@ -1244,6 +1255,15 @@ async fn read_partition(
             engine.send(out);
         }
     }
+}
+
+/// Whether the server says `durable` no longer exists (deleted from
+/// outside); `false` when it cannot tell (unreachable, timed out).
+async fn consumer_gone(durable: &consumer::Consumer<consumer::pull::Config>) -> bool {
+    matches!(
+        durable.get_info().await,
+        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
+    )
 }
 
 struct NatsMembership {

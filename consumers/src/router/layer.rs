@@ -11,10 +11,12 @@
 //! it — is retried at the slowest pace, never dropped.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use keel_core::Error;
 
 use super::context::Context;
@@ -201,22 +203,33 @@ pub struct Next<'a> {
 }
 
 impl Next<'_> {
-    /// Runs the remaining layers and then the handler.
+    /// Runs the remaining layers and then the handler. A layer that panics
+    /// fails the attempt as a panicking handler does: the layers around it
+    /// see a [`Verdict::Retry`], so the retry budget and dead letters apply
+    /// (the handler's own panics are caught where it is called).
     pub async fn run(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
             // Through the `dyn Layer` itself: calling on the `Arc` would
             // go through `Layer for Arc<L>` and box every layer's future
             // twice.
             Some((layer, rest)) => {
-                (**layer)
-                    .call(
-                        ctx,
-                        Next {
-                            layers: rest,
-                            ..self
-                        },
-                    )
+                let call = (**layer).call(
+                    ctx,
+                    Next {
+                        layers: rest,
+                        ..self
+                    },
+                );
+                AssertUnwindSafe(call)
+                    .catch_unwind()
                     .await
+                    .unwrap_or_else(|panic| Verdict::Retry {
+                        error: Error::retriable(format!(
+                            "a middleware layer panicked: {}",
+                            crate::pump::panic_text(panic.as_ref())
+                        )),
+                        delay: None,
+                    })
             }
             None => self.endpoint.call(ctx, self.route).await,
         }

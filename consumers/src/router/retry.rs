@@ -287,4 +287,46 @@ mod tests {
                 .contains("retry.max_backoff")
         );
     }
+
+    /// A layer with a bug.
+    struct Panics;
+
+    #[async_trait]
+    impl Layer for Panics {
+        async fn call(&self, _ctx: &mut Context, _next: Next<'_>) -> Verdict {
+            panic!("layer bug")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_layer_inside_spends_the_budget_like_a_failing_handler() {
+        let retry = Retry::new(policy()).unwrap();
+        let endpoint = crate::router::handler::Endpoint::Func(Box::new(|| {
+            futures::FutureExt::boxed(async { Verdict::Handled })
+        }));
+        let layers: Vec<Arc<dyn Layer>> = vec![Arc::new(retry), Arc::new(Panics)];
+        for (attempt, retried) in [(1, true), (3, false)] {
+            let mut ctx = Context::for_test("t", Envelope::new("e", "k", ""), attempt);
+            let next = Next {
+                layers: &layers,
+                endpoint: &endpoint,
+                route: None,
+            };
+            match next.run(&mut ctx).await {
+                Verdict::Retry { error, delay } if retried => {
+                    assert!(error.to_string().contains("layer bug"), "{error}");
+                    assert_eq!(delay, Some(Duration::from_millis(100)));
+                }
+                Verdict::DeadLetter { error, reason } if !retried => {
+                    assert_eq!(reason, DeadLetterReason::Exhausted);
+                    let text = error.to_string();
+                    assert!(
+                        text.contains("a middleware layer panicked: layer bug"),
+                        "{text}"
+                    );
+                }
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+    }
 }
