@@ -66,6 +66,21 @@ fn first_double_assignment(
     first
 }
 
+/// Quotes the workers' rebalances and warnings when the test fails, however
+/// it fails (a stall, a crashed worker, a broken guarantee).
+struct ReportOnFailure<'a>(&'a Path);
+
+impl Drop for ReportOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "the workers' rebalances and warnings:\n{}",
+                rebalances(self.0)
+            );
+        }
+    }
+}
+
 /// The workers' rebalances, commits at revocation and warnings, line by
 /// line under their names.
 fn rebalances(dir: &Path) -> String {
@@ -105,6 +120,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
         .insert("batch.num.messages".to_owned(), "1".to_owned());
     let publisher = kafka_publisher(&client);
     let dir = TempDir::new();
+    let _report = ReportOnFailure(dir.path());
 
     let mut workers = vec![
         start(&bootstrap, &topic, &group, "w1", dir.path()),
@@ -186,7 +202,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
                 since.is_some_and(|t| t <= h.nanos),
                 "{} re-handled {}:{} (partition {}, offset {}) at {} first handled by live member \
                  {original}, and partition {} had not been assigned to two members at once before; \
-                 first handled at {:?}; who owned the partition when (unix nanos): {:?}\n{}",
+                 first handled at {:?}; who owned the partition when (unix nanos): {:?}",
                 h.worker,
                 h.key,
                 h.seq,
@@ -202,7 +218,6 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
                     .iter()
                     .filter(|((_, p), _)| *p == h.partition)
                     .collect::<BTreeMap<_, _>>(),
-                rebalances(dir.path())
             );
             *from_double_assignment
                 .entry((h.partition, original, h.worker.as_str()))

@@ -1039,6 +1039,24 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_code(&api.get("/no/such/path").await.1), 404);
+    // What the HTTP layer itself refuses (a method the path does not take,
+    // a flag that is not a boolean) answers in Confluent's shape too.
+    let (status, body) = api.put("/subjects", json!({})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::METHOD_NOT_ALLOWED, 405),
+        "{body}"
+    );
+    let (status, body) = api.get("/subjects?deleted=maybe").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, 400),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("deleted"),
+        "{body}"
+    );
 
     // A failing store is a 50001 with the store's message, not a crash.
     sqlx::any::install_default_drivers();

@@ -1150,7 +1150,9 @@ async fn read_partition(
                     // whether it is gone, the server tells at once.
                     let deleted = match e.kind() {
                         Kind::ConsumerDeleted => true,
-                        Kind::NoResponders | Kind::MissingHeartbeat => {
+                        // `Pull`: after a reconnect async-nats asks for
+                        // the consumer itself and reports its absence so.
+                        Kind::NoResponders | Kind::MissingHeartbeat | Kind::Pull => {
                             consumer_gone(&durable).await
                         }
                         _ => false,

@@ -206,30 +206,42 @@ impl Next<'_> {
     /// Runs the remaining layers and then the handler. A layer that panics
     /// fails the attempt as a panicking handler does: the layers around it
     /// see a [`Verdict::Retry`], so the retry budget and dead letters apply
-    /// (the handler's own panics are caught where it is called).
+    /// — a layer's bug dead-letters the events it meets (to be redriven once
+    /// fixed) rather than stalling their keys for good. The handler's own
+    /// panics are caught where it is called.
     pub async fn run(self, ctx: &mut Context) -> Verdict {
+        let what = if self.layers.is_empty() {
+            "dispatching to the handler"
+        } else {
+            "a middleware layer"
+        };
+        AssertUnwindSafe(self.run_unguarded(ctx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Verdict::Retry {
+                error: Error::retriable(format!(
+                    "{what} panicked: {}",
+                    crate::pump::panic_text(panic.as_ref())
+                )),
+                delay: None,
+            })
+    }
+
+    async fn run_unguarded(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
             // Through the `dyn Layer` itself: calling on the `Arc` would
             // go through `Layer for Arc<L>` and box every layer's future
             // twice.
             Some((layer, rest)) => {
-                let call = (**layer).call(
-                    ctx,
-                    Next {
-                        layers: rest,
-                        ..self
-                    },
-                );
-                AssertUnwindSafe(call)
-                    .catch_unwind()
+                (**layer)
+                    .call(
+                        ctx,
+                        Next {
+                            layers: rest,
+                            ..self
+                        },
+                    )
                     .await
-                    .unwrap_or_else(|panic| Verdict::Retry {
-                        error: Error::retriable(format!(
-                            "a middleware layer panicked: {}",
-                            crate::pump::panic_text(panic.as_ref())
-                        )),
-                        delay: None,
-                    })
             }
             None => self.endpoint.call(ctx, self.route).await,
         }

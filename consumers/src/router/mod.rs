@@ -32,7 +32,7 @@
 //! are acked, dead-lettered ones terminated (given up for good: `+TERM` on
 //! JetStream, committed past on Kafka); a retry nacks with its delay — the
 //! transport holds the rest of that key back and keeps other keys, also in
-//! the same partition, flowing. A panicking handler is a retriable failure.
+//! the same partition, flowing. A panicking handler (or layer) is a retriable failure.
 //! A dead letter no layer took (no dead-letter layer) is re-delivered after
 //! [`RouterOptions::undeliverable_delay`], never dropped.
 //!

@@ -86,7 +86,45 @@ pub(crate) fn router(state: AppStateRef) -> Router {
         )
         .fallback(|| async { ApiError::no_route() })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(confluent_errors))
         .with_state(state)
+}
+
+/// Answers axum's own refusals (405 for a method the path does not take,
+/// 400 for a query flag or path that does not parse: plain text or empty)
+/// in Confluent's error shape, keeping their headers (`Allow`), so clients
+/// that read `error_code` get one.
+async fn confluent_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let ours = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == CONTENT_TYPE);
+    if ours || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        format!(
+            "HTTP {} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or_default()
+        )
+    } else {
+        text
+    };
+    let mut answer = ApiError::http(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 fn ok(body: Value) -> Response {

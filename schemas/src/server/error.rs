@@ -251,6 +251,13 @@ impl ApiError {
         )
     }
 
+    /// An HTTP-level refusal (a method the path does not take, a query or
+    /// path parameter that does not parse), coded with its status as
+    /// Confluent does.
+    pub fn http(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, i64::from(status.as_u16()), message)
+    }
+
     /// 404 for an unknown path.
     pub fn no_route() -> Self {
         Self::new(StatusCode::NOT_FOUND, 404, "HTTP 404 Not Found")
