@@ -71,6 +71,11 @@ pub mod headers {
 /// Longest error text kept in a header.
 const MAX_ERROR_LEN: usize = 4096;
 
+/// Longest error text of a dead letter sent again after the broker refused
+/// it for good (too large, most likely: an event near the size limit with
+/// a long error beside it).
+const SHORT_ERROR_LEN: usize = 256;
+
 /// The dead-letter layer.
 pub struct DeadLetters {
     transport: Arc<dyn Transport>,
@@ -148,9 +153,20 @@ impl DeadLetters {
             (Err(_), Some(event)) => lossy_record(event),
             (Err(e), None) => return Err(e),
         };
-        let record = dead_letter(record, ctx, error, reason);
-        self.transport.publish_record(&topic, record).await?;
-        Ok(topic)
+        let error = error.to_string();
+        let letter = dead_letter(record.clone(), ctx, &error, reason, MAX_ERROR_LEN);
+        match self.transport.publish_record(&topic, letter).await {
+            Ok(_) => Ok(topic),
+            // Refused for good, with an error text that a short one could
+            // replace: once more with it cut (the event stays whole).
+            Err(e) if !e.is_retriable() && error.len() > SHORT_ERROR_LEN => {
+                let letter = dead_letter(record, ctx, &error, reason, SHORT_ERROR_LEN);
+                tracing::warn!(%topic, error = %e, "dead letter refused; sending it again with its error text cut short");
+                self.transport.publish_record(&topic, letter).await?;
+                Ok(topic)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -164,12 +180,13 @@ pub fn default_suffix(transport: &str) -> &'static str {
 fn dead_letter(
     mut record: RawRecord,
     ctx: &Context,
-    error: &Error,
+    error: &str,
     reason: DeadLetterReason,
+    max_error_len: usize,
 ) -> RawRecord {
     let info = ctx.info();
     strip_dead_letter_headers(&mut record);
-    let text = one_line(&error.to_string());
+    let text = cut(one_line(error), max_error_len);
     let fields = [
         (headers::ERROR, text),
         (headers::REASON, reason.as_str().to_owned()),
@@ -234,19 +251,25 @@ pub fn lossy_record(event: &Envelope) -> RawRecord {
 /// `text` on one line (NATS headers cannot carry line breaks), at most
 /// [`MAX_ERROR_LEN`] bytes.
 fn one_line(text: &str) -> String {
-    let mut out: String = text
+    let out: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
+    cut(out, MAX_ERROR_LEN)
+}
+
+/// `text` cut to at most `max` bytes (and an ellipsis), on a character
+/// boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
         }
-        out.truncate(cut);
-        out.push('…');
+        text.truncate(at);
+        text.push('…');
     }
-    out
+    text
 }
 
 /// The original record of a dead letter: its dead-letter headers removed
@@ -488,6 +511,100 @@ mod tests {
             run_layer(&dlq, ctx, || Verdict::Handled).await,
             Verdict::Handled
         ));
+    }
+
+    /// The in-memory broker with a size limit per record, as brokers have.
+    struct Limited(Arc<MemoryTransport>, usize);
+
+    #[async_trait]
+    impl keel_core::Publisher for Limited {
+        async fn publish(&self, topic: &str, event: Envelope) -> Result<keel_core::Receipt> {
+            self.publish_record(topic, RawRecord::from_envelope(&event)?)
+                .await
+        }
+
+        async fn publish_record(
+            &self,
+            topic: &str,
+            record: RawRecord,
+        ) -> Result<keel_core::Receipt> {
+            let size = record.payload.len()
+                + record
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>();
+            if size > self.1 {
+                return Err(Error::Publish {
+                    topic: topic.into(),
+                    event_id: "letter".into(),
+                    reason: format!("{size} bytes; the broker takes at most {}", self.1),
+                    retriable: false,
+                    source: None,
+                });
+            }
+            self.0.publish_record(topic, record).await
+        }
+    }
+
+    #[async_trait]
+    impl Subscriber for Limited {
+        async fn subscribe(&self, subscription: Subscription) -> Result<keel_core::Deliveries> {
+            self.0.subscribe(subscription).await
+        }
+    }
+
+    #[async_trait]
+    impl TopicAdmin for Limited {
+        async fn ensure_topic(&self, spec: &TopicSpec) -> Result<()> {
+            self.0.ensure_topic(spec).await
+        }
+    }
+
+    impl Transport for Limited {
+        fn name(&self) -> &'static str {
+            "limited"
+        }
+
+        fn capabilities(&self) -> keel_core::transport::Capabilities {
+            self.0.capabilities()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_letter_too_large_with_its_error_goes_with_the_error_cut_short() {
+        let t = transport().await;
+        // Room for the event and a short error, not for a 4 KiB one.
+        let dlq = DeadLetters::new(Arc::new(Limited(t.clone(), 3_000)));
+        dlq.start(&["orders".into()]).await.unwrap();
+        let event = Envelope::new("e", "k", vec![7u8; 2_000]);
+        let ctx = Context::for_test("orders", event.clone(), 1);
+        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
+            error: Error::fatal("x".repeat(10_000)),
+            reason: DeadLetterReason::Fatal,
+        })
+        .await;
+        assert!(
+            matches!(verdict, Verdict::DeadLettered { .. }),
+            "{verdict:?}"
+        );
+        let stored = first_record(&t, "orders.dlq").await;
+        assert_eq!(stored.payload(), event.payload(), "payload untouched");
+        let error = &stored.headers()[headers::ERROR];
+        assert!(
+            error.len() <= SHORT_ERROR_LEN + '…'.len_utf8(),
+            "{}",
+            error.len()
+        );
+        assert!(error.contains("xxx"), "{error}");
+        // Too large even so: backed off, not lost.
+        let ctx = Context::for_test("orders", Envelope::new("e", "k", vec![7u8; 3_000]), 1);
+        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
+            error: Error::fatal("x".repeat(10_000)),
+            reason: DeadLetterReason::Fatal,
+        })
+        .await;
+        assert!(matches!(verdict, Verdict::Backoff { .. }), "{verdict:?}");
     }
 
     #[tokio::test]

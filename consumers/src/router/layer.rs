@@ -210,41 +210,39 @@ impl Next<'_> {
     /// fixed) rather than stalling their keys for good. The handler's own
     /// panics are caught where it is called.
     pub async fn run(self, ctx: &mut Context) -> Verdict {
-        let what = if self.layers.is_empty() {
-            "dispatching to the handler"
-        } else {
-            "a middleware layer"
-        };
-        AssertUnwindSafe(self.run_unguarded(ctx))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Verdict::Retry {
-                error: Error::retriable(format!(
-                    "{what} panicked: {}",
-                    crate::pump::panic_text(panic.as_ref())
-                )),
-                delay: None,
-            })
-    }
-
-    async fn run_unguarded(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
             // Through the `dyn Layer` itself: calling on the `Arc` would
             // go through `Layer for Arc<L>` and box every layer's future
             // twice.
             Some((layer, rest)) => {
-                (**layer)
-                    .call(
-                        ctx,
-                        Next {
-                            layers: rest,
-                            ..self
-                        },
-                    )
+                let call = (**layer).call(
+                    ctx,
+                    Next {
+                        layers: rest,
+                        ..self
+                    },
+                );
+                AssertUnwindSafe(call)
+                    .catch_unwind()
                     .await
+                    .unwrap_or_else(|panic| panicked("a middleware layer", panic.as_ref()))
             }
-            None => self.endpoint.call(ctx, self.route).await,
+            None => AssertUnwindSafe(self.endpoint.call(ctx, self.route))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| panicked("dispatching to the handler", panic.as_ref())),
         }
+    }
+}
+
+/// The verdict for a panic in `what`: a failed attempt.
+fn panicked(what: &str, panic: &(dyn std::any::Any + Send)) -> Verdict {
+    Verdict::Retry {
+        error: Error::retriable(format!(
+            "{what} panicked: {}",
+            crate::pump::panic_text(panic)
+        )),
+        delay: None,
     }
 }
 
