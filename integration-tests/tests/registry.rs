@@ -1047,6 +1047,19 @@ async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {
         (StatusCode::METHOD_NOT_ALLOWED, 405),
         "{body}"
     );
+    let response = http
+        .put(format!("{}/subjects", registry.url))
+        .send()
+        .await
+        .unwrap();
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        allow.as_deref().is_some_and(|a| a.contains("GET")),
+        "{allow:?}"
+    );
     let (status, body) = api.get("/subjects?deleted=maybe").await;
     assert_eq!(
         (status, error_code(&body)),

@@ -143,30 +143,34 @@ impl DeadLetters {
 
     /// Stores the context's record in its dead-letter topic.
     async fn send(&self, ctx: &Context, error: &Error, reason: DeadLetterReason) -> Result<String> {
-        let info = ctx.info();
-        let topic = self.topic_for(&info.coordinates.topic);
-        let record = match (ctx.record(), ctx.event()) {
-            (Ok(record), _) => record,
-            // Stored headers a publisher refuses (a line break in a value,
-            // which Kafka allows): kept, with the breaks made spaces, rather
-            // than losing the event.
-            (Err(_), Some(event)) => lossy_record(event),
-            (Err(e), None) => return Err(e),
-        };
+        let topic = self.topic_for(&ctx.info().coordinates.topic);
         let error = error.to_string();
-        let letter = dead_letter(record.clone(), ctx, &error, reason, MAX_ERROR_LEN);
+        let letter = dead_letter(original_record(ctx)?, ctx, &error, reason, MAX_ERROR_LEN);
         match self.transport.publish_record(&topic, letter).await {
             Ok(_) => Ok(topic),
             // Refused for good, with an error text that a short one could
             // replace: once more with it cut (the event stays whole).
             Err(e) if !e.is_retriable() && error.len() > SHORT_ERROR_LEN => {
-                let letter = dead_letter(record, ctx, &error, reason, SHORT_ERROR_LEN);
-                tracing::warn!(%topic, error = %e, "dead letter refused; sending it again with its error text cut short");
+                tracing::debug!(%topic, error = %e, "dead letter refused; sending it again with its error text cut short");
+                let letter =
+                    dead_letter(original_record(ctx)?, ctx, &error, reason, SHORT_ERROR_LEN);
                 self.transport.publish_record(&topic, letter).await?;
                 Ok(topic)
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The record a dead letter carries: the one delivered.
+fn original_record(ctx: &Context) -> Result<RawRecord> {
+    match (ctx.record(), ctx.event()) {
+        (Ok(record), _) => Ok(record),
+        // Stored headers a publisher refuses (a line break in a value,
+        // which Kafka allows): kept, with the breaks made spaces, rather
+        // than losing the event.
+        (Err(_), Some(event)) => Ok(lossy_record(event)),
+        (Err(e), None) => Err(e),
     }
 }
 

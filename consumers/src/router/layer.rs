@@ -205,10 +205,12 @@ pub struct Next<'a> {
 impl Next<'_> {
     /// Runs the remaining layers and then the handler. A layer that panics
     /// fails the attempt as a panicking handler does: the layers around it
-    /// see a [`Verdict::Retry`], so the retry budget and dead letters apply
-    /// — a layer's bug dead-letters the events it meets (to be redriven once
-    /// fixed) rather than stalling their keys for good. The handler's own
-    /// panics are caught where it is called.
+    /// see a [`Verdict::Retry`], so where it runs inside the retry and
+    /// dead-letter layers (as a layer added after `standard_layers` does)
+    /// the retry budget and dead letters apply — a layer's bug dead-letters
+    /// the events it meets (to be redriven once fixed) rather than stalling
+    /// their keys for good. The handler's own panics are caught where it is
+    /// called.
     pub async fn run(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
             // Through the `dyn Layer` itself: calling on the `Arc` would

@@ -92,8 +92,8 @@ pub(crate) fn router(state: AppStateRef) -> Router {
 
 /// Answers axum's own refusals (405 for a method the path does not take,
 /// 400 for a query flag or path that does not parse: plain text or empty)
-/// in Confluent's error shape, keeping their headers (`Allow`), so clients
-/// that read `error_code` get one.
+/// in Confluent's error shape, so clients that read `error_code` get one.
+/// Their other headers are kept (axum adds a 405's `Allow` around this).
 async fn confluent_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();
@@ -120,7 +120,10 @@ async fn confluent_errors(request: Request, next: Next) -> Response {
     };
     let mut answer = ApiError::http(status, message).into_response();
     for (name, value) in &parts.headers {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+        if name != header::CONTENT_TYPE
+            && name != header::CONTENT_LENGTH
+            && !answer.headers().contains_key(name)
+        {
             answer.headers_mut().append(name.clone(), value.clone());
         }
     }
