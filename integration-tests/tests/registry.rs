@@ -44,6 +44,7 @@ on_both_backends!(
     ids_survive_a_restart,
     references_and_the_codec_through_the_client,
     bad_requests_get_codes_not_500s,
+    a_lattice_of_references_is_read_once_per_subject,
     import_mode_keeps_ids_and_versions,
     the_client_speaks_tls_to_an_https_registry,
 );
@@ -940,6 +941,57 @@ async fn references_and_the_codec_through_the_client(backend: RegistryBackend) {
     .unwrap();
     let err = cold.schema(id).await.unwrap_err();
     assert!(err.is_retriable(), "{err}");
+}
+
+/// Levels of subjects where every subject references every subject of the
+/// level below: a registration that followed each path anew would read
+/// 8^7 (two million) referenced versions for a top subject; read once each,
+/// it is a few dozen, and each registration answers at once.
+async fn a_lattice_of_references_is_read_once_per_subject(backend: RegistryBackend) {
+    const WIDTH: usize = 8;
+    const LEVELS: usize = 8;
+    let registry = RegistryUnderTest::start(backend, ServerOptions::default()).await;
+    let api = Api::new(&registry);
+    let name = |level: usize, j: usize| format!("L{level}x{j}");
+    for level in (0..LEVELS).rev() {
+        for j in 0..WIDTH {
+            let below = level + 1 < LEVELS;
+            let fields: Vec<Value> = if below {
+                (0..WIDTH)
+                    .map(|k| json!({"name": format!("f{k}"), "type": format!("test.{}", name(level + 1, k))}))
+                    .collect()
+            } else {
+                vec![json!({"name": "v", "type": "int"})]
+            };
+            let references: Vec<Value> = if below {
+                (0..WIDTH)
+                    .map(|k| json!({"name": format!("test.{}", name(level + 1, k)), "subject": name(level + 1, k), "version": -1}))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let registered = tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                api.post(
+                    &format!("/subjects/{}/versions", name(level, j)),
+                    json!({"schema": record(&name(level, j), json!(fields)).to_string(), "references": references}),
+                ),
+            )
+            .await;
+            let Ok((status, body)) = registered else {
+                panic!("registering {} took over 60 s", name(level, j));
+            };
+            assert_eq!(status, StatusCode::OK, "{}: {body}", name(level, j));
+        }
+    }
+    // What was stored pins every reference to the version it resolved to.
+    let (status, body) = api
+        .get(&format!("/subjects/{}/versions/1", name(0, 0)))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let references = body["references"].as_array().unwrap();
+    assert_eq!(references.len(), WIDTH);
+    assert!(references.iter().all(|r| r["version"] == 1), "{body}");
 }
 
 async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {

@@ -444,47 +444,73 @@ struct Candidate {
     requested_references: Vec<SchemaReference>,
 }
 
-/// Named types from `references`, following their own references, and the
-/// version each of `references` resolved to (the latest one for -1).
+/// The named types `references` bring (theirs and their own references',
+/// transitively) and the version each one resolved to (the latest one for
+/// -1). Each referenced
+/// subject version is read and walked once per request, however many paths
+/// lead to it: a lattice of references (each level naming every subject
+/// of the next) would otherwise cost width^depth lookups.
 async fn resolve_references(
     state: &AppState,
     references: &[SchemaReference],
-    depth: usize,
 ) -> ApiResult<(References, Vec<i64>)> {
-    let mut out = References::new();
-    let mut versions = Vec::with_capacity(references.len());
-    if depth > MAX_REFERENCE_DEPTH {
-        return Err(ApiError::invalid_schema(
-            "references nest too deep (a cycle?)",
-        ));
-    }
-    for r in references {
-        let spec = if r.version == -1 {
-            "latest".to_owned()
-        } else {
-            r.version.to_string()
-        };
-        let target = find_version(state, &r.subject, &spec, false)
-            .await
-            .map_err(|_| {
-                ApiError::invalid_schema(format!(
-                    "reference `{}` points to subject `{}` version {spec}, which does not exist",
-                    r.name, r.subject
-                ))
+    let mut walk = ReferenceWalk::default();
+    let versions = walk.resolve(state, references, 0).await?;
+    Ok((walk.types, versions))
+}
+
+/// What [`resolve_references`] has gathered so far.
+#[derive(Default)]
+struct ReferenceWalk {
+    types: References,
+    /// `(subject, version as asked)` → the version it resolved to, for
+    /// every reference walked to the end.
+    done: std::collections::HashMap<(String, i64), i64>,
+}
+
+impl ReferenceWalk {
+    async fn resolve(
+        &mut self,
+        state: &AppState,
+        references: &[SchemaReference],
+        depth: usize,
+    ) -> ApiResult<Vec<i64>> {
+        if depth > MAX_REFERENCE_DEPTH {
+            return Err(ApiError::invalid_schema(
+                "references nest too deep (a cycle?)",
+            ));
+        }
+        let mut versions = Vec::with_capacity(references.len());
+        for r in references {
+            if let Some(&version) = self.done.get(&(r.subject.clone(), r.version)) {
+                versions.push(version);
+                continue;
+            }
+            let spec = if r.version == -1 {
+                "latest".to_owned()
+            } else {
+                r.version.to_string()
+            };
+            let target = find_version(state, &r.subject, &spec, false)
+                .await
+                .map_err(|_| {
+                    ApiError::invalid_schema(format!(
+                        "reference `{}` points to subject `{}` version {spec}, which does not exist",
+                        r.name, r.subject
+                    ))
+                })?;
+            versions.push(target.version);
+            Box::pin(self.resolve(state, &target.schema.references, depth + 1)).await?;
+            let doc: Value = serde_json::from_str(&target.schema.text).map_err(|e| {
+                ApiError::invalid_schema(format!("referenced schema is not JSON: {e}"))
             })?;
-        versions.push(target.version);
-        let (nested, _) = Box::pin(resolve_references(
-            state,
-            &target.schema.references,
-            depth + 1,
-        ))
-        .await?;
-        out.extend(nested);
-        let doc: Value = serde_json::from_str(&target.schema.text)
-            .map_err(|e| ApiError::invalid_schema(format!("referenced schema is not JSON: {e}")))?;
-        out.extend(named_types(&doc).map_err(ApiError::invalid_schema)?);
+            self.types
+                .extend(named_types(&doc).map_err(ApiError::invalid_schema)?);
+            self.done
+                .insert((r.subject.clone(), r.version), target.version);
+        }
+        Ok(versions)
     }
-    Ok((out, versions))
 }
 
 async fn candidate(
@@ -503,7 +529,7 @@ async fn candidate(
     }
     let doc: Value = serde_json::from_str(&request.schema)
         .map_err(|e| ApiError::invalid_schema(format!("the schema is not JSON: {e}")))?;
-    let (references, versions) = resolve_references(state, &request.references, 0).await?;
+    let (references, versions) = resolve_references(state, &request.references).await?;
     // A reference to the latest version (-1) is stored pinned to the version
     // it resolved to: what the id means must not change when the referenced
     // subject gets a new version, and the referenced version is protected
