@@ -424,6 +424,18 @@ mod tests {
         delivery.envelope().clone()
     }
 
+    /// Runs `dlq` on `event` (first attempt, topic `orders`) behind a
+    /// handler that fails for good with `error`.
+    async fn fail_for_good(dlq: &DeadLetters, event: Envelope, error: &str) -> Verdict {
+        let error = error.to_owned();
+        let ctx = Context::for_test("orders", event, 1);
+        run_layer(dlq, ctx, move || Verdict::DeadLetter {
+            error: Error::fatal(error.clone()),
+            reason: DeadLetterReason::Fatal,
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn a_redrive_marker_names_its_letter_and_is_never_redriven() {
         let event = Envelope::new("shop.OrderPlaced", "o-1", vec![1u8, 2, 3]);
@@ -496,12 +508,7 @@ mod tests {
     async fn a_dead_letter_that_cannot_be_stored_is_retried_not_lost() {
         let t = transport().await; // no orders.dlq: start() was not called
         let dlq = DeadLetters::new(t.clone()).retry_delay(Duration::from_millis(7));
-        let ctx = Context::for_test("orders", Envelope::new("e", "k", ""), 1);
-        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
-            error: Error::fatal("bad"),
-            reason: DeadLetterReason::Fatal,
-        })
-        .await;
+        let verdict = fail_for_good(&dlq, Envelope::new("e", "k", ""), "bad").await;
         match verdict {
             Verdict::Backoff { error, delay } => {
                 assert_eq!(delay, Some(Duration::from_millis(7)));
@@ -582,12 +589,7 @@ mod tests {
         let dlq = DeadLetters::new(Arc::new(Limited(t.clone(), 3_000)));
         dlq.start(&["orders".into()]).await.unwrap();
         let event = Envelope::new("e", "k", vec![7u8; 2_000]);
-        let ctx = Context::for_test("orders", event.clone(), 1);
-        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
-            error: Error::fatal("x".repeat(10_000)),
-            reason: DeadLetterReason::Fatal,
-        })
-        .await;
+        let verdict = fail_for_good(&dlq, event.clone(), &"x".repeat(10_000)).await;
         assert!(
             matches!(verdict, Verdict::DeadLettered { .. }),
             "{verdict:?}"
@@ -602,11 +604,11 @@ mod tests {
         );
         assert!(error.contains("xxx"), "{error}");
         // Too large even so: backed off, not lost.
-        let ctx = Context::for_test("orders", Envelope::new("e", "k", vec![7u8; 3_000]), 1);
-        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
-            error: Error::fatal("x".repeat(10_000)),
-            reason: DeadLetterReason::Fatal,
-        })
+        let verdict = fail_for_good(
+            &dlq,
+            Envelope::new("e", "k", vec![7u8; 3_000]),
+            &"x".repeat(10_000),
+        )
         .await;
         assert!(matches!(verdict, Verdict::Backoff { .. }), "{verdict:?}");
     }
@@ -620,12 +622,7 @@ mod tests {
         // refuses one, so the envelope cannot be re-encoded as it is.
         let event = Envelope::new("e", "k", "p").with_source("billing\nv2");
         assert!(RawRecord::from_envelope(&event).is_err());
-        let ctx = Context::for_test("orders", event.clone(), 1);
-        let verdict = run_layer(&dlq, ctx, || Verdict::DeadLetter {
-            error: Error::fatal("bad"),
-            reason: DeadLetterReason::Fatal,
-        })
-        .await;
+        let verdict = fail_for_good(&dlq, event.clone(), "bad").await;
         assert!(
             matches!(verdict, Verdict::DeadLettered { .. }),
             "{verdict:?}"
