@@ -1129,7 +1129,7 @@ async fn read_partition(
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %e, %topic, partition = p, failures, "cannot pull");
-                if failures >= PULL_FAILURES || consumer_gone(&durable).await {
+                if failures >= PULL_FAILURES {
                     let _ = broken.send((p, assignment));
                     return;
                 }

@@ -64,12 +64,10 @@ pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::FutureExt;
 use keel_core::{Error, Result, Settler, StartFrom, Subscriber, Subscription, Transport};
 use keel_schemas::AvroCodec;
 use keel_schemas::events::Event;
@@ -86,7 +84,7 @@ pub use retry::{Retry, RetryPolicy};
 pub use timeout::Timeout;
 pub use trace::Tracing;
 
-use crate::pump::{Item, panic_message, pump};
+use crate::pump::{Item, pump};
 use handler::{Endpoint, Route, Typed};
 
 /// How a router consumes.
@@ -394,13 +392,9 @@ impl Chain {
             endpoint: &self.endpoint,
             route,
         };
-        let verdict = AssertUnwindSafe(next.run(&mut ctx))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Verdict::Retry {
-                error: Error::retriable(panic_message(panic.as_ref())),
-                delay: None,
-            });
+        // A panic anywhere in the chain comes back as a verdict
+        // (`Next::run` catches it at the layer or dispatch it happened in).
+        let verdict = next.run(&mut ctx).await;
         self.settle(&ctx, verdict, &settler);
     }
 

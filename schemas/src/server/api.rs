@@ -446,10 +446,10 @@ struct Candidate {
 
 /// The named types `references` bring (theirs and their own references',
 /// transitively) and the version each one resolved to (the latest one for
-/// -1). Each referenced
-/// subject version is read and walked once per request, however many paths
-/// lead to it: a lattice of references (each level naming every subject
-/// of the next) would otherwise cost width^depth lookups.
+/// -1). Each referenced subject version is read and walked once per
+/// request, however many paths lead to it: a lattice of references (each
+/// level naming every subject of the next) would otherwise cost
+/// width^depth lookups.
 async fn resolve_references(
     state: &AppState,
     references: &[SchemaReference],

@@ -260,7 +260,7 @@ impl ApiError {
 
     /// 404 for an unknown path.
     pub fn no_route() -> Self {
-        Self::new(StatusCode::NOT_FOUND, 404, "HTTP 404 Not Found")
+        Self::http(StatusCode::NOT_FOUND, "HTTP 404 Not Found")
     }
 
     /// 50001.
