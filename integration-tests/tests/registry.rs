@@ -410,11 +410,21 @@ async fn every_endpoint_answers_as_confluent_documents(backend: RegistryBackend)
             .as_u64(),
         Some(id3)
     );
+    // A soft-deleted version's schema is still served by id (consumers of
+    // older events need it); a permanently deleted one is gone, as in
+    // Confluent's registry.
+    let by_id = format!("/schemas/ids/{id3}");
+    assert_eq!(api.get(&by_id).await.0, StatusCode::OK);
     assert_eq!(
         api.delete("/subjects/users-value/versions/3?permanent=true")
             .await
             .1,
         json!(3)
+    );
+    assert_eq!(error_code(&api.get(&by_id).await.1), 40403);
+    assert_eq!(
+        error_code(&api.get(&format!("{by_id}/schema")).await.1),
+        40403
     );
     assert_eq!(
         api.get("/subjects/users-value/versions?deleted=true")

@@ -200,10 +200,13 @@ impl Store {
         })
     }
 
-    /// The schema with `id`.
+    /// The schema with `id`, while some subject version (live or
+    /// soft-deleted) holds it: once the last is deleted permanently, the
+    /// id is no longer served.
     pub async fn schema(&self, id: i64) -> Result<Option<StoredSchema>> {
         let row = sqlx::query(&format!(
-            "SELECT {SCHEMA_COLUMNS} FROM registry_schemas s WHERE s.id = $1"
+            "SELECT {SCHEMA_COLUMNS} FROM registry_schemas s WHERE s.id = $1 \
+             AND EXISTS (SELECT 1 FROM registry_subject_versions v WHERE v.schema_id = s.id)"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
