@@ -62,7 +62,10 @@ struct PartitionState {
     records: BTreeMap<i64, Buffered>,
     queues: HashMap<Bytes, VecDeque<i64>>,
     ready: BTreeSet<i64>,
+    /// Deliveries out (queued for a handler or running).
     in_flight: usize,
+    /// Of those, the ones a handler began: what a revocation waits for.
+    running: usize,
     attempts: HashMap<i64, u32>,
     retry_at: HashMap<i64, Instant>,
     /// One past the highest offset fetched.
@@ -177,6 +180,8 @@ struct TokenRef {
     partition: i32,
     offset: i64,
     generation: u64,
+    /// A handler began it ([`Settle::begin`]).
+    begun: bool,
 }
 
 /// Limits of one member.
@@ -283,6 +288,11 @@ impl Engine {
     }
 
     /// Stops dispatching `partitions` (the first half of a revocation).
+    /// Their deliveries that no handler began (queued behind busy
+    /// handlers) are given back at once, as nacks, uncommitted: they go to
+    /// the next owner (a JetStream message is nacked on the server, so it
+    /// is re-delivered now, not after its ack wait), and a revocation
+    /// waits only for the handlers running.
     pub(crate) fn start_revoking(&self, partitions: &[i32]) {
         let mut state = self.lock();
         for p in partitions {
@@ -290,17 +300,38 @@ impl Engine {
                 ps.revoking = true;
             }
         }
+        let queued: Vec<u64> = state
+            .tokens
+            .iter()
+            .filter(|(_, t)| !t.begun && partitions.contains(&t.partition))
+            .map(|(&token, _)| token)
+            .collect();
+        for token in queued {
+            if let Some(t) = state.tokens.remove(&token) {
+                // Not an attempt: it never ran.
+                settle_locked(
+                    &mut state,
+                    &t,
+                    Outcome::Backoff {
+                        delay: Duration::ZERO,
+                    },
+                );
+            }
+        }
     }
 
-    /// Waits until nothing of `partitions` is out, or `timeout` passes;
-    /// returns whether they drained.
+    /// Waits until no handler runs a delivery of `partitions`, or
+    /// `timeout` passes; returns whether they drained. Deliveries no
+    /// handler began (queued behind busy handlers) are not waited for:
+    /// they can no longer begin ([`Settle::begin`] refuses a revoking
+    /// partition's) and go to the next owner uncommitted.
     pub(crate) fn wait_drained(&self, partitions: &[i32], timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
             let busy = partitions
                 .iter()
-                .any(|p| state.partitions.get(p).is_some_and(|ps| ps.in_flight > 0));
+                .any(|p| state.partitions.get(p).is_some_and(|ps| ps.running > 0));
             if !busy {
                 return true;
             }
@@ -513,9 +544,10 @@ impl Engine {
             .iter()
             .map(|(p, ps)| {
                 format!(
-                    "p{p}: buffered {} out {} ready {} revoking {} position {:?} committed {:?}",
+                    "p{p}: buffered {} out {} running {} ready {} revoking {} position {:?} committed {:?}",
                     ps.records.len(),
                     ps.in_flight,
+                    ps.running,
                     ps.ready.len(),
                     ps.revoking,
                     ps.position(),
@@ -600,6 +632,7 @@ impl Engine {
                         partition: p,
                         offset,
                         generation: ps.generation,
+                        begun: false,
                     },
                 );
                 ps.in_flight += 1;
@@ -652,35 +685,9 @@ impl Settle for Engine {
             let Some(t) = state.tokens.remove(&token) else {
                 return;
             };
-            let hook = state.on_ack.clone();
-            let Some(ps) = state.partitions.get_mut(&t.partition) else {
-                return;
-            };
-            if ps.generation != t.generation {
+            if !settle_locked(&mut state, &t, outcome) {
                 return;
             }
-            ps.in_flight = ps.in_flight.saturating_sub(1);
-            let (outcome, counted) = outcome.counted();
-            if !counted && let Some(attempt) = ps.attempts.get_mut(&t.offset) {
-                // The re-delivery gets this delivery's number again.
-                *attempt = attempt.saturating_sub(1);
-            }
-            if let Some(hook) = hook {
-                let _ = hook.send((t.partition, t.offset, outcome));
-            }
-            match outcome {
-                Outcome::Ack | Outcome::Term => ps.acked(t.offset),
-                Outcome::Nack { delay } if delay.is_zero() => {
-                    let head = ps.head_of(t.offset);
-                    ps.ready.insert(head);
-                }
-                Outcome::Nack { delay } | Outcome::Backoff { delay } => {
-                    let now = Instant::now();
-                    let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
-                    ps.retry_at.insert(t.offset, at);
-                }
-            }
-            state.in_flight = state.in_flight.saturating_sub(1);
             self.dispatch(&mut state)
         };
         self.settled.notify_all();
@@ -696,6 +703,65 @@ impl Settle for Engine {
                 .is_some_and(|ps| ps.generation == t.generation && !ps.revoking)
         })
     }
+
+    fn begin(&self, token: u64) -> bool {
+        let mut state = self.lock();
+        let State {
+            tokens, partitions, ..
+        } = &mut *state;
+        let Some(t) = tokens.get_mut(&token) else {
+            return false;
+        };
+        let Some(ps) = partitions
+            .get_mut(&t.partition)
+            .filter(|ps| ps.generation == t.generation && !ps.revoking)
+        else {
+            return false;
+        };
+        if !t.begun {
+            t.begun = true;
+            ps.running += 1;
+        }
+        true
+    }
+}
+
+/// Records `outcome` for the delivery `t` (its token already taken out of
+/// the state); `false` when it belongs to an assignment gone since.
+fn settle_locked(state: &mut State, t: &TokenRef, outcome: Outcome) -> bool {
+    let hook = state.on_ack.clone();
+    let Some(ps) = state.partitions.get_mut(&t.partition) else {
+        return false;
+    };
+    if ps.generation != t.generation {
+        return false;
+    }
+    ps.in_flight = ps.in_flight.saturating_sub(1);
+    if t.begun {
+        ps.running = ps.running.saturating_sub(1);
+    }
+    let (outcome, counted) = outcome.counted();
+    if !counted && let Some(attempt) = ps.attempts.get_mut(&t.offset) {
+        // The re-delivery gets this delivery's number again.
+        *attempt = attempt.saturating_sub(1);
+    }
+    if let Some(hook) = hook {
+        let _ = hook.send((t.partition, t.offset, outcome));
+    }
+    match outcome {
+        Outcome::Ack | Outcome::Term => ps.acked(t.offset),
+        Outcome::Nack { delay } if delay.is_zero() => {
+            let head = ps.head_of(t.offset);
+            ps.ready.insert(head);
+        }
+        Outcome::Nack { delay } | Outcome::Backoff { delay } => {
+            let now = Instant::now();
+            let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
+            ps.retry_at.insert(t.offset, at);
+        }
+    }
+    state.in_flight = state.in_flight.saturating_sub(1);
+    true
 }
 
 /// Settles nothing: for deliveries outliving their engine.
@@ -895,6 +961,7 @@ mod tests {
         let out = e.ingest(0, record(5, "a"));
         e.send(out);
         let d = rx.next().await.unwrap().unwrap();
+        assert!(d.begin());
         e.start_revoking(&[0]);
         assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
         d.ack();
@@ -903,6 +970,41 @@ mod tests {
         assert_eq!(e.assignment(), vec![1]);
         // A record of a partition we no longer own is ignored.
         assert!(e.ingest(0, record(6, "a")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_revocation_waits_for_running_handlers_not_for_queued_deliveries() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "c")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let running = rx.next().await.unwrap().unwrap();
+        assert!(running.begin());
+        assert!(running.begin(), "beginning twice counts once");
+        // Offsets 1 and 2 are out too, queued behind busy handlers.
+        let queued = rx.next().await.unwrap().unwrap();
+        assert_eq!(e.in_flight(), 3);
+        e.start_revoking(&[0]);
+        assert_eq!(e.in_flight(), 1, "the queued ones are given back at once");
+        assert!(
+            !queued.begin(),
+            "a queued delivery of a revoking partition cannot begin"
+        );
+        assert!(
+            !e.wait_drained(&[0], Duration::from_millis(20)),
+            "the running handler is waited for"
+        );
+        running.ack();
+        assert!(
+            e.wait_drained(&[0], Duration::from_millis(20)),
+            "queued deliveries are not waited for"
+        );
+        // What the running handler acked is committed; the queued ones go
+        // to the next owner.
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
+        drop(queued);
     }
 
     #[tokio::test]

@@ -31,6 +31,13 @@ impl Item {
             Item::Undecodable(record) => record.is_owned(),
         }
     }
+
+    fn begin(&self) -> bool {
+        match self {
+            Item::Event(delivery) => delivery.begin(),
+            Item::Undecodable(record) => record.begin(),
+        }
+    }
 }
 
 /// Runs `work` on every item of `deliveries`, at most `permits` at once
@@ -49,6 +56,9 @@ where
     F: FnMut(Item) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Read ahead of the handlers: each delivery is begun when its handler
+    // starts, so a revocation does not wait for the ones queued here.
+    deliveries.begin_on_read(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     let outcome = loop {
@@ -75,29 +85,30 @@ where
         // A partition revoked, given up or lost has a new owner that
         // delivers the event again: running it here would duplicate that
         // work, possibly alongside it and out of its key's order. Dropped,
-        // it is nacked (ignored) — checked at once, and again after a
-        // permit wait, which can be long.
-        if !item.is_owned() {
-            continue;
-        }
+        // it is nacked (ignored). Checked before a permit wait (which can
+        // be long), and when the handler starts: `begin` also tells the
+        // transport that a revocation must wait for this one, while the
+        // deliveries still queued here are abandoned at once.
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(TryAcquireError::Closed) => break Err(Error::closed("handler pool")),
             Err(TryAcquireError::NoPermits) => {
-                let permit = tokio::select! {
+                if !item.is_owned() {
+                    continue;
+                }
+                tokio::select! {
                     biased;
                     () = &mut shutdown => break Ok(()),
                     permit = permits.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
                         Err(_) => break Err(Error::closed("handler pool")),
                     },
-                };
-                if !item.is_owned() {
-                    continue;
                 }
-                permit
             }
         };
+        if !item.begin() {
+            continue;
+        }
         let task = work(item);
         // Boxed: the task then holds a pointer, not the whole future. A
         // router's chain future is kilobytes, and tokio moves a task's

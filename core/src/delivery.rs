@@ -25,7 +25,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use crate::envelope::Envelope;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Where an event is stored: topic, partition and position (Kafka offset or
 /// JetStream stream sequence).
@@ -108,6 +108,16 @@ pub trait Settle: Send + Sync {
     fn is_owned(&self, _token: u64) -> bool {
         true
     }
+
+    /// Hands the delivery identified by `token` to a handler about to run
+    /// it: `true` when the member still owns it. From then on a
+    /// revocation of its partition waits for its outcome (up to the drain
+    /// timeout); a delivery never begun (still queued for a handler) is
+    /// abandoned at once instead, uncommitted, for the next owner. The
+    /// default is [`Settle::is_owned`].
+    fn begin(&self, token: u64) -> bool {
+        self.is_owned(token)
+    }
 }
 
 /// The ack/nack half of a delivery: settles once, nacks when dropped unsettled.
@@ -140,6 +150,10 @@ impl Settlement {
 
     fn is_owned(&self) -> bool {
         self.settler.is_owned(self.token)
+    }
+
+    fn begin(&self) -> bool {
+        self.settler.begin(self.token)
     }
 }
 
@@ -267,6 +281,15 @@ impl Delivery {
     /// its key's order. Consumers check this before they start a handler.
     pub fn is_owned(&self) -> bool {
         self.settlement.is_owned()
+    }
+
+    /// Claims the event for a handler about to run it: `false` when this
+    /// member no longer owns it (see [`Delivery::is_owned`]); once begun,
+    /// a revocation of its partition waits for its outcome, while
+    /// deliveries never begun are abandoned at once. Consumers call this
+    /// right before they start a handler.
+    pub fn begin(&self) -> bool {
+        self.settlement.begin()
     }
 
     /// The event, its facts and its ack/nack handle, without copying the
@@ -406,6 +429,11 @@ impl Undecodable {
         self.settlement.is_owned()
     }
 
+    /// Claims the record for a handler (see [`Delivery::begin`]).
+    pub fn begin(&self) -> bool {
+        self.settlement.begin()
+    }
+
     /// The record, its facts, why it is undecodable and its ack/nack handle.
     pub fn into_parts(self) -> (RawRecord, DeliveryInfo, String, Settler) {
         (
@@ -478,6 +506,8 @@ pub struct Deliveries {
     membership: Option<Box<dyn Membership>>,
     stream: Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>,
     assignment: watch::Receiver<Assignment>,
+    /// Whether reading a delivery begins it ([`Delivery::begin`]).
+    begin_on_read: bool,
 }
 
 impl Deliveries {
@@ -491,7 +521,19 @@ impl Deliveries {
             membership: Some(membership),
             stream: Box::pin(stream),
             assignment,
+            begin_on_read: true,
         }
+    }
+
+    /// Whether each delivery is begun ([`Delivery::begin`]) as it is read
+    /// (the default): a revocation of its partition then waits for its
+    /// outcome, and deliveries of partitions revoked while they waited
+    /// unread are dropped instead of read. A consumer that reads ahead of its handlers (a pool waiting
+    /// for a free handler) turns this off and begins each delivery when a
+    /// handler starts it, so that deliveries still waiting are abandoned at
+    /// once by a revocation instead of holding it up.
+    pub fn begin_on_read(&mut self, begin: bool) {
+        self.begin_on_read = begin;
     }
 
     /// The partitions this member owns right now. A partition is listed only
@@ -538,7 +580,23 @@ impl Stream for Deliveries {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.stream.as_mut().poll_next(cx)
+        loop {
+            let next = self.stream.as_mut().poll_next(cx);
+            if self.begin_on_read {
+                // A delivery this member no longer owns (its partition was
+                // revoked while it waited unread) goes to the next owner:
+                // dropped here, nacked and ignored, never handled twice.
+                let begun = match &next {
+                    Poll::Ready(Some(Ok(delivery))) => delivery.begin(),
+                    Poll::Ready(Some(Err(Error::Undecodable(record)))) => record.begin(),
+                    _ => true,
+                };
+                if !begun {
+                    continue;
+                }
+            }
+            return next;
+        }
     }
 }
 

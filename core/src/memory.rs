@@ -202,6 +202,9 @@ struct PartitionState {
     ready: BTreeSet<u64>,
     acked: BTreeSet<u64>,
     in_flight: HashMap<u64, u64>,
+    /// Of the deliveries in flight, those a handler began: what a handover
+    /// waits for.
+    running: usize,
     attempts: HashMap<u64, u32>,
     /// Key heads nacked with a delay, and when they become ready.
     retry_at: HashMap<u64, Instant>,
@@ -217,6 +220,7 @@ impl PartitionState {
         }
         self.owner = owner;
         self.handover_to = None;
+        self.running = 0;
     }
 
     /// Starts the group's position on first ownership.
@@ -295,6 +299,8 @@ struct TokenRef {
     partition: u32,
     offset: u64,
     member: u64,
+    /// A handler began it ([`Settle::begin`]).
+    begun: bool,
 }
 
 /// A delivery decided under the lock and sent after it is released.
@@ -429,6 +435,7 @@ impl Broker {
                         partition: p as u32,
                         offset,
                         member: owner,
+                        begun: false,
                     },
                 );
                 ps.in_flight.insert(offset, token);
@@ -504,24 +511,49 @@ impl Broker {
     }
 
     /// Recomputes which member owns which partition. Partitions whose owner
-    /// is still a member are handed over only after its in-flight deliveries
-    /// for them settle.
-    fn rebalance(group: &mut Group) {
+    /// is still a member are handed over only after the deliveries its
+    /// handlers began settle.
+    fn rebalance(group: &mut Group, tokens: &mut HashMap<u64, TokenRef>) {
         let n = group.members.len();
-        for (p, ps) in group.partitions.iter_mut().enumerate() {
+        for p in 0..group.partitions.len() {
             let target = (n > 0).then(|| group.members[p % n].id);
+            let ps = &mut group.partitions[p];
             match (ps.owner, target) {
                 (Some(owner), Some(t)) if owner == t => ps.handover_to = None,
                 (Some(owner), _) if group.members.iter().any(|m| m.id == owner) => {
                     ps.handover_to = target;
-                    if ps.in_flight.is_empty() {
-                        ps.hand_over(target);
+                    if ps.running == 0 {
+                        Self::hand_over(group, p, tokens);
                     }
                 }
                 _ => ps.hand_over(target),
             }
         }
         publish_assignments(group);
+    }
+
+    /// Completes the handover of partition `p` to its `handover_to`: the
+    /// old owner's deliveries that no handler began (queued behind busy
+    /// handlers) are taken back, their offsets ready for the new owner and
+    /// their late outcomes ignored.
+    fn hand_over(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
+        let Group {
+            members,
+            partitions,
+            ..
+        } = group;
+        let ps = &mut partitions[p];
+        let from = members.iter_mut().find(|m| Some(m.id) == ps.owner);
+        let taken_back = ps.in_flight.len();
+        for (offset, token) in ps.in_flight.drain() {
+            tokens.remove(&token);
+            ps.ready.insert(offset);
+        }
+        if let Some(member) = from {
+            member.in_flight = member.in_flight.saturating_sub(taken_back);
+        }
+        let to = ps.handover_to;
+        ps.hand_over(to);
     }
 
     fn leave(&self, topic_name: &str, group_name: &str, member_id: u64) {
@@ -554,7 +586,7 @@ impl Broker {
                     kept
                 });
             }
-            Self::rebalance(group);
+            Self::rebalance(group, tokens);
             self.dispatch(&mut state, topic_name, group_name, &mut out);
         }
         send(out);
@@ -566,12 +598,13 @@ impl Settle for Broker {
         let mut out = Vec::new();
         {
             let mut state = self.lock();
-            let Some(t) = state.tokens.remove(&token) else {
+            let State { topics, tokens, .. } = &mut *state;
+            let Some(t) = tokens.remove(&token) else {
                 return;
             };
             let Some(Topic {
                 partitions, groups, ..
-            }) = state.topics.get_mut(&t.topic)
+            }) = topics.get_mut(&t.topic)
             else {
                 return;
             };
@@ -583,6 +616,9 @@ impl Settle for Broker {
             }
             let ps = &mut group.partitions[t.partition as usize];
             ps.in_flight.remove(&t.offset);
+            if t.begun {
+                ps.running = ps.running.saturating_sub(1);
+            }
             let (outcome, counted) = outcome.counted();
             if !counted && let Some(attempt) = ps.attempts.get_mut(&t.offset) {
                 // The re-delivery gets this delivery's number again.
@@ -602,9 +638,8 @@ impl Settle for Broker {
                     ps.retry_at.insert(t.offset, at);
                 }
             }
-            if ps.handover_to.is_some() && ps.in_flight.is_empty() {
-                let to = ps.handover_to;
-                ps.hand_over(to);
+            if ps.handover_to.is_some() && ps.running == 0 {
+                Self::hand_over(group, t.partition as usize, tokens);
                 publish_assignments(group);
             }
             self.dispatch(&mut state, &t.topic, &t.group, &mut out);
@@ -622,6 +657,27 @@ impl Settle for Broker {
                 .and_then(|group| group.partitions.get(t.partition as usize))
                 .is_some_and(|ps| ps.owner == Some(t.member) && ps.handover_to.is_none())
         })
+    }
+
+    fn begin(&self, token: u64) -> bool {
+        let mut state = self.lock();
+        let State { topics, tokens, .. } = &mut *state;
+        let Some(t) = tokens.get_mut(&token) else {
+            return false;
+        };
+        let Some(ps) = topics
+            .get_mut(&t.topic)
+            .and_then(|topic| topic.groups.get_mut(&t.group))
+            .and_then(|group| group.partitions.get_mut(t.partition as usize))
+            .filter(|ps| ps.owner == Some(t.member) && ps.handover_to.is_none())
+        else {
+            return false;
+        };
+        if !t.begun {
+            t.begun = true;
+            ps.running += 1;
+        }
+        true
     }
 }
 
@@ -727,17 +783,14 @@ impl Subscriber for MemoryTransport {
             let mut state = self.broker.lock();
             state.next_member += 1;
             let member_id = state.next_member;
-            let t = state
-                .topics
-                .get_mut(&topic)
-                .ok_or_else(|| Error::Subscribe {
-                    topic: topic.clone(),
-                    group: group.clone(),
-                    reason: "topic does not exist; create it first (TopicAdmin::ensure_topic)"
-                        .into(),
-                    retriable: false,
-                    source: None,
-                })?;
+            let State { topics, tokens, .. } = &mut *state;
+            let t = topics.get_mut(&topic).ok_or_else(|| Error::Subscribe {
+                topic: topic.clone(),
+                group: group.clone(),
+                reason: "topic does not exist; create it first (TopicAdmin::ensure_topic)".into(),
+                retriable: false,
+                source: None,
+            })?;
             let partitions = t.partitions.len();
             let g = t.groups.entry(group.clone()).or_insert_with(|| Group {
                 partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
@@ -751,7 +804,7 @@ impl Subscriber for MemoryTransport {
                 in_flight: 0,
                 start,
             });
-            Broker::rebalance(g);
+            Broker::rebalance(g, tokens);
             self.broker.dispatch(&mut state, &topic, &group, &mut out);
             member_id
         };
@@ -1036,5 +1089,52 @@ mod tests {
             1,
             "a new owner counts afresh, as Kafka and JetStream members do"
         );
+    }
+
+    #[tokio::test]
+    async fn a_handover_waits_for_what_the_owner_began_not_for_what_it_never_read() {
+        use futures::FutureExt;
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 2).await;
+        // Three keys of partition 1, which the second member will own.
+        let keys: Vec<String> = (0..)
+            .map(|i| format!("k{i}"))
+            .filter(|k| crate::partition::partition_for_key(k.as_bytes(), 2) == 1)
+            .take(3)
+            .collect();
+        for key in &keys {
+            t.publish("orders", Envelope::new("e", key.as_str(), ""))
+                .await
+                .unwrap();
+        }
+        let mut first = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        // Read, so begun; the other two wait unread in its stream.
+        let running = first.next().await.unwrap().unwrap();
+        let second = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        assert_eq!(
+            second.assignment(),
+            Vec::<u32>::new(),
+            "partition 1 is handed over once the delivery being handled settles"
+        );
+        running.ack();
+        assert_eq!(second.assignment(), vec![1]);
+        let mut second = second;
+        let mut positions = Vec::new();
+        for _ in 0..2 {
+            let d = second.next().await.unwrap().unwrap();
+            positions.push(d.info().coordinates.position);
+            d.ack();
+        }
+        positions.sort_unstable();
+        assert_eq!(
+            positions,
+            vec![1, 2],
+            "what the first never read goes over at once"
+        );
+        assert!(
+            first.next().now_or_never().is_none(),
+            "the first member reads nothing of a partition it gave up"
+        );
+        assert_eq!(t.committed("orders", "g"), Some(vec![Some(0), Some(3)]));
     }
 }

@@ -14,11 +14,12 @@
 //! thread stops reading that partition's own fetch queue (each owned
 //! partition is split into one) until acks make room, while the member's
 //! other partitions keep flowing. On revocation it stops dispatching the
-//! revoked partitions, waits (up to the drain timeout) for their
-//! outstanding deliveries to settle, commits their final positions and only
-//! then gives them up — so nothing is committed for a partition this member
-//! no longer owns. A delivery of a revoked partition that no handler has
-//! started yet is dropped unrun (`Delivery::is_owned`). An assignment
+//! revoked partitions, waits (up to the drain timeout) for the deliveries
+//! their handlers are running to settle, commits their final positions and
+//! only then gives them up — so nothing is committed for a partition this
+//! member no longer owns. Deliveries of a revoked partition that no handler
+//! began (`Delivery::begin`; queued behind busy handlers) are given back at
+//! once, uncommitted, and never run here. An assignment
 //! *lost* (session or poll interval expired: the partitions are already
 //! someone else's) is given up at once, with no wait and no commit. On
 //! assignment it fixes each

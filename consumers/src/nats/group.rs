@@ -23,8 +23,9 @@
 //!   else may take it, so two live members never process a partition at
 //!   once (the fault test checks this from handler timings);
 //! - a member handing a partition over stops dispatching it, waits (up to
-//!   `drain_timeout`) for its outstanding deliveries, flushes their acks and
-//!   only then releases the lease.
+//!   `drain_timeout`) for the deliveries its handlers are running (those
+//!   still queued for a handler are given back at once, never run), flushes
+//!   their acks and only then releases the lease.
 //!
 //! Taking a partition re-creates its durable consumer one past the old ack
 //! floor, so the new owner reads every unhandled event in stream order
