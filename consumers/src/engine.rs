@@ -289,10 +289,11 @@ impl Engine {
 
     /// Stops dispatching `partitions` (the first half of a revocation).
     /// Their deliveries that no handler began (queued behind busy
-    /// handlers) are given back at once, as nacks, uncommitted: they go to
-    /// the next owner (a JetStream message is nacked on the server, so it
-    /// is re-delivered now, not after its ack wait), and a revocation
-    /// waits only for the handlers running.
+    /// handlers) are given back at once, uncommitted, as nacks that count
+    /// no attempt (the on-ack hook hears them: JetStream keeps them
+    /// pending, below the floor the next owner resumes from): they go to
+    /// the next owner, and a revocation waits only for the handlers
+    /// running. The room they held goes to the member's other partitions.
     pub(crate) fn start_revoking(&self, partitions: &[i32]) {
         let mut state = self.lock();
         for p in partitions {
@@ -318,6 +319,9 @@ impl Engine {
                 );
             }
         }
+        let out = self.dispatch(&mut state);
+        drop(state);
+        self.send(out);
     }
 
     /// Waits until no handler runs a delivery of `partitions`, or
@@ -975,6 +979,8 @@ mod tests {
     #[tokio::test]
     async fn a_revocation_waits_for_running_handlers_not_for_queued_deliveries() {
         let (e, mut rx) = engine(10, 100);
+        let (hook, mut heard) = mpsc::unbounded_channel();
+        e.on_ack(hook);
         e.assign(&[(0, Some(0))]);
         for (offset, key) in [(0, "a"), (1, "b"), (2, "c")] {
             let out = e.ingest(0, record(offset, key));
@@ -983,11 +989,22 @@ mod tests {
         let running = rx.next().await.unwrap().unwrap();
         assert!(running.begin());
         assert!(running.begin(), "beginning twice counts once");
+        assert!(e.summary().contains("running 1"), "{}", e.summary());
         // Offsets 1 and 2 are out too, queued behind busy handlers.
         let queued = rx.next().await.unwrap().unwrap();
         assert_eq!(e.in_flight(), 3);
         e.start_revoking(&[0]);
         assert_eq!(e.in_flight(), 1, "the queued ones are given back at once");
+        let given_back = Outcome::Nack {
+            delay: Duration::ZERO,
+        };
+        let mut told = vec![heard.try_recv().unwrap(), heard.try_recv().unwrap()];
+        told.sort_by_key(|&(_, offset, _)| offset);
+        assert_eq!(
+            told,
+            vec![(0, 1, given_back), (0, 2, given_back)],
+            "the transport hears them (JetStream keeps them pending for the next owner)"
+        );
         assert!(
             !queued.begin(),
             "a queued delivery of a revoking partition cannot begin"

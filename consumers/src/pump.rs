@@ -186,10 +186,11 @@ mod tests {
 
     use super::*;
 
-    /// Owns the tokens in `owned`; records what was settled.
+    /// Owns the tokens in `owned`; records what was begun and settled.
     #[derive(Default)]
     struct Owner {
         owned: Mutex<HashSet<u64>>,
+        begun: Mutex<Vec<u64>>,
         settled: Mutex<Vec<(u64, Outcome)>>,
     }
 
@@ -201,6 +202,37 @@ mod tests {
         fn is_owned(&self, token: u64) -> bool {
             self.owned.lock().unwrap().contains(&token)
         }
+
+        fn begin(&self, token: u64) -> bool {
+            let owned = self.is_owned(token);
+            if owned {
+                self.begun.lock().unwrap().push(token);
+            }
+            owned
+        }
+    }
+
+    /// Deliveries of `tokens` (positions alike, a key each) settled by `owner`.
+    fn deliveries(
+        owner: &Arc<Owner>,
+        tokens: impl IntoIterator<Item = u64>,
+    ) -> Vec<Result<Delivery>> {
+        tokens
+            .into_iter()
+            .map(|token| {
+                let info = DeliveryInfo {
+                    coordinates: Coordinates {
+                        topic: "t".into(),
+                        partition: 0,
+                        position: token,
+                    },
+                    group: "g".into(),
+                    attempt: 1,
+                };
+                let event = Envelope::new("t", format!("k{token}"), "x");
+                Ok(Delivery::new(event, info, owner.clone(), token))
+            })
+            .collect()
     }
 
     struct Member;
@@ -283,22 +315,9 @@ mod tests {
     async fn a_delivery_no_longer_owned_is_dropped_before_its_handler_runs() {
         let owner = Arc::new(Owner::default());
         owner.owned.lock().unwrap().extend([1, 3]);
-        let deliveries = (1..=3u64).map(|token| {
-            let info = DeliveryInfo {
-                coordinates: Coordinates {
-                    topic: "t".into(),
-                    partition: 0,
-                    position: token,
-                },
-                group: "g".into(),
-                attempt: 1,
-            };
-            let event = Envelope::new("t", format!("k{token}"), "x");
-            Ok(Delivery::new(event, info, owner.clone(), token))
-        });
         let (_tx, assignment) = tokio::sync::watch::channel(Default::default());
         let stream = Deliveries::new(
-            futures::stream::iter(deliveries.collect::<Vec<_>>()),
+            futures::stream::iter(deliveries(&owner, 1..=3)),
             assignment,
             Box::new(Member),
         );
@@ -330,5 +349,50 @@ mod tests {
             )),
             "{settled:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_begun_when_its_handler_starts_not_when_it_is_read() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 2]);
+        let (_tx, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            futures::stream::iter(deliveries(&owner, 1..=2)).chain(futures::stream::pending()),
+            assignment,
+            Box::new(Member),
+        );
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let handler_release = release.clone();
+        let pumping = tokio::spawn(pump(
+            stream,
+            Arc::new(Semaphore::new(1)),
+            std::future::pending(),
+            move |item| {
+                let (release, ran) = (handler_release.clone(), ran_tx.clone());
+                async move {
+                    if let Item::Event(d) = item {
+                        let token = d.info().coordinates.position;
+                        let _ = ran.send(token);
+                        if token == 1 {
+                            release.notified().await;
+                        }
+                        d.ack();
+                    }
+                }
+            },
+        ));
+        assert_eq!(ran.recv().await, Some(1));
+        // The pump has read delivery 2 and waits for the one permit.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            *owner.begun.lock().unwrap(),
+            vec![1],
+            "a delivery waiting for a handler is not begun (a revocation gives it back)"
+        );
+        release.notify_one();
+        assert_eq!(ran.recv().await, Some(2));
+        assert_eq!(*owner.begun.lock().unwrap(), vec![1, 2]);
+        pumping.abort();
     }
 }

@@ -275,10 +275,11 @@ impl Delivery {
     }
 
     /// Whether this member still owns the event: `false` once its partition
-    /// is being revoked, was given up or lost. Its outcome is then ignored
-    /// and the partition's next owner delivers it again, so handling it
-    /// would only duplicate that work and could run alongside it, out of
-    /// its key's order. Consumers check this before they start a handler.
+    /// is being revoked, was given up or lost. Unless a handler began it
+    /// before ([`Delivery::begin`], whose outcome a revocation waits for),
+    /// the partition's next owner delivers it again, so starting a handler
+    /// on it now would only duplicate that work and could run alongside
+    /// it, out of its key's order. [`Delivery::begin`] checks this.
     pub fn is_owned(&self) -> bool {
         self.settlement.is_owned()
     }
@@ -479,7 +480,7 @@ pub trait Membership: Send + Sync {
         false
     }
 
-    /// How long a graceful leave waits for outstanding deliveries before
+    /// How long a graceful leave waits for the deliveries begun before
     /// abandoning them uncommitted (re-delivered to the next owner); `None`
     /// (the default) for a transport whose leave does not wait.
     fn drain_timeout(&self) -> Option<Duration> {
@@ -528,10 +529,11 @@ impl Deliveries {
     /// Whether each delivery is begun ([`Delivery::begin`]) as it is read
     /// (the default): a revocation of its partition then waits for its
     /// outcome, and deliveries of partitions revoked while they waited
-    /// unread are dropped instead of read. A consumer that reads ahead of its handlers (a pool waiting
-    /// for a free handler) turns this off and begins each delivery when a
-    /// handler starts it, so that deliveries still waiting are abandoned at
-    /// once by a revocation instead of holding it up.
+    /// unread are dropped instead of read. A consumer that reads ahead of
+    /// its handlers (a pool waiting for a free handler) turns this off and
+    /// begins each delivery when a handler starts it, so that deliveries
+    /// still waiting are given back at once by a revocation instead of
+    /// holding it up.
     pub fn begin_on_read(&mut self, begin: bool) {
         self.begin_on_read = begin;
     }
@@ -548,8 +550,8 @@ impl Deliveries {
         self.assignment.clone()
     }
 
-    /// How long [`leave`](Self::leave) waits for outstanding deliveries
-    /// before abandoning them uncommitted (`None`: it does not wait), so a
+    /// How long [`leave`](Self::leave) waits for the deliveries begun
+    /// ([`Delivery::begin`]) before abandoning them uncommitted (`None`: it does not wait), so a
     /// consumer loop can give its running handlers the same time.
     pub fn drain_timeout(&self) -> Option<Duration> {
         self.membership.as_ref().and_then(|m| m.drain_timeout())
@@ -563,9 +565,8 @@ impl Deliveries {
             Some(membership) => {
                 // Deliveries dispatched but never read are given back now
                 // (dropped, so nacked, on partitions no longer dispatched:
-                // they go to the next owner uncommitted). Left queued they
-                // would count as in flight and hold the leave's drain for
-                // its whole timeout.
+                // they go to the next owner uncommitted); the leave waits
+                // only for the ones begun.
                 if membership.stop_dispatching() {
                     self.stream = Box::pin(futures::stream::empty());
                 }

@@ -192,7 +192,8 @@ struct Member {
 struct PartitionState {
     owner: Option<u64>,
     /// Set while the partition is being handed from `owner` to this member:
-    /// no new deliveries go out until the owner's in-flight ones settle.
+    /// no new deliveries go out until those the owner's handlers began
+    /// settle.
     handover_to: Option<u64>,
     /// Next offset not yet acked contiguously: what a new owner starts from.
     committed: Option<u64>,
@@ -522,7 +523,8 @@ impl Broker {
                 (Some(owner), Some(t)) if owner == t => ps.handover_to = None,
                 (Some(owner), _) if group.members.iter().any(|m| m.id == owner) => {
                     ps.handover_to = target;
-                    if ps.running == 0 {
+                    Self::take_back(group, p, tokens);
+                    if group.partitions[p].running == 0 {
                         Self::hand_over(group, p, tokens);
                     }
                 }
@@ -532,26 +534,40 @@ impl Broker {
         publish_assignments(group);
     }
 
-    /// Completes the handover of partition `p` to its `handover_to`: the
-    /// old owner's deliveries that no handler began (queued behind busy
-    /// handlers) are taken back, their offsets ready for the new owner and
-    /// their late outcomes ignored.
-    fn hand_over(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
+    /// Takes back the deliveries of partition `p` that no handler of its
+    /// owner began (queued behind busy handlers): their offsets are ready
+    /// again (the attempt not counted: they never ran) and their late
+    /// outcomes ignored. A handover waits only for the ones begun.
+    fn take_back(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
         let Group {
             members,
             partitions,
             ..
         } = group;
         let ps = &mut partitions[p];
-        let from = members.iter_mut().find(|m| Some(m.id) == ps.owner);
-        let taken_back = ps.in_flight.len();
-        for (offset, token) in ps.in_flight.drain() {
-            tokens.remove(&token);
+        let mut taken_back = 0;
+        ps.in_flight.retain(|&offset, token| {
+            if tokens.get(token).is_some_and(|t| t.begun) {
+                return true;
+            }
+            tokens.remove(token);
             ps.ready.insert(offset);
-        }
-        if let Some(member) = from {
+            if let Some(attempt) = ps.attempts.get_mut(&offset) {
+                *attempt = attempt.saturating_sub(1);
+            }
+            taken_back += 1;
+            false
+        });
+        if let Some(member) = members.iter_mut().find(|m| Some(m.id) == ps.owner) {
             member.in_flight = member.in_flight.saturating_sub(taken_back);
         }
+    }
+
+    /// Completes the handover of partition `p` to its `handover_to`, once
+    /// no handler of the old owner runs one of its deliveries.
+    fn hand_over(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
+        Self::take_back(group, p, tokens);
+        let ps = &mut group.partitions[p];
         let to = ps.handover_to;
         ps.hand_over(to);
     }

@@ -63,9 +63,10 @@ pub struct KafkaConsumerConfig {
     pub partition_window: u32,
     /// How often acked positions are committed, in ms. Default 1000.
     pub commit_interval_ms: u64,
-    /// How long a revocation or a graceful leave waits for outstanding
-    /// deliveries to settle before abandoning them uncommitted, in ms.
-    /// Default 10000.
+    /// How long a revocation or a graceful leave waits for the deliveries
+    /// its handlers are running to settle before abandoning them
+    /// uncommitted, in ms (those still queued for a handler are given back
+    /// at once). Default 10000.
     pub drain_timeout_ms: u64,
     /// Session timeout (`session.timeout.ms`). Default 45000 (Kafka's).
     pub session_timeout_ms: u64,
@@ -731,7 +732,7 @@ fn poll_loop(
         }
     }
     drop(queues);
-    // Leaving: a graceful leave lets outstanding deliveries finish first.
+    // Leaving: a graceful leave lets the deliveries begun finish first.
     if control.stop.load(Ordering::Acquire) == LEAVE_GRACEFULLY {
         let owned: Vec<i32> = engine.assignment().iter().map(|p| *p as i32).collect();
         engine.start_revoking(&owned);

@@ -74,8 +74,9 @@ pub struct JetStreamConsumerConfig {
     pub session_timeout: Duration,
     /// How often a member heartbeats and renews its leases. Default 1 s.
     pub heartbeat: Duration,
-    /// How long a hand-over or a graceful leave waits for outstanding
-    /// deliveries before abandoning them unacked. Default 10 s.
+    /// How long a hand-over or a graceful leave waits for the deliveries
+    /// its handlers are running before abandoning them unacked (those
+    /// still queued for a handler are given back at once). Default 10 s.
     pub drain_timeout: Duration,
     /// The server re-sends an unacked message after this long (Keel ignores
     /// such re-sends of a message it still holds). Default 5 min.
@@ -718,9 +719,10 @@ impl Member {
         if let Some(owned) = self.owned.remove(&p) {
             self.dropped.insert(p, Instant::now());
             owned.reader.abort();
-            self.engine.start_revoking(&[p as i32]);
-            self.engine.remove(&[p as i32]);
+            // Removed at once (no revocation first: its acks and naks
+            // would go to a consumer another member now reads).
             lock(&self.acks).remove(&p);
+            self.engine.remove(&[p as i32]);
             self.publish_assignment();
         }
     }
@@ -945,8 +947,9 @@ impl Member {
         Ok(())
     }
 
-    /// Begins handing `p` over: no new deliveries; a task waits for the
-    /// outstanding ones and reports back.
+    /// Begins handing `p` over: no new deliveries, those queued for a
+    /// handler given back; a task waits for the running ones and reports
+    /// back.
     fn start_release(&mut self, p: u32) {
         let Some(owned) = self.owned.get_mut(&p).filter(|o| !o.releasing) else {
             return; // not ours, or already draining
