@@ -85,6 +85,9 @@ pub(crate) struct PickedArgs {
     all: bool,
 }
 
+/// Rows `keel outbox discard` deletes (and prints) per statement.
+const DISCARD_BATCH: u32 = 1_000;
+
 pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::Result<()> {
     match command {
         OutboxCommand::Parked(args) => {
@@ -110,13 +113,22 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
         }
         OutboxCommand::Discard(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
-            let rows = db.discard(&tables, &filter).await?;
-            for row in &rows {
-                say!("{}", serde_json::to_string(row)?);
+            // A batch at a time, each printed (the record of what is gone)
+            // before the next is deleted: memory stays bounded however
+            // many rows are parked.
+            let mut discarded = 0;
+            loop {
+                let rows = db.discard(&tables, &filter, DISCARD_BATCH).await?;
+                for row in &rows {
+                    say!("{}", serde_json::to_string(row)?);
+                }
+                discarded += rows.len();
+                if rows.len() < DISCARD_BATCH as usize {
+                    break;
+                }
             }
             eprintln!(
-                "discarded {} parked row(s) of {}",
-                rows.len(),
+                "discarded {discarded} parked row(s) of {}",
                 db.name(&tables)
             );
         }
@@ -179,14 +191,20 @@ impl OutboxDatabase {
         })
     }
 
+    /// Discards at most `limit` of the picked rows, the oldest first.
     async fn discard(
         &self,
         tables: &OutboxTables,
         filter: &ParkedFilter,
+        limit: u32,
     ) -> anyhow::Result<Vec<ParkedRow>> {
         Ok(match self {
-            OutboxDatabase::Postgres(pool) => parked::discard(pool, tables, filter).await?,
-            OutboxDatabase::Sqlite(pool) => sqlite::discard_parked(pool, tables, filter).await?,
+            OutboxDatabase::Postgres(pool) => {
+                parked::discard_some(pool, tables, filter, limit).await?
+            }
+            OutboxDatabase::Sqlite(pool) => {
+                sqlite::discard_parked_some(pool, tables, filter, limit).await?
+            }
         })
     }
 }

@@ -2,6 +2,7 @@
 //! and nats-server it publishes committed events, serves its metrics,
 //! stops on SIGTERM releasing its slots, and refuses bad settings by name.
 
+use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -376,6 +377,37 @@ async fn parked_rows_are_listed_with_their_errors_requeued_and_discarded_by_sele
         .await
         .expect("query");
     assert_eq!(left, 0, "the discarded row is gone");
+
+    // Many parked rows go a batch at a time, every one printed.
+    let mut tx = pool.begin().await.expect("begin");
+    for n in 0..2_500 {
+        let event = Envelope::new("shop.Parked", format!("many-{n}"), vec![0u8, 1]);
+        outbox
+            .enqueue(&mut tx, "many", &event)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    sqlx::query("UPDATE keel.outbox SET attempts = 5, parked_at = now() WHERE topic = 'many'")
+        .execute(&pool)
+        .await
+        .expect("park them");
+    let (code, out, err) = keel_output(&["outbox", "discard", "--database", &url, "--all"]);
+    assert_eq!(code, Some(0), "{err}");
+    let keys: HashSet<String> = out
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            row["key"].as_str().expect("a key").to_owned()
+        })
+        .collect();
+    assert_eq!(keys.len(), 2_500, "each discarded row printed once");
+    assert!(err.contains("discarded 2500 parked row(s)"), "{err}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox WHERE topic = 'many'")
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert_eq!(left, 0);
 
     pool.close().await;
     drop_database(&url).await;

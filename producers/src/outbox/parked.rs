@@ -113,24 +113,49 @@ pub async fn requeue(pool: &PgPool, tables: &OutboxTables, filter: &ParkedFilter
 /// Deletes the parked rows matching `filter` — events that will never be
 /// published — and wakes the relays, whose later rows of those keys go on;
 /// returns the rows as they were (payloads aside), for the operator's
-/// record.
+/// record. One statement, so all or nothing; for more rows than fit in
+/// memory at once, [`discard_some`] takes them a batch at a time.
 pub async fn discard(
     pool: &PgPool,
     tables: &OutboxTables,
     filter: &ParkedFilter,
 ) -> Result<Vec<ParkedRow>> {
+    discard_rows(pool, tables, filter, None).await
+}
+
+/// [`discard`] for at most `limit` rows, the oldest first: call it again
+/// until it returns fewer than `limit` (each batch is gone once returned,
+/// so keep its record before asking for the next).
+pub async fn discard_some(
+    pool: &PgPool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: u32,
+) -> Result<Vec<ParkedRow>> {
+    discard_rows(pool, tables, filter, Some(limit)).await
+}
+
+async fn discard_rows(
+    pool: &PgPool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: Option<u32>,
+) -> Result<Vec<ParkedRow>> {
     let outbox = tables.outbox();
     let (enqueued_at, parked_at) = (readable_time("enqueued_at"), readable_time("parked_at"));
     let rows = sqlx::query(&format!(
-        "DELETE FROM {outbox} \
+        "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
          WHERE parked_at IS NOT NULL AND published_at IS NULL \
          AND ($1::text IS NULL OR topic = $1) \
          AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \
+         ORDER BY id LIMIT $3) \
          RETURNING id, topic, event_id, event_type, event_key, \
          octet_length(payload)::int8 AS size, attempts, last_error, {enqueued_at}, {parked_at}"
     ))
     .bind(filter.topic.as_deref())
     .bind(&filter.ids)
+    // LIMIT NULL: no limit.
+    .bind(limit.map(i64::from))
     .fetch_all(pool)
     .await?;
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;

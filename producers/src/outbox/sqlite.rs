@@ -292,9 +292,37 @@ pub async fn discard_parked(
     tables: &OutboxTables,
     filter: &ParkedFilter,
 ) -> Result<Vec<ParkedRow>> {
+    discard_rows(pool, tables, filter, None).await
+}
+
+/// [`discard_parked`] for at most `limit` rows, the oldest first
+/// ([`super::parked::discard_some`]'s twin).
+pub async fn discard_parked_some(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: u32,
+) -> Result<Vec<ParkedRow>> {
+    discard_rows(pool, tables, filter, Some(limit)).await
+}
+
+async fn discard_rows(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: Option<u32>,
+) -> Result<Vec<ParkedRow>> {
     let (outbox, _, _) = names(tables);
-    let sql = format!("DELETE FROM {outbox} WHERE {PARKED_PICKED} RETURNING {PARKED_COLUMNS}");
-    let rows = picked(&sql, filter).fetch_all(pool).await?;
+    // LIMIT -1: no limit.
+    let sql = format!(
+        "DELETE FROM {outbox} WHERE id IN \
+         (SELECT id FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3) \
+         RETURNING {PARKED_COLUMNS}"
+    );
+    let rows = picked(&sql, filter)
+        .bind(limit.map_or(-1, i64::from))
+        .fetch_all(pool)
+        .await?;
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
     discarded.sort_by_key(|row| row.id);
     Ok(discarded)
