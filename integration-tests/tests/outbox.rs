@@ -1521,6 +1521,57 @@ async fn a_missing_topic_makes_the_relay_wait_not_park() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport = Arc::new(kafka_transport().await);
+    let first = start_relay(db.pool(), transport.clone(), "restarted");
+    let mut first_stats = first.stats.clone();
+    wait_for(&mut first_stats, "the first relay holds slots", |s| {
+        s.slots.len() == 16
+    })
+    .await;
+    // The first process stalls (here: stops) right after renewing its
+    // leases, long after its last heartbeat: its relays row is stale, so a
+    // process started under the same id takes the id at once, while the
+    // leases are still the first's — which, resuming, would trust them.
+    first.task.abort();
+    let _ = first.task.await;
+    sqlx::query(
+        "UPDATE keel.outbox_leases SET expires_at = clock_timestamp() + interval '3 seconds'",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE keel.outbox_relays SET heartbeat_at = clock_timestamp() - interval '1 hour'",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut second = start_relay(db.pool(), transport.clone(), "restarted");
+    // Several heartbeats (200 ms) with the id taken and the leases held.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let expired: bool = sqlx::query_scalar(
+        "SELECT bool_or(expires_at < clock_timestamp()) FROM keel.outbox_leases",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(!expired, "the test's leases must still run");
+    assert!(
+        second.stats.borrow().slots.is_empty(),
+        "a new process under the same id took leases the old one still holds"
+    );
+    // Once they expire, the new process takes every slot.
+    wait_for(&mut second.stats, "the second relay holds slots", |s| {
+        s.slots.len() == 16
+    })
+    .await;
+    second.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_with_the_same_id_waits_instead_of_sharing_leases() {
     let tables = OutboxTables::default();
     let db = outbox_database(&tables).await;

@@ -43,11 +43,12 @@ fn start_relay(db: &TestDatabase, broker: &str, name: &str) -> Worker {
     }
 }
 
-/// Slots each relay holds now (unexpired leases).
+/// Slots each relay (by id) holds now (unexpired leases; an owner is the
+/// relay id and its process's token).
 async fn owners(db: &TestDatabase) -> BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(
-        "SELECT owner, count(*) FROM keel.outbox_leases \
-         WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY owner",
+        "SELECT split_part(owner, '#', 1) AS relay, count(*) FROM keel.outbox_leases \
+         WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY relay",
     )
     .fetch_all(db.pool())
     .await

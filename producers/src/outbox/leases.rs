@@ -6,7 +6,9 @@
 //! - each relay upserts a heartbeat row every `heartbeat`; the relays seen
 //!   within `session_timeout`, sorted by id, split the slots round-robin;
 //! - a lease is taken with one conditional `UPDATE`: only when it is free,
-//!   already ours, or expired (expiry by the database's clock, so relays'
+//!   already this process's (its owner is the relay id and a per-process
+//!   token, so a restart under the same id waits for the old leases), or
+//!   expired (expiry by the database's clock, so relays'
 //!   clocks never matter); the relay renews it with the same statement each
 //!   heartbeat, for `session_timeout`;
 //! - the relay trusts a lease for 60 % of `session_timeout` after it *sent*
@@ -38,6 +40,11 @@ pub(crate) struct SlotLeases {
     valid_until: Option<Instant>,
     /// This process's token in the relays table.
     token: String,
+    /// What a lease's `owner` holds while this process has it: the relay
+    /// id and the token, so a second process given the same id (a restart,
+    /// a duplicate) never takes over leases the first still holds — even
+    /// once it holds the id's relays row — but waits for them to expire.
+    holder: String,
     /// Whether the last heartbeat found the id held by another process.
     id_in_use: bool,
 }
@@ -52,14 +59,16 @@ impl SlotLeases {
         slots: u32,
         session_timeout: Duration,
     ) -> Self {
+        let token = format!("{:016x}", rand::random::<u64>());
         SlotLeases {
+            holder: format!("{relay_id}#{token}"),
             tables,
             relay_id,
             slots,
             session_timeout,
             owned: BTreeSet::new(),
             valid_until: None,
-            token: format!("{:016x}", rand::random::<u64>()),
+            token,
             id_in_use: false,
         }
     }
@@ -200,7 +209,7 @@ impl SlotLeases {
              WHERE owner = $2 AND slot <> ALL($1)"
         ))
         .bind(&want)
-        .bind(&self.relay_id)
+        .bind(&self.holder)
         .execute(pool)
         .await?;
         // Trust is counted from before the statement that sets the
@@ -222,7 +231,7 @@ impl SlotLeases {
              RETURNING slot"
         ))
         .bind(&want)
-        .bind(&self.relay_id)
+        .bind(&self.holder)
         .bind(session_ms)
         .bind(i64::from(self.slots))
         .fetch_all(pool)
@@ -289,7 +298,7 @@ impl SlotLeases {
             sqlx::query(&format!(
                 "UPDATE {leases} SET owner = NULL, expires_at = '-infinity' WHERE owner = $1"
             ))
-            .bind(&self.relay_id)
+            .bind(&self.holder)
             .execute(&mut *tx)
             .await?;
         }
