@@ -34,6 +34,9 @@ pub(crate) enum OutboxCommand {
     /// Delete parked rows that can never be published, so the later rows
     /// of their keys go on; prints each deleted row as a JSON line (payload
     /// aside) for the record. Pick them with --topic and/or --id, or --all.
+    /// Rows go a batch of 1,000 at a time, each printed before the next is
+    /// deleted: an interrupted run has deleted what it printed and left the
+    /// rest parked.
     #[command(after_help = "Examples:\n  \
         keel outbox discard --database postgres://app@db/orders --id 1042\n  \
         keel outbox discard --database postgres://app@db/orders --topic orders")]
@@ -115,17 +118,18 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
             // A batch at a time, each printed (the record of what is gone)
             // before the next is deleted: memory stays bounded however
-            // many rows are parked.
+            // many rows are parked. Until a batch finds none (one cut short
+            // by a concurrent requeue is not the end).
             let mut discarded = 0;
             loop {
                 let rows = db.discard(&tables, &filter, DISCARD_BATCH).await?;
+                if rows.is_empty() {
+                    break;
+                }
                 for row in &rows {
                     say!("{}", serde_json::to_string(row)?);
                 }
                 discarded += rows.len();
-                if rows.len() < DISCARD_BATCH as usize {
-                    break;
-                }
             }
             eprintln!(
                 "discarded {discarded} parked row(s) of {}",

@@ -1535,6 +1535,11 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
     // leases, long after its last heartbeat: its relays row is stale, so a
     // process started under the same id takes the id at once, while the
     // leases are still the first's — which, resuming, would trust them.
+    let old_token: String =
+        sqlx::query_scalar("SELECT token FROM keel.outbox_relays WHERE relay_id = 'restarted'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     first.task.abort();
     let _ = first.task.await;
     sqlx::query(
@@ -1552,6 +1557,18 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
     let mut second = start_relay(db.pool(), transport.clone(), "restarted");
     // Several heartbeats (200 ms) with the id taken and the leases held.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let slots = second.stats.borrow().slots.clone();
+    let (token, fresh): (String, bool) = sqlx::query_as(
+        "SELECT token, heartbeat_at > clock_timestamp() - interval '1 second' \
+         FROM keel.outbox_relays WHERE relay_id = 'restarted'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(
+        token != old_token && fresh,
+        "the new process must hold the id (heartbeating) for this test to say anything"
+    );
     let expired: bool = sqlx::query_scalar(
         "SELECT bool_or(expires_at < clock_timestamp()) FROM keel.outbox_leases",
     )
@@ -1560,8 +1577,8 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
     .unwrap();
     assert!(!expired, "the test's leases must still run");
     assert!(
-        second.stats.borrow().slots.is_empty(),
-        "a new process under the same id took leases the old one still holds"
+        slots.is_empty(),
+        "a new process under the same id took leases the old one still holds: {slots:?}"
     );
     // Once they expire, the new process takes every slot.
     wait_for(&mut second.stats, "the second relay holds slots", |s| {

@@ -47,7 +47,8 @@ fn start_relay(db: &TestDatabase, broker: &str, name: &str) -> Worker {
 /// relay id and its process's token).
 async fn owners(db: &TestDatabase) -> BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(
-        "SELECT split_part(owner, '#', 1) AS relay, count(*) FROM keel.outbox_leases \
+        "SELECT regexp_replace(owner, '#[0-9a-f]{16}$', '') AS relay, count(*) \
+         FROM keel.outbox_leases \
          WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY relay",
     )
     .fetch_all(db.pool())

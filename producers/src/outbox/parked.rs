@@ -143,12 +143,15 @@ async fn discard_rows(
 ) -> Result<Vec<ParkedRow>> {
     let outbox = tables.outbox();
     let (enqueued_at, parked_at) = (readable_time("enqueued_at"), readable_time("parked_at"));
-    let rows = sqlx::query(&format!(
-        "DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} \
-         WHERE parked_at IS NOT NULL AND published_at IS NULL \
+    // The conditions again on the DELETE itself: a row requeued by someone
+    // else between the inner read and the delete is re-checked (PostgreSQL
+    // re-evaluates the outer WHERE on the row's new version) and kept.
+    let picked = "parked_at IS NOT NULL AND published_at IS NULL \
          AND ($1::text IS NULL OR topic = $1) \
-         AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \
-         ORDER BY id LIMIT $3) \
+         AND (cardinality($2::int8[]) = 0 OR id = ANY($2))";
+    let rows = sqlx::query(&format!(
+        "DELETE FROM {outbox} WHERE {picked} AND id IN (SELECT id FROM {outbox} \
+         WHERE {picked} ORDER BY id LIMIT $3) \
          RETURNING id, topic, event_id, event_type, event_key, \
          octet_length(payload)::int8 AS size, attempts, last_error, {enqueued_at}, {parked_at}"
     ))
