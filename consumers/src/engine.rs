@@ -83,6 +83,12 @@ struct PartitionState {
 }
 
 impl PartitionState {
+    /// Whether the delivery `t` is of this assignment and may still run
+    /// (the partition is not on its way out).
+    fn owns(&self, t: &TokenRef) -> bool {
+        self.generation == t.generation && !self.revoking
+    }
+
     /// Where the group may resume: the lowest unacked offset, else one past
     /// the highest fetched.
     fn position(&self) -> Option<i64> {
@@ -704,7 +710,7 @@ impl Settle for Engine {
             state
                 .partitions
                 .get(&t.partition)
-                .is_some_and(|ps| ps.generation == t.generation && !ps.revoking)
+                .is_some_and(|ps| ps.owns(t))
         })
     }
 
@@ -716,10 +722,7 @@ impl Settle for Engine {
         let Some(t) = tokens.get_mut(&token) else {
             return false;
         };
-        let Some(ps) = partitions
-            .get_mut(&t.partition)
-            .filter(|ps| ps.generation == t.generation && !ps.revoking)
-        else {
+        let Some(ps) = partitions.get_mut(&t.partition).filter(|ps| ps.owns(t)) else {
             return false;
         };
         if !t.begun {

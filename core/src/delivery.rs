@@ -551,8 +551,9 @@ impl Deliveries {
     }
 
     /// How long [`leave`](Self::leave) waits for the deliveries begun
-    /// ([`Delivery::begin`]) before abandoning them uncommitted (`None`: it does not wait), so a
-    /// consumer loop can give its running handlers the same time.
+    /// ([`Delivery::begin`]) before abandoning them uncommitted (`None`: it
+    /// does not wait), so a consumer loop can give its running handlers the
+    /// same time.
     pub fn drain_timeout(&self) -> Option<Duration> {
         self.membership.as_ref().and_then(|m| m.drain_timeout())
     }

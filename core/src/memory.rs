@@ -524,8 +524,9 @@ impl Broker {
                 (Some(owner), _) if group.members.iter().any(|m| m.id == owner) => {
                     ps.handover_to = target;
                     Self::take_back(group, p, tokens);
-                    if group.partitions[p].running == 0 {
-                        Self::hand_over(group, p, tokens);
+                    let ps = &mut group.partitions[p];
+                    if ps.running == 0 {
+                        ps.hand_over(target);
                     }
                 }
                 _ => ps.hand_over(target),
@@ -537,7 +538,8 @@ impl Broker {
     /// Takes back the deliveries of partition `p` that no handler of its
     /// owner began (queued behind busy handlers): their offsets are ready
     /// again (the attempt not counted: they never ran) and their late
-    /// outcomes ignored. A handover waits only for the ones begun.
+    /// outcomes ignored. A handover waits only for the ones begun (none
+    /// can begin, nor go out, while it is pending).
     fn take_back(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
         let Group {
             members,
@@ -561,15 +563,6 @@ impl Broker {
         if let Some(member) = members.iter_mut().find(|m| Some(m.id) == ps.owner) {
             member.in_flight = member.in_flight.saturating_sub(taken_back);
         }
-    }
-
-    /// Completes the handover of partition `p` to its `handover_to`, once
-    /// no handler of the old owner runs one of its deliveries.
-    fn hand_over(group: &mut Group, p: usize, tokens: &mut HashMap<u64, TokenRef>) {
-        Self::take_back(group, p, tokens);
-        let ps = &mut group.partitions[p];
-        let to = ps.handover_to;
-        ps.hand_over(to);
     }
 
     fn leave(&self, topic_name: &str, group_name: &str, member_id: u64) {
@@ -614,13 +607,12 @@ impl Settle for Broker {
         let mut out = Vec::new();
         {
             let mut state = self.lock();
-            let State { topics, tokens, .. } = &mut *state;
-            let Some(t) = tokens.remove(&token) else {
+            let Some(t) = state.tokens.remove(&token) else {
                 return;
             };
             let Some(Topic {
                 partitions, groups, ..
-            }) = topics.get_mut(&t.topic)
+            }) = state.topics.get_mut(&t.topic)
             else {
                 return;
             };
@@ -655,7 +647,8 @@ impl Settle for Broker {
                 }
             }
             if ps.handover_to.is_some() && ps.running == 0 {
-                Self::hand_over(group, t.partition as usize, tokens);
+                let to = ps.handover_to;
+                ps.hand_over(to);
                 publish_assignments(group);
             }
             self.dispatch(&mut state, &t.topic, &t.group, &mut out);

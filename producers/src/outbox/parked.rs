@@ -124,8 +124,9 @@ pub async fn discard(
 }
 
 /// [`discard`] for at most `limit` rows, the oldest first: call it again
-/// until it returns fewer than `limit` (each batch is gone once returned,
-/// so keep its record before asking for the next).
+/// until it returns none (a batch cut short by a concurrent requeue is not
+/// the end; each batch is gone once returned, so keep its record before
+/// asking for the next).
 pub async fn discard_some(
     pool: &PgPool,
     tables: &OutboxTables,
