@@ -4,11 +4,9 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use keel_core::{Envelope, Error, Result};
 use keel_schemas::AvroCodec;
 use keel_schemas::events::Event;
@@ -16,7 +14,6 @@ use keel_schemas::events::Event;
 use super::context::{Context, EventContext, Incoming};
 use super::layer::{DeadLetterReason, Verdict};
 use super::poison;
-use crate::pump::panic_message;
 
 /// Handles one event type, decoded.
 ///
@@ -113,13 +110,10 @@ where
             transaction,
             outbox: outbox.as_ref(),
         };
-        // A panic is a failed attempt like any other: retried within the
-        // budget, then dead-lettered.
-        let result = AssertUnwindSafe(self.handler.handle(event, ctx))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Err(Error::retriable(panic_message(panic.as_ref()))));
-        Verdict::from_result(result)
+        // A panic is a failed attempt like any other (retried within the
+        // budget, then dead-lettered): `Next::run` catches it around this
+        // call, one catch for the dispatch and the handler.
+        Verdict::from_result(self.handler.handle(event, ctx).await)
     }
 }
 

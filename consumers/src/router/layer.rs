@@ -209,8 +209,8 @@ impl Next<'_> {
     /// dead-letter layers (as a layer added after `standard_layers` does)
     /// the retry budget and dead letters apply — a layer's bug dead-letters
     /// the events it meets (to be redriven once fixed) rather than stalling
-    /// their keys for good. The handler's own panics are caught where it is
-    /// called.
+    /// their keys for good. A panic in the dispatch or the handler itself
+    /// is caught here too, as the handler's.
     pub async fn run(self, ctx: &mut Context) -> Verdict {
         match self.layers.split_first() {
             // Through the `dyn Layer` itself: calling on the `Arc` would
@@ -232,7 +232,7 @@ impl Next<'_> {
             None => AssertUnwindSafe(self.endpoint.call(ctx, self.route))
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|panic| panicked("dispatching to the handler", panic.as_ref())),
+                .unwrap_or_else(|panic| panicked("handler", panic.as_ref())),
         }
     }
 }
