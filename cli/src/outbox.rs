@@ -7,9 +7,9 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use keel_core::KeelConfig;
 use keel_core::config::redact;
-use keel_producers::outbox::OutboxTables;
 use keel_producers::outbox::parked::{self, ParkedFilter, ParkedRow};
 use keel_producers::outbox::sqlite;
+use keel_producers::outbox::{OutboxError, OutboxTables};
 use sqlx::{PgPool, SqlitePool};
 
 use crate::relay::{OutboxDb, connect};
@@ -34,9 +34,11 @@ pub(crate) enum OutboxCommand {
     /// Delete parked rows that can never be published, so the later rows
     /// of their keys go on; prints each deleted row as a JSON line (payload
     /// aside) for the record. Pick them with --topic and/or --id, or --all.
-    /// Rows go a batch of 1,000 at a time, each printed before the next is
-    /// deleted: an interrupted run has deleted what it printed and left the
-    /// rest parked.
+    /// Rows go a batch of 1,000 at a time, each deleted only once it was
+    /// printed in full: an interrupted run, or one whose output closed (as
+    /// under `| head`, which fails the command), has deleted the batches it
+    /// printed in full and left the rest parked (the batch being printed
+    /// may have been printed in part).
     #[command(after_help = "Examples:\n  \
         keel outbox discard --database postgres://app@db/orders --id 1042\n  \
         keel outbox discard --database postgres://app@db/orders --topic orders")]
@@ -117,17 +119,27 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
         OutboxCommand::Discard(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
             // A batch at a time, each printed (the record of what is gone)
-            // before the next is deleted: memory stays bounded however
-            // many rows are parked. Until a batch finds none (one cut short
-            // by a concurrent requeue is not the end).
+            // before it is committed: memory stays bounded however many
+            // rows are parked, and a batch that cannot be written out (a
+            // closed pipe, a full disk) is rolled back and stays parked.
+            // Until a batch finds none (one cut short by a concurrent
+            // requeue is not the end).
             let mut discarded = 0;
             loop {
-                let rows = db.discard(&tables, &filter, DISCARD_BATCH).await?;
+                let batch = db
+                    .discard(&tables, &filter, DISCARD_BATCH, print_rows)
+                    .await;
+                let rows = match batch {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        let outbox = db.name(&tables);
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "discarded {discarded} parked row(s) of {outbox} before this batch (each printed above)"
+                        )));
+                    }
+                };
                 if rows.is_empty() {
                     break;
-                }
-                for row in &rows {
-                    say!("{}", serde_json::to_string(row)?);
                 }
                 discarded += rows.len();
             }
@@ -155,6 +167,18 @@ impl PickedArgs {
         let db = connect_outbox(&database, &tables).await?;
         Ok((db, tables, self.selection.filter()))
     }
+}
+
+/// Writes `rows` to standard output as JSON lines, flushed: the record of
+/// a batch of discarded rows, which is committed only if this succeeds.
+fn print_rows(rows: &[ParkedRow]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for row in rows {
+        serde_json::to_writer(&mut out, row)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 /// The outbox's database: PostgreSQL, or a SQLite file (the embedded
@@ -195,21 +219,23 @@ impl OutboxDatabase {
         })
     }
 
-    /// Discards at most `limit` of the picked rows, the oldest first.
+    /// Discards at most `limit` of the picked rows, the oldest first, once
+    /// `record` took them (they stay parked when it fails).
     async fn discard(
         &self,
         tables: &OutboxTables,
         filter: &ParkedFilter,
         limit: u32,
-    ) -> anyhow::Result<Vec<ParkedRow>> {
-        Ok(match self {
+        record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
+    ) -> Result<Vec<ParkedRow>, OutboxError> {
+        match self {
             OutboxDatabase::Postgres(pool) => {
-                parked::discard_some(pool, tables, filter, limit).await?
+                parked::discard_some(pool, tables, filter, limit, record).await
             }
             OutboxDatabase::Sqlite(pool) => {
-                sqlite::discard_parked_some(pool, tables, filter, limit).await?
+                sqlite::discard_parked_some(pool, tables, filter, limit, record).await
             }
-        })
+        }
     }
 }
 

@@ -392,6 +392,38 @@ async fn parked_rows_are_listed_with_their_errors_requeued_and_discarded_by_sele
         .execute(&pool)
         .await
         .expect("park them");
+    // Output that closes after one line (`| head -1`): the batch being
+    // printed is not deleted, and the command fails saying so.
+    let mut child = keel()
+        .args(["outbox", "discard", "--database", &url, "--all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keel");
+    let mut first = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("read a line");
+    } // the reading end closes here, a thousand rows' worth of output unread
+    let closed = child.wait_with_output().expect("keel ends");
+    let err = String::from_utf8_lossy(&closed.stderr);
+    assert!(first.contains("many-"), "{first}");
+    assert!(!closed.status.success(), "a closed output fails: {err}");
+    assert!(
+        err.contains("put back and stay parked") && err.contains("discarded 0 parked row(s)"),
+        "{err}"
+    );
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM keel.outbox WHERE topic = 'many' AND parked_at IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("query");
+    assert_eq!(parked, 2_500, "nothing is discarded unrecorded");
+
     let (code, out, err) = keel_output(&["outbox", "discard", "--database", &url, "--all"]);
     assert_eq!(code, Some(0), "{err}");
     let keys: HashSet<String> = out

@@ -32,6 +32,17 @@ pub enum OutboxError {
     /// The event is not fit for the outbox (a header the wire refuses).
     #[error(transparent)]
     Event(#[from] keel_core::Error),
+    /// A batch of discarded parked rows could not be recorded (written
+    /// out) by the caller, so it was not discarded: the rows stay parked.
+    #[error(
+        "cannot record the {rows} parked row(s) being discarded ({source}): they were put back and stay parked"
+    )]
+    NotRecorded {
+        /// The rows of the batch, all still parked.
+        rows: usize,
+        /// Why recording them failed.
+        source: std::io::Error,
+    },
 }
 
 impl OutboxError {

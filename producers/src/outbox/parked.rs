@@ -120,20 +120,24 @@ pub async fn discard(
     tables: &OutboxTables,
     filter: &ParkedFilter,
 ) -> Result<Vec<ParkedRow>> {
-    discard_rows(pool, tables, filter, None).await
+    discard_rows(pool, tables, filter, None, |_| Ok(())).await
 }
 
-/// [`discard`] for at most `limit` rows, the oldest first: call it again
-/// until it returns none (a batch cut short by a concurrent requeue is not
-/// the end; each batch is gone once returned, so keep its record before
-/// asking for the next).
+/// [`discard`] for at most `limit` rows, the oldest first, handing them to
+/// `record` (to write them out, say) before they are gone: the rows are
+/// deleted in a transaction that commits only once `record` returned `Ok`;
+/// when it fails the batch is rolled back, stays parked, and the error is
+/// [`OutboxError::NotRecorded`](super::OutboxError::NotRecorded). Call it
+/// again until it returns none (a batch cut short by a concurrent requeue
+/// is not the end).
 pub async fn discard_some(
     pool: &PgPool,
     tables: &OutboxTables,
     filter: &ParkedFilter,
     limit: u32,
+    record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
 ) -> Result<Vec<ParkedRow>> {
-    discard_rows(pool, tables, filter, Some(limit)).await
+    discard_rows(pool, tables, filter, Some(limit), record).await
 }
 
 async fn discard_rows(
@@ -141,6 +145,7 @@ async fn discard_rows(
     tables: &OutboxTables,
     filter: &ParkedFilter,
     limit: Option<u32>,
+    record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
 ) -> Result<Vec<ParkedRow>> {
     let outbox = tables.outbox();
     let (enqueued_at, parked_at) = (readable_time("enqueued_at"), readable_time("parked_at"));
@@ -150,6 +155,7 @@ async fn discard_rows(
     let picked = "parked_at IS NOT NULL AND published_at IS NULL \
          AND ($1::text IS NULL OR topic = $1) \
          AND (cardinality($2::int8[]) = 0 OR id = ANY($2))";
+    let mut tx = pool.begin().await?;
     let rows = sqlx::query(&format!(
         "DELETE FROM {outbox} WHERE {picked} AND id IN (SELECT id FROM {outbox} \
          WHERE {picked} ORDER BY id LIMIT $3) \
@@ -160,10 +166,18 @@ async fn discard_rows(
     .bind(&filter.ids)
     // LIMIT NULL: no limit.
     .bind(limit.map(i64::from))
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
     discarded.sort_by_key(|row| row.id);
+    if let Err(source) = record(&discarded) {
+        tx.rollback().await?;
+        return Err(super::OutboxError::NotRecorded {
+            rows: discarded.len(),
+            source,
+        });
+    }
+    tx.commit().await?;
     if !discarded.is_empty() {
         wake(pool, tables).await?;
     }

@@ -292,18 +292,20 @@ pub async fn discard_parked(
     tables: &OutboxTables,
     filter: &ParkedFilter,
 ) -> Result<Vec<ParkedRow>> {
-    discard_rows(pool, tables, filter, None).await
+    discard_rows(pool, tables, filter, None, |_| Ok(())).await
 }
 
-/// [`discard_parked`] for at most `limit` rows, the oldest first
+/// [`discard_parked`] for at most `limit` rows, the oldest first, kept
+/// parked unless `record` takes them
 /// ([`super::parked::discard_some`]'s twin).
 pub async fn discard_parked_some(
     pool: &SqlitePool,
     tables: &OutboxTables,
     filter: &ParkedFilter,
     limit: u32,
+    record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
 ) -> Result<Vec<ParkedRow>> {
-    discard_rows(pool, tables, filter, Some(limit)).await
+    discard_rows(pool, tables, filter, Some(limit), record).await
 }
 
 async fn discard_rows(
@@ -311,6 +313,7 @@ async fn discard_rows(
     tables: &OutboxTables,
     filter: &ParkedFilter,
     limit: Option<u32>,
+    record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
 ) -> Result<Vec<ParkedRow>> {
     let (outbox, _, _) = names(tables);
     // LIMIT -1: no limit.
@@ -319,12 +322,21 @@ async fn discard_rows(
          (SELECT id FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3) \
          RETURNING {PARKED_COLUMNS}"
     );
+    let mut tx = pool.begin().await?;
     let rows = picked(&sql, filter)
         .bind(limit.map_or(-1, i64::from))
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
     discarded.sort_by_key(|row| row.id);
+    if let Err(source) = record(&discarded) {
+        tx.rollback().await?;
+        return Err(super::OutboxError::NotRecorded {
+            rows: discarded.len(),
+            source,
+        });
+    }
+    tx.commit().await?;
     Ok(discarded)
 }
 
@@ -871,5 +883,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 3, "only the discarded row is gone");
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_discarded_rows_that_cannot_be_recorded_stays_parked() {
+        let (pool, tables, _) = outbox_with_rows().await;
+        let all = ParkedFilter::default();
+        let failed = discard_parked_some(&pool, &tables, &all, 2, |rows| {
+            assert_eq!(ids(rows), [1, 2], "handed over before they are gone");
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        })
+        .await;
+        assert!(
+            matches!(failed, Err(OutboxError::NotRecorded { rows: 2, .. })),
+            "{failed:?}"
+        );
+        let parked = list_parked(&pool, &tables, &all, 100).await.unwrap();
+        assert_eq!(ids(&parked), [1, 2, 3], "rolled back: nothing lost");
+        let mut seen = Vec::new();
+        let discarded = discard_parked_some(&pool, &tables, &all, 2, |rows| {
+            seen.extend(ids(rows));
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!((ids(&discarded), seen), (vec![1, 2], vec![1, 2]));
+        let parked = list_parked(&pool, &tables, &all, 100).await.unwrap();
+        assert_eq!(ids(&parked), [3]);
     }
 }
