@@ -361,7 +361,7 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                     p.lag()
                 );
             }
-            let total: u64 = lags.iter().map(|p| p.lag()).sum();
+            let total = lags.iter().fold(0u64, |sum, p| sum.saturating_add(p.lag()));
             say!(
                 "group {} on {}: {total} events behind",
                 args.group,
@@ -389,7 +389,7 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
             p.lag
         );
     }
-    let total: i64 = lags.iter().map(|p| p.lag).sum();
+    let total = lags.iter().fold(0i64, |sum, p| sum.saturating_add(p.lag));
     say!(
         "group {} on {}: {total} events behind",
         args.group,
@@ -663,7 +663,7 @@ impl Reader {
                     Some(d) => d
                         .partitions
                         .iter()
-                        .map(|p| u64::try_from(p.latest - p.earliest).unwrap_or(0))
+                        .map(|p| u64::try_from(p.latest.saturating_sub(p.earliest)).unwrap_or(0))
                         .collect(),
                     None => bail!("topic `{topic}` does not exist"),
                 }
@@ -794,8 +794,8 @@ pub(crate) async fn tail(
             Err(e) => return Err(e.into()),
         };
         // A closed pipe (`keel tail | head`) ends the tail cleanly.
-        let mut out = std::io::stdout().lock();
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        say!("{line}");
+        if crate::output::stopped() {
             break;
         }
         printed += 1;

@@ -13,7 +13,6 @@
 //! events that were dead-lettered again since (their newer letters).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,9 +271,9 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
             return true;
         }
         let line = describe(&dead, &codec).await;
-        let mut out = std::io::stdout().lock();
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-            return false; // closed pipe
+        say!("{line}");
+        if crate::output::stopped() {
+            return false; // a closed pipe (`keel dlq list | head`)
         }
         printed += 1;
         true
@@ -369,13 +368,13 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     let (selected, foreign): (Vec<Note>, Vec<Note>) =
         selected.into_iter().partition(|note| note.origin.is_some());
     for note in &foreign {
-        tell(format_args!(
+        say!(
             "skipped {topic}/{}@{}: it has no `{}` header naming the topic it came from \
              (not a dead letter of Keel's router)",
             note.partition,
             note.position,
             headers::TOPIC
-        ));
+        );
     }
     if superseded > 0 {
         eprintln!(
@@ -385,7 +384,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     }
     if args.dry_run {
         for note in &selected {
-            tell(format_args!(
+            say!(
                 "would redrive {} ({}) at {}/{}@{} to {}",
                 note.id.as_deref().unwrap_or("a record without an event id"),
                 note.event_type.as_deref().unwrap_or("no event type"),
@@ -393,7 +392,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
                 note.partition,
                 note.position,
                 note.origin.as_deref().unwrap_or("?")
-            ));
+            );
         }
         eprintln!(
             "{} of {total} dead letters selected; nothing published (--dry-run)",
@@ -426,17 +425,18 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             let now = Note::of(&dead);
             if (now.id, now.origin) != (note.id, note.origin) {
                 progress.suspend(|| {
-                    tell(format_args!(
+                    say!(
                         "skipped {topic}/{}@{}: another record is there than the first read found",
-                        dead.partition, dead.position
-                    ))
+                        dead.partition,
+                        dead.position
+                    )
                 });
                 changed += 1;
                 return !wanted.is_empty();
             }
             match send_back(&*publisher, &topic, dead, redriven).await {
                 Ok(line) => {
-                    progress.suspend(|| tell(format_args!("{line}")));
+                    progress.suspend(|| say!("{line}"));
                     progress.inc(1);
                     redriven += 1;
                     !wanted.is_empty()
@@ -508,14 +508,6 @@ async fn send_back(
         "redrove {at} to {}/{}@{}",
         receipt.topic, receipt.partition, receipt.position
     ))
-}
-
-/// A line of a redrive's report on standard output. A redrive goes on
-/// when nobody reads it any more (`keel dlq redrive … | head`): stopping
-/// halfway would leave letters unsent and the summary unsaid.
-fn tell(line: std::fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
 }
 
 /// The command's outcome when `foreign` letters were skipped: a failure
@@ -625,7 +617,7 @@ async fn read_dead_letters(
         .stored_per_partition(topic)
         .await
         .with_context(|| format!("cannot read dead-letter topic `{topic}`; does it exist?"))?;
-    let mut left: u64 = remaining.iter().sum();
+    let mut left = remaining.iter().fold(0u64, |sum, n| sum.saturating_add(*n));
     if left == 0 {
         return Ok(());
     }

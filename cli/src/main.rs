@@ -16,21 +16,54 @@
 
 #![forbid(unsafe_code)]
 
-/// `println!` for command output that a closed pipe (`keel … | head`)
-/// ends quietly instead of panicking; other write errors end the command
-/// with a message.
+/// `println!` for command output. A closed pipe (`keel … | head`) or
+/// another write error stops the output, never the command: a command that
+/// changes something (registers schemas, checks them for a CI gate,
+/// publishes) runs to its end and its own outcome decides the exit status;
+/// a write error other than a closed pipe then fails it (see [`output`]).
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            eprintln!("error: cannot write to standard output: {e}");
-            std::process::exit(1);
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
+/// Standard output as `say!` writes it.
+mod output {
+    use std::io::Write as _;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set at the first failed write: later lines are dropped.
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    /// The first write error other than a closed pipe.
+    static FAILED: Mutex<Option<String>> = Mutex::new(None);
+
+    /// Writes `line` and a line break, unless output has stopped.
+    pub(crate) fn line(line: std::fmt::Arguments<'_>) {
+        if STOPPED.load(Ordering::Relaxed) {
+            return;
         }
-    }};
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{line}") {
+            STOPPED.store(true, Ordering::Relaxed);
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let mut failed = FAILED.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Whether output has stopped (a closed pipe, a failed write): a
+    /// command that only prints can end.
+    pub(crate) fn stopped() -> bool {
+        STOPPED.load(Ordering::Relaxed)
+    }
+
+    /// Why standard output failed, when it did for a reason other than a
+    /// closed pipe (a full disk, say): the command's output is incomplete.
+    pub(crate) fn failure() -> Option<String> {
+        FAILED.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 mod broker;
@@ -191,13 +224,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    let outcome = runtime.block_on(run(cli));
+    let mut code = ExitCode::SUCCESS;
+    if let Err(e) = outcome {
+        eprintln!("error: {e:#}");
+        code = ExitCode::FAILURE;
     }
+    if let Some(e) = output::failure() {
+        eprintln!("error: cannot write to standard output ({e}): the output above is incomplete");
+        code = ExitCode::FAILURE;
+    }
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

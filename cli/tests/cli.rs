@@ -4,19 +4,33 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn keel(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+/// `keel args` in `dir` with `env` and none of the caller's KEEL_* settings.
+fn command(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
     cmd.args(args).current_dir(dir);
-    // Keep the caller's KEEL_* settings out of these tests.
     for (key, _) in std::env::vars() {
         if key.starts_with("KEEL_") {
             cmd.env_remove(key);
         }
     }
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    cmd.output().expect("run keel")
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+fn keel(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    command(args, dir, env).output().expect("run keel")
+}
+
+/// [`keel`] with its standard output closed before it writes (as under
+/// `keel … | head -0`).
+fn keel_unread(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    let mut child = command(args, dir, env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keel");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("keel ends")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -368,6 +382,15 @@ fn schema_commands_register_check_list_diff_and_get() {
         "{}",
         text(&out.stderr)
     );
+    // Nobody reading its output (`… | head -0`) does not make a failed
+    // check pass.
+    let out = keel_unread(&["schema", "check", &path], dir.path(), &env);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("incompatible"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = keel(
         &[
@@ -700,16 +723,8 @@ fn broker_commands(broker: &str, partitions: usize) {
 
     // A reader that goes away (`keel … | head -0`) ends the command
     // quietly, never with a panic.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["topics", "list"])
-        .current_dir(dir.path())
-        .envs(env)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start keel");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("keel ends");
+    let out = keel_unread(&["topics", "list"], dir.path(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         !text(&out.stderr).contains("panicked"),
         "{}",

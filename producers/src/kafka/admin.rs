@@ -303,7 +303,7 @@ impl KafkaAdmin {
                     partition: p,
                     committed,
                     end,
-                    lag: (end - from).max(0),
+                    lag: end.saturating_sub(from).max(0),
                 });
             }
             Ok(out)

@@ -123,7 +123,7 @@ pub struct PartitionPending {
 impl PartitionPending {
     /// Events not yet handled.
     pub fn lag(&self) -> u64 {
-        self.pending + self.ack_pending
+        self.pending.saturating_add(self.ack_pending)
     }
 }
 
