@@ -679,7 +679,7 @@ async fn register(
             .versions(&subject, true)
             .await?
             .last()
-            .map_or(1, |v| v.version + 1);
+            .map_or(1, |v| v.version.saturating_add(1));
         if wanted != next {
             return Err(ApiError::invalid_schema(format!(
                 "Version is not one more than previous version: version {wanted} was given, the next version of {subject} is {next}"

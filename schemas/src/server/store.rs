@@ -455,7 +455,7 @@ impl Store {
                         tx.commit().await?;
                         return Ok(Ok(v));
                     }
-                    held.last().map_or(1, |(v, _, _)| v + 1)
+                    held.last().map_or(1, |(v, _, _)| v.saturating_add(1))
                 }
             };
             if insert_version(tx, subject, wanted, id).await? {
@@ -614,6 +614,15 @@ async fn insert_version(
     version: i64,
     schema_id: i64,
 ) -> Result<bool> {
+    // Versions are Confluent's positive 32-bit numbers (clients read them
+    // as such): past the last one (an import at 2147483647, a row edited
+    // by hand) there is no next.
+    if !(1..=i64::from(i32::MAX)).contains(&version) {
+        tx.rollback().await?;
+        return Err(StoreError::Corrupt(format!(
+            "`{subject}` has no version number left: the next would be {version}, and versions are positive 32-bit numbers; register under a new subject"
+        )));
+    }
     let inserted = sqlx::query(
         "INSERT INTO registry_subject_versions (subject, version, schema_id, deleted) VALUES ($1, $2, $3, 0)",
     )
