@@ -1002,6 +1002,18 @@ async fn a_lattice_of_references_is_read_once_per_subject(backend: RegistryBacke
     let references = body["references"].as_array().unwrap();
     assert_eq!(references.len(), WIDTH);
     assert!(references.iter().all(|r| r["version"] == 1), "{body}");
+    // A client resolving it (a consumer meeting its id) reads each
+    // referenced version once too.
+    let id = u32::try_from(body["id"].as_i64().unwrap()).unwrap();
+    let client = keel_schemas::RegistryClient::new(&registry.url, Default::default()).unwrap();
+    let resolved = tokio::time::timeout(std::time::Duration::from_secs(60), client.resolved(id))
+        .await
+        .expect("resolved in under 60 s")
+        .expect("resolved");
+    assert!(
+        resolved.contains(&name(LEVELS - 1, WIDTH - 1)),
+        "{resolved}"
+    );
 }
 
 async fn bad_requests_get_codes_not_500s(backend: RegistryBackend) {

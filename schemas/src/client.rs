@@ -382,14 +382,25 @@ impl RegistryClient {
     /// The self-contained normal form of schema `id`, references resolved.
     pub async fn resolved(&self, id: u32) -> Result<String> {
         let info = self.schema(id).await?;
-        let references = self.references(&info.references, 0).await?;
+        let mut references = References::new();
+        let mut done = std::collections::HashSet::new();
+        self.references(&info.references, 0, &mut references, &mut done)
+            .await?;
         let doc: Value = serde_json::from_str(&info.schema)
             .map_err(|e| SchemaError::InvalidSchema(format!("schema {id} is not JSON: {e}")))?;
         Ok(resolve(&doc, &references)?.to_string())
     }
 
-    async fn references(&self, references: &[SchemaReference], depth: usize) -> Result<References> {
-        let mut out = References::new();
+    /// Adds the named types of `references` (and of theirs) to `out`.
+    /// Each subject version is fetched once (`done`): references that
+    /// share theirs (a lattice) would otherwise cost a call per path.
+    async fn references(
+        &self,
+        references: &[SchemaReference],
+        depth: usize,
+        out: &mut References,
+        done: &mut std::collections::HashSet<(String, String)>,
+    ) -> Result<()> {
         if depth > MAX_REFERENCE_DEPTH {
             return Err(SchemaError::InvalidSchema(
                 "schema references nest too deep (a cycle?)".into(),
@@ -401,14 +412,17 @@ impl RegistryClient {
             } else {
                 r.version.to_string()
             };
+            if !done.insert((r.subject.clone(), version.clone())) {
+                continue;
+            }
             let target = self.version(&r.subject, &version).await?;
-            out.extend(Box::pin(self.references(&target.references, depth + 1)).await?);
+            Box::pin(self.references(&target.references, depth + 1, out, done)).await?;
             let doc: Value = serde_json::from_str(&target.schema).map_err(|e| {
                 SchemaError::InvalidSchema(format!("referenced schema is not JSON: {e}"))
             })?;
             out.extend(named_types(&doc)?);
         }
-        Ok(out)
+        Ok(())
     }
 }
 

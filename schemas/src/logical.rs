@@ -23,12 +23,20 @@ use serde_json::Value;
 /// JSON kind is left to the encoder.
 pub(crate) fn check(schema: &SchemaMut, value: &Value) -> Result<(), String> {
     let mut path = String::new();
-    match walk(schema, schema.root(), value, &mut path) {
+    let mut memo = Memo::new();
+    match walk(schema, schema.root(), value, &mut path, &mut memo) {
         Fit::Bad(reason) => Err(reason),
         Fit::Fits | Fit::OtherKind => Ok(()),
     }
 }
 
+/// What a union's branch made of a value, by (branch node, value)
+/// address: a branch is walked once per value however many enclosing
+/// branches try it (nested unions of records would otherwise walk a deep
+/// value once per path through them, 2^depth times).
+type Memo = std::collections::HashMap<(usize, usize), Fit>;
+
+#[derive(Clone)]
 enum Fit {
     /// The value has the node's JSON kind and, where it has a logical
     /// type, a value that type holds.
@@ -45,6 +53,7 @@ fn walk(
     node: &serde_avro_fast::schema::SchemaNode,
     value: &Value,
     path: &mut String,
+    memo: &mut Memo,
 ) -> Fit {
     match (&node.logical_type, &node.type_) {
         (Some(LogicalType::Decimal(decimal)), RegularType::Bytes | RegularType::Fixed(_)) => {
@@ -82,7 +91,22 @@ fn walk(
         (_, RegularType::Union(union)) => {
             let mut bad = None;
             for variant in &union.variants {
-                match walk(schema, node_at(schema, *variant), value, path) {
+                let branch = node_at(schema, *variant);
+                // The same value sits at the same path whichever way it is
+                // reached, so a remembered outcome (its reason) holds.
+                let seen = (
+                    std::ptr::from_ref(branch) as usize,
+                    std::ptr::from_ref(value) as usize,
+                );
+                let fit = match memo.get(&seen) {
+                    Some(fit) => fit.clone(),
+                    None => {
+                        let fit = walk(schema, branch, value, path, memo);
+                        memo.insert(seen, fit.clone());
+                        fit
+                    }
+                };
+                match fit {
                     Fit::Fits => return Fit::Fits,
                     Fit::Bad(reason) => {
                         bad.get_or_insert(reason);
@@ -103,7 +127,7 @@ fn walk(
                         path.push('.');
                     }
                     path.push_str(&field.name);
-                    let fit = walk(schema, node_at(schema, field.type_), member, path);
+                    let fit = walk(schema, node_at(schema, field.type_), member, path, memo);
                     path.truncate(len);
                     if let Fit::Bad(reason) = fit {
                         return Fit::Bad(reason);
@@ -121,6 +145,7 @@ fn walk(
                 array.items,
                 items.iter().enumerate(),
                 path,
+                memo,
                 |path, i| {
                     let _ = write!(path, "[{i}]");
                 },
@@ -130,9 +155,16 @@ fn walk(
             let Value::Object(entries) = value else {
                 return Fit::OtherKind;
             };
-            each(schema, map.values, entries.iter(), path, |path, key| {
-                let _ = write!(path, "[{key:?}]");
-            })
+            each(
+                schema,
+                map.values,
+                entries.iter(),
+                path,
+                memo,
+                |path, key| {
+                    let _ = write!(path, "[{key:?}]");
+                },
+            )
         }
         (_, plain) => {
             let fits = match plain {
@@ -157,13 +189,14 @@ fn each<'v, L>(
     items: SchemaKey,
     values: impl Iterator<Item = (L, &'v Value)>,
     path: &mut String,
+    memo: &mut Memo,
     label: impl Fn(&mut String, L),
 ) -> Fit {
     let node = node_at(schema, items);
     for (name, item) in values {
         let len = path.len();
         label(path, name);
-        let fit = walk(schema, node, item, path);
+        let fit = walk(schema, node, item, path, memo);
         path.truncate(len);
         if let Fit::Bad(reason) = fit {
             return Fit::Bad(reason);
@@ -243,6 +276,32 @@ mod tests {
     fn order(total: Value, price: Value, note: Value) -> Value {
         json!({"id": "0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091", "total": total,
                "lines": [{"price": "1.00"}, {"price": price}], "note": note})
+    }
+
+    #[test]
+    fn nested_unions_of_records_are_walked_once_per_value() {
+        // Two record types in a union at every level: without memory of
+        // what a branch made of a value, a value 60 levels deep would be
+        // walked 2^60 times (the check would never end).
+        let schema: SchemaMut = r#"{"type": "record", "name": "A", "fields": [
+            {"name": "next", "type": ["null", "A", {"type": "record", "name": "B", "fields": [
+                {"name": "next", "type": ["null", "A", "B"]},
+                {"name": "d", "type": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}}
+            ]}]},
+            {"name": "d", "type": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}}
+        ]}"#
+        .parse()
+        .expect("test schema parses");
+        let mut value = json!({"next": null, "d": "1.005"});
+        for _ in 0..60 {
+            value = json!({"next": value, "d": "1.00"});
+        }
+        let e = check(&schema, &value).expect_err("the deepest decimal is refused");
+        assert!(e.contains(".next.d`: 1.005 has 3 decimal places"), "{e}");
+        *value
+            .pointer_mut(&format!("{}/d", "/next".repeat(60)))
+            .expect("the deepest") = json!("1.5");
+        check(&schema, &value).expect("fits once the deepest decimal does");
     }
 
     #[test]
