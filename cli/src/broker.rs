@@ -3,7 +3,7 @@
 //! registry on the wire) and `keel tail` (decoded events out as JSON
 //! lines). The broker comes from `--broker kafka://…` or `nats://…`.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -543,13 +543,11 @@ pub(crate) async fn publish(
     let publisher = connect_publisher(broker).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
     let receipts = publisher.publish_batch(&args.topic, events).await?;
-    let mut out = std::io::stdout().lock();
     for (receipt, id) in receipts.iter().zip(ids) {
-        writeln!(
-            out,
+        say!(
             "{}",
             json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
-        )?;
+        );
     }
     Ok(())
 }

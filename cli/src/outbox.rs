@@ -35,10 +35,11 @@ pub(crate) enum OutboxCommand {
     /// of their keys go on; prints each deleted row as a JSON line (payload
     /// aside) for the record. Pick them with --topic and/or --id, or --all.
     /// Rows go a batch of 1,000 at a time, each deleted only once it was
-    /// printed in full: an interrupted run, or one whose output closed (as
-    /// under `| head`, which fails the command), has deleted the batches it
-    /// printed in full and left the rest parked (the batch being printed
-    /// may have been printed in part).
+    /// written out in full: an interrupted run, or one whose output could
+    /// not be written (a pipe closed while the batch was written, a full
+    /// disk; the command then fails), has deleted the batches it wrote and
+    /// left the rest parked (the batch being written may show in part).
+    /// What a reader like `head` took in and threw away counts as written.
     #[command(after_help = "Examples:\n  \
         keel outbox discard --database postgres://app@db/orders --id 1042\n  \
         keel outbox discard --database postgres://app@db/orders --topic orders")]
@@ -126,8 +127,12 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             // requeue is not the end).
             let mut discarded = 0;
             loop {
+                let mut printed = Vec::new();
                 let batch = db
-                    .discard(&tables, &filter, DISCARD_BATCH, print_rows)
+                    .discard(&tables, &filter, DISCARD_BATCH, |rows| {
+                        printed = rows.iter().map(|row| row.id).collect();
+                        print_rows(rows)
+                    })
                     .await;
                 let rows = match batch {
                     Ok(rows) => rows,
@@ -138,10 +143,22 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
                         )));
                     }
                 };
-                if rows.is_empty() {
+                if printed.is_empty() {
                     break;
                 }
                 discarded += rows.len();
+                // SQLite's discard prints before it deletes: a row requeued
+                // in between was printed but stays.
+                let kept: Vec<i64> = printed
+                    .into_iter()
+                    .filter(|id| !rows.iter().any(|row| row.id == *id))
+                    .collect();
+                if !kept.is_empty() {
+                    eprintln!(
+                        "{} printed row(s) were requeued meanwhile and stay in the outbox, not discarded: ids {kept:?}",
+                        kept.len()
+                    );
+                }
             }
             eprintln!(
                 "discarded {discarded} parked row(s) of {}",

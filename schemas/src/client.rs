@@ -412,15 +412,19 @@ impl RegistryClient {
             } else {
                 r.version.to_string()
             };
-            if !done.insert((r.subject.clone(), version.clone())) {
+            // Marked done once walked, not before: a cycle still runs
+            // into the depth limit and is named.
+            let key = (r.subject.clone(), version);
+            if done.contains(&key) {
                 continue;
             }
-            let target = self.version(&r.subject, &version).await?;
+            let target = self.version(&key.0, &key.1).await?;
             Box::pin(self.references(&target.references, depth + 1, out, done)).await?;
             let doc: Value = serde_json::from_str(&target.schema).map_err(|e| {
                 SchemaError::InvalidSchema(format!("referenced schema is not JSON: {e}"))
             })?;
             out.extend(named_types(&doc)?);
+            done.insert(key);
         }
         Ok(())
     }

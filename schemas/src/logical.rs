@@ -92,8 +92,10 @@ fn walk(
             let mut bad = None;
             for variant in &union.variants {
                 let branch = node_at(schema, *variant);
-                // The same value sits at the same path whichever way it is
-                // reached, so a remembered outcome (its reason) holds.
+                // Whether a value fits never depends on the path; a
+                // reason's path could differ (a record names a member `.a`,
+                // a map `["a"]`), but a branch is walked again only after
+                // an earlier one was bad, and that earlier reason is told.
                 let seen = (
                     std::ptr::from_ref(branch) as usize,
                     std::ptr::from_ref(value) as usize,

@@ -171,15 +171,21 @@ async fn discard_rows(
     let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
     discarded.sort_by_key(|row| row.id);
     if let Err(source) = record(&discarded) {
-        tx.rollback().await?;
+        // Not recorded is the error to tell; a failed rollback leaves the
+        // transaction to end with its connection, undone all the same.
+        let _ = tx.rollback().await;
         return Err(super::OutboxError::NotRecorded {
             rows: discarded.len(),
             source,
         });
     }
     tx.commit().await?;
-    if !discarded.is_empty() {
-        wake(pool, tables).await?;
+    // The rows are gone: a relay that misses the wake-up finds their keys'
+    // later rows at its next poll.
+    if !discarded.is_empty()
+        && let Err(e) = wake(pool, tables).await
+    {
+        tracing::warn!(error = %e, "parked rows discarded; the relays were not woken and find their keys' later rows at their next poll");
     }
     Ok(discarded)
 }

@@ -260,13 +260,20 @@ pub async fn list_parked(
     filter: &ParkedFilter,
     limit: u32,
 ) -> Result<Vec<ParkedRow>> {
+    select_parked(pool, tables, filter, i64::from(limit)).await
+}
+
+/// [`list_parked`] with `limit` -1 for no limit.
+async fn select_parked(
+    pool: &SqlitePool,
+    tables: &OutboxTables,
+    filter: &ParkedFilter,
+    limit: i64,
+) -> Result<Vec<ParkedRow>> {
     let (outbox, _, _) = names(tables);
     let sql =
         format!("SELECT {PARKED_COLUMNS} FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3");
-    let rows = picked(&sql, filter)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await?;
+    let rows = picked(&sql, filter).bind(limit).fetch_all(pool).await?;
     rows.iter().map(parked_row).collect()
 }
 
@@ -296,8 +303,10 @@ pub async fn discard_parked(
 }
 
 /// [`discard_parked`] for at most `limit` rows, the oldest first, kept
-/// parked unless `record` takes them
-/// ([`super::parked::discard_some`]'s twin).
+/// parked unless `record` takes them ([`super::parked::discard_some`]'s
+/// twin, except that the rows are handed to `record` before the delete
+/// rather than inside its transaction: one requeued in between is
+/// recorded but kept, and left out of what is returned).
 pub async fn discard_parked_some(
     pool: &SqlitePool,
     tables: &OutboxTables,
@@ -315,29 +324,37 @@ async fn discard_rows(
     limit: Option<u32>,
     record: impl FnOnce(&[ParkedRow]) -> std::io::Result<()>,
 ) -> Result<Vec<ParkedRow>> {
-    let (outbox, _, _) = names(tables);
-    // LIMIT -1: no limit.
-    let sql = format!(
-        "DELETE FROM {outbox} WHERE id IN \
-         (SELECT id FROM {outbox} WHERE {PARKED_PICKED} ORDER BY id LIMIT ?3) \
-         RETURNING {PARKED_COLUMNS}"
-    );
-    let mut tx = pool.begin().await?;
-    let rows = picked(&sql, filter)
-        .bind(limit.map_or(-1, i64::from))
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut discarded = rows.iter().map(parked_row).collect::<Result<Vec<_>>>()?;
-    discarded.sort_by_key(|row| row.id);
-    if let Err(source) = record(&discarded) {
-        tx.rollback().await?;
+    // Read, recorded, then deleted — not deleted in a transaction held
+    // open while `record` writes (as on PostgreSQL): SQLite locks the whole
+    // file for a write, so a slow reader of the output would stop the
+    // application's enqueues.
+    let mut chosen = select_parked(pool, tables, filter, limit.map_or(-1, i64::from)).await?;
+    if let Err(source) = record(&chosen) {
         return Err(super::OutboxError::NotRecorded {
-            rows: discarded.len(),
+            rows: chosen.len(),
             source,
         });
     }
-    tx.commit().await?;
-    Ok(discarded)
+    if chosen.is_empty() {
+        return Ok(chosen);
+    }
+    // The conditions again: a row requeued meanwhile is kept (and left out
+    // of what is returned).
+    let (outbox, _, _) = names(tables);
+    let ids: Vec<i64> = chosen.iter().map(|row| row.id).collect();
+    let delete = format!(
+        "DELETE FROM {outbox} WHERE {PARKED_PICKED} \
+         AND id IN (SELECT value FROM json_each(?3)) RETURNING id"
+    );
+    let deleted: std::collections::HashSet<i64> = picked(&delete, filter)
+        .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i64, _>("id"))
+        .collect::<std::result::Result<_, _>>()?;
+    chosen.retain(|row| deleted.contains(&row.id));
+    Ok(chosen)
 }
 
 /// `sql` (a statement over [`PARKED_PICKED`]) with the filter's values
