@@ -1311,6 +1311,26 @@ async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
     // Ids beyond what the wire format carries are refused.
     let (path, body) = import("orders-value", &third, 1 << 40, None);
     assert_eq!(refused(api.post(&path, body).await), 42201);
+    // The last version number taken: there is no next one (no version
+    // past 2^31-1, which clients could not name).
+    api.put("/mode/edge-value", json!({"mode": "IMPORT"})).await;
+    let edge = |field: &str| record("Edge", json!([{"name": field, "type": "string"}]));
+    let (path, body) = import("edge-value", &edge("x"), 5101, Some(i64::from(i32::MAX)));
+    assert_eq!(
+        api.post(&path, body).await,
+        (StatusCode::OK, json!({"id": 5101}))
+    );
+    let (path, body) = import("edge-value", &edge("y"), 5102, None);
+    let (status, body) = api.post(&path, body).await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.to_string().contains("no version number left"),
+        "{body}"
+    );
+    assert_eq!(
+        api.get("/subjects/edge-value/versions").await.1,
+        json!([i32::MAX])
+    );
 
     // Back to READWRITE: new ids continue above every imported one, and
     // normal registration checks compatibility against the imported
