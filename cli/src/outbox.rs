@@ -3,6 +3,8 @@
 //! later rows wait behind them), listed with their errors, put back in
 //! line once the cause is fixed, or deleted when they can never go out.
 
+use std::collections::HashSet;
+
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use keel_core::KeelConfig;
@@ -120,11 +122,11 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
         OutboxCommand::Discard(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox discard").await?;
             // A batch at a time, each printed (the record of what is gone)
-            // before it is committed: memory stays bounded however many
-            // rows are parked, and a batch that cannot be written out (a
-            // closed pipe, a full disk) is rolled back and stays parked.
-            // Until a batch finds none (one cut short by a concurrent
-            // requeue is not the end).
+            // before its delete takes effect: memory stays bounded however
+            // many rows are parked, and a batch that cannot be written out
+            // (a closed pipe, a full disk) stays parked. Until a batch
+            // finds none (one cut short by a concurrent requeue is not the
+            // end).
             let mut discarded = 0;
             loop {
                 let mut printed = Vec::new();
@@ -149,9 +151,10 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
                 discarded += rows.len();
                 // SQLite's discard prints before it deletes: a row requeued
                 // in between was printed but stays.
+                let gone: HashSet<i64> = rows.iter().map(|row| row.id).collect();
                 let kept: Vec<i64> = printed
                     .into_iter()
-                    .filter(|id| !rows.iter().any(|row| row.id == *id))
+                    .filter(|id| !gone.contains(id))
                     .collect();
                 if !kept.is_empty() {
                     eprintln!(

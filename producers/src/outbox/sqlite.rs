@@ -916,7 +916,7 @@ mod tests {
             "{failed:?}"
         );
         let parked = list_parked(&pool, &tables, &all, 100).await.unwrap();
-        assert_eq!(ids(&parked), [1, 2, 3], "rolled back: nothing lost");
+        assert_eq!(ids(&parked), [1, 2, 3], "not deleted: nothing lost");
         let mut seen = Vec::new();
         let discarded = discard_parked_some(&pool, &tables, &all, 2, |rows| {
             seen.extend(ids(rows));
