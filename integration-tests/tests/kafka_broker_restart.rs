@@ -90,9 +90,24 @@ async fn acknowledged_events_survive_a_broker_restart() {
         .iter()
         .filter(|o| o.started < killed + Duration::from_secs(1) && o.ended > restarted)
         .count();
+    // What each call came to around the outage, for the failure report.
+    let timeline: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.ended + Duration::from_secs(1) > killed)
+        .take(12)
+        .map(|o| {
+            let at = |t: Instant| t.saturating_duration_since(killed).as_millis();
+            match &o.result {
+                Ok(_) => format!("{}..{} ms ok", at(o.started), at(o.ended)),
+                Err(e) => format!("{}..{} ms failed: {e}", at(o.started), at(o.ended)),
+            }
+        })
+        .collect();
     assert!(
         spanning >= 1,
-        "a publish call started by the kill was in flight until after the restart"
+        "a publish call started by the kill was in flight until after the restart \
+         ({} ms after the kill); calls from the kill on, times from the kill: {timeline:#?}",
+        restarted.duration_since(killed).as_millis()
     );
     let mut acked_ids = HashSet::new();
     let mut failures = Vec::new();
