@@ -399,6 +399,79 @@ async fn relays_splitting_the_outbox_differently_never_run_together() {
     drop(stop);
 }
 
+/// A relay with another slot count does not re-split the outbox while
+/// another process under its own relay id runs, nor while a relay whose
+/// heartbeat went stale (a stall) still trusts its leases: either would
+/// publish keys under the old mapping while the re-split one publishes them
+/// under the new.
+#[tokio::test]
+async fn a_re_split_waits_for_every_live_process_and_every_running_lease() {
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let transport: Arc<dyn Publisher> = Arc::new(nats_transport().await);
+    let first = start_relay(db.pool(), transport.clone(), "split");
+    let mut stats = first.stats.clone();
+    wait_for(&mut stats, "the first relay holding slots", |s| {
+        !s.slots.is_empty()
+    })
+    .await;
+    let eight = |id: &str| {
+        OutboxRelay::new(
+            db.pool().clone(),
+            OutboxTables::default(),
+            transport.clone(),
+            RelayConfig {
+                slots: 8,
+                ..relay_config(id, 500)
+            },
+        )
+        .unwrap()
+    };
+    let refused = |outcome: Result<Result<(), OutboxError>, _>, what: &str| {
+        let refused = outcome
+            .unwrap_or_else(|_| panic!("{what}: the relay with 8 slots ran on (it re-split)"))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("relay.slots"), "{what}: {refused}");
+    };
+    // Another process under the same relay id, with another count.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        eight("split").run(std::future::pending::<()>()),
+    )
+    .await;
+    refused(outcome, "same relay id");
+    // The first process stalls: its heartbeat goes stale while the leases
+    // it renewed last still run.
+    first.task.abort();
+    let _ = first.task.await;
+    sqlx::query(
+        "UPDATE keel.outbox_leases SET expires_at = clock_timestamp() + interval '1 minute' \
+         WHERE owner IS NOT NULL",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE keel.outbox_relays SET heartbeat_at = clock_timestamp() - interval '1 hour'",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        eight("another").run(std::future::pending::<()>()),
+    )
+    .await;
+    refused(outcome, "stale heartbeat, running leases");
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox_leases")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(slots, 16, "the outbox was re-split");
+    drop(first.stop);
+}
+
 #[tokio::test]
 async fn a_row_the_broker_refuses_is_parked_and_holds_its_key_until_discarded() {
     use keel_producers::nats::{JetStreamAdmin, NatsClientConfig, StreamSettings};

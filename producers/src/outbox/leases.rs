@@ -87,13 +87,21 @@ impl SlotLeases {
         let existing: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {leases}"))
             .fetch_one(&mut *tx)
             .await?;
+        // Another live process: any fresh heartbeat but this process's own
+        // (a process under this relay id with another token counts: a
+        // restart while the old one still runs), and any lease someone
+        // still trusts (its holder's heartbeat may be stale while it
+        // publishes on: trust is counted from the lease's renewal).
         let held: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {relays} \
+            "SELECT (SELECT count(*) FROM {relays} \
              WHERE heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond' \
-             AND relay_id <> $2"
+             AND (relay_id <> $2 OR token IS DISTINCT FROM $3)) \
+             + (SELECT count(*) FROM {leases} \
+             WHERE owner IS NOT NULL AND expires_at > clock_timestamp())"
         ))
         .bind(session_ms)
         .bind(&self.relay_id)
+        .bind(&self.token)
         .fetch_one(&mut *tx)
         .await?;
         if existing != i64::from(self.slots) {
@@ -264,8 +272,10 @@ impl SlotLeases {
     fn mismatch(&self, existing: i64) -> String {
         format!(
             "running relays split this outbox into {existing} slots, this relay into {}; every \
-             relay of an outbox must use the same number (or stop them all to change it)",
-            self.slots
+             relay of an outbox must use the same number (or stop them all to change it: the \
+             leases of a relay that stopped without releasing them run out within the session \
+             timeout, {:?})",
+            self.slots, self.session_timeout
         )
     }
 
