@@ -6,7 +6,10 @@
 //! window (counted, bounded by it); the killed member's partitions are
 //! taken over within the session timeout; and no partition is ever handled
 //! by two members at once — checked from every handler's start and end
-//! times, not assumed.
+//! times, not assumed. And static membership: a member restarted after a
+//! crash gives back the leases its earlier process held that now fall to
+//! another member, and of two live processes under one member id the later
+//! one keeps it while the earlier one stops.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,10 +32,23 @@ const WINDOW: usize = 200;
 const MAX_IN_FLIGHT: usize = 64;
 
 fn start(url: &str, topic: &str, group: &str, name: &str, dir: &Path) -> Worker {
+    start_as(url, topic, group, name, None, dir)
+}
+
+/// A worker; with `member`, a static member of that id.
+fn start_as(
+    url: &str,
+    topic: &str,
+    group: &str,
+    name: &str,
+    member: Option<&str>,
+    dir: &Path,
+) -> Worker {
     let child = Command::new(env!("CARGO_BIN_EXE_nats_group_worker"))
         .args([url, topic, group, name])
         .arg(dir.join(format!("{name}.log")))
         .arg(WINDOW.to_string())
+        .args(member)
         .spawn()
         .expect("start a worker process");
     Worker {
@@ -252,4 +268,170 @@ async fn sigkill_and_join_mid_run_lose_nothing_keep_key_order_and_never_share_a_
         "{from_victim} duplicates exceed the killed member's window (({WINDOW} + {MAX_IN_FLIGHT}) x {} partitions)",
         orphaned.len()
     );
+}
+
+/// A fresh 4-partition stream and a group name.
+async fn four_partitions(
+    prefix: &str,
+) -> (String, NatsClientConfig, JetStreamAdmin, String, String) {
+    let url = nats_url().await;
+    let client = NatsClientConfig::new(url.clone());
+    let js = client.jetstream().await.unwrap();
+    let topic = unique_name(prefix);
+    let admin = JetStreamAdmin::new(js);
+    admin
+        .ensure_stream(
+            &TopicSpec {
+                name: topic.clone(),
+                partitions: 4,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+    let group = unique_name(&format!("{prefix}-g"));
+    (url, client, admin, topic, group)
+}
+
+/// Waits until `worker` was given all 4 partitions.
+async fn until_owns_all(dir: &Path, worker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while owned_by(dir).get(worker).map_or(0, Vec::len) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{worker} was not given all 4 partitions within 30 s: {:?}",
+            owned_by(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes `count` numbered events over 100 keys; `from` numbers the first.
+async fn publish_numbered(client: &NatsClientConfig, topic: &str, from: usize, count: usize) {
+    let js = client.jetstream().await.unwrap();
+    let publisher =
+        JetStreamPublisher::with_context(js, JetStreamPublisherConfig::new(client.clone()));
+    let batch: Vec<Envelope> = (from..from + count)
+        .map(|i| {
+            let (k, seq) = (i % 100, i / 100);
+            Envelope::new(
+                "keel.test.Numbered",
+                format!("key-{k}"),
+                format!("key-{k}:{seq}"),
+            )
+        })
+        .collect();
+    publisher.publish_batch(topic, batch).await.unwrap();
+}
+
+/// Waits up to 40 s until `count` distinct events were handled; how many were.
+async fn handled_within(dir: &Path, count: usize) -> std::result::Result<(), usize> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let n = distinct(&handled(dir));
+        if n >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Which partitions each worker was ever given.
+fn owned_by(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (w, p) in ownership(dir, &HashMap::new()).into_keys() {
+        out.entry(w).or_default().push(p);
+    }
+    for partitions in out.values_mut() {
+        partitions.sort_unstable();
+    }
+    out
+}
+
+/// A static member SIGKILLed while it held every partition, restarted under
+/// its id while another member joins: the restarted member takes back only
+/// its share, and gives back the leases its earlier process held for the
+/// other member's share. (Kept, those leases name a live member, so the
+/// other member would never take them: their partitions would stand still
+/// for as long as the restarted member runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_static_member_gives_back_what_its_crashed_process_held() {
+    const EVENTS: usize = 400;
+    let (url, client, admin, topic, group) = four_partitions("static").await;
+    let dir = TempDir::new();
+
+    let mut first = start_as(&url, &topic, &group, "a1", Some("a"), dir.path());
+    until_owns_all(dir.path(), "a1").await;
+    first.child.kill().unwrap(); // SIGKILL: its leases stay, naming `a`
+    first.child.wait().unwrap();
+    let _workers = [
+        start_as(&url, &topic, &group, "a2", Some("a"), dir.path()),
+        start(&url, &topic, &group, "b", dir.path()),
+    ];
+    publish_numbered(&client, &topic, 0, EVENTS).await;
+
+    let handled_all = handled_within(dir.path(), EVENTS).await;
+    let owners = owned_by(dir.path());
+    admin.delete_topic(&topic).await.unwrap();
+    if let Err(n) = handled_all {
+        panic!(
+            "{n} of {EVENTS} events handled 40 s after the restart; partitions given: {owners:?}"
+        );
+    }
+    assert!(
+        owners.get("b").is_some_and(|p| !p.is_empty()),
+        "the member that joined was given none of the partitions: {owners:?}"
+    );
+}
+
+/// Two live processes under one static member id: the one that joined later
+/// keeps the id and the partitions; the earlier one stops with an error, as
+/// Kafka fences an older static member. (Left running, both would take the
+/// id's leases as theirs and handle the same partitions at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_live_processes_under_one_static_id_the_earlier_stops() {
+    const EVENTS: usize = 400;
+    let (url, client, admin, topic, group) = four_partitions("fence").await;
+    let dir = TempDir::new();
+
+    let mut first = start_as(&url, &topic, &group, "a1", Some("a"), dir.path());
+    until_owns_all(dir.path(), "a1").await;
+    let mut second = start_as(&url, &topic, &group, "a2", Some("a"), dir.path());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = first.child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let Some(status) = status else {
+        let _ = second.child.kill();
+        admin.delete_topic(&topic).await.unwrap();
+        panic!(
+            "the earlier process under member id `a` still runs 20 s after another joined as `a`"
+        );
+    };
+    assert!(
+        !status.success(),
+        "the earlier process stopped, but without an error: {status}"
+    );
+    until_owns_all(dir.path(), "a2").await;
+
+    publish_numbered(&client, &topic, 0, EVENTS).await;
+    let handled_all = handled_within(dir.path(), EVENTS).await;
+    let records = handled(dir.path());
+    admin.delete_topic(&topic).await.unwrap();
+    if let Err(n) = handled_all {
+        panic!("{n} of {EVENTS} events handled by the process that kept the id");
+    }
+    let by_first = records.iter().filter(|h| h.worker == "a1").count();
+    assert_eq!(by_first, 0, "the stopped process handled events");
+    drop(second);
 }

@@ -82,8 +82,11 @@ pub struct JetStreamConsumerConfig {
     /// such re-sends of a message it still holds). Default 5 min.
     pub ack_wait: Duration,
     /// A fixed member id (static membership): a restarted member with the
-    /// same id takes its partitions back without waiting for its old
-    /// session to expire. Default: a fresh id per subscription.
+    /// same id takes its share of the partitions back without waiting for
+    /// its old session to expire. Of two live processes under one id, the
+    /// one that joined later keeps it and the earlier one's deliveries end
+    /// with an error (as Kafka fences an older static member). Default: a
+    /// fresh id per subscription.
     pub member_id: Option<String>,
 }
 
@@ -205,6 +208,60 @@ impl PartitionAcks {
     fn holds(&self, sequence: u64) -> bool {
         self.pending.values().any(|(s, _)| *s == sequence)
     }
+
+    /// Decides what becomes of the delivery numbered `delivery` (the
+    /// consumer sequence) of stream sequence `sequence`.
+    ///
+    /// Every assignment reads a consumer created for it, whose deliveries
+    /// are numbered from 1 and advance by one with every delivery,
+    /// re-sends included: any other number means one never reached this
+    /// reader (a reconnect, a lost pull batch), the first one included.
+    fn admit(&mut self, sequence: u64, delivery: u64) -> Admit {
+        let expected = self.last_delivery.saturating_add(1);
+        if delivery != expected {
+            return Admit::Lost { expected };
+        }
+        self.last_delivery = delivery;
+        if sequence > self.last_sequence {
+            self.last_sequence = sequence;
+            return Admit::New;
+        }
+        // A re-send: of a message still held (ignored), or of one settled
+        // whose ack was lost (acked again). This assignment's consumer
+        // started at the ack floor and saw every delivery in order (a gap
+        // re-opens it), so a sequence at or below the last one that is not
+        // held was settled here, even when its kind is no longer
+        // remembered: left unacked, it would hold the floor and an
+        // ack-pending slot for good.
+        if self.holds(sequence) {
+            Admit::Skip
+        } else {
+            Admit::AckAgain(self.acked.get(&sequence).copied().unwrap_or(AckKind::Ack))
+        }
+    }
+
+    /// Holds a delivery [`PartitionAcks::admit`] found new; its ordinal.
+    fn hold(&mut self, sequence: u64, acker: jetstream::message::Acker) -> i64 {
+        let ordinal = self.next;
+        self.next += 1;
+        self.pending.insert(ordinal, (sequence, Arc::new(acker)));
+        ordinal
+    }
+}
+
+/// What the reader does with a delivery.
+#[derive(Debug)]
+enum Admit {
+    /// The delivery numbered `expected` never arrived: handling what
+    /// follows could overtake it within its key.
+    Lost { expected: u64 },
+    /// New: held and handed to the engine.
+    New,
+    /// A re-send of a message settled here whose ack (or term) was lost:
+    /// settled again so.
+    AckAgain(AckKind),
+    /// A re-send of a message still held.
+    Skip,
 }
 
 /// How many acked sequences a partition remembers for re-sends whose ack
@@ -261,6 +318,12 @@ enum Stop {
 
 struct Member {
     id: String,
+    /// This subscription's [`MemberRecord::token`].
+    token: String,
+    /// The revision of this subscription's first heartbeat, once written.
+    joined: u64,
+    /// Set when a later process joined under this member id.
+    fenced: Option<String>,
     topic: String,
     group: String,
     partitions: u32,
@@ -344,6 +407,9 @@ impl Subscriber for JetStreamGroupConsumer {
         let stopper = engine.clone();
         let member = Member {
             id: id.clone(),
+            token: format!("{:016x}", rand::random::<u64>()),
+            joined: 0,
+            fenced: None,
             topic: topic.clone(),
             group: group.clone(),
             partitions,
@@ -491,7 +557,12 @@ impl Member {
         let how = loop {
             tokio::select! {
                 entry = updates.next() => match entry {
-                    Some(Ok(entry)) => self.observe(entry),
+                    Some(Ok(entry)) => {
+                        self.observe(entry);
+                        if self.fenced.is_some() {
+                            break Stop::Abandon;
+                        }
+                    }
                     Some(Err(e)) => tracing::warn!(error = %e, topic = %self.topic, group = %self.group, "group watch error"),
                     None => {
                         tracing::warn!(topic = %self.topic, group = %self.group, "group watch ended; re-watching");
@@ -534,6 +605,9 @@ impl Member {
         let removed = entry.operation != kv::Operation::Put;
         match key {
             GroupKey::Member(id) => {
+                if id == self.id && !removed {
+                    self.check_fenced(&entry);
+                }
                 if removed {
                     self.members.remove(&id);
                 } else if self
@@ -578,6 +652,39 @@ impl Member {
         }
     }
 
+    /// Notices a later process that joined under this member id (a
+    /// static id given to two processes, or a restart while the old one
+    /// still runs): as Kafka fences an older static member, this one stops,
+    /// and the later one keeps the id and its partitions.
+    fn check_fenced(&mut self, entry: &kv::Entry) {
+        let Ok(record) = serde_json::from_slice::<MemberRecord>(&entry.value) else {
+            return;
+        };
+        if record.token == self.token || record.token.is_empty() || self.joined == 0 {
+            // Ours; a Keel version without tokens (every heartbeat of it
+            // would look like a new joiner); or seen before this one joined
+            // (an earlier process's).
+            return;
+        }
+        let joined = if record.joined == 0 {
+            entry.revision
+        } else {
+            record.joined
+        };
+        if joined > self.joined && self.fenced.is_none() {
+            let host = if record.host.is_empty() {
+                String::new()
+            } else {
+                format!("host {}, ", record.host)
+            };
+            self.fenced = Some(format!(
+                "another process ({host}pid {}) joined the group as member `{}` and took its \
+                 partitions over; this one stopped (give each process its own member_id)",
+                record.pid, self.id
+            ));
+        }
+    }
+
     /// Remembers a lease record this member wrote.
     fn recorded(&mut self, p: u32, record: LeaseRecord, revision: u64) {
         self.leases.insert(
@@ -603,14 +710,22 @@ impl Member {
             member: self.id.clone(),
             host: std::env::var("HOSTNAME").unwrap_or_default(),
             pid: std::process::id(),
+            token: self.token.clone(),
+            joined: self.joined,
         };
         let key = groups::member_key(&self.topic, &self.group, &self.id);
-        match self
+        let put = self
             .store
-            .put(&key, serde_json::to_vec(&record).unwrap_or_default().into())
+            .put(&key, serde_json::to_vec(&record).unwrap_or_default().into());
+        match tokio::time::timeout(self.config.heartbeat, put)
             .await
+            .map_err(|_| format!("no answer within {:?}", self.config.heartbeat))
+            .and_then(|r| r.map_err(|e| e.to_string()))
         {
             Ok(revision) => {
+                if self.joined == 0 {
+                    self.joined = revision;
+                }
                 self.members
                     .insert(self.id.clone(), (revision, Instant::now()));
             }
@@ -645,6 +760,15 @@ impl Member {
             match owned {
                 Some(false) if !mine(p) => self.start_release(p),
                 None if mine(p) => self.try_acquire(p, &live).await,
+                None if self.holds_unowned(p) => {
+                    // The lease names this member but nothing here reads
+                    // the partition: an earlier process under this static
+                    // id held it, or it was dropped when a renewal could
+                    // not be confirmed. Its owner is live, so nobody else
+                    // would ever take it: given back.
+                    tracing::info!(topic = %self.topic, group = %self.group, partition = p, "giving back a lease held under this member's id");
+                    self.release_lease(p, self.recorded_resume(p)).await;
+                }
                 _ => {}
             }
         }
@@ -754,12 +878,21 @@ impl Member {
         };
         let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
         let started = Instant::now();
+        // Each write bounded by a heartbeat, as renewals are: a slow server
+        // must not keep this member from stopping the partitions whose
+        // leases it can no longer renew. (A write that lands after its
+        // timeout names this member in the lease; the next round takes it
+        // or gives it back.)
+        let limit = self.config.heartbeat;
+        let bounded = |r: std::result::Result<std::result::Result<u64, String>, _>| {
+            r.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+        };
         let taken = match &view {
-            None => self
-                .store
-                .create(&key, value)
-                .await
-                .map_err(|e| e.to_string()),
+            None => bounded(
+                tokio::time::timeout(limit, self.store.create(&key, value))
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string())),
+            ),
             Some(v) => {
                 let owner = v.record.as_ref().and_then(|r| r.owner.clone());
                 let free = match &owner {
@@ -773,10 +906,11 @@ impl Member {
                 if let Some(o) = owner.filter(|o| *o != self.id) {
                     tracing::info!(topic = %self.topic, group = %self.group, partition = p, dead = %o, "taking over the partition of a member that stopped heartbeating");
                 }
-                self.store
-                    .update(&key, value, v.revision)
-                    .await
-                    .map_err(|e| e.to_string())
+                bounded(
+                    tokio::time::timeout(limit, self.store.update(&key, value, v.revision))
+                        .await
+                        .map(|r| r.map_err(|e| e.to_string())),
+                )
             }
         };
         let revision = match taken {
@@ -810,6 +944,24 @@ impl Member {
         }
         // Acquiring takes requests: re-check the leases held meanwhile.
         self.stop_expired();
+    }
+
+    /// Whether the lease of `p` names this member while the partition is
+    /// not read here, and any deliveries it was dropped with had their
+    /// time to end (as before taking it again).
+    fn holds_unowned(&self, p: u32) -> bool {
+        let named = self
+            .leases
+            .get(&p)
+            .and_then(|l| l.record.as_ref())
+            .and_then(|r| r.owner.as_deref())
+            == Some(self.id.as_str());
+        named
+            && !self.owned.contains_key(&p)
+            && self
+                .dropped
+                .get(&p)
+                .is_none_or(|at| at.elapsed() >= self.config.drain_timeout)
     }
 
     /// Stops every partition whose lease validity has passed.
@@ -1044,6 +1196,24 @@ impl Member {
     }
 
     async fn leave(mut self, how: Stop, released: &mut mpsc::UnboundedReceiver<(u32, i64)>) {
+        if let Some(reason) = self.fenced.take() {
+            // The id, its record and its leases are the later process's
+            // now: nothing is released or deleted, only stopped here.
+            tracing::error!(topic = %self.topic, group = %self.group, member = %self.id, "{reason}");
+            let owned: Vec<u32> = self.owned.keys().copied().collect();
+            for p in owned {
+                self.drop_partition(p);
+            }
+            let error = Error::Subscribe {
+                topic: self.topic.clone(),
+                group: self.group.clone(),
+                reason,
+                retriable: false,
+                source: None,
+            };
+            self.engine.send(vec![Err(error)]);
+            return;
+        }
         let owned: Vec<u32> = self.owned.keys().copied().collect();
         // Leaving: nothing is re-opened any more, only handed over.
         for o in self.owned.values_mut() {
@@ -1080,17 +1250,6 @@ impl Member {
         self.publish_assignment();
         tracing::info!(topic = %self.topic, group = %self.group, member = %self.id, ?how, "left JetStream consumer group");
     }
-}
-
-/// What the reader does with a message.
-enum Next {
-    /// Hand it to the engine under this ordinal.
-    Ingest(i64),
-    /// A re-send of a message handled before whose ack (or term) was lost:
-    /// sent again.
-    AckAgain(Box<jetstream::message::Acker>, AckKind),
-    /// A re-send of a message still held.
-    Skip,
 }
 
 /// Consecutive pull failures after which a partition is re-opened.
@@ -1182,51 +1341,30 @@ async fn read_partition(
                 }
             };
             let (message, acker) = message.split();
-            let next = {
+            let admitted = {
                 let mut map = lock(&acks);
                 let Some(pa) = map.get_mut(&p) else {
                     return; // no longer ours
                 };
-                if pa.last_delivery != 0 && delivery != pa.last_delivery.saturating_add(1) {
-                    // A delivery never reached us (a reconnect, a lost pull
-                    // batch): handling what follows could overtake it within
-                    // its key. Stop here; the partition re-opens at its ack
-                    // floor once what is out has drained.
-                    tracing::warn!(%topic, partition = p, expected = pa.last_delivery.saturating_add(1), got = delivery, "a delivery was lost; re-reading the partition from its ack floor");
+                match pa.admit(sequence, delivery) {
+                    Admit::New => Ok(pa.hold(sequence, acker)),
+                    other => Err((other, acker)),
+                }
+            };
+            let ordinal = match admitted {
+                Ok(ordinal) => ordinal,
+                Err((Admit::Lost { expected }, _)) => {
+                    // Stop here; the partition re-opens at its ack floor
+                    // once what is out has drained.
+                    tracing::warn!(%topic, partition = p, expected, got = delivery, "a delivery was lost; re-reading the partition from its ack floor");
                     let _ = broken.send((p, assignment));
                     return;
                 }
-                pa.last_delivery = delivery;
-                if sequence <= pa.last_sequence {
-                    // A re-send: of a message still held (ignored), or of
-                    // one settled whose ack was lost (acked again). This
-                    // assignment's consumer started at the ack floor and
-                    // saw every delivery in order (a gap re-opens it), so
-                    // a sequence at or below the last one that is not held
-                    // was settled here, even when its kind is no longer
-                    // remembered: left unacked, it would hold the floor
-                    // and an ack-pending slot for good.
-                    if pa.holds(sequence) {
-                        Next::Skip
-                    } else {
-                        let kind = pa.acked.get(&sequence).copied().unwrap_or(AckKind::Ack);
-                        Next::AckAgain(Box::new(acker), kind)
-                    }
-                } else {
-                    pa.last_sequence = sequence;
-                    let ordinal = pa.next;
-                    pa.next += 1;
-                    pa.pending.insert(ordinal, (sequence, Arc::new(acker)));
-                    Next::Ingest(ordinal)
-                }
-            };
-            let ordinal = match next {
-                Next::Ingest(ordinal) => ordinal,
-                Next::AckAgain(acker, kind) => {
+                Err((Admit::AckAgain(kind), acker)) => {
                     let _ = acker.ack_with(kind).await;
                     continue;
                 }
-                Next::Skip => continue,
+                Err((Admit::Skip | Admit::New, _)) => continue,
             };
             let headers: Vec<(String, Bytes)> = message
                 .headers
@@ -1309,5 +1447,51 @@ impl Drop for NatsMembership {
                 false
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_delivery_that_never_arrived_is_noticed() {
+        // Delivery 1 (stream sequence 7) was lost; delivery 2 arrives
+        // first. Handling it would overtake 7 within its key, and the
+        // server's later re-send of 7 would look settled and be acked
+        // unhandled.
+        let mut acks = PartitionAcks::default();
+        let admitted = acks.admit(8, 2);
+        assert!(
+            matches!(admitted, Admit::Lost { expected: 1 }),
+            "{admitted:?}"
+        );
+        assert_eq!(acks.last_sequence, 0, "nothing was admitted");
+    }
+
+    #[test]
+    fn deliveries_in_order_are_admitted_and_a_later_gap_is_noticed() {
+        let mut acks = PartitionAcks::default();
+        assert!(matches!(acks.admit(7, 1), Admit::New));
+        assert!(matches!(acks.admit(8, 2), Admit::New));
+        let admitted = acks.admit(10, 4);
+        assert!(
+            matches!(admitted, Admit::Lost { expected: 3 }),
+            "{admitted:?}"
+        );
+    }
+
+    #[test]
+    fn a_re_send_of_a_settled_message_is_settled_again_as_before() {
+        let mut acks = PartitionAcks::default();
+        assert!(matches!(acks.admit(7, 1), Admit::New));
+        assert!(matches!(acks.admit(8, 2), Admit::New));
+        // 7 was terminated (dead-lettered), its term lost: the re-send
+        // (delivery 3) is terminated again, not handled.
+        acks.acked.insert(7, AckKind::Term);
+        assert!(matches!(acks.admit(7, 3), Admit::AckAgain(AckKind::Term)));
+        // 8 settled long ago (no longer remembered): acked.
+        assert!(matches!(acks.admit(8, 4), Admit::AckAgain(AckKind::Ack)));
+        assert!(matches!(acks.admit(9, 5), Admit::New));
     }
 }

@@ -27,6 +27,15 @@ pub struct MemberRecord {
     /// Process id, for operators.
     #[serde(default)]
     pub pid: u32,
+    /// Drawn by each subscription at random: two records of one member id
+    /// with different tokens come from two processes (static membership).
+    #[serde(default)]
+    pub token: String,
+    /// The bucket revision of this subscription's first heartbeat (0 in
+    /// that first one, whose own revision it is): of two processes under
+    /// one member id, the one that joined later keeps it.
+    #[serde(default)]
+    pub joined: u64,
 }
 
 /// A partition's lease.
