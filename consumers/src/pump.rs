@@ -4,14 +4,18 @@
 //! let running tasks finish and settle (for at most the transport's drain
 //! timeout: handlers still running then are dropped, their events left
 //! uncommitted for the next owner), then leave the group gracefully.
+//! Handlers still running for a partition the member no longer owns (lost,
+//! or handed over after its drain timeout) are stopped: the partition's new
+//! owner runs their events again.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use keel_core::{Deliveries, Delivery, Error, Result, Undecodable};
 use tokio::sync::{Semaphore, TryAcquireError};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, Id, JoinSet};
 
 /// What a member's stream yields that work must be done for.
 // Events, the common case, move into their task without an allocation.
@@ -38,6 +42,46 @@ impl Item {
             Item::Undecodable(record) => record.begin(),
         }
     }
+
+    fn partition(&self) -> u32 {
+        match self {
+            Item::Event(delivery) => delivery.info().coordinates.partition,
+            Item::Undecodable(record) => record.info().coordinates.partition,
+        }
+    }
+}
+
+/// The handler tasks running, by task, with their partition.
+type Running = HashMap<Id, (u32, AbortHandle)>;
+
+/// Stops the handler tasks of partitions not in `owned`.
+fn stop_unowned(owned: &[u32], running: &mut Running) {
+    let mut stopped = 0usize;
+    running.retain(|_, (partition, handle)| {
+        let kept = owned.contains(partition);
+        if !kept {
+            handle.abort();
+            stopped += 1;
+        }
+        kept
+    });
+    if stopped > 0 {
+        tracing::warn!(
+            stopped,
+            ?owned,
+            "stopped handlers of partitions this member no longer owns; their events go to the partitions' new owners"
+        );
+    }
+}
+
+/// Forgets a finished task; reports a panic outside the handler.
+fn finished(running: &mut Running, result: std::result::Result<(Id, ()), tokio::task::JoinError>) {
+    let id = match &result {
+        Ok((id, ())) => *id,
+        Err(e) => e.id(),
+    };
+    running.remove(&id);
+    report_panic(result.map(|_| ()));
 }
 
 /// Runs `work` on every item of `deliveries`, at most `permits` at once
@@ -60,16 +104,24 @@ where
     // starts, so a revocation does not wait for the ones queued here.
     deliveries.begin_on_read(false);
     let mut tasks = JoinSet::new();
+    let mut running = Running::new();
+    let mut assignment = deliveries.assignment_changes();
+    assignment.mark_unchanged();
     tokio::pin!(shutdown);
-    let outcome = loop {
-        while let Some(finished) = tasks.try_join_next() {
-            report_panic(finished);
+    let outcome = 'pump: loop {
+        while let Some(result) = tasks.try_join_next_with_id() {
+            finished(&mut running, result);
         }
         // The delivery first, then a permit: a quiet topic waiting for its
         // next event holds no permit the busy ones could use.
         let next = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
+            Ok(()) = assignment.changed() => {
+                let owned = assignment.borrow_and_update().clone();
+                stop_unowned(&owned, &mut running);
+                continue;
+            }
             next = deliveries.next() => next,
         };
         let item = match next {
@@ -96,19 +148,31 @@ where
                 if !item.is_owned() {
                     continue;
                 }
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break Ok(()),
-                    permit = permits.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break Err(Error::closed("handler pool")),
-                    },
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break 'pump Ok(()),
+                        // Handlers stuck on a partition no longer owned
+                        // may be what holds the permits.
+                        Ok(()) = assignment.changed() => {
+                            let owned = assignment.borrow_and_update().clone();
+                            stop_unowned(&owned, &mut running);
+                            if !item.is_owned() {
+                                continue 'pump;
+                            }
+                        }
+                        permit = permits.clone().acquire_owned() => match permit {
+                            Ok(permit) => break permit,
+                            Err(_) => break 'pump Err(Error::closed("handler pool")),
+                        },
+                    }
                 }
             }
         };
         if !item.begin() {
             continue;
         }
+        let partition = item.partition();
         let task = work(item);
         // Boxed: the task then holds a pointer, not the whole future. A
         // router's chain future is kilobytes, and tokio moves a task's
@@ -117,10 +181,11 @@ where
         // instructions of copying per event for serve() and the router,
         // by callgrind, against one copy into the box and its allocation;
         // tokio boxes a future itself only above 16 KiB in release builds).
-        tasks.spawn(Box::pin(async move {
+        let handle = tasks.spawn(Box::pin(async move {
             let _permit = permit;
             task.await;
         }));
+        running.insert(handle.id(), (partition, handle));
     };
     let running = async {
         while let Some(finished) = tasks.join_next().await {
@@ -309,6 +374,88 @@ mod tests {
             )],
             "the abandoned event goes back uncommitted"
         );
+    }
+
+    #[tokio::test]
+    async fn handlers_of_a_partition_no_longer_owned_are_stopped() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 2, 3]);
+        let on = |token: u64, partition: u32| {
+            let info = DeliveryInfo {
+                coordinates: Coordinates {
+                    topic: "t".into(),
+                    partition,
+                    position: token,
+                },
+                group: "g".into(),
+                attempt: 1,
+            };
+            let event = Envelope::new("t", format!("k{token}"), "x");
+            Ok(Delivery::new(event, info, owner.clone(), token))
+        };
+        let (assign, assignment) = tokio::sync::watch::channel(vec![0, 1]);
+        let stream = Deliveries::new(
+            futures::stream::iter([on(1, 0), on(2, 1), on(3, 1)]).chain(futures::stream::pending()),
+            assignment,
+            Box::new(Member),
+        );
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let ran = started.clone();
+        // Two permits: 1 and 2 hang in their handlers, 3 waits for a permit.
+        let pumped = tokio::spawn(pump(
+            stream,
+            Arc::new(Semaphore::new(2)),
+            std::future::pending(),
+            move |item| {
+                let ran = ran.clone();
+                async move {
+                    let Item::Event(d) = item else { return };
+                    let position = d.info().coordinates.position;
+                    ran.lock().unwrap().push(position);
+                    if position == 3 {
+                        d.ack();
+                        return;
+                    }
+                    let _held = d;
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
+        let until = |want: Vec<u64>| {
+            let started = started.clone();
+            async move {
+                for _ in 0..500 {
+                    if *started.lock().unwrap() == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!(
+                    "handlers started: {:?}, expected {want:?}",
+                    started.lock().unwrap()
+                );
+            }
+        };
+        until(vec![1, 2]).await;
+        // Partition 0 is taken from the member: its handler is stopped,
+        // which frees the permit 3 waits for; partition 1's runs on.
+        assign.send(vec![1]).unwrap();
+        until(vec![1, 2, 3]).await;
+        let settled = owner.settled.lock().unwrap().clone();
+        assert!(
+            settled.contains(&(
+                1,
+                Outcome::Nack {
+                    delay: Duration::ZERO
+                }
+            )),
+            "the stopped handler's event goes back uncommitted: {settled:?}"
+        );
+        assert!(
+            !settled.iter().any(|(token, _)| *token == 2),
+            "partition 1's handler runs on: {settled:?}"
+        );
+        pumped.abort();
     }
 
     #[tokio::test]
