@@ -85,8 +85,10 @@ pub struct JetStreamConsumerConfig {
     /// same id takes its share of the partitions back without waiting for
     /// its old session to expire. Of two live processes under one id, the
     /// one that joined later keeps it and the earlier one's deliveries end
-    /// with an error (as Kafka fences an older static member). Default: a
-    /// fresh id per subscription.
+    /// with an error (as Kafka fences an older static member; an
+    /// application that subscribes again on that error fences the other in
+    /// turn). Processes of Keel versions before this fencing are not
+    /// fenced, nor do they fence. Default: a fresh id per subscription.
     pub member_id: Option<String>,
 }
 
@@ -1164,9 +1166,12 @@ impl Member {
                 }
             }
         }
-        self.release_lease(p, hint).await;
+        // No longer ours before the lease is free: handlers still running
+        // past the drain timeout are stopped before another member can
+        // take the partition (a release that fails is retried by `round`).
         self.owned.remove(&p);
         self.publish_assignment();
+        self.release_lease(p, hint).await;
         tracing::info!(topic = %self.topic, group = %self.group, partition = p, "partition handed over");
     }
 
@@ -1181,17 +1186,17 @@ impl Member {
             owner: None,
             resume,
         };
-        match self
-            .store
-            .update(
-                &key,
-                serde_json::to_vec(&record).unwrap_or_default().into(),
-                revision,
-            )
-            .await
-        {
-            Ok(new) => self.recorded(p, record, new),
-            Err(e) => tracing::debug!(error = %e, %key, "lease not released (no longer ours)"),
+        // Bounded like every other lease write (a release that lands after
+        // its timeout is seen through the watch).
+        let update = self.store.update(
+            &key,
+            serde_json::to_vec(&record).unwrap_or_default().into(),
+            revision,
+        );
+        match tokio::time::timeout(self.config.heartbeat, update).await {
+            Ok(Ok(new)) => self.recorded(p, record, new),
+            Ok(Err(e)) => tracing::debug!(error = %e, %key, "lease not released (no longer ours)"),
+            Err(_) => tracing::warn!(%key, "lease release timed out"),
         }
     }
 
