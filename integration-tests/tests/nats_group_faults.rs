@@ -272,9 +272,10 @@ async fn sigkill_and_join_mid_run_lose_nothing_keep_key_order_and_never_share_a_
     );
 }
 
-/// A fresh 4-partition stream and a group name.
-async fn four_partitions(
+/// A fresh stream of `partitions` partitions and a group name.
+async fn stream_of(
     prefix: &str,
+    partitions: u32,
 ) -> (String, NatsClientConfig, JetStreamAdmin, String, String) {
     let url = nats_url().await;
     let client = NatsClientConfig::new(url.clone());
@@ -285,7 +286,7 @@ async fn four_partitions(
         .ensure_stream(
             &TopicSpec {
                 name: topic.clone(),
-                partitions: 4,
+                partitions,
             },
             &StreamSettings::default(),
         )
@@ -362,7 +363,7 @@ fn owned_by(dir: &Path) -> BTreeMap<String, Vec<u32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_static_member_gives_back_what_its_crashed_process_held() {
     const EVENTS: usize = 400;
-    let (url, client, admin, topic, group) = four_partitions("static").await;
+    let (url, client, admin, topic, group) = stream_of("static", 4).await;
     let dir = TempDir::new();
 
     let mut first = start_as(&url, &topic, &group, "a1", Some("a"), dir.path());
@@ -402,7 +403,7 @@ async fn a_restarted_static_member_gives_back_what_its_crashed_process_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_live_processes_under_one_static_id_the_earlier_stops() {
     const EVENTS: usize = 400;
-    let (url, client, admin, topic, group) = four_partitions("fence").await;
+    let (url, client, admin, topic, group) = stream_of("fence", 4).await;
     let dir = TempDir::new();
 
     let mut first = start_as(&url, &topic, &group, "a1", Some("a"), dir.path());
@@ -469,22 +470,8 @@ async fn a_handler_of_a_partition_taken_away_is_stopped() {
     use keel_core::{DeliveryInfo, Subscriber, Subscription, handler_fn};
     use keel_producers::nats::groups::{self, LeaseRecord};
 
-    let url = nats_url().await;
-    let client = NatsClientConfig::new(url.clone());
+    let (_, client, admin, topic, group) = stream_of("taken", 1).await;
     let js = client.jetstream().await.unwrap();
-    let topic = unique_name("taken");
-    let admin = JetStreamAdmin::new(js.clone());
-    admin
-        .ensure_stream(
-            &TopicSpec {
-                name: topic.clone(),
-                partitions: 1,
-            },
-            &StreamSettings::default(),
-        )
-        .await
-        .unwrap();
-    let group = unique_name("taken-g");
     let consumer = JetStreamGroupConsumer::connect(nats_consumer_config(client.clone()))
         .await
         .unwrap();

@@ -443,21 +443,7 @@ async fn a_re_split_waits_for_every_live_process_and_every_running_lease() {
     refused(outcome, "same relay id");
     // The first process stalls: its heartbeat goes stale while the leases
     // it renewed last still run.
-    first.task.abort();
-    let _ = first.task.await;
-    sqlx::query(
-        "UPDATE keel.outbox_leases SET expires_at = clock_timestamp() + interval '1 minute' \
-         WHERE owner IS NOT NULL",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE keel.outbox_relays SET heartbeat_at = clock_timestamp() - interval '1 hour'",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    let stop = stall(db.pool(), first, "1 minute").await;
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
         eight("another").run(std::future::pending::<()>()),
@@ -469,7 +455,33 @@ async fn a_re_split_waits_for_every_live_process_and_every_running_lease() {
         .await
         .unwrap();
     assert_eq!(slots, 16, "the outbox was re-split");
-    drop(first.stop);
+    drop(stop);
+}
+
+/// Stops `relay` as a stall looks from the database: its heartbeat an hour
+/// old while the leases it holds still run for `leases_run_for` (an SQL
+/// interval). Returns its stop handle.
+async fn stall(
+    pool: &sqlx::PgPool,
+    relay: RunningRelay,
+    leases_run_for: &str,
+) -> watch::Sender<bool> {
+    relay.task.abort();
+    let _ = relay.task.await;
+    sqlx::query(&format!(
+        "UPDATE keel.outbox_leases SET expires_at = clock_timestamp() + interval '{leases_run_for}' \
+         WHERE owner IS NOT NULL"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE keel.outbox_relays SET heartbeat_at = clock_timestamp() - interval '1 hour'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    relay.stop
 }
 
 #[tokio::test]
@@ -1613,20 +1625,7 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
             .fetch_one(db.pool())
             .await
             .unwrap();
-    first.task.abort();
-    let _ = first.task.await;
-    sqlx::query(
-        "UPDATE keel.outbox_leases SET expires_at = clock_timestamp() + interval '3 seconds'",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE keel.outbox_relays SET heartbeat_at = clock_timestamp() - interval '1 hour'",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    let _stop = stall(db.pool(), first, "3 seconds").await;
     let mut second = start_relay(db.pool(), transport.clone(), "restarted");
     // Several heartbeats (200 ms) with the id taken and the leases held.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
