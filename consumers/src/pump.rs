@@ -16,6 +16,7 @@ use futures::StreamExt;
 use keel_core::{Deliveries, Delivery, Error, Result, Undecodable};
 use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::task::{AbortHandle, Id, JoinSet};
+use tokio_stream::wrappers::WatchStream;
 
 /// What a member's stream yields that work must be done for.
 // Events, the common case, move into their task without an allocation.
@@ -105,8 +106,10 @@ where
     deliveries.begin_on_read(false);
     let mut tasks = JoinSet::new();
     let mut running = Running::new();
-    let mut assignment = deliveries.assignment_changes();
-    assignment.mark_unchanged();
+    // A stream, not `changed()` in each turn's select: its wait stays
+    // registered between turns instead of being set up and torn down for
+    // every event.
+    let mut assignment = WatchStream::from_changes(deliveries.assignment_changes());
     tokio::pin!(shutdown);
     let outcome = 'pump: loop {
         while let Some(result) = tasks.try_join_next_with_id() {
@@ -117,8 +120,7 @@ where
         let next = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
-            Ok(()) = assignment.changed() => {
-                let owned = assignment.borrow_and_update().clone();
+            Some(owned) = assignment.next() => {
                 stop_unowned(&owned, &mut running);
                 continue;
             }
@@ -154,8 +156,7 @@ where
                         () = &mut shutdown => break 'pump Ok(()),
                         // Handlers stuck on a partition no longer owned
                         // may be what holds the permits.
-                        Ok(()) = assignment.changed() => {
-                            let owned = assignment.borrow_and_update().clone();
+                        Some(owned) = assignment.next() => {
                             stop_unowned(&owned, &mut running);
                             if !item.is_owned() {
                                 continue 'pump;
