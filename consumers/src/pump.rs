@@ -285,20 +285,24 @@ mod tests {
     ) -> Vec<Result<Delivery>> {
         tokens
             .into_iter()
-            .map(|token| {
-                let info = DeliveryInfo {
-                    coordinates: Coordinates {
-                        topic: "t".into(),
-                        partition: 0,
-                        position: token,
-                    },
-                    group: "g".into(),
-                    attempt: 1,
-                };
-                let event = Envelope::new("t", format!("k{token}"), "x");
-                Ok(Delivery::new(event, info, owner.clone(), token))
-            })
+            .map(|token| Ok(delivery_on(owner, token, 0)))
             .collect()
+    }
+
+    /// A delivery of `token` (its position, with a key of its own) on
+    /// `partition`, settled by `owner`.
+    fn delivery_on(owner: &Arc<Owner>, token: u64, partition: u32) -> Delivery {
+        let info = DeliveryInfo {
+            coordinates: Coordinates {
+                topic: "t".into(),
+                partition,
+                position: token,
+            },
+            group: "g".into(),
+            attempt: 1,
+        };
+        let event = Envelope::new("t", format!("k{token}"), "x");
+        Delivery::new(event, info, owner.clone(), token)
     }
 
     struct Member;
@@ -381,19 +385,7 @@ mod tests {
     async fn handlers_of_a_partition_no_longer_owned_are_stopped() {
         let owner = Arc::new(Owner::default());
         owner.owned.lock().unwrap().extend([1, 2, 3]);
-        let on = |token: u64, partition: u32| {
-            let info = DeliveryInfo {
-                coordinates: Coordinates {
-                    topic: "t".into(),
-                    partition,
-                    position: token,
-                },
-                group: "g".into(),
-                attempt: 1,
-            };
-            let event = Envelope::new("t", format!("k{token}"), "x");
-            Ok(Delivery::new(event, info, owner.clone(), token))
-        };
+        let on = |token, partition| Ok(delivery_on(&owner, token, partition));
         let (assign, assignment) = tokio::sync::watch::channel(vec![0, 1]);
         let stream = Deliveries::new(
             futures::stream::iter([on(1, 0), on(2, 1), on(3, 1)]).chain(futures::stream::pending()),

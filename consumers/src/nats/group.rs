@@ -719,11 +719,7 @@ impl Member {
         let put = self
             .store
             .put(&key, serde_json::to_vec(&record).unwrap_or_default().into());
-        match tokio::time::timeout(self.config.heartbeat, put)
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.config.heartbeat))
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+        match within(self.config.heartbeat, put).await {
             Ok(revision) => {
                 if self.joined == 0 {
                     self.joined = revision;
@@ -886,15 +882,8 @@ impl Member {
         // timeout names this member in the lease; the next round takes it
         // or gives it back.)
         let limit = self.config.heartbeat;
-        let bounded = |r: std::result::Result<std::result::Result<u64, String>, _>| {
-            r.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
-        };
         let taken = match &view {
-            None => bounded(
-                tokio::time::timeout(limit, self.store.create(&key, value))
-                    .await
-                    .map(|r| r.map_err(|e| e.to_string())),
-            ),
+            None => within(limit, self.store.create(&key, value)).await,
             Some(v) => {
                 let owner = v.record.as_ref().and_then(|r| r.owner.clone());
                 let free = match &owner {
@@ -908,11 +897,7 @@ impl Member {
                 if let Some(o) = owner.filter(|o| *o != self.id) {
                     tracing::info!(topic = %self.topic, group = %self.group, partition = p, dead = %o, "taking over the partition of a member that stopped heartbeating");
                 }
-                bounded(
-                    tokio::time::timeout(limit, self.store.update(&key, value, v.revision))
-                        .await
-                        .map(|r| r.map_err(|e| e.to_string())),
-                )
+                within(limit, self.store.update(&key, value, v.revision)).await
             }
         };
         let revision = match taken {
@@ -1193,10 +1178,11 @@ impl Member {
             serde_json::to_vec(&record).unwrap_or_default().into(),
             revision,
         );
-        match tokio::time::timeout(self.config.heartbeat, update).await {
-            Ok(Ok(new)) => self.recorded(p, record, new),
-            Ok(Err(e)) => tracing::debug!(error = %e, %key, "lease not released (no longer ours)"),
-            Err(_) => tracing::warn!(%key, "lease release timed out"),
+        match within(self.config.heartbeat, update).await {
+            Ok(new) => self.recorded(p, record, new),
+            Err(e) => {
+                tracing::debug!(error = %e, %key, "lease not released (no longer ours, or no answer)")
+            }
         }
     }
 
@@ -1254,6 +1240,18 @@ impl Member {
         let _ = self.store.delete(&key).await;
         self.publish_assignment();
         tracing::info!(topic = %self.topic, group = %self.group, member = %self.id, ?how, "left JetStream consumer group");
+    }
+}
+
+/// A write to the group's bucket, given up after `limit`: its error, or
+/// that no answer came.
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    write: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, String> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
     }
 }
 
