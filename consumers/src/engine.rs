@@ -731,6 +731,18 @@ impl Settle for Engine {
         }
         true
     }
+
+    fn is_current(&self, token: u64) -> bool {
+        // A token outlives neither its settlement nor its partition's
+        // removal (the generation check only guards that).
+        let state = self.lock();
+        state.tokens.get(&token).is_some_and(|t| {
+            state
+                .partitions
+                .get(&t.partition)
+                .is_some_and(|ps| ps.generation == t.generation)
+        })
+    }
 }
 
 /// Records `outcome` for the delivery `t` (its token already taken out of
@@ -1182,6 +1194,50 @@ mod tests {
             !again.is_owned() && !d1.is_owned(),
             "a leave gives everything up"
         );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_stays_current_through_a_revocation_until_it_is_settled_or_its_partition_goes()
+     {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, None), (1, None)]);
+        for (p, k) in [(0, "a"), (0, "b"), (1, "a")] {
+            let out = e.ingest(p, record(if k == "b" { 1 } else { 0 }, k));
+            e.send(out);
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(rx.next().await.unwrap().unwrap());
+        }
+        got.sort_by_key(|d| {
+            (
+                d.info().coordinates.partition,
+                d.info().coordinates.position,
+            )
+        });
+        let [a0, b0, a1]: [Delivery; 3] = got.try_into().unwrap();
+        let (a0_now, b0_now, a1_now) = (a0.ownership(), b0.ownership(), a1.ownership());
+        assert!(a0.begin() && b0.begin());
+        e.start_revoking(&[0]);
+        assert!(
+            a0_now.is_current() && b0_now.is_current(),
+            "a revocation waits for its begun handlers: they are not stopped"
+        );
+        b0.ack();
+        assert!(!b0_now.is_current(), "settled");
+        // The partition is lost and assigned again before its handler ends.
+        e.remove(&[0]);
+        e.assign(&[(0, None)]);
+        assert!(
+            !a0_now.is_current(),
+            "a delivery of an earlier assignment of its partition is stale"
+        );
+        let out = e.ingest(0, record(0, "a"));
+        e.send(out);
+        let again = rx.next().await.unwrap().unwrap();
+        assert!(again.ownership().is_current());
+        assert!(a1_now.is_current(), "another partition is untouched");
+        drop(a0);
     }
 
     #[tokio::test]

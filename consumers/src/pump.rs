@@ -5,14 +5,16 @@
 //! timeout: handlers still running then are dropped, their events left
 //! uncommitted for the next owner), then leave the group gracefully.
 //! Handlers still running for a partition the member no longer owns (lost,
-//! or handed over after its drain timeout) are stopped: the partition's new
-//! owner runs their events again.
+//! or handed over after its drain timeout), or owns under a later
+//! assignment (lost and taken again, or re-opened by the transport), are
+//! stopped: the partition's owner runs their events again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use keel_core::delivery::Ownership;
 use keel_core::{Deliveries, Delivery, Error, Result, Undecodable};
 use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::task::{AbortHandle, Id, JoinSet};
@@ -50,18 +52,42 @@ impl Item {
             Item::Undecodable(record) => record.info().coordinates.partition,
         }
     }
+
+    fn ownership(&self) -> Ownership {
+        match self {
+            Item::Event(delivery) => delivery.ownership(),
+            Item::Undecodable(record) => record.ownership(),
+        }
+    }
 }
 
-/// The handler tasks running, by task, with their partition.
-type Running = HashMap<Id, (u32, AbortHandle)>;
+/// A handler task running.
+struct Handling {
+    partition: u32,
+    ownership: Ownership,
+    task: AbortHandle,
+}
 
-/// Stops the handler tasks of partitions not in `owned`.
+/// The handler tasks running, by task.
+type Running = HashMap<Id, Handling>;
+
+/// Stops the handler tasks of partitions not in `owned`, and those whose
+/// delivery's assignment no longer stands: a partition lost and taken
+/// again between two reads of the assignment is listed in `owned` as
+/// before, and a transport re-opens a partition (reading it again from
+/// its last acknowledged position) without changing the list.
 fn stop_unowned(owned: &[u32], running: &mut Running) {
     let mut stopped = 0usize;
-    running.retain(|_, (partition, handle)| {
-        let kept = owned.contains(partition);
+    running.retain(|_, handling| {
+        // A delivery settled is not current either, but its task ends
+        // without another await (`serve` and the router settle last):
+        // stopping it changes nothing, and it is not counted.
+        if handling.task.is_finished() {
+            return true; // joined in the pump's next turn
+        }
+        let kept = owned.contains(&handling.partition) && handling.ownership.is_current();
         if !kept {
-            handle.abort();
+            handling.task.abort();
             stopped += 1;
         }
         kept
@@ -70,7 +96,7 @@ fn stop_unowned(owned: &[u32], running: &mut Running) {
         tracing::warn!(
             stopped,
             ?owned,
-            "stopped handlers of partitions this member no longer owns; their events go to the partitions' new owners"
+            "stopped handlers of partitions this member no longer owns, or owns under a later assignment; their events are delivered again"
         );
     }
 }
@@ -121,6 +147,10 @@ where
             biased;
             () = &mut shutdown => break Ok(()),
             Some(owned) = assignment.next() => {
+                // Finished ones first: a settled delivery is not current.
+                while let Some(result) = tasks.try_join_next_with_id() {
+                    finished(&mut running, result);
+                }
                 stop_unowned(&owned, &mut running);
                 continue;
             }
@@ -173,7 +203,7 @@ where
         if !item.begin() {
             continue;
         }
-        let partition = item.partition();
+        let (partition, ownership) = (item.partition(), item.ownership());
         let task = work(item);
         // Boxed: the task then holds a pointer, not the whole future. A
         // router's chain future is kilobytes, and tokio moves a task's
@@ -186,7 +216,14 @@ where
             let _permit = permit;
             task.await;
         }));
-        running.insert(handle.id(), (partition, handle));
+        running.insert(
+            handle.id(),
+            Handling {
+                partition,
+                ownership,
+                task: handle,
+            },
+        );
     };
     let running = async {
         while let Some(finished) = tasks.join_next().await {
@@ -256,6 +293,8 @@ mod tests {
     #[derive(Default)]
     struct Owner {
         owned: Mutex<HashSet<u64>>,
+        /// Tokens of an assignment gone since (see `Settle::is_current`).
+        stale: Mutex<HashSet<u64>>,
         begun: Mutex<Vec<u64>>,
         settled: Mutex<Vec<(u64, Outcome)>>,
     }
@@ -275,6 +314,10 @@ mod tests {
                 self.begun.lock().unwrap().push(token);
             }
             owned
+        }
+
+        fn is_current(&self, token: u64) -> bool {
+            !self.stale.lock().unwrap().contains(&token)
         }
     }
 
@@ -447,6 +490,59 @@ mod tests {
         assert!(
             !settled.iter().any(|(token, _)| *token == 2),
             "partition 1's handler runs on: {settled:?}"
+        );
+        pumped.abort();
+    }
+
+    #[tokio::test]
+    async fn handlers_of_an_earlier_assignment_of_a_partition_still_owned_are_stopped() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 2]);
+        let (assign, assignment) = tokio::sync::watch::channel(vec![0, 1]);
+        let stream = Deliveries::new(
+            futures::stream::iter([Ok(delivery_on(&owner, 1, 0)), Ok(delivery_on(&owner, 2, 1))])
+                .chain(futures::stream::pending()),
+            assignment,
+            Box::new(Member),
+        );
+        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let pumped = tokio::spawn(pump(
+            stream,
+            Arc::new(Semaphore::new(4)),
+            std::future::pending(),
+            move |item| {
+                let ran = ran_tx.clone();
+                async move {
+                    let Item::Event(d) = item else { return };
+                    let _ = ran.send(d.info().coordinates.position);
+                    let _held = d;
+                    std::future::pending::<()>().await;
+                }
+            },
+        ));
+        let mut started = vec![ran.recv().await.unwrap(), ran.recv().await.unwrap()];
+        started.sort_unstable();
+        assert_eq!(started, vec![1, 2]);
+        // Partition 0 was lost and taken again (or re-opened) while its
+        // handler ran: the list the member owns reads as before.
+        owner.stale.lock().unwrap().insert(1);
+        assign.send(vec![0, 1]).unwrap();
+        let nacked = Outcome::Nack {
+            delay: Duration::ZERO,
+        };
+        for _ in 0..500 {
+            if owner.settled.lock().unwrap().contains(&(1, nacked)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Time for a wrongly stopped handler of partition 1 to show too.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let settled = owner.settled.lock().unwrap().clone();
+        assert_eq!(
+            settled,
+            vec![(1, nacked)],
+            "the stale handler is stopped, its event given back; partition 1's runs on"
         );
         pumped.abort();
     }

@@ -118,6 +118,18 @@ pub trait Settle: Send + Sync {
     fn begin(&self, token: u64) -> bool {
         self.is_owned(token)
     }
+
+    /// Whether the delivery identified by `token` is unsettled and the
+    /// assignment of its partition it came under still stands: `false`
+    /// once it was settled, or given back unbegun, or once its partition
+    /// was lost, given up or re-opened since (its events are, or will be,
+    /// delivered again, so a handler still running it should be stopped).
+    /// A begun delivery of a partition being revoked still counts until
+    /// the revocation completes, since the revocation waits for it. The
+    /// default (a transport without rebalances) is always `true`.
+    fn is_current(&self, _token: u64) -> bool {
+        true
+    }
 }
 
 /// The ack/nack half of a delivery: settles once, nacks when dropped unsettled.
@@ -154,6 +166,40 @@ impl Settlement {
 
     fn begin(&self) -> bool {
         self.settler.begin(self.token)
+    }
+
+    fn ownership(&self) -> Ownership {
+        Ownership {
+            settler: self.settler.clone(),
+            token: self.token,
+        }
+    }
+}
+
+/// Tells whether the assignment a delivery came under still stands, for a
+/// consumer that keeps track of its running handlers after the delivery
+/// moved into one (see [`Delivery::ownership`]).
+pub struct Ownership {
+    settler: Arc<dyn Settle>,
+    token: u64,
+}
+
+impl Ownership {
+    /// `false` once the delivery was settled (its handler is done with
+    /// it), or its partition was lost, given up or re-opened since it was
+    /// delivered (see [`Settle::is_current`]): a handler still running an
+    /// unsettled delivery then runs alongside the event's next delivery and
+    /// should be stopped.
+    pub fn is_current(&self) -> bool {
+        self.settler.is_current(self.token)
+    }
+}
+
+impl fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ownership")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
     }
 }
 
@@ -291,6 +337,14 @@ impl Delivery {
     /// right before they start a handler.
     pub fn begin(&self) -> bool {
         self.settlement.begin()
+    }
+
+    /// A handle that tells, after the delivery moved into a handler,
+    /// whether the assignment it came under still stands
+    /// ([`Ownership::is_current`]): a consumer stops the handler once it
+    /// does not.
+    pub fn ownership(&self) -> Ownership {
+        self.settlement.ownership()
     }
 
     /// The event, its facts and its ack/nack handle, without copying the
@@ -433,6 +487,11 @@ impl Undecodable {
     /// Claims the record for a handler (see [`Delivery::begin`]).
     pub fn begin(&self) -> bool {
         self.settlement.begin()
+    }
+
+    /// See [`Delivery::ownership`].
+    pub fn ownership(&self) -> Ownership {
+        self.settlement.ownership()
     }
 
     /// The record, its facts, why it is undecodable and its ack/nack handle.

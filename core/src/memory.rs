@@ -688,6 +688,21 @@ impl Settle for Broker {
         }
         true
     }
+
+    fn is_current(&self, token: u64) -> bool {
+        // A token goes with its settlement or its member's leave; a
+        // partition being handed over (`handover_to`) still counts until
+        // the hand-over completes.
+        let state = self.lock();
+        state.tokens.get(&token).is_some_and(|t| {
+            state
+                .topics
+                .get(&t.topic)
+                .and_then(|topic| topic.groups.get(&t.group))
+                .and_then(|group| group.partitions.get(t.partition as usize))
+                .is_some_and(|ps| ps.owner == Some(t.member))
+        })
+    }
 }
 
 /// Settles nothing: for deliveries outliving their broker.

@@ -1132,6 +1132,13 @@ impl Member {
         };
         let reopen = owned.reopen;
         self.engine.remove(&[p as i32]);
+        if reopen {
+            // The assignment reads the same, but every delivery of `p`
+            // so far is stale: handlers still running one past the drain
+            // timeout are stopped (the pump checks on any notification)
+            // before the partition is read again.
+            self.assignment.send_modify(|_| {});
+        }
         let resume = lock(&self.acks).remove(&p).and_then(|a| a.resume());
         let hint = resume.or_else(|| self.recorded_resume(p));
         if reopen {
