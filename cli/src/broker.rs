@@ -592,6 +592,59 @@ fn full_name(schema: &str) -> Option<String> {
     }
 }
 
+/// How much of one partition is left to read to reach the end it had when
+/// a read started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Nothing (more).
+    Reached,
+    /// Kafka: through the record at this offset, the last below the high
+    /// watermark. Records are not counted: compaction leaves offsets below
+    /// it without a record (never the last one, which stays in the active
+    /// segment). Needs the partition read in offset order. (A partition a
+    /// transactional producer wrote last ends in a marker, not a record:
+    /// Keel's own writers are not transactional.)
+    Offset(u64),
+    /// JetStream: this many messages more (a stream's sequence numbers are
+    /// shared by its partitions, so a partition's end is its count).
+    Messages(u64),
+}
+
+impl End {
+    fn messages(n: u64) -> End {
+        if n == 0 {
+            End::Reached
+        } else {
+            End::Messages(n)
+        }
+    }
+
+    /// Whether the partition must be read in position order to tell its
+    /// end.
+    pub(crate) fn needs_order(&self) -> bool {
+        matches!(self, End::Offset(_))
+    }
+
+    /// Takes in the record read at `position` (never the same one twice):
+    /// `true` when it lies before the end, and is to be handed on.
+    pub(crate) fn take(&mut self, position: u64) -> bool {
+        match *self {
+            End::Reached => false,
+            End::Offset(last) => {
+                if position >= last {
+                    // Read in order: nothing before the end is still to come.
+                    *self = End::Reached;
+                }
+                position <= last
+            }
+            End::Messages(n) => {
+                *self = End::messages(n.saturating_sub(1));
+                true
+            }
+        }
+    }
+}
+
 /// A reader of whole topics as a consumer group of its own (by default a
 /// throw-away `keel-<command>-<id>` group, removed again on NATS), for
 /// `keel tail` and `keel dlq`.
@@ -653,26 +706,30 @@ impl Reader {
         self.subscriber.subscribe(subscription).await
     }
 
-    /// How many records each partition of `topic` holds now.
-    pub(crate) async fn stored_per_partition(&self, topic: &str) -> anyhow::Result<Vec<u64>> {
+    /// Where each partition of `topic` ends now.
+    pub(crate) async fn ends_per_partition(&self, topic: &str) -> anyhow::Result<Vec<End>> {
         Ok(match &self.broker {
             Broker::Kafka(client) => {
                 match KafkaAdmin::new(client, -1)?.describe_topic(topic).await? {
                     Some(d) => d
                         .partitions
                         .iter()
-                        .map(|p| u64::try_from(p.latest.saturating_sub(p.earliest)).unwrap_or(0))
+                        .map(|p| match p.latest.checked_sub(1).map(u64::try_from) {
+                            Some(Ok(last)) if p.latest > p.earliest => End::Offset(last),
+                            _ => End::Reached,
+                        })
                         .collect(),
                     None => bail!("topic `{topic}` does not exist"),
                 }
             }
-            Broker::Nats(client) => {
-                JetStreamAdmin::connect(client)
-                    .await?
-                    .describe_topic(topic)
-                    .await?
-                    .messages_per_partition
-            }
+            Broker::Nats(client) => JetStreamAdmin::connect(client)
+                .await?
+                .describe_topic(topic)
+                .await?
+                .messages_per_partition
+                .into_iter()
+                .map(End::messages)
+                .collect(),
         })
     }
 
@@ -805,6 +862,32 @@ pub(crate) async fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kafka_partition_ends_at_its_last_offset_whatever_gaps_lie_below() {
+        // Offsets 0..=9, of which compaction kept 2, 5 and 9.
+        let mut end = End::Offset(9);
+        assert!(end.needs_order());
+        assert!(end.take(2) && end.take(5));
+        assert_eq!(end, End::Offset(9), "gaps do not count towards the end");
+        assert!(end.take(9), "the last record is handed on");
+        assert_eq!(end, End::Reached);
+        assert!(!end.take(10), "a record published since is past the end");
+        let mut end = End::Offset(9);
+        assert!(end.take(8));
+        assert!(!end.take(12), "past the end (the end itself was not kept)");
+        assert_eq!(end, End::Reached, "read in order: nothing more is to come");
+    }
+
+    #[test]
+    fn a_jetstream_partition_ends_after_its_count() {
+        let mut end = End::messages(2);
+        assert!(!end.needs_order());
+        assert!(end.take(40) && end.take(17));
+        assert_eq!(end, End::Reached);
+        assert!(!end.take(41), "past the end");
+        assert_eq!(End::messages(0), End::Reached);
+    }
 
     #[test]
     fn to_offset_takes_one_offset_or_partition_pairs() {

@@ -27,7 +27,7 @@ use keel_core::{Error, KeelConfig, RawRecord, StartFrom, Subscription, wire};
 use keel_schemas::{AvroCodec, CodecOptions, RegistryClient};
 use serde_json::{Value, json};
 
-use crate::broker::{self, Broker};
+use crate::broker::{self, Broker, End};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
@@ -613,19 +613,28 @@ async fn read_dead_letters(
     mut each: impl AsyncFnMut(DeadLetter) -> bool,
 ) -> anyhow::Result<()> {
     let reader = broker::Reader::new(config, "dlq").await?;
-    let mut remaining = reader
-        .stored_per_partition(topic)
+    let mut ends = reader
+        .ends_per_partition(topic)
         .await
         .with_context(|| format!("cannot read dead-letter topic `{topic}`; does it exist?"))?;
-    let mut left = remaining.iter().fold(0u64, |sum, n| sum.saturating_add(*n));
+    let mut left = ends.iter().filter(|end| **end != End::Reached).count();
     if left == 0 {
         return Ok(());
     }
+    // One delivery at a time comes in position order within a partition,
+    // which an end given as a position needs: with more, a key's next
+    // record goes out only once its previous one is settled, after
+    // records of other keys further on.
+    let in_flight = if ends.iter().any(End::needs_order) {
+        1
+    } else {
+        64
+    };
     let mut member = reader
         .subscribe(
             Subscription::new(topic, reader.group())
                 .start_from(StartFrom::Earliest)
-                .max_in_flight(64),
+                .max_in_flight(in_flight),
         )
         .await?;
     let mut seen = std::collections::HashSet::new();
@@ -634,15 +643,17 @@ async fn read_dead_letters(
             Ok(Some(item)) => item,
             Ok(None) => {
                 break Err(anyhow::anyhow!(
-                    "the subscription to `{topic}` ended with {left} records still to read; \
-                     nothing was left out on purpose: run the command again"
+                    "the subscription to `{topic}` ended with {left} partitions not read to \
+                     their end; nothing was left out on purpose: run the command again"
                 ));
             }
             Err(_) => {
                 break Err(anyhow::anyhow!(
-                    "no record of `{topic}` arrived for 30 s with {left} still to read: check \
-                     that the broker is reachable and that the topic's records were not \
-                     removed meanwhile (its retention); `keel dlq list` shows what it holds"
+                    "no record of `{topic}` arrived for 30 s with {left} partitions not read to \
+                     their end: check that the broker is reachable, that the topic's \
+                     records were not removed meanwhile (its retention), and, on Kafka, \
+                     that no transactional producer wrote to it (a transaction's marker \
+                     takes the last offset a reader waits for)"
                 ));
             }
         };
@@ -667,15 +678,23 @@ async fn read_dead_letters(
         };
         let (info, record) = dead;
         let (partition, position) = (info.coordinates.partition, info.coordinates.position);
-        let Some(slot) = remaining.get_mut(partition as usize) else {
+        let Some(end) = ends.get_mut(partition as usize) else {
             continue;
         };
         // Records past the end as it was, and re-deliveries, are skipped.
-        if *slot == 0 || !seen.insert((partition, position)) {
+        if *end == End::Reached || !seen.insert((partition, position)) {
             continue;
         }
-        *slot -= 1;
-        left -= 1;
+        let within = end.take(position);
+        if *end == End::Reached {
+            left -= 1;
+        }
+        if !within {
+            if left == 0 {
+                break Ok(());
+            }
+            continue;
+        }
         if !each(DeadLetter {
             partition,
             position,
