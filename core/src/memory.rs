@@ -657,14 +657,8 @@ impl Settle for Broker {
     }
 
     fn is_owned(&self, token: u64) -> bool {
-        let state = self.lock();
-        state.tokens.get(&token).is_some_and(|t| {
-            state
-                .topics
-                .get(&t.topic)
-                .and_then(|topic| topic.groups.get(&t.group))
-                .and_then(|group| group.partitions.get(t.partition as usize))
-                .is_some_and(|ps| ps.owner == Some(t.member) && ps.handover_to.is_none())
+        self.token_holds(token, |ps, member| {
+            ps.owner == Some(member) && ps.handover_to.is_none()
         })
     }
 
@@ -693,6 +687,14 @@ impl Settle for Broker {
         // A token goes with its settlement or its member's leave; a
         // partition being handed over (`handover_to`) still counts until
         // the hand-over completes.
+        self.token_holds(token, |ps, member| ps.owner == Some(member))
+    }
+}
+
+impl Broker {
+    /// Whether `token` is outstanding and its partition passes `check`
+    /// (given the member it went to).
+    fn token_holds(&self, token: u64, check: impl FnOnce(&PartitionState, u64) -> bool) -> bool {
         let state = self.lock();
         state.tokens.get(&token).is_some_and(|t| {
             state
@@ -700,7 +702,7 @@ impl Settle for Broker {
                 .get(&t.topic)
                 .and_then(|topic| topic.groups.get(&t.group))
                 .and_then(|group| group.partitions.get(t.partition as usize))
-                .is_some_and(|ps| ps.owner == Some(t.member))
+                .is_some_and(|ps| check(ps, t.member))
         })
     }
 }
