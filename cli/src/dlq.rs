@@ -689,20 +689,14 @@ async fn read_dead_letters(
         if *end == End::Reached {
             left -= 1;
         }
-        if !within {
-            if left == 0 {
-                break Ok(());
-            }
-            continue;
-        }
-        if !each(DeadLetter {
-            partition,
-            position,
-            record,
-        })
-        .await
-            || left == 0
-        {
+        let go_on = !within
+            || each(DeadLetter {
+                partition,
+                position,
+                record,
+            })
+            .await;
+        if !go_on || left == 0 {
             break Ok(());
         }
     };

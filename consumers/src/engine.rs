@@ -705,13 +705,7 @@ impl Settle for Engine {
     }
 
     fn is_owned(&self, token: u64) -> bool {
-        let state = self.lock();
-        state.tokens.get(&token).is_some_and(|t| {
-            state
-                .partitions
-                .get(&t.partition)
-                .is_some_and(|ps| ps.owns(t))
-        })
+        self.token_holds(token, PartitionState::owns)
     }
 
     fn begin(&self, token: u64) -> bool {
@@ -734,13 +728,25 @@ impl Settle for Engine {
 
     fn is_current(&self, token: u64) -> bool {
         // A token outlives neither its settlement nor its partition's
-        // removal (the generation check only guards that).
+        // removal; the generation tells it from a partition assigned
+        // again over one still held.
+        self.token_holds(token, |ps, t| ps.generation == t.generation)
+    }
+}
+
+impl Engine {
+    /// Whether `token` is outstanding and its partition passes `check`.
+    fn token_holds(
+        &self,
+        token: u64,
+        check: impl FnOnce(&PartitionState, &TokenRef) -> bool,
+    ) -> bool {
         let state = self.lock();
         state.tokens.get(&token).is_some_and(|t| {
             state
                 .partitions
                 .get(&t.partition)
-                .is_some_and(|ps| ps.generation == t.generation)
+                .is_some_and(|ps| check(ps, t))
         })
     }
 }
@@ -1201,8 +1207,8 @@ mod tests {
      {
         let (e, mut rx) = engine(10, 100);
         e.assign(&[(0, None), (1, None)]);
-        for (p, k) in [(0, "a"), (0, "b"), (1, "a")] {
-            let out = e.ingest(p, record(if k == "b" { 1 } else { 0 }, k));
+        for (p, offset, k) in [(0, 0, "a"), (0, 1, "b"), (1, 0, "a")] {
+            let out = e.ingest(p, record(offset, k));
             e.send(out);
         }
         let mut got = Vec::new();
@@ -1237,7 +1243,6 @@ mod tests {
         let again = rx.next().await.unwrap().unwrap();
         assert!(again.ownership().is_current());
         assert!(a1_now.is_current(), "another partition is untouched");
-        drop(a0);
     }
 
     #[tokio::test]

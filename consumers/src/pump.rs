@@ -147,10 +147,6 @@ where
             biased;
             () = &mut shutdown => break Ok(()),
             Some(owned) = assignment.next() => {
-                // Finished ones first: a settled delivery is not current.
-                while let Some(result) = tasks.try_join_next_with_id() {
-                    finished(&mut running, result);
-                }
                 stop_unowned(&owned, &mut running);
                 continue;
             }
