@@ -573,6 +573,23 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn prepare(&mut self) -> Result<()> {
+        // With a rollback journal a writer's commit shuts readers out and
+        // every write queues on SQLite's busy handler, which is not fair:
+        // a relay can wait out its whole session timeout for the lock and
+        // hand its lease to a standby. WAL keeps the relay's claims out of
+        // the writers' way.
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?;
+        if !matches!(mode.to_ascii_lowercase().as_str(), "wal" | "memory") {
+            tracing::warn!(
+                relay = %self.relay_id,
+                journal_mode = %mode,
+                "the SQLite outbox is not in WAL mode: writers block the relay's claims and \
+                 marks, and a relay kept from the write lock for its session timeout loses its \
+                 lease; open the pool with SqliteConnectOptions::journal_mode(SqliteJournalMode::Wal)"
+            );
+        }
         Ok(())
     }
 
