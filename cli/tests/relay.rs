@@ -140,12 +140,22 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = reqwest::get(format!("http://localhost:{port}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    // The counter moves after the mark's commit returns: polled.
+    let started = Instant::now();
+    let metrics = loop {
+        let metrics = reqwest::get(format!("http://localhost:{port}/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        if metrics.contains("keel_outbox_published_total 3")
+            || started.elapsed() > Duration::from_secs(10)
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         metrics.contains("keel_outbox_published_total 3"),
         "{metrics}"

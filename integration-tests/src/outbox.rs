@@ -106,6 +106,21 @@ pub fn relay_config(relay_id: &str, batch_size: usize) -> RelayConfig {
     }
 }
 
+/// Relay settings for tests whose point is not a take-over: a 20 s session
+/// and a 5 s publish timeout, so that a loaded machine's stall of a few
+/// seconds neither lets a lease run out (handing the relay's slots to
+/// another mid-test) nor times out an ack that then arrives (sending a row
+/// twice). A graceful stop still hands over at once: leaving releases the
+/// leases.
+pub fn steady_relay_config(relay_id: &str, batch_size: usize) -> RelayConfig {
+    RelayConfig {
+        heartbeat: Duration::from_millis(500),
+        session_timeout: Duration::from_secs(20),
+        publish_timeout: Duration::from_secs(5),
+        ..relay_config(relay_id, batch_size)
+    }
+}
+
 /// One committed event as its writer saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Written {

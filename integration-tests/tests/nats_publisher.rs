@@ -390,12 +390,18 @@ async fn a_nack_is_a_nak_with_delay_on_the_server_and_comes_back_once() {
     assert_eq!(again.info().attempt, 2);
     // The server saw the nak: it re-sent the message after the delay
     // (Keel ignored that copy: nothing else arrives).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Polled: on a loaded machine the re-send can take longer than the
+    // delay.
     let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
-    let info = stream
-        .consumer_info(keel_producers::nats::groups::consumer_name(&group, 0))
-        .await
-        .unwrap();
+    let consumer = keel_producers::nats::groups::consumer_name(&group, 0);
+    let mut info = stream.consumer_info(&consumer).await.unwrap();
+    for _ in 0..300 {
+        if info.num_redelivered >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = stream.consumer_info(&consumer).await.unwrap();
+    }
     assert!(info.num_redelivered >= 1, "{info:?}");
     again.ack();
     let more = tokio::time::timeout(Duration::from_secs(1), member.next()).await;
@@ -625,12 +631,18 @@ async fn a_hot_key_outliving_the_bound_leaves_the_rest_not_sent() {
         .take_while(|o| matches!(o, keel_core::Sent::Stored(_)))
         .count();
     assert!(stored > 0, "nothing stored: {:?}", outcomes.first());
-    // Sending stopped with a quarter of the bound left: the event in
-    // flight then came back in time.
-    let rest = &outcomes[stored..];
+    // Sending stopped with a quarter of the bound left, so the event in
+    // flight usually comes back in time; on a loaded machine its ack may
+    // not, and it alone is failed (its fate unknown). Nothing after it was
+    // sent.
+    let in_flight = usize::from(matches!(
+        outcomes.get(stored),
+        Some(keel_core::Sent::Failed(_))
+    ));
+    let rest = &outcomes[stored + in_flight..];
     assert!(
         !rest.is_empty() && rest.iter().all(|o| matches!(o, keel_core::Sent::NotSent)),
-        "after {stored} stored: {:?}",
+        "after {stored} stored and {in_flight} failed: {:?}",
         rest.iter().find(|o| !matches!(o, keel_core::Sent::NotSent))
     );
     let mut last = 0;
