@@ -276,8 +276,8 @@ async fn rows_acknowledged_beside_a_refused_row_are_published_once() {
         sent: Default::default(),
     });
     // The producer's first send to a new topic waits for its metadata,
-    // which can take most of the tests' 900 ms publish timeout on tansu:
-    // done once here, outside the count.
+    // which can take a good part of a publish timeout on tansu: done once
+    // here, outside the count.
     let warm_up = Envelope::new("t", "w", "warm-up");
     publisher
         .inner
@@ -1185,6 +1185,31 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
         "the standby published nothing"
     );
     assert!(stats_b.borrow().slots.is_empty());
+    // Relay a renews its lease as it runs (with a session this long, the
+    // standby would not notice otherwise).
+    let lease = || {
+        sqlx::query_as::<_, (Option<String>, i64)>(
+            "SELECT owner, expires_at_ms FROM outbox_relay WHERE id = 1",
+        )
+        .fetch_one(&pool)
+    };
+    let (owner, until) = lease().await.unwrap();
+    assert!(
+        owner.as_deref().is_some_and(|o| o.starts_with("sqlite-a#")),
+        "{owner:?}"
+    );
+    let renewed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (now_owner, now_until) = lease().await.unwrap();
+            assert_eq!(now_owner, owner, "the lease changed hands");
+            if now_until > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(renewed.is_ok(), "relay a never renewed its lease");
 
     // The holder stops: the standby takes over and publishes what follows.
     stop_a.send(true).unwrap();
@@ -1649,40 +1674,38 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
             .unwrap();
     let _stop = stall(db.pool(), first, "20 seconds").await;
     let mut second = start_relay(db.pool(), transport.clone(), "restarted");
-    // The new process takes the id, then heartbeats (every 500 ms) a few
-    // times with the id taken and the leases held.
-    let taken = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let token: String = sqlx::query_scalar(
-                "SELECT token FROM keel.outbox_relays WHERE relay_id = 'restarted'",
+    // The new process takes the id, then heartbeats (every 500 ms) with the
+    // id taken and the leases held: two more heartbeats started means the
+    // one that took the id, and the next, have each had their go at the
+    // leases and published their stats.
+    let heartbeats = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let (token, at): (String, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+                "SELECT token, heartbeat_at FROM keel.outbox_relays WHERE relay_id = 'restarted'",
             )
             .fetch_one(db.pool())
             .await
             .unwrap();
-            if token != old_token {
-                break;
+            if token != old_token && seen.last() != Some(&at) {
+                seen.push(at);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
     assert!(
-        taken.is_ok(),
-        "the new process must take the id for this test to say anything"
+        heartbeats.is_ok(),
+        "the new process must take the id and heartbeat for this test to say anything"
     );
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let slots = second.stats.borrow().slots.clone();
-    let fresh: bool = sqlx::query_scalar(
-        "SELECT heartbeat_at > clock_timestamp() - interval '10 seconds' \
-         FROM keel.outbox_relays WHERE relay_id = 'restarted'",
+    let taken: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM keel.outbox_leases WHERE owner IS DISTINCT FROM $1",
     )
+    .bind(format!("restarted#{old_token}"))
     .fetch_one(db.pool())
     .await
     .unwrap();
-    assert!(
-        fresh,
-        "the new process must be heartbeating for this test to say anything"
-    );
     let expired: bool = sqlx::query_scalar(
         "SELECT bool_or(expires_at < clock_timestamp()) FROM keel.outbox_leases",
     )
@@ -1691,8 +1714,9 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
     .unwrap();
     assert!(!expired, "the test's leases must still run");
     assert!(
-        slots.is_empty(),
-        "a new process under the same id took leases the old one still holds: {slots:?}"
+        slots.is_empty() && taken == 0,
+        "a new process under the same id took leases the old one still holds: {slots:?}, \
+         {taken} lease(s) of another owner"
     );
     // Once they expire, the new process takes every slot.
     wait_for(&mut second.stats, "the second relay holds slots", |s| {

@@ -105,6 +105,49 @@ fn quote(identifier: &str) -> String {
     format!("\"{identifier}\"")
 }
 
+/// Warns when the outbox is a file not in WAL mode. With a rollback journal
+/// readers and writers shut each other out, so the service's transactions
+/// hold up the relay's claims as well as its heartbeats and marks, on
+/// SQLite's busy handler, which is not fair: a relay kept waiting past its
+/// session timeout hands its lease to a standby. In WAL mode only writes
+/// wait for each other. A diagnosis only: a failure to read the mode is
+/// logged, never an error (the relay retries database failures as it runs).
+async fn warn_unless_wal(pool: &SqlitePool, relay_id: &str) {
+    match journal_mode_to_warn_of(pool).await {
+        Ok(Some((mode, file))) => tracing::warn!(
+            relay = %relay_id,
+            journal_mode = %mode,
+            file = %file,
+            "the SQLite outbox is not in WAL mode: the service's transactions hold up the \
+             relay's claims, heartbeats and marks, and a relay kept waiting past its session \
+             timeout loses its lease; open the pool with \
+             SqliteConnectOptions::journal_mode(SqliteJournalMode::Wal) (the mode stays with \
+             the file)"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::debug!(relay = %relay_id, error = %e, "cannot read the SQLite journal mode");
+        }
+    }
+}
+
+/// The journal mode and file of an outbox file not in WAL mode; `None` for
+/// WAL and for an in-memory or temporary database (no file, nobody else to
+/// wait for).
+async fn journal_mode_to_warn_of(
+    pool: &SqlitePool,
+) -> std::result::Result<Option<(String, String)>, sqlx::Error> {
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(pool)
+        .await?;
+    let file: Option<String> =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_optional(pool)
+            .await?;
+    let file = file.unwrap_or_default();
+    Ok((!file.is_empty() && !mode.eq_ignore_ascii_case("wal")).then_some((mode, file)))
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -573,23 +616,7 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn prepare(&mut self) -> Result<()> {
-        // With a rollback journal a writer's commit shuts readers out and
-        // every write queues on SQLite's busy handler, which is not fair:
-        // a relay can wait out its whole session timeout for the lock and
-        // hand its lease to a standby. WAL keeps the relay's claims out of
-        // the writers' way.
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&self.pool)
-            .await?;
-        if !matches!(mode.to_ascii_lowercase().as_str(), "wal" | "memory") {
-            tracing::warn!(
-                relay = %self.relay_id,
-                journal_mode = %mode,
-                "the SQLite outbox is not in WAL mode: writers block the relay's claims and \
-                 marks, and a relay kept from the write lock for its session timeout loses its \
-                 lease; open the pool with SqliteConnectOptions::journal_mode(SqliteJournalMode::Wal)"
-            );
-        }
+        warn_unless_wal(&self.pool, &self.relay_id).await;
         Ok(())
     }
 
@@ -782,6 +809,37 @@ mod tests {
 
     fn ids(rows: &[ParkedRow]) -> Vec<i64> {
         rows.iter().map(|r| r.id).collect()
+    }
+
+    #[tokio::test]
+    async fn only_an_outbox_file_outside_wal_mode_is_warned_of() {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+        let memory = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        assert_eq!(journal_mode_to_warn_of(&memory).await.unwrap(), None);
+        let dir = std::env::temp_dir().join(format!("keel-wal-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = |name: &str, mode| {
+            SqliteConnectOptions::new()
+                .filename(dir.join(name))
+                .create_if_missing(true)
+                .journal_mode(mode)
+        };
+        let wal = SqlitePool::connect_with(open("wal.db", SqliteJournalMode::Wal))
+            .await
+            .unwrap();
+        assert_eq!(journal_mode_to_warn_of(&wal).await.unwrap(), None);
+        for (name, mode, expected) in [
+            ("delete.db", SqliteJournalMode::Delete, "delete"),
+            ("memory-journal.db", SqliteJournalMode::Memory, "memory"),
+        ] {
+            let pool = SqlitePool::connect_with(open(name, mode)).await.unwrap();
+            let (warned, file) = journal_mode_to_warn_of(&pool).await.unwrap().unwrap();
+            assert_eq!(warned, expected, "{name}");
+            assert!(file.ends_with(name), "{file}");
+            pool.close().await;
+        }
+        wal.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
