@@ -651,14 +651,7 @@ async fn a_hot_key_outliving_the_bound_leaves_the_rest_not_sent() {
     let expected = 1 + stored as u64 + in_flight as u64;
     let mut held = 0;
     for _ in 0..100 {
-        held = s
-            .admin
-            .describe_topic(&s.topic)
-            .await
-            .unwrap()
-            .messages_per_partition
-            .iter()
-            .sum::<u64>();
+        held = stored_count(&s).await;
         if held >= expected {
             break;
         }
@@ -676,17 +669,21 @@ async fn a_hot_key_outliving_the_bound_leaves_the_rest_not_sent() {
     s.admin.delete_topic(&s.topic).await.unwrap();
 }
 
-/// The event ids of a stream's messages in stream order, read one by one.
-async fn stored_ids(s: &Setup) -> Vec<String> {
-    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
-    let last = s
-        .admin
+/// How many messages the stream holds.
+async fn stored_count(s: &Setup) -> u64 {
+    s.admin
         .describe_topic(&s.topic)
         .await
         .unwrap()
         .messages_per_partition
         .iter()
-        .sum::<u64>();
+        .sum()
+}
+
+/// The event ids of a stream's messages in stream order, read one by one.
+async fn stored_ids(s: &Setup) -> Vec<String> {
+    let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
+    let last = stored_count(s).await;
     let mut ids = Vec::new();
     for seq in 1..=last {
         let raw = stream.get_raw_message(seq).await.unwrap();
