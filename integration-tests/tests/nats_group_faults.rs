@@ -520,6 +520,7 @@ async fn a_handler_of_a_partition_taken_away_is_stopped() {
     let taken = LeaseRecord {
         owner: Some("another-member".into()),
         resume: None,
+        settled: Vec::new(),
     };
     bucket
         .put(

@@ -749,3 +749,93 @@ async fn events_published_again_keep_their_keys_order_despite_de_duplication() {
     assert_eq!(stored_ids(&s).await.len(), 6);
     s.admin.delete_topic(&s.topic).await.unwrap();
 }
+
+/// Members joining and leaving while events flow hand partitions over
+/// gracefully: the next owner never gets an event the previous one acked.
+/// (Acks are sent without a reply and the server applies them on the
+/// consumer's queue; a lease released right after them used to let the
+/// next owner read an ack floor that did not have them yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_hand_overs_never_hand_on_an_acked_event() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let s = setup(8, StreamSettings::default()).await;
+    let group = unique_name("handover-g");
+    let total = 6_000;
+    let events: Vec<Envelope> = (0..total)
+        .map(|i| event(&format!("k{}", i % 300), i))
+        .collect();
+    s.publisher.publish_batch(&s.topic, events).await.unwrap();
+    // Who handled (and acked) what, in order.
+    let log: Arc<Mutex<Vec<(usize, keel_core::EventId)>>> = Default::default();
+    let member = |n: usize| {
+        let (client, topic, group, log) = (
+            s.client.clone(),
+            s.topic.clone(),
+            group.clone(),
+            log.clone(),
+        );
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut deliveries = join(&client, &topic, &group).await;
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    d = deliveries.next() => {
+                        let d = d.expect("the delivery stream ended").expect("a delivery");
+                        log.lock().unwrap().push((n, d.envelope().id()));
+                        d.ack();
+                    }
+                }
+            }
+            deliveries.leave().await.unwrap();
+        });
+        (stop, task)
+    };
+    let handled = || log.lock().unwrap().len();
+    let until = |n: usize| async move {
+        let started = std::time::Instant::now();
+        while handled() < n.min(total) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "only {} of {n} handled",
+                handled()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    // A alone, then B joins, A leaves, C joins, B leaves, A' joins: five
+    // hand-overs of several partitions each, every one mid-stream.
+    let a = member(0);
+    until(600).await;
+    let b = member(1);
+    until(1_600).await;
+    a.0.send(true).unwrap();
+    a.1.await.unwrap();
+    until(2_600).await;
+    let c = member(2);
+    until(3_600).await;
+    b.0.send(true).unwrap();
+    b.1.await.unwrap();
+    until(4_600).await;
+    let a2 = member(3);
+    until(total).await;
+    for (stop, task) in [c, a2] {
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let mut first: HashMap<keel_core::EventId, usize> = HashMap::new();
+    let again: Vec<(usize, usize)> = log
+        .iter()
+        .filter_map(|(n, id)| first.insert(*id, *n).map(|earlier| (earlier, *n)))
+        .collect();
+    assert_eq!(first.len(), total, "every event handled");
+    assert!(
+        again.is_empty(),
+        "{} acked event(s) handed on (by member, then member): {:?}",
+        again.len(),
+        &again[..again.len().min(10)]
+    );
+    s.admin.delete_topic(&s.topic).await.unwrap();
+}

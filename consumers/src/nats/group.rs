@@ -25,7 +25,11 @@
 //! - a member handing a partition over stops dispatching it, waits (up to
 //!   `drain_timeout`) for the deliveries its handlers are running (those
 //!   still queued for a handler are given back at once, never run), flushes
-//!   their acks and only then releases the lease.
+//!   their acks, waits (at most a heartbeat) for the server's ack floor to
+//!   take them, and only then releases the lease, naming in it the events
+//!   it settled past the oldest one still open: the next owner reads from
+//!   the ack floor and settles those again as they come instead of
+//!   handling them twice.
 //!
 //! Taking a partition re-creates its durable consumer one past the old ack
 //! floor, so the new owner reads every unhandled event in stream order
@@ -178,6 +182,9 @@ struct PartitionAcks {
     /// The consumer sequence of the last delivery: every delivery,
     /// re-sends included, advances it by one, so a jump means one was lost.
     last_delivery: u64,
+    /// Sequences the previous owner settled past its resume position
+    /// ([`LeaseRecord::settled`]): settled again on arrival, not handled.
+    inherited: std::collections::BTreeSet<u64>,
 }
 
 impl PartitionAcks {
@@ -189,6 +196,27 @@ impl PartitionAcks {
             .next()
             .map(|(s, _)| *s)
             .or((self.last_sequence > 0).then_some(self.last_sequence.saturating_add(1)))
+    }
+
+    /// The highest sequence this member acked (or terminated) before
+    /// `resume`: the server's ack floor must reach it before the partition
+    /// is handed over.
+    fn acked_before(&self, resume: Option<u64>) -> Option<u64> {
+        let below = resume.unwrap_or(u64::MAX);
+        self.acked.range(..below).next_back().map(|(s, _)| *s)
+    }
+
+    /// The sequences settled here at or past `resume` (at most
+    /// [`MAX_HANDED_ON`]), for the next owner.
+    fn settled_from(&self, resume: Option<u64>) -> Vec<u64> {
+        resume.map_or_else(Vec::new, |r| {
+            let mut settled: Vec<u64> = self.acked.range(r..).map(|(s, _)| *s).collect();
+            // Handed on to this member and not come yet.
+            settled.extend(self.inherited.range(r..));
+            settled.sort_unstable();
+            settled.truncate(MAX_HANDED_ON);
+            settled
+        })
     }
 
     /// Takes the acker of `ordinal` out, remembering its sequence as acked
@@ -226,6 +254,11 @@ impl PartitionAcks {
         self.last_delivery = delivery;
         if sequence > self.last_sequence {
             self.last_sequence = sequence;
+            if self.inherited.remove(&sequence) {
+                // Handled by the previous owner: re-sends ack again too.
+                self.acked.insert(sequence, AckKind::Ack);
+                return Admit::AckAgain(AckKind::Ack);
+            }
             return Admit::New;
         }
         // A re-send: of a message still held (ignored), or of one settled
@@ -269,6 +302,10 @@ enum Admit {
 /// How many acked sequences a partition remembers for re-sends whose ack
 /// was lost (a reconnect loses at most what was in flight).
 const ACKED_MEMORY: usize = 4096;
+
+/// Most settled sequences a hand-over names in the lease (past them, the
+/// next owner handles events again: at least once).
+const MAX_HANDED_ON: usize = 1024;
 
 type AckMap = Arc<Mutex<HashMap<u32, PartitionAcks>>>;
 
@@ -707,6 +744,15 @@ impl Member {
             .and_then(|r| r.resume)
     }
 
+    /// The settled sequences the lease of `p` last recorded.
+    fn recorded_settled(&self, p: u32) -> Vec<u64> {
+        self.leases
+            .get(&p)
+            .and_then(|l| l.record.as_ref())
+            .map(|r| r.settled.clone())
+            .unwrap_or_default()
+    }
+
     async fn heartbeat(&mut self) {
         let record = MemberRecord {
             member: self.id.clone(),
@@ -765,7 +811,8 @@ impl Member {
                     // not be confirmed. Its owner is live, so nobody else
                     // would ever take it: given back.
                     tracing::info!(topic = %self.topic, group = %self.group, partition = p, "giving back a lease held under this member's id");
-                    self.release_lease(p, self.recorded_resume(p)).await;
+                    self.release_lease(p, self.recorded_resume(p), self.recorded_settled(p))
+                        .await;
                 }
                 _ => {}
             }
@@ -800,13 +847,21 @@ impl Member {
             let Some(revision) = self.leases.get(&p).map(|l| l.revision) else {
                 continue;
             };
-            let resume = lock(&self.acks)
-                .get(&p)
-                .and_then(PartitionAcks::resume)
-                .or_else(|| self.recorded_resume(p));
+            let (resume, settled) = match lock(&self.acks).get(&p) {
+                Some(acks) => {
+                    let resume = acks.resume();
+                    (resume, acks.settled_from(resume))
+                }
+                None => (None, Vec::new()),
+            };
+            let (resume, settled) = match resume {
+                Some(_) => (resume, settled),
+                None => (self.recorded_resume(p), self.recorded_settled(p)),
+            };
             let record = LeaseRecord {
                 owner: Some(self.id.clone()),
                 resume,
+                settled,
             };
             let key = groups::lease_key(&self.topic, &self.group, p);
             let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
@@ -873,6 +928,7 @@ impl Member {
         let record = LeaseRecord {
             owner: Some(self.id.clone()),
             resume: hint,
+            settled: self.recorded_settled(p),
         };
         let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
         let started = Instant::now();
@@ -926,7 +982,8 @@ impl Member {
                 tracing::warn!(error = %e, partition = p, "cannot start reading the partition; releasing it");
                 // The newest resume position recorded, not the one found.
                 let resume = self.recorded_resume(p).or(hint);
-                self.release_lease(p, resume).await;
+                self.release_lease(p, resume, self.recorded_settled(p))
+                    .await;
             }
         }
         // Acquiring takes requests: re-check the leases held meanwhile.
@@ -1044,6 +1101,7 @@ impl Member {
             p,
             PartitionAcks {
                 next: base,
+                inherited: self.recorded_settled(p).into_iter().collect(),
                 ..PartitionAcks::default()
             },
         );
@@ -1072,6 +1130,7 @@ impl Member {
         let record = LeaseRecord {
             owner: Some(self.id.clone()),
             resume,
+            settled: self.recorded_settled(p),
         };
         let new = self
             .store
@@ -1139,7 +1198,13 @@ impl Member {
             // before the partition is read again.
             self.assignment.send_modify(|_| {});
         }
-        let resume = lock(&self.acks).remove(&p).and_then(|a| a.resume());
+        let (resume, acked, settled) = lock(&self.acks)
+            .remove(&p)
+            .map(|a| {
+                let resume = a.resume();
+                (resume, a.acked_before(resume), a.settled_from(resume))
+            })
+            .unwrap_or_default();
         let hint = resume.or_else(|| self.recorded_resume(p));
         if reopen {
             // Still ours: read again from the ack floor.
@@ -1158,18 +1223,59 @@ impl Member {
                 }
             }
         }
+        if let Some(acked) = acked {
+            self.await_ack_floor(p, acked).await;
+        }
         // No longer ours before the lease is free: handlers still running
         // past the drain timeout are stopped before another member can
         // take the partition (a release that fails is retried by `round`).
         self.owned.remove(&p);
         self.publish_assignment();
-        self.release_lease(p, hint).await;
+        self.release_lease(p, hint, settled).await;
         tracing::info!(topic = %self.topic, group = %self.group, partition = p, "partition handed over");
+    }
+
+    /// Waits (at most a heartbeat) until the server's ack floor of `p`'s
+    /// consumer reaches `acked`. Acks are sent without waiting for a reply,
+    /// and the server applies them on the consumer's own queue, after a
+    /// lease release sent later may already be seen: the next owner, which
+    /// starts one past the ack floor it reads, would handle the last acked
+    /// events again. (A floor held below by a lost delivery never gets
+    /// there; the next owner then re-reads from it, as it must.)
+    async fn await_ack_floor(&self, p: u32, acked: u64) {
+        let name = groups::consumer_name(&self.group, p);
+        let caught_up = async {
+            let stream = self
+                .admin
+                .context()
+                .get_stream(&self.topic)
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                let info = stream
+                    .consumer_info(&name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if info.ack_floor.stream_sequence >= acked {
+                    return Ok::<_, String>(());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        if let Err(e) = within(self.config.heartbeat, caught_up).await {
+            tracing::debug!(
+                topic = %self.topic,
+                partition = p,
+                acked,
+                error = %e,
+                "the ack floor did not reach the last ack before the hand-over; the next owner may handle a few events again"
+            );
+        }
     }
 
     /// Marks the lease of `p` free (owner none), if this member still
     /// holds it.
-    async fn release_lease(&mut self, p: u32, resume: Option<u64>) {
+    async fn release_lease(&mut self, p: u32, resume: Option<u64>, settled: Vec<u64>) {
         let Some(revision) = self.leases.get(&p).map(|l| l.revision) else {
             return;
         };
@@ -1177,6 +1283,7 @@ impl Member {
         let record = LeaseRecord {
             owner: None,
             resume,
+            settled,
         };
         // Bounded like every other lease write (a release that lands after
         // its timeout is seen through the watch).
@@ -1241,7 +1348,8 @@ impl Member {
         let rest: Vec<u32> = self.owned.keys().copied().collect();
         for p in rest {
             self.drop_partition(p);
-            self.release_lease(p, self.recorded_resume(p)).await;
+            self.release_lease(p, self.recorded_resume(p), self.recorded_settled(p))
+                .await;
         }
         let key = groups::member_key(&self.topic, &self.group, &self.id);
         let _ = self.store.delete(&key).await;
@@ -1503,5 +1611,28 @@ mod tests {
         // 8 settled long ago (no longer remembered): acked.
         assert!(matches!(acks.admit(8, 4), Admit::AckAgain(AckKind::Ack)));
         assert!(matches!(acks.admit(9, 5), Admit::New));
+    }
+
+    #[test]
+    fn what_the_previous_owner_settled_is_settled_again_and_handed_on() {
+        // The previous owner settled 12 and 15 ahead of 11 (another key's,
+        // still open when it handed the partition over).
+        let mut acks = PartitionAcks {
+            inherited: [12, 15].into(),
+            ..PartitionAcks::default()
+        };
+        assert!(matches!(acks.admit(11, 1), Admit::New));
+        assert!(matches!(acks.admit(12, 2), Admit::AckAgain(AckKind::Ack)));
+        assert!(matches!(acks.admit(13, 3), Admit::New));
+        // Its re-send (the ack was lost) is acked again too.
+        assert!(matches!(acks.admit(12, 4), Admit::AckAgain(AckKind::Ack)));
+        // 10 and 13 settled here; 11 is still open. The next owner, from
+        // 11, gets 12 and 13 and the inherited 15 that has not come yet;
+        // the floor must first reach 10.
+        acks.acked.insert(10, AckKind::Ack);
+        acks.acked.insert(13, AckKind::Ack);
+        assert_eq!(acks.settled_from(Some(11)), vec![12, 13, 15]);
+        assert_eq!(acks.acked_before(Some(11)), Some(10));
+        assert_eq!(acks.settled_from(None), Vec::<u64>::new());
     }
 }

@@ -46,6 +46,13 @@ pub struct LeaseRecord {
     /// The first stream sequence not yet known handled: where the next
     /// owner starts when the partition's durable consumer is missing.
     pub resume: Option<u64>,
+    /// Stream sequences past `resume` that the member handing the lease
+    /// over had settled (handled, or dead-lettered) ahead of an older event
+    /// of another key: the next owner, which reads from the ack floor,
+    /// settles them again as they come instead of handling them twice.
+    /// Written on a graceful hand-over; kept by the member taking it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settled: Vec<u64>,
 }
 
 /// The key prefix of a group on a topic.
