@@ -520,7 +520,7 @@ async fn a_handler_of_a_partition_taken_away_is_stopped() {
     let taken = LeaseRecord {
         owner: Some("another-member".into()),
         resume: None,
-        settled: Vec::new(),
+        handed_on: None,
     };
     bucket
         .put(

@@ -847,7 +847,7 @@ impl JetStreamAdmin {
             let record = serde_json::to_vec(&LeaseRecord {
                 owner: None,
                 resume,
-                settled: Vec::new(),
+                handed_on: None,
             })
             .unwrap_or_default();
             store.put(&key, record.into()).await.map_err(|e| {

@@ -46,12 +46,23 @@ pub struct LeaseRecord {
     /// The first stream sequence not yet known handled: where the next
     /// owner starts when the partition's durable consumer is missing.
     pub resume: Option<u64>,
-    /// Stream sequences past `resume` that the member handing the lease
-    /// over had settled (handled, or dead-lettered) ahead of an older event
-    /// of another key: the next owner, which reads from the ack floor,
-    /// settles them again as they come instead of handling them twice.
-    /// Written on a graceful hand-over; kept by the member taking it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// What a member handing the lease over had settled past `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_on: Option<HandedOn>,
+}
+
+/// The events a member handing a partition over settled (handled, or
+/// dead-lettered) past the oldest one still open (another key's): the next
+/// owner, which reads from the ack floor, settles them again as they come
+/// instead of handling them twice. Written only once the server's ack floor
+/// had taken every ack below `resume`, and only with no settled event past
+/// it left out, so skipping them keeps each key's order; valid only on the
+/// very durable consumer it was checked against.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandedOn {
+    /// The durable consumer's creation time (RFC 3339).
+    pub consumer: String,
+    /// Stream sequences, ascending.
     pub settled: Vec<u64>,
 }
 
