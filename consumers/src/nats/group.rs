@@ -203,11 +203,14 @@ impl PartitionAcks {
     }
 
     /// The highest sequence this member acked (or terminated) before
-    /// `resume`: the server's ack floor must reach it before the partition
-    /// is handed over.
-    fn acked_before(&self, resume: Option<u64>) -> Option<u64> {
+    /// `resume`, remembered or forgotten: the server's ack floor must reach
+    /// it before the partition is handed over.
+    fn acked_before(&self, resume: Option<u64>) -> u64 {
         let below = resume.unwrap_or(u64::MAX);
-        self.acked.range(..below).next_back().map(|(s, _)| *s)
+        let remembered = self.acked.range(..below).next_back().map(|(s, _)| *s);
+        remembered
+            .unwrap_or(0)
+            .max(self.forgotten.min(below.saturating_sub(1)))
     }
 
     /// The sequences settled here at or past `resume`, for the next owner:
@@ -319,6 +322,14 @@ enum Admit {
 /// was lost (a reconnect loses at most what was in flight).
 const ACKED_MEMORY: usize = 4096;
 
+/// A hand-over's ack floor, taken: the consumer (its creation time) and the
+/// resume position it was checked for.
+#[derive(Debug)]
+struct Checked {
+    consumer: String,
+    resume: Option<u64>,
+}
+
 /// Most settled sequences a hand-over names in the lease (past them, the
 /// next owner handles events again: at least once).
 const MAX_HANDED_ON: usize = 1024;
@@ -396,7 +407,7 @@ struct Member {
     /// Per-member counter that gives every assignment its own ordinal
     /// range, so a late ack of an earlier assignment never hits a new one.
     assignments: i64,
-    released: mpsc::UnboundedSender<(u32, i64, Option<String>)>,
+    released: mpsc::UnboundedSender<(u32, i64, Option<Checked>)>,
     /// Readers report a lost delivery here as `(partition, assignment)`.
     broken: mpsc::UnboundedSender<(u32, i64)>,
     /// When each partition was last dropped without draining: it is not
@@ -600,7 +611,7 @@ impl Member {
         mut self,
         mut updates: kv::Watch,
         mut stop: watch::Receiver<Stop>,
-        mut released: mpsc::UnboundedReceiver<(u32, i64, Option<String>)>,
+        mut released: mpsc::UnboundedReceiver<(u32, i64, Option<Checked>)>,
         mut broken: mpsc::UnboundedReceiver<(u32, i64)>,
     ) {
         let mut tick = tokio::time::interval(self.config.heartbeat);
@@ -1112,6 +1123,10 @@ impl Member {
                 i64::from(self.config.partition_window),
             )
             .await?;
+        // A list handed on is void on the new consumer: not written again.
+        if let Some(record) = self.leases.get_mut(&p).and_then(|l| l.record.as_mut()) {
+            record.handed_on = None;
+        }
         self.assignments += 1;
         let base = self.assignments << ORDINAL_SHIFT;
         lock(&self.acks).insert(
@@ -1199,11 +1214,17 @@ impl Member {
             if pump.send(Pump::Barrier(done_tx)).is_ok() {
                 let _ = done_rx.await;
             }
-            let acked = lock(&acks)
-                .get(&p)
-                .map(|a| a.acked_before(a.resume()).unwrap_or(0));
-            let floor = match acked {
-                Some(acked) => ack_floor_taken(&js, &topic, &consumer, acked, heartbeat).await,
+            // Checked against this resume position: a handler that outlived
+            // the drain timeout and settles meanwhile moves it, and the
+            // list is then not handed on.
+            let checked = lock(&acks).get(&p).map(|a| {
+                let resume = a.resume();
+                (resume, a.acked_before(resume))
+            });
+            let floor = match checked {
+                Some((resume, acked)) => ack_floor_taken(&js, &topic, &consumer, acked, heartbeat)
+                    .await
+                    .map(|consumer| Checked { consumer, resume }),
                 None => None,
             };
             let _ = released.send((p, assignment, floor));
@@ -1212,7 +1233,7 @@ impl Member {
 
     /// Completes a hand-over once `p` drained and its acks were sent;
     /// `floor` names the consumer whose ack floor took them all.
-    async fn finish_release(&mut self, p: u32, assignment: i64, floor: Option<String>) {
+    async fn finish_release(&mut self, p: u32, assignment: i64, floor: Option<Checked>) {
         let Some(owned) = self
             .owned
             .get(&p)
@@ -1237,8 +1258,11 @@ impl Member {
             })
             .unwrap_or_default();
         let handed_on = match (floor, settled) {
-            (Some(consumer), Some(settled)) if !settled.is_empty() => {
-                Some(HandedOn { consumer, settled })
+            (Some(checked), Some(settled)) if checked.resume == resume && !settled.is_empty() => {
+                Some(HandedOn {
+                    consumer: checked.consumer,
+                    settled,
+                })
             }
             _ => None,
         };
@@ -1299,7 +1323,7 @@ impl Member {
     async fn leave(
         mut self,
         how: Stop,
-        released: &mut mpsc::UnboundedReceiver<(u32, i64, Option<String>)>,
+        released: &mut mpsc::UnboundedReceiver<(u32, i64, Option<Checked>)>,
     ) {
         if let Some(reason) = self.fenced.take() {
             // The id, its record and its leases are the later process's
@@ -1358,8 +1382,6 @@ impl Member {
     }
 }
 
-/// A write to the group's bucket, given up after `limit`: its error, or
-/// that no answer came.
 /// Waits (at most `limit`) until the server's ack floor of `consumer`
 /// reaches `acked`; the consumer's creation time (RFC 3339) once it has. Acks are sent without waiting for a reply, and the
 /// server applies them on the consumer's own queue, after a lease release
@@ -1401,6 +1423,8 @@ fn consumer_created(info: &consumer::Info) -> String {
     info.created.to_rfc3339()
 }
 
+/// A write to the group's bucket, given up after `limit`: its error, or
+/// that no answer came.
 async fn within<T, E: std::fmt::Display>(
     limit: Duration,
     write: impl std::future::Future<Output = std::result::Result<T, E>>,
@@ -1673,12 +1697,16 @@ mod tests {
         acks.acked.insert(10, AckKind::Ack);
         acks.acked.insert(13, AckKind::Ack);
         assert_eq!(acks.settled_from(11), Some(vec![12, 13, 15]));
-        assert_eq!(acks.acked_before(Some(11)), Some(10));
+        assert_eq!(acks.acked_before(Some(11)), 10);
         // Had the memory forgotten one past 11, the next owner could run a
         // key backwards (handle an earlier event again, skip a later one):
         // nothing is handed on.
         acks.forgotten = 12;
         assert_eq!(acks.settled_from(11), None);
+        // A forgotten ack below the resume position counts for the floor.
+        acks.forgotten = 10;
+        acks.acked.remove(&10);
+        assert_eq!(acks.acked_before(Some(11)), 10);
         assert_eq!(acks.settled_from(13), Some(vec![13, 15]));
     }
 }
