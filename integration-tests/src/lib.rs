@@ -940,6 +940,19 @@ fn with_database(server_url: &str, name: &str) -> String {
     }
 }
 
+/// Polls `check` (every 50 ms) until it holds; fails the test naming `what`
+/// after `budget`.
+pub async fn eventually(what: &str, budget: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let reached = tokio::time::timeout(budget, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(reached, "{what} (waited {budget:?})");
+}
+
 /// Reads `n` deliveries from a group member (up to 30 s each), acking each,
 /// and returns their payloads as text.
 pub async fn read_acked(deliveries: &mut keel_core::Deliveries, n: usize) -> Vec<String> {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use keel_consumers::nats::JetStreamGroupConsumer;
 use keel_core::partition::partition_for_key;
 use keel_core::{Deliveries, Envelope, Publisher, Subscriber, Subscription, TopicSpec};
-use keel_integration_tests::{nats_consumer_config, nats_url, read_acked, unique_name};
+use keel_integration_tests::{eventually, nats_consumer_config, nats_url, read_acked, unique_name};
 use keel_producers::kafka::ResetTo;
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
@@ -394,15 +394,19 @@ async fn a_nack_is_a_nak_with_delay_on_the_server_and_comes_back_once() {
     // delay.
     let stream = s.admin.context().get_stream(&s.topic).await.unwrap();
     let consumer = keel_producers::nats::groups::consumer_name(&group, 0);
-    let mut info = stream.consumer_info(&consumer).await.unwrap();
-    for _ in 0..300 {
-        if info.num_redelivered >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        info = stream.consumer_info(&consumer).await.unwrap();
-    }
-    assert!(info.num_redelivered >= 1, "{info:?}");
+    eventually(
+        "the server re-sent the nakked message",
+        Duration::from_secs(30),
+        async || {
+            stream
+                .consumer_info(&consumer)
+                .await
+                .unwrap()
+                .num_redelivered
+                >= 1
+        },
+    )
+    .await;
     again.ack();
     let more = tokio::time::timeout(Duration::from_secs(1), member.next()).await;
     assert!(more.is_err(), "delivered once more only: {more:?}");
@@ -650,13 +654,15 @@ async fn a_hot_key_outliving_the_bound_leaves_the_rest_not_sent() {
     // and it.
     let expected = 1 + stored as u64 + in_flight as u64;
     let mut held = 0;
-    for _ in 0..100 {
-        held = stored_count(&s).await;
-        if held >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the stream holds the warm-up event, the stored ones and a failed one",
+        Duration::from_secs(10),
+        async || {
+            held = stored_count(&s).await;
+            held >= expected
+        },
+    )
+    .await;
     assert_eq!(held, expected, "{stored} stored and {in_flight} failed");
     let mut last = 0;
     for outcome in &outcomes[..stored] {

@@ -15,7 +15,9 @@ use keel_integration_tests::outbox::{
     new_topic, outbox, outbox_database, read_and_check, relay_config, steady_relay_config,
     unpublished, write,
 };
-use keel_integration_tests::{TestDatabase, kafka_transport, nats_transport, unique_name};
+use keel_integration_tests::{
+    TestDatabase, eventually, kafka_transport, nats_transport, unique_name,
+};
 use keel_producers::outbox::{
     Inbox, OutboxError, OutboxRelay, OutboxTables, RelayConfig, RelayStats,
 };
@@ -728,8 +730,10 @@ async fn the_relay_survives_its_database_connections_being_killed() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         // The relay reconnects at its next query, which on a loaded machine
         // may be more than a moment away: wait for a connection to kill.
-        let killed = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
+        eventually(
+            "the relay reconnects to the database",
+            Duration::from_secs(30),
+            async || {
                 let killed: Vec<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                      WHERE datname = $1 AND application_name = 'keel-relay'",
@@ -738,17 +742,10 @@ async fn the_relay_survives_its_database_connections_being_killed() {
                 .fetch_all(&server)
                 .await
                 .unwrap();
-                if !killed.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
+                !killed.is_empty()
+            },
+        )
         .await;
-        assert!(
-            killed.is_ok(),
-            "the relay did not reconnect to the database within 30 s"
-        );
     }
     let writes = writer.await.unwrap();
     read_and_check(transport.as_ref(), &topic, &writes, Duration::from_secs(1)).await;
@@ -1198,18 +1195,16 @@ async fn the_sqlite_outbox_publishes_committed_events_in_order_with_one_relay_at
         owner.as_deref().is_some_and(|o| o.starts_with("sqlite-a#")),
         "{owner:?}"
     );
-    let renewed = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
+    eventually(
+        "relay a renews its lease",
+        Duration::from_secs(30),
+        async || {
             let (now_owner, now_until) = lease().await.unwrap();
             assert_eq!(now_owner, owner, "the lease changed hands");
-            if now_until > until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+            now_until > until
+        },
+    )
     .await;
-    assert!(renewed.is_ok(), "relay a never renewed its lease");
 
     // The holder stops: the standby takes over and publishes what follows.
     stop_a.send(true).unwrap();
@@ -1678,9 +1673,11 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
     // id taken and the leases held: two more heartbeats started means the
     // one that took the id, and the next, have each had their go at the
     // leases and published their stats.
-    let heartbeats = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut seen = Vec::new();
-        while seen.len() < 3 {
+    let mut seen = Vec::new();
+    eventually(
+        "the new process must take the id and heartbeat for this test to say anything",
+        Duration::from_secs(30),
+        async || {
             let (token, at): (String, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
                 "SELECT token, heartbeat_at FROM keel.outbox_relays WHERE relay_id = 'restarted'",
             )
@@ -1690,14 +1687,10 @@ async fn a_restart_under_the_same_id_waits_for_the_old_processs_leases() {
             if token != old_token && seen.last() != Some(&at) {
                 seen.push(at);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+            seen.len() >= 3
+        },
+    )
     .await;
-    assert!(
-        heartbeats.is_ok(),
-        "the new process must take the id and heartbeat for this test to say anything"
-    );
     let slots = second.stats.borrow().slots.clone();
     let taken: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM keel.outbox_leases WHERE owner IS DISTINCT FROM $1",

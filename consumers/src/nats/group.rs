@@ -837,8 +837,7 @@ impl Member {
                     // not be confirmed. Its owner is live, so nobody else
                     // would ever take it: given back.
                     tracing::info!(topic = %self.topic, group = %self.group, partition = p, "giving back a lease held under this member's id");
-                    self.release_lease(p, self.recorded_resume(p), self.recorded_handed_on(p))
-                        .await;
+                    self.give_back(p, self.recorded_resume(p)).await;
                 }
                 _ => {}
             }
@@ -1002,8 +1001,7 @@ impl Member {
                 tracing::warn!(error = %e, partition = p, "cannot start reading the partition; releasing it");
                 // The newest resume position recorded, not the one found.
                 let resume = self.recorded_resume(p).or(hint);
-                self.release_lease(p, resume, self.recorded_handed_on(p))
-                    .await;
+                self.give_back(p, resume).await;
             }
         }
         // Acquiring takes requests: re-check the leases held meanwhile.
@@ -1293,6 +1291,14 @@ impl Member {
         tracing::info!(topic = %self.topic, group = %self.group, partition = p, "partition handed over");
     }
 
+    /// Frees the lease of `p` without handing anything on: what it
+    /// recorded as handed on (if this member never read the partition)
+    /// stays.
+    async fn give_back(&mut self, p: u32, resume: Option<u64>) {
+        self.release_lease(p, resume, self.recorded_handed_on(p))
+            .await;
+    }
+
     /// Marks the lease of `p` free (owner none), if this member still
     /// holds it.
     async fn release_lease(&mut self, p: u32, resume: Option<u64>, handed_on: Option<HandedOn>) {
@@ -1372,8 +1378,7 @@ impl Member {
         let rest: Vec<u32> = self.owned.keys().copied().collect();
         for p in rest {
             self.drop_partition(p);
-            self.release_lease(p, self.recorded_resume(p), self.recorded_handed_on(p))
-                .await;
+            self.give_back(p, self.recorded_resume(p)).await;
         }
         let key = groups::member_key(&self.topic, &self.group, &self.id);
         let _ = self.store.delete(&key).await;
@@ -1383,8 +1388,9 @@ impl Member {
 }
 
 /// Waits (at most `limit`) until the server's ack floor of `consumer`
-/// reaches `acked`; the consumer's creation time (RFC 3339) once it has. Acks are sent without waiting for a reply, and the
-/// server applies them on the consumer's own queue, after a lease release
+/// reaches `acked`; the consumer's creation time (RFC 3339) once it has.
+/// Acks are sent without waiting for a reply, and the server applies them
+/// on the consumer's own queue, after a lease release
 /// sent later may already be seen: the next owner, which starts one past
 /// the ack floor it reads, would handle the last acked events again. (A
 /// floor held below by a lost delivery or a lost ack never gets there; the
