@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 /// records assignment changes to `<out>.assignments` and handles `key:seq`
 /// events, appending `<end nanos> <worker> <key> <seq> <partition>
 /// <position> <start nanos>` to `out` *before* acking each (so a SIGKILL
-/// never loses a handled event from the record), until Ctrl-C.
+/// never loses a handled event from the record), until Ctrl-C. Each
+/// handler first sleeps up to twice `pace` at random (zero: not at all), so
+/// that many run at once and finish out of order.
 pub async fn work(
     deliveries: keel_core::Deliveries,
     out: &str,
     worker: &str,
+    pace: Duration,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
@@ -40,6 +43,11 @@ pub async fn work(
         let (file, name) = (file.clone(), name.clone());
         async move {
             let started = unix_nanos();
+            if !pace.is_zero() {
+                // Anywhere from nothing to twice the pace: events of
+                // different keys finish out of their partition's order.
+                tokio::time::sleep(pace.mul_f64(2.0 * rand::random::<f64>())).await;
+            }
             let text = String::from_utf8_lossy(event.payload()).into_owned();
             let (key, seq) = text
                 .rsplit_once(':')
@@ -125,6 +133,25 @@ pub struct Worker {
     pub name: String,
     /// The process.
     pub child: Child,
+}
+
+impl Worker {
+    /// Stops the worker the way an orchestrator does (SIGINT: drain, commit,
+    /// leave) and waits up to 30 s for it to exit.
+    pub fn interrupt(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not stop within 30 s of SIGINT", self.name);
+    }
 }
 
 impl Drop for Worker {
@@ -248,6 +275,32 @@ pub fn ownership(
         }
     }
     out
+}
+
+/// When the broker first had `partition` assigned to two members at once,
+/// if it ever did, from [`ownership`]'s intervals. From then on that
+/// partition's committed position is not trustworthy: tansu does not fence
+/// commits by generation, so the member behind can commit over the one
+/// ahead, and a later owner resumes from there.
+pub fn first_double_assignment(
+    owners: &HashMap<(String, u32), Vec<(u128, u128)>>,
+    partition: u32,
+) -> Option<u128> {
+    let intervals: Vec<(&str, (u128, u128))> = owners
+        .iter()
+        .filter(|((_, p), _)| *p == partition)
+        .flat_map(|((w, _), v)| v.iter().map(move |i| (w.as_str(), *i)))
+        .collect();
+    let mut first: Option<u128> = None;
+    for (a, x) in &intervals {
+        for (b, y) in &intervals {
+            let (from, to) = (x.0.max(y.0), x.1.min(y.1));
+            if a != b && from < to {
+                first = Some(first.map_or(from, |f| f.min(from)));
+            }
+        }
+    }
+    first
 }
 
 /// Per partition: distinct offsets handled, the highest, and the gaps.

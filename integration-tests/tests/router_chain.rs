@@ -134,21 +134,6 @@ impl Chain {
     }
 }
 
-/// Stops a worker the way an orchestrator does (SIGINT: drain, commit,
-/// leave) and waits for it.
-fn stop(mut worker: Worker) {
-    let pid = worker.child.id().to_string();
-    let _ = Command::new("kill").args(["-INT", &pid]).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = worker.child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{} did not stop within 30 s of SIGINT", worker.name);
-}
-
 async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
     let tables = OutboxTables::default();
     let db = TestDatabase::create().await;
@@ -259,7 +244,7 @@ async fn chain(broker: &'static str, transport: Arc<dyn Transport>) {
         .await;
     // Graceful stops: whatever they still had in flight is settled.
     for worker in [billing_b, billing_c, shipping_b, shipping_c] {
-        stop(worker);
+        worker.interrupt();
     }
     chain
         .wait_for(

@@ -3,7 +3,10 @@
 //! [`faults::work`](keel_integration_tests::faults::work), which records
 //! every handled event (before acking it) and every assignment change.
 //!
-//! Usage: `kafka_group_worker <bootstrap> <topic> <group> <worker-name> <out-file> [window]`
+//! Usage: `kafka_group_worker <bootstrap> <topic> <group> <worker-name> <out-file> [window [pace-ms]]`
+//! (a pace makes every handler sleep that long first).
+
+use std::time::Duration;
 
 use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_core::{Subscriber, Subscription};
@@ -15,10 +18,11 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, bootstrap, topic, group, name, out, rest @ ..] = args.as_slice() else {
         anyhow::bail!(
-            "usage: kafka_group_worker <bootstrap> <topic> <group> <worker-name> <out-file> [window]"
+            "usage: kafka_group_worker <bootstrap> <topic> <group> <worker-name> <out-file> [window [pace-ms]]"
         );
     };
     let window: u32 = rest.first().map(|w| w.parse()).transpose()?.unwrap_or(200);
+    let pace: u64 = rest.get(1).map(|p| p.parse()).transpose()?.unwrap_or(0);
     init_worker_tracing();
     tracing::info!(worker = %args[4], "starting");
     let consumer = KafkaGroupConsumer::new(KafkaConsumerConfig {
@@ -32,5 +36,5 @@ async fn main() -> anyhow::Result<()> {
     let deliveries = consumer
         .subscribe(Subscription::new(topic.clone(), group.clone()).max_in_flight(64))
         .await?;
-    work(deliveries, out, name).await
+    work(deliveries, out, name, Duration::from_millis(pace)).await
 }
