@@ -58,6 +58,9 @@ struct PartitionState {
     generation: u64,
     /// No new deliveries: the partition is being revoked.
     revoking: bool,
+    /// While revoking, the offset below which its records still run (see
+    /// [`PartitionState::fill_line`]); `None`: none do.
+    fill_below: Option<i64>,
     /// Unacked records by offset (dispatched or not).
     records: BTreeMap<i64, Buffered>,
     queues: HashMap<Bytes, VecDeque<i64>>,
@@ -86,7 +89,43 @@ impl PartitionState {
     /// Whether the delivery `t` is of this assignment and may still run
     /// (the partition is not on its way out).
     fn owns(&self, t: &TokenRef) -> bool {
-        self.generation == t.generation && !self.revoking
+        self.generation == t.generation && (!self.revoking || self.fills(t.offset))
+    }
+
+    /// Whether `offset` still runs on a revoking partition: it lies below
+    /// an event already settled (see [`PartitionState::fill_line`]).
+    fn fills(&self, offset: i64) -> bool {
+        self.fill_below.is_some_and(|line| offset < line)
+    }
+
+    /// Where a graceful revocation stops running this partition's events
+    /// (`None`: at once). Events of different keys settle out of order, so
+    /// events are often settled above the lowest one still open, where the
+    /// commit stops; given back as they are, the next owner would handle
+    /// those settled events again. So the events below the highest one
+    /// settled or running (`running_end`: one past the highest a handler
+    /// began; it settles before the commit) run here first (the handlers of
+    /// the partition's other keys, and the key's next events as its earlier
+    /// ones settle), and the commit then lies above every event this member
+    /// handled. The line stops below a record waiting for a delayed retry,
+    /// whose key cannot move on before its delay.
+    fn fill_line(&self, running_end: Option<i64>) -> Option<i64> {
+        let &position = self.records.keys().next()?;
+        let settled_end = self.acked.values().next_back().copied();
+        let end = settled_end.max(running_end)?;
+        let line = self
+            .retry_at
+            .keys()
+            .copied()
+            .min()
+            .map_or(end, |waiting| end.min(waiting));
+        (line > position).then_some(line)
+    }
+
+    /// Whether a revoking partition still has events below its fill line.
+    fn filling(&self) -> bool {
+        self.fill_below
+            .is_some_and(|line| self.records.range(..line).next().is_some())
     }
 
     /// Where the group may resume: the lowest unacked offset, else one past
@@ -286,11 +325,19 @@ impl Engine {
         }
     }
 
-    /// Stops dispatching every partition (a graceful leave's start).
+    /// Stops dispatching every partition (a graceful leave's start),
+    /// including what [`Engine::start_revoking`] with `fill` still let run.
     pub(crate) fn stop_dispatching(&self) {
         for ps in self.lock().partitions.values_mut() {
             ps.revoking = true;
+            ps.fill_below = None;
         }
+    }
+
+    /// Whether no revoking partition has events left below its fill line
+    /// (what a graceful leave runs before it commits).
+    pub(crate) fn filled(&self) -> bool {
+        !self.lock().partitions.values().any(PartitionState::filling)
     }
 
     /// Stops dispatching `partitions` (the first half of a revocation).
@@ -300,17 +347,40 @@ impl Engine {
     /// pending, below the floor the next owner resumes from): they go to
     /// the next owner, and a revocation waits only for the handlers
     /// running. The room they held goes to the member's other partitions.
-    pub(crate) fn start_revoking(&self, partitions: &[i32]) {
+    ///
+    /// With `fill` (Kafka, whose commit is one offset per partition), the
+    /// events below each partition's highest settled one still run first
+    /// ([`PartitionState::fill_line`]), and [`Engine::wait_drained`] waits
+    /// for them too: the commit then hands on no event this member handled.
+    pub(crate) fn start_revoking(&self, partitions: &[i32], fill: bool) {
         let mut state = self.lock();
+        let mut running_end: HashMap<i32, i64> = HashMap::new();
+        for t in state.tokens.values().filter(|t| t.begun) {
+            let end = running_end.entry(t.partition).or_insert(t.offset + 1);
+            *end = (*end).max(t.offset + 1);
+        }
         for p in partitions {
             if let Some(ps) = state.partitions.get_mut(p) {
                 ps.revoking = true;
+                ps.fill_below = if fill {
+                    ps.fill_line(running_end.get(p).copied())
+                } else {
+                    None
+                };
             }
         }
-        let queued: Vec<u64> = state
-            .tokens
+        let State {
+            tokens,
+            partitions: owned,
+            ..
+        } = &*state;
+        let queued: Vec<u64> = tokens
             .iter()
-            .filter(|(_, t)| !t.begun && partitions.contains(&t.partition))
+            .filter(|(_, t)| {
+                !t.begun
+                    && partitions.contains(&t.partition)
+                    && !owned.get(&t.partition).is_some_and(|ps| ps.fills(t.offset))
+            })
             .map(|(&token, _)| token)
             .collect();
         for token in queued {
@@ -330,18 +400,22 @@ impl Engine {
         self.send(out);
     }
 
-    /// Waits until no handler runs a delivery of `partitions`, or
-    /// `timeout` passes; returns whether they drained. Deliveries no
-    /// handler began (queued behind busy handlers) are not waited for:
-    /// they can no longer begin ([`Settle::begin`] refuses a revoking
-    /// partition's) and go to the next owner uncommitted.
+    /// Waits until no handler runs a delivery of `partitions` and none has
+    /// events left below its fill line, or `timeout` passes; returns
+    /// whether they drained. Other deliveries no handler began (queued
+    /// behind busy handlers) are not waited for: they can no longer begin
+    /// ([`Settle::begin`] refuses a revoking partition's) and go to the
+    /// next owner uncommitted.
     pub(crate) fn wait_drained(&self, partitions: &[i32], timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            let busy = partitions
-                .iter()
-                .any(|p| state.partitions.get(p).is_some_and(|ps| ps.running > 0));
+            let busy = partitions.iter().any(|p| {
+                state
+                    .partitions
+                    .get(p)
+                    .is_some_and(|ps| ps.running > 0 || ps.filling())
+            });
             if !busy {
                 return true;
             }
@@ -613,7 +687,7 @@ impl Engine {
             let Some(ps) = partitions.get_mut(&p) else {
                 continue;
             };
-            if ps.revoking {
+            if ps.revoking && ps.fill_below.is_none() {
                 continue;
             }
             let Some(position) = ps.position() else {
@@ -625,7 +699,7 @@ impl Engine {
                 let Some(&offset) = ps.ready.first() else {
                     break;
                 };
-                if offset >= base + limits.partition_window {
+                if offset >= base + limits.partition_window || (ps.revoking && !ps.fills(offset)) {
                     break;
                 }
                 ps.ready.remove(&offset);
@@ -783,6 +857,11 @@ fn settle_locked(state: &mut State, t: &TokenRef, outcome: Outcome) -> bool {
             let now = Instant::now();
             let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
             ps.retry_at.insert(t.offset, at);
+            // Its key waits for the delay: a revocation no longer runs
+            // what lies above it (see `PartitionState::fill_line`).
+            if ps.fills(t.offset) {
+                ps.fill_below = Some(t.offset);
+            }
         }
     }
     state.in_flight = state.in_flight.saturating_sub(1);
@@ -987,7 +1066,7 @@ mod tests {
         e.send(out);
         let d = rx.next().await.unwrap().unwrap();
         assert!(d.begin());
-        e.start_revoking(&[0]);
+        e.start_revoking(&[0], false);
         assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
         d.ack();
         assert!(e.wait_drained(&[0], Duration::from_millis(20)));
@@ -1014,7 +1093,7 @@ mod tests {
         // Offsets 1 and 2 are out too, queued behind busy handlers.
         let queued = rx.next().await.unwrap().unwrap();
         assert_eq!(e.in_flight(), 3);
-        e.start_revoking(&[0]);
+        e.start_revoking(&[0], false);
         assert_eq!(e.in_flight(), 1, "the queued ones are given back at once");
         let given_back = Outcome::Nack {
             delay: Duration::ZERO,
@@ -1043,6 +1122,100 @@ mod tests {
         // to the next owner.
         assert_eq!(e.remove(&[0]), vec![(0, 1)]);
         drop(queued);
+    }
+
+    #[tokio::test]
+    async fn a_filling_revocation_runs_what_lies_below_a_settled_event_first() {
+        // Offsets 0 (a), 1 (b), 2 (a), 3 (c), 4 (d): b settles first, so
+        // the commit would stop at 0 and hand b on to be handled again.
+        let (e, mut rx) = engine(3, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (4, "d")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(rx.next().await.unwrap().unwrap());
+        }
+        let [a0, b1, c3] = <[Delivery; 3]>::try_from(out).ok().unwrap();
+        assert_eq!(c3.info().coordinates.position, 3);
+        assert!(a0.begin() && b1.begin());
+        b1.ack();
+        // The fill line is 2, past b: a's 0 runs on, c's 3 (queued, not
+        // begun) is given back, and 2 and 4 are not needed.
+        e.start_revoking(&[0], true);
+        assert!(!c3.begin(), "above the fill line: given back");
+        assert!(
+            !e.wait_drained(&[0], Duration::from_millis(20)),
+            "a's 0 is waited for"
+        );
+        a0.ack();
+        assert!(
+            e.wait_drained(&[0], Duration::from_millis(20)),
+            "nothing is left below the line"
+        );
+        assert_eq!(e.remove(&[0]), vec![(0, 2)], "the commit lies above b");
+
+        // A key that fails below the line lowers it: nothing above the
+        // failed event is waited for.
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && b2.begin());
+        b2.ack();
+        e.start_revoking(&[0], true);
+        a0.nack_with_delay(Duration::from_secs(60));
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert!(e.filled());
+        assert_eq!(e.remove(&[0]), vec![(0, 0)]);
+
+        // A key's next event becomes ready while filling: it runs too.
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && b2.begin());
+        b2.ack();
+        e.start_revoking(&[0], true);
+        assert!(!e.filled());
+        a0.ack();
+        let a1 = rx.next().await.unwrap().unwrap();
+        assert_eq!(a1.info().coordinates.position, 1);
+        assert!(a1.begin(), "below the fill line: it still runs");
+        assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
+        a1.ack();
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert!(e.filled());
+        assert_eq!(e.remove(&[0]), vec![(0, 3)]);
+
+        // What is running counts as settled: it settles before the commit.
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && b2.begin());
+        e.start_revoking(&[0], true);
+        a0.ack();
+        b2.ack();
+        let a1 = rx.next().await.unwrap().unwrap();
+        assert!(a1.begin(), "below the running b: it still runs");
+        a1.ack();
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert_eq!(e.remove(&[0]), vec![(0, 3)]);
     }
 
     #[tokio::test]
@@ -1179,7 +1352,7 @@ mod tests {
             (d1, d0)
         };
         assert!(d0.is_owned() && d1.is_owned());
-        e.start_revoking(&[0]);
+        e.start_revoking(&[0], false);
         assert!(
             !d0.is_owned(),
             "a partition being revoked is on its way out"
@@ -1224,7 +1397,7 @@ mod tests {
         let [a0, b0, a1]: [Delivery; 3] = got.try_into().unwrap();
         let (a0_now, b0_now, a1_now) = (a0.ownership(), b0.ownership(), a1.ownership());
         assert!(a0.begin() && b0.begin());
-        e.start_revoking(&[0]);
+        e.start_revoking(&[0], false);
         assert!(
             a0_now.is_current() && b0_now.is_current(),
             "a revocation waits for its begun handlers: they are not stopped"

@@ -3,7 +3,11 @@
 //! permit is free, run it in its own task, and on shutdown stop taking,
 //! let running tasks finish and settle (for at most the transport's drain
 //! timeout: handlers still running then are dropped, their events left
-//! uncommitted for the next owner), then leave the group gracefully.
+//! uncommitted for the next owner), then leave the group gracefully. A
+//! transport whose commit would otherwise hand on events already handled
+//! (Kafka: one offset per partition, below events of other keys settled
+//! out of order) first delivers the events below them, which run as usual
+//! ([`Deliveries::start_leaving`]), within the same drain timeout.
 //! Handlers still running for a partition the member no longer owns (lost,
 //! or handed over after its drain timeout), or owns under a later
 //! assignment (lost and taken again, or re-opened by the transport), are
@@ -11,7 +15,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use keel_core::delivery::Ownership;
@@ -137,15 +143,36 @@ where
     // every event.
     let mut assignment = WatchStream::from_changes(deliveries.assignment_changes());
     tokio::pin!(shutdown);
+    // Once shut down, whether the transport still delivers what it must
+    // settle before its commit ([`Deliveries::start_leaving`]), and until
+    // when at most.
+    let mut leaving = false;
+    let last_call = tokio::time::sleep(FOREVER);
+    tokio::pin!(last_call);
     let outcome = 'pump: loop {
         while let Some(result) = tasks.try_join_next_with_id() {
             finished(&mut running, result);
+        }
+        if leaving && deliveries.ready_to_leave() {
+            break Ok(());
         }
         // The delivery first, then a permit: a quiet topic waiting for its
         // next event holds no permit the busy ones could use.
         let next = tokio::select! {
             biased;
-            () = &mut shutdown => break Ok(()),
+            () = &mut shutdown, if !leaving => {
+                if start_leaving(&deliveries, &mut leaving, last_call.as_mut()) {
+                    continue;
+                }
+                break Ok(());
+            }
+            () = &mut last_call => break Ok(()),
+            // While leaving, a handler's settlement may be the last one
+            // needed: look again when one ends.
+            Some(result) = tasks.join_next_with_id(), if leaving => {
+                finished(&mut running, result);
+                continue;
+            }
             Some(owned) = assignment.next() => {
                 stop_unowned(&owned, &mut running);
                 continue;
@@ -179,7 +206,15 @@ where
                 loop {
                     tokio::select! {
                         biased;
-                        () = &mut shutdown => break 'pump Ok(()),
+                        () = &mut shutdown, if !leaving => {
+                            if !start_leaving(&deliveries, &mut leaving, last_call.as_mut()) {
+                                break 'pump Ok(());
+                            }
+                            if !item.is_owned() {
+                                continue 'pump;
+                            }
+                        }
+                        () = &mut last_call => break 'pump Ok(()),
                         // Handlers stuck on a partition no longer owned
                         // may be what holds the permits.
                         Some(owned) = assignment.next() => {
@@ -229,6 +264,15 @@ where
     match deliveries.drain_timeout() {
         None => running.await,
         Some(limit) => {
+            // A leave that first ran what the transport still delivered
+            // keeps to one drain timeout in all.
+            let limit = if leaving {
+                last_call
+                    .deadline()
+                    .saturating_duration_since(tokio::time::Instant::now())
+            } else {
+                limit
+            };
             if tokio::time::timeout(limit, running).await.is_err() {
                 // Handlers stuck past the transport's drain timeout would
                 // hold the leave (and the process) for ever: dropped, their
@@ -246,6 +290,26 @@ where
     let left = deliveries.leave().await;
     outcome?;
     left
+}
+
+/// A far-off deadline: no deadline.
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Asks the transport to deliver what it must settle before leaving (see
+/// [`Deliveries::start_leaving`]); if it does, the pump goes on taking
+/// deliveries for at most the drain timeout. Returns whether it does.
+fn start_leaving(
+    deliveries: &Deliveries,
+    leaving: &mut bool,
+    last_call: Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    if !deliveries.start_leaving() {
+        return false;
+    }
+    *leaving = true;
+    let limit = deliveries.drain_timeout().unwrap_or(Duration::ZERO);
+    last_call.reset(tokio::time::Instant::now() + limit);
+    true
 }
 
 fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
@@ -626,5 +690,122 @@ mod tests {
         assert_eq!(ran.recv().await, Some(2));
         assert_eq!(*owner.begun.lock().unwrap(), vec![1, 2]);
         pumping.abort();
+    }
+
+    /// A member that, once leaving, still delivers what it must settle
+    /// first, and is ready to leave once `.needed` of those are settled.
+    struct Filling {
+        owner: Arc<Owner>,
+        leaving: Arc<std::sync::atomic::AtomicBool>,
+        needed: Vec<u64>,
+        drain: Duration,
+    }
+
+    #[async_trait]
+    impl Membership for Filling {
+        fn start_leaving(&self) -> bool {
+            self.leaving
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            true
+        }
+
+        fn ready_to_leave(&self) -> bool {
+            let settled = self.owner.settled.lock().unwrap();
+            self.needed
+                .iter()
+                .all(|n| settled.iter().any(|(t, _)| t == n))
+        }
+
+        fn drain_timeout(&self) -> Option<Duration> {
+            Some(self.drain)
+        }
+
+        async fn leave(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leave_first_runs_what_the_transport_still_delivers() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 2, 3]);
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (_assigned, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            assignment,
+            Box::new(Filling {
+                owner: owner.clone(),
+                leaving: leaving.clone(),
+                needed: vec![2, 3],
+                drain: Duration::from_secs(30),
+            }),
+        );
+        tx.send(Ok(delivery_on(&owner, 1, 0))).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let pumping = tokio::spawn(pump(
+            stream,
+            Arc::new(Semaphore::new(4)),
+            async {
+                let _ = stopped.await;
+            },
+            move |item| {
+                let ran = ran_tx.clone();
+                async move {
+                    let Item::Event(d) = item else { return };
+                    let _ = ran.send(d.info().coordinates.position);
+                    d.ack();
+                }
+            },
+        ));
+        assert_eq!(ran.recv().await, Some(1));
+        stop.send(()).unwrap();
+        while !leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        // Delivered after the shutdown: still run, and the pump leaves
+        // only once they are settled.
+        tx.send(Ok(delivery_on(&owner, 2, 0))).unwrap();
+        assert_eq!(ran.recv().await, Some(2));
+        assert!(!pumping.is_finished());
+        tx.send(Ok(delivery_on(&owner, 3, 0))).unwrap();
+        assert_eq!(ran.recv().await, Some(3));
+        tokio::time::timeout(Duration::from_secs(10), pumping)
+            .await
+            .expect("the pump leaves once nothing is left to settle")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_waits_for_what_it_must_settle_at_most_the_drain_timeout() {
+        let owner = Arc::new(Owner::default());
+        let (_assigned, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            futures::stream::pending(),
+            assignment,
+            Box::new(Filling {
+                owner: owner.clone(),
+                leaving: Default::default(),
+                needed: vec![7],
+                drain: Duration::from_secs(10),
+            }),
+        );
+        let started = tokio::time::Instant::now();
+        pump(
+            stream,
+            Arc::new(Semaphore::new(4)),
+            async {},
+            |_item| async {},
+        )
+        .await
+        .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "{waited:?}"
+        );
     }
 }

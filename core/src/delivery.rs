@@ -530,6 +530,24 @@ impl fmt::Display for Undecodable {
 /// re-delivered to the next owner).
 #[async_trait]
 pub trait Membership: Send + Sync {
+    /// Starts a graceful leave that first settles what its commit would
+    /// otherwise hand on: events of different keys settle out of order, so
+    /// a partition may have events settled above the lowest one still
+    /// open. Such a transport keeps delivering the events below each
+    /// partition's highest settled one (and only those) until
+    /// [`ready_to_leave`](Self::ready_to_leave); the consumer loop handles
+    /// them as usual, then leaves. Returns whether it does; the default
+    /// does nothing.
+    fn start_leaving(&self) -> bool {
+        false
+    }
+
+    /// After [`start_leaving`](Self::start_leaving): whether nothing is
+    /// left to settle before the leave (the default: nothing ever is).
+    fn ready_to_leave(&self) -> bool {
+        true
+    }
+
     /// Stops handing out deliveries (the start of a graceful leave):
     /// settling one no longer dispatches the next, so deliveries not yet
     /// read can be dropped (nacked) without coming back to this member.
@@ -615,6 +633,22 @@ impl Deliveries {
     /// same time.
     pub fn drain_timeout(&self) -> Option<Duration> {
         self.membership.as_ref().and_then(|m| m.drain_timeout())
+    }
+
+    /// Starts a graceful leave that first hands out what its commit would
+    /// otherwise hand on to the next owner (see
+    /// [`Membership::start_leaving`]): keep handling the deliveries that
+    /// still come until [`ready_to_leave`](Self::ready_to_leave), then
+    /// [`leave`](Self::leave). Returns whether the transport does this
+    /// (`false`: leave at once). `serve()` and the router do it.
+    pub fn start_leaving(&self) -> bool {
+        self.membership.as_ref().is_some_and(|m| m.start_leaving())
+    }
+
+    /// Whether a leave begun with [`start_leaving`](Self::start_leaving)
+    /// has nothing left to settle first.
+    pub fn ready_to_leave(&self) -> bool {
+        self.membership.as_ref().is_none_or(|m| m.ready_to_leave())
     }
 
     /// Leaves the group gracefully. Settle the deliveries you still hold

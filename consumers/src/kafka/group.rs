@@ -17,9 +17,16 @@
 //! revoked partitions, waits (up to the drain timeout) for the deliveries
 //! their handlers are running to settle, commits their final positions and
 //! only then gives them up — so nothing is committed for a partition this
-//! member no longer owns. Deliveries of a revoked partition that no handler
-//! began (`Delivery::begin`; queued behind busy handlers) are given back at
-//! once, uncommitted, and never run here. An assignment
+//! member no longer owns. Events of different keys settle out of order, so
+//! a partition often has events settled above the lowest one still open,
+//! where its commit stops: the revocation first runs the events below the
+//! highest settled one (other keys' queued deliveries, a key's next events
+//! as its earlier ones settle), so the commit hands on no event this member
+//! handled. Deliveries of a revoked partition above that line that no
+//! handler began (`Delivery::begin`; queued behind busy handlers) are given
+//! back at once, uncommitted, and never run here; so are all of them when
+//! the drain timeout passes first. A graceful leave through `serve()` or a
+//! router does the same before it commits. An assignment
 //! *lost* (session or poll interval expired: the partitions are already
 //! someone else's) is given up at once, with no wait and no commit. On
 //! assignment it fixes each
@@ -401,7 +408,6 @@ impl ConsumerContext for KeelContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                self.engine.start_revoking(&revoked);
                 // Leaving: a graceful leave already waited for its
                 // deliveries (see `poll_loop`), an abandoning one does not.
                 let leaving = self.control.stop.load(Ordering::Acquire) != RUNNING;
@@ -410,6 +416,10 @@ impl ConsumerContext for KeelContext {
                 // waiting for their deliveries only holds the new owners'
                 // work back, and a commit now could overwrite theirs.
                 let lost = consumer.assignment_lost();
+                // A graceful revocation first runs the events below each
+                // partition's highest settled one, so the commit hands on
+                // none this member handled.
+                self.engine.start_revoking(&revoked, !leaving && !lost);
                 if lost {
                     tracing::warn!(topic = %self.topic, ?revoked, "assignment lost (this member's session or max.poll.interval.ms expired): nothing is committed for these partitions; their unsettled events go to their new owners");
                 } else if !leaving && !self.engine.wait_drained(&revoked, self.drain_timeout) {
@@ -735,7 +745,10 @@ fn poll_loop(
     // Leaving: a graceful leave lets the deliveries begun finish first.
     if control.stop.load(Ordering::Acquire) == LEAVE_GRACEFULLY {
         let owned: Vec<i32> = engine.assignment().iter().map(|p| *p as i32).collect();
-        engine.start_revoking(&owned);
+        // Nothing fills any more: the member's stream is gone (what the
+        // leave's consumer loop could still run ran before, see
+        // `Membership::start_leaving`).
+        engine.start_revoking(&owned, false);
         engine.wait_drained(&owned, drain_timeout);
     }
     // The final positions, whether or not an earlier async commit of the
@@ -779,6 +792,16 @@ struct KafkaMembership {
 
 #[async_trait]
 impl Membership for KafkaMembership {
+    fn start_leaving(&self) -> bool {
+        let owned: Vec<i32> = self.engine.assignment().iter().map(|p| *p as i32).collect();
+        self.engine.start_revoking(&owned, true);
+        true
+    }
+
+    fn ready_to_leave(&self) -> bool {
+        self.engine.filled()
+    }
+
     fn stop_dispatching(&self) -> bool {
         self.engine.stop_dispatching();
         true

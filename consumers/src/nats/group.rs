@@ -1185,7 +1185,7 @@ impl Member {
         owned.releasing = true;
         owned.reader.abort();
         let assignment = owned.assignment;
-        self.engine.start_revoking(&[p as i32]);
+        self.engine.start_revoking(&[p as i32], false);
         let engine = self.engine.clone();
         let pump = self.pump.clone();
         let released = self.released.clone();
