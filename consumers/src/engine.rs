@@ -113,10 +113,12 @@ impl PartitionState {
         let &position = self.records.keys().next()?;
         let settled_end = self.acked.values().next_back().copied();
         let end = settled_end.max(running_end)?;
+        // The key's head: a late record of the key may sit before the
+        // retried one, and only the poll thread's tick makes it ready.
         let line = self
             .retry_at
             .keys()
-            .copied()
+            .map(|&waiting| self.head_of(waiting))
             .min()
             .map_or(end, |waiting| end.min(waiting));
         (line > position).then_some(line)
@@ -249,6 +251,11 @@ pub(crate) struct State {
     next_generation: u64,
     /// Rotates which partition dispatch starts from.
     next_first: usize,
+    /// A graceful leave began ([`Engine::start_leaving`]): partitions
+    /// assigned from now on are not dispatched.
+    leaving: bool,
+    /// [`Engine::stop_dispatching`] was called: nothing fills any more.
+    stopped: bool,
     tx: mpsc::UnboundedSender<Result<Delivery>>,
     /// Told `(partition, offset, outcome)` of every settlement (JetStream
     /// acks and naks each message on the server).
@@ -285,6 +292,8 @@ impl Engine {
                 in_flight: 0,
                 next_generation: 0,
                 next_first: 0,
+                leaving: false,
+                stopped: false,
                 tx,
                 on_ack: None,
             }),
@@ -311,6 +320,9 @@ impl Engine {
     /// Starts owning `partitions`; `committed` is each one's resume position.
     pub(crate) fn assign(&self, partitions: &[(i32, Option<i64>)]) {
         let mut state = self.lock();
+        // Taken while leaving: kept untouched for the next owner (handled
+        // here, they too would settle out of order above their commit).
+        let revoking = state.leaving || state.stopped;
         for &(p, committed) in partitions {
             state.next_generation += 1;
             let generation = state.next_generation;
@@ -319,6 +331,7 @@ impl Engine {
                 PartitionState {
                     generation,
                     committed,
+                    revoking,
                     ..PartitionState::default()
                 },
             );
@@ -328,10 +341,30 @@ impl Engine {
     /// Stops dispatching every partition (a graceful leave's start),
     /// including what [`Engine::start_revoking`] with `fill` still let run.
     pub(crate) fn stop_dispatching(&self) {
-        for ps in self.lock().partitions.values_mut() {
+        let mut state = self.lock();
+        state.stopped = true;
+        for ps in state.partitions.values_mut() {
             ps.revoking = true;
             ps.fill_below = None;
         }
+        drop(state);
+        // A revocation waiting for its fill waits no more.
+        self.settled.notify_all();
+    }
+
+    /// Starts a graceful leave that first runs what its commit would
+    /// otherwise hand on: every partition revokes with `fill` (see
+    /// [`Engine::start_revoking`]), and partitions assigned meanwhile are
+    /// not dispatched.
+    pub(crate) fn start_leaving(&self) {
+        let owned = {
+            let mut state = self.lock();
+            state.leaving = true;
+            let mut owned: Vec<i32> = state.partitions.keys().copied().collect();
+            owned.sort_unstable();
+            owned
+        };
+        self.start_revoking(&owned, true);
     }
 
     /// Whether no revoking partition has events left below its fill line
@@ -354,6 +387,9 @@ impl Engine {
     /// for them too: the commit then hands on no event this member handled.
     pub(crate) fn start_revoking(&self, partitions: &[i32], fill: bool) {
         let mut state = self.lock();
+        // Once dispatching stopped (the member's stream is going), nothing
+        // would run what a fill lets through.
+        let fill = fill && !state.stopped;
         let mut running_end: HashMap<i32, i64> = HashMap::new();
         for t in state.tokens.values().filter(|t| t.begun) {
             let end = running_end.entry(t.partition).or_insert(t.offset + 1);
@@ -397,6 +433,7 @@ impl Engine {
         }
         let out = self.dispatch(&mut state);
         drop(state);
+        self.settled.notify_all();
         self.send(out);
     }
 
@@ -421,6 +458,13 @@ impl Engine {
             }
             let now = Instant::now();
             if now >= deadline {
+                // Nothing more begins there: what did not run in time goes
+                // to the next owner, not beside it.
+                for p in partitions {
+                    if let Some(ps) = state.partitions.get_mut(p) {
+                        ps.fill_below = None;
+                    }
+                }
                 return false;
             }
             state = match self.settled.wait_timeout(state, deadline - now) {
@@ -859,8 +903,9 @@ fn settle_locked(state: &mut State, t: &TokenRef, outcome: Outcome) -> bool {
             ps.retry_at.insert(t.offset, at);
             // Its key waits for the delay: a revocation no longer runs
             // what lies above it (see `PartitionState::fill_line`).
-            if ps.fills(t.offset) {
-                ps.fill_below = Some(t.offset);
+            let head = ps.head_of(t.offset);
+            if ps.fills(head) {
+                ps.fill_below = Some(head);
             }
         }
     }
@@ -1216,6 +1261,90 @@ mod tests {
         a1.ack();
         assert!(e.wait_drained(&[0], Duration::from_millis(20)));
         assert_eq!(e.remove(&[0]), vec![(0, 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_leave_fills_what_it_owned_and_stops_filling_when_dispatch_stops() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && b2.begin());
+        b2.ack();
+        e.start_leaving();
+        assert!(!e.filled(), "a's 0 and 1 lie below b");
+        // Taken while leaving: left for the next owner.
+        e.assign(&[(1, Some(0))]);
+        assert!(e.ingest(1, record(0, "c")).is_empty(), "not dispatched");
+        // Dispatch stops (the stream is going): the fill ends, a revocation
+        // waiting for it waits only for what runs, and a later revocation
+        // does not fill again.
+        let waiting = std::thread::spawn({
+            let e = e.clone();
+            move || e.wait_drained(&[0], Duration::from_secs(30))
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        e.stop_dispatching();
+        a0.ack();
+        assert!(waiting.join().unwrap(), "drained once a's 0 settled");
+        assert!(e.filled());
+        e.start_revoking(&[0], true);
+        assert!(e.filled(), "no fill after dispatch stopped");
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_times_out_lets_nothing_more_begin() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "c")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b1 = rx.next().await.unwrap().unwrap();
+        let c2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && c2.begin());
+        c2.ack();
+        e.start_revoking(&[0], true);
+        assert!(b1.is_owned(), "below c: it would still run");
+        assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
+        assert!(
+            !b1.begin(),
+            "the revocation gave up: it goes to the next owner"
+        );
+        drop(a0);
+    }
+
+    #[tokio::test]
+    async fn a_retry_ends_the_fill_at_its_keys_head() {
+        // a's 3 fails and waits; a late record of a (offset 1) arrives
+        // before it, so a's head is 1: the fill stops there, not at 3.
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "b"), (3, "a"), (4, "c")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let b0 = rx.next().await.unwrap().unwrap();
+        let a3 = rx.next().await.unwrap().unwrap();
+        let c4 = rx.next().await.unwrap().unwrap();
+        assert!(b0.begin() && a3.begin() && c4.begin());
+        a3.nack_with_delay(Duration::from_secs(60));
+        let out = e.ingest(0, record(1, "a"));
+        assert!(out.is_empty(), "a waits for its retry");
+        c4.ack();
+        e.start_revoking(&[0], true);
+        b0.ack();
+        assert!(
+            e.wait_drained(&[0], Duration::from_millis(50)),
+            "nothing below a's head is left"
+        );
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use keel_core::delivery::Ownership;
 use keel_core::{Deliveries, Delivery, Error, Result, Undecodable};
 use tokio::sync::{Semaphore, TryAcquireError};
 use tokio::task::{AbortHandle, Id, JoinSet};
+use tokio::time::Sleep;
 use tokio_stream::wrappers::WatchStream;
 
 /// What a member's stream yields that work must be done for.
@@ -147,8 +148,7 @@ where
     // settle before its commit ([`Deliveries::start_leaving`]), and until
     // when at most.
     let mut leaving = false;
-    let last_call = tokio::time::sleep(FOREVER);
-    tokio::pin!(last_call);
+    let mut last_call: Option<Pin<Box<Sleep>>> = None;
     let outcome = 'pump: loop {
         while let Some(result) = tasks.try_join_next_with_id() {
             finished(&mut running, result);
@@ -161,12 +161,12 @@ where
         let next = tokio::select! {
             biased;
             () = &mut shutdown, if !leaving => {
-                if start_leaving(&deliveries, &mut leaving, last_call.as_mut()) {
+                if start_leaving(&deliveries, &mut leaving, &mut last_call) {
                     continue;
                 }
                 break Ok(());
             }
-            () = &mut last_call => break Ok(()),
+            () = deadline(&mut last_call), if leaving => break Ok(()),
             // While leaving, a handler's settlement may be the last one
             // needed: look again when one ends.
             Some(result) = tasks.join_next_with_id(), if leaving => {
@@ -207,14 +207,14 @@ where
                     tokio::select! {
                         biased;
                         () = &mut shutdown, if !leaving => {
-                            if !start_leaving(&deliveries, &mut leaving, last_call.as_mut()) {
+                            if !start_leaving(&deliveries, &mut leaving, &mut last_call) {
                                 break 'pump Ok(());
                             }
                             if !item.is_owned() {
                                 continue 'pump;
                             }
                         }
-                        () = &mut last_call => break 'pump Ok(()),
+                        () = deadline(&mut last_call), if leaving => break 'pump Ok(()),
                         // Handlers stuck on a partition no longer owned
                         // may be what holds the permits.
                         Some(owned) = assignment.next() => {
@@ -256,6 +256,9 @@ where
             },
         );
     };
+    // Nothing more is taken: a revocation from now on waits only for the
+    // handlers running.
+    deliveries.stop_taking();
     let running = async {
         while let Some(finished) = tasks.join_next().await {
             report_panic(finished);
@@ -266,12 +269,11 @@ where
         Some(limit) => {
             // A leave that first ran what the transport still delivered
             // keeps to one drain timeout in all.
-            let limit = if leaving {
-                last_call
+            let limit = match &last_call {
+                Some(last_call) => last_call
                     .deadline()
-                    .saturating_duration_since(tokio::time::Instant::now())
-            } else {
-                limit
+                    .saturating_duration_since(tokio::time::Instant::now()),
+                None => limit,
             };
             if tokio::time::timeout(limit, running).await.is_err() {
                 // Handlers stuck past the transport's drain timeout would
@@ -292,24 +294,30 @@ where
     left
 }
 
-/// A far-off deadline: no deadline.
-const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
-
 /// Asks the transport to deliver what it must settle before leaving (see
 /// [`Deliveries::start_leaving`]); if it does, the pump goes on taking
-/// deliveries for at most the drain timeout. Returns whether it does.
+/// deliveries until `last_call`, the drain timeout from now. Returns
+/// whether it does.
 fn start_leaving(
     deliveries: &Deliveries,
     leaving: &mut bool,
-    last_call: Pin<&mut tokio::time::Sleep>,
+    last_call: &mut Option<Pin<Box<Sleep>>>,
 ) -> bool {
     if !deliveries.start_leaving() {
         return false;
     }
     *leaving = true;
     let limit = deliveries.drain_timeout().unwrap_or(Duration::ZERO);
-    last_call.reset(tokio::time::Instant::now() + limit);
+    *last_call = Some(Box::pin(tokio::time::sleep(limit)));
     true
+}
+
+/// Resolves at `last_call` (never when there is none).
+async fn deadline(last_call: &mut Option<Pin<Box<Sleep>>>) {
+    match last_call {
+        Some(last_call) => last_call.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn report_panic(finished: std::result::Result<(), tokio::task::JoinError>) {

@@ -102,9 +102,10 @@ pub trait Settle: Send + Sync {
     fn settle(&self, token: u64, outcome: Outcome);
 
     /// Whether the member still owns the delivery identified by `token`:
-    /// `false` once its partition is being revoked, was given up after a
-    /// drain timeout, or was lost. The default (a transport without
-    /// rebalances) is always `true`.
+    /// `false` once its partition is being revoked (unless the revocation
+    /// still runs it first, as Kafka's does for events below ones already
+    /// settled), was given up after a drain timeout, or was lost. The
+    /// default (a transport without rebalances) is always `true`.
     fn is_owned(&self, _token: u64) -> bool {
         true
     }
@@ -113,7 +114,8 @@ pub trait Settle: Send + Sync {
     /// it: `true` when the member still owns it. From then on a
     /// revocation of its partition waits for its outcome (up to the drain
     /// timeout); a delivery never begun (still queued for a handler) is
-    /// abandoned at once instead, uncommitted, for the next owner. The
+    /// abandoned at once instead, uncommitted, for the next owner (unless
+    /// the revocation still runs it, see [`Settle::is_owned`]). The
     /// default is [`Settle::is_owned`].
     fn begin(&self, token: u64) -> bool {
         self.is_owned(token)
@@ -534,7 +536,8 @@ pub trait Membership: Send + Sync {
     /// otherwise hand on: events of different keys settle out of order, so
     /// a partition may have events settled above the lowest one still
     /// open. Such a transport keeps delivering the events below each
-    /// partition's highest settled one (and only those) until
+    /// partition's highest settled or running one (and only those; a
+    /// partition assigned meanwhile delivers nothing) until
     /// [`ready_to_leave`](Self::ready_to_leave); the consumer loop handles
     /// them as usual, then leaves. Returns whether it does; the default
     /// does nothing.
@@ -651,6 +654,20 @@ impl Deliveries {
         self.membership.as_ref().is_none_or(|m| m.ready_to_leave())
     }
 
+    /// Stops taking deliveries, ahead of a [`leave`](Self::leave): those
+    /// dispatched but not read are given back (dropped, so nacked, on
+    /// partitions no longer dispatched: they go to the next owner
+    /// uncommitted), and nothing more is dispatched, so a revocation
+    /// meanwhile waits only for the deliveries begun. Settle those, then
+    /// leave. Does nothing for a transport whose leave does not wait.
+    pub fn stop_taking(&mut self) {
+        if let Some(membership) = &self.membership
+            && membership.stop_dispatching()
+        {
+            self.stream = Box::pin(futures::stream::empty());
+        }
+    }
+
     /// Leaves the group gracefully. Settle the deliveries you still hold
     /// first: acks arriving after leaving are ignored and those events are
     /// re-delivered to the next owner.
@@ -658,9 +675,8 @@ impl Deliveries {
         match self.membership.take() {
             Some(membership) => {
                 // Deliveries dispatched but never read are given back now
-                // (dropped, so nacked, on partitions no longer dispatched:
-                // they go to the next owner uncommitted); the leave waits
-                // only for the ones begun.
+                // (see `stop_taking`); the leave waits only for the ones
+                // begun.
                 if membership.stop_dispatching() {
                     self.stream = Box::pin(futures::stream::empty());
                 }

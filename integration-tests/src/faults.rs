@@ -75,7 +75,25 @@ pub async fn work(
         shutdown,
     )
     .await?;
+    // Left: nothing owned from now (the background recorder may not get
+    // to write it before the process exits).
+    let mut assignments = std::fs::OpenOptions::new()
+        .append(true)
+        .open(format!("{out}.assignments"))?;
+    assignments.write_all(format!("{} \n", unix_nanos()).as_bytes())?;
     Ok(())
+}
+
+/// Whether `worker` (its records in `dir`) owns some partition now.
+pub fn owns_some(dir: &Path, worker: &str) -> bool {
+    std::fs::read_to_string(dir.join(format!("{worker}.log.assignments")))
+        .unwrap_or_default()
+        .lines()
+        .last()
+        .is_some_and(|line| {
+            line.split_once(' ')
+                .is_some_and(|(_, list)| !list.trim().is_empty())
+        })
 }
 
 /// Logs to stderr as `RUST_LOG` says (for worker processes).

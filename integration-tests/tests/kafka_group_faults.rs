@@ -13,13 +13,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher};
 use keel_integration_tests::faults::{
-    Worker, distinct, files, first_double_assignment, handled, ownership, wait_until,
+    Worker, distinct, files, first_double_assignment, handled, ownership, owns_some, wait_until,
 };
-use keel_integration_tests::{TansuUnderTest, TempDir, kafka_publisher, kafka_topic, unique_name};
+use keel_integration_tests::{
+    TansuUnderTest, TempDir, eventually, kafka_publisher, kafka_topic, unique_name,
+};
 use keel_producers::kafka::KafkaClientConfig;
 
 const EVENTS: usize = 100_000;
@@ -261,11 +263,16 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     let mut live = vec![worker("w1")];
     let mut ended = HashMap::new();
     // Published faster than the members handle them: every change below
-    // falls while events are running, queued and settled out of order.
+    // falls while events are running, queued and settled out of order. The
+    // last rounds wait for w4 to own partitions, so it has work too.
+    let (w4_in, mut w4_owns) = tokio::sync::watch::channel(false);
     let publishing = tokio::spawn({
         let topic = topic.clone();
         async move {
             for round in 0..ROUNDS {
+                if round == ROUNDS * 9 / 10 {
+                    w4_owns.wait_for(|owns| *owns).await.unwrap();
+                }
                 let batch: Vec<Envelope> = (0..PER_ROUND)
                     .flat_map(|j| {
                         let seq = round * PER_ROUND + j;
@@ -293,6 +300,13 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     stop(&mut live, "w2", &mut ended);
     wait_until(dir.path(), "before w4 joins", at(70)).await;
     live.push(worker("w4"));
+    eventually(
+        "w4 to own partitions",
+        Duration::from_secs(60),
+        async || owns_some(dir.path(), "w4"),
+    )
+    .await;
+    w4_in.send(true).unwrap();
     publishing.await.unwrap();
     wait_until(dir.path(), "all events", at(100)).await;
     for name in ["w3", "w4"] {

@@ -70,10 +70,13 @@ pub struct KafkaConsumerConfig {
     pub partition_window: u32,
     /// How often acked positions are committed, in ms. Default 1000.
     pub commit_interval_ms: u64,
-    /// How long a revocation or a graceful leave waits for the deliveries
-    /// its handlers are running to settle before abandoning them
-    /// uncommitted, in ms (those still queued for a handler are given back
-    /// at once). Default 10000.
+    /// How long a revocation or a graceful leave waits, in ms, for the
+    /// deliveries its handlers are running, and for the events below the
+    /// partition's highest settled or running one (see the module docs), to
+    /// settle before abandoning them uncommitted; deliveries above that
+    /// line still queued for a handler are given back at once. While a
+    /// revocation waits, the member's other partitions are not fetched or
+    /// committed. Default 10000.
     pub drain_timeout_ms: u64,
     /// Session timeout (`session.timeout.ms`). Default 45000 (Kafka's).
     pub session_timeout_ms: u64,
@@ -793,8 +796,7 @@ struct KafkaMembership {
 #[async_trait]
 impl Membership for KafkaMembership {
     fn start_leaving(&self) -> bool {
-        let owned: Vec<i32> = self.engine.assignment().iter().map(|p| *p as i32).collect();
-        self.engine.start_revoking(&owned, true);
+        self.engine.start_leaving();
         true
     }
 
