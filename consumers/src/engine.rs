@@ -1169,6 +1169,26 @@ mod tests {
         drop(queued);
     }
 
+    /// Partition 0 holding a's 0 and 1 and b's 2, with a's 0 and b's 2
+    /// out and begun (a's 1 waits for a's 0).
+    async fn a0_a1_b2_running() -> (
+        Arc<Engine>,
+        UnboundedReceiverStream<Result<Delivery>>,
+        Delivery,
+        Delivery,
+    ) {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let a0 = rx.next().await.unwrap().unwrap();
+        let b2 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin() && b2.begin());
+        (e, rx, a0, b2)
+    }
+
     #[tokio::test]
     async fn a_filling_revocation_runs_what_lies_below_a_settled_event_first() {
         // Offsets 0 (a), 1 (b), 2 (a), 3 (c), 4 (d): b settles first, so
@@ -1204,15 +1224,7 @@ mod tests {
 
         // A key that fails below the line lowers it: nothing above the
         // failed event is waited for.
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let a0 = rx.next().await.unwrap().unwrap();
-        let b2 = rx.next().await.unwrap().unwrap();
-        assert!(a0.begin() && b2.begin());
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
         e.start_revoking(&[0], true);
         a0.nack_with_delay(Duration::from_secs(60));
@@ -1221,15 +1233,7 @@ mod tests {
         assert_eq!(e.remove(&[0]), vec![(0, 0)]);
 
         // A key's next event becomes ready while filling: it runs too.
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let a0 = rx.next().await.unwrap().unwrap();
-        let b2 = rx.next().await.unwrap().unwrap();
-        assert!(a0.begin() && b2.begin());
+        let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
         e.start_revoking(&[0], true);
         assert!(!e.filled());
@@ -1244,15 +1248,7 @@ mod tests {
         assert_eq!(e.remove(&[0]), vec![(0, 3)]);
 
         // What is running counts as settled: it settles before the commit.
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let a0 = rx.next().await.unwrap().unwrap();
-        let b2 = rx.next().await.unwrap().unwrap();
-        assert!(a0.begin() && b2.begin());
+        let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
         e.start_revoking(&[0], true);
         a0.ack();
         b2.ack();
@@ -1265,15 +1261,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_leave_fills_what_it_owned_and_stops_filling_when_dispatch_stops() {
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let a0 = rx.next().await.unwrap().unwrap();
-        let b2 = rx.next().await.unwrap().unwrap();
-        assert!(a0.begin() && b2.begin());
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
         e.start_leaving();
         assert!(!e.filled(), "a's 0 and 1 lie below b");

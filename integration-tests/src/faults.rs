@@ -96,6 +96,16 @@ pub fn owns_some(dir: &Path, worker: &str) -> bool {
         })
 }
 
+/// The event `key-<key>:<seq>` of key `key-<key>`: what the workers
+/// record (see [`work`]).
+pub fn numbered(key: usize, seq: usize) -> keel_core::Envelope {
+    keel_core::Envelope::new(
+        "keel.test.Numbered",
+        format!("key-{key}"),
+        format!("key-{key}:{seq}"),
+    )
+}
+
 /// Logs to stderr as `RUST_LOG` says (for worker processes).
 pub fn init_worker_tracing() {
     tracing_subscriber::fmt()

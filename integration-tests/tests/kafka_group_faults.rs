@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher};
 use keel_integration_tests::faults::{
-    Worker, distinct, files, first_double_assignment, handled, ownership, owns_some, wait_until,
+    Worker, distinct, files, first_double_assignment, handled, numbered, ownership, owns_some,
+    wait_until,
 };
 use keel_integration_tests::{
     TansuUnderTest, TempDir, eventually, kafka_publisher, kafka_topic, unique_name,
@@ -120,15 +121,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     let publishing = tokio::spawn(async move {
         let per_key = EVENTS / KEYS;
         for seq in 0..per_key {
-            let batch: Vec<Envelope> = (0..KEYS)
-                .map(|k| {
-                    Envelope::new(
-                        "keel.test.Numbered",
-                        format!("key-{k}"),
-                        format!("key-{k}:{seq}"),
-                    )
-                })
-                .collect();
+            let batch: Vec<Envelope> = (0..KEYS).map(|k| numbered(k, seq)).collect();
             publisher.publish_batch(&topic, batch).await.unwrap();
         }
     });
@@ -274,16 +267,7 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
                     w4_owns.wait_for(|owns| *owns).await.unwrap();
                 }
                 let batch: Vec<Envelope> = (0..PER_ROUND)
-                    .flat_map(|j| {
-                        let seq = round * PER_ROUND + j;
-                        (0..KEYS).map(move |k| {
-                            Envelope::new(
-                                "keel.test.Numbered",
-                                format!("key-{k}"),
-                                format!("key-{k}:{seq}"),
-                            )
-                        })
-                    })
+                    .flat_map(|j| (0..KEYS).map(move |k| numbered(k, round * PER_ROUND + j)))
                     .collect();
                 publisher.publish_batch(&topic, batch).await.unwrap();
             }

@@ -20,7 +20,9 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher, TopicSpec};
-use keel_integration_tests::faults::{Handled, Worker, distinct, handled, ownership, wait_until};
+use keel_integration_tests::faults::{
+    Handled, Worker, distinct, handled, numbered, ownership, wait_until,
+};
 use keel_integration_tests::{TempDir, nats_consumer_config, nats_url, unique_name};
 use keel_producers::nats::{
     JetStreamAdmin, JetStreamPublisher, JetStreamPublisherConfig, NatsClientConfig, StreamSettings,
@@ -127,15 +129,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_keep_key_order_and_never_share_a_
     let publishing = tokio::spawn(async move {
         let per_key = EVENTS / KEYS;
         for seq in 0..per_key {
-            let batch: Vec<Envelope> = (0..KEYS)
-                .map(|k| {
-                    Envelope::new(
-                        "keel.test.Numbered",
-                        format!("key-{k}"),
-                        format!("key-{k}:{seq}"),
-                    )
-                })
-                .collect();
+            let batch: Vec<Envelope> = (0..KEYS).map(|k| numbered(k, seq)).collect();
             publisher.publish_batch(&topic, batch).await.unwrap();
         }
     });
@@ -315,14 +309,7 @@ async fn publish_numbered(client: &NatsClientConfig, topic: &str, from: usize, c
     let publisher =
         JetStreamPublisher::with_context(js, JetStreamPublisherConfig::new(client.clone()));
     let batch: Vec<Envelope> = (from..from + count)
-        .map(|i| {
-            let (k, seq) = (i % 100, i / 100);
-            Envelope::new(
-                "keel.test.Numbered",
-                format!("key-{k}"),
-                format!("key-{k}:{seq}"),
-            )
-        })
+        .map(|i| numbered(i % 100, i / 100))
         .collect();
     publisher.publish_batch(topic, batch).await.unwrap();
 }
