@@ -391,7 +391,7 @@ impl Engine {
         // would run what a fill lets through.
         let fill = fill && !state.stopped;
         let mut running_end: HashMap<i32, i64> = HashMap::new();
-        for t in state.tokens.values().filter(|t| t.begun) {
+        for t in state.tokens.values().filter(|t| fill && t.begun) {
             let end = running_end.entry(t.partition).or_insert(t.offset + 1);
             *end = (*end).max(t.offset + 1);
         }

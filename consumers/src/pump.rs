@@ -144,32 +144,31 @@ where
     // every event.
     let mut assignment = WatchStream::from_changes(deliveries.assignment_changes());
     tokio::pin!(shutdown);
-    // Once shut down, whether the transport still delivers what it must
-    // settle before its commit ([`Deliveries::start_leaving`]), and until
-    // when at most.
-    let mut leaving = false;
+    // Once shut down, if the transport still delivers what it must settle
+    // before its commit ([`Deliveries::start_leaving`]): until when at most.
     let mut last_call: Option<Pin<Box<Sleep>>> = None;
     let outcome = 'pump: loop {
         while let Some(result) = tasks.try_join_next_with_id() {
             finished(&mut running, result);
         }
-        if leaving && deliveries.ready_to_leave() {
+        if last_call.is_some() && deliveries.ready_to_leave() {
             break Ok(());
         }
         // The delivery first, then a permit: a quiet topic waiting for its
         // next event holds no permit the busy ones could use.
         let next = tokio::select! {
             biased;
-            () = &mut shutdown, if !leaving => {
-                if start_leaving(&deliveries, &mut leaving, &mut last_call) {
+            () = &mut shutdown, if last_call.is_none() => {
+                last_call = start_leaving(&deliveries);
+                if last_call.is_some() {
                     continue;
                 }
                 break Ok(());
             }
-            () = deadline(&mut last_call), if leaving => break Ok(()),
+            () = deadline(&mut last_call), if last_call.is_some() => break Ok(()),
             // While leaving, a handler's settlement may be the last one
             // needed: look again when one ends.
-            Some(result) = tasks.join_next_with_id(), if leaving => {
+            Some(result) = tasks.join_next_with_id(), if last_call.is_some() => {
                 finished(&mut running, result);
                 continue;
             }
@@ -206,15 +205,16 @@ where
                 loop {
                     tokio::select! {
                         biased;
-                        () = &mut shutdown, if !leaving => {
-                            if !start_leaving(&deliveries, &mut leaving, &mut last_call) {
+                        () = &mut shutdown, if last_call.is_none() => {
+                            last_call = start_leaving(&deliveries);
+                            if last_call.is_none() {
                                 break 'pump Ok(());
                             }
                             if !item.is_owned() {
                                 continue 'pump;
                             }
                         }
-                        () = deadline(&mut last_call), if leaving => break 'pump Ok(()),
+                        () = deadline(&mut last_call), if last_call.is_some() => break 'pump Ok(()),
                         // Handlers stuck on a partition no longer owned
                         // may be what holds the permits.
                         Some(owned) = assignment.next() => {
@@ -296,20 +296,12 @@ where
 
 /// Asks the transport to deliver what it must settle before leaving (see
 /// [`Deliveries::start_leaving`]); if it does, the pump goes on taking
-/// deliveries until `last_call`, the drain timeout from now. Returns
-/// whether it does.
-fn start_leaving(
-    deliveries: &Deliveries,
-    leaving: &mut bool,
-    last_call: &mut Option<Pin<Box<Sleep>>>,
-) -> bool {
-    if !deliveries.start_leaving() {
-        return false;
-    }
-    *leaving = true;
-    let limit = deliveries.drain_timeout().unwrap_or(Duration::ZERO);
-    *last_call = Some(Box::pin(tokio::time::sleep(limit)));
-    true
+/// deliveries until the returned deadline, the drain timeout from now.
+fn start_leaving(deliveries: &Deliveries) -> Option<Pin<Box<Sleep>>> {
+    deliveries.start_leaving().then(|| {
+        let limit = deliveries.drain_timeout().unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(limit))
+    })
 }
 
 /// Resolves at `last_call` (never when there is none).

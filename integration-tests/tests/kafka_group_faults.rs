@@ -23,7 +23,7 @@ use keel_integration_tests::faults::{
 use keel_integration_tests::{
     TansuUnderTest, TempDir, eventually, kafka_publisher, kafka_topic, unique_name,
 };
-use keel_producers::kafka::KafkaClientConfig;
+use keel_producers::kafka::{KafkaClientConfig, KafkaPublisher};
 
 const EVENTS: usize = 100_000;
 const KEYS: usize = 1_000;
@@ -52,6 +52,46 @@ fn start(
     Worker {
         name: name.to_owned(),
         child,
+    }
+}
+
+/// What a fault test runs on: a broker of its own (the events should
+/// neither slow nor be slowed by what the rest of the suite stored in the
+/// shared one), a topic, a group name, a publisher and a directory for the
+/// workers' records.
+struct Run {
+    _tansu: TansuUnderTest,
+    bootstrap: String,
+    topic: String,
+    group: String,
+    publisher: KafkaPublisher,
+    dir: TempDir,
+}
+
+impl Run {
+    async fn start(name: &str) -> Run {
+        let tansu = TansuUnderTest::start_in_memory().await;
+        let bootstrap = tansu.bootstrap.clone();
+        let mut client = KafkaClientConfig::new([bootstrap.clone()]);
+        let topic = kafka_topic(&client, name, PARTITIONS).await;
+        // One record per producer batch: tansu's `memory://` storage
+        // answers a fetch from inside a batch with the *next* batch, so a
+        // member resuming at a committed offset mid-batch would never see
+        // the batch's rest (tansu-storage 0.6.0, dynostore `fetch`:
+        // `offsets.split_off(&offset)` keeps only batches starting at or
+        // after the offset). Real Kafka, and tansu's SQL storages, return
+        // the batch holding the offset.
+        client
+            .librdkafka
+            .insert("batch.num.messages".to_owned(), "1".to_owned());
+        Run {
+            _tansu: tansu,
+            bootstrap,
+            topic,
+            group: unique_name(&format!("{name}-g")),
+            publisher: kafka_publisher(&client),
+            dir: TempDir::new(),
+        }
     }
 }
 
@@ -90,25 +130,14 @@ fn rebalances(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
-    // A broker of its own: 100k events should neither slow nor be slowed
-    // by what the rest of the suite stored in the shared one.
-    let tansu = TansuUnderTest::start_in_memory().await;
-    let bootstrap = tansu.bootstrap.clone();
-    let client = KafkaClientConfig::new([bootstrap.clone()]);
-    let topic = kafka_topic(&client, "faults", PARTITIONS).await;
-    let group = unique_name("faults-g");
-    // One record per producer batch: tansu's `memory://` storage answers a
-    // fetch from inside a batch with the *next* batch, so a member resuming
-    // at a committed offset mid-batch would never see the batch's rest
-    // (tansu-storage 0.6.0, dynostore `fetch`: `offsets.split_off(&offset)`
-    // keeps only batches starting at or after the offset). Real Kafka, and
-    // tansu's SQL storages, return the batch holding the offset.
-    let mut client = client;
-    client
-        .librdkafka
-        .insert("batch.num.messages".to_owned(), "1".to_owned());
-    let publisher = kafka_publisher(&client);
-    let dir = TempDir::new();
+    let Run {
+        _tansu,
+        bootstrap,
+        topic,
+        group,
+        publisher,
+        dir,
+    } = Run::start("faults").await;
     let _report = ReportOnFailure(dir.path());
 
     let mut workers = vec![
@@ -239,17 +268,14 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     const ROUNDS: usize = 36;
     const TOTAL: usize = KEYS * PER_ROUND * ROUNDS;
     const PACE_MS: u64 = 20;
-    let tansu = TansuUnderTest::start_in_memory().await;
-    let bootstrap = tansu.bootstrap.clone();
-    let mut client = KafkaClientConfig::new([bootstrap.clone()]);
-    let topic = kafka_topic(&client, "handover", PARTITIONS).await;
-    let group = unique_name("handover-g");
-    // One record per producer batch (see the test above).
-    client
-        .librdkafka
-        .insert("batch.num.messages".to_owned(), "1".to_owned());
-    let publisher = kafka_publisher(&client);
-    let dir = TempDir::new();
+    let Run {
+        _tansu,
+        bootstrap,
+        topic,
+        group,
+        publisher,
+        dir,
+    } = Run::start("handover").await;
     let _report = ReportOnFailure(dir.path());
     let worker = |name: &str| start(&bootstrap, &topic, &group, name, dir.path(), PACE_MS);
 
