@@ -397,8 +397,12 @@ impl Engine {
         }
         for p in partitions {
             if let Some(ps) = state.partitions.get_mut(p) {
+                // A partition already given up (lost, its fill timed out,
+                // taken while leaving) stays given up: a leave that follows
+                // does not run it again before the revocation removes it.
+                let given_up = ps.revoking && ps.fill_below.is_none();
                 ps.revoking = true;
-                ps.fill_below = if fill {
+                ps.fill_below = if fill && !given_up {
                     ps.fill_line(running_end.get(p).copied())
                 } else {
                     None
@@ -556,6 +560,12 @@ impl Engine {
             };
             if previous_waits {
                 ps.ready.insert(record.offset);
+            } else if queue.get(1).is_some_and(|p| ps.retry_at.contains_key(p))
+                && ps.fills(record.offset)
+            {
+                // It waits for its key's retry, which a fill does not wait
+                // for: the line ends before it.
+                ps.fill_below = Some(record.offset);
             }
         }
         ps.records.insert(
@@ -743,7 +753,10 @@ impl Engine {
                 let Some(&offset) = ps.ready.first() else {
                     break;
                 };
-                if offset >= base + limits.partition_window || (ps.revoking && !ps.fills(offset)) {
+                // Below a fill line, the window no longer applies: those
+                // events were inside one when they came (a commit that
+                // failed since may have moved the window's base back).
+                if !ps.fills(offset) && (ps.revoking || offset >= base + limits.partition_window) {
                     break;
                 }
                 ps.ready.remove(&offset);
@@ -1306,6 +1319,99 @@ mod tests {
             "the revocation gave up: it goes to the next owner"
         );
         drop(a0);
+    }
+
+    #[tokio::test]
+    async fn a_partition_given_up_is_not_filled_again_by_a_leave() {
+        // Its fill timed out: a leave that starts before the revocation
+        // removes it does not run its events again.
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], true);
+        assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
+        e.start_leaving();
+        assert!(e.filled(), "given up: nothing fills");
+        a0.ack();
+        assert!(e.filled(), "a's 1 is not dispatched");
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
+
+        // Lost: the same.
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], false);
+        e.start_leaving();
+        a0.ack();
+        assert!(e.filled());
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_fill_runs_below_its_line_after_a_commit_failed() {
+        let (e, mut rx) = engine(10, 4);
+        e.assign(&[(0, Some(0))]);
+        let mut out = Vec::new();
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "c"), (3, "d")] {
+            out.extend(e.ingest(0, record(offset, key)));
+        }
+        e.send(out);
+        for _ in 0..4 {
+            assert!(rx.next().await.unwrap().unwrap().ack());
+        }
+        // The commit of 4 lets 4..8 out, then fails: the window counts
+        // from 0 again.
+        assert_eq!(e.positions_to_commit(), vec![(0, 4)]);
+        let mut out = Vec::new();
+        for (offset, key) in [(4, "e"), (5, "f"), (6, "e"), (7, "h")] {
+            out.extend(e.ingest(0, record(offset, key)));
+        }
+        e.send(out);
+        e.commit_failed(0, 4);
+        let e4 = rx.next().await.unwrap().unwrap();
+        let f5 = rx.next().await.unwrap().unwrap();
+        let h7 = rx.next().await.unwrap().unwrap();
+        assert!(e4.begin() && f5.begin());
+        h7.ack();
+        // The line is 8 (past h): e's 6 runs once e's 4 settled, though
+        // it lies past the window of the commit the broker holds.
+        e.start_revoking(&[0], true);
+        e4.ack();
+        f5.ack();
+        let e6 = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .expect("e's 6 lies below the line: dispatched")
+            .unwrap()
+            .unwrap();
+        assert_eq!(e6.info().coordinates.position, 6);
+        assert!(e6.begin());
+        e6.ack();
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert_eq!(e.remove(&[0]), vec![(0, 8)]);
+    }
+
+    #[tokio::test]
+    async fn a_late_record_behind_a_retry_ends_the_fill_before_it() {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for (offset, key) in [(0, "b"), (3, "a"), (4, "c")] {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let b0 = rx.next().await.unwrap().unwrap();
+        let a3 = rx.next().await.unwrap().unwrap();
+        let c4 = rx.next().await.unwrap().unwrap();
+        assert!(b0.begin() && a3.begin() && c4.begin());
+        a3.nack_with_delay(Duration::from_secs(60));
+        c4.ack();
+        e.start_revoking(&[0], true);
+        // a's 1 arrives during the fill, below its line (3), and can only
+        // follow a's retry: the fill does not wait for it.
+        assert!(e.ingest(0, record(1, "a")).is_empty());
+        b0.ack();
+        assert!(
+            e.wait_drained(&[0], Duration::from_millis(50)),
+            "nothing below a's new head is left"
+        );
+        assert_eq!(e.remove(&[0]), vec![(0, 1)]);
     }
 
     #[tokio::test]
