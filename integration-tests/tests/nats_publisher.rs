@@ -334,6 +334,48 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     member.leave().await.unwrap();
 }
 
+/// A reset past what is stored starts at its end, as Kafka clamps
+/// offsets: a start further on would skip the events published next.
+#[tokio::test]
+async fn a_reset_past_the_end_starts_at_the_end() {
+    let s = setup(1, StreamSettings::default()).await;
+    let group = unique_name("past-g");
+    let old: Vec<Envelope> = (0..3).map(|i| event("old", i)).collect();
+    s.publisher.publish_batch(&s.topic, old).await.unwrap();
+    let later_than_all = chrono::DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z")
+        .unwrap()
+        .timestamp_millis();
+    for (i, to) in [ResetTo::Offset(99_999), ResetTo::Timestamp(later_than_all)]
+        .into_iter()
+        .enumerate()
+    {
+        let at = s
+            .admin
+            .reset_group(&group, &s.topic, to, Duration::from_secs(4))
+            .await
+            .unwrap();
+        let next = 4 + i;
+        assert_eq!(at, vec![(0, format!("sequence {next}"))]);
+        s.publisher
+            .publish(&s.topic, event("new", next))
+            .await
+            .unwrap();
+        let mut member = join(&s.client, &s.topic, &group).await;
+        assert_eq!(
+            read_acked(&mut member, 1).await,
+            vec![format!("new:{next}")],
+            "the event published after the reset is delivered"
+        );
+        member.leave().await.unwrap();
+    }
+    let e = s
+        .admin
+        .reset_group(&group, &s.topic, ResetTo::Offset(0), Duration::from_secs(4))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("start at 1"), "{e}");
+}
+
 #[tokio::test]
 async fn a_partition_handed_over_before_any_ack_resumes_where_it_stood() {
     // A `Latest` group's member takes the partition and leaves before any

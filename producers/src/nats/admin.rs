@@ -711,8 +711,9 @@ impl JetStreamAdmin {
     /// Moves a stopped group's position on `topic`: the next member to own
     /// a partition starts there. Refused while the group has live members
     /// (heartbeats younger than `liveness`). `ResetTo::Offset` and
-    /// `Offsets` name stream sequences. Returns each partition's new start,
-    /// in words.
+    /// `Offsets` name stream sequences, clamped to what is stored (one past
+    /// the last at most); a time still to come starts at the end. Returns
+    /// each partition's new start, in words.
     pub async fn reset_group(
         &self,
         group: &str,
@@ -737,59 +738,50 @@ impl JetStreamAdmin {
             ));
         }
         let partitions = self.partitions(topic).await?;
+        // What is stored: a start past its end would skip the events
+        // published next (a consumer waits for its start sequence), so
+        // starts are clamped to it, as Kafka clamps offsets.
+        let stored = self
+            .js
+            .get_stream(topic)
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot look up the stream: {e}"), true))?
+            .get_info()
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?
+            .state;
+        let end = stored.last_sequence.saturating_add(1);
+        let first = stored.first_sequence.clamp(1, end);
+        let by_sequence = |seq: u64| consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq.clamp(first, end),
+        };
         let chosen: Vec<(u32, consumer::DeliverPolicy)> = match &to {
             ResetTo::Earliest => (0..partitions)
                 .map(|p| (p, consumer::DeliverPolicy::All))
                 .collect(),
-            ResetTo::Latest => {
-                let last = self
-                    .js
-                    .get_stream(topic)
-                    .await
-                    .map_err(|e| {
-                        topic_error(topic, format!("cannot look up the stream: {e}"), true)
-                    })?
-                    .get_info()
-                    .await
-                    .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?
-                    .state
-                    .last_sequence;
-                (0..partitions)
-                    .map(|p| {
-                        (
-                            p,
-                            consumer::DeliverPolicy::ByStartSequence {
-                                start_sequence: last.saturating_add(1),
-                            },
-                        )
-                    })
-                    .collect()
-            }
+            ResetTo::Latest => (0..partitions).map(|p| (p, by_sequence(end))).collect(),
             ResetTo::Timestamp(ms) => {
                 let at = chrono::DateTime::from_timestamp_millis(*ms)
                     .filter(|_| *ms >= 0)
                     .ok_or_else(|| {
                         group_error(group, topic, format!("{ms} ms is not a time after 1970"))
                     })?;
-                (0..partitions)
-                    .map(|p| (p, consumer::DeliverPolicy::ByStartTime { start_time: at }))
-                    .collect()
+                // A time still to come is the end, as on Kafka (a start
+                // time past the clock would skip what is published until
+                // then).
+                let policy = if at > chrono::Utc::now() {
+                    by_sequence(end)
+                } else {
+                    consumer::DeliverPolicy::ByStartTime { start_time: at }
+                };
+                (0..partitions).map(|p| (p, policy)).collect()
             }
             ResetTo::Offset(seq) => {
                 let seq = u64::try_from(*seq)
                     .ok()
                     .filter(|s| *s > 0)
                     .ok_or_else(|| group_error(group, topic, "stream sequences start at 1"))?;
-                (0..partitions)
-                    .map(|p| {
-                        (
-                            p,
-                            consumer::DeliverPolicy::ByStartSequence {
-                                start_sequence: seq,
-                            },
-                        )
-                    })
-                    .collect()
+                (0..partitions).map(|p| (p, by_sequence(seq))).collect()
             }
             ResetTo::Offsets(wanted) => {
                 let mut out = Vec::new();
@@ -817,12 +809,7 @@ impl JetStreamAdmin {
                         .ok()
                         .filter(|s| *s > 0)
                         .ok_or_else(|| group_error(group, topic, "stream sequences start at 1"))?;
-                    out.push((
-                        p,
-                        consumer::DeliverPolicy::ByStartSequence {
-                            start_sequence: seq,
-                        },
-                    ));
+                    out.push((p, by_sequence(seq)));
                 }
                 out
             }
