@@ -205,14 +205,14 @@ impl LeftOut {
     /// On stderr; `other_topic` says what became of those letters.
     fn report(&self, topic: &str, other_topic: &str) {
         if self.other_topic > 0 {
-            eprintln!(
+            note!(
                 "{} dead letters in {topic} came from other topics than --topic names; \
                  {other_topic}",
                 self.other_topic
             );
         }
         if self.untimed > 0 {
-            eprintln!(
+            note!(
                 "{} dead letters carry no readable `{}` time (another producer's) and were \
                  left out by --since/--until; without those flags they are included",
                 self.untimed,
@@ -279,7 +279,7 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
         true
     })
     .await?;
-    eprintln!("{printed} dead letters listed from {topic}");
+    note!("{printed} dead letters listed from {topic}");
     left_out.report(
         &topic,
         &format!("not listed (`--dlq-topic {topic}` alone lists every letter)"),
@@ -357,7 +357,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             || !sent.contains(&dead_letter::letter_at(note.partition, note.position))
     });
     if !already.is_empty() {
-        eprintln!(
+        note!(
             "{} letters already redriven left out (events dead-lettered again since \
              go as their newer letter; --include-redriven sends these again)",
             already.len()
@@ -377,7 +377,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         );
     }
     if superseded > 0 {
-        eprintln!(
+        note!(
             "{superseded} older dead letters of events dead-lettered again later left out \
              (each event goes back once, as its latest dead letter)"
         );
@@ -394,7 +394,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
                 note.origin.as_deref().unwrap_or("?")
             );
         }
-        eprintln!(
+        note!(
             "{} of {total} dead letters selected; nothing published (--dry-run)",
             selected.len()
         );
@@ -460,7 +460,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
     if let Some(e) = failure {
         return Err(e);
     }
-    eprintln!("{redriven} of {total} dead letters redriven from {topic}");
+    note!("{redriven} of {total} dead letters redriven from {topic}");
     let missing = wanted.len() + changed;
     if missing > 0 {
         bail!(

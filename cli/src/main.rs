@@ -27,6 +27,16 @@ macro_rules! say {
     };
 }
 
+/// `eprintln!` for messages to the user. A closed standard error
+/// (`keel … 2>&1 | head`) loses the message, never the command (`eprintln!`
+/// panics there).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Standard output as `say!` writes it.
 mod output {
     use std::io::Write as _;
@@ -220,18 +230,18 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            note!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let outcome = runtime.block_on(run(cli));
     let mut code = ExitCode::SUCCESS;
     if let Err(e) = outcome {
-        eprintln!("error: {e:#}");
+        note!("error: {e:#}");
         code = ExitCode::FAILURE;
     }
     if let Some(e) = output::failure() {
-        eprintln!("error: cannot write to standard output ({e}): the output above is incomplete");
+        note!("error: cannot write to standard output ({e}): the output above is incomplete");
         code = ExitCode::FAILURE;
     }
     code
@@ -333,7 +343,7 @@ fn init_tracing() {
         Ok(filter) => filter,
         Err(e) => {
             if std::env::var_os("RUST_LOG").is_some() {
-                eprintln!("warning: ignoring RUST_LOG ({e}); logging warnings only");
+                note!("warning: ignoring RUST_LOG ({e}); logging warnings only");
             }
             EnvFilter::new("warn")
         }

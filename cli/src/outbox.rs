@@ -112,7 +112,7 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
             } else {
                 ""
             };
-            eprintln!("{} parked row(s) in {}{more}", rows.len(), db.name(&tables));
+            note!("{} parked row(s) in {}{more}", rows.len(), db.name(&tables));
         }
         OutboxCommand::Requeue(args) => {
             let (db, tables, filter) = args.open(config, "keel outbox requeue").await?;
@@ -157,13 +157,13 @@ pub(crate) async fn run(config: &KeelConfig, command: OutboxCommand) -> anyhow::
                     .filter(|id| !gone.contains(id))
                     .collect();
                 if !kept.is_empty() {
-                    eprintln!(
+                    note!(
                         "{} printed row(s) were requeued meanwhile and stay in the outbox, not discarded: ids {kept:?}",
                         kept.len()
                     );
                 }
             }
-            eprintln!(
+            note!(
                 "discarded {discarded} parked row(s) of {}",
                 db.name(&tables)
             );

@@ -99,7 +99,7 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
         }),
         _ => None,
     };
-    eprintln!(
+    note!(
         "keel registry: serving {}://{} on {}{}",
         if tls.is_some() { "https" } else { "http" },
         listener.local_addr()?,
@@ -117,7 +117,7 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     };
     serve(listener, store.clone(), options, shutdown_signal()).await?;
     store.close().await;
-    eprintln!("keel registry: stopped");
+    note!("keel registry: stopped");
     Ok(())
 }
 

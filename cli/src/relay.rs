@@ -185,7 +185,7 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
     }
     let relay = OutboxRelay::new(pool, tables.clone(), publisher, relay_config)?;
-    eprintln!(
+    note!(
         "relaying {} in database `{}` on {}:{} to {} (Ctrl-C to stop)",
         tables.channel(),
         options.get_database().unwrap_or("(default)"),

@@ -33,6 +33,25 @@ fn keel_unread(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
     child.wait_with_output().expect("keel ends")
 }
 
+/// A failing command whose standard error nobody reads (`keel … 2>&1 |
+/// head -0`) fails with its own exit code, not a panic's (101).
+#[test]
+fn a_closed_standard_error_loses_the_message_not_the_exit_code() {
+    let dir = scratch();
+    let mut child = command(
+        &["--broker", "bogus://nowhere", "topics", "list"],
+        dir.path(),
+        &[],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start keel");
+    drop(child.stderr.take());
+    let out = child.wait_with_output().expect("keel ends");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
