@@ -22,6 +22,14 @@ pub enum StoreError {
     /// The database URL is not `postgres://…` or `sqlite://…`.
     #[error("database URL `{0}` is not postgres://… or sqlite://…")]
     UnsupportedUrl(String),
+    /// A `sqlite:` URL the registry cannot keep schemas in.
+    #[error("database URL `{url}`: {reason}")]
+    BadSqliteUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it and what to give instead.
+        reason: &'static str,
+    },
     /// The database refused or failed a statement.
     #[error("registry database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -149,7 +157,22 @@ impl Store {
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
-            let path = path.split('?').next().unwrap_or(path);
+            let bad = |reason| StoreError::BadSqliteUrl {
+                url: url.to_owned(),
+                reason,
+            };
+            if path.contains('?') {
+                return Err(bad(
+                    "options after `?` are not taken (the registry opens its file read-write, \
+                     creating it): give the file alone, e.g. sqlite://keel-registry.db",
+                ));
+            }
+            if path.is_empty() || path == ":memory:" {
+                return Err(bad(
+                    "names no file, so schemas would live in memory and be lost when the \
+                     registry stops: give a file, e.g. sqlite://keel-registry.db",
+                ));
+            }
             if let Some(dir) = Path::new(path).parent()
                 && !dir.as_os_str().is_empty()
             {
@@ -650,5 +673,26 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
             db.is_unique_violation() || db.message().contains("UNIQUE constraint failed")
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_url_without_a_file_or_with_options_is_refused() {
+        for url in [
+            "sqlite://",
+            "sqlite:",
+            "sqlite://:memory:",
+            "sqlite://r.db?mode=ro",
+        ] {
+            let e = Store::connect(url).await.err().unwrap().to_string();
+            assert!(
+                e.contains(url) && e.contains("sqlite://keel-registry.db"),
+                "{url}: {e}"
+            );
+        }
     }
 }
