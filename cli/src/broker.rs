@@ -478,7 +478,8 @@ pub(crate) async fn publish(
         Ok(latest) => latest,
         Err(SchemaError::Registry { status: 404, .. }) if args.subject.is_none() => bail!(
             "no schema under subject `{subject}` (the topic-name default for topic `{topic}`): \
-             register one there (`keel schema register DIR --strategy topic-name --topic {topic}`) \
+             register one there (`keel schema register DIR --strategy topic-name --topic {topic}`, \
+             DIR holding that record alone and the types it uses) \
              or name the subject with --subject (`keel schema register DIR` registers each \
              record under its full name, e.g. --subject shop.orders.OrderPlaced)",
             topic = args.topic

@@ -1,7 +1,7 @@
 //! `keel schema`: register, check, inspect and compare Avro schemas in any
 //! Confluent-compatible registry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -219,6 +219,29 @@ async fn register(client: &RegistryClient, args: RegisterArgs) -> anyhow::Result
         .map(|s| dependencies(s, &all))
         .collect::<anyhow::Result<_>>()?;
     let depended_on: Vec<&str> = deps.iter().flatten().map(|(_, d)| d.as_str()).collect();
+    // One subject holds one record's versions: two records sent to one
+    // subject (several records under topic-name) would fail half-way, the
+    // subject left holding whichever came first. Refused before any.
+    let mut subjects: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for schema in all
+        .iter()
+        .filter(|s| !depended_on.contains(&s.full_name.as_str()))
+    {
+        subjects
+            .entry(args.strategy.subject(&schema.full_name)?)
+            .or_default()
+            .insert(&schema.full_name);
+    }
+    if let Some((subject, records)) = subjects.iter().find(|(_, records)| records.len() > 1) {
+        bail!(
+            "nothing registered: {} records of {} would go under the one subject `{subject}` ({}); \
+             a subject holds one record's versions: register a folder holding one of them \
+             (and the types it uses), or use --strategy topic-record-name or record-name",
+            records.len(),
+            args.dir.display(),
+            records.iter().copied().collect::<Vec<_>>().join(", ")
+        );
+    }
     // Kahn's order over full names; files of one name keep version order.
     let mut registered: BTreeMap<String, (String, i64)> = BTreeMap::new();
     let mut remaining: Vec<usize> = (0..all.len()).collect();

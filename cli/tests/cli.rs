@@ -341,6 +341,36 @@ fn schema_commands_register_check_list_diff_and_get() {
     let env = [("KEEL_REGISTRY", registry.url.as_str())];
     let avro = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/avro");
 
+    // Several records under one topic-name subject: refused before any
+    // is registered.
+    let out = keel(
+        &[
+            "schema",
+            "register",
+            avro,
+            "--strategy",
+            "topic-name",
+            "--topic",
+            "orders",
+        ],
+        dir.path(),
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nothing registered")
+            && text(&out.stderr).contains("`orders-value`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["schema", "list"], dir.path(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("orders-value"),
+        "{}",
+        text(&out.stdout)
+    );
+
     let out = keel(&["schema", "register", avro], dir.path(), &env);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
