@@ -288,14 +288,33 @@ async fn nats_topics(
                 name: args.topic.clone(),
                 partitions: args.partitions.unwrap_or(config.topics.partitions),
             };
+            // Without --retention-ms, an existing stream keeps its own (as
+            // on Kafka): only what is asked for is compared.
+            let existing = match args.retention_ms {
+                None if admin.list_topics().await?.contains(&spec.name) => {
+                    Some(admin.describe_topic(&spec.name).await?.settings)
+                }
+                _ => None,
+            };
+            let max_age = match (args.retention_ms, &existing) {
+                (None, Some(existing)) => existing.max_age,
+                (None | Some(-1), _) => None,
+                (Some(ms), _) if ms > 0 => Some(std::time::Duration::from_millis(ms as u64)),
+                (Some(ms), _) => {
+                    bail!("--retention-ms {ms}: give a positive number of ms, or -1 for forever")
+                }
+            };
+            // The publish de-duplication window, as nats-server sets it:
+            // 2 minutes, or the retention when shorter.
+            let default_window = StreamSettings::default().duplicate_window;
+            let duplicate_window = match (&existing, max_age) {
+                (Some(existing), _) => existing.duplicate_window,
+                (None, Some(age)) => default_window.min(age),
+                (None, None) => default_window,
+            };
             let settings = StreamSettings {
-                max_age: match args.retention_ms {
-                    None | Some(-1) => None,
-                    Some(ms) if ms > 0 => Some(std::time::Duration::from_millis(ms as u64)),
-                    Some(ms) => bail!(
-                        "--retention-ms {ms}: give a positive number of ms, or -1 for forever"
-                    ),
-                },
+                max_age,
+                duplicate_window,
                 replicas: if args.replication_factor < 1 {
                     1
                 } else {

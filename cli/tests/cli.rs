@@ -580,6 +580,11 @@ fn broker_commands(broker: &str, partitions: usize) {
         &partitions.to_string(),
     ]);
     assert!(run(&["topics", "list"]).lines().any(|l| l == topic));
+    // A retention under NATS' 2-minute de-duplication window is taken, and
+    // creating the topic again without one keeps it.
+    let kept = format!("{topic}-kept");
+    run(&["topics", "create", &kept, "--retention-ms", "60000"]);
+    run(&["topics", "create", &kept]);
     let described: serde_json::Value =
         serde_json::from_str(&run(&["topics", "describe", &topic])).expect("describe JSON");
     // Kafka lists each partition; NATS gives the count.
