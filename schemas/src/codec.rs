@@ -78,6 +78,9 @@ struct Reader {
     /// The schema's graph, for checking JSON values against its logical
     /// types ([`AvroCodec::encode_json`]).
     graph: Option<serde_avro_fast::schema::SchemaMut>,
+    /// The schema's JSON, for filling in defaults
+    /// ([`AvroCodec::encode_json`]).
+    json: Option<serde_json::Value>,
 }
 
 impl Reader {
@@ -203,13 +206,23 @@ impl AvroCodec {
     /// than its scale (never rounded) or more digits than its precision, a
     /// `uuid` string that is not a hyphenated UUID. Decimals are JSON
     /// strings or integers (a JSON number with a fraction is refused: it
-    /// is a binary float once parsed).
+    /// is a binary float once parsed). Record fields the value leaves out
+    /// take their schema defaults, as an Avro reader fills fields an older
+    /// writer did not know (not `bytes` or `fixed` ones, decimals among
+    /// them: their defaults are not decimal text).
     pub async fn encode_json(&self, id: u32, value: &serde_json::Value) -> Result<Vec<u8>> {
         let reader = self.reader(id).await?;
         let refused = |reason| SchemaError::Json {
             schema_id: id,
             reason,
         };
+        // Fields an older version of the record did not have take their
+        // defaults, as an Avro reader would fill them.
+        let filled = reader
+            .json
+            .as_ref()
+            .and_then(|schema| crate::defaults::fill(schema, value));
+        let value = filled.as_ref().unwrap_or(value);
         if let Some(graph) = &reader.graph {
             crate::logical::check(graph, value).map_err(refused)?;
         }
@@ -322,16 +335,15 @@ impl AvroCodec {
             answer => answer?,
         };
         let schema = parse_fast(&text)?;
-        let money = serde_json::from_str(&text)
-            .ok()
-            .as_ref()
-            .and_then(money_as_bytes);
+        let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        let money = json.as_ref().and_then(money_as_bytes);
         let graph = text.parse().ok();
         let reader = Arc::new(Reader {
             id,
             schema,
             money,
             graph,
+            json,
         });
         let mut readers = write(&self.readers);
         match readers.iter().find(|r| r.id == id) {

@@ -22,6 +22,7 @@ pub mod canonical;
 pub mod client;
 pub mod codec;
 pub mod compat;
+mod defaults;
 pub mod diff;
 pub mod domain;
 pub mod error;
