@@ -129,7 +129,9 @@ fn walk(
                         path.push('.');
                     }
                     path.push_str(&field.name);
-                    let fit = walk(schema, node_at(schema, field.type_), member, path, memo);
+                    let node = node_at(schema, field.type_);
+                    let fit = walk(schema, node, member, path, memo);
+                    let fit = named_kind(schema, node, member, path, fit);
                     path.truncate(len);
                     if let Fit::Bad(reason) = fit {
                         return Fit::Bad(reason);
@@ -199,12 +201,100 @@ fn each<'v, L>(
         let len = path.len();
         label(path, name);
         let fit = walk(schema, node, item, path, memo);
+        let fit = named_kind(schema, node, item, path, fit);
         path.truncate(len);
         if let Fit::Bad(reason) = fit {
             return Fit::Bad(reason);
         }
     }
     Fit::Fits
+}
+
+/// A member of a record, array or map whose JSON kind its type cannot
+/// take is refused here, naming it (the encoder's own message names
+/// neither the field nor, in words, the type: "Could not serialize str to
+/// Int").
+fn named_kind(
+    schema: &SchemaMut,
+    node: &serde_avro_fast::schema::SchemaNode,
+    value: &Value,
+    path: &str,
+    fit: Fit,
+) -> Fit {
+    match fit {
+        Fit::OtherKind => Fit::Bad(at(
+            path,
+            &format!(
+                "expected {}, got {}",
+                type_name(schema, node, 0),
+                kind_of(value)
+            ),
+        )),
+        fit => fit,
+    }
+}
+
+/// The Avro type of `node` in words (`long`, `null or string`, `record
+/// shop.Address`).
+fn type_name(
+    schema: &SchemaMut,
+    node: &serde_avro_fast::schema::SchemaNode,
+    depth: usize,
+) -> String {
+    let logical = match &node.logical_type {
+        Some(LogicalType::Decimal(d)) => {
+            return format!("a decimal({}, {}) as a string", d.precision, d.scale);
+        }
+        Some(LogicalType::Uuid) => return "a uuid string".to_owned(),
+        Some(LogicalType::TimestampMillis) => " (timestamp-millis: ms since 1970)",
+        Some(LogicalType::TimestampMicros) => " (timestamp-micros: µs since 1970)",
+        Some(LogicalType::Date) => " (date: days since 1970)",
+        _ => "",
+    };
+    let plain = match &node.type_ {
+        RegularType::Null => "null".to_owned(),
+        RegularType::Boolean => "boolean".to_owned(),
+        RegularType::Int => "int".to_owned(),
+        RegularType::Long => "long".to_owned(),
+        RegularType::Float => "float".to_owned(),
+        RegularType::Double => "double".to_owned(),
+        RegularType::Bytes => "bytes (a string)".to_owned(),
+        RegularType::String => "string".to_owned(),
+        RegularType::Array(_) => "an array".to_owned(),
+        RegularType::Map(_) => "a map (an object)".to_owned(),
+        RegularType::Record(record) => format!("record {}", record.name.fully_qualified_name()),
+        RegularType::Enum(e) => format!(
+            "enum {} (one of its symbols, a string)",
+            e.name.fully_qualified_name()
+        ),
+        RegularType::Fixed(f) => format!("fixed {} (a string)", f.name.fully_qualified_name()),
+        RegularType::Union(union) if depth == 0 => union
+            .variants
+            .iter()
+            .map(|v| type_name(schema, node_at(schema, *v), depth + 1))
+            .collect::<Vec<_>>()
+            .join(" or "),
+        _ => "a union".to_owned(),
+    };
+    format!("{plain}{logical}")
+}
+
+/// A JSON value's kind in words, with the value when it is short.
+fn kind_of(value: &Value) -> String {
+    let kind = match value {
+        Value::Null => return "null".to_owned(),
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => return "an array".to_owned(),
+        Value::Object(_) => return "an object".to_owned(),
+    };
+    let text = value.to_string();
+    if text.chars().count() <= 40 {
+        format!("{kind} ({text})")
+    } else {
+        kind.to_owned()
+    }
 }
 
 fn node_at(schema: &SchemaMut, key: SchemaKey) -> &serde_avro_fast::schema::SchemaNode {
@@ -360,8 +450,25 @@ mod tests {
     }
 
     #[test]
-    fn other_kinds_are_left_to_the_encoder() {
-        let value = order(json!(true), json!("1"), Value::Null);
-        check(&schema(), &value).expect("the encoder says what it expected");
+    fn members_of_another_kind_are_refused_by_field_and_type() {
+        let refused = |value: Value| check(&schema(), &value).expect_err("refused");
+        let e = refused(order(json!(true), json!("1"), Value::Null));
+        assert_eq!(
+            e,
+            "field `total`: expected a decimal(12, 2) as a string, got a boolean (true)"
+        );
+        let e = refused(order(json!("1"), json!("1"), json!(7)));
+        assert_eq!(
+            e,
+            "field `note`: expected null or a uuid string, got a number (7)"
+        );
+        let mut value = order(json!("1"), json!("1"), Value::Null);
+        value["lines"][1] = json!("x");
+        assert_eq!(
+            refused(value),
+            "field `lines[1]`: expected record Line, got a string (\"x\")"
+        );
+        // A value that is not a record at all is the encoder's to name.
+        check(&schema(), &json!(5)).expect("left to the encoder");
     }
 }
