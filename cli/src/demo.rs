@@ -409,12 +409,23 @@ impl DemoOutbox {
         }
         let published = self.stats.borrow().published;
         self.pool.close().await;
+        self.remove_files();
+        Ok(published)
+    }
+
+    fn remove_files(&self) {
         for suffix in ["", "-wal", "-shm"] {
             let mut file = self.path.clone().into_os_string();
             file.push(suffix);
             let _ = std::fs::remove_file(file);
         }
-        Ok(published)
+    }
+}
+
+impl Drop for DemoOutbox {
+    /// A run that failed half-way leaves no outbox file behind either.
+    fn drop(&mut self) {
+        self.remove_files();
     }
 }
 
@@ -430,11 +441,52 @@ fn parse(event: &Envelope) -> keel_core::Result<(String, u32)> {
     Ok((key.to_owned(), seq))
 }
 
+/// How long the demo waits without a single event handled before it
+/// calls the run stuck (a large `--events` run takes as long as it takes).
+const STALL: Duration = Duration::from_secs(120);
+
 async fn wait_for(progress: &mut watch::Receiver<usize>, target: usize) -> anyhow::Result<()> {
-    let wait = progress.wait_for(|&handled| handled >= target);
-    match tokio::time::timeout(Duration::from_secs(120), wait).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(_)) => bail!("every member stopped before {target} events were handled"),
-        Err(_) => bail!("{target} events not handled within 120 s"),
+    loop {
+        let handled = *progress.borrow_and_update();
+        if handled >= target {
+            return Ok(());
+        }
+        match tokio::time::timeout(STALL, progress.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                bail!("every member stopped after {handled} of {target} events were handled")
+            }
+            Err(_) => bail!(
+                "no event handled for {} s ({handled} of {target} handled): the run is stuck; \
+                 run it again with RUST_LOG=keel=debug to see where",
+                STALL.as_secs()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_run_goes_on_and_a_stuck_one_stops() {
+        // Progress every 100 s: slower than the stall limit in total, never
+        // stalled.
+        let (tx, mut rx) = watch::channel(0);
+        let feeding = tokio::spawn(async move {
+            for handled in 1..=3 {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                let _ = tx.send(handled);
+            }
+            tx
+        });
+        wait_for(&mut rx, 3).await.expect("it made progress");
+        let _tx = feeding.await.expect("feeder");
+        let e = wait_for(&mut rx, 4).await.expect_err("stuck").to_string();
+        assert!(
+            e.contains("no event handled for 120 s (3 of 4 handled)"),
+            "{e}"
+        );
     }
 }
