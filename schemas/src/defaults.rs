@@ -21,10 +21,24 @@ pub(crate) fn fill(schema: &Value, value: &Value) -> Option<Value> {
     let mut named = HashMap::new();
     collect(schema, "", &mut named);
     let mut filled = value.clone();
-    let mut changed = false;
-    walk(schema, "", &named, &mut filled, &mut changed, 0);
-    changed.then_some(filled)
+    let mut state = State::default();
+    walk(schema, "", &named, &mut filled, &mut state, 0);
+    state.changed.then_some(filled)
 }
+
+#[derive(Default)]
+struct State {
+    /// Something was filled in (or a number made a float).
+    changed: bool,
+    /// Defaults filled in so far.
+    filled: usize,
+}
+
+/// Most defaults filled into one value: a recursive record whose fields
+/// default to records of its own type would otherwise grow a tree of
+/// 2^depth defaults (past it, fields stay missing and the encoder names
+/// the first).
+const MAX_FILLED: usize = 1_000;
 
 /// Deepest schema nesting walked (recursive records end at their data;
 /// this bounds a hostile schema's).
@@ -40,7 +54,9 @@ fn naming(node: &Map<String, Value>, outer: &str) -> Option<(String, String)> {
             node.get("namespace").and_then(Value::as_str),
         ) {
             (Some(dot), _) => (name.to_owned(), name[..dot].to_owned()),
-            (None, Some(ns)) if !ns.is_empty() => (format!("{ns}.{name}"), ns.to_owned()),
+            // `"namespace": ""` is the null namespace.
+            (None, Some("")) => (name.to_owned(), String::new()),
+            (None, Some(ns)) => (format!("{ns}.{name}"), ns.to_owned()),
             _ if outer.is_empty() => (name.to_owned(), String::new()),
             _ => (format!("{outer}.{name}"), outer.to_owned()),
         },
@@ -130,6 +146,38 @@ fn resolve<'s>(
     }
 }
 
+/// Whether a value of `schema` holds `bytes` or `fixed` anywhere.
+fn holds_bytes<'s>(
+    schema: &'s Value,
+    namespace: &str,
+    named: &HashMap<String, (&'s Value, String)>,
+    seen: &mut Vec<*const Value>,
+    depth: usize,
+) -> bool {
+    let (node, ns) = resolve(schema, namespace, named);
+    if depth > MAX_DEPTH || seen.contains(&std::ptr::from_ref(node)) {
+        return false;
+    }
+    seen.push(std::ptr::from_ref(node));
+    let mut inner = |t: &'s Value| holds_bytes(t, &ns, named, seen, depth + 1);
+    match kind(node) {
+        "bytes" | "fixed" => true,
+        "record" | "error" => match node.get("fields") {
+            Some(Value::Array(fields)) => {
+                fields.iter().filter_map(|f| f.get("type")).any(&mut inner)
+            }
+            _ => false,
+        },
+        "array" => node.get("items").is_some_and(&mut inner),
+        "map" => node.get("values").is_some_and(&mut inner),
+        "union" => match node {
+            Value::Array(branches) => branches.iter().any(inner),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// The primitive or complex type name of a resolved node.
 fn kind(node: &Value) -> &str {
     match node {
@@ -145,14 +193,14 @@ fn walk(
     namespace: &str,
     named: &HashMap<String, (&Value, String)>,
     value: &mut Value,
-    changed: &mut bool,
+    state: &mut State,
     depth: usize,
 ) {
     if depth > MAX_DEPTH {
         return;
     }
     let (node, ns) = resolve(schema, namespace, named);
-    match (kind(node), value) {
+    match (kind(node), &mut *value) {
         ("record" | "error", Value::Object(object)) => {
             let Some(Value::Array(fields)) = node.get("fields") else {
                 return;
@@ -164,7 +212,7 @@ fn walk(
                     continue;
                 };
                 match object.get_mut(name) {
-                    Some(inner) => walk(t, &ns, named, inner, changed, depth + 1),
+                    Some(inner) => walk(t, &ns, named, inner, state, depth + 1),
                     None => {
                         let Some(default) = field.get("default") else {
                             continue;
@@ -174,33 +222,43 @@ fn walk(
                             Value::Array(branches) => branches.first(),
                             other => Some(other),
                         };
-                        let takes_text = first.is_some_and(|b| {
-                            matches!(kind(resolve(b, &ns, named).0), "bytes" | "fixed")
-                        });
-                        if takes_text {
+                        // Avro writes bytes defaults as ISO-8859-1 text,
+                        // not the decimal text (or UTF-8) taken here.
+                        let takes_text = first
+                            .is_some_and(|b| holds_bytes(b, &ns, named, &mut Vec::new(), depth));
+                        if takes_text || state.filled >= MAX_FILLED {
                             continue;
                         }
+                        state.filled += 1;
                         let mut default = default.clone();
                         if let Some(first) = first {
-                            walk(first, &ns, named, &mut default, changed, depth + 1);
+                            walk(first, &ns, named, &mut default, state, depth + 1);
                         }
                         object.insert(name.to_owned(), default);
-                        *changed = true;
+                        state.changed = true;
                     }
                 }
+            }
+        }
+        // JSON integers for floats (`0` as a double's default, `3` for a
+        // price): the encoder takes only floats there.
+        ("float" | "double", Value::Number(n)) if !n.is_f64() => {
+            if let Some(float) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                *value = Value::Number(float);
+                state.changed = true;
             }
         }
         ("array", Value::Array(items)) => {
             if let Some(t) = node.get("items") {
                 for item in items {
-                    walk(t, &ns, named, item, changed, depth + 1);
+                    walk(t, &ns, named, item, state, depth + 1);
                 }
             }
         }
         ("map", Value::Object(entries)) => {
             if let Some(t) = node.get("values") {
                 for entry in entries.values_mut() {
-                    walk(t, &ns, named, entry, changed, depth + 1);
+                    walk(t, &ns, named, entry, state, depth + 1);
                 }
             }
         }
@@ -215,7 +273,7 @@ fn walk(
                 .filter(|b| matches!(kind(resolve(b, &ns, named).0), "record" | "error" | "map"))
                 .collect();
             if let [branch] = takes_object[..] {
-                walk(branch, &ns, named, value, changed, depth + 1);
+                walk(branch, &ns, named, value, state, depth + 1);
             }
         }
         ("union", value @ Value::Array(_)) => {
@@ -227,7 +285,7 @@ fn walk(
                 .filter(|b| kind(resolve(b, &ns, named).0) == "array")
                 .collect();
             if let [branch] = takes_array[..] {
-                walk(branch, &ns, named, value, changed, depth + 1);
+                walk(branch, &ns, named, value, state, depth + 1);
             }
         }
         _ => {}
@@ -285,6 +343,56 @@ mod tests {
                 "first_line": {"sku": "c", "qty": 1}
             }),
             "a decimal's default (bytes text) is not filled in"
+        );
+    }
+
+    #[test]
+    fn a_recursive_default_fills_a_bounded_number_of_fields() {
+        // Each N defaults to an N with two more fields to fill.
+        let schema = json!({"type": "record", "name": "N", "fields": [
+            {"name": "a", "type": "N", "default": {}},
+            {"name": "b", "type": "N", "default": {}}]});
+        let filled = fill(&schema, &json!({})).unwrap();
+        let mut count = 0;
+        let mut stack = vec![&filled];
+        while let Some(Value::Object(o)) = stack.pop() {
+            count += 1;
+            stack.extend(o.values());
+        }
+        assert!(count <= MAX_FILLED + 1, "{count}");
+    }
+
+    #[test]
+    fn floats_take_integers_and_defaults_holding_bytes_are_left_out() {
+        let schema = json!({"type": "record", "name": "R", "namespace": "", "fields": [
+            {"name": "discount", "type": "double", "default": 0},
+            {"name": "rate", "type": ["float", "null"], "default": 1},
+            {"name": "price", "type": "double"},
+            {"name": "money", "type": {"type": "record", "name": "M", "fields": [
+                {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal",
+                    "precision": 6, "scale": 2}}]},
+             "default": {"amount": "\u{0}"}},
+            {"name": "blobs", "type": {"type": "array", "items": "bytes"}, "default": []}
+        ]});
+        let filled = fill(&schema, &json!({"price": 3})).unwrap();
+        assert_eq!(filled, json!({"discount": 0.0, "rate": 1.0, "price": 3.0}));
+        assert!(filled["discount"].is_f64() && filled["price"].is_f64());
+    }
+
+    #[test]
+    fn an_empty_namespace_is_the_null_namespace() {
+        let schema = json!({"type": "record", "name": "Outer", "namespace": "shop",
+        "fields": [
+            {"name": "inner", "type": {"type": "record", "name": "X", "namespace": "",
+                "fields": [{"name": "y", "type": "Y"}, {"name": "z", "type": "int", "default": 1}]}},
+            {"name": "shop_x", "type": {"type": "record", "name": "Y",
+                "fields": [{"name": "w", "type": "int", "default": 2}]}}
+        ]});
+        // `Y` inside X (null namespace) is not shop.Y: nothing is filled there.
+        let filled = fill(&schema, &json!({"inner": {"y": {}}, "shop_x": {}})).unwrap();
+        assert_eq!(
+            filled,
+            json!({"inner": {"y": {}, "z": 1}, "shop_x": {"w": 2}})
         );
     }
 

@@ -18,9 +18,10 @@ use rust_decimal::Decimal as RustDecimal;
 use serde_avro_fast::schema::{LogicalType, RegularType, SchemaKey, SchemaMut};
 use serde_json::Value;
 
-/// Checks `value` against `schema`'s logical types. The error names the
-/// field (`lines[1].unit_price`) and what is wrong; a value of the wrong
-/// JSON kind is left to the encoder.
+/// Checks `value` against `schema`'s logical types and JSON kinds. The
+/// error names the field (`lines[1].unit_price`) and what is wrong; a
+/// top-level value of the wrong kind, and types whose JSON form is not
+/// checked here (`duration`), are left to the encoder.
 pub(crate) fn check(schema: &SchemaMut, value: &Value) -> Result<(), String> {
     let mut path = String::new();
     let mut memo = Memo::new();
@@ -221,6 +222,14 @@ fn named_kind(
     path: &str,
     fit: Fit,
 ) -> Fit {
+    // Types whose JSON form this check does not know (a `duration` is an
+    // object or array, as `decode_json` writes it): the encoder's to judge.
+    if matches!(
+        node.logical_type,
+        Some(LogicalType::Duration | LogicalType::BigDecimal | LogicalType::Unknown(_))
+    ) {
+        return fit;
+    }
     match fit {
         Fit::OtherKind => Fit::Bad(at(
             path,
@@ -470,5 +479,16 @@ mod tests {
         );
         // A value that is not a record at all is the encoder's to name.
         check(&schema(), &json!(5)).expect("left to the encoder");
+        // So is a duration: an object or array, as decode_json writes it.
+        let with_duration: SchemaMut = r#"{"type": "record", "name": "D", "fields": [
+            {"name": "d", "type": {"type": "fixed", "name": "F", "size": 12,
+                                   "logicalType": "duration"}}]}"#
+            .parse()
+            .expect("test schema parses");
+        check(
+            &with_duration,
+            &json!({"d": {"months": 1, "days": 2, "milliseconds": 3}}),
+        )
+        .expect("left to the encoder");
     }
 }
