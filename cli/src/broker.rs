@@ -289,7 +289,7 @@ async fn nats_topics(
                 partitions: args.partitions.unwrap_or(config.topics.partitions),
             };
             // Without --retention-ms, an existing stream keeps its own (as
-            // on Kafka): only what is asked for is compared.
+            // on Kafka): its retention is compared only when one is given.
             let existing = match args.retention_ms {
                 None if admin.list_topics().await?.contains(&spec.name) => {
                     Some(admin.describe_topic(&spec.name).await?.settings)

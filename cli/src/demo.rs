@@ -285,6 +285,7 @@ struct DemoOutbox {
     pool: sqlx::SqlitePool,
     outbox: keel_producers::outbox::sqlite::SqliteOutbox,
     path: std::path::PathBuf,
+    _files: Arc<OutboxFiles>,
     relay: Arc<Mutex<Option<RunningRelay>>>,
     stats: watch::Receiver<keel_producers::outbox::RelayStats>,
 }
@@ -310,6 +311,8 @@ impl DemoOutbox {
             std::process::id(),
             EventId::new()
         ));
+        // Removed again if anything below fails.
+        let files = OutboxFiles(path.clone());
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)
@@ -347,6 +350,7 @@ impl DemoOutbox {
             let _ = stopped.await;
         }));
         Ok(DemoOutbox {
+            _files: Arc::new(files),
             pool,
             outbox,
             path,
@@ -414,18 +418,27 @@ impl DemoOutbox {
     }
 
     fn remove_files(&self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut file = self.path.clone().into_os_string();
-            file.push(suffix);
-            let _ = std::fs::remove_file(file);
-        }
+        remove_outbox_files(&self.path);
     }
 }
 
-impl Drop for DemoOutbox {
-    /// A run that failed half-way leaves no outbox file behind either.
+/// Removes the demo's outbox file when the last copy of the outbox is
+/// dropped, so a run that failed half-way leaves no file behind either
+/// (copies live in the writer task; the first one dropped must not take
+/// the file from the others).
+struct OutboxFiles(std::path::PathBuf);
+
+impl Drop for OutboxFiles {
     fn drop(&mut self) {
-        self.remove_files();
+        remove_outbox_files(&self.0);
+    }
+}
+
+fn remove_outbox_files(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.to_path_buf().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
     }
 }
 

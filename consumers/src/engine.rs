@@ -560,7 +560,7 @@ impl Engine {
             };
             if previous_waits {
                 ps.ready.insert(record.offset);
-            } else if queue.get(1).is_some_and(|p| ps.retry_at.contains_key(p))
+            } else if queue.iter().skip(1).any(|o| ps.retry_at.contains_key(o))
                 && ps.fills(record.offset)
             {
                 // It waits for its key's retry, which a fill does not wait
@@ -1388,8 +1388,14 @@ mod tests {
         assert_eq!(e.remove(&[0]), vec![(0, 8)]);
     }
 
-    #[tokio::test]
-    async fn a_late_record_behind_a_retry_ends_the_fill_before_it() {
+    /// Partition 0 holding b's 0, a's 3 and c's 4, all begun; a's 3
+    /// failed and waits a minute for its retry.
+    async fn b0_c4_running_a3_waiting() -> (
+        Arc<Engine>,
+        UnboundedReceiverStream<Result<Delivery>>,
+        Delivery,
+        Delivery,
+    ) {
         let (e, mut rx) = engine(10, 100);
         e.assign(&[(0, Some(0))]);
         for (offset, key) in [(0, "b"), (3, "a"), (4, "c")] {
@@ -1401,10 +1407,18 @@ mod tests {
         let c4 = rx.next().await.unwrap().unwrap();
         assert!(b0.begin() && a3.begin() && c4.begin());
         a3.nack_with_delay(Duration::from_secs(60));
+        (e, rx, b0, c4)
+    }
+
+    #[tokio::test]
+    async fn a_late_record_behind_a_retry_ends_the_fill_before_it() {
+        let (e, _rx, b0, c4) = b0_c4_running_a3_waiting().await;
         c4.ack();
         e.start_revoking(&[0], true);
-        // a's 1 arrives during the fill, below its line (3), and can only
-        // follow a's retry: the fill does not wait for it.
+        // a's 2 arrives during the fill, below its line (3), and can only
+        // follow a's retry: the fill does not wait for it. Nor for a's 1,
+        // which then arrives before a's 2.
+        assert!(e.ingest(0, record(2, "a")).is_empty());
         assert!(e.ingest(0, record(1, "a")).is_empty());
         b0.ack();
         assert!(
@@ -1418,17 +1432,7 @@ mod tests {
     async fn a_retry_ends_the_fill_at_its_keys_head() {
         // a's 3 fails and waits; a late record of a (offset 1) arrives
         // before it, so a's head is 1: the fill stops there, not at 3.
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "b"), (3, "a"), (4, "c")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let b0 = rx.next().await.unwrap().unwrap();
-        let a3 = rx.next().await.unwrap().unwrap();
-        let c4 = rx.next().await.unwrap().unwrap();
-        assert!(b0.begin() && a3.begin() && c4.begin());
-        a3.nack_with_delay(Duration::from_secs(60));
+        let (e, _rx, b0, c4) = b0_c4_running_a3_waiting().await;
         let out = e.ingest(0, record(1, "a"));
         assert!(out.is_empty(), "a waits for its retry");
         c4.ack();
