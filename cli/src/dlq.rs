@@ -519,7 +519,7 @@ fn skipped(foreign: usize) -> anyhow::Result<()> {
     bail!(
         "{foreign} selected dead letters were skipped (listed above): they do not name the topic \
          they came from; publish them yourself (`keel dlq list` shows them) or leave them out \
-         with --type, --key, --since or --until"
+         with --type, --key, --reason, --since or --until"
     )
 }
 

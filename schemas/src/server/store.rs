@@ -143,6 +143,13 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store> {
         install_default_drivers();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // One direct connection first: its error says why (refused, no
+            // such database, authentication), where the pool retries a
+            // refused connection until its timeout and then says only that.
+            {
+                use sqlx::Connection;
+                sqlx::AnyConnection::connect(url).await?.close().await.ok();
+            }
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
@@ -679,6 +686,16 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refused_database_connection_says_so() {
+        let e = Store::connect("postgres://postgres@127.0.0.1:1/x")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.to_lowercase().contains("refused"), "{e}");
+    }
 
     #[tokio::test]
     async fn a_sqlite_url_without_a_file_or_with_options_is_refused() {
