@@ -1182,6 +1182,33 @@ mod tests {
         drop(queued);
     }
 
+    /// Partition 0 holding `records`, with the first `N` dispatched
+    /// taken and begun.
+    async fn begun<const N: usize>(
+        records: &[(i64, &str)],
+    ) -> (
+        Arc<Engine>,
+        UnboundedReceiverStream<Result<Delivery>>,
+        [Delivery; N],
+    ) {
+        let (e, mut rx) = engine(10, 100);
+        e.assign(&[(0, Some(0))]);
+        for &(offset, key) in records {
+            let out = e.ingest(0, record(offset, key));
+            e.send(out);
+        }
+        let mut out = Vec::new();
+        for _ in 0..N {
+            let d = rx.next().await.unwrap().unwrap();
+            assert!(d.begin());
+            out.push(d);
+        }
+        let Ok(out) = <[Delivery; N]>::try_from(out) else {
+            unreachable!("N deliveries taken")
+        };
+        (e, rx, out)
+    }
+
     /// Partition 0 holding a's 0 and 1 and b's 2, with a's 0 and b's 2
     /// out and begun (a's 1 waits for a's 0).
     async fn a0_a1_b2_running() -> (
@@ -1190,15 +1217,7 @@ mod tests {
         Delivery,
         Delivery,
     ) {
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "a"), (1, "a"), (2, "b")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let a0 = rx.next().await.unwrap().unwrap();
-        let b2 = rx.next().await.unwrap().unwrap();
-        assert!(a0.begin() && b2.begin());
+        let (e, rx, [a0, b2]) = begun(&[(0, "a"), (1, "a"), (2, "b")]).await;
         (e, rx, a0, b2)
     }
 
@@ -1396,16 +1415,7 @@ mod tests {
         Delivery,
         Delivery,
     ) {
-        let (e, mut rx) = engine(10, 100);
-        e.assign(&[(0, Some(0))]);
-        for (offset, key) in [(0, "b"), (3, "a"), (4, "c")] {
-            let out = e.ingest(0, record(offset, key));
-            e.send(out);
-        }
-        let b0 = rx.next().await.unwrap().unwrap();
-        let a3 = rx.next().await.unwrap().unwrap();
-        let c4 = rx.next().await.unwrap().unwrap();
-        assert!(b0.begin() && a3.begin() && c4.begin());
+        let (e, rx, [b0, a3, c4]) = begun(&[(0, "b"), (3, "a"), (4, "c")]).await;
         a3.nack_with_delay(Duration::from_secs(60));
         (e, rx, b0, c4)
     }

@@ -262,29 +262,23 @@ fn walk(
                 }
             }
         }
-        ("union", value @ Value::Object(_)) => {
-            // The one branch an object can be (a record or a map); with
-            // several, which one is the encoder's to decide.
+        ("union", value) => {
+            // The one branch of the value's JSON kind (a record or map for
+            // an object, an array, a number); with several, which one is
+            // the encoder's to decide.
             let Value::Array(branches) = node else {
                 return;
             };
-            let takes_object: Vec<&Value> = branches
-                .iter()
-                .filter(|b| matches!(kind(resolve(b, &ns, named).0), "record" | "error" | "map"))
-                .collect();
-            if let [branch] = takes_object[..] {
-                walk(branch, &ns, named, value, state, depth + 1);
-            }
-        }
-        ("union", value @ Value::Array(_)) => {
-            let Value::Array(branches) = node else {
-                return;
+            let takes: &[&str] = match value {
+                Value::Object(_) => &["record", "error", "map"],
+                Value::Array(_) => &["array"],
+                Value::Number(_) => &["int", "long", "float", "double"],
+                _ => return,
             };
-            let takes_array: Vec<&Value> = branches
+            let mut of_kind = branches
                 .iter()
-                .filter(|b| kind(resolve(b, &ns, named).0) == "array")
-                .collect();
-            if let [branch] = takes_array[..] {
+                .filter(|b| takes.contains(&kind(resolve(b, &ns, named).0)));
+            if let (Some(branch), None) = (of_kind.next(), of_kind.next()) {
                 walk(branch, &ns, named, value, state, depth + 1);
             }
         }
@@ -368,15 +362,21 @@ mod tests {
             {"name": "discount", "type": "double", "default": 0},
             {"name": "rate", "type": ["float", "null"], "default": 1},
             {"name": "price", "type": "double"},
+            {"name": "tip", "type": ["null", "double"]},
+            {"name": "count", "type": ["null", "long", "double"]},
             {"name": "money", "type": {"type": "record", "name": "M", "fields": [
                 {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal",
                     "precision": 6, "scale": 2}}]},
              "default": {"amount": "\u{0}"}},
             {"name": "blobs", "type": {"type": "array", "items": "bytes"}, "default": []}
         ]});
-        let filled = fill(&schema, &json!({"price": 3})).unwrap();
-        assert_eq!(filled, json!({"discount": 0.0, "rate": 1.0, "price": 3.0}));
+        let filled = fill(&schema, &json!({"price": 3, "tip": 2, "count": 5})).unwrap();
+        assert_eq!(
+            filled,
+            json!({"discount": 0.0, "rate": 1.0, "price": 3.0, "tip": 2.0, "count": 5})
+        );
         assert!(filled["discount"].is_f64() && filled["price"].is_f64());
+        assert!(filled["tip"].is_f64() && filled["count"].is_i64());
     }
 
     #[test]
