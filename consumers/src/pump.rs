@@ -215,6 +215,15 @@ where
                             }
                         }
                         () = deadline(&mut last_call), if last_call.is_some() => break 'pump Ok(()),
+                        // Leaving, and the permits held by other pumps (the
+                        // pool is shared): this pump's own handler ending may
+                        // be the last settlement the leave waits for.
+                        Some(result) = tasks.join_next_with_id(), if last_call.is_some() => {
+                            finished(&mut running, result);
+                            if deliveries.ready_to_leave() {
+                                break 'pump Ok(());
+                            }
+                        }
                         // Handlers stuck on a partition no longer owned
                         // may be what holds the permits.
                         Some(owned) = assignment.next() => {
@@ -777,6 +786,73 @@ mod tests {
             .expect("the pump leaves once nothing is left to settle")
             .unwrap()
             .unwrap();
+    }
+
+    /// A leaving pump waiting for a permit of a pool other pumps hold
+    /// leaves once its own handler settled what the leave needs, not at
+    /// the drain timeout; the delivery it held is dropped, not begun.
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_waiting_for_a_shared_permit_ends_when_its_own_handlers_settle() {
+        let owner = Arc::new(Owner::default());
+        owner.owned.lock().unwrap().extend([1, 2]);
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (_assigned, assignment) = tokio::sync::watch::channel(Default::default());
+        let stream = Deliveries::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            assignment,
+            Box::new(Filling {
+                owner: owner.clone(),
+                leaving: leaving.clone(),
+                needed: vec![1],
+                drain: Duration::from_secs(60),
+            }),
+        );
+        // A pool of two, one permit held by another pump's handler.
+        let permits = Arc::new(Semaphore::new(2));
+        let _elsewhere = permits.clone().try_acquire_owned().unwrap();
+        tx.send(Ok(delivery_on(&owner, 1, 0))).unwrap();
+        tx.send(Ok(delivery_on(&owner, 2, 0))).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let pumping = tokio::spawn(pump(
+            stream,
+            permits,
+            async {
+                let _ = stopped.await;
+            },
+            move |item| {
+                let (ran, released) = (ran_tx.clone(), released.clone());
+                async move {
+                    let Item::Event(d) = item else { return };
+                    let _ = ran.send(d.info().coordinates.position);
+                    if let Some(released) = released.lock().await.take() {
+                        let _ = released.await;
+                    }
+                    d.ack();
+                }
+            },
+        ));
+        assert_eq!(ran.recv().await, Some(1));
+        // Delivery 2 is read and waits for a permit; then the shutdown.
+        stop.send(()).unwrap();
+        while !leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        release.send(()).unwrap();
+        pumping.await.unwrap().unwrap();
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
+        assert_eq!(*owner.begun.lock().unwrap(), vec![1]);
+        // 1 acked; 2 dropped unbegun, which nacks it for the next owner.
+        let settled = owner.settled.lock().unwrap();
+        assert!(
+            matches!(settled[..], [(1, Outcome::Ack), (2, Outcome::Nack { .. })]),
+            "{settled:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
