@@ -306,6 +306,7 @@ impl DemoOutbox {
     async fn open(publisher: Arc<dyn Publisher>) -> anyhow::Result<Self> {
         use keel_producers::outbox::sqlite::{SqliteOutbox, migrate_sqlite};
         use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
+        use sqlx::ConnectOptions as _;
         let path = std::env::temp_dir().join(format!(
             "keel-demo-outbox-{}-{}.db",
             std::process::id(),
@@ -316,7 +317,10 @@ impl DemoOutbox {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            // The demo loads its outbox on purpose: sqlx's "slow
+            // statement" warnings would only interleave with its report.
+            .log_slow_statements(log::LevelFilter::Off, std::time::Duration::MAX);
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)

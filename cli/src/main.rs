@@ -237,7 +237,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(run(cli));
     let mut code = ExitCode::SUCCESS;
     if let Err(e) = outcome {
-        note!("error: {e:#}");
+        note!("error: {}", report(&e));
         code = ExitCode::FAILURE;
     }
     if let Some(e) = output::failure() {
@@ -259,7 +259,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .partitions
                 .map(|partitions| TopicOverrides { partitions });
             let config = load_config(cli.config, &overrides)?;
-            demo::run(&config, &args).await
+            // Interrupted, the run is dropped here and its tasks with the
+            // runtime, which removes the demo's outbox file.
+            tokio::select! {
+                outcome = demo::run(&config, &args) => outcome,
+                () = registry::shutdown_signal() => {
+                    anyhow::bail!("interrupted: the demo stopped before its checks ran")
+                }
+            }
         }
         Command::Registry(command) => {
             let config = load_config(cli.config, &overrides)?;
@@ -338,6 +345,21 @@ fn load_config(file: Option<PathBuf>, overrides: &Overrides) -> anyhow::Result<K
     Ok(KeelConfig::load_with(file.as_deref(), overrides)?)
 }
 
+/// `e` and its causes, each said once: errors that already put their
+/// source into their own text (`"cannot publish: broker down"` over
+/// `"broker down"`) would otherwise repeat it, as `{e:#}` does.
+fn report(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn init_tracing() {
     let filter = match EnvFilter::try_from_default_env() {
         Ok(filter) => filter,
@@ -359,10 +381,28 @@ fn init_tracing() {
 mod tests {
     use clap::CommandFactory;
 
-    use super::Cli;
+    use super::{Cli, report};
 
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let inner = std::io::Error::other("connection refused");
+        let repeated = anyhow::Error::new(inner)
+            .context("cannot reach the broker: connection refused")
+            .context("keel publish failed");
+        assert_eq!(
+            report(&repeated),
+            "keel publish failed: cannot reach the broker: connection refused"
+        );
+        let distinct = anyhow::Error::new(std::io::Error::other("connection refused"))
+            .context("cannot reach the broker");
+        assert_eq!(
+            report(&distinct),
+            "cannot reach the broker: connection refused"
+        );
     }
 }

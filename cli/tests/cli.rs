@@ -106,6 +106,48 @@ fn demo_prints_what_it_proved() {
     }
 }
 
+/// A demo stopped by Ctrl-C (SIGINT) says so, fails, and leaves no outbox
+/// file in the temp directory.
+#[test]
+fn an_interrupted_demo_leaves_no_file_behind() {
+    let dir = scratch();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).expect("create the demo's temp directory");
+    let tmp_text = tmp.to_str().expect("a UTF-8 path");
+    let child = command(
+        &["demo", "--events", "5000000", "--keys", "1000"],
+        dir.path(),
+        &[("TMPDIR", tmp_text)],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start keel");
+    let files = || std::fs::read_dir(&tmp).map_or(0, Iterator::count);
+    let started = std::time::Instant::now();
+    while files() == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the demo made no outbox file in {tmp_text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Well into its run: the outbox is being written and relayed.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let pid = child.id().to_string();
+    let kill = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(kill.expect("run kill").success());
+    let out = child.wait_with_output().expect("keel ends");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read the temp directory")
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 #[test]
 fn help_and_version_work() {
     let dir = scratch();
