@@ -333,7 +333,13 @@ fn local_with_references(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let schema = load_file(file)?;
-    let siblings = load_dir(dir)?;
+    let siblings = load_dir(dir).with_context(|| {
+        format!(
+            "{} may use types the other .avsc files in {} define, so they are read with it",
+            file.display(),
+            dir.display()
+        )
+    })?;
     let deps = dependencies(&schema, &siblings)?;
     let references: Vec<SchemaReference> = deps
         .iter()
@@ -477,4 +483,34 @@ async fn diff_command(client: &RegistryClient, args: DiffArgs) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_with_references;
+
+    /// A broken file beside the one checked fails the check, and the
+    /// error says why that file was read at all.
+    #[test]
+    fn a_broken_sibling_is_named_with_why_it_was_read() {
+        use std::hash::{BuildHasher, RandomState};
+        let unique = RandomState::new().hash_one(std::process::id());
+        let dir = std::env::temp_dir().join(format!("keel-schema-{unique:016x}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("Good.avsc");
+        std::fs::write(
+            &good,
+            r#"{"type": "record", "name": "Good", "fields": [{"name": "a", "type": "int"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("Broken.avsc"), "{ not json").unwrap();
+        let outcome = local_with_references(&good);
+        let _ = std::fs::remove_dir_all(&dir);
+        let Err(e) = outcome else {
+            panic!("a folder with a broken file was read as if whole")
+        };
+        let e = format!("{e:#}");
+        assert!(e.contains("Broken.avsc is not JSON"), "{e}");
+        assert!(e.contains("may use types the other .avsc files"), "{e}");
+    }
 }

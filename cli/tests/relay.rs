@@ -243,7 +243,8 @@ fn relay_refuses_bad_settings_by_name() {
                 "--schema",
                 "Robert'); DROP TABLE students;--",
             ],
-            "outbox.schema",
+            // The setting and the flag that sets it.
+            "outbox.schema (keel's --schema)",
         ),
     ];
     for (args, expected) in cases {

@@ -62,9 +62,9 @@ impl OutboxTables {
     /// [`MAX_IDENTIFIER_LEN`] characters, and not start with `pg_`.
     pub fn new(schema: &str, outbox: &str, inbox: &str) -> Result<Self> {
         for (setting, name) in [
-            ("outbox.schema", schema),
-            ("outbox.table", outbox),
-            ("outbox.inbox_table", inbox),
+            ("outbox.schema (keel's --schema)", schema),
+            ("outbox.table (keel's --table)", outbox),
+            ("outbox.inbox_table (keel's --inbox-table)", inbox),
         ] {
             check_identifier(setting, name)?;
         }
