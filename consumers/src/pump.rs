@@ -734,10 +734,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_leave_first_runs_what_the_transport_still_delivers() {
-        let owner = Arc::new(Owner::default());
-        owner.owned.lock().unwrap().extend([1, 2, 3]);
+    /// Deliveries fed through the returned sender, of a [`Filling`] member
+    /// owning `owned` that is ready to leave once `needed` are settled
+    /// (drain timeout `drain` seconds); and the flag set when it starts
+    /// leaving.
+    fn filling(
+        owner: &Arc<Owner>,
+        owned: &[u64],
+        needed: Vec<u64>,
+        drain: u64,
+    ) -> (
+        Deliveries,
+        tokio::sync::mpsc::UnboundedSender<Result<Delivery>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        owner.owned.lock().unwrap().extend(owned);
         let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (_assigned, assignment) = tokio::sync::watch::channel(Default::default());
@@ -747,10 +758,17 @@ mod tests {
             Box::new(Filling {
                 owner: owner.clone(),
                 leaving: leaving.clone(),
-                needed: vec![2, 3],
-                drain: Duration::from_secs(30),
+                needed,
+                drain: Duration::from_secs(drain),
             }),
         );
+        (stream, tx, leaving)
+    }
+
+    #[tokio::test]
+    async fn a_leave_first_runs_what_the_transport_still_delivers() {
+        let owner = Arc::new(Owner::default());
+        let (stream, tx, leaving) = filling(&owner, &[1, 2, 3], vec![2, 3], 30);
         tx.send(Ok(delivery_on(&owner, 1, 0))).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
@@ -794,20 +812,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_leave_waiting_for_a_shared_permit_ends_when_its_own_handlers_settle() {
         let owner = Arc::new(Owner::default());
-        owner.owned.lock().unwrap().extend([1, 2]);
-        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (_assigned, assignment) = tokio::sync::watch::channel(Default::default());
-        let stream = Deliveries::new(
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-            assignment,
-            Box::new(Filling {
-                owner: owner.clone(),
-                leaving: leaving.clone(),
-                needed: vec![1],
-                drain: Duration::from_secs(60),
-            }),
-        );
+        let (stream, tx, leaving) = filling(&owner, &[1, 2], vec![1], 60);
         // A pool of two, one permit held by another pump's handler.
         let permits = Arc::new(Semaphore::new(2));
         let _elsewhere = permits.clone().try_acquire_owned().unwrap();
