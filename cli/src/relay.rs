@@ -64,9 +64,13 @@ impl OutboxDb {
             );
         }
         if !sqlite && !postgres {
+            let sqlite_note = if database.starts_with("sqlite:") {
+                "; a SQLite outbox is relayed by its own process (OutboxRelay::sqlite)"
+            } else {
+                ""
+            };
             bail!(
-                "--database {}: `{command}` runs on a PostgreSQL outbox (postgres://…); a SQLite \
-                 outbox is relayed by its own process (OutboxRelay::sqlite)",
+                "--database {}: `{command}` runs on a PostgreSQL outbox (postgres://…){sqlite_note}",
                 redact(&database)
             );
         }
@@ -166,7 +170,6 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         ..defaults
     };
     relay_config.validate()?;
-    let publisher = crate::broker::publisher(config, "relay", relay_config.publish_timeout).await?;
     let (pool, options) = connect(&database).await?;
     if !args.no_migrate {
         tables.migrate(&pool).await?;
@@ -184,6 +187,13 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
             .install()
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
     }
+    // After the metrics listener: it answers while the relay waits for its
+    // broker.
+    let mut shutdown = std::pin::pin!(crate::registry::shutdown_signal());
+    let Some(publisher) = publisher(config, &relay_config, shutdown.as_mut()).await? else {
+        note!("keel relay: stopped before the broker could be reached");
+        return Ok(());
+    };
     let relay = OutboxRelay::new(pool, tables.clone(), publisher, relay_config)?;
     note!(
         "relaying {} in database `{}` on {}:{} to {} (Ctrl-C to stop)",
@@ -193,6 +203,36 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         options.get_port(),
         config.broker.redacted()
     );
-    relay.run(crate::registry::shutdown_signal()).await?;
+    relay.run(shutdown).await?;
     Ok(())
+}
+
+/// The relay's publisher. A broker that cannot be reached at start (NATS
+/// connects at once; Kafka's client connects lazily and backs off in the
+/// relay itself) is tried again, 100 ms doubling to 30 s, as the relay backs
+/// off from a broker that goes away later; `None` if `shutdown` came first.
+/// Settings the broker client refuses still fail at once.
+async fn publisher(
+    config: &KeelConfig,
+    relay: &RelayConfig,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<Option<std::sync::Arc<dyn keel_core::transport::Publisher>>> {
+    let mut wait = relay.backoff_min;
+    loop {
+        match crate::broker::publisher(config, "relay", relay.publish_timeout).await {
+            Ok(publisher) => return Ok(Some(publisher)),
+            Err(e)
+                if e.downcast_ref::<keel_core::Error>()
+                    .is_some_and(keel_core::Error::is_retriable) =>
+            {
+                tracing::warn!(error = %e, retry_in = ?wait, "the broker cannot be reached; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.as_mut() => return Ok(None),
+                }
+                wait = (wait * 2).min(relay.backoff_max);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -98,48 +98,8 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
     // (the archive comes with the last migration, each of which commits on
     // its own: the leases table of the first is not enough).
     let pool = PgPool::connect(&url).await.expect("connect");
-    let started = Instant::now();
-    loop {
-        let ready: bool =
-            sqlx::query_scalar("SELECT to_regclass('keel.outbox_archive') IS NOT NULL")
-                .fetch_one(&pool)
-                .await
-                .expect("query");
-        if ready {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "keel relay never created its tables"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let outbox = Outbox::new(OutboxTables::default(), local_codec());
-    let mut tx = pool.begin().await.expect("begin");
-    for i in 0..3 {
-        let event = Envelope::new("test.Event", format!("k{i}"), format!("{i}"));
-        outbox
-            .enqueue(&mut tx, &topic, &event)
-            .await
-            .expect("enqueue");
-    }
-    tx.commit().await.expect("commit");
-
-    let started = Instant::now();
-    loop {
-        let published: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox_archive")
-            .fetch_one(&pool)
-            .await
-            .expect("query");
-        if published == 3 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{published} of 3 published"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    enqueue_three_once_migrated(&pool, &topic).await;
+    wait_for_archived(&pool, 3, Duration::from_secs(30)).await;
     // The counter moves after the mark's commit returns: polled.
     let started = Instant::now();
     let metrics = loop {
@@ -201,6 +161,131 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
     .await
     .expect("NATS admin");
     admin.delete_topic(&topic).await.expect("delete the stream");
+    drop_database(&url).await;
+}
+
+/// Once the relay has migrated the outbox (the archive comes with the last
+/// migration, each of which commits on its own: the leases table of the
+/// first is not enough), enqueues three events for `topic`.
+async fn enqueue_three_once_migrated(pool: &PgPool, topic: &str) {
+    let started = Instant::now();
+    loop {
+        let ready: bool =
+            sqlx::query_scalar("SELECT to_regclass('keel.outbox_archive') IS NOT NULL")
+                .fetch_one(pool)
+                .await
+                .expect("query");
+        if ready {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "keel relay never created its tables"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let outbox = Outbox::new(OutboxTables::default(), local_codec());
+    let mut tx = pool.begin().await.expect("begin");
+    for i in 0..3 {
+        let event = Envelope::new("test.Event", format!("k{i}"), format!("{i}"));
+        outbox
+            .enqueue(&mut tx, topic, &event)
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+}
+
+/// Waits until `n` rows were published (moved to the archive), at most
+/// `limit`.
+async fn wait_for_archived(pool: &PgPool, n: i64, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let published: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.outbox_archive")
+            .fetch_one(pool)
+            .await
+            .expect("query");
+        if published == n {
+            break;
+        }
+        assert!(started.elapsed() < limit, "{published} of {n} published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A relay started while its NATS server is down keeps trying (as it backs
+/// off from a broker that goes away later) instead of exiting, and
+/// publishes what was committed meanwhile once the server is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_while_nats_is_down_publishes_once_it_is_up() {
+    let url = database().await;
+    let topic = format!("cli-relay-late-{:016x}", rand_u64());
+    let port = free_port();
+    let nats = format!("nats://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("keel-relay-late-{:016x}.log", rand_u64()));
+    let mut relay = keel()
+        .args(["--broker", &nats, "relay", "--database", &url])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
+        .spawn()
+        .expect("start keel relay");
+    let pool = PgPool::connect(&url).await.expect("connect");
+    enqueue_three_once_migrated(&pool, &topic).await;
+    // Down for a while: the relay waits, it does not give up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        relay.try_wait().expect("relay status").is_none(),
+        "the relay exited while the broker was down: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let store = std::env::temp_dir().join(format!("keel-nats-late-{:016x}", rand_u64()));
+    let mut server = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server (Debian's package puts it in /usr/sbin)");
+    let started = Instant::now();
+    loop {
+        let created = keel()
+            .args(["--broker", &nats, "topics", "create", &topic])
+            .output()
+            .expect("run keel");
+        if created.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cannot create the topic: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The relay's back-off is at most 30 s between tries.
+    wait_for_archived(&pool, 3, Duration::from_secs(60)).await;
+
+    let pid = relay.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = relay.wait().expect("wait");
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("the broker cannot be reached; trying again"),
+        "{stderr}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&store);
+    let _ = std::fs::remove_file(&log);
+    pool.close().await;
     drop_database(&url).await;
 }
 
@@ -493,8 +578,19 @@ fn outbox_commands_refuse_bad_settings_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_commands_name_a_missing_outbox_table() {
     let url = database().await;
+    let nats = env("KEEL_TEST_NATS", "point it at nats-server");
     for args in [
         &["outbox", "parked", "--database", &url][..],
+        // The relay told not to migrate: the outbox is what is missing
+        // (not, as it said, its archive).
+        &[
+            "--broker",
+            &nats,
+            "relay",
+            "--database",
+            &url,
+            "--no-migrate",
+        ][..],
         &[
             "outbox",
             "requeue",
