@@ -199,18 +199,6 @@ pub(crate) async fn publisher(
     })
 }
 
-async fn connect_publisher(broker: Broker) -> anyhow::Result<std::sync::Arc<dyn Publisher>> {
-    Ok(match broker {
-        Broker::Kafka(client) => std::sync::Arc::new(KafkaPublisher::new(KafkaPublisherConfig {
-            client,
-            ..KafkaPublisherConfig::default()
-        })?),
-        Broker::Nats(client) => std::sync::Arc::new(
-            JetStreamPublisher::connect(JetStreamPublisherConfig::new(client)).await?,
-        ),
-    })
-}
-
 pub(crate) fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
         BrokerUrl::Kafka { bootstrap } => Ok(Broker::Kafka(KafkaClientConfig {
@@ -487,7 +475,8 @@ pub(crate) async fn publish(
     registry: RegistryClient,
     args: PublishArgs,
 ) -> anyhow::Result<()> {
-    let broker = broker(config, "publish")?;
+    // A broker is configured: checked before the input is read.
+    broker(config, "publish")?;
     let registry = Arc::new(registry);
     let subject = args
         .subject
@@ -560,7 +549,7 @@ pub(crate) async fn publish(
     if events.is_empty() {
         bail!("no events to publish: the input is empty");
     }
-    let publisher = connect_publisher(broker).await?;
+    let publisher = publisher(config, "publish", config.publisher.ack_timeout()).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
     let receipts = publisher.publish_batch(&args.topic, events).await?;
     for (receipt, id) in receipts.iter().zip(ids) {
@@ -812,6 +801,9 @@ pub(crate) async fn tail(
         )
         .await?;
     let mut printed = 0;
+    // The registry failing to answer: no fault of the event, so not shown
+    // as undecodable (nor committed, with --group); the tail stops there.
+    let mut failed = None;
     // Ctrl-C or SIGTERM: either way the tail leaves its group.
     let stop = crate::registry::shutdown_signal();
     tokio::pin!(stop);
@@ -827,6 +819,10 @@ pub(crate) async fn tail(
                 let info = delivery.info();
                 let event = match codec.decode_json(e.payload()).await {
                     Ok(v) => v,
+                    Err(err) if err.is_retriable() => {
+                        failed = Some((info.coordinates.clone(), err));
+                        break; // dropped unsettled: not committed
+                    }
                     Err(err) => json!({"undecodable": err.to_string()}),
                 };
                 let line = json!({
@@ -876,7 +872,15 @@ pub(crate) async fn tail(
         printed += 1;
     }
     deliveries.leave().await?;
-    reader.clean_up(&args.topic).await
+    reader.clean_up(&args.topic).await?;
+    match failed {
+        Some((at, e)) => Err(anyhow::Error::new(e).context(format!(
+            "{printed} events printed, then the schema registry failed on partition {} at {}; \
+             nothing from there on was committed: run the tail again once it answers",
+            at.partition, at.position
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

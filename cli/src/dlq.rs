@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use keel_consumers::router::DeadLetterReason;
 use keel_consumers::router::dead_letter::{self, headers};
 use keel_core::{Error, KeelConfig, RawRecord, StartFrom, Subscription, wire};
-use keel_schemas::{AvroCodec, CodecOptions, RegistryClient};
+use keel_schemas::{AvroCodec, CodecOptions, RegistryClient, SchemaError};
 use serde_json::{Value, json};
 
 use crate::broker::{self, Broker, End};
@@ -261,6 +261,7 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let mut printed = 0;
     let mut left_out = LeftOut::default();
+    let mut failed = None;
     read_dead_letters(config, &topic, async |dead| {
         if dead_letter::is_redrive_marker(&dead.record) {
             return true;
@@ -270,7 +271,13 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
             left_out.count(&pick);
             return true;
         }
-        let line = describe(&dead, &codec).await;
+        let line = match describe(&dead, &codec).await {
+            Ok(line) => line,
+            Err(e) => {
+                failed = Some(e);
+                return false;
+            }
+        };
         say!("{line}");
         if crate::output::stopped() {
             return false; // a closed pipe (`keel dlq list | head`)
@@ -279,6 +286,12 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
         true
     })
     .await?;
+    if let Some(e) = failed {
+        return Err(anyhow::Error::new(e).context(format!(
+            "{printed} dead letters listed from {topic}, then the schema registry failed; \
+             run the command again once it answers"
+        )));
+    }
     note!("{printed} dead letters listed from {topic}");
     left_out.report(
         &topic,
@@ -287,10 +300,14 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     Ok(())
 }
 
-async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
+/// A letter as `dlq list` prints it; fails only when the registry cannot
+/// answer (no fault of the letter: every later one would show as
+/// undecodable too).
+async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Result<Value, SchemaError> {
     let r = &dead.record;
     let event = match codec.decode_json(&r.payload).await {
         Ok(v) => v,
+        Err(e) if e.is_retriable() => return Err(e),
         Err(e) => json!({ "undecodable": e.to_string() }),
     };
     let other: HashMap<&str, String> = r
@@ -299,7 +316,7 @@ async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
         .filter(|(n, _)| !n.starts_with("keel-") && !n.eq_ignore_ascii_case("nats-msg-id"))
         .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v).into_owned()))
         .collect();
-    json!({
+    Ok(json!({
         "dlq_partition": dead.partition,
         "dlq_position": dead.position,
         "reason": r.header(headers::REASON),
@@ -315,7 +332,7 @@ async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Value {
         "type": r.header(wire::EVENT_TYPE),
         "headers": other,
         "event": event,
-    })
+    }))
 }
 
 /// Reads the dead-letter topic twice: first to pick the letters (keeping
@@ -400,7 +417,8 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
         );
         return skipped(foreign.len());
     }
-    let publisher = broker::publisher(config, "dlq redrive", Duration::from_secs(30)).await?;
+    let publisher =
+        broker::publisher(config, "dlq redrive", config.publisher.ack_timeout()).await?;
     let progress = ProgressBar::new(selected.len() as u64).with_style(
         ProgressStyle::with_template(
             "{spinner} redriving {pos}/{len} dead letters {wide_bar} {eta}",

@@ -694,6 +694,33 @@ fn broker_commands(broker: &str, partitions: usize) {
         stderr.contains("line 1") && stderr.contains("field `price`: 1.005 has 3 decimal places"),
         "{stderr}"
     );
+    if !broker.starts_with("nats://") {
+        // publisher.ack_timeout_ms bounds how long `keel publish` waits
+        // for a broker that does not answer (it was ignored: 30 s always).
+        std::fs::write(&bad, "{\"id\":\"x\",\"n\":1}\n").expect("write");
+        let started = std::time::Instant::now();
+        let out = keel(
+            &[
+                "--broker",
+                "kafka://127.0.0.1:1",
+                "publish",
+                "--topic",
+                &topic,
+                "--file",
+                &bad_arg,
+                "--key",
+                "x",
+            ],
+            dir.path(),
+            &[env[0], ("KEEL_PUBLISHER__ACK_TIMEOUT_MS", "1000")],
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("timed out"), "{stderr}");
+        // 1 s asked; the default would be 30 s.
+        let waited = started.elapsed();
+        assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
+    }
     // No schema under the topic's default subject: the hint names both ways.
     let other = format!("{topic}-other");
     let out = keel(
@@ -767,6 +794,46 @@ fn broker_commands(broker: &str, partitions: usize) {
     assert_eq!(reset.lines().count(), partitions, "{reset}");
     assert!(run(&["group", "list"]).contains(&group));
     // The reset group reads everything again.
+    let again = run(&[
+        "tail", "--topic", &topic, "--group", &group, "--count", "10",
+    ]);
+    assert_eq!(again.lines().count(), 10, "{again}");
+
+    // The registry down: the tail stops with the reason and commits
+    // nothing it could not decode (each event used to be printed as
+    // undecodable and committed as read).
+    run(&[
+        "group",
+        "reset",
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--to-earliest",
+    ]);
+    let out = keel(
+        &[
+            "--registry",
+            "http://127.0.0.1:1",
+            "tail",
+            "--topic",
+            &topic,
+            "--group",
+            &group,
+            "--count",
+            "10",
+        ],
+        dir.path(),
+        &env,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the schema registry failed")
+            && stderr.contains("nothing from there on was committed"),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "");
     let again = run(&[
         "tail", "--topic", &topic, "--group", &group, "--count", "10",
     ]);
@@ -992,6 +1059,25 @@ fn dlq_commands(
     assert_eq!(only_topic.lines().count(), 4, "{only_topic}");
     let other = run(&["dlq", "list", "--dlq-topic", &dlq, "--topic", "elsewhere"]);
     assert_eq!(other.lines().count(), 0, "{other}");
+    // The registry down: the listing stops with the reason rather than
+    // show every letter as undecodable and succeed.
+    let out = status(&[
+        "--registry",
+        "http://127.0.0.1:1",
+        "dlq",
+        "list",
+        "--topic",
+        topic,
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the schema registry failed"), "{stderr}");
+    // (A poison letter, undecodable without the registry, may come first.)
+    assert!(
+        !text(&out.stdout).contains("unreachable"),
+        "{}",
+        text(&out.stdout)
+    );
     for line in &listed[..2] {
         assert_eq!(line["reason"], "retries-exhausted");
         assert_eq!(line["error"], "handler failed: boom");
