@@ -782,15 +782,18 @@ fn broker_commands(broker: &str, partitions: usize) {
         assert!(never.contains("has committed nothing"), "{never}");
     }
     assert!(lag.contains("events behind"), "{lag}");
-    let reset = run(&[
-        "group",
-        "reset",
-        "--group",
-        &group,
-        "--topic",
-        &topic,
-        "--to-earliest",
-    ]);
+    let reset_to_earliest = || {
+        run(&[
+            "group",
+            "reset",
+            "--group",
+            &group,
+            "--topic",
+            &topic,
+            "--to-earliest",
+        ])
+    };
+    let reset = reset_to_earliest();
     assert_eq!(reset.lines().count(), partitions, "{reset}");
     assert!(run(&["group", "list"]).contains(&group));
     // The reset group reads everything again.
@@ -802,15 +805,7 @@ fn broker_commands(broker: &str, partitions: usize) {
     // The registry down: the tail stops with the reason and commits
     // nothing it could not decode (each event used to be printed as
     // undecodable and committed as read).
-    run(&[
-        "group",
-        "reset",
-        "--group",
-        &group,
-        "--topic",
-        &topic,
-        "--to-earliest",
-    ]);
+    reset_to_earliest();
     let out = keel(
         &[
             "--registry",

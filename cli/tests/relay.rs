@@ -78,7 +78,7 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
     );
 
     let port = free_port();
-    let mut relay = keel()
+    let relay = keel()
         .args([
             "--broker",
             &nats,
@@ -137,15 +137,7 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
     assert_eq!(stored, 3, "{described}");
 
     // SIGTERM: a graceful stop that hands the slots back at once.
-    let pid = relay.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = relay.wait().expect("wait");
+    let status = stop(relay);
     assert!(status.success(), "{status}");
     let held: i64 =
         sqlx::query_scalar("SELECT count(*) FROM keel.outbox_leases WHERE owner IS NOT NULL")
@@ -266,15 +258,7 @@ async fn a_relay_started_while_nats_is_down_publishes_once_it_is_up() {
     // The relay's back-off is at most 30 s between tries.
     wait_for_archived(&pool, 3, Duration::from_secs(60)).await;
 
-    let pid = relay.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = relay.wait().expect("wait");
+    let status = stop(relay);
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{status}: {stderr}");
     assert!(
@@ -287,6 +271,19 @@ async fn a_relay_started_while_nats_is_down_publishes_once_it_is_up() {
     let _ = std::fs::remove_file(&log);
     pool.close().await;
     drop_database(&url).await;
+}
+
+/// SIGTERM (a service manager's stop), then the exit status.
+fn stop(mut process: std::process::Child) -> std::process::ExitStatus {
+    let pid = process.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    process.wait().expect("wait")
 }
 
 async fn drop_database(url: &str) {
