@@ -200,6 +200,46 @@ async fn what_cannot_be_published_is_a_clear_error() {
     );
 }
 
+/// A topic the broker does not have is named as such, not reported as a
+/// timeout (librdkafka holds a topic's events it does not know until their
+/// timeout): for one publish, after the acknowledgement timeout, and for
+/// `publish_each`, after its bound. Retriable: the topic may be created.
+#[tokio::test]
+async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: KafkaClientConfig::new([kafka_bootstrap().await]),
+        ack_timeout_ms: 2_000,
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    let topic = unique_name("missing");
+    let err = publisher
+        .publish(&topic, Envelope::new("t", "k", "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, keel_core::Error::Topic { .. }), "{err:?}");
+    assert!(err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("no such topic"), "{err}");
+    let events: Vec<Envelope> = (0..3)
+        .map(|i| Envelope::new("t", format!("k{i}"), "x"))
+        .collect();
+    let outcomes = publisher
+        .publish_each(&topic, events, Duration::from_millis(1_500))
+        .await;
+    let mut failed = 0;
+    for outcome in &outcomes {
+        match outcome {
+            keel_core::Sent::Failed(e) => {
+                failed += 1;
+                assert!(e.to_string().contains("no such topic"), "{e}");
+            }
+            keel_core::Sent::NotSent => {}
+            keel_core::Sent::Stored(r) => panic!("stored in a missing topic: {r:?}"),
+        }
+    }
+    assert!(failed > 0, "{outcomes:?}");
+}
+
 #[test]
 fn settings_that_break_guarantees_are_refused_at_start_up() {
     let mut config = KafkaPublisherConfig::default();

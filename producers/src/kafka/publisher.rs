@@ -26,6 +26,12 @@ use super::context::ErrorMemory;
 /// How long to wait before retrying an enqueue into a full local queue.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 
+/// How long an answer to "does this topic exist" is reused.
+const MISSING_TTL: Duration = Duration::from_secs(5);
+
+/// How long that question waits for the broker's metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A producer and its generation (see [`KafkaPublisher::recover`]).
 type Current = (u64, FutureProducer<ErrorMemory>);
 
@@ -44,6 +50,9 @@ pub struct KafkaPublisher {
     producer: std::sync::RwLock<Current>,
     /// The producers' last client-level error, told with a timeout.
     errors: ErrorMemory,
+    /// The last topic asked about after a timeout, when, and whether the
+    /// broker said it does not exist (see [`Self::topic_missing`]).
+    missing: std::sync::Mutex<Option<(String, std::time::Instant, bool)>>,
     config: KafkaPublisherConfig,
 }
 
@@ -69,6 +78,7 @@ impl KafkaPublisher {
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new((0, producer)),
             errors,
+            missing: std::sync::Mutex::default(),
             config,
         })
     }
@@ -120,6 +130,49 @@ impl KafkaPublisher {
                 tracing::error!(error = %create, "cannot replace the failed Kafka producer");
             }
         }
+    }
+
+    /// Whether the broker says `topic` does not exist (`false` when it
+    /// cannot tell). Asked after a publish timed out — librdkafka holds the
+    /// events of a topic it does not know until their timeout rather than
+    /// fail them — at most once per topic every [`MISSING_TTL`].
+    async fn topic_missing(&self, topic: &str) -> bool {
+        let remembered = |slot: &Option<(String, std::time::Instant, bool)>| match slot {
+            Some((asked, at, missing)) if asked == topic && at.elapsed() < MISSING_TTL => {
+                Some(*missing)
+            }
+            _ => None,
+        };
+        if let Some(missing) = remembered(&self.missing.lock().unwrap_or_else(|p| p.into_inner())) {
+            return missing;
+        }
+        let (_, producer) = self.producer();
+        let name = topic.to_owned();
+        let answer = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+        })
+        .await;
+        let missing = match answer {
+            Ok(Ok(metadata)) => metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .all(|t| {
+                    t.error().is_some_and(|e| {
+                        matches!(
+                            RDKafkaErrorCode::from(e),
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    })
+                }),
+            _ => false,
+        };
+        *self.missing.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((topic.to_owned(), std::time::Instant::now(), missing));
+        missing
     }
 
     /// Waits until every enqueued event was acknowledged or failed.
@@ -279,7 +332,12 @@ impl KafkaPublisher {
                 let retriable = retriable(&e);
                 let why = "the broker did not acknowledge it";
                 let why = match e.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::MessageTimedOut) => self.with_last_error(why),
+                    Some(RDKafkaErrorCode::MessageTimedOut) => {
+                        if self.topic_missing(topic).await {
+                            return Err(missing_topic(topic));
+                        }
+                        self.with_last_error(why)
+                    }
                     _ => why.to_owned(),
                 };
                 Err(publish_error(topic, what, &why, retriable, Some(e)))
@@ -355,6 +413,20 @@ fn publish_error(
         },
         retriable,
         source: e.map(|e| Box::new(e) as keel_core::BoxError),
+    }
+}
+
+/// A publish to a topic the broker does not have: retriable (it may be
+/// created), and no event's fault.
+fn missing_topic(topic: &str) -> Error {
+    Error::Topic {
+        topic: topic.to_owned(),
+        reason: format!(
+            "the broker has no such topic: create it with `keel topics create {topic}` \
+             (or KafkaAdmin::ensure_topic)"
+        ),
+        retriable: true,
+        source: None,
     }
 }
 
@@ -440,6 +512,12 @@ impl Publisher for KafkaPublisher {
             outcomes.push(Sent::Failed(e));
         }
         outcomes.resize_with(total, || Sent::NotSent);
+        let timed_out = |o: &Sent| matches!(o, Sent::Failed(Error::Timeout { .. }));
+        if outcomes.iter().any(timed_out) && self.topic_missing(topic).await {
+            for outcome in outcomes.iter_mut().filter(|o| timed_out(o)) {
+                *outcome = Sent::Failed(missing_topic(topic));
+            }
+        }
         outcomes
     }
 
