@@ -374,6 +374,14 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                 args.group,
                 args.topic
             );
+            if lags.iter().all(|p| p.position.is_none()) {
+                say!(
+                    "group {} has committed nothing on {} (a misspelt name, or a group that has \
+                     not run on it yet): the lag counts every event stored",
+                    args.group,
+                    args.topic
+                );
+            }
             return Ok(());
         }
     };
