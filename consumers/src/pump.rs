@@ -207,7 +207,7 @@ where
                         biased;
                         () = &mut shutdown, if last_call.is_none() => {
                             last_call = start_leaving(&deliveries);
-                            if last_call.is_none() {
+                            if last_call.is_none() || deliveries.ready_to_leave() {
                                 break 'pump Ok(());
                             }
                             if !item.is_owned() {
@@ -858,6 +858,41 @@ mod tests {
             matches!(settled[..], [(1, Outcome::Ack), (2, Outcome::Nack { .. })]),
             "{settled:?}"
         );
+    }
+
+    /// A shutdown that comes while the pump waits for a permit, with the
+    /// leave ready at once, leaves without beginning the delivery it held.
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_ready_at_once_does_not_wait_for_a_permit() {
+        let owner = Arc::new(Owner::default());
+        let (stream, tx, leaving) = filling(&owner, &[1], vec![], 60);
+        let permits = Arc::new(Semaphore::new(1));
+        let elsewhere = permits.clone().try_acquire_owned().unwrap();
+        tx.send(Ok(delivery_on(&owner, 1, 0))).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let pumping = tokio::spawn(pump(
+            stream,
+            permits,
+            async {
+                let _ = stopped.await;
+            },
+            |item| async move {
+                if let Item::Event(d) = item {
+                    d.ack();
+                }
+            },
+        ));
+        // Let the pump read delivery 1 and wait for the permit.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        stop.send(()).unwrap();
+        while !leaving.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        drop(elsewhere);
+        pumping.await.unwrap().unwrap();
+        assert!(owner.begun.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
