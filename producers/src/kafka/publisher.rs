@@ -32,6 +32,19 @@ const MISSING_TTL: Duration = Duration::from_secs(5);
 /// How long that question waits for the broker's metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most topics whose answer is kept (past it, the answers start afresh).
+const MAX_TOPIC_CHECKS: usize = 1024;
+
+/// What the broker said of topics after publishes to them timed out (see
+/// [`KafkaPublisher::topic_missing`]).
+#[derive(Default)]
+struct TopicChecks {
+    /// Per topic: when it answered, and whether the topic is missing.
+    answers: std::collections::HashMap<String, (std::time::Instant, bool)>,
+    /// Topics being asked about now.
+    asking: std::collections::HashSet<String>,
+}
+
 /// A producer and its generation (see [`KafkaPublisher::recover`]).
 type Current = (u64, FutureProducer<ErrorMemory>);
 
@@ -50,9 +63,9 @@ pub struct KafkaPublisher {
     producer: std::sync::RwLock<Current>,
     /// The producers' last client-level error, told with a timeout.
     errors: ErrorMemory,
-    /// The last topic asked about after a timeout, when, and whether the
-    /// broker said it does not exist (see [`Self::topic_missing`]).
-    missing: std::sync::Mutex<Option<(String, std::time::Instant, bool)>>,
+    /// Whether topics whose publishes timed out exist (see
+    /// [`Self::topic_missing`]).
+    missing: Arc<std::sync::Mutex<TopicChecks>>,
     config: KafkaPublisherConfig,
 }
 
@@ -78,7 +91,7 @@ impl KafkaPublisher {
         Ok(KafkaPublisher {
             producer: std::sync::RwLock::new((0, producer)),
             errors,
-            missing: std::sync::Mutex::default(),
+            missing: Arc::default(),
             config,
         })
     }
@@ -132,47 +145,63 @@ impl KafkaPublisher {
         }
     }
 
-    /// Whether the broker says `topic` does not exist (`false` when it
-    /// cannot tell). Asked after a publish timed out — librdkafka holds the
-    /// events of a topic it does not know until their timeout rather than
-    /// fail them — at most once per topic every [`MISSING_TTL`].
-    async fn topic_missing(&self, topic: &str) -> bool {
-        let remembered = |slot: &Option<(String, std::time::Instant, bool)>| match slot {
-            Some((asked, at, missing)) if asked == topic && at.elapsed() < MISSING_TTL => {
-                Some(*missing)
+    /// Whether the broker said `topic` does not exist, asked after a
+    /// publish timed out (librdkafka holds the events of a topic it does
+    /// not know until their timeout rather than fail them). The last answer
+    /// is used however old; one older than [`MISSING_TTL`], or none, starts
+    /// one metadata request for the topic (none while one is running),
+    /// whose answer later calls see. With `wait`, waits for the request it
+    /// started (at most [`METADATA_TIMEOUT`]); without, never waits, so a
+    /// bounded publish keeps to its bound.
+    async fn topic_missing(&self, topic: &str, wait: bool) -> bool {
+        let (last, ask) = {
+            let mut checks = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+            let last = checks.answers.get(topic).copied();
+            let stale = last.is_none_or(|(at, _)| at.elapsed() >= MISSING_TTL);
+            (last, stale && checks.asking.insert(topic.to_owned()))
+        };
+        if ask {
+            let (_, producer) = self.producer();
+            let (checks, name) = (self.missing.clone(), topic.to_owned());
+            // Answered into the shared map even if this caller is gone.
+            let asked = tokio::task::spawn_blocking(move || {
+                let missing = producer
+                    .client()
+                    .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                    .ok()
+                    .map(|metadata| {
+                        // Listed with an unknown-topic error, or not at all.
+                        metadata
+                            .topics()
+                            .iter()
+                            .filter(|t| t.name() == name)
+                            .all(|t| {
+                                t.error().is_some_and(|e| {
+                                    matches!(
+                                        RDKafkaErrorCode::from(e),
+                                        RDKafkaErrorCode::UnknownTopicOrPartition
+                                            | RDKafkaErrorCode::UnknownTopic
+                                    )
+                                })
+                            })
+                    });
+                let mut checks = checks.lock().unwrap_or_else(|p| p.into_inner());
+                checks.asking.remove(&name);
+                if let Some(missing) = missing {
+                    if checks.answers.len() >= MAX_TOPIC_CHECKS {
+                        checks.answers.clear();
+                    }
+                    checks
+                        .answers
+                        .insert(name, (std::time::Instant::now(), missing));
+                }
+                missing
+            });
+            if wait && let Ok(Some(missing)) = asked.await {
+                return missing;
             }
-            _ => None,
-        };
-        if let Some(missing) = remembered(&self.missing.lock().unwrap_or_else(|p| p.into_inner())) {
-            return missing;
         }
-        let (_, producer) = self.producer();
-        let name = topic.to_owned();
-        let answer = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-        })
-        .await;
-        let missing = match answer {
-            Ok(Ok(metadata)) => metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic)
-                .all(|t| {
-                    t.error().is_some_and(|e| {
-                        matches!(
-                            RDKafkaErrorCode::from(e),
-                            RDKafkaErrorCode::UnknownTopicOrPartition
-                                | RDKafkaErrorCode::UnknownTopic
-                        )
-                    })
-                }),
-            _ => false,
-        };
-        *self.missing.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((topic.to_owned(), std::time::Instant::now(), missing));
-        missing
+        last.is_some_and(|(_, missing)| missing)
     }
 
     /// Waits until every enqueued event was acknowledged or failed.
@@ -333,7 +362,7 @@ impl KafkaPublisher {
                 let why = "the broker did not acknowledge it";
                 let why = match e.rdkafka_error_code() {
                     Some(RDKafkaErrorCode::MessageTimedOut) => {
-                        if self.topic_missing(topic).await {
+                        if self.topic_missing(topic, true).await {
                             return Err(missing_topic(topic));
                         }
                         self.with_last_error(why)
@@ -416,8 +445,9 @@ fn publish_error(
     }
 }
 
-/// A publish to a topic the broker does not have: retriable (it may be
-/// created), and no event's fault.
+/// A publish to a topic the broker does not have: no event's fault, and
+/// not retriable, as librdkafka's own unknown-topic error (which it gives
+/// after `topic.metadata.propagation.max.ms`) is classed.
 fn missing_topic(topic: &str) -> Error {
     Error::Topic {
         topic: topic.to_owned(),
@@ -425,7 +455,7 @@ fn missing_topic(topic: &str) -> Error {
             "the broker has no such topic: create it with `keel topics create {topic}` \
              (or KafkaAdmin::ensure_topic)"
         ),
-        retriable: true,
+        retriable: false,
         source: None,
     }
 }
@@ -513,7 +543,7 @@ impl Publisher for KafkaPublisher {
         }
         outcomes.resize_with(total, || Sent::NotSent);
         let timed_out = |o: &Sent| matches!(o, Sent::Failed(Error::Timeout { .. }));
-        if outcomes.iter().any(timed_out) && self.topic_missing(topic).await {
+        if outcomes.iter().any(timed_out) && self.topic_missing(topic, false).await {
             for outcome in outcomes.iter_mut().filter(|o| timed_out(o)) {
                 *outcome = Sent::Failed(missing_topic(topic));
             }
