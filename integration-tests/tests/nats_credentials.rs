@@ -63,7 +63,10 @@ async fn round_trip(client: NatsClientConfig) {
 }
 
 async fn refused(client: NatsClientConfig, secret: &str) {
-    let e = client.connect().await.unwrap_err().to_string();
+    let e = client.connect().await.unwrap_err();
+    // Refused credentials are not tried again (a relay would wait for ever).
+    assert!(!e.is_retriable(), "{e}");
+    let e = e.to_string();
     assert!(e.contains("cannot connect to NATS"), "{e}");
     assert!(!e.contains(secret), "the error shows the secret: {e}");
 }

@@ -124,9 +124,21 @@ impl NatsClientConfig {
                 })
             })
             .collect::<Result<_>>()?;
-        options.connect(addrs).await.map_err(|e| Error::Connect {
-            broker: format!("NATS at {}", keel_core::config::redact(&self.servers)),
-            reason: e.to_string(),
+        let broker = format!("NATS at {}", keel_core::config::redact(&self.servers));
+        options.connect(addrs).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as Kind;
+            match e.kind() {
+                // Refused credentials or TLS: trying again will not help
+                // (and a relay must not wait for ever on a wrong password).
+                Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls => Error::config(
+                    "nats (credentials or TLS)",
+                    format!("cannot connect to {broker}: {e}; check the [nats] settings"),
+                ),
+                _ => Error::Connect {
+                    broker,
+                    reason: e.to_string(),
+                },
+            }
         })
     }
 
