@@ -377,7 +377,7 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
             if lags.iter().all(|p| p.position.is_none()) {
                 say!(
                     "group {} has committed nothing on {} (a misspelt name, or a group that has \
-                     not run on it yet): the lag counts every event stored",
+                     not run on it yet)",
                     args.group,
                     args.topic
                 );
@@ -809,8 +809,9 @@ pub(crate) async fn tail(
         )
         .await?;
     let mut printed = 0;
-    // The registry failing to answer: no fault of the event, so not shown
-    // as undecodable (nor committed, with --group); the tail stops there.
+    // The registry failing (unreachable, refusing): no fault of the event,
+    // so not shown as undecodable (nor committed, with --group); the tail
+    // stops there.
     let mut failed = None;
     // Ctrl-C or SIGTERM: either way the tail leaves its group.
     let stop = crate::registry::shutdown_signal();
@@ -827,7 +828,7 @@ pub(crate) async fn tail(
                 let info = delivery.info();
                 let event = match codec.decode_json(e.payload()).await {
                     Ok(v) => v,
-                    Err(err) if err.is_retriable() => {
+                    Err(err) if !err.is_poison() => {
                         failed = Some((info.coordinates.clone(), err));
                         break; // dropped unsettled: not committed
                     }

@@ -300,14 +300,14 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     Ok(())
 }
 
-/// A letter as `dlq list` prints it; fails only when the registry cannot
-/// answer (no fault of the letter: every later one would show as
-/// undecodable too).
+/// A letter as `dlq list` prints it; fails only when the registry does
+/// (unreachable, refusing: no fault of the letter, and every later one
+/// would show as undecodable too).
 async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Result<Value, SchemaError> {
     let r = &dead.record;
     let event = match codec.decode_json(&r.payload).await {
         Ok(v) => v,
-        Err(e) if e.is_retriable() => return Err(e),
+        Err(e) if !e.is_poison() => return Err(e),
         Err(e) => json!({ "undecodable": e.to_string() }),
     };
     let other: HashMap<&str, String> = r

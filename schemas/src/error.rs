@@ -87,6 +87,17 @@ pub enum SchemaError {
 }
 
 impl SchemaError {
+    /// Whether the payload itself is at fault — bytes that will never
+    /// decode (bad framing, a schema id the registry does not know, a body
+    /// its schema does not read) — rather than the registry (unreachable,
+    /// refusing, misconfigured), after which the same payload may decode.
+    pub fn is_poison(&self) -> bool {
+        matches!(
+            self,
+            SchemaError::Framing(_) | SchemaError::UnknownSchemaId(_) | SchemaError::Decode { .. }
+        )
+    }
+
     /// Whether trying again may succeed (registry unavailable or failing
     /// with a 5xx); decode errors and invalid schemas never will.
     pub fn is_retriable(&self) -> bool {
@@ -102,9 +113,7 @@ impl From<SchemaError> for keel_core::Error {
     fn from(e: SchemaError) -> Self {
         match e {
             // Bytes that will never decode: poison for dead letters.
-            SchemaError::Framing(_)
-            | SchemaError::UnknownSchemaId(_)
-            | SchemaError::Decode { .. } => keel_core::Error::malformed(e.to_string()),
+            e if e.is_poison() => keel_core::Error::malformed(e.to_string()),
             e if e.is_retriable() => keel_core::Error::retriable(e),
             e => keel_core::Error::fatal(e),
         }
