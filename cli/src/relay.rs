@@ -211,7 +211,8 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
 /// connects at once; Kafka's client connects lazily and backs off in the
 /// relay itself) is tried again, 100 ms doubling to 30 s, as the relay backs
 /// off from a broker that goes away later; `None` if `shutdown` came first.
-/// Settings the broker client refuses still fail at once.
+/// Settings the client or the server refuses (credentials, TLS) still fail
+/// at once.
 async fn publisher(
     config: &KeelConfig,
     relay: &RelayConfig,
