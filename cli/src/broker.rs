@@ -279,10 +279,13 @@ async fn nats_topics(
             // Without --retention-ms, an existing stream keeps its own (as
             // on Kafka): its retention is compared only when one is given.
             let existing = match args.retention_ms {
-                None if admin.list_topics().await?.contains(&spec.name) => {
-                    Some(admin.describe_topic(&spec.name).await?.settings)
-                }
-                _ => None,
+                Some(_) => None,
+                None => match admin.describe_topic(&spec.name).await {
+                    Ok(described) => Some(described.settings),
+                    // Not there (or a name the create below refuses).
+                    Err(e) if !e.is_retriable() => None,
+                    Err(e) => return Err(e.into()),
+                },
             };
             let max_age = match (args.retention_ms, &existing) {
                 (None, Some(existing)) => existing.max_age,

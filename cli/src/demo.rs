@@ -284,8 +284,8 @@ const ROLLED_BACK_KEY: &str = "rolled-back";
 struct DemoOutbox {
     pool: sqlx::SqlitePool,
     outbox: keel_producers::outbox::sqlite::SqliteOutbox,
-    path: std::path::PathBuf,
-    _files: Arc<OutboxFiles>,
+    /// Its file, removed when the last copy goes (or at `stop`).
+    files: Arc<OutboxFiles>,
     relay: Arc<Mutex<Option<RunningRelay>>>,
     stats: watch::Receiver<keel_producers::outbox::RelayStats>,
 }
@@ -354,10 +354,9 @@ impl DemoOutbox {
             let _ = stopped.await;
         }));
         Ok(DemoOutbox {
-            _files: Arc::new(files),
+            files: Arc::new(files),
             pool,
             outbox,
-            path,
             relay: Arc::new(Mutex::new(Some((stop, task)))),
             stats,
         })
@@ -417,12 +416,8 @@ impl DemoOutbox {
         }
         let published = self.stats.borrow().published;
         self.pool.close().await;
-        self.remove_files();
+        remove_outbox_files(&self.files.0);
         Ok(published)
-    }
-
-    fn remove_files(&self) {
-        remove_outbox_files(&self.path);
     }
 }
 

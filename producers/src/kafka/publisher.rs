@@ -169,22 +169,7 @@ impl KafkaPublisher {
                     .client()
                     .fetch_metadata(Some(&name), METADATA_TIMEOUT)
                     .ok()
-                    .map(|metadata| {
-                        // Listed with an unknown-topic error, or not at all.
-                        metadata
-                            .topics()
-                            .iter()
-                            .filter(|t| t.name() == name)
-                            .all(|t| {
-                                t.error().is_some_and(|e| {
-                                    matches!(
-                                        RDKafkaErrorCode::from(e),
-                                        RDKafkaErrorCode::UnknownTopicOrPartition
-                                            | RDKafkaErrorCode::UnknownTopic
-                                    )
-                                })
-                            })
-                    });
+                    .map(|metadata| listed_as_missing(&metadata, &name));
                 let mut checks = checks.lock().unwrap_or_else(|p| p.into_inner());
                 checks.asking.remove(&name);
                 if let Some(missing) = missing {
@@ -443,6 +428,22 @@ fn publish_error(
         retriable,
         source: e.map(|e| Box::new(e) as keel_core::BoxError),
     }
+}
+
+/// Whether `metadata` lists `topic` with an unknown-topic error, or not
+/// at all.
+fn listed_as_missing(metadata: &rdkafka::metadata::Metadata, topic: &str) -> bool {
+    let unknown = |e| {
+        matches!(
+            RDKafkaErrorCode::from(e),
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+        )
+    };
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .all(|t| t.error().is_some_and(unknown))
 }
 
 /// A publish to a topic the broker does not have: no event's fault, and
