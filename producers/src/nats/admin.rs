@@ -417,11 +417,11 @@ impl JetStreamAdmin {
 
     /// The partition count of `topic`.
     pub async fn partitions(&self, topic: &str) -> Result<u32> {
-        let config = self.stream_config(topic).await?;
-        partitions_of(&config).map_err(|e| topic_error(topic, e, false))
+        let info = self.stream_info(topic).await?;
+        partitions_of(&info.config).map_err(|e| topic_error(topic, e, false))
     }
 
-    async fn stream_config(&self, topic: &str) -> Result<stream::Config> {
+    async fn stream_info(&self, topic: &str) -> Result<stream::Info> {
         validate_name("topic", topic)?;
         let mut s = self.js.get_stream(topic).await.map_err(|e| {
             if is_not_found(&e) {
@@ -438,7 +438,7 @@ impl JetStreamAdmin {
             .info()
             .await
             .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?;
-        Ok(info.config.clone())
+        Ok(info.clone())
     }
 
     /// Keel topics on the server (streams with Keel's subject layout),
@@ -737,19 +737,12 @@ impl JetStreamAdmin {
                 ),
             ));
         }
-        let partitions = self.partitions(topic).await?;
+        let info = self.stream_info(topic).await?;
+        let partitions = partitions_of(&info.config).map_err(|e| topic_error(topic, e, false))?;
         // What is stored: a start past its end would skip the events
         // published next (a consumer waits for its start sequence), so
         // starts are clamped to it, as Kafka clamps offsets.
-        let stored = self
-            .js
-            .get_stream(topic)
-            .await
-            .map_err(|e| topic_error(topic, format!("cannot look up the stream: {e}"), true))?
-            .get_info()
-            .await
-            .map_err(|e| topic_error(topic, format!("cannot read the stream: {e}"), true))?
-            .state;
+        let stored = info.state;
         let end = stored.last_sequence.saturating_add(1);
         let first = stored.first_sequence.clamp(1, end);
         let by_sequence = |seq: u64| consumer::DeliverPolicy::ByStartSequence {
