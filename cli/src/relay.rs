@@ -171,7 +171,11 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
     };
     relay_config.validate()?;
     let (pool, options) = connect(&database).await?;
-    if !args.no_migrate {
+    if args.no_migrate {
+        // Before the broker is waited for: a misnamed table is a mistake to
+        // hear about now, not once the broker answers.
+        tables.check_migrated(&pool).await?;
+    } else {
         tables.migrate(&pool).await?;
     }
     if let Some(listen) = &args.metrics_listen {

@@ -617,6 +617,35 @@ async fn outbox_commands_name_a_missing_outbox_table() {
         );
         assert!(err.contains("--schema"), "keel {args:?}: {err}");
     }
+    // A NATS server that is down is waited for (backed off), but the
+    // missing table is said at once, not once the server answers.
+    let nats = format!("nats://127.0.0.1:{}", free_port());
+    let mut relay = keel()
+        .args([
+            "--broker",
+            &nats,
+            "relay",
+            "--database",
+            &url,
+            "--no-migrate",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start keel relay");
+    let started = Instant::now();
+    while relay.try_wait().expect("relay status").is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            stop(relay);
+            panic!("the relay waited for its broker instead of naming the missing table");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = relay.wait_with_output().expect("relay output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("there is no outbox table"), "{err}");
     drop_database(&url).await;
 }
 

@@ -114,39 +114,14 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn prepare(&mut self) -> Result<()> {
-        // Without the archive every mark would fail and the same batch
-        // would go out again and again: refuse to start instead.
-        let (outbox, archive, owned): (bool, bool, bool) = sqlx::query_as(
-            "SELECT to_regclass($2) IS NOT NULL, to_regclass($1) IS NOT NULL, \
-             coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
-                       WHERE oid = to_regclass($2)), false)",
+        self.tables.check_migrated(&self.pool).await?;
+        let owned: bool = sqlx::query_scalar(
+            "SELECT coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+                              WHERE oid = to_regclass($1)), false)",
         )
-        .bind(self.tables.archive())
         .bind(self.tables.outbox())
         .fetch_one(&self.pool)
         .await?;
-        if !outbox {
-            return Err(super::error::OutboxError::config(
-                "outbox.schema and outbox.table (keel's --schema and --table)",
-                format!(
-                    "there is no outbox table {} in this database: check the names, or apply \
-                     Keel's outbox migrations (OutboxTables::migrate, or `keel relay` without \
-                     --no-migrate)",
-                    self.tables.outbox(),
-                ),
-            ));
-        }
-        if !archive {
-            return Err(super::error::OutboxError::config(
-                "outbox.table",
-                format!(
-                    "{} has no archive table {}: apply Keel's outbox migrations \
-                     (OutboxTables::migrate, or `keel relay` without --no-migrate)",
-                    self.tables.outbox(),
-                    self.tables.archive()
-                ),
-            ));
-        }
         // Only the table's owner may VACUUM it (others get a warning per
         // try); autovacuum, set up by the migration, remains for them.
         self.vacuums = owned;

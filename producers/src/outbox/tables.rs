@@ -134,6 +134,43 @@ impl OutboxTables {
             .await?)
     }
 
+    /// Checks that the outbox and its archive exist in `pool`'s database
+    /// (`migrate` made them), naming the settings and the migration when
+    /// not: what a relay needs before it starts.
+    pub async fn check_migrated(&self, pool: &PgPool) -> Result<()> {
+        let (outbox, archive): (bool, bool) =
+            sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
+                .bind(self.outbox())
+                .bind(self.archive())
+                .fetch_one(pool)
+                .await?;
+        if !outbox {
+            return Err(OutboxError::config(
+                "outbox.schema and outbox.table (keel's --schema and --table)",
+                format!(
+                    "there is no outbox table {} in this database: check the names, or apply \
+                     Keel's outbox migrations (OutboxTables::migrate, or `keel relay` without \
+                     --no-migrate)",
+                    self.outbox(),
+                ),
+            ));
+        }
+        // Without the archive every mark would fail and the same batch
+        // would go out again and again: refuse to start instead.
+        if !archive {
+            return Err(OutboxError::config(
+                "outbox.table",
+                format!(
+                    "{} has no archive table {}: apply Keel's outbox migrations \
+                     (OutboxTables::migrate, or `keel relay` without --no-migrate)",
+                    self.outbox(),
+                    self.archive()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The archive, quoted, for SQL.
     pub(crate) fn archive(&self) -> String {
         self.qualified(&self.archive_name())
