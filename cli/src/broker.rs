@@ -846,7 +846,7 @@ pub(crate) async fn tail(
                     "type": e.event_type(),
                     "occurred_at": e.occurred_at().to_rfc3339(),
                     "source": e.source(),
-                    "headers": e.headers(),
+                    "headers": keel_core::wire::group_headers(e.all_headers()),
                     "event": event,
                 });
                 delivery.ack();

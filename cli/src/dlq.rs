@@ -310,12 +310,12 @@ async fn describe(dead: &DeadLetter, codec: &AvroCodec) -> Result<Value, SchemaE
         Err(e) if !e.is_poison() => return Err(e),
         Err(e) => json!({ "undecodable": e.to_string() }),
     };
-    let other: HashMap<&str, String> = r
-        .headers
-        .iter()
-        .filter(|(n, _)| !n.starts_with("keel-") && !n.eq_ignore_ascii_case("nats-msg-id"))
-        .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v).into_owned()))
-        .collect();
+    let other = wire::group_headers(
+        r.headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with("keel-") && !n.eq_ignore_ascii_case("nats-msg-id"))
+            .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v))),
+    );
     Ok(json!({
         "dlq_partition": dead.partition,
         "dlq_position": dead.position,

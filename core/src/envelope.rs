@@ -147,6 +147,10 @@ pub struct Envelope {
     causation_id: Option<String>,
     trace: TraceContext,
     headers: BTreeMap<String, String>,
+    /// Earlier values of application headers a record carried more than
+    /// once (Kafka and NATS allow it), in record order; `headers` holds
+    /// each name's last value. Empty (no allocation) for almost every event.
+    repeated_headers: Vec<(String, String)>,
     payload: Bytes,
 }
 
@@ -173,6 +177,7 @@ impl Envelope {
             causation_id: None,
             trace: TraceContext::default(),
             headers: BTreeMap::new(),
+            repeated_headers: Vec::new(),
             payload: payload.into(),
         }
     }
@@ -231,10 +236,29 @@ impl Envelope {
         self
     }
 
-    /// Adds an application header. Names starting with `keel-` and the
-    /// trace-context names are Keel's own; the wire encoder refuses them.
+    /// Sets an application header (replacing every value it had). Names
+    /// starting with `keel-` and the trace-context names are Keel's own;
+    /// the wire encoder refuses them.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
+        let name = name.into();
+        if !self.repeated_headers.is_empty() {
+            self.repeated_headers.retain(|(n, _)| *n != name);
+        }
+        self.headers.insert(name, value.into());
+        self
+    }
+
+    /// Adds one more value of an application header, keeping those it
+    /// already has: a record may carry a header more than once, as Kafka
+    /// and NATS allow. [`headers`](Self::headers) shows each name's last
+    /// value, [`all_headers`](Self::all_headers) every value.
+    pub fn with_added_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        add_header(
+            &mut self.headers,
+            &mut self.repeated_headers,
+            name.into(),
+            value.into(),
+        );
         self
     }
 
@@ -278,9 +302,28 @@ impl Envelope {
         &self.trace
     }
 
-    /// Application headers (Keel's own metadata has the typed accessors above).
+    /// Application headers (Keel's own metadata has the typed accessors
+    /// above): each name's last value, for a header the record carried more
+    /// than once (see [`all_headers`](Self::all_headers)).
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
+    }
+
+    /// Every application header value, a repeated header's in the order the
+    /// record carried them (different names in name order): what Keel
+    /// writes when it stores the event again (publish, dead letter,
+    /// redrive, outbox).
+    pub fn all_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.repeated_headers
+            .iter()
+            .map(|(n, v)| (n, v))
+            .chain(&self.headers)
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Whether some application header has more than one value.
+    pub fn has_repeated_headers(&self) -> bool {
+        !self.repeated_headers.is_empty()
     }
 
     /// The payload bytes (Confluent-framed Avro for schema-registered events).
@@ -295,8 +338,7 @@ impl Envelope {
             + self.key.as_bytes().len()
             + self.event_type.len()
             + self
-                .headers
-                .iter()
+                .all_headers()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
             + 128
@@ -314,7 +356,28 @@ impl Envelope {
             causation_id: parts.causation_id,
             trace: parts.trace,
             headers: parts.headers,
+            repeated_headers: parts.repeated_headers,
             payload: parts.payload,
+        }
+    }
+}
+
+/// Adds `value` under `name`, moving an earlier value of the name to
+/// `repeated` (so a repeated header's values stay in order there, the last
+/// one in `headers`).
+pub(crate) fn add_header(
+    headers: &mut BTreeMap<String, String>,
+    repeated: &mut Vec<(String, String)>,
+    name: String,
+    value: String,
+) {
+    match headers.entry(name) {
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(value);
+        }
+        std::collections::btree_map::Entry::Occupied(mut slot) => {
+            let earlier = slot.insert(value);
+            repeated.push((slot.key().clone(), earlier));
         }
     }
 }
@@ -330,6 +393,7 @@ pub(crate) struct EnvelopeParts {
     pub(crate) causation_id: Option<String>,
     pub(crate) trace: TraceContext,
     pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) repeated_headers: Vec<(String, String)>,
     pub(crate) payload: Bytes,
 }
 

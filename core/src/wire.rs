@@ -84,7 +84,7 @@ pub fn visit_headers(event: &Envelope, mut emit: impl FnMut(&str, &[u8])) -> Res
             check_value(name, value)?;
         }
     }
-    for (name, value) in event.headers() {
+    for (name, value) in event.all_headers() {
         if is_reserved(name) {
             return Err(Error::malformed(format!(
                 "application header `{name}` uses a name reserved for Keel's own metadata; rename it"
@@ -116,10 +116,45 @@ pub fn visit_headers(event: &Envelope, mut emit: impl FnMut(&str, &[u8])) -> Res
             emit(name, value.as_bytes());
         }
     }
-    for (name, value) in event.headers() {
+    for (name, value) in event.all_headers() {
         emit(name, value.as_bytes());
     }
     Ok(())
+}
+
+/// One header name's values as text formats show them (`keel tail`, `keel
+/// dlq list`, the outbox's `headers` column): a single value as itself, a
+/// header given more than once as the list of its values in order.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValues<V> {
+    /// The header appears once.
+    One(V),
+    /// The header appears more than once: every value, in order.
+    Many(Vec<V>),
+}
+
+/// Groups `(name, value)` pairs by name (in name order), a repeated name's
+/// values in the order given: see [`HeaderValues`].
+pub fn group_headers<'a, V>(
+    pairs: impl IntoIterator<Item = (&'a str, V)>,
+) -> BTreeMap<&'a str, HeaderValues<V>> {
+    let mut grouped: BTreeMap<&'a str, HeaderValues<V>> = BTreeMap::new();
+    for (name, value) in pairs {
+        match grouped.remove(name) {
+            None => {
+                grouped.insert(name, HeaderValues::One(value));
+            }
+            Some(HeaderValues::One(first)) => {
+                grouped.insert(name, HeaderValues::Many(vec![first, value]));
+            }
+            Some(HeaderValues::Many(mut values)) => {
+                values.push(value);
+                grouped.insert(name, HeaderValues::Many(values));
+            }
+        }
+    }
+    grouped
 }
 
 /// `2026-11-28T01:02:03.456Z` into `buf` (what `to_rfc3339_opts(Millis,
@@ -177,6 +212,7 @@ pub fn decode<'a>(
     let mut causation_id = None;
     let mut trace = TraceContext::default();
     let mut app = BTreeMap::new();
+    let mut repeated = Vec::new();
 
     for (name, raw) in headers {
         if raw.len() > MAX_HEADER_VALUE {
@@ -220,7 +256,14 @@ pub fn decode<'a>(
             other => {
                 check_name(other)?;
                 check_value(other, value)?;
-                app.insert(other.to_owned(), value.to_owned());
+                // Kafka and NATS let a record carry a header more than
+                // once: every value is kept, for re-publishing.
+                crate::envelope::add_header(
+                    &mut app,
+                    &mut repeated,
+                    other.to_owned(),
+                    value.to_owned(),
+                );
                 continue;
             }
         };
@@ -239,6 +282,7 @@ pub fn decode<'a>(
         causation_id,
         trace,
         headers: app,
+        repeated_headers: repeated,
         payload,
     }))
 }
@@ -453,6 +497,49 @@ mod tests {
         assert_eq!(event.headers()["keel-future-field"], "kept");
         // What decoding accepts, encoding can write back.
         assert!(encode_headers(&event).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_application_header_keeps_every_value_in_order() {
+        let id = EventId::new().to_string();
+        let event = decode(
+            Some(b"k"),
+            [
+                (EVENT_ID, id.as_bytes()),
+                (EVENT_TYPE, b"t"),
+                (OCCURRED_AT, b"2026-11-28T01:02:03.456Z"),
+                ("x-hop", b"a"),
+                ("tenant", b"acme"),
+                ("x-hop", b"b"),
+                ("x-hop", b"c"),
+            ],
+            Bytes::new(),
+        )
+        .unwrap();
+        assert_eq!(event.headers()["x-hop"], "c", "the map shows the last");
+        assert!(event.has_repeated_headers());
+        let written = encode_headers(&event).unwrap();
+        let hops: Vec<&str> = written
+            .iter()
+            .filter(|(n, _)| n == "x-hop")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(hops, ["a", "b", "c"]);
+        assert_eq!(roundtrip(&event), event);
+        let grouped = group_headers(event.all_headers());
+        assert_eq!(grouped["x-hop"], HeaderValues::Many(vec!["a", "b", "c"]));
+        assert_eq!(grouped["tenant"], HeaderValues::One("acme"));
+        // Setting a header replaces every value it had.
+        let set = event.with_header("x-hop", "d");
+        assert!(!set.has_repeated_headers());
+        assert_eq!(encode_headers(&set).unwrap().len(), 5);
+        let added = Envelope::new("t", "k", "")
+            .with_added_header("x", "1")
+            .with_added_header("x", "2");
+        assert_eq!(
+            added.all_headers().collect::<Vec<_>>(),
+            [("x", "1"), ("x", "2")]
+        );
     }
 
     #[test]

@@ -208,7 +208,14 @@ async fn scenario(transport: Arc<dyn Transport>) {
             ));
             events.push(Envelope::new("shop.orders.Unheard", "key-9", vec![0u8]));
             events.push(order(&codec, &orders, "flaky", 0).await);
-            events.push(order(&codec, &orders, "doomed", 0).await);
+            // A header given twice (Kafka and NATS allow it): the dead
+            // letter keeps both values.
+            events.push(
+                order(&codec, &orders, "doomed", 0)
+                    .await
+                    .with_added_header("x-hop", "gateway")
+                    .with_added_header("x-hop", "orders"),
+            );
             events.push(order(&codec, &orders, "panicky", 0).await);
         }
     }
@@ -414,6 +421,13 @@ async fn scenario(transport: Arc<dyn Transport>) {
         doomed.header(keel_core::wire::EVENT_ID),
         Some(doomed_id.as_str())
     );
+    let hops: Vec<&[u8]> = doomed
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-hop")
+        .map(|(_, v)| v.as_ref())
+        .collect();
+    assert_eq!(hops, [&b"gateway"[..], b"orders"], "every value, in order");
 
     // Fixed: a redrive handles it once; a second redrive is a duplicate.
     fixed.store(true, Ordering::SeqCst);

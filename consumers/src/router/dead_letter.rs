@@ -244,10 +244,10 @@ pub fn lossy_record(event: &Envelope) -> RawRecord {
             .collect(),
         payload: event.payload().clone(),
     };
-    for (name, value) in event.headers() {
+    for (name, value) in event.all_headers() {
         record
             .headers
-            .push((name.clone(), Bytes::from(one_line(value))));
+            .push((name.to_owned(), Bytes::from(one_line(value))));
     }
     record
 }

@@ -316,7 +316,13 @@ impl<'a> Row<'a> {
                 "the outbox needs a topic name for every event",
             )));
         }
-        let headers: &BTreeMap<String, String> = event.headers();
+        // A header given more than once (an event read from a broker and
+        // enqueued again) is stored as the list of its values.
+        let headers = if event.has_repeated_headers() {
+            serde_json::to_string(&keel_core::wire::group_headers(event.all_headers()))
+        } else {
+            serde_json::to_string::<BTreeMap<String, String>>(event.headers())
+        };
         Ok(Row {
             topic,
             event_id: *event.id().as_uuid(),
@@ -329,7 +335,7 @@ impl<'a> Row<'a> {
             causation_id: event.causation_id(),
             traceparent: event.trace().traceparent.as_deref(),
             tracestate: event.trace().tracestate.as_deref(),
-            headers: serde_json::to_string(headers).unwrap_or_else(|_| "{}".into()),
+            headers: headers.unwrap_or_else(|_| "{}".into()),
             payload: event.payload(),
         })
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use keel_core::wire::HeaderValues;
 use keel_core::{Envelope, EventId, Key, TraceContext};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -228,13 +229,28 @@ impl ClaimedRow {
             event: Ok(event),
             broken_key: Vec::new(),
         };
-        match serde_json::from_str::<BTreeMap<String, String>>(&self.headers) {
-            Ok(map) => claimed(
+        if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&self.headers) {
+            return claimed(
                 map.into_iter()
                     .fold(event, |event, (name, value)| event.with_header(name, value)),
+            );
+        }
+        // A header given more than once is stored as the list of its values.
+        match serde_json::from_str::<BTreeMap<String, HeaderValues<String>>>(&self.headers) {
+            Ok(map) => claimed(
+                map.into_iter()
+                    .fold(event, |event, (name, values)| match values {
+                        HeaderValues::One(value) => event.with_header(name, value),
+                        HeaderValues::Many(values) => {
+                            values.into_iter().fold(event, |event, value| {
+                                event.with_added_header(name.clone(), value)
+                            })
+                        }
+                    }),
             ),
             Err(e) => claimed(event).broken(format!(
-                "outbox row {id}: headers are not a JSON object of strings: {e}"
+                "outbox row {id}: headers are not a JSON object of strings \
+                 (or lists of strings, for a header given more than once): {e}"
             )),
         }
     }
