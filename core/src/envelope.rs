@@ -148,8 +148,9 @@ pub struct Envelope {
     trace: TraceContext,
     headers: BTreeMap<String, String>,
     /// Earlier values of application headers a record carried more than
-    /// once (Kafka and NATS allow it), in record order; `headers` holds
-    /// each name's last value. Empty (no allocation) for almost every event.
+    /// once (Kafka and NATS allow it): sorted by name, a name's values in
+    /// record order; `headers` holds each name's last value. Empty (no
+    /// allocation) for almost every event.
     repeated_headers: Vec<(String, String)>,
     payload: Bytes,
 }
@@ -309,16 +310,20 @@ impl Envelope {
         &self.headers
     }
 
-    /// Every application header value, a repeated header's in the order the
-    /// record carried them (different names in name order): what Keel
-    /// writes when it stores the event again (publish, dead letter,
-    /// redrive, outbox).
+    /// Every application header value in name order, a repeated header's
+    /// values in the order the record carried them: what Keel writes when
+    /// it stores the event again (publish, dead letter, redrive, outbox).
     pub fn all_headers(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.repeated_headers
-            .iter()
-            .map(|(n, v)| (n, v))
-            .chain(&self.headers)
-            .map(|(n, v)| (n.as_str(), v.as_str()))
+        // Both are sorted by name, and every repeated name is in the map.
+        let mut earlier = self.repeated_headers.as_slice();
+        self.headers.iter().flat_map(move |(name, last)| {
+            let n = earlier.iter().take_while(|(n, _)| n == name).count();
+            let (mine, rest) = earlier.split_at(n);
+            earlier = rest;
+            mine.iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .chain(std::iter::once((name.as_str(), last.as_str())))
+        })
     }
 
     /// Whether some application header has more than one value.
@@ -363,8 +368,9 @@ impl Envelope {
 }
 
 /// Adds `value` under `name`, moving an earlier value of the name to
-/// `repeated` (so a repeated header's values stay in order there, the last
-/// one in `headers`).
+/// `repeated` (kept sorted by name, a name's values in the order added; the
+/// last one in `headers`), so that the same values in any order of names
+/// make the same envelope.
 pub(crate) fn add_header(
     headers: &mut BTreeMap<String, String>,
     repeated: &mut Vec<(String, String)>,
@@ -377,7 +383,9 @@ pub(crate) fn add_header(
         }
         std::collections::btree_map::Entry::Occupied(mut slot) => {
             let earlier = slot.insert(value);
-            repeated.push((slot.key().clone(), earlier));
+            let name = slot.key();
+            let at = repeated.partition_point(|(n, _)| n <= name);
+            repeated.insert(at, (name.clone(), earlier));
         }
     }
 }

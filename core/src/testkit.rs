@@ -181,7 +181,22 @@ pub async fn every_event_delivered_and_acked(t: &dyn Transport) {
     let partitions = 4;
     let topic = fresh_topic(t, "acked", partitions).await;
     let group = unique_name("acked-g");
-    let events = workload("acked", 20, 20);
+    // Every seventh event carries two headers twice each, interleaved (as
+    // Kafka and NATS allow): every value must arrive.
+    let events: Vec<Envelope> = workload("acked", 20, 20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if i % 7 == 0 {
+                e.with_added_header("x-hop", "gateway")
+                    .with_added_header("x-via", "1")
+                    .with_added_header("x-hop", "orders")
+                    .with_added_header("x-via", "2")
+            } else {
+                e
+            }
+        })
+        .collect();
     let mut by_id: HashMap<EventId, Envelope> =
         events.iter().map(|e| (e.id(), e.clone())).collect();
     publish_all(t, &topic, partitions, events).await;

@@ -13,7 +13,8 @@
 //!
 //! Any other header is an application header and round-trips untouched;
 //! `Nats-*` headers belong to the transport and are not part of the event.
-//! Names compare case-insensitively.
+//! Keel's own names compare case-insensitively; application header names
+//! exactly (as Kafka and async-nats compare them).
 //! Values are text so that NATS (text headers) and Kafka (byte headers) carry
 //! the same thing; decoding never panics on foreign bytes and names the
 //! offending header.
@@ -529,6 +530,31 @@ mod tests {
         let grouped = group_headers(event.all_headers());
         assert_eq!(grouped["x-hop"], HeaderValues::Many(vec!["a", "b", "c"]));
         assert_eq!(grouped["tenant"], HeaderValues::One("acme"));
+        // Two names repeated, interleaved: the same envelope whatever the
+        // order of names (NATS hands a message's headers over by name, in
+        // no set order), written back name by name.
+        let interleaved = Envelope::new("t", "k", "")
+            .with_added_header("b", "1")
+            .with_added_header("a", "1")
+            .with_added_header("b", "2")
+            .with_added_header("a", "2");
+        assert_eq!(
+            interleaved.all_headers().collect::<Vec<_>>(),
+            [("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")]
+        );
+        assert_eq!(roundtrip(&interleaved), interleaved);
+        let by_name = Envelope::new("t", "k", "")
+            .with_added_header("a", "1")
+            .with_added_header("a", "2")
+            .with_added_header("b", "1")
+            .with_added_header("b", "2");
+        assert_eq!(
+            by_name
+                .clone()
+                .with_id(interleaved.id())
+                .with_occurred_at(interleaved.occurred_at()),
+            interleaved
+        );
         // Setting a header replaces every value it had.
         let set = event.with_header("x-hop", "d");
         assert!(!set.has_repeated_headers());

@@ -192,7 +192,8 @@ impl Claimed {
 
 impl ClaimedRow {
     /// Rebuilds the event. Headers that are not a JSON object of strings
-    /// (a row edited by hand) make a refusal, not an error: the row is
+    /// (or of lists of strings, for a header given more than once; a row
+    /// edited by hand) make a refusal, not an error: the row is
     /// parked after its attempts and the relay goes on.
     pub(crate) fn into_claimed(self) -> Claimed {
         let id = self.id;
@@ -237,6 +238,11 @@ impl ClaimedRow {
         }
         // A header given more than once is stored as the list of its values.
         match serde_json::from_str::<BTreeMap<String, HeaderValues<String>>>(&self.headers) {
+            Ok(map) if map.values().any(|v| *v == HeaderValues::Many(Vec::new())) => claimed(event)
+                .broken(format!(
+                    "outbox row {id}: a header's list of values is empty; give it a value \
+                     or remove it, then requeue the row"
+                )),
             Ok(map) => claimed(
                 map.into_iter()
                     .fold(event, |event, (name, values)| match values {
@@ -252,6 +258,54 @@ impl ClaimedRow {
                 "outbox row {id}: headers are not a JSON object of strings \
                  (or lists of strings, for a header given more than once): {e}"
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(headers: &str) -> ClaimedRow {
+        ClaimedRow {
+            id: 7,
+            topic: "orders".into(),
+            event_id: Uuid::now_v7(),
+            event_type: "shop.orders.OrderPlaced".into(),
+            key: b"k".to_vec(),
+            occurred_at: Some(Utc::now()),
+            source: None,
+            correlation_id: None,
+            causation_id: None,
+            traceparent: None,
+            tracestate: None,
+            headers: headers.into(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_header_stored_as_a_list_comes_back_with_every_value() {
+        let event = row(r#"{"tenant":"acme","x-hop":["gateway","orders"]}"#)
+            .into_claimed()
+            .event
+            .unwrap();
+        assert_eq!(
+            event.all_headers().collect::<Vec<_>>(),
+            [
+                ("tenant", "acme"),
+                ("x-hop", "gateway"),
+                ("x-hop", "orders")
+            ]
+        );
+        for (headers, expected) in [
+            (r#"{"x-hop":[]}"#, "list of values is empty"),
+            (r#"{"x-hop":[1]}"#, "not a JSON object of strings"),
+            ("[]", "not a JSON object of strings"),
+        ] {
+            let refused = row(headers).into_claimed().event.unwrap_err();
+            assert!(refused.contains(expected), "{headers}: {refused}");
+            assert!(refused.contains("outbox row 7"), "{refused}");
         }
     }
 }

@@ -138,12 +138,16 @@ impl OutboxTables {
     /// (`migrate` made them), naming the settings and the migration when
     /// not: what a relay needs before it starts.
     pub async fn check_migrated(&self, pool: &PgPool) -> Result<()> {
-        let (outbox, archive): (bool, bool) =
-            sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
-                .bind(self.outbox())
-                .bind(self.archive())
-                .fetch_one(pool)
-                .await?;
+        let (outbox, archive, leases, relays): (bool, bool, bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
+                    to_regclass($3) IS NOT NULL, to_regclass($4) IS NOT NULL",
+        )
+        .bind(self.outbox())
+        .bind(self.archive())
+        .bind(self.leases())
+        .bind(self.relays())
+        .fetch_one(pool)
+        .await?;
         if !outbox {
             return Err(OutboxError::config(
                 "outbox.schema and outbox.table (keel's --schema and --table)",
@@ -167,6 +171,19 @@ impl OutboxTables {
                     self.archive()
                 ),
             ));
+        }
+        // The relays' own tables, which the same migrations make.
+        for (exists, table) in [(leases, self.leases()), (relays, self.relays())] {
+            if !exists {
+                return Err(OutboxError::config(
+                    "outbox.table",
+                    format!(
+                        "{} has no relay table {table}: apply Keel's outbox migrations \
+                         (OutboxTables::migrate, or `keel relay` without --no-migrate)",
+                        self.outbox(),
+                    ),
+                ));
+            }
         }
         Ok(())
     }
