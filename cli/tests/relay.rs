@@ -646,6 +646,32 @@ async fn outbox_commands_name_a_missing_outbox_table() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("there is no outbox table"), "{err}");
+    // An outbox whose other tables went missing: each is named.
+    let pool = PgPool::connect(&url).await.expect("connect");
+    OutboxTables::default()
+        .migrate(&pool)
+        .await
+        .expect("migrate");
+    for (table, expected) in [
+        ("keel.outbox_leases", "has no relay table"),
+        ("keel.outbox_archive", "has no archive table"),
+    ] {
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&pool)
+            .await
+            .expect("drop a table");
+        let (code, _, err) = keel_output(&[
+            "--broker",
+            "kafka://127.0.0.1:9",
+            "relay",
+            "--database",
+            &url,
+            "--no-migrate",
+        ]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(expected), "{table}: {err}");
+    }
+    pool.close().await;
     drop_database(&url).await;
 }
 

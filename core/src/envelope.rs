@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::fmt;
 use std::str::FromStr;
 
@@ -242,9 +243,7 @@ impl Envelope {
     /// the wire encoder refuses them.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into();
-        if !self.repeated_headers.is_empty() {
-            self.repeated_headers.retain(|(n, _)| *n != name);
-        }
+        self.repeated_headers.retain(|(n, _)| *n != name);
         self.headers.insert(name, value.into());
         self
     }
@@ -378,10 +377,10 @@ pub(crate) fn add_header(
     value: String,
 ) {
     match headers.entry(name) {
-        std::collections::btree_map::Entry::Vacant(slot) => {
+        Entry::Vacant(slot) => {
             slot.insert(value);
         }
-        std::collections::btree_map::Entry::Occupied(mut slot) => {
+        Entry::Occupied(mut slot) => {
             let earlier = slot.insert(value);
             let name = slot.key();
             let at = repeated.partition_point(|(n, _)| n <= name);

@@ -140,22 +140,17 @@ pub enum HeaderValues<V> {
 pub fn group_headers<'a, V>(
     pairs: impl IntoIterator<Item = (&'a str, V)>,
 ) -> BTreeMap<&'a str, HeaderValues<V>> {
-    let mut grouped: BTreeMap<&'a str, HeaderValues<V>> = BTreeMap::new();
+    let mut grouped: BTreeMap<&'a str, Vec<V>> = BTreeMap::new();
     for (name, value) in pairs {
-        match grouped.remove(name) {
-            None => {
-                grouped.insert(name, HeaderValues::One(value));
-            }
-            Some(HeaderValues::One(first)) => {
-                grouped.insert(name, HeaderValues::Many(vec![first, value]));
-            }
-            Some(HeaderValues::Many(mut values)) => {
-                values.push(value);
-                grouped.insert(name, HeaderValues::Many(values));
-            }
-        }
+        grouped.entry(name).or_default().push(value);
     }
     grouped
+        .into_iter()
+        .map(|(name, mut values)| match values.len() {
+            1 => (name, HeaderValues::One(values.remove(0))),
+            _ => (name, HeaderValues::Many(values)),
+        })
+        .collect()
 }
 
 /// `2026-11-28T01:02:03.456Z` into `buf` (what `to_rfc3339_opts(Millis,

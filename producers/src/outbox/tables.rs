@@ -134,9 +134,9 @@ impl OutboxTables {
             .await?)
     }
 
-    /// Checks that the outbox and its archive exist in `pool`'s database
-    /// (`migrate` made them), naming the settings and the migration when
-    /// not: what a relay needs before it starts.
+    /// Checks that the outbox, its archive and the relays' tables exist in
+    /// `pool`'s database (`migrate` made them), naming the settings and the
+    /// migration when not: what a relay needs before it starts.
     pub async fn check_migrated(&self, pool: &PgPool) -> Result<()> {
         let (outbox, archive, leases, relays): (bool, bool, bool, bool) = sqlx::query_as(
             "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL, \
@@ -160,25 +160,18 @@ impl OutboxTables {
             ));
         }
         // Without the archive every mark would fail and the same batch
-        // would go out again and again: refuse to start instead.
-        if !archive {
-            return Err(OutboxError::config(
-                "outbox.table",
-                format!(
-                    "{} has no archive table {}: apply Keel's outbox migrations \
-                     (OutboxTables::migrate, or `keel relay` without --no-migrate)",
-                    self.outbox(),
-                    self.archive()
-                ),
-            ));
-        }
-        // The relays' own tables, which the same migrations make.
-        for (exists, table) in [(leases, self.leases()), (relays, self.relays())] {
+        // would go out again and again; without the relays' own tables no
+        // lease can be taken: refuse to start instead.
+        for (exists, kind, table) in [
+            (archive, "archive", self.archive()),
+            (leases, "relay", self.leases()),
+            (relays, "relay", self.relays()),
+        ] {
             if !exists {
                 return Err(OutboxError::config(
                     "outbox.table",
                     format!(
-                        "{} has no relay table {table}: apply Keel's outbox migrations \
+                        "{} has no {kind} table {table}: apply Keel's outbox migrations \
                          (OutboxTables::migrate, or `keel relay` without --no-migrate)",
                         self.outbox(),
                     ),
