@@ -305,30 +305,58 @@ pub fn ownership(
     out
 }
 
-/// When the broker first had `partition` assigned to two members at once,
-/// if it ever did, from [`ownership`]'s intervals. From then on that
-/// partition's committed position is not trustworthy: tansu does not fence
-/// commits by generation, so the member behind can commit over the one
-/// ahead, and a later owner resumes from there.
-pub fn first_double_assignment(
+/// Each spell (from, to) of `partition` being assigned to two members at
+/// once, from [`ownership`]'s intervals. During one the partition's
+/// committed position is not trustworthy: tansu does not fence commits by
+/// generation, so the member behind can commit over the one ahead, and a
+/// later owner resumes from there.
+pub fn double_assignments(
     owners: &HashMap<(String, u32), Vec<(u128, u128)>>,
     partition: u32,
-) -> Option<u128> {
+) -> Vec<(u128, u128)> {
     let intervals: Vec<(&str, (u128, u128))> = owners
         .iter()
         .filter(|((_, p), _)| *p == partition)
         .flat_map(|((w, _), v)| v.iter().map(move |i| (w.as_str(), *i)))
         .collect();
-    let mut first: Option<u128> = None;
+    let mut spells = Vec::new();
     for (a, x) in &intervals {
         for (b, y) in &intervals {
             let (from, to) = (x.0.max(y.0), x.1.min(y.1));
             if a != b && from < to {
-                first = Some(first.map_or(from, |f| f.min(from)));
+                spells.push((from, to));
             }
         }
     }
-    first
+    spells
+}
+
+/// How far from a double assignment an event may have been first handled
+/// and still come back because of it. The member given the partition too
+/// starts at the last commit, which members make every second
+/// (`commit_interval_ms`), and while both hold it the one behind commits
+/// over the one ahead; once the spell ends, the owner's next commit puts
+/// the position right again. So what comes back was first handled from
+/// about a commit interval before the spell to about one after it; the
+/// rest is slack for a loaded machine.
+pub const DOUBLE_ASSIGNMENT_REACH: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether a double assignment of `partition` explains an event first
+/// handled at `first` (unix nanos) being handled again at `again`: a spell
+/// that began by `again`, with `first` within [`DOUBLE_ASSIGNMENT_REACH`]
+/// of it. Anything else handled again is a commit Keel lost.
+pub fn explained_by_double_assignment(
+    owners: &HashMap<(String, u32), Vec<(u128, u128)>>,
+    partition: u32,
+    first: u128,
+    again: u128,
+) -> bool {
+    let reach = DOUBLE_ASSIGNMENT_REACH.as_nanos();
+    double_assignments(owners, partition)
+        .into_iter()
+        .any(|(from, to)| {
+            from <= again && from.saturating_sub(reach) <= first && first <= to + reach
+        })
 }
 
 /// Per partition: distinct offsets handled, the highest, and the gaps.

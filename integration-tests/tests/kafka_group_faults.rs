@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{Envelope, Publisher};
 use keel_integration_tests::faults::{
-    Worker, distinct, files, first_double_assignment, handled, numbered, ownership, owns_some,
-    wait_until,
+    DOUBLE_ASSIGNMENT_REACH, Worker, distinct, explained_by_double_assignment, files, handled,
+    numbered, ownership, owns_some, wait_until,
 };
 use keel_integration_tests::{
     TansuUnderTest, TempDir, eventually, kafka_publisher, kafka_topic, unique_name,
@@ -180,23 +180,20 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     let mut ended = HashMap::new();
     ended.insert(victim.name.clone(), killed_nanos);
     let owners = ownership(dir.path(), &ended);
-    let double_assigned_since: HashMap<u32, Option<u128>> = (0..PARTITIONS)
-        .map(|p| (p, first_double_assignment(&owners, p)))
-        .collect();
     let records = handled(dir.path());
     assert_eq!(distinct(&records), EVENTS, "every event handled");
 
     // Per key: an event is handled for the first time only after every
     // earlier event of its key was; repeats are re-deliveries.
     let mut next: HashMap<&str, u32> = HashMap::new();
-    let mut first_by: HashMap<(&str, u32), &str> = HashMap::new();
+    let mut first_by: HashMap<(&str, u32), (&str, u128)> = HashMap::new();
     let mut from_victim = 0;
     let mut from_double_assignment: BTreeMap<(u32, &str, &str), usize> = BTreeMap::new();
     for h in &records {
         let expected = next.entry(h.key.as_str()).or_insert(0);
         if h.seq == *expected {
             *expected += 1;
-            first_by.insert((h.key.as_str(), h.seq), h.worker.as_str());
+            first_by.insert((h.key.as_str(), h.seq), (h.worker.as_str(), h.nanos));
             continue;
         }
         assert!(
@@ -205,7 +202,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
             h.key,
             h.seq
         );
-        let original = first_by[&(h.key.as_str(), h.seq)];
+        let (original, first_at) = first_by[&(h.key.as_str(), h.seq)];
         if original == victim.name {
             from_victim += 1;
         } else {
@@ -213,13 +210,14 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
             // gave their partition to two members at once (tansu 0.6.0's
             // coordinator answers each JoinGroup at once, with the other
             // members' last-known owned partitions, and does not fence
-            // commits by generation). Anything else is a commit Keel lost.
-            let since = double_assigned_since[&h.partition];
+            // commits by generation), and only what was first handled
+            // around such a spell. Anything else is a commit Keel lost.
             assert!(
-                since.is_some_and(|t| t <= h.nanos),
+                explained_by_double_assignment(&owners, h.partition, first_at, h.nanos),
                 "{} re-handled {}:{} (partition {}, offset {}) at {} first handled by live member \
-                 {original}, and partition {} had not been assigned to two members at once before; \
-                 first handled at {:?}; who owned the partition when (unix nanos): {:?}",
+                 {original} at {first_at}, and partition {} had not been assigned to two members \
+                 at once before, within {DOUBLE_ASSIGNMENT_REACH:?} of that; who owned the \
+                 partition when (unix nanos): {:?}",
                 h.worker,
                 h.key,
                 h.seq,
@@ -227,10 +225,6 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
                 h.offset,
                 h.nanos,
                 h.partition,
-                records
-                    .iter()
-                    .find(|r| r.key == h.key && r.seq == h.seq)
-                    .map(|r| r.nanos),
                 owners
                     .iter()
                     .filter(|((_, p), _)| *p == h.partition)
@@ -328,7 +322,7 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     assert_eq!(distinct(&records), TOTAL, "every event handled");
     let mut per_worker: BTreeMap<&str, usize> = BTreeMap::new();
     let mut next: HashMap<&str, usize> = HashMap::new();
-    let mut first_by: HashMap<(&str, u32), &str> = HashMap::new();
+    let mut first_by: HashMap<(&str, u32), (&str, u128)> = HashMap::new();
     let mut again: BTreeMap<(u32, &str, &str), usize> = BTreeMap::new();
     let mut handed_on = Vec::new();
     for h in &records {
@@ -336,7 +330,7 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
         let expected = next.entry(h.key.as_str()).or_insert(0);
         if h.seq as usize == *expected {
             *expected += 1;
-            first_by.insert((h.key.as_str(), h.seq), h.worker.as_str());
+            first_by.insert((h.key.as_str(), h.seq), (h.worker.as_str(), h.nanos));
             continue;
         }
         assert!(
@@ -345,11 +339,10 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
             h.key,
             h.seq
         );
-        let original = first_by[&(h.key.as_str(), h.seq)];
+        let (original, first_at) = first_by[&(h.key.as_str(), h.seq)];
         // tansu 0.6.0 may give a partition to two members at once (see the
-        // test above); only what follows that is not Keel's to answer for.
-        let since = first_double_assignment(&owners, h.partition);
-        if since.is_some_and(|t| t <= h.nanos) {
+        // test above); only what that explains is not Keel's to answer for.
+        if explained_by_double_assignment(&owners, h.partition, first_at, h.nanos) {
             *again
                 .entry((h.partition, original, h.worker.as_str()))
                 .or_default() += 1;

@@ -362,7 +362,21 @@ async fn a_restarted_static_member_gives_back_what_its_crashed_process_held() {
     // 4 s session from when `b` first saw it; `a2` heartbeats as `a` from
     // its start on).
     let other = start(&url, &topic, &group, "b", dir.path());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let members = admin
+            .live_members(&group, &topic, Duration::from_secs(30))
+            .await
+            .unwrap();
+        if members.iter().any(|m| m.member != "a") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other member did not heartbeat within 30 s: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _workers = [
         start_as(&url, &topic, &group, "a2", Some("a"), dir.path()),
         other,

@@ -1484,10 +1484,31 @@ fn spawn_enqueue(
     })
 }
 
-/// Asserts that `task` (an enqueue that must wait for a lock) is still
-/// waiting after a while.
-async fn assert_waiting(task: &tokio::task::JoinHandle<()>, what: &str) {
-    tokio::time::sleep(Duration::from_millis(300)).await;
+/// Asserts that `task` (an enqueue that must wait for a lock) waits: a
+/// session of this database is seen waiting for an advisory lock (the
+/// outbox's key locks) while the task is still running. Without the lock
+/// the task finishes and no such wait ever shows.
+async fn assert_waiting(pool: &sqlx::PgPool, task: &tokio::task::JoinHandle<()>, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        assert!(!task.is_finished(), "{what} did not wait");
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: no session waits for an outbox key lock after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still waiting once the wait is seen.
     assert!(!task.is_finished(), "{what} did not wait");
 }
 
@@ -1519,7 +1540,12 @@ async fn same_key_enqueues_wait_for_each_other_so_id_order_is_commit_order() {
     .expect("a different key waited for the open transaction")
     .unwrap();
     other.commit().await.unwrap();
-    assert_waiting(&second, "the same key (behind the open transaction)").await;
+    assert_waiting(
+        db.pool(),
+        &second,
+        "the same key (behind the open transaction)",
+    )
+    .await;
     first.commit().await.unwrap();
     second.await.unwrap();
     assert_eq!(
@@ -1574,6 +1600,7 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
         .collect();
     let batch = spawn_enqueue(db.pool(), &outbox, large);
     assert_waiting(
+        db.pool(),
         &batch,
         "a bucket-locked batch (behind an open transaction of one of its keys)",
     )
@@ -1598,6 +1625,7 @@ async fn keys_sharing_a_lock_bucket_wait_only_for_a_large_batch() {
         vec![Envelope::new("t", bucket_mate("held-key", 1), "after")],
     );
     assert_waiting(
+        db.pool(),
         &single,
         "a single key (behind the open large batch holding it)",
     )
