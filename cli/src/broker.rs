@@ -290,7 +290,16 @@ async fn nats_topics(
             let max_age = match (args.retention_ms, &existing) {
                 (None, Some(existing)) => existing.max_age,
                 (None | Some(-1), _) => None,
-                (Some(ms), _) if ms > 0 => Some(std::time::Duration::from_millis(ms as u64)),
+                (Some(ms), _) if ms > 0 => {
+                    let age = std::time::Duration::from_millis(ms as u64);
+                    if age > keel_producers::nats::admin::MAX_NATS_DURATION {
+                        bail!(
+                            "--retention-ms {ms}: longer than NATS can hold (at most {} ms); give -1 to keep events for ever",
+                            keel_producers::nats::admin::MAX_NATS_DURATION.as_millis()
+                        );
+                    }
+                    Some(age)
+                }
                 (Some(ms), _) => {
                     bail!("--retention-ms {ms}: give a positive number of ms, or -1 for forever")
                 }

@@ -315,6 +315,11 @@ fn registry_client(
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<keel_schemas::RegistryClient> {
     let url = config.registry.as_deref().unwrap_or(DEFAULT_REGISTRY);
+    if basic_auth.as_deref().is_some_and(|c| !c.contains(':')) {
+        anyhow::bail!(
+            "--registry-auth (or KEEL_REGISTRY_AUTH): give it as user:password (the colon is missing)"
+        );
+    }
     let ca_certificate_pem = ca
         .map(|path| {
             std::fs::read(path).with_context(|| {

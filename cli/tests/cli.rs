@@ -252,6 +252,18 @@ fn bad_flags_and_environment_are_refused_by_name() {
         !stderr.contains("unknown setting") && stderr.contains("127.0.0.1:1"),
         "{stderr}"
     );
+    // Credentials without their colon: refused by name, not sent as none.
+    let out = keel(
+        &["--registry", "http://127.0.0.1:1", "schema", "list"],
+        dir.path(),
+        &[("KEEL_REGISTRY_AUTH", "user")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("--registry-auth") && stderr.contains("user:password"),
+        "{stderr}"
+    );
 
     // Refused before anything connects (a stream would list a subject per
     // partition).
@@ -627,6 +639,30 @@ fn broker_commands(broker: &str, partitions: usize) {
     let kept = format!("{topic}-kept");
     run(&["topics", "create", &kept, "--retention-ms", "60000"]);
     run(&["topics", "create", &kept]);
+    if broker.starts_with("nats://") {
+        // NATS holds durations as i64 nanoseconds: a longer retention is
+        // refused, naming the flag, not sent wrapped around (this one as
+        // about an hour).
+        let long = format!("{topic}-long");
+        let out = keel(
+            &[
+                "topics",
+                "create",
+                &long,
+                "--retention-ms",
+                "18446747673710",
+            ],
+            dir.path(),
+            &env,
+        );
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("--retention-ms") && stderr.contains("longer than NATS can hold"),
+            "{stderr}"
+        );
+        assert!(!run(&["topics", "list"]).lines().any(|l| l == long));
+    }
     let described: serde_json::Value =
         serde_json::from_str(&run(&["topics", "describe", &topic])).expect("describe JSON");
     // Kafka lists each partition; NATS gives the count.

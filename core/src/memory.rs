@@ -768,7 +768,12 @@ impl Publisher for MemoryTransport {
                 .iter()
                 .map(|event| self.broker.publish_one(&mut state, topic, event))
                 .collect::<Result<Vec<_>>>()?;
-            let groups: Vec<String> = state.topics[topic].groups.keys().cloned().collect();
+            // (An empty batch names no topic it could check: nothing to do.)
+            let groups: Vec<String> = state
+                .topics
+                .get(topic)
+                .map(|t| t.groups.keys().cloned().collect())
+                .unwrap_or_default();
             for group in groups {
                 self.broker.dispatch(&mut state, topic, &group, &mut out);
             }
@@ -970,6 +975,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("topic `nope`"), "{err}");
+        // An empty batch stores nothing, wherever it is sent.
+        assert!(
+            t.publish_batch("nope", Vec::new())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let err = t
             .subscribe(Subscription::new("nope", "g"))
             .await

@@ -42,6 +42,7 @@ on_both_backends!(
     transitive_levels_check_every_version,
     concurrent_registrations_agree,
     ids_survive_a_restart,
+    new_ids_stop_at_the_wire_formats_limit,
     references_and_the_codec_through_the_client,
     bad_requests_get_codes_not_500s,
     a_lattice_of_references_is_read_once_per_subject,
@@ -1308,8 +1309,11 @@ async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
         api.get("/subjects/orders-value/versions").await.1,
         json!([1, 3, 4])
     );
-    // Ids beyond what the wire format carries are refused.
+    // Ids beyond what the wire format carries are refused, and id 0, which
+    // `GET /schemas/ids/0` could never answer.
     let (path, body) = import("orders-value", &third, 1 << 40, None);
+    assert_eq!(refused(api.post(&path, body).await), 42201);
+    let (path, body) = import("orders-value", &third, 0, None);
     assert_eq!(refused(api.post(&path, body).await), 42201);
     // The last version number taken: there is no next one (no version
     // past 2^31-1, which clients could not name).
@@ -1371,6 +1375,45 @@ async fn import_mode_keeps_ids_and_versions(backend: RegistryBackend) {
     api.put("/mode", json!({"mode": "READWRITE"})).await;
     let (path, body) = import("plain", &v1, 5001, None);
     assert_eq!(refused(api.post(&path, body).await), 42205);
+}
+
+/// An import that takes the largest id the wire format carries leaves no
+/// id for a new schema: registering one is refused (naming why), not given
+/// an id past four bytes; schemas already stored still register.
+async fn new_ids_stop_at_the_wire_formats_limit(backend: RegistryBackend) {
+    let registry = RegistryUnderTest::start(backend, ServerOptions::default()).await;
+    let api = Api::new(&registry);
+    let first = record("First", json!([{"name": "a", "type": "string"}]));
+    let last = record("Last", json!([{"name": "b", "type": "string"}]));
+    let first_id = api.register("first-value", &first).await;
+    api.put("/mode/last-value", json!({"mode": "IMPORT"})).await;
+    let max = i64::from(i32::MAX);
+    assert_eq!(
+        api.post(
+            "/subjects/last-value/versions",
+            json!({"schema": last.to_string(), "id": max}),
+        )
+        .await,
+        (StatusCode::OK, json!({"id": max}))
+    );
+    api.put("/mode/last-value", json!({"mode": "READWRITE"}))
+        .await;
+    let (status, body) = api
+        .post(
+            "/subjects/next-value/versions",
+            json!({"schema": record("Next", json!([{"name": "c", "type": "long"}])).to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(error_code(&body), 50001, "{body}");
+    assert!(body.to_string().contains("No schema id left"), "{body}");
+    assert_eq!(
+        api.get("/subjects/next-value/versions").await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Schemas the registry holds keep their ids.
+    assert_eq!(api.register("other-value", &first).await, first_id);
+    assert_eq!(api.register("last-value", &last).await, max as u64);
 }
 
 /// The registry served over HTTPS with a private CA's certificate: the

@@ -117,18 +117,29 @@ impl RegistryClient {
     /// A client for the registry at `url` (`http://host:8081`).
     pub fn new(url: &str, options: ClientOptions) -> Result<Self> {
         let mut base = Url::parse(url).map_err(|e| {
-            SchemaError::InvalidSchema(format!("registry URL `{url}` is not a URL: {e}"))
+            SchemaError::Settings(format!("registry URL `{url}` is not a URL: {e}"))
         })?;
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
+        // Sent as `user:password`: without the colon nothing could be sent,
+        // and the registry's 401 would not say why.
+        if options
+            .basic_auth
+            .as_deref()
+            .is_some_and(|c| !c.contains(':'))
+        {
+            return Err(SchemaError::Settings(
+                "basic auth: give it as user:password (the colon is missing)".to_owned(),
+            ));
+        }
         let mut builder = reqwest::Client::builder().timeout(options.timeout);
         if let Some(pem) = &options.ca_certificate_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| SchemaError::InvalidSchema(format!("registry CA certificate: {e}")))?;
+                .map_err(|e| SchemaError::Settings(format!("registry CA certificate: {e}")))?;
             if certs.is_empty() {
-                return Err(SchemaError::InvalidSchema(
+                return Err(SchemaError::Settings(
                     "registry CA certificate: no PEM certificate found".to_owned(),
                 ));
             }
@@ -158,10 +169,7 @@ impl RegistryClient {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| {
-                SchemaError::InvalidSchema(format!(
-                    "registry URL `{}` cannot have a path",
-                    self.base
-                ))
+                SchemaError::Settings(format!("registry URL `{}` cannot have a path", self.base))
             })?
             .pop_if_empty()
             .extend(segments);
@@ -543,6 +551,18 @@ mod tests {
     use super::*;
     use axum::http::StatusCode as Status;
     use axum::routing::get;
+
+    #[test]
+    fn credentials_without_a_colon_are_refused_not_dropped() {
+        let options = |auth: &str| ClientOptions {
+            basic_auth: Some(auth.to_owned()),
+            ..ClientOptions::default()
+        };
+        let err = RegistryClient::new("http://127.0.0.1:1", options("keel")).expect_err("refused");
+        assert!(matches!(err, SchemaError::Settings(_)), "{err}");
+        assert!(err.to_string().contains("user:password"), "{err}");
+        assert!(RegistryClient::new("http://127.0.0.1:1", options("keel:")).is_ok());
+    }
 
     #[tokio::test]
     async fn oversized_and_empty_answers_are_named_errors() {

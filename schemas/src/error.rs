@@ -64,6 +64,11 @@ pub enum SchemaError {
     #[error("invalid Avro schema: {0}")]
     InvalidSchema(String),
 
+    /// A registry client setting is wrong (the URL, the CA certificate,
+    /// the basic-auth credentials).
+    #[error("schema registry client settings: {0}")]
+    Settings(String),
+
     /// The registry answered with an error.
     #[error("schema registry answered {status} (error code {code}): {message}")]
     Registry {

@@ -57,7 +57,7 @@ use futures::StreamExt;
 use keel_core::delivery::{Deliveries, Membership, Outcome};
 use keel_core::transport::{StartFrom, Subscriber, Subscription};
 use keel_core::{Error, Result, wire};
-use keel_producers::nats::admin::{self, JetStreamAdmin};
+use keel_producers::nats::admin::{self, JetStreamAdmin, MAX_NATS_DURATION};
 use keel_producers::nats::config::{NatsClientConfig, validate_name};
 use keel_producers::nats::groups::{self, GroupKey, HandedOn, LeaseRecord, MemberRecord};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -76,7 +76,7 @@ pub struct JetStreamConsumerConfig {
     /// Default 1000.
     pub partition_window: u32,
     /// A member unseen this long is dead and its partitions are taken over.
-    /// Default 10 s.
+    /// Default 10 s, at most 1 hour.
     pub session_timeout: Duration,
     /// How often a member heartbeats and renews its leases. Default 1 s.
     pub heartbeat: Duration,
@@ -112,6 +112,10 @@ impl Default for JetStreamConsumerConfig {
     }
 }
 
+/// The longest `session_timeout`: Kafka's own default ceiling for a
+/// member's session (`group.max.session.timeout.ms`) is 30 minutes.
+const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl JetStreamConsumerConfig {
     /// Refuses invalid settings, naming them.
     pub fn validate(&self) -> Result<()> {
@@ -119,7 +123,21 @@ impl JetStreamConsumerConfig {
         if self.partition_window == 0 {
             return Err(Error::config("nats.partition_window", "must be at least 1"));
         }
-        if self.heartbeat.is_zero() || self.heartbeat * 4 > self.session_timeout {
+        if self.session_timeout > MAX_SESSION_TIMEOUT {
+            return Err(Error::config(
+                "nats.session_timeout",
+                format!(
+                    "{:?} is longer than the most a dead member may hold its partitions ({MAX_SESSION_TIMEOUT:?})",
+                    self.session_timeout
+                ),
+            ));
+        }
+        if self.heartbeat.is_zero()
+            || self
+                .heartbeat
+                .checked_mul(4)
+                .is_none_or(|h| h > self.session_timeout)
+        {
             return Err(Error::config(
                 "nats.heartbeat",
                 format!(
@@ -128,8 +146,11 @@ impl JetStreamConsumerConfig {
                 ),
             ));
         }
-        if self.ack_wait < Duration::from_secs(1) {
-            return Err(Error::config("nats.ack_wait", "must be at least 1 s"));
+        if self.ack_wait < Duration::from_secs(1) || self.ack_wait > MAX_NATS_DURATION {
+            return Err(Error::config(
+                "nats.ack_wait",
+                format!("must be at least 1 s and at most {MAX_NATS_DURATION:?}"),
+            ));
         }
         if let Some(id) = &self.member_id {
             validate_name("nats.member_id", id)?;
@@ -1642,6 +1663,36 @@ impl Drop for NatsMembership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_durations_are_refused_not_overflowed() {
+        let refused = |config: JetStreamConsumerConfig, name: &str| {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        };
+        refused(
+            JetStreamConsumerConfig {
+                heartbeat: Duration::MAX,
+                ..JetStreamConsumerConfig::default()
+            },
+            "nats.heartbeat",
+        );
+        refused(
+            JetStreamConsumerConfig {
+                session_timeout: Duration::from_secs(3601),
+                ..JetStreamConsumerConfig::default()
+            },
+            "nats.session_timeout",
+        );
+        refused(
+            JetStreamConsumerConfig {
+                ack_wait: Duration::MAX,
+                ..JetStreamConsumerConfig::default()
+            },
+            "nats.ack_wait",
+        );
+        assert!(JetStreamConsumerConfig::default().validate().is_ok());
+    }
 
     #[test]
     fn a_first_delivery_that_never_arrived_is_noticed() {

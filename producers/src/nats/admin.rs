@@ -51,6 +51,35 @@ impl Default for StreamSettings {
     }
 }
 
+/// The key of the coordination bucket written to read the server's clock
+/// (`=` is in no topic or group name, so it is no group's key).
+const CLOCK_KEY: &str = "=clock";
+
+/// The server's time now, read off a write to the coordination bucket.
+/// Heartbeats carry the server's time, so liveness is judged against it:
+/// this host's clock may be ahead of the server's (live members would look
+/// dead, and a reset would take their partitions) or behind it.
+async fn server_now(
+    store: &kv::Store,
+) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+    let what = |e: &dyn std::fmt::Display| {
+        format!("cannot read the server's clock off {}: {e}", groups::BUCKET)
+    };
+    store
+        .put(CLOCK_KEY, Vec::new().into())
+        .await
+        .map_err(|e| what(&e))?;
+    match store.entry(CLOCK_KEY).await {
+        Ok(Some(entry)) => Ok(entry.created),
+        Ok(None) => Err(what(&"the key just written is gone")),
+        Err(e) => Err(what(&e)),
+    }
+}
+
+/// The longest duration the NATS server takes: it counts in signed 64-bit
+/// nanoseconds.
+pub const MAX_NATS_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
+
 impl StreamSettings {
     /// Refuses settings the server would adjust or reject.
     pub fn validate(&self) -> Result<()> {
@@ -67,6 +96,24 @@ impl StreamSettings {
                 "duplicate_window",
                 format!("{:?} is longer than max_age {age:?}", self.duplicate_window),
             ));
+        }
+        // The server takes durations as signed 64-bit nanoseconds (about
+        // 292 years); a longer one would be sent wrapped around, as some
+        // other, shorter time.
+        for (name, v) in [
+            ("duplicate_window", Some(self.duplicate_window)),
+            ("max_age", self.max_age),
+        ] {
+            if let Some(v) = v
+                && v > MAX_NATS_DURATION
+            {
+                return Err(Error::config(
+                    name,
+                    format!(
+                        "{v:?} is longer than NATS can hold ({MAX_NATS_DURATION:?}); leave max_age unset to keep events for ever"
+                    ),
+                ));
+            }
         }
         if self.replicas == 0 || self.replicas > 5 {
             return Err(Error::config("replicas", "must be 1 to 5"));
@@ -580,7 +627,9 @@ impl JetStreamAdmin {
             .bucket_keys(|reason| group_error(group, topic, reason))
             .await?;
         let mut live = Vec::new();
-        let now = chrono::Utc::now();
+        let now = server_now(&store)
+            .await
+            .map_err(|reason| group_error(group, topic, reason))?;
         for key in keys {
             if let Some(GroupKey::Member(_)) = groups::parse_key(topic, group, &key)
                 && let Ok(Some(entry)) = store.entry(&key).await
@@ -606,7 +655,10 @@ impl JetStreamAdmin {
             .await?;
         let mut out: std::collections::BTreeMap<(String, String), GroupSummary> =
             Default::default();
-        let now = chrono::Utc::now();
+        let now = server_now(&store).await.map_err(|reason| Error::Connect {
+            broker: "NATS".into(),
+            reason,
+        })?;
         for key in keys {
             // `<topic>.<group>.members.<id>` or `<topic>.<group>.partitions.<p>`
             let parts: Vec<&str> = key.splitn(4, '.').collect();
@@ -939,5 +991,21 @@ mod tests {
             ..StreamSettings::default()
         };
         assert!(s.validate().is_err());
+        // The server counts in i64 nanoseconds: a longer retention would be
+        // sent wrapped around (18,446,747,673,710 ms as about an hour).
+        let s = StreamSettings {
+            max_age: Some(Duration::from_millis(18_446_747_673_710)),
+            ..StreamSettings::default()
+        };
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("max_age") && err.contains("longer than NATS can hold"),
+            "{err}"
+        );
+        let s = StreamSettings {
+            max_age: Some(MAX_NATS_DURATION),
+            ..StreamSettings::default()
+        };
+        assert!(s.validate().is_ok());
     }
 }

@@ -234,7 +234,7 @@ fn parse_version(text: &str) -> ApiResult<VersionSpec> {
 fn parse_id(text: &str) -> ApiResult<i64> {
     text.parse::<i64>()
         .ok()
-        .filter(|id| *id > 0)
+        .filter(|id| (1..=MAX_SCHEMA_ID).contains(id))
         .ok_or_else(|| ApiError::schema_id_not_found(text))
 }
 
@@ -692,6 +692,12 @@ async fn register(
         return Err(ApiError::incompatible(&subject, &problems));
     }
     let id = state.store.upsert_schema(&candidate.stored).await?;
+    // Ids follow the highest one so far, which an import may have set near
+    // the limit: past it the id no longer fits the wire format's four
+    // bytes (Confluent's clients would read it as negative).
+    if id > MAX_SCHEMA_ID {
+        return Err(ApiError::ids_exhausted(id, MAX_SCHEMA_ID));
+    }
     let normal = candidate.normal.clone();
     let added = state
         .store
@@ -723,9 +729,11 @@ async fn import(
     request: &SchemaRequest,
     flags: Flags,
 ) -> ApiResult {
-    if id > MAX_SCHEMA_ID {
+    // Id 0 could be stored but never fetched (`GET /schemas/ids/0` takes
+    // positive ids, as Confluent's registry numbers from 1): refused here.
+    if !(1..=MAX_SCHEMA_ID).contains(&id) {
         return Err(ApiError::invalid_schema(format!(
-            "schema id {id} is out of range: ids are 0 to {MAX_SCHEMA_ID} (four bytes on the wire)"
+            "schema id {id} is out of range: ids are 1 to {MAX_SCHEMA_ID} (four bytes on the wire)"
         )));
     }
     let candidate = candidate(state, request, flags.normalize).await?;

@@ -263,6 +263,17 @@ impl ApiError {
         Self::http(StatusCode::NOT_FOUND, "HTTP 404 Not Found")
     }
 
+    /// 50001: every schema id the wire format can carry is taken.
+    pub fn ids_exhausted(next: i64, max: i64) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            50001,
+            format!(
+                "No schema id left: the next id would be {next}, past the largest the wire format carries ({max}); an imported schema took an id near the limit"
+            ),
+        )
+    }
+
     /// 50001.
     pub fn store(e: &StoreError) -> Self {
         Self::new(
