@@ -334,11 +334,13 @@ pub fn double_assignments(
 /// How far from a double assignment an event may have been first handled
 /// and still come back because of it. The member given the partition too
 /// starts at the last commit, which members make every second
-/// (`commit_interval_ms`), and while both hold it the one behind commits
-/// over the one ahead; once the spell ends, the owner's next commit puts
-/// the position right again. So what comes back was first handled from
-/// about a commit interval before the spell to about one after it; the
-/// rest is slack for a loaded machine.
+/// (`commit_interval_ms`), so what it reads again was first handled from
+/// about a commit interval before the spell on; while both hold the
+/// partition the one behind commits over the one ahead, so what comes
+/// back later was first handled during the spell, or after it only until
+/// the owner's next commit moves the position on (a stale commit left on a
+/// partition idle since points back into the spell too). The rest is
+/// slack for a loaded machine.
 pub const DOUBLE_ASSIGNMENT_REACH: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Whether a double assignment of `partition` explains an event first
@@ -355,7 +357,10 @@ pub fn explained_by_double_assignment(
     double_assignments(owners, partition)
         .into_iter()
         .any(|(from, to)| {
-            from <= again && from.saturating_sub(reach) <= first && first <= to + reach
+            // `to` is u128::MAX for a spell still open at the end.
+            from <= again
+                && from.saturating_sub(reach) <= first
+                && first <= to.saturating_add(reach)
         })
 }
 

@@ -1411,6 +1411,16 @@ async fn new_ids_stop_at_the_wire_formats_limit(backend: RegistryBackend) {
         api.get("/subjects/next-value/versions").await.0,
         StatusCode::NOT_FOUND
     );
+    // Nothing of the refused schema was kept: it imports under a free id.
+    api.put("/mode/next-value", json!({"mode": "IMPORT"})).await;
+    assert_eq!(
+        api.post(
+            "/subjects/next-value/versions",
+            json!({"schema": record("Next", json!([{"name": "c", "type": "long"}])).to_string(), "id": 77}),
+        )
+        .await,
+        (StatusCode::OK, json!({"id": 77}))
+    );
     // Schemas the registry holds keep their ids.
     assert_eq!(api.register("other-value", &first).await, first_id);
     assert_eq!(api.register("last-value", &last).await, max as u64);

@@ -119,6 +119,13 @@ impl RegistryClient {
         let mut base = Url::parse(url).map_err(|e| {
             SchemaError::Settings(format!("registry URL `{url}` is not a URL: {e}"))
         })?;
+        // Paths are appended to it: `registry:8081` (scheme `registry`)
+        // would fail at every request instead of here.
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(SchemaError::Settings(format!(
+                "registry URL `{url}` is not an http:// or https:// URL"
+            )));
+        }
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
@@ -562,6 +569,9 @@ mod tests {
         assert!(matches!(err, SchemaError::Settings(_)), "{err}");
         assert!(err.to_string().contains("user:password"), "{err}");
         assert!(RegistryClient::new("http://127.0.0.1:1", options("keel:")).is_ok());
+        let err =
+            RegistryClient::new("registry:8081", ClientOptions::default()).expect_err("not http");
+        assert!(matches!(err, SchemaError::Settings(_)), "{err}");
     }
 
     #[tokio::test]

@@ -82,7 +82,8 @@ pub struct JetStreamConsumerConfig {
     pub heartbeat: Duration,
     /// How long a hand-over or a graceful leave waits for the deliveries
     /// its handlers are running before abandoning them unacked (those
-    /// still queued for a handler are given back at once). Default 10 s.
+    /// still queued for a handler are given back at once). Default 10 s,
+    /// at most 1 hour.
     pub drain_timeout: Duration,
     /// The server re-sends an unacked message after this long (Keel ignores
     /// such re-sends of a message it still holds). Default 5 min.
@@ -112,8 +113,10 @@ impl Default for JetStreamConsumerConfig {
     }
 }
 
-/// The longest `session_timeout`: Kafka's own default ceiling for a
-/// member's session (`group.max.session.timeout.ms`) is 30 minutes.
+/// The longest `session_timeout` and `drain_timeout`: a dead member's
+/// partitions stand still this long at most (Kafka's default ceiling for a
+/// session, `group.max.session.timeout.ms`, is 30 minutes), and the
+/// member's timers stay far from overflowing.
 const MAX_SESSION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl JetStreamConsumerConfig {
@@ -129,6 +132,15 @@ impl JetStreamConsumerConfig {
                 format!(
                     "{:?} is longer than the most a dead member may hold its partitions ({MAX_SESSION_TIMEOUT:?})",
                     self.session_timeout
+                ),
+            ));
+        }
+        if self.drain_timeout > MAX_SESSION_TIMEOUT {
+            return Err(Error::config(
+                "nats.drain_timeout",
+                format!(
+                    "{:?} is longer than {MAX_SESSION_TIMEOUT:?}",
+                    self.drain_timeout
                 ),
             ));
         }
@@ -1683,6 +1695,13 @@ mod tests {
                 ..JetStreamConsumerConfig::default()
             },
             "nats.session_timeout",
+        );
+        refused(
+            JetStreamConsumerConfig {
+                drain_timeout: Duration::MAX,
+                ..JetStreamConsumerConfig::default()
+            },
+            "nats.drain_timeout",
         );
         refused(
             JetStreamConsumerConfig {

@@ -1,7 +1,8 @@
 //! An outbox relay as its own OS process, for the SIGKILL tests: the
 //! library's `OutboxRelay` with test-speed timings
 //! ([`relay_config`](keel_integration_tests::outbox::relay_config)) on the
-//! default tables, until Ctrl-C.
+//! default tables, until Ctrl-C. Prints `failed publishes <n>` to standard
+//! output whenever its count of failed batches and refused rows changes.
 //!
 //! Usage: `outbox_relay_worker <database-url> <kafka://host:port | nats://host:port> <relay-id> <batch-size>`
 
@@ -45,6 +46,23 @@ async fn main() -> anyhow::Result<()> {
         .connect(database)
         .await?;
     let relay = OutboxRelay::new(pool, OutboxTables::default(), publisher, config)?;
+    // Each failed publish may re-send a batch: the tests bound duplicates
+    // by these, so every change goes out at once (a killed process has
+    // printed what it had).
+    let mut stats = relay.stats();
+    tokio::spawn(async move {
+        let mut last = 0;
+        while stats.changed().await.is_ok() {
+            let failed = {
+                let s = stats.borrow_and_update();
+                s.failed_batches + s.failures
+            };
+            if failed != last {
+                println!("failed publishes {failed}");
+                last = failed;
+            }
+        }
+    });
     tracing::info!(relay = %relay_id, "relay worker starting");
     relay
         .run(async {

@@ -58,18 +58,20 @@ const CLOCK_KEY: &str = "=clock";
 /// The server's time now, read off a write to the coordination bucket.
 /// Heartbeats carry the server's time, so liveness is judged against it:
 /// this host's clock may be ahead of the server's (live members would look
-/// dead, and a reset would take their partitions) or behind it.
+/// dead, and a reset would take their partitions) or behind it. (So
+/// listing groups needs the right to write that key, as members and
+/// resets write the bucket anyway.)
 async fn server_now(
     store: &kv::Store,
 ) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
     let what = |e: &dyn std::fmt::Display| {
         format!("cannot read the server's clock off {}: {e}", groups::BUCKET)
     };
-    store
+    let revision = store
         .put(CLOCK_KEY, Vec::new().into())
         .await
         .map_err(|e| what(&e))?;
-    match store.entry(CLOCK_KEY).await {
+    match store.entry_for_revision(CLOCK_KEY, revision).await {
         Ok(Some(entry)) => Ok(entry.created),
         Ok(None) => Err(what(&"the key just written is gone")),
         Err(e) => Err(what(&e)),
@@ -109,9 +111,7 @@ impl StreamSettings {
             {
                 return Err(Error::config(
                     name,
-                    format!(
-                        "{v:?} is longer than NATS can hold ({MAX_NATS_DURATION:?}); leave max_age unset to keep events for ever"
-                    ),
+                    format!("{v:?} is longer than NATS can hold ({MAX_NATS_DURATION:?})"),
                 ));
             }
         }

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `<topic>.<group>.members.<member>` | [`MemberRecord`], re-put every heartbeat |
 //! | `<topic>.<group>.partitions.<p>` | [`LeaseRecord`]: the owner and the resume position |
+//! | `=clock` | empty: written by admin commands to read the server's clock (liveness) |
 //!
 //! A lease changes hands only by compare-and-set on its revision, which
 //! fences a member that lost it: its next renewal fails. Each partition is

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, CONTENT_TYPE};
 use super::store::{
-    ImportRefusal, NewSchema, SchemaReference, Setting, Store, StoredSchema, SubjectVersion,
+    ImportRefusal, NewSchema, SchemaReference, Setting, Store, StoreError, StoredSchema,
+    SubjectVersion,
 };
 use crate::canonical::{References, named_types, resolve};
 use crate::compat::Compatibility;
@@ -691,13 +692,19 @@ async fn register(
     if !problems.is_empty() {
         return Err(ApiError::incompatible(&subject, &problems));
     }
-    let id = state.store.upsert_schema(&candidate.stored).await?;
     // Ids follow the highest one so far, which an import may have set near
     // the limit: past it the id no longer fits the wire format's four
     // bytes (Confluent's clients would read it as negative).
-    if id > MAX_SCHEMA_ID {
-        return Err(ApiError::ids_exhausted(id, MAX_SCHEMA_ID));
-    }
+    let id = match state
+        .store
+        .upsert_schema(&candidate.stored, MAX_SCHEMA_ID)
+        .await
+    {
+        Err(StoreError::IdsExhausted { next }) => {
+            return Err(ApiError::ids_exhausted(next, MAX_SCHEMA_ID));
+        }
+        id => id?,
+    };
     let normal = candidate.normal.clone();
     let added = state
         .store

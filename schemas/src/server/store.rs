@@ -39,6 +39,12 @@ pub enum StoreError {
     /// Stored data is not what this version of Keel wrote.
     #[error("corrupt registry data: {0}")]
     Corrupt(String),
+    /// A new schema would take an id past the largest one allowed.
+    #[error("no schema id left: the next id would be {next}")]
+    IdsExhausted {
+        /// The id it would have taken.
+        next: i64,
+    },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -274,8 +280,9 @@ impl Store {
         rows.iter().map(Self::version_from_row).collect()
     }
 
-    /// Registers `schema` (or finds it) and returns its global id.
-    pub async fn upsert_schema(&self, schema: &NewSchema) -> Result<i64> {
+    /// Registers `schema` (or finds it) and returns its global id; a new
+    /// schema whose id would pass `max_id` is refused and nothing is kept.
+    pub async fn upsert_schema(&self, schema: &NewSchema, max_id: i64) -> Result<i64> {
         let references_json = serde_json::to_string(&schema.references)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let identity = sha256(&[&schema.schema_type, &schema.text, &references_json]);
@@ -303,7 +310,16 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
             match found {
-                Some(row) => break (tx, row.try_get::<i64, _>(0)?),
+                Some(row) => {
+                    let id = row.try_get::<i64, _>(0)?;
+                    // Nothing stored past the limit (the schema was new:
+                    // a stored one has its id within it).
+                    if id > max_id {
+                        tx.rollback().await?;
+                        return Err(StoreError::IdsExhausted { next: id });
+                    }
+                    break (tx, id);
+                }
                 None if attempts < VERSION_RETRIES => {
                     attempts += 1;
                     tx.rollback().await?;
