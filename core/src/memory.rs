@@ -757,6 +757,9 @@ impl Publisher for MemoryTransport {
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         let receipts = {
             let mut state = self.broker.lock();
@@ -768,12 +771,7 @@ impl Publisher for MemoryTransport {
                 .iter()
                 .map(|event| self.broker.publish_one(&mut state, topic, event))
                 .collect::<Result<Vec<_>>>()?;
-            // (An empty batch names no topic it could check: nothing to do.)
-            let groups: Vec<String> = state
-                .topics
-                .get(topic)
-                .map(|t| t.groups.keys().cloned().collect())
-                .unwrap_or_default();
+            let groups: Vec<String> = state.topics[topic].groups.keys().cloned().collect();
             for group in groups {
                 self.broker.dispatch(&mut state, topic, &group, &mut out);
             }

@@ -154,7 +154,7 @@ async fn a_relay_killed_ten_times_loses_nothing_and_repeats_at_most_a_batch_per_
     // Kafka keeps every re-published copy (a new producer id per process),
     // so duplicates are visible to the consumer and can be counted.
     let out = TempDir::new();
-    let (mut kills, mut at_kill) = (0, Vec::new());
+    let mut at_kill = Vec::new();
     for round in 0..10 {
         let name = format!("relay-{round}");
         let mut relay = start_relay(&db, &broker, &name, out.path());
@@ -173,8 +173,8 @@ async fn a_relay_killed_ten_times_loses_nothing_and_repeats_at_most_a_batch_per_
         at_kill.push((!writer.is_finished(), unpublished(db.pool(), &tables).await));
         relay.child.kill().unwrap();
         relay.child.wait().unwrap();
-        kills += 1;
     }
+    let kills = at_kill.len();
     // Every kill came while the writers still wrote (events flowing), so
     // each may have cut a batch short.
     eprintln!("at each kill, (writers still writing, rows waiting): {at_kill:?}");

@@ -126,23 +126,16 @@ impl JetStreamConsumerConfig {
         if self.partition_window == 0 {
             return Err(Error::config("nats.partition_window", "must be at least 1"));
         }
-        if self.session_timeout > MAX_SESSION_TIMEOUT {
-            return Err(Error::config(
-                "nats.session_timeout",
-                format!(
-                    "{:?} is longer than the most a dead member may hold its partitions ({MAX_SESSION_TIMEOUT:?})",
-                    self.session_timeout
-                ),
-            ));
-        }
-        if self.drain_timeout > MAX_SESSION_TIMEOUT {
-            return Err(Error::config(
-                "nats.drain_timeout",
-                format!(
-                    "{:?} is longer than {MAX_SESSION_TIMEOUT:?}",
-                    self.drain_timeout
-                ),
-            ));
+        for (name, timeout) in [
+            ("nats.session_timeout", self.session_timeout),
+            ("nats.drain_timeout", self.drain_timeout),
+        ] {
+            if timeout > MAX_SESSION_TIMEOUT {
+                return Err(Error::config(
+                    name,
+                    format!("{timeout:?} is longer than {MAX_SESSION_TIMEOUT:?}"),
+                ));
+            }
         }
         if self.heartbeat.is_zero()
             || self
