@@ -343,6 +343,48 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_stuck_at_shutdown_on_the_memory_transport_is_abandoned() {
+        let t = MemoryTransport::new().with_drain_timeout(Duration::from_secs(3));
+        topic_with(&t, &[Envelope::new("e", "k", "")]).await;
+        let started = Arc::new(Notify::new());
+        let started_tx = started.clone();
+        let handler = handler_fn(move |_e: Envelope, _info: DeliveryInfo| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+        let member = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let began = tokio::time::Instant::now();
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(600),
+            serve(member, Arc::new(handler), fast(), started.notified()),
+        )
+        .await;
+        let report = stopped
+            .expect("a stuck handler must not hold the stop past the drain timeout")
+            .unwrap();
+        assert!(
+            began.elapsed() >= Duration::from_secs(3),
+            "the stop gave up before the drain timeout"
+        );
+        assert_eq!(report.handled, 0);
+        // Not committed: the next member gets the event again.
+        assert_eq!(
+            t.committed("t", "g").unwrap().iter().flatten().sum::<u64>(),
+            0
+        );
+        let mut next = t.subscribe(Subscription::new("t", "g")).await.unwrap();
+        let again =
+            tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut next))
+                .await
+                .expect("the abandoned event is delivered again");
+        assert!(matches!(again, Some(Ok(_))), "{again:?}");
+    }
+
     #[test]
     fn backoff_doubles_up_to_the_cap_and_bad_options_are_named() {
         let o = ServeOptions::default();

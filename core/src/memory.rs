@@ -43,10 +43,17 @@ pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Longest re-delivery delay honoured; longer ones are cut to this.
 pub const MAX_NACK_DELAY: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a member's graceful leave lets its running handlers finish
+/// before abandoning them (their events go back unsettled), unless
+/// [`MemoryTransport::with_drain_timeout`] says otherwise: the brokers'
+/// default too.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// An in-process broker. Clones share the same broker.
 #[derive(Clone)]
 pub struct MemoryTransport {
     broker: Arc<Broker>,
+    drain_timeout: Duration,
 }
 
 impl MemoryTransport {
@@ -57,7 +64,18 @@ impl MemoryTransport {
                 me: me.clone(),
                 state: Mutex::new(State::default()),
             }),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
+    }
+
+    /// Members subscribed through this handle let their running handlers
+    /// finish for at most `timeout` when they leave gracefully (`serve`'s
+    /// and the router's shutdown); handlers still running then are dropped
+    /// and their events go back to the group unsettled. Default
+    /// [`DEFAULT_DRAIN_TIMEOUT`]; clones made before keep theirs.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
     }
 
     /// Stores `record` in `partition` exactly as given, as a foreign
@@ -166,8 +184,9 @@ struct Group {
     /// Members in join order; the assignment follows this order.
     members: Vec<Member>,
     partitions: Vec<PartitionState>,
-    /// When a timer will dispatch this group again for delayed re-deliveries.
-    wake_at: Option<Instant>,
+    /// When timers will dispatch this group again for delayed re-deliveries
+    /// (one sleeping task each, removed once past).
+    wakes: std::collections::BTreeSet<Instant>,
     /// Partition the next dispatch starts from, rotating so that one busy
     /// partition cannot take a member's whole in-flight budget every time.
     next_first: usize,
@@ -475,22 +494,25 @@ impl Broker {
                 });
             }
         }
-        if group.wake_at.is_some_and(|w| w <= now) {
-            group.wake_at = None;
-        }
+        group.wakes.retain(|w| *w > now);
+        // A timer due by then wakes this dispatch again, which then sets one
+        // for the retry: a timer per earliest retry, not one per dispatch
+        // (a key retrying every second beside one waiting a day must not
+        // leave a day-long timer behind at each of its retries).
         if let Some(at) = earliest_retry
-            && group.wake_at.is_none_or(|w| at < w)
+            && group.wakes.range(..=at).next().is_none()
+            && self.dispatch_at(at, topic_name, group_name)
         {
-            group.wake_at = Some(at);
-            self.dispatch_at(at, topic_name, group_name);
+            group.wakes.insert(at);
         }
     }
 
-    /// Dispatches again once a delayed re-delivery is due.
-    fn dispatch_at(&self, at: Instant, topic: &str, group: &str) {
+    /// Dispatches again once a delayed re-delivery is due; whether a timer
+    /// was set.
+    fn dispatch_at(&self, at: Instant, topic: &str, group: &str) -> bool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Outside a runtime the next publish or settle dispatches.
-            return;
+            return false;
         };
         let broker = self.me.clone();
         let (topic, group) = (topic.to_owned(), group.to_owned());
@@ -500,6 +522,7 @@ impl Broker {
                 broker.dispatch_and_send(&topic, &group);
             }
         });
+        true
     }
 
     fn dispatch_and_send(&self, topic: &str, group: &str) {
@@ -845,6 +868,7 @@ impl Subscriber for MemoryTransport {
             group,
             member: member_id,
             left: false,
+            drain_timeout: self.drain_timeout,
         };
         Ok(Deliveries::new(
             UnboundedReceiverStream::new(rx),
@@ -860,6 +884,7 @@ struct MemoryMembership {
     group: String,
     member: u64,
     left: bool,
+    drain_timeout: Duration,
 }
 
 impl MemoryMembership {
@@ -876,6 +901,10 @@ impl MemoryMembership {
 
 #[async_trait]
 impl Membership for MemoryMembership {
+    fn drain_timeout(&self) -> Option<Duration> {
+        Some(self.drain_timeout)
+    }
+
     async fn leave(mut self: Box<Self>) -> Result<()> {
         // Acks are applied as they happen, so there is nothing to flush.
         self.leave_now();
@@ -1070,6 +1099,45 @@ mod tests {
         }
         assert!(redelivered, "a nacked undecodable record comes back");
         assert_eq!(t.committed("orders", "g"), Some(vec![Some(2)]));
+    }
+
+    #[tokio::test]
+    async fn a_key_retrying_fast_beside_a_long_delay_leaves_no_timers_behind() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        for key in ["slow", "fast"] {
+            t.publish("orders", Envelope::new("e", key, ""))
+                .await
+                .unwrap();
+        }
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let next = async |member: &mut Deliveries| {
+            tokio::time::timeout(Duration::from_secs(5), member.next())
+                .await
+                .expect("a delivery within 5 s")
+                .unwrap()
+                .unwrap()
+        };
+        let slow = next(&mut member).await;
+        assert_eq!(slow.envelope().key().as_str(), Some("slow"));
+        assert!(slow.nack_with_delay(Duration::from_secs(3600)));
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        for attempt in 1..=20 {
+            let fast = next(&mut member).await;
+            assert_eq!(
+                (fast.envelope().key().as_str(), fast.info().attempt),
+                (Some("fast"), attempt)
+            );
+            assert!(fast.nack_with_delay(Duration::from_millis(2)));
+        }
+        // The hour-long timer is the one set at first; the fast key's
+        // last retry may have one pending.
+        let after = metrics.num_alive_tasks();
+        assert!(
+            after <= before + 1,
+            "{before} tasks before the fast key's retries, {after} after"
+        );
     }
 
     #[tokio::test]
