@@ -864,6 +864,94 @@ async fn racing_deliveries_of_one_event_apply_it_once_and_a_rollback_frees_it() 
     assert!(inbox.begin(db.pool(), "g", id).await.unwrap().is_some());
 }
 
+/// The router's inbox layer purges records past its retention while it
+/// runs, keeps younger ones, stops purging once dropped, and refuses
+/// settings that would defeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_layer_purges_records_past_their_retention() {
+    use keel_consumers::router::{Inboxed, Layer};
+
+    let tables = OutboxTables::default();
+    let db = outbox_database(&tables).await;
+    let inbox_table = format!("\"{}\".\"{}\"", tables.schema(), tables.inbox_name());
+    let backdate = |id: keel_core::EventId, age_secs: i64| {
+        let (pool, table) = (db.pool().clone(), inbox_table.clone());
+        async move {
+            sqlx::query(&format!(
+                "INSERT INTO {table} (consumer_group, event_id, processed_at) \
+                 VALUES ('g', $1, now() - $2 * interval '1 second')"
+            ))
+            .bind(id.as_uuid())
+            .bind(age_secs)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let count = |id: keel_core::EventId| {
+        let (pool, table) = (db.pool().clone(), inbox_table.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM {table} WHERE event_id = $1"
+            ))
+            .bind(id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (old, young) = (keel_core::EventId::new(), keel_core::EventId::new());
+    backdate(old, 7200).await;
+    backdate(young, 60).await;
+
+    for (layer, setting) in [
+        (
+            Inboxed::new(db.pool().clone(), &tables).retention(Some(Duration::ZERO)),
+            "inbox.retention",
+        ),
+        (
+            Inboxed::new(db.pool().clone(), &tables).purge_interval(Duration::ZERO),
+            "inbox.purge_interval",
+        ),
+    ] {
+        let refused = layer.start(&[]).await.unwrap_err().to_string();
+        assert!(refused.contains(setting), "{refused}");
+    }
+    assert_eq!(count(old).await, 1, "a refused layer purges nothing");
+
+    let layer = Inboxed::new(db.pool().clone(), &tables)
+        .retention(Some(Duration::from_secs(3600)))
+        .purge_interval(Duration::from_millis(100));
+    layer.start(&[]).await.unwrap();
+    eventually(
+        "the record past the retention is purged",
+        Duration::from_secs(10),
+        async || count(old).await == 0,
+    )
+    .await;
+    // A record past the retention written later goes at a later round.
+    let later = keel_core::EventId::new();
+    backdate(later, 7200).await;
+    eventually(
+        "a later record past the retention is purged",
+        Duration::from_secs(10),
+        async || count(later).await == 0,
+    )
+    .await;
+    assert_eq!(count(young).await, 1, "a record within the retention stays");
+
+    // Gone with the layer: a record past the retention now stays.
+    drop(layer);
+    let after = keel_core::EventId::new();
+    backdate(after, 7200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        count(after).await,
+        1,
+        "the purge went on after the layer was dropped"
+    );
+}
+
 /// An outbox migrated before the archive existed kept its published rows
 /// in the outbox table: the archive migration moves them (and nothing
 /// else), so they are purged from the archive and never scanned again.

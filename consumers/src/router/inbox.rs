@@ -13,8 +13,14 @@
 //!
 //! Dead-lettered events are not recorded, so a redrive after a fix is
 //! handled (once).
+//!
+//! Records are kept for a retention (7 days by default, Kafka's default
+//! topic retention) and purged by the layer once a minute while its router
+//! runs, a small batch per statement; several processes purging one inbox
+//! only share the work.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::Error;
@@ -24,12 +30,32 @@ use sqlx::PgPool;
 use super::context::{Context, outbox_error};
 use super::layer::{Layer, Next, Verdict};
 
+/// How long inbox records are kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often records past the retention are purged by default.
+pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Rows deleted per purge statement (small, to keep locks short).
+const PURGE_BATCH: usize = 1000;
+
 /// The inbox layer.
 #[derive(Clone, Debug)]
 pub struct Inboxed {
+    shared: Arc<Shared>,
+    outbox: Option<Arc<Outbox>>,
+    retention: Option<Duration>,
+    purge_interval: Duration,
+}
+
+/// What the layer and its purge task share; the task stops once every
+/// clone of the layer is gone.
+#[derive(Debug)]
+struct Shared {
     pool: PgPool,
     inbox: Inbox,
-    outbox: Option<Arc<Outbox>>,
+    /// Whether a purge task runs (one per layer, however often it starts).
+    purging: std::sync::atomic::AtomicBool,
 }
 
 impl Inboxed {
@@ -37,9 +63,14 @@ impl Inboxed {
     /// it first: [`OutboxTables::migrate`]).
     pub fn new(pool: PgPool, tables: &OutboxTables) -> Self {
         Inboxed {
-            pool,
-            inbox: Inbox::new(tables),
+            shared: Arc::new(Shared {
+                pool,
+                inbox: Inbox::new(tables),
+                purging: Default::default(),
+            }),
             outbox: None,
+            retention: Some(DEFAULT_RETENTION),
+            purge_interval: DEFAULT_PURGE_INTERVAL,
         }
     }
 
@@ -49,10 +80,82 @@ impl Inboxed {
         self.outbox = Some(outbox);
         self
     }
+
+    /// Keeps records for `retention` (default [`DEFAULT_RETENTION`]), or
+    /// for ever with `None` (purge them yourself: [`Inbox::purge`]). An
+    /// event delivered again after its record was purged is applied again:
+    /// keep records longer than the topic keeps events (its retention), or
+    /// at least than any redelivery or redrive can take. Zero is refused
+    /// when the router starts.
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How often records past the retention are purged (default
+    /// [`DEFAULT_PURGE_INTERVAL`]; zero is refused when the router starts).
+    pub fn purge_interval(mut self, every: Duration) -> Self {
+        self.purge_interval = every;
+        self
+    }
+
+    /// Checks the purge settings.
+    fn validate(&self) -> keel_core::Result<()> {
+        if self.retention.is_some_and(|r| r.is_zero()) {
+            return Err(Error::config(
+                "inbox.retention",
+                "must not be zero: a redelivered event would be applied again; \
+                 give a duration (longer than the topic's retention) or None to keep records",
+            ));
+        }
+        if self.purge_interval.is_zero() {
+            return Err(Error::config(
+                "inbox.purge_interval",
+                "must not be zero (the purge would run without a pause)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Purges `shared`'s inbox every `every` (the first at once) until the
+/// layer is gone.
+async fn purge_loop(shared: Weak<Shared>, retention: Duration, every: Duration) {
+    loop {
+        let Some(layer) = shared.upgrade() else {
+            return;
+        };
+        match layer.inbox.purge(&layer.pool, retention, PURGE_BATCH).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(purged, "purged inbox records past their retention"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot purge the inbox; trying again at the next round");
+            }
+        }
+        drop(layer);
+        tokio::time::sleep(every).await;
+    }
 }
 
 #[async_trait]
 impl Layer for Inboxed {
+    async fn start(&self, _topics: &[String]) -> keel_core::Result<()> {
+        self.validate()?;
+        if let Some(retention) = self.retention
+            && !self
+                .shared
+                .purging
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::spawn(purge_loop(
+                Arc::downgrade(&self.shared),
+                retention,
+                self.purge_interval,
+            ));
+        }
+        Ok(())
+    }
+
     async fn call(&self, ctx: &mut Context, next: Next<'_>) -> Verdict {
         let Some(id) = ctx.event().map(keel_core::Envelope::id) else {
             // Not an event: nothing to record (it is poison, on its way to
@@ -60,7 +163,7 @@ impl Layer for Inboxed {
             return next.run(ctx).await;
         };
         let group = ctx.info().group.clone();
-        let tx = match self.inbox.begin(&self.pool, &group, id).await {
+        let tx = match self.shared.inbox.begin(&self.shared.pool, &group, id).await {
             Ok(Some(tx)) => tx,
             Ok(None) => {
                 return Verdict::Skipped {
