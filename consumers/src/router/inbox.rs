@@ -15,8 +15,9 @@
 //! handled (once).
 //!
 //! Records are kept for a retention (7 days by default, Kafka's default
-//! topic retention) and purged by the layer once a minute while its router
-//! runs, a small batch per statement; several processes purging one inbox
+//! topic retention) and purged by the layer once a minute from the router's
+//! start for as long as the layer exists (the router holds it while it
+//! runs), a small batch per statement; several processes purging one inbox
 //! only share the work.
 
 use std::sync::{Arc, Weak};
@@ -38,6 +39,9 @@ pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Rows deleted per purge statement (small, to keep locks short).
 const PURGE_BATCH: usize = 1000;
+
+/// The longest retention taken (about 100 years; `None` keeps records).
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The inbox layer.
 #[derive(Clone, Debug)]
@@ -89,13 +93,25 @@ impl Inboxed {
     /// when the router starts.
     pub fn retention(mut self, retention: Option<Duration>) -> Self {
         self.retention = retention;
+        self.own_purge();
         self
+    }
+
+    /// Gives this layer a purge of its own: a clone set up differently
+    /// must not share the purge its original may already run.
+    fn own_purge(&mut self) {
+        self.shared = Arc::new(Shared {
+            pool: self.shared.pool.clone(),
+            inbox: self.shared.inbox.clone(),
+            purging: Default::default(),
+        });
     }
 
     /// How often records past the retention are purged (default
     /// [`DEFAULT_PURGE_INTERVAL`]; zero is refused when the router starts).
     pub fn purge_interval(mut self, every: Duration) -> Self {
         self.purge_interval = every;
+        self.own_purge();
         self
     }
 
@@ -108,6 +124,12 @@ impl Inboxed {
                  give a duration (longer than the topic's retention) or None to keep records",
             ));
         }
+        if self.retention.is_some_and(|r| r > MAX_RETENTION) {
+            return Err(Error::config(
+                "inbox.retention",
+                "must be at most 100 years; None keeps records for ever",
+            ));
+        }
         if self.purge_interval.is_zero() {
             return Err(Error::config(
                 "inbox.purge_interval",
@@ -118,21 +140,51 @@ impl Inboxed {
     }
 }
 
+/// Marks the purge as no longer running when its task ends, also when
+/// the task is dropped with its runtime: a later start runs it again.
+struct Purging(Weak<Shared>);
+
+impl Drop for Purging {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared
+                .purging
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// Purges `shared`'s inbox every `every` (the first at once) until the
-/// layer is gone.
+/// layer is gone, a batch per statement (the layer looked for between
+/// them, so a long first purge stops with it too).
 async fn purge_loop(shared: Weak<Shared>, retention: Duration, every: Duration) {
+    let _running = Purging(shared.clone());
     loop {
-        let Some(layer) = shared.upgrade() else {
-            return;
-        };
-        match layer.inbox.purge(&layer.pool, retention, PURGE_BATCH).await {
-            Ok(0) => {}
-            Ok(purged) => tracing::debug!(purged, "purged inbox records past their retention"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot purge the inbox; trying again at the next round");
+        let mut purged = 0;
+        loop {
+            let Some(layer) = shared.upgrade() else {
+                return;
+            };
+            match layer
+                .inbox
+                .purge_batch(&layer.pool, retention, PURGE_BATCH)
+                .await
+            {
+                Ok(done) => {
+                    purged += done;
+                    if done < PURGE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot purge the inbox; trying again at the next round");
+                    break;
+                }
             }
         }
-        drop(layer);
+        if purged > 0 {
+            tracing::debug!(purged, "purged inbox records past their retention");
+        }
         tokio::time::sleep(every).await;
     }
 }

@@ -89,19 +89,30 @@ impl Inbox {
     /// returns how many. Keep records longer than any redelivery can take
     /// (the broker's retention of the topic is the safe bound).
     pub async fn purge(&self, pool: &PgPool, retention: Duration, batch: usize) -> Result<u64> {
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
-            let done = sqlx::query(&self.purge)
-                .bind(retention_ms)
-                .bind(batch.max(1) as i64)
-                .execute(pool)
-                .await?
-                .rows_affected();
+            let done = self.purge_batch(pool, retention, batch).await?;
             total += done;
             if done < batch.max(1) as u64 {
                 return Ok(total);
             }
         }
+    }
+
+    /// Deletes at most `batch` records older than `retention` (one
+    /// statement); returns how many.
+    pub async fn purge_batch(
+        &self,
+        pool: &PgPool,
+        retention: Duration,
+        batch: usize,
+    ) -> Result<u64> {
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        Ok(sqlx::query(&self.purge)
+            .bind(retention_ms)
+            .bind(batch.max(1) as i64)
+            .execute(pool)
+            .await?
+            .rows_affected())
     }
 }
