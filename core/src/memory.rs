@@ -16,11 +16,14 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+// tokio's clock, not the system's: a test that pauses it sees delayed
+// re-deliveries and the dedup window follow its virtual time.
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::delivery::{
@@ -517,7 +520,7 @@ impl Broker {
         let broker = self.me.clone();
         let (topic, group) = (topic.to_owned(), group.to_owned());
         runtime.spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
+            tokio::time::sleep_until(at).await;
             if let Some(broker) = broker.upgrade() {
                 broker.dispatch_and_send(&topic, &group);
             }
@@ -1138,6 +1141,41 @@ mod tests {
             after <= before + 1,
             "{before} tasks before the fast key's retries, {after} after"
         );
+    }
+
+    /// Delayed re-deliveries follow tokio's clock, so a test that pauses it
+    /// (`start_paused`, `tokio::time::advance`) sees them when its virtual
+    /// time reaches them, not after the same wall-clock time (or never).
+    #[tokio::test(start_paused = true)]
+    async fn delayed_redeliveries_follow_a_paused_tokio_clock() {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        t.publish("orders", Envelope::new("e", "k", ""))
+            .await
+            .unwrap();
+        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let first = member.next().await.unwrap().unwrap();
+        let wall = std::time::Instant::now();
+        let virtual_start = tokio::time::Instant::now();
+        assert!(first.nack_with_delay(Duration::from_secs(3600)));
+        let again = tokio::time::timeout(Duration::from_secs(2 * 3600), member.next())
+            .await
+            .expect("the re-delivery once an hour of tokio's time has passed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.info().attempt, 2);
+        assert!(virtual_start.elapsed() >= Duration::from_secs(3600));
+        assert!(
+            wall.elapsed() < Duration::from_secs(60),
+            "took {:?} of wall-clock time",
+            wall.elapsed()
+        );
+        // The dedup window runs on the same clock.
+        let event = Envelope::new("e", "k2", "");
+        let receipt = t.publish("orders", event.clone()).await.unwrap();
+        tokio::time::advance(DEDUP_WINDOW + Duration::from_secs(1)).await;
+        let later = t.publish("orders", event).await.unwrap();
+        assert!(!later.duplicate && later.position > receipt.position);
     }
 
     #[tokio::test]
