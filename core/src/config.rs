@@ -57,29 +57,7 @@ impl BrokerUrl {
 impl BrokerUrl {
     /// The URL with any password replaced by `***`, for logs and messages.
     pub fn redacted(&self) -> String {
-        let url = self.to_string();
-        match self {
-            BrokerUrl::Nats { .. } => url
-                .split(',')
-                .map(|part| match part.rsplit_once('@') {
-                    Some((userinfo, host)) => {
-                        let scheme = if userinfo.starts_with("nats://") {
-                            "nats://"
-                        } else {
-                            ""
-                        };
-                        let user = userinfo.trim_start_matches("nats://");
-                        match user.split_once(':') {
-                            Some((user, _)) => format!("{scheme}{user}:***@{host}"),
-                            None => format!("{scheme}***@{host}"),
-                        }
-                    }
-                    None => part.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-            _ => url,
-        }
+        redact(&self.to_string())
     }
 }
 
@@ -101,7 +79,8 @@ impl FromStr for BrokerUrl {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |reason: String| Error::config("broker", format!("`{s}`: {reason}"));
+        // Never a password in a message: the URL and its entries redacted.
+        let bad = |reason: String| Error::config("broker", format!("`{}`: {reason}", redact(s)));
         let (scheme, rest) = s.split_once("://").ok_or_else(|| {
             bad("expected a URL like kafka://host:9092, nats://host:4222 or memory://".into())
         })?;
@@ -144,15 +123,16 @@ fn host_list(rest: &str, default_port: u16, allow_userinfo: bool) -> Result<Vec<
         return Err("no host given".into());
     }
     rest.split(',')
-        .map(|entry| {
-            let (userinfo, hostport) = match entry.rsplit_once('@') {
+        .map(|raw| {
+            let entry = redact(raw);
+            let (userinfo, hostport) = match raw.rsplit_once('@') {
                 Some((u, h)) if allow_userinfo => (Some(u), h),
                 Some(_) => {
                     return Err(format!(
                         "`{entry}`: credentials do not belong in the URL here"
                     ));
                 }
-                None => (None, entry),
+                None => (None, raw),
             };
             if hostport.contains(['/', '?', '#', ' ']) {
                 return Err(format!(
@@ -626,15 +606,36 @@ impl KeelConfig {
     }
 }
 
-/// A URL with its password replaced by `***`, for logs and messages.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
+/// `text` — a URL, or a comma-separated list of URLs or hosts, parseable
+/// or not — with each password replaced by `***`, for logs and messages.
+/// A NATS token (`nats://token@host`, credentials without a `:`) is
+/// replaced too; elsewhere a user name without a password is kept.
+pub fn redact(text: &str) -> String {
+    text.split(',')
+        .map(|entry| {
+            let (scheme, rest) = match entry.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, entry),
+            };
+            // The credentials end at the last `@` before any query or
+            // fragment (a password may hold a `/`; a query may hold a `@`).
+            let end = rest.find(['?', '#']).unwrap_or(rest.len());
+            let (before, tail) = rest.split_at(end);
+            let Some((userinfo, host)) = before.rsplit_once('@') else {
+                return entry.to_owned();
+            };
+            let userinfo = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None if matches!(scheme, None | Some("nats" | "tls" | "ws" | "wss")) => {
+                    "***".to_owned()
+                }
+                None => userinfo.to_owned(),
+            };
+            let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+            format!("{scheme}{userinfo}@{host}{tail}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn figment_error(err: figment::Error) -> Error {
@@ -735,7 +736,8 @@ mod tests {
             let err = bad.parse::<BrokerUrl>().unwrap_err();
             let msg = err.to_string();
             assert!(msg.starts_with("invalid setting `broker`"), "{bad}: {msg}");
-            assert!(msg.contains(bad), "{bad}: {msg}");
+            // As given, but for the password.
+            assert!(msg.contains(&redact(bad)), "{bad}: {msg}");
         }
     }
 
@@ -784,6 +786,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!msg.contains("secret"), "{msg}");
+        // Broker URLs that do not parse: the message names the fault, not
+        // the password or token.
+        for (bad, shown) in [
+            (
+                "nats://alice:s3cret@host:42x2",
+                "nats://alice:***@host:42x2",
+            ),
+            ("nats://s3cret@host:42x2", "nats://***@host:42x2"),
+            ("nats://a:4222,alice:s3cret@b:x", "alice:***@b:x"),
+            ("kafka://alice:s3cret@host:9092", "alice:***@host:9092"),
+            (
+                "nats://alice:s3cret@host/path",
+                "nats://alice:***@host/path",
+            ),
+        ] {
+            let msg = bad.parse::<BrokerUrl>().unwrap_err().to_string();
+            assert!(
+                !msg.contains("s3cret") && msg.contains(shown),
+                "{bad}: {msg}"
+            );
+        }
+        // Lists, a password holding `/` and `@`, a query holding `@`, a
+        // database user without a password.
+        for (url, shown) in [
+            (
+                "nats://a:p1@h1:4222,nats://b:p2@h2:4222",
+                "nats://a:***@h1:4222,nats://b:***@h2:4222",
+            ),
+            ("postgres://u:p/a@ss@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://h/db?application_name=a@b",
+                "postgres://h/db?application_name=a@b",
+            ),
+            (
+                "postgres://u:pw@h/db?sslmode=require",
+                "postgres://u:***@h/db?sslmode=require",
+            ),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
     }
 
     #[test]
