@@ -376,6 +376,47 @@ async fn a_reset_past_the_end_starts_at_the_end() {
     assert!(e.to_string().contains("start at 1"), "{e}");
 }
 
+/// A stream deleted by hand (`nats stream rm`, not `keel topics delete`,
+/// which clears the groups' records too) and created again numbers its
+/// events from 1 anew; the group's position recorded for the old stream
+/// lies past the new one's end and is not where the group resumes (it
+/// would skip every event until the sequence caught up): it reads the new
+/// stream from its first event.
+#[tokio::test]
+async fn a_group_reads_a_re_created_stream_from_its_first_event() {
+    let s = setup(1, StreamSettings::default()).await;
+    let group = unique_name("recreated-g");
+    let old: Vec<Envelope> = (0..5).map(|i| event("old", i)).collect();
+    s.publisher.publish_batch(&s.topic, old).await.unwrap();
+    let mut member = join(&s.client, &s.topic, &group).await;
+    read_acked(&mut member, 5).await;
+    member.leave().await.unwrap();
+
+    s.client
+        .jetstream()
+        .await
+        .unwrap()
+        .delete_stream(&s.topic)
+        .await
+        .unwrap();
+    s.admin
+        .ensure_stream(
+            &TopicSpec {
+                name: s.topic.clone(),
+                partitions: 1,
+            },
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+    let new: Vec<Envelope> = (0..2).map(|i| event("new", i)).collect();
+    s.publisher.publish_batch(&s.topic, new).await.unwrap();
+    let mut member = join(&s.client, &s.topic, &group).await;
+    assert_eq!(read_acked(&mut member, 2).await, ["new:0", "new:1"]);
+    member.leave().await.unwrap();
+    s.admin.delete_topic(&s.topic).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_partition_handed_over_before_any_ack_resumes_where_it_stood() {
     // A `Latest` group's member takes the partition and leaves before any

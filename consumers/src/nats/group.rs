@@ -1104,9 +1104,29 @@ impl Member {
         };
         let policy = match (existing, hint) {
             (Some(info), _) => admin::resume_policy(&info),
-            (None, Some(s)) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: s.max(1),
-            },
+            (None, Some(s)) => {
+                let state = &stream.cached_info().state;
+                let start_sequence = if s > state.last_sequence.saturating_add(1) {
+                    // Past the stream's end: the stream was re-created since
+                    // (its sequence starts again at 1) and the recorded
+                    // position belongs to the old one. Starting there would
+                    // skip every event until the sequence caught up.
+                    tracing::warn!(
+                        topic = %self.topic,
+                        group = %self.group,
+                        partition = p,
+                        recorded = s,
+                        last = state.last_sequence,
+                        "the group's recorded position lies past the stream's end (the stream was re-created); reading the partition from its first event"
+                    );
+                    state.first_sequence
+                } else {
+                    s
+                };
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start_sequence.max(1),
+                }
+            }
             (None, None) => match self.start {
                 // Resolved now, so a later owner resumes at the same place.
                 StartFrom::Latest => {
