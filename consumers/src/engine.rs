@@ -392,8 +392,10 @@ impl Engine {
         let fill = fill && !state.stopped;
         let mut running_end: HashMap<i32, i64> = HashMap::new();
         for t in state.tokens.values().filter(|t| fill && t.begun) {
-            let end = running_end.entry(t.partition).or_insert(t.offset + 1);
-            *end = (*end).max(t.offset + 1);
+            let end = running_end
+                .entry(t.partition)
+                .or_insert(t.offset.saturating_add(1));
+            *end = (*end).max(t.offset.saturating_add(1));
         }
         for p in partitions {
             if let Some(ps) = state.partitions.get_mut(p) {
@@ -756,7 +758,9 @@ impl Engine {
                 // Below a fill line, the window no longer applies: those
                 // events were inside one when they came (a commit that
                 // failed since may have moved the window's base back).
-                if !ps.fills(offset) && (ps.revoking || offset >= base + limits.partition_window) {
+                if !ps.fills(offset)
+                    && (ps.revoking || offset >= base.saturating_add(limits.partition_window))
+                {
                     break;
                 }
                 ps.ready.remove(&offset);

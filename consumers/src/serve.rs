@@ -26,10 +26,16 @@ use crate::pump::{Item, panic_message, pump};
 /// Upper limit of [`ServeOptions::max_retry_backoff`]: one day.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 
+/// Most handlers a concurrency setting may allow at once (tokio's semaphore
+/// takes fewer than `usize::MAX >> 3` permits; a million running handlers
+/// is past any sane setting already).
+pub const MAX_CONCURRENCY: usize = 1_000_000;
+
 /// How [`serve()`] runs handlers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeOptions {
-    /// Most handlers running at once. Default 64.
+    /// Most handlers running at once. Default 64, at most
+    /// [`MAX_CONCURRENCY`].
     pub concurrency: usize,
     /// Delay before re-delivering a failed event; doubles with each attempt.
     /// Default 100 ms.
@@ -51,8 +57,11 @@ impl Default for ServeOptions {
 impl ServeOptions {
     /// Refuses settings that cannot work, naming them.
     pub fn validate(&self) -> Result<()> {
-        if self.concurrency == 0 {
-            return Err(Error::config("concurrency", "must be at least 1"));
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(Error::config(
+                "concurrency",
+                format!("must be from 1 to {MAX_CONCURRENCY}"),
+            ));
         }
         if self.max_retry_backoff > MAX_RETRY_BACKOFF {
             return Err(Error::config(
@@ -401,5 +410,11 @@ mod tests {
                 .to_string()
                 .contains("`concurrency`")
         );
+        // More than tokio's semaphore takes: refused, not a panic at start.
+        let huge = ServeOptions {
+            concurrency: usize::MAX,
+            ..ServeOptions::default()
+        };
+        assert!(huge.validate().unwrap_err().to_string().contains("1000000"));
     }
 }

@@ -21,10 +21,14 @@ pub struct ConcurrencyLimit {
 }
 
 impl ConcurrencyLimit {
-    /// Lets `n` (at least 1) handlings run at once.
+    /// Lets `n` (1 to [`MAX_CONCURRENCY`](crate::serve::MAX_CONCURRENCY))
+    /// handlings run at once.
     pub fn new(n: usize) -> keel_core::Result<Self> {
-        if n == 0 {
-            return Err(Error::config("concurrency_limit", "must be at least 1"));
+        if !(1..=crate::serve::MAX_CONCURRENCY).contains(&n) {
+            return Err(Error::config(
+                "concurrency_limit",
+                format!("must be from 1 to {}", crate::serve::MAX_CONCURRENCY),
+            ));
         }
         Ok(ConcurrencyLimit {
             permits: Arc::new(Semaphore::new(n)),
@@ -200,5 +204,7 @@ mod tests {
         }
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         assert!(ConcurrencyLimit::new(0).is_err());
+        // More than tokio's semaphore takes: refused, not a panic.
+        assert!(ConcurrencyLimit::new(usize::MAX).is_err());
     }
 }

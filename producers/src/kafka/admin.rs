@@ -177,7 +177,7 @@ impl KafkaAdmin {
         let mut names: Vec<String> = metadata
             .topics()
             .iter()
-            .map(|t| t.name().to_owned())
+            .filter_map(|t| topic_name(t).map(str::to_owned))
             .filter(|n| !n.starts_with("__"))
             .collect();
         names.sort();
@@ -192,11 +192,11 @@ impl KafkaAdmin {
         let result = tokio::task::spawn_blocking(move || {
             let client = admin.inner();
             let metadata = client.fetch_metadata(Some(&name), ADMIN_TIMEOUT)?;
-            let Some(t) = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
-            else {
+            let Some(t) = metadata.topics().iter().find(|t| {
+                topic_name(t) == Some(name.as_str())
+                    && t.error().is_none()
+                    && !t.partitions().is_empty()
+            }) else {
                 return Ok(None);
             };
             let mut partitions = Vec::new();
@@ -478,10 +478,21 @@ impl KafkaAdmin {
         Ok(metadata
             .topics()
             .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
+            .find(|t| topic_name(t) == Some(topic) && t.error().is_none())
             .map(|t| t.partitions().len() as u32)
             .filter(|n| *n > 0))
     }
+}
+
+/// A topic's name from the broker's metadata; `None`, with a warning, for
+/// one that is not UTF-8 (rdkafka panics on those, and a broker that does
+/// not check names can hold one).
+pub(crate) fn topic_name(t: &rdkafka::metadata::MetadataTopic) -> Option<&str> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.name()))
+        .inspect_err(|_| {
+            tracing::warn!("the broker lists a topic whose name is not UTF-8; skipped")
+        })
+        .ok()
 }
 
 fn broker_error(reason: String) -> Error {

@@ -442,7 +442,7 @@ fn listed_as_missing(metadata: &rdkafka::metadata::Metadata, topic: &str) -> boo
     metadata
         .topics()
         .iter()
-        .filter(|t| t.name() == topic)
+        .filter(|t| super::admin::topic_name(t) == Some(topic))
         .all(|t| t.error().is_some_and(unknown))
 }
 
