@@ -4,7 +4,8 @@
 //! then succeeding is retried three times; one that always fails is
 //! dead-lettered after its budget and, once fixed, handled exactly once
 //! after a redrive (a second redrive is a duplicate for the inbox); one that
-//! panics is dead-lettered after its budget too; a key that keeps failing
+//! panics is dead-lettered after its budget too; a payload over the
+//! router's limit is dead-lettered undecoded; a key that keeps failing
 //! does not hold up the other keys of its partition.
 #![allow(clippy::unwrap_used)]
 
@@ -18,7 +19,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use keel_consumers::router::dead_letter::{self, headers};
 use keel_consumers::router::{
-    Context, EventContext, EventHandler, Inboxed, Layer, Next, RetryPolicy, Router, Verdict,
+    Context, EventContext, EventHandler, Inboxed, Layer, Next, RetryPolicy, Router, RouterOptions,
+    Verdict,
 };
 use keel_core::{Envelope, Error, RawRecord, Result, Subscriber, Subscription, Transport};
 use keel_integration_tests::outbox::new_topic;
@@ -32,6 +34,8 @@ const EVENTS: usize = 10_000;
 /// Events of other keys queued behind the blocking key's failing event.
 const PARTNERS: usize = 200;
 const MAX_ATTEMPTS: u32 = 8;
+/// The router's payload limit (`RouterOptions::max_payload_bytes`).
+const MAX_PAYLOAD: usize = 64 << 10;
 
 /// What the handler saw, shared with the test.
 #[derive(Default)]
@@ -217,6 +221,13 @@ async fn scenario(transport: Arc<dyn Transport>) {
                     .with_added_header("x-hop", "orders"),
             );
             events.push(order(&codec, &orders, "panicky", 0).await);
+            // A valid event over the router's payload limit: dead-lettered
+            // without being decoded.
+            let mut big = keel_schemas::testdata::order_placed();
+            big.customer_id = "oversize:0".into();
+            big.currency = "X".repeat(2 * MAX_PAYLOAD);
+            let payload = codec.encode(&orders, &big).await.unwrap();
+            events.push(Envelope::new(OrderPlaced::FULL_NAME, "oversize", payload));
         }
     }
     let id_of = |key: &str| {
@@ -228,21 +239,36 @@ async fn scenario(transport: Arc<dyn Transport>) {
             .to_string()
     };
     let (flaky_id, doomed_id, panicky_id) = (id_of("flaky"), id_of("doomed"), id_of("panicky"));
+    let oversize = events
+        .iter()
+        .find(|e| e.key().as_str() == Some("oversize"))
+        .unwrap()
+        .payload()
+        .clone();
+    // Where each event was stored, by event id: the dead letters name it.
+    let mut stored_at = HashMap::new();
     for chunk in events.chunks(1000) {
-        transport
+        let receipts = transport
             .publish_batch(&orders, chunk.to_vec())
             .await
             .unwrap();
+        for (event, receipt) in chunk.iter().zip(receipts) {
+            stored_at.insert(
+                event.id().to_string(),
+                (receipt.partition, receipt.position),
+            );
+        }
     }
     let not_an_event = RawRecord {
         key: Some(Bytes::from_static(b"key-3")),
         headers: vec![("x-origin".into(), Bytes::from_static(b"legacy"))],
         payload: Bytes::from_static(b"{\"legacy\":true}"),
     };
-    transport
+    let receipt = transport
         .publish_record(&orders, not_an_event.clone())
         .await
         .unwrap();
+    let not_an_event_at = (receipt.partition, receipt.position);
 
     // One partition: the blocking key's event first, then its partners.
     let mut queued = vec![order(&codec, &blocking, "blocker", 0).await];
@@ -275,6 +301,10 @@ async fn scenario(transport: Arc<dyn Transport>) {
     .standard_layers(transport.clone(), retry)
     .unwrap()
     .layer(Inboxed::new(db.pool().clone(), &tables))
+    .options(RouterOptions {
+        max_payload_bytes: MAX_PAYLOAD,
+        ..RouterOptions::default()
+    })
     .route(orders.clone(), handler());
     // The blocking key retries for as long as it takes (its budget is not
     // what this part tests), so only counts decide the outcome.
@@ -317,8 +347,8 @@ async fn scenario(transport: Arc<dyn Transport>) {
             && handled("partner-") == PARTNERS
     })
     .await;
-    wait_for("five dead letters", 120, || {
-        verdicts.get("dead-lettered") == 5
+    wait_for("six dead letters", 120, || {
+        verdicts.get("dead-lettered") == 6
     })
     .await;
 
@@ -353,7 +383,7 @@ async fn scenario(transport: Arc<dyn Transport>) {
 
     // The dead letters, with their context.
     let dlq = format!("{orders}{}", dead_letter::default_suffix(transport.name()));
-    let dead = read_records(&*transport, &dlq, 5).await;
+    let dead = read_records(&*transport, &dlq, 6).await;
     let mut reasons: Vec<&str> = dead
         .iter()
         .map(|r| r.header(headers::REASON).unwrap())
@@ -365,25 +395,41 @@ async fn scenario(transport: Arc<dyn Transport>) {
             "poison",
             "poison",
             "poison",
+            "poison",
             "retries-exhausted",
             "retries-exhausted"
         ]
     );
     for record in &dead {
         assert_eq!(record.header(headers::TOPIC), Some(orders.as_str()));
-        assert!(
+        // The original's own coordinates, as its publish stored it.
+        let at = (
             record
                 .header(headers::PARTITION)
                 .unwrap()
                 .parse::<u32>()
+                .unwrap(),
+            record
+                .header(headers::POSITION)
                 .unwrap()
-                < 4
+                .parse::<u64>()
+                .unwrap(),
         );
-        record
-            .header(headers::POSITION)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap();
+        let expected = match record.header(keel_core::wire::EVENT_ID) {
+            Some(id) => stored_at[id],
+            None => not_an_event_at,
+        };
+        assert_eq!(
+            at,
+            expected,
+            "coordinates of {:?}",
+            record.header(headers::ERROR)
+        );
+        let original = events
+            .iter()
+            .find(|e| Some(e.id().to_string().as_str()) == record.header(keel_core::wire::EVENT_ID))
+            .map_or(&not_an_event.payload, |e| e.payload());
+        assert_eq!(&record.payload, original, "payload untouched");
         assert!(!record.header(headers::ERROR).unwrap().is_empty());
         assert!(
             record
@@ -411,6 +457,10 @@ async fn scenario(transport: Arc<dyn Transport>) {
         Some(MAX_ATTEMPTS.to_string().as_str())
     );
     error_of("schema id 9999");
+    let big = error_of("RouterOptions::max_payload_bytes");
+    assert_eq!(big.header(headers::REASON), Some("poison"));
+    assert_eq!(big.payload, oversize);
+    assert_eq!(handled("oversize"), 0, "never given to the handler");
     let doomed = error_of("doomed: always fails").clone();
     assert_eq!(doomed.header(headers::REASON), Some("retries-exhausted"));
     assert_eq!(
@@ -446,8 +496,11 @@ async fn scenario(transport: Arc<dyn Transport>) {
     stop.send(true).unwrap();
     let report = running.await.unwrap().unwrap();
     running_blocking.await.unwrap().unwrap();
-    assert_eq!(report.dead_lettered, 5);
+    assert_eq!(report.dead_lettered, 6);
     assert!(report.duplicates >= 1);
+    // The router's own count: the flaky event's three retries and the
+    // doomed and the panicking event's until their budget was spent.
+    assert_eq!(report.retried, 3 + 2 * u64::from(MAX_ATTEMPTS - 1));
 
     let effects: Vec<(String, i64)> =
         sqlx::query_as("SELECT event_id, count(*) FROM effects GROUP BY event_id")
@@ -496,8 +549,8 @@ async fn router_on_nats() {
     }
     assert_eq!(
         ours.len(),
-        5,
-        "each of the five dead-lettered events (three poison, the doomed and the panicky one) is terminated on the server: {ours:?}"
+        6,
+        "each of the six dead-lettered events (four poison, the doomed and the panicky one) is terminated on the server: {ours:?}"
     );
 }
 

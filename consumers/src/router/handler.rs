@@ -133,6 +133,8 @@ pub(crate) enum Endpoint {
     Routes {
         codec: Arc<AvroCodec>,
         unknown: UnknownTypes,
+        /// Larger payloads are poison, never decoded.
+        max_payload: usize,
     },
     /// A stand-in handler for testing a layer on its own.
     #[cfg(test)]
@@ -141,8 +143,12 @@ pub(crate) enum Endpoint {
 
 impl Endpoint {
     pub(crate) async fn call(&self, ctx: &mut Context, route: Option<&dyn Route>) -> Verdict {
-        let (codec, unknown) = match self {
-            Endpoint::Routes { codec, unknown } => (codec, *unknown),
+        let (codec, unknown, max_payload) = match self {
+            Endpoint::Routes {
+                codec,
+                unknown,
+                max_payload,
+            } => (codec, *unknown, *max_payload),
             #[cfg(test)]
             Endpoint::Func(f) => return f().await,
         };
@@ -150,6 +156,11 @@ impl Endpoint {
             return poison::undecodable(&ctx.incoming);
         }
         if let Some(route) = route {
+            if let Some(size) = ctx.event().map(|e| e.payload().len())
+                && size > max_payload
+            {
+                return poison::oversize(size, max_payload);
+            }
             return route.call(codec, ctx).await;
         }
         match unknown {

@@ -25,7 +25,8 @@
 //! schema evolution: the writer's schema is resolved against the handler's
 //! type — and calls the handler registered for the event type. Records that
 //! are not Keel events, and payloads that never decode, are poison and go
-//! straight to dead letters ([`poison`]). Event types without a handler
+//! straight to dead letters ([`poison`]), as do payloads over
+//! [`RouterOptions::max_payload_bytes`]. Event types without a handler
 //! are skipped and counted, or dead-lettered ([`UnknownTypes`]).
 //!
 //! The final [`Verdict`] settles the delivery: handled and skipped events
@@ -90,7 +91,8 @@ use handler::{Endpoint, Route, Typed};
 /// How a router consumes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouterOptions {
-    /// Most handlings running at once, across all topics. Default 64.
+    /// Most handlings running at once, across all topics. Default 64, at
+    /// most [`MAX_CONCURRENCY`](crate::serve::MAX_CONCURRENCY).
     pub concurrency: usize,
     /// Most deliveries outstanding per topic (the transport's in-flight
     /// limit: bounds memory and what a crash re-delivers). Default 256.
@@ -103,7 +105,16 @@ pub struct RouterOptions {
     /// Re-delivery delay of a dead letter no layer could store (no
     /// dead-letter layer). Default 60 s.
     pub undeliverable_delay: Duration,
+    /// Largest payload a handler is given, in bytes. A larger one is poison:
+    /// dead-lettered as it is, without being decoded. Default 8 MiB, well
+    /// above Kafka's and NATS's default message limits (1 MiB), so only
+    /// topics raised past it meet it; the dead-letter topic must take
+    /// records that large too.
+    pub max_payload_bytes: usize,
 }
+
+/// [`RouterOptions::max_payload_bytes`]'s default.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 8 << 20;
 
 impl Default for RouterOptions {
     fn default() -> Self {
@@ -113,6 +124,7 @@ impl Default for RouterOptions {
             start: StartFrom::Earliest,
             retry_delay: Duration::from_secs(1),
             undeliverable_delay: Duration::from_secs(60),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
     }
 }
@@ -257,10 +269,19 @@ impl Router {
                 format!("two handlers for {conflict}; register one per event type and topic"),
             ));
         }
-        if self.options.concurrency == 0 || self.options.max_in_flight == 0 {
+        if self.options.concurrency == 0
+            || self.options.max_in_flight == 0
+            || self.options.max_payload_bytes == 0
+        {
             return Err(Error::config(
                 "router.options",
-                "concurrency and max_in_flight must be at least 1",
+                "concurrency, max_in_flight and max_payload_bytes must be at least 1",
+            ));
+        }
+        if self.options.concurrency > crate::serve::MAX_CONCURRENCY {
+            return Err(Error::config(
+                "router.options.concurrency",
+                format!("must be at most {}", crate::serve::MAX_CONCURRENCY),
             ));
         }
         Ok(())
@@ -293,7 +314,11 @@ impl Router {
         } = self;
         let chain = Arc::new(Chain {
             layers,
-            endpoint: Endpoint::Routes { codec, unknown },
+            endpoint: Endpoint::Routes {
+                codec,
+                unknown,
+                max_payload: options.max_payload_bytes,
+            },
             routes,
             options: options.clone(),
             counters: Counters::default(),
@@ -445,6 +470,58 @@ impl Chain {
                 settler.nack_with_delay(delay);
                 c.retried.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::{Envelope, MemoryTransport};
+    use keel_schemas::events::OrderPlaced;
+    use keel_schemas::{CodecOptions, LocalRegistry};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn options_that_cannot_work_are_refused_at_start_naming_them() {
+        let codec = Arc::new(AvroCodec::new(
+            Arc::new(LocalRegistry::new()),
+            CodecOptions::default(),
+        ));
+        for (options, named) in [
+            (
+                RouterOptions {
+                    concurrency: 0,
+                    ..RouterOptions::default()
+                },
+                "`router.options`",
+            ),
+            (
+                RouterOptions {
+                    max_payload_bytes: 0,
+                    ..RouterOptions::default()
+                },
+                "`router.options`",
+            ),
+            // More than tokio's semaphore takes: refused, not a panic.
+            (
+                RouterOptions {
+                    concurrency: usize::MAX,
+                    ..RouterOptions::default()
+                },
+                "`router.options.concurrency`",
+            ),
+        ] {
+            let err = Router::new("g", codec.clone())
+                .options(options)
+                .route(
+                    "orders",
+                    from_fn(|_: OrderPlaced, _: Envelope| async { Ok(()) }),
+                )
+                .run(Arc::new(MemoryTransport::new()), async {})
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Poison detection: records that can never be handled go straight to dead
 //! letters, without spending the retry budget — records that are not Keel
 //! events, payloads that are not Confluent-framed Avro, unknown schema ids,
-//! Avro that does not decode into the handler's type. A registry that is
+//! Avro that does not decode into the handler's type, payloads over the
+//! router's size limit (never decoded). A registry that is
 //! down or refusing us is not the record's fault: that is retried.
 
 use keel_core::Error;
@@ -18,6 +19,18 @@ pub(crate) fn undecodable(incoming: &Incoming) -> Verdict {
     };
     Verdict::DeadLetter {
         error: Error::malformed(reason),
+        reason: DeadLetterReason::Poison,
+    }
+}
+
+/// The verdict for a payload of `size` bytes, over the router's `limit`.
+pub(crate) fn oversize(size: usize, limit: usize) -> Verdict {
+    Verdict::DeadLetter {
+        error: Error::malformed(format!(
+            "the payload is {size} bytes, over the router's limit of {limit} \
+             (RouterOptions::max_payload_bytes); raise it to handle such events, \
+             then redrive this one"
+        )),
         reason: DeadLetterReason::Poison,
     }
 }
