@@ -792,11 +792,16 @@ impl Engine {
                     attempt: *attempt,
                 };
                 let r = &buffered.record;
-                let decoded = wire::decode(
-                    r.key.as_deref(),
-                    r.headers.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
-                    r.payload.clone(),
-                );
+                let headers = || r.headers.iter().map(|(k, v)| (k.as_str(), v.as_ref()));
+                let decoded =
+                    wire::decode(r.key.as_deref(), headers(), r.payload.clone()).map_err(|e| {
+                        match wire::key_from_headers(headers()) {
+                            // No key because its header is broken (NATS): that
+                            // is the fault to name, not a missing key.
+                            Err(bad_key) if r.key.is_none() => bad_key,
+                            _ => e,
+                        }
+                    });
                 out.push(match decoded {
                     Ok(envelope) => Ok(Delivery::new(envelope, info, settler.clone(), token)),
                     Err(e) => Err(Error::Undecodable(Box::new(Undecodable::new(
@@ -1678,7 +1683,30 @@ mod tests {
             panic!("expected an undecodable record");
         };
         assert_eq!(u.record().payload, Bytes::from_static(b"junk"));
+        assert!(u.reason().contains("no key"), "{}", u.reason());
         u.ack();
         assert_eq!(e.positions_to_commit(), vec![(0, 1)]);
+        // A key header that is there but broken (a NATS record) is the
+        // fault named, not a missing key.
+        let out = e.ingest(
+            0,
+            Fetched {
+                offset: 1,
+                position: 1,
+                key: None,
+                headers: vec![(wire::KEY_BASE64.into(), Bytes::from_static(b"%%%"))],
+                payload: Bytes::from_static(b"junk"),
+            },
+        );
+        e.send(out);
+        let Some(Err(Error::Undecodable(u))) = rx.next().await else {
+            panic!("expected an undecodable record");
+        };
+        assert!(
+            u.reason().contains(wire::KEY_BASE64) && u.reason().contains("not base64"),
+            "{}",
+            u.reason()
+        );
+        u.ack();
     }
 }
