@@ -475,6 +475,10 @@ impl PublisherConfig {
     }
 }
 
+/// Longest acknowledgement wait a configuration may ask for: a day, in
+/// milliseconds (a broker that has not answered by then is not going to).
+pub const MAX_ACK_TIMEOUT_MS: u64 = 86_400_000;
+
 /// Upper bound on partitions, to catch typos like `600000`.
 pub const MAX_PARTITIONS: u32 = 10_000;
 
@@ -555,10 +559,10 @@ impl KeelConfig {
                 "must be at least 1 (it bounds the deliveries a member holds at once)",
             ));
         }
-        if self.publisher.ack_timeout_ms == 0 {
+        if !(1..=MAX_ACK_TIMEOUT_MS).contains(&self.publisher.ack_timeout_ms) {
             return Err(Error::config(
                 "publisher.ack_timeout_ms",
-                "must be at least 1",
+                format!("must be from 1 to {MAX_ACK_TIMEOUT_MS} (a day)"),
             ));
         }
         if self.service.is_empty() || !self.service.bytes().all(|b| b.is_ascii_graphic()) {
@@ -778,6 +782,15 @@ mod tests {
             assert!(msg.contains(setting), "{toml:?} → {msg}");
             assert!(msg.contains(reason), "{toml:?} → {msg}");
         }
+    }
+
+    #[test]
+    fn an_ack_timeout_over_a_day_is_refused() {
+        let msg = KeelConfig::from_toml("[publisher]\nack_timeout_ms = 86400001")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("publisher.ack_timeout_ms"), "{msg}");
+        KeelConfig::from_toml("[publisher]\nack_timeout_ms = 86400000").unwrap();
     }
 
     #[test]

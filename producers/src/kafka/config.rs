@@ -176,8 +176,22 @@ impl KafkaPublisherConfig {
     /// partitions, naming them.
     pub fn validate(&self) -> Result<()> {
         self.client.validate()?;
-        if self.ack_timeout_ms == 0 {
-            return Err(Error::config("kafka.ack_timeout_ms", "must be at least 1"));
+        // librdkafka's `delivery.timeout.ms`: at most i32::MAX, and no
+        // shorter than `linger.ms` (it would refuse both, naming its own keys).
+        if !(1..=i32::MAX as u64).contains(&self.ack_timeout_ms) {
+            return Err(Error::config(
+                "kafka.ack_timeout_ms",
+                format!("must be from 1 to {}", i32::MAX),
+            ));
+        }
+        if self.ack_timeout_ms < self.linger_ms {
+            return Err(Error::config(
+                "kafka.ack_timeout_ms",
+                format!(
+                    "{} is shorter than linger_ms ({}): events would time out before their batch is sent",
+                    self.ack_timeout_ms, self.linger_ms
+                ),
+            ));
         }
         for (key, value) in &self.client.librdkafka {
             let refused = |why: &str| {
@@ -253,6 +267,31 @@ impl KafkaPublisherConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_librdkafka_would_refuse_are_named_as_keel_settings() {
+        for (ack_timeout_ms, linger_ms, said) in [
+            (0, 5, "from 1 to"),
+            (u64::from(u32::MAX), 5, "from 1 to"),
+            (3, 5, "shorter than linger_ms"),
+        ] {
+            let config = KafkaPublisherConfig {
+                ack_timeout_ms,
+                linger_ms,
+                ..KafkaPublisherConfig::default()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("kafka.ack_timeout_ms") && err.contains(said),
+                "{err}"
+            );
+        }
+        let longest = KafkaPublisherConfig {
+            ack_timeout_ms: i32::MAX as u64,
+            ..KafkaPublisherConfig::default()
+        };
+        longest.validate().unwrap();
+    }
 
     #[test]
     fn guarantees_are_set_and_cannot_be_overridden() {
