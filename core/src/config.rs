@@ -591,13 +591,13 @@ impl KeelConfig {
             }
         }
         if let Some(registry) = &self.registry {
-            let parsed = url::Url::parse(registry).map_err(|e| {
-                Error::config("registry", format!("`{registry}` is not a URL: {e}"))
-            })?;
+            let shown = redact(registry);
+            let parsed = url::Url::parse(registry)
+                .map_err(|e| Error::config("registry", format!("`{shown}` is not a URL: {e}")))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(Error::config(
                     "registry",
-                    format!("`{registry}` must be an http:// or https:// URL"),
+                    format!("`{shown}` must be an http:// or https:// URL"),
                 ));
             }
         }
@@ -625,21 +625,44 @@ pub fn redact(text: &str) -> String {
             // fragment (a password may hold a `/`; a query may hold a `@`).
             let end = rest.find(['?', '#']).unwrap_or(rest.len());
             let (before, tail) = rest.split_at(end);
-            let Some((userinfo, host)) = before.rsplit_once('@') else {
-                return entry.to_owned();
-            };
-            let userinfo = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None if matches!(scheme, None | Some("nats" | "tls" | "ws" | "wss")) => {
-                    "***".to_owned()
+            let before = match before.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let userinfo = match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{user}:***"),
+                        None if matches!(scheme, None | Some("nats" | "tls" | "ws" | "wss")) => {
+                            "***".to_owned()
+                        }
+                        None => userinfo.to_owned(),
+                    };
+                    format!("{userinfo}@{host}")
                 }
-                None => userinfo.to_owned(),
+                None => before.to_owned(),
             };
             let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
-            format!("{scheme}{userinfo}@{host}{tail}")
+            format!("{scheme}{before}{}", redact_query(tail))
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A URL's `?query#fragment` with the value of every `password` parameter
+/// (PostgreSQL's `?password=…`) replaced by `***`.
+fn redact_query(tail: &str) -> String {
+    let mut out = String::with_capacity(tail.len());
+    let mut rest = tail;
+    while let Some(at) = rest.to_ascii_lowercase().find("password=") {
+        let starts_param = at == 0 || rest[..at].ends_with(['?', '&', ';']);
+        let value = at + "password=".len();
+        out.push_str(&rest[..value]);
+        rest = &rest[value..];
+        if starts_param {
+            let end = rest.find(['&', '#', ';']).unwrap_or(rest.len());
+            out.push_str("***");
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn figment_error(err: figment::Error) -> Error {
@@ -837,6 +860,22 @@ mod tests {
                 "postgres://u:***@h/db?sslmode=require",
             ),
             ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://u@h:1/x?sslmode=require&password=s3&application_name=a",
+                "postgres://u@h:1/x?sslmode=require&password=***&application_name=a",
+            ),
+            (
+                "postgres://h/x?PASSWORD=s3#f",
+                "postgres://h/x?PASSWORD=***#f",
+            ),
+            (
+                "postgres://h/x?old_password=s3",
+                "postgres://h/x?old_password=s3",
+            ),
+            (
+                "http://nu:S3cretReg@127.0.0.1:1",
+                "http://nu:***@127.0.0.1:1",
+            ),
         ] {
             assert_eq!(redact(url), shown);
         }

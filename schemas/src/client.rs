@@ -115,16 +115,51 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     /// A client for the registry at `url` (`http://host:8081`).
-    pub fn new(url: &str, options: ClientOptions) -> Result<Self> {
+    pub fn new(url: &str, mut options: ClientOptions) -> Result<Self> {
+        // Never a password in a message or a log line.
+        let shown = keel_core::config::redact(url);
         let mut base = Url::parse(url).map_err(|e| {
-            SchemaError::Settings(format!("registry URL `{url}` is not a URL: {e}"))
+            SchemaError::Settings(format!("registry URL `{shown}` is not a URL: {e}"))
         })?;
         // Paths are appended to it: `registry:8081` (scheme `registry`)
         // would fail at every request instead of here.
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(SchemaError::Settings(format!(
-                "registry URL `{url}` is not an http:// or https:// URL"
+                "registry URL `{shown}` is not an http:// or https:// URL"
             )));
+        }
+        // `http://user:password@host`: sent as basic auth, and kept out of
+        // the URL every message and log line quotes.
+        if !base.username().is_empty() || base.password().is_some() {
+            let decode = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .map(|p| p.into_owned())
+                    .map_err(|_| {
+                        SchemaError::Settings(format!(
+                            "registry URL `{shown}`: its credentials are not UTF-8 once decoded"
+                        ))
+                    })
+            };
+            let credentials = format!(
+                "{}:{}",
+                decode(base.username())?,
+                decode(base.password().unwrap_or_default())?
+            );
+            if options
+                .basic_auth
+                .as_ref()
+                .is_some_and(|given| *given != credentials)
+            {
+                return Err(SchemaError::Settings(format!(
+                    "registry URL `{shown}` carries credentials and basic auth gives others; \
+                     give them once"
+                )));
+            }
+            options.basic_auth = Some(credentials);
+            // Only fails for URLs that cannot be a base, refused above.
+            let _ = base.set_username("");
+            let _ = base.set_password(None);
         }
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
@@ -155,7 +190,7 @@ impl RegistryClient {
             }
         }
         let http = builder.build().map_err(|e| SchemaError::Unreachable {
-            url: url.to_owned(),
+            url: base.to_string(),
             cause: chain(&e).into(),
         })?;
         Ok(RegistryClient {
@@ -572,6 +607,70 @@ mod tests {
         let err =
             RegistryClient::new("registry:8081", ClientOptions::default()).expect_err("not http");
         assert!(matches!(err, SchemaError::Settings(_)), "{err}");
+    }
+
+    /// `http://user:password@host`: the credentials go out as basic auth
+    /// (percent-decoded) and never into a message.
+    #[tokio::test]
+    async fn credentials_in_the_url_are_sent_as_basic_auth_and_never_shown() {
+        let app = axum::Router::new().route(
+            "/subjects",
+            get(|headers: axum::http::HeaderMap| async move {
+                use base64::Engine as _;
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("nu:S3cret/x")
+                );
+                if headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .is_some_and(|v| *v == *expected)
+                {
+                    (Status::OK, "[\"s\"]")
+                } else {
+                    (
+                        Status::UNAUTHORIZED,
+                        "{\"error_code\":40101,\"message\":\"no\"}",
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = RegistryClient::new(
+            &format!("http://nu:S3cret%2Fx@{address}"),
+            ClientOptions::default(),
+        )
+        .expect("client");
+        assert!(
+            !client.url().as_str().contains("S3cret"),
+            "{}",
+            client.url()
+        );
+        assert_eq!(client.subjects().await.expect("authorised"), ["s"]);
+
+        let quick = ClientOptions {
+            retries: 0,
+            ..ClientOptions::default()
+        };
+        let unreachable = RegistryClient::new("http://nu:S3cret@127.0.0.1:1", quick.clone())
+            .expect("client")
+            .subjects()
+            .await
+            .expect_err("nothing listens there");
+        assert!(!unreachable.to_string().contains("S3cret"), "{unreachable}");
+        for bad in ["ftp://nu:S3cret@h", "ht!tp://nu:S3cret@h"] {
+            let e = RegistryClient::new(bad, quick.clone()).expect_err("refused");
+            assert!(!e.to_string().contains("S3cret"), "{e}");
+        }
+        let other = ClientOptions {
+            basic_auth: Some("someone:else".into()),
+            ..quick
+        };
+        let e = RegistryClient::new("http://nu:S3cret@127.0.0.1:1", other).expect_err("twice");
+        assert!(e.to_string().contains("give them once"), "{e}");
     }
 
     #[tokio::test]
