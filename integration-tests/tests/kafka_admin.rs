@@ -197,6 +197,17 @@ async fn topics_groups_lag_and_resets() {
         .unwrap_err()
         .to_string();
     assert!(missing.contains("partition 9 does not exist"), "{missing}");
+    // A negative offset is refused, not taken for the earliest.
+    for to in [ResetTo::Offset(-1), ResetTo::Offsets(vec![(0, 3), (1, -2)])] {
+        let negative = admin
+            .reset_group(&group, &topic, to)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(negative.contains("is negative"), "{negative}");
+    }
+    let lag = admin.lag(&group, &topic).await.unwrap();
+    assert_eq!(lag[0].lag, 0, "nothing moved: {lag:?}");
 
     // Reset to the earliest: everything again.
     let positions = admin

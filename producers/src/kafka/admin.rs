@@ -349,6 +349,22 @@ impl KafkaAdmin {
                 format!("{ms} ms is before 1970; give a time after the Unix epoch"),
             ));
         }
+        // Offsets start at 0: a negative one is a mistake (Kafka's tools
+        // read -1 as the end), not a request for the earliest.
+        let negative = match &to {
+            ResetTo::Offset(o) => Some(*o).filter(|o| *o < 0),
+            ResetTo::Offsets(wanted) => wanted.iter().map(|(_, o)| *o).find(|o| *o < 0),
+            _ => None,
+        };
+        if let Some(o) = negative {
+            return Err(group_error(
+                group,
+                topic,
+                format!(
+                    "offset {o} is negative; offsets start at 0 (for the end of the topic reset to latest)"
+                ),
+            ));
+        }
         if let ResetTo::Offsets(wanted) = &to {
             let mut named = std::collections::HashSet::new();
             if let Some((p, _)) = wanted.iter().find(|(p, _)| !named.insert(*p)) {
