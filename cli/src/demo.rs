@@ -182,7 +182,8 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     say!(
         "  outbox     {total} events over {} keys committed in {} SQLite transactions ({} more rolled back); \
          the relay published {relayed}, each acknowledged by the broker",
-        args.keys,
+        // Fewer events than keys use one key each.
+        args.keys.min(args.events),
         writes.committed_transactions,
         writes.rolled_back_transactions,
     );

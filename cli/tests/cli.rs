@@ -104,6 +104,17 @@ fn demo_prints_what_it_proved() {
     ] {
         assert!(stdout.contains(line), "missing `{line}` in:\n{stdout}");
     }
+    // Fewer events than keys: one key each, and the summary says so.
+    let out = keel(
+        &["demo", "--events", "10", "--keys", "100"],
+        dir.path(),
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in ["10 events over 10 keys", "held for all 10 keys"] {
+        assert!(stdout.contains(line), "missing `{line}` in:\n{stdout}");
+    }
 }
 
 /// A demo stopped by Ctrl-C (SIGINT) says so, fails, and leaves no outbox
