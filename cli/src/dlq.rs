@@ -206,8 +206,8 @@ impl LeftOut {
     fn report(&self, topic: &str, other_topic: &str) {
         if self.other_topic > 0 {
             note!(
-                "{} dead letters in {topic} came from other topics than --topic names; \
-                 {other_topic}",
+                "{} records in {topic} name another original topic than --topic, or none \
+                 (not Keel dead letters); {other_topic}",
                 self.other_topic
             );
         }
