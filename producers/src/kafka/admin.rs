@@ -171,9 +171,7 @@ impl KafkaAdmin {
             tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
                 .await
                 .map_err(|e| Error::closed(format!("kafka metadata task: {e}")))?
-                .map_err(|e| {
-                    broker_error(format!("cannot list topics from {}: {e}", self.brokers()))
-                })?;
+                .map_err(|e| self.unreachable(format!("cannot list topics: {e}")))?;
         let mut names: Vec<String> = metadata
             .topics()
             .iter()
@@ -269,12 +267,7 @@ impl KafkaAdmin {
         })
         .await
         .map_err(|e| Error::closed(format!("kafka group list task: {e}")))?
-        .map_err(|e| {
-            broker_error(format!(
-                "cannot list consumer groups from {}: {e}",
-                self.brokers()
-            ))
-        })
+        .map_err(|e| self.unreachable(format!("cannot list consumer groups: {e}")))
     }
 
     /// Per partition of `topic`: `group`'s committed offset, the high
@@ -475,6 +468,14 @@ impl KafkaAdmin {
         format!("the Kafka broker(s) at {}", self.client.bootstrap.join(","))
     }
 
+    /// A request about no one topic failed: the broker is what to check.
+    fn unreachable(&self, reason: String) -> Error {
+        Error::Connect {
+            broker: self.brokers(),
+            reason: format!("{reason} (is it running and reachable from here?)"),
+        }
+    }
+
     /// The partition count of `topic`, or `None` if it does not exist.
     pub async fn partitions(&self, topic: &str) -> Result<Option<u32>> {
         let admin = self.admin.clone();
@@ -509,15 +510,6 @@ pub(crate) fn topic_name(t: &rdkafka::metadata::MetadataTopic) -> Option<&str> {
             tracing::warn!("the broker lists a topic whose name is not UTF-8; skipped")
         })
         .ok()
-}
-
-fn broker_error(reason: String) -> Error {
-    Error::Topic {
-        topic: String::new(),
-        reason,
-        retriable: true,
-        source: None,
-    }
 }
 
 fn group_error(group: &str, topic: &str, reason: String) -> Error {
