@@ -639,14 +639,16 @@ pub fn redact(text: &str) -> String {
                 None => before.to_owned(),
             };
             let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
-            format!("{scheme}{before}{}", redact_query(tail))
+            // The whole entry: a query cut by the list's `,` split goes on
+            // in the next entry, which has no `?` of its own.
+            redact_query(&format!("{scheme}{before}{tail}"))
         })
         .collect::<Vec<_>>()
         .join(",")
 }
 
-/// A URL's `?query#fragment` with the value of every `password` parameter
-/// (PostgreSQL's `?password=…`) replaced by `***`.
+/// `text` with the value of every `password` parameter (PostgreSQL's
+/// `?password=…`) replaced by `***`.
 fn redact_query(tail: &str) -> String {
     let mut out = String::with_capacity(tail.len());
     let mut rest = tail;
@@ -871,6 +873,10 @@ mod tests {
             (
                 "postgres://h/x?old_password=s3",
                 "postgres://h/x?old_password=s3",
+            ),
+            (
+                "postgres://h/x?options=a,b&password=s3",
+                "postgres://h/x?options=a,b&password=***",
             ),
             (
                 "http://nu:S3cretReg@127.0.0.1:1",
