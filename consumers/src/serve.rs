@@ -31,6 +31,18 @@ pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// is past any sane setting already).
 pub const MAX_CONCURRENCY: usize = 1_000_000;
 
+/// Refuses a concurrency setting outside 1 to [`MAX_CONCURRENCY`], naming
+/// it as `setting`.
+pub(crate) fn check_concurrency(setting: &str, n: usize) -> Result<()> {
+    if (1..=MAX_CONCURRENCY).contains(&n) {
+        return Ok(());
+    }
+    Err(Error::config(
+        setting,
+        format!("{n} is not from 1 to {MAX_CONCURRENCY}"),
+    ))
+}
+
 /// How [`serve()`] runs handlers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeOptions {
@@ -57,12 +69,7 @@ impl Default for ServeOptions {
 impl ServeOptions {
     /// Refuses settings that cannot work, naming them.
     pub fn validate(&self) -> Result<()> {
-        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
-            return Err(Error::config(
-                "concurrency",
-                format!("must be from 1 to {MAX_CONCURRENCY}"),
-            ));
-        }
+        check_concurrency("concurrency", self.concurrency)?;
         if self.max_retry_backoff > MAX_RETRY_BACKOFF {
             return Err(Error::config(
                 "max_retry_backoff",

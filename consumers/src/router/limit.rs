@@ -24,12 +24,7 @@ impl ConcurrencyLimit {
     /// Lets `n` (1 to [`MAX_CONCURRENCY`](crate::serve::MAX_CONCURRENCY))
     /// handlings run at once.
     pub fn new(n: usize) -> keel_core::Result<Self> {
-        if !(1..=crate::serve::MAX_CONCURRENCY).contains(&n) {
-            return Err(Error::config(
-                "concurrency_limit",
-                format!("must be from 1 to {}", crate::serve::MAX_CONCURRENCY),
-            ));
-        }
+        crate::serve::check_concurrency("concurrency_limit", n)?;
         Ok(ConcurrencyLimit {
             permits: Arc::new(Semaphore::new(n)),
         })

@@ -269,19 +269,11 @@ impl Router {
                 format!("two handlers for {conflict}; register one per event type and topic"),
             ));
         }
-        if self.options.concurrency == 0
-            || self.options.max_in_flight == 0
-            || self.options.max_payload_bytes == 0
-        {
+        crate::serve::check_concurrency("router.options.concurrency", self.options.concurrency)?;
+        if self.options.max_in_flight == 0 || self.options.max_payload_bytes == 0 {
             return Err(Error::config(
                 "router.options",
-                "concurrency, max_in_flight and max_payload_bytes must be at least 1",
-            ));
-        }
-        if self.options.concurrency > crate::serve::MAX_CONCURRENCY {
-            return Err(Error::config(
-                "router.options.concurrency",
-                format!("must be at most {}", crate::serve::MAX_CONCURRENCY),
+                "max_in_flight and max_payload_bytes must be at least 1",
             ));
         }
         Ok(())
@@ -494,7 +486,7 @@ mod tests {
                     concurrency: 0,
                     ..RouterOptions::default()
                 },
-                "`router.options`",
+                "`router.options.concurrency`",
             ),
             (
                 RouterOptions {
