@@ -988,6 +988,18 @@ mod tests {
 
     crate::conformance_tests!(MemoryTransport::new());
 
+    /// A transport with a one-partition `orders` topic holding one event of
+    /// `key`, and a member of group `g` on it.
+    async fn one_event(key: &str) -> (MemoryTransport, Deliveries) {
+        let t = MemoryTransport::new();
+        topic(&t, "orders", 1).await;
+        t.publish("orders", Envelope::new("e", key, ""))
+            .await
+            .unwrap();
+        let member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        (t, member)
+    }
+
     async fn topic(t: &MemoryTransport, name: &str, partitions: u32) {
         t.ensure_topic(&TopicSpec {
             name: name.into(),
@@ -1148,12 +1160,7 @@ mod tests {
     /// time reaches them, not after the same wall-clock time (or never).
     #[tokio::test(start_paused = true)]
     async fn delayed_redeliveries_follow_a_paused_tokio_clock() {
-        let t = MemoryTransport::new();
-        topic(&t, "orders", 1).await;
-        t.publish("orders", Envelope::new("e", "k", ""))
-            .await
-            .unwrap();
-        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let (t, mut member) = one_event("k").await;
         let first = member.next().await.unwrap().unwrap();
         let wall = std::time::Instant::now();
         let virtual_start = tokio::time::Instant::now();
@@ -1180,12 +1187,7 @@ mod tests {
 
     #[tokio::test]
     async fn absurd_nack_delays_are_capped_not_overflowed() {
-        let t = MemoryTransport::new();
-        topic(&t, "orders", 1).await;
-        t.publish("orders", Envelope::new("e", "k", ""))
-            .await
-            .unwrap();
-        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let (t, mut member) = one_event("k").await;
         let d = member.next().await.unwrap().unwrap();
         assert!(d.nack_with_delay(Duration::MAX));
         assert_eq!(t.committed("orders", "g"), Some(vec![Some(0)]));
@@ -1193,12 +1195,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backoff_redelivers_with_the_same_attempt_number_and_a_nack_counts() {
-        let t = MemoryTransport::new();
-        topic(&t, "orders", 1).await;
-        t.publish("orders", Envelope::new("e", "a", ""))
-            .await
-            .unwrap();
-        let mut member = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let (_t, mut member) = one_event("a").await;
         let mut attempts = Vec::new();
         for step in ["backoff", "backoff", "nack", "backoff", "ack"] {
             let d = member.next().await.unwrap().unwrap();
@@ -1214,12 +1211,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_crashed_member_loses_its_uncommitted_work_to_the_next_owner() {
-        let t = MemoryTransport::new();
-        topic(&t, "orders", 1).await;
-        t.publish("orders", Envelope::new("e", "a", ""))
-            .await
-            .unwrap();
-        let mut first = t.subscribe(Subscription::new("orders", "g")).await.unwrap();
+        let (t, mut first) = one_event("a").await;
         let held = first.next().await.unwrap().unwrap();
         drop(first); // crash: leaves without settling
         assert!(held.ack(), "settling is still allowed, but it is stale");
