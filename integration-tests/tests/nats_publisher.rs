@@ -49,6 +49,23 @@ async fn setup(partitions: u32, settings: StreamSettings) -> Setup {
     }
 }
 
+impl Setup {
+    /// Creates the topic's stream (again, after a deletion) with one
+    /// partition and the default settings.
+    async fn create_one_partition(&self) {
+        self.admin
+            .ensure_stream(
+                &TopicSpec {
+                    name: self.topic.clone(),
+                    partitions: 1,
+                },
+                &StreamSettings::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 fn event(key: &str, n: usize) -> Envelope {
     Envelope::new("keel.test.Numbered", key, format!("{key}:{n}"))
         .with_source("nats-test")
@@ -399,16 +416,7 @@ async fn a_group_reads_a_re_created_stream_from_its_first_event() {
         .delete_stream(&s.topic)
         .await
         .unwrap();
-    s.admin
-        .ensure_stream(
-            &TopicSpec {
-                name: s.topic.clone(),
-                partitions: 1,
-            },
-            &StreamSettings::default(),
-        )
-        .await
-        .unwrap();
+    s.create_one_partition().await;
     let new: Vec<Envelope> = (0..2).map(|i| event("new", i)).collect();
     s.publisher.publish_batch(&s.topic, new).await.unwrap();
     let mut member = join(&s.client, &s.topic, &group).await;
@@ -622,16 +630,7 @@ async fn a_stream_deleted_under_a_publisher_is_a_retriable_topic_error() {
         }
     }
     assert!(matches!(outcomes[0], keel_core::Sent::Failed(_)));
-    s.admin
-        .ensure_stream(
-            &TopicSpec {
-                name: s.topic.clone(),
-                partitions: 1,
-            },
-            &StreamSettings::default(),
-        )
-        .await
-        .unwrap();
+    s.create_one_partition().await;
     let receipt = s.publisher.publish(&s.topic, event("k", 4)).await.unwrap();
     assert_eq!(receipt.position, 1, "stored in the new stream");
     s.admin.delete_topic(&s.topic).await.unwrap();
