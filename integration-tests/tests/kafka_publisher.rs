@@ -203,17 +203,25 @@ async fn what_cannot_be_published_is_a_clear_error() {
 /// A topic the broker does not have is named as such, not reported as a
 /// timeout (librdkafka holds a topic's events it does not know until their
 /// timeout): for one publish, after the acknowledgement timeout, and for
-/// `publish_each`, after its bound (from the broker's answer to the first:
-/// a bounded publish does not wait for the question). (tansu, like the
-/// test compose file's Kafka, does not create topics on demand.)
+/// `publish_each`, after its bound — its first call to the topic too, as
+/// the outbox relay's first batch is (the question is asked when the batch
+/// starts: a bounded publish does not wait for it on a timeout). (tansu,
+/// like the test compose file's Kafka, does not create topics on demand.)
 #[tokio::test]
 async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
-    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
-        client: KafkaClientConfig::new([kafka_bootstrap().await]),
-        ack_timeout_ms: 2_000,
-        ..KafkaPublisherConfig::default()
-    })
-    .unwrap();
+    let bootstrap = kafka_bootstrap().await;
+    let publisher = || {
+        KafkaPublisher::new(KafkaPublisherConfig {
+            client: KafkaClientConfig::new([bootstrap.clone()]),
+            ack_timeout_ms: 2_000,
+            ..KafkaPublisherConfig::default()
+        })
+        .unwrap()
+    };
+    // A bounded publish first: nothing asked about the topic before.
+    assert_each_names_the_missing_topic(&publisher(), &unique_name("missing")).await;
+
+    let publisher = publisher();
     let topic = unique_name("missing");
     let err = publisher
         .publish(&topic, Envelope::new("t", "k", "x"))
@@ -222,11 +230,16 @@ async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
     assert!(matches!(err, keel_core::Error::Topic { .. }), "{err:?}");
     assert!(!err.is_retriable(), "{err}");
     assert!(err.to_string().contains("no such topic"), "{err}");
+    assert_each_names_the_missing_topic(&publisher, &topic).await;
+}
+
+/// `publish_each` to the missing `topic`: each event that fails says so.
+async fn assert_each_names_the_missing_topic(publisher: &KafkaPublisher, topic: &str) {
     let events: Vec<Envelope> = (0..3)
         .map(|i| Envelope::new("t", format!("k{i}"), "x"))
         .collect();
     let outcomes = publisher
-        .publish_each(&topic, events, Duration::from_millis(1_500))
+        .publish_each(topic, events, Duration::from_millis(1_500))
         .await;
     let mut failed = 0;
     for outcome in &outcomes {

@@ -189,6 +189,12 @@ impl KafkaPublisher {
         last.is_some_and(|(_, missing)| missing)
     }
 
+    /// Whether the broker was asked about `topic` (or is being asked).
+    fn asked_about(&self, topic: &str) -> bool {
+        let checks = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        checks.answers.contains_key(topic) || checks.asking.contains(topic)
+    }
+
     /// Waits until every enqueued event was acknowledged or failed.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         let (_, producer) = self.producer();
@@ -530,6 +536,13 @@ impl Publisher for KafkaPublisher {
         within: Duration,
     ) -> Vec<Sent> {
         let total = events.len();
+        // The first bounded publish to a topic asks, in the background,
+        // whether the broker has it: a batch that times out for want of
+        // the topic then says so, the first one included (the question is
+        // not waited for on a timeout, to keep to the bound).
+        if !self.asked_about(topic) {
+            self.topic_missing(topic, false).await;
+        }
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
             .send_batch(topic, events, Some(within), |acked| {
