@@ -170,14 +170,8 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         ..defaults
     };
     relay_config.validate()?;
-    let (pool, options) = connect(&database).await?;
-    if args.no_migrate {
-        // Before the broker is waited for: a misnamed table is a mistake to
-        // hear about now, not once the broker answers.
-        tables.check_migrated(&pool).await?;
-    } else {
-        tables.migrate(&pool).await?;
-    }
+    // Before the database is touched: a listen address that cannot be
+    // served is refused with nothing created.
     if let Some(listen) = &args.metrics_listen {
         let addr: SocketAddr = tokio::net::lookup_host(listen.as_str())
             .await
@@ -190,6 +184,14 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
+    let (pool, options) = connect(&database).await?;
+    if args.no_migrate {
+        // Before the broker is waited for: a misnamed table is a mistake to
+        // hear about now, not once the broker answers.
+        tables.check_migrated(&pool).await?;
+    } else {
+        tables.migrate(&pool).await?;
     }
     // After the metrics listener: it answers while the relay waits for its
     // broker.

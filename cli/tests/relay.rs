@@ -311,7 +311,7 @@ async fn drop_database(url: &str) {
 
 #[test]
 fn relay_refuses_bad_settings_by_name() {
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["--broker", "nats://127.0.0.1:4222", "relay"],
             "--database",
@@ -338,6 +338,20 @@ fn relay_refuses_bad_settings_by_name() {
             ],
             // The setting and the flag that sets it.
             "outbox.schema (keel's --schema)",
+        ),
+        (
+            // Refused before the database is touched (nothing listens on
+            // port 1: a relay that connected first would name the database).
+            &[
+                "--broker",
+                "nats://127.0.0.1:4222",
+                "relay",
+                "--database",
+                "postgres://127.0.0.1:1/x",
+                "--metrics-listen",
+                "no-such-host.invalid:9464",
+            ],
+            "--metrics-listen no-such-host.invalid:9464",
         ),
     ];
     for (args, expected) in cases {
