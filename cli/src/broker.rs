@@ -42,6 +42,7 @@ pub(crate) enum TopicsCommand {
     )]
     Describe {
         /// Topic name.
+        #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
         topic: String,
     },
 }
@@ -49,28 +50,56 @@ pub(crate) enum TopicsCommand {
 #[derive(Debug, Args)]
 pub(crate) struct CreateArgs {
     /// Topic name.
+    #[arg(value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: String,
     /// Partitions, 1 to 10,000 (default: the `topics.partitions` setting).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(keel_core::config::MAX_PARTITIONS)))]
     partitions: Option<u32>,
-    /// Replication factor (-1: the broker's default).
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    /// Replication factor, 1 or more (-1: the broker's default).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = replication_factor)]
     replication_factor: i32,
-    /// How long events are kept, in ms (-1: forever).
-    #[arg(long, allow_negative_numbers = true)]
+    /// How long events are kept, in ms, 1 or more (-1: forever).
+    #[arg(long, allow_negative_numbers = true, value_parser = retention_ms)]
     retention_ms: Option<i64>,
     /// Keep only the latest event per key (`cleanup.policy=compact`).
     #[arg(long)]
     compact: bool,
 }
 
+/// `--replication-factor`, read alike for both brokers: -1 or at least 1
+/// (Kafka refuses 0; a NATS stream needs at least one replica).
+fn replication_factor(text: &str) -> Result<i32, String> {
+    match text.parse::<i32>() {
+        Ok(n) if n == -1 || n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a replication factor: give 1 or more, or -1 for the broker's default"
+        )),
+    }
+}
+
+/// `--retention-ms`, read alike for both brokers: -1 or at least 1. Zero
+/// is refused: Kafka would delete events at once where NATS would keep
+/// them for ever.
+fn retention_ms(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(n) if n == -1 || n >= 1 => Ok(n),
+        Ok(0) => Err(
+            "0 is refused: Kafka would delete events at once, NATS would keep them for ever; give a number of ms, or -1 to keep events for ever"
+                .to_owned(),
+        ),
+        _ => Err(format!(
+            "`{text}` is not a retention: give a number of ms (1 or more), or -1 to keep events for ever"
+        )),
+    }
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct LagArgs {
     /// Consumer group.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     group: String,
     /// Topic.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: String,
 }
 
@@ -95,10 +124,10 @@ pub(crate) enum GroupCommand {
 ))]
 pub(crate) struct ResetArgs {
     /// Consumer group.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     group: String,
     /// Topic.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: String,
     /// To the oldest stored event.
     #[arg(long)]
@@ -118,7 +147,7 @@ pub(crate) struct ResetArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// Topic to publish to.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: String,
     /// JSON lines to read (default: standard input). Each line is one event
     /// in the schema's JSON shape.
@@ -139,11 +168,11 @@ pub(crate) struct PublishArgs {
 #[derive(Debug, Args)]
 pub(crate) struct TailArgs {
     /// Topic to read.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: String,
     /// Consumer group (default: a new `keel-tail-<id>` group each run, so
     /// no other reader's position moves).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     group: Option<String>,
     /// Where a group without committed positions starts.
     #[arg(long, value_enum, default_value_t = From::Latest)]
@@ -543,6 +572,11 @@ pub(crate) async fn publish(
     };
     let mut events = Vec::new();
     for (n, line) in lines.iter().enumerate() {
+        // A byte-order mark that editors on Windows put before the text.
+        let line = match n {
+            0 => line.strip_prefix('\u{feff}').unwrap_or(line),
+            _ => line,
+        };
         if line.trim().is_empty() {
             continue;
         }

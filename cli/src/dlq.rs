@@ -50,10 +50,10 @@ pub(crate) struct DlqArgs {
     /// The topic whose dead letters to read (its dead-letter topic is
     /// `<topic>.dlq`, or `<topic>-dlq` on NATS). With --dlq-topic: only
     /// that topic's dead letters in it.
-    #[arg(long, required_unless_present = "dlq_topic")]
+    #[arg(long, required_unless_present = "dlq_topic", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: Option<String>,
     /// Read this dead-letter topic instead of the default name.
-    #[arg(long, value_name = "TOPIC")]
+    #[arg(long, value_name = "TOPIC", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     dlq_topic: Option<String>,
     /// Only events of this type (Avro full name).
     #[arg(long = "type", value_name = "EVENT_TYPE")]
@@ -260,6 +260,9 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
     let filter = Filter::new(&args)?;
     let codec = AvroCodec::new(Arc::new(registry), CodecOptions::default());
     let mut printed = 0;
+    // Listed records that carry no dead-letter reason: not letters of
+    // Keel's router (a wrong --dlq-topic, say).
+    let mut not_letters = 0;
     let mut left_out = LeftOut::default();
     let mut failed = None;
     read_dead_letters(config, &topic, async |dead| {
@@ -283,6 +286,9 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
             return false; // a closed pipe (`keel dlq list | head`)
         }
         printed += 1;
+        if dead.record.header(headers::REASON).is_none() {
+            not_letters += 1;
+        }
         true
     })
     .await?;
@@ -293,6 +299,13 @@ async fn list(config: &KeelConfig, registry: RegistryClient, args: DlqArgs) -> a
         )));
     }
     note!("{printed} dead letters listed from {topic}");
+    if not_letters > 0 {
+        note!(
+            "warning: {not_letters} of them carry no `{}` header: not dead letters of Keel's \
+             router (is {topic} the dead-letter topic?)",
+            headers::REASON
+        );
+    }
     left_out.report(
         &topic,
         &format!("not listed (`--dlq-topic {topic}` alone lists every letter)"),

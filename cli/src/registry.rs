@@ -70,14 +70,25 @@ pub(crate) async fn run(config: &KeelConfig, command: RegistryCommand) -> anyhow
 }
 
 async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(auth) = &args.basic_auth
-        && !auth.contains(':')
-    {
-        anyhow::bail!("--basic-auth must be `user:password`");
-    }
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(certificate_chain), Some(private_key)) => Some(ServerTls {
+            certificate_chain,
+            private_key,
+        }),
+        _ => None,
+    };
+    let options = ServerOptions {
+        body_limit: args.body_limit,
+        basic_auth: args.basic_auth,
+        tls,
+    };
     // Refused before anything is opened or announced.
-    for (flag, path) in [("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)] {
-        if let Some(path) = path {
+    options.validate()?;
+    if let Some(tls) = &options.tls {
+        for (flag, path) in [
+            ("--tls-cert", &tls.certificate_chain),
+            ("--tls-key", &tls.private_key),
+        ] {
             std::fs::File::open(path)
                 .with_context(|| format!("cannot read {flag} {}", path.display()))?;
         }
@@ -92,29 +103,21 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let tls = match (args.tls_cert, args.tls_key) {
-        (Some(certificate_chain), Some(private_key)) => Some(ServerTls {
-            certificate_chain,
-            private_key,
-        }),
-        _ => None,
-    };
     note!(
         "keel registry: serving {}://{} on {}{}",
-        if tls.is_some() { "https" } else { "http" },
+        if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         listener.local_addr()?,
         redact(&database),
-        if args.basic_auth.is_some() {
+        if options.basic_auth.is_some() {
             " (basic auth)"
         } else {
             ""
         }
     );
-    let options = ServerOptions {
-        body_limit: args.body_limit,
-        basic_auth: args.basic_auth,
-        tls,
-    };
     serve(listener, store.clone(), options, shutdown_signal()).await?;
     store.close().await;
     note!("keel registry: stopped");

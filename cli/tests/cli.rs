@@ -240,6 +240,36 @@ fn registry_tls_files_are_checked_before_serving() {
 }
 
 #[test]
+fn registry_settings_that_refuse_every_request_are_refused_before_serving() {
+    let dir = scratch();
+    for (flags, says) in [
+        (["--body-limit", "0"], "--body-limit"),
+        (["--basic-auth", "user:"], "empty password"),
+        (["--basic-auth", ":secret"], "empty user"),
+        (["--basic-auth", "user"], "the colon is missing"),
+    ] {
+        let mut args = vec![
+            "registry",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite://registry.db",
+        ];
+        args.extend(flags);
+        let out = keel(&args, dir.path(), &[]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("serving"), "{flags:?}: {stderr}");
+        assert!(
+            !dir.path().join("registry.db").exists(),
+            "{flags:?}: nothing created before the refusal"
+        );
+    }
+}
+
+#[test]
 fn bad_flags_and_environment_are_refused_by_name() {
     let dir = scratch();
     let out = keel(&["demo", "--partitions", "0"], dir.path(), &[]);
@@ -297,6 +327,51 @@ fn bad_flags_and_environment_are_refused_by_name() {
         "{}",
         text(&out.stderr)
     );
+
+    // Topic settings read alike for both brokers, refused before either is
+    // asked (Kafka took a zero retention, NATS a zero replication factor).
+    for broker in ["kafka://127.0.0.1:1", "nats://127.0.0.1:1"] {
+        for (flag, value, says) in [
+            ("--retention-ms", "0", "Kafka would delete events at once"),
+            ("--retention-ms", "-2", "-1 to keep events for ever"),
+            ("--replication-factor", "0", "1 or more"),
+            ("--replication-factor", "-3", "1 or more"),
+        ] {
+            let out = keel(
+                &["--broker", broker, "topics", "create", "t", flag, value],
+                dir.path(),
+                &[],
+            );
+            let stderr = text(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{broker} {flag} {value}: {stderr}"
+            );
+            assert!(
+                stderr.contains(flag) && stderr.contains(says),
+                "{broker} {flag} {value}: {stderr}"
+            );
+        }
+    }
+
+    // An empty name is refused by clap, not passed on to the broker
+    // (librdkafka answered an empty group with "consumer queue not
+    // available").
+    for (args, flag) in [
+        (&["lag", "--group", "", "--topic", "t"][..], "--group"),
+        (&["lag", "--group", "g", "--topic", ""][..], "--topic"),
+        (&["publish", "--topic", ""][..], "--topic"),
+        (&["dlq", "list", "--topic", ""][..], "--topic"),
+        (&["topics", "create", ""][..], "<TOPIC>"),
+    ] {
+        let mut all = vec!["--broker", "kafka://127.0.0.1:1"];
+        all.extend(args);
+        let out = keel(&all, dir.path(), &[]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
 
     let out = keel(&["--broker", "tcp://x:1", "demo"], dir.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
@@ -683,9 +758,10 @@ fn broker_commands(broker: &str, partitions: usize) {
         .or(described["partitions"].as_u64().map(|n| n as usize));
     assert_eq!(described_partitions, Some(partitions), "{described}");
 
-    // JSON lines in, one receipt per event out.
-    let lines: String = (0..10)
-        .map(|i| format!("{{\"id\":\"k{}\",\"n\":{i}}}\n", i % 3))
+    // JSON lines in, one receipt per event out (the file starts with a
+    // byte-order mark, as some editors write it).
+    let lines: String = std::iter::once("\u{feff}".to_owned())
+        .chain((0..10).map(|i| format!("{{\"id\":\"k{}\",\"n\":{i}}}\n", i % 3)))
         .collect();
     let file = dir.path().join("events.jsonl");
     std::fs::write(&file, lines).expect("write events");
@@ -1100,6 +1176,16 @@ fn dlq_commands(
     assert_eq!(only_topic.lines().count(), 4, "{only_topic}");
     let other = run(&["dlq", "list", "--dlq-topic", &dlq, "--topic", "elsewhere"]);
     assert_eq!(other.lines().count(), 0, "{other}");
+    // A topic of ordinary events taken for a dead-letter topic: listed,
+    // with a warning that they are not dead letters.
+    let out = status(&["dlq", "list", "--dlq-topic", topic]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("carry no `keel-dlq-reason` header")
+            && stderr.contains(&format!("is {topic} the dead-letter topic?")),
+        "{stderr}"
+    );
     // The registry down: the listing stops with the reason rather than
     // show every letter as undecodable and succeed.
     let out = status(&[

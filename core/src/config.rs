@@ -512,6 +512,16 @@ impl KeelConfig {
     fn layers(file: Option<&Path>) -> Result<Figment> {
         let mut figment = Figment::from(Serialized::defaults(KeelConfig::default()));
         if let Some(path) = file {
+            if path.is_dir() {
+                return Err(Error::config(
+                    "config",
+                    format!(
+                        "config file `{}` is a directory; give the TOML file itself (e.g. `{}`)",
+                        path.display(),
+                        path.join("keel.toml").display()
+                    ),
+                ));
+            }
             if !path.is_file() {
                 return Err(Error::config(
                     "config",
@@ -937,6 +947,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("/nonexistent/keel.toml"), "{msg}");
+        let dir = std::env::temp_dir();
+        let msg = KeelConfig::load(Some(&dir)).unwrap_err().to_string();
+        assert!(
+            msg.contains("is a directory") && msg.contains("keel.toml"),
+            "{msg}"
+        );
     }
 
     #[test]

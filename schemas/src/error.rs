@@ -69,6 +69,17 @@ pub enum SchemaError {
     #[error("schema registry client settings: {0}")]
     Settings(String),
 
+    /// A subject name strategy Keel does not know.
+    #[error(
+        "unknown subject name strategy `{0}`; use topic-name, record-name or topic-record-name"
+    )]
+    UnknownStrategy(String),
+
+    /// A registry server setting is wrong (the body limit, the basic-auth
+    /// credentials).
+    #[error("schema registry server settings: {0}")]
+    ServerSettings(String),
+
     /// The registry answered with an error.
     #[error("schema registry answered {status} (error code {code}): {message}")]
     Registry {

@@ -46,9 +46,7 @@ impl FromStr for SubjectNameStrategy {
             "topic-record-name" | "TopicRecordNameStrategy" => {
                 Ok(SubjectNameStrategy::TopicRecordName)
             }
-            _ => Err(SchemaError::InvalidSchema(format!(
-                "unknown subject name strategy `{s}`; use topic-name, record-name or topic-record-name"
-            ))),
+            _ => Err(SchemaError::UnknownStrategy(s.to_owned())),
         }
     }
 }
@@ -88,6 +86,13 @@ mod tests {
                 .unwrap(),
             SubjectNameStrategy::TopicRecordName
         );
-        assert!("by-topic".parse::<SubjectNameStrategy>().is_err());
+        let refused = "by-topic"
+            .parse::<SubjectNameStrategy>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.starts_with("unknown subject name strategy `by-topic`"),
+            "{refused}"
+        );
     }
 }

@@ -47,6 +47,37 @@ impl Default for ServerOptions {
     }
 }
 
+impl ServerOptions {
+    /// Refuses settings that would make the server refuse every request:
+    /// a zero body limit, or basic-auth credentials without a user or a
+    /// password.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let refuse = |what: &str| Err(crate::error::SchemaError::ServerSettings(what.to_owned()));
+        if self.body_limit == 0 {
+            return refuse(
+                "body_limit (--body-limit) is 0, which refuses every request with a body; give the largest request body to accept, in bytes (default 2 MiB)",
+            );
+        }
+        if let Some(credentials) = &self.basic_auth {
+            match credentials.split_once(':') {
+                None => {
+                    return refuse(
+                        "basic_auth (--basic-auth) must be `user:password` (the colon is missing)",
+                    );
+                }
+                Some(("", _)) => return refuse("basic_auth (--basic-auth) has an empty user"),
+                Some((_, "")) => {
+                    return refuse(
+                        "basic_auth (--basic-auth) has an empty password, which anyone can guess; give a password",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The registry's TLS identity, as PEM files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerTls {
@@ -67,6 +98,9 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    options
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let state = Arc::new(api::AppState {
         store,
         body_limit: options.body_limit,
