@@ -117,7 +117,17 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
                         *l.deliveries.entry(event.id()).or_default() += 1;
                         l.distinct()
                     };
-                    progress_tx.send_replace(distinct);
+                    // The highest count wins: two handlers finishing
+                    // together may send theirs in either order, and a
+                    // lower one sent last would leave the run waiting for
+                    // an event already handled.
+                    progress_tx.send_if_modified(|handled| {
+                        let higher = distinct > *handled;
+                        if higher {
+                            *handled = distinct;
+                        }
+                        higher
+                    });
                     Ok(())
                 }
             }
