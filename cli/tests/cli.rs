@@ -21,6 +21,30 @@ fn keel(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
     command(args, dir, env).output().expect("run keel")
 }
 
+/// [`keel`] for a command expected to end by itself: one still running
+/// after `limit` (a server that should have refused its settings) is
+/// killed and fails the test instead of holding it for ever.
+fn keel_within(args: &[&str], dir: &Path, limit: std::time::Duration) -> Output {
+    let mut child = command(args, dir, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keel");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("keel's status").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("keel ends");
+            panic!(
+                "keel {args:?} still ran after {limit:?}: {}",
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("keel ends")
+}
+
 /// [`keel`] with its standard output closed before it writes (as under
 /// `keel … | head -0`).
 fn keel_unread(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
@@ -237,7 +261,7 @@ fn registry_settings_are_checked_before_serving() {
             "sqlite://registry.db",
         ];
         args.extend(flags);
-        let out = keel(&args, dir.path(), &[]);
+        let out = keel_within(&args, dir.path(), std::time::Duration::from_secs(30));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
         assert!(stderr.contains(says), "{flags:?}: {stderr}");

@@ -210,18 +210,57 @@ async fn what_cannot_be_published_is_a_clear_error() {
 #[tokio::test]
 async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
     let bootstrap = kafka_bootstrap().await;
-    let publisher = || {
+    let publisher = |ack_timeout_ms| {
         KafkaPublisher::new(KafkaPublisherConfig {
             client: KafkaClientConfig::new([bootstrap.clone()]),
-            ack_timeout_ms: 2_000,
+            ack_timeout_ms,
             ..KafkaPublisherConfig::default()
         })
         .unwrap()
     };
-    // A bounded publish first: nothing asked about the topic before.
-    assert_each_names_the_missing_topic(&publisher(), &unique_name("missing")).await;
+    // A bounded publish first, nothing asked about the topic before: its
+    // bound (5 s) passes before librdkafka's own timeout (30 s) would
+    // start the question, and leaves the one asked at the start (at most
+    // 1 s) time to be answered on a loaded machine.
+    let fresh = publisher(30_000);
+    let created_later = unique_name("missing");
+    assert_each_names_the_missing_topic(&fresh, &created_later, Duration::from_secs(5)).await;
+    // Created since: once a batch is stored there, a timeout is a timeout
+    // again, not named after the old answer.
+    KafkaAdmin::new(&KafkaClientConfig::new([bootstrap.clone()]), 1)
+        .unwrap()
+        .ensure_topic(&TopicSpec {
+            name: created_later.clone(),
+            partitions: 1,
+        })
+        .await
+        .unwrap();
+    let one = || vec![Envelope::new("t", "k", "x")];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !matches!(
+        fresh
+            .publish_each(&created_later, one(), Duration::from_secs(5))
+            .await[..],
+        [keel_core::Sent::Stored(_)]
+    ) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the created topic took no event within 30 s"
+        );
+    }
+    // No time at all for the acknowledgement: it times out.
+    let outcomes = fresh
+        .publish_each(&created_later, one(), Duration::ZERO)
+        .await;
+    let [keel_core::Sent::Failed(e)] = &outcomes[..] else {
+        panic!("one event sent with no time for its acknowledgement: {outcomes:?}");
+    };
+    assert!(
+        matches!(e, keel_core::Error::Timeout { .. }) && e.is_retriable(),
+        "{e}"
+    );
 
-    let publisher = publisher();
+    let publisher = publisher(2_000);
     let topic = unique_name("missing");
     let err = publisher
         .publish(&topic, Envelope::new("t", "k", "x"))
@@ -230,17 +269,20 @@ async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
     assert!(matches!(err, keel_core::Error::Topic { .. }), "{err:?}");
     assert!(!err.is_retriable(), "{err}");
     assert!(err.to_string().contains("no such topic"), "{err}");
-    assert_each_names_the_missing_topic(&publisher, &topic).await;
+    assert_each_names_the_missing_topic(&publisher, &topic, Duration::from_millis(1_500)).await;
 }
 
-/// `publish_each` to the missing `topic`: each event that fails says so.
-async fn assert_each_names_the_missing_topic(publisher: &KafkaPublisher, topic: &str) {
+/// `publish_each` to the missing `topic` within `bound`: each event that
+/// fails says so.
+async fn assert_each_names_the_missing_topic(
+    publisher: &KafkaPublisher,
+    topic: &str,
+    bound: Duration,
+) {
     let events: Vec<Envelope> = (0..3)
         .map(|i| Envelope::new("t", format!("k{i}"), "x"))
         .collect();
-    let outcomes = publisher
-        .publish_each(topic, events, Duration::from_millis(1_500))
-        .await;
+    let outcomes = publisher.publish_each(topic, events, bound).await;
     let mut failed = 0;
     for outcome in &outcomes {
         match outcome {

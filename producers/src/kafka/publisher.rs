@@ -35,7 +35,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most topics whose answer is kept (past it, the answers start afresh).
 const MAX_TOPIC_CHECKS: usize = 1024;
 
-/// What the broker said of topics after publishes to them timed out (see
+/// What the broker said of topics: asked after a publish timed out, and
+/// before a bounded publish's first batch to a topic (see
 /// [`KafkaPublisher::topic_missing`]).
 #[derive(Default)]
 struct TopicChecks {
@@ -147,7 +148,8 @@ impl KafkaPublisher {
 
     /// Whether the broker said `topic` does not exist, asked after a
     /// publish timed out (librdkafka holds the events of a topic it does
-    /// not know until their timeout rather than fail them). The last answer
+    /// not know until their timeout rather than fail them) or before a
+    /// bounded publish's first batch to it. The last answer
     /// is used however old; one older than [`MISSING_TTL`], or none, starts
     /// one metadata request for the topic (none while one is running),
     /// whose answer later calls see. With `wait`, waits for the request it
@@ -187,6 +189,18 @@ impl KafkaPublisher {
             }
         }
         last.is_some_and(|(_, missing)| missing)
+    }
+
+    /// `topic` took an event: an answer that said it is missing (asked
+    /// before it was created, or of a broker that did not know it yet) is
+    /// out of date, and a later timeout must not be named after it.
+    fn stored_in(&self, topic: &str) {
+        let mut checks = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(answer) = checks.answers.get_mut(topic)
+            && answer.1
+        {
+            *answer = (std::time::Instant::now(), false);
+        }
     }
 
     /// Whether the broker was asked about `topic` (or is being asked).
@@ -557,7 +571,10 @@ impl Publisher for KafkaPublisher {
         }
         outcomes.resize_with(total, || Sent::NotSent);
         let timed_out = |o: &Sent| matches!(o, Sent::Failed(Error::Timeout { .. }));
-        if outcomes.iter().any(timed_out) && self.topic_missing(topic, false).await {
+        if outcomes.iter().any(|o| matches!(o, Sent::Stored(_))) {
+            // The topic is there: timeouts stay timeouts.
+            self.stored_in(topic);
+        } else if outcomes.iter().any(timed_out) && self.topic_missing(topic, false).await {
             for outcome in outcomes.iter_mut().filter(|o| timed_out(o)) {
                 *outcome = Sent::Failed(missing_topic(topic));
             }

@@ -48,27 +48,32 @@ impl Default for ServerOptions {
 }
 
 impl ServerOptions {
-    /// Refuses settings that would make the server refuse every request:
-    /// a zero body limit, or basic-auth credentials without a user or a
-    /// password.
+    /// Refuses a zero body limit (every request with a body would be
+    /// refused) and basic-auth credentials without a colon, a user or a
+    /// password (an empty password is one anyone can guess). A password
+    /// may hold colons: the user ends at the first.
     pub fn validate(&self) -> crate::error::Result<()> {
         let refuse = |what: &str| Err(crate::error::SchemaError::ServerSettings(what.to_owned()));
         if self.body_limit == 0 {
             return refuse(
-                "body_limit (--body-limit) is 0, which refuses every request with a body; give the largest request body to accept, in bytes (default 2 MiB)",
+                "body_limit (keel's --body-limit) is 0, which refuses every request with a body; give the largest request body to accept, in bytes (default 2 MiB)",
             );
         }
         if let Some(credentials) = &self.basic_auth {
             match credentials.split_once(':') {
                 None => {
                     return refuse(
-                        "basic_auth (--basic-auth) must be `user:password` (the colon is missing)",
+                        "basic_auth (keel's --basic-auth or KEEL_REGISTRY_BASIC_AUTH) must be `user:password` (the colon is missing)",
                     );
                 }
-                Some(("", _)) => return refuse("basic_auth (--basic-auth) has an empty user"),
+                Some(("", _)) => {
+                    return refuse(
+                        "basic_auth (keel's --basic-auth or KEEL_REGISTRY_BASIC_AUTH) has an empty user",
+                    );
+                }
                 Some((_, "")) => {
                     return refuse(
-                        "basic_auth (--basic-auth) has an empty password, which anyone can guess; give a password",
+                        "basic_auth (keel's --basic-auth or KEEL_REGISTRY_BASIC_AUTH) has an empty password, which anyone can guess; give a password",
                     );
                 }
                 Some(_) => {}
@@ -137,4 +142,29 @@ pub async fn serve(
         .handle(handle)
         .serve(router.into_make_service())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerOptions;
+
+    #[test]
+    fn settings_are_checked_and_a_password_may_hold_colons() {
+        let with = |body_limit: usize, auth: Option<&str>| ServerOptions {
+            body_limit,
+            basic_auth: auth.map(str::to_owned),
+            tls: None,
+        };
+        assert!(with(1, Some("user:pa:ss")).validate().is_ok());
+        assert!(with(1, None).validate().is_ok());
+        for (options, says) in [
+            (with(0, None), "body_limit"),
+            (with(1, Some("user")), "colon is missing"),
+            (with(1, Some(":secret")), "empty user"),
+            (with(1, Some("user:")), "empty password"),
+        ] {
+            let refused = options.validate().unwrap_err().to_string();
+            assert!(refused.contains(says), "{refused}");
+        }
+    }
 }
