@@ -51,7 +51,7 @@ pub(crate) enum OutboxCommand {
 #[derive(Debug, Args)]
 pub(crate) struct Selection {
     /// Only rows of this topic.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: Option<String>,
     /// Only this row (its outbox id); repeat for several.
     #[arg(long = "id", value_name = "ID")]

@@ -50,7 +50,7 @@ pub(crate) struct StrategyArgs {
     #[arg(long, default_value = "record-name")]
     strategy: SubjectNameStrategy,
     /// Topic, for the topic-name and topic-record-name strategies.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     topic: Option<String>,
 }
 

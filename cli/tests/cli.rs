@@ -368,6 +368,19 @@ fn bad_flags_and_environment_are_refused_by_name() {
         (&["publish", "--topic", ""][..], "--topic"),
         (&["dlq", "list", "--topic", ""][..], "--topic"),
         (&["topics", "create", ""][..], "<TOPIC>"),
+        (
+            &[
+                "schema",
+                "register",
+                "x.avsc",
+                "--strategy",
+                "topic-name",
+                "--topic",
+                "",
+            ][..],
+            "--topic",
+        ),
+        (&["outbox", "parked", "--topic", ""][..], "--topic"),
     ] {
         let mut all = vec!["--broker", "kafka://127.0.0.1:1"];
         all.extend(args);
