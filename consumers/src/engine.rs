@@ -61,6 +61,10 @@ struct PartitionState {
     /// While revoking, the offset below which its records still run (see
     /// [`PartitionState::fill_line`]); `None`: none do.
     fill_below: Option<i64>,
+    /// While filling, when the revocation's wait ends: a delayed retry due
+    /// by then is waited for, not a line's end (see
+    /// [`PartitionState::fill_line`]).
+    fill_until: Option<Instant>,
     /// Unacked records by offset (dispatched or not).
     records: BTreeMap<i64, Buffered>,
     queues: HashMap<Bytes, VecDeque<i64>>,
@@ -107,21 +111,37 @@ impl PartitionState {
     /// began; it settles before the commit) run here first (the handlers of
     /// the partition's other keys, and the key's next events as its earlier
     /// ones settle), and the commit then lies above every event this member
-    /// handled. The line stops below a record waiting for a delayed retry,
-    /// whose key cannot move on before its delay.
+    /// handled. A record waiting for a delayed retry due within the fill's
+    /// time runs when due, as a slow handler would; the line stops below
+    /// one due later, whose key cannot move on in time.
     fn fill_line(&self, running_end: Option<i64>) -> Option<i64> {
         let &position = self.records.keys().next()?;
         let settled_end = self.acked.values().next_back().copied();
         let end = settled_end.max(running_end)?;
         // The key's head: a late record of the key may sit before the
-        // retried one, and only the poll thread's tick makes it ready.
+        // retried one, and only the tick makes it ready.
         let line = self
             .retry_at
-            .keys()
-            .map(|&waiting| self.head_of(waiting))
+            .iter()
+            .filter(|&(_, &at)| !self.due_in_fill(at))
+            .map(|(&waiting, _)| self.head_of(waiting))
             .min()
             .map_or(end, |waiting| end.min(waiting));
         (line > position).then_some(line)
+    }
+
+    /// Whether a retry due `at` comes before this partition's fill ends.
+    fn due_in_fill(&self, at: Instant) -> bool {
+        self.fill_until.is_some_and(|until| at <= until)
+    }
+
+    /// When the next delayed retry below the fill line is due.
+    fn next_retry_in_fill(&self) -> Option<Instant> {
+        self.retry_at
+            .iter()
+            .filter(|&(&offset, _)| self.fills(self.head_of(offset)))
+            .map(|(_, &at)| at)
+            .min()
     }
 
     /// Whether a revoking partition still has events below its fill line.
@@ -353,10 +373,10 @@ impl Engine {
     }
 
     /// Starts a graceful leave that first runs what its commit would
-    /// otherwise hand on: every partition revokes with `fill` (see
-    /// [`Engine::start_revoking`]), and partitions assigned meanwhile are
-    /// not dispatched.
-    pub(crate) fn start_leaving(&self) {
+    /// otherwise hand on, for at most `fill_for`: every partition revokes
+    /// with a fill (see [`Engine::start_revoking`]), and partitions assigned
+    /// meanwhile are not dispatched.
+    pub(crate) fn start_leaving(&self, fill_for: Duration) {
         let owned = {
             let mut state = self.lock();
             state.leaving = true;
@@ -364,7 +384,7 @@ impl Engine {
             owned.sort_unstable();
             owned
         };
-        self.start_revoking(&owned, true);
+        self.start_revoking(&owned, Some(fill_for));
     }
 
     /// Whether no revoking partition has events left below its fill line
@@ -381,17 +401,20 @@ impl Engine {
     /// the next owner, and a revocation waits only for the handlers
     /// running. The room they held goes to the member's other partitions.
     ///
-    /// With `fill` (Kafka, whose commit is one offset per partition), the
-    /// events below each partition's highest settled one still run first
+    /// With a `fill` time (Kafka, whose commit is one offset per
+    /// partition: the revocation's drain timeout), the events below each
+    /// partition's highest settled one still run first
     /// ([`PartitionState::fill_line`]), and [`Engine::wait_drained`] waits
     /// for them too: the commit then hands on no event this member handled.
-    pub(crate) fn start_revoking(&self, partitions: &[i32], fill: bool) {
+    pub(crate) fn start_revoking(&self, partitions: &[i32], fill: Option<Duration>) {
         let mut state = self.lock();
         // Once dispatching stopped (the member's stream is going), nothing
         // would run what a fill lets through.
-        let fill = fill && !state.stopped;
+        let fill = fill.filter(|_| !state.stopped);
+        let now = Instant::now();
+        let fill_until = fill.map(|f| now.checked_add(f).unwrap_or(now));
         let mut running_end: HashMap<i32, i64> = HashMap::new();
-        for t in state.tokens.values().filter(|t| fill && t.begun) {
+        for t in state.tokens.values().filter(|t| fill.is_some() && t.begun) {
             let end = running_end
                 .entry(t.partition)
                 .or_insert(t.offset.saturating_add(1));
@@ -404,7 +427,8 @@ impl Engine {
                 // does not run it again before the revocation removes it.
                 let given_up = ps.revoking && ps.fill_below.is_none();
                 ps.revoking = true;
-                ps.fill_below = if fill && !given_up {
+                ps.fill_until = fill_until.filter(|_| !given_up);
+                ps.fill_below = if ps.fill_until.is_some() {
                     ps.fill_line(running_end.get(p).copied())
                 } else {
                     None
@@ -473,7 +497,23 @@ impl Engine {
                 }
                 return false;
             }
-            state = match self.settled.wait_timeout(state, deadline - now) {
+            // A delayed retry below a fill line: the poll thread that ticks
+            // is the one waiting here (in its rebalance callback), so the
+            // retry is made ready here when due.
+            let retry = partitions
+                .iter()
+                .filter_map(|p| state.partitions.get(p))
+                .filter_map(PartitionState::next_retry_in_fill)
+                .min();
+            if retry.is_some_and(|at| at <= now) {
+                drop(state);
+                let out = self.tick();
+                self.send(out);
+                state = self.lock();
+                continue;
+            }
+            let wake = retry.map_or(deadline, |at| at.min(deadline));
+            state = match self.settled.wait_timeout(state, wake - now) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
             };
@@ -562,11 +602,14 @@ impl Engine {
             };
             if previous_waits {
                 ps.ready.insert(record.offset);
-            } else if queue.iter().skip(1).any(|o| ps.retry_at.contains_key(o))
-                && ps.fills(record.offset)
+            } else if queue.iter().skip(1).any(|o| {
+                ps.retry_at
+                    .get(o)
+                    .is_some_and(|&at| ps.fill_until.is_none_or(|until| at > until))
+            }) && ps.fills(record.offset)
             {
-                // It waits for its key's retry, which a fill does not wait
-                // for: the line ends before it.
+                // It waits for its key's retry, due after the fill ends:
+                // the line ends before it.
                 ps.fill_below = Some(record.offset);
             }
         }
@@ -923,10 +966,11 @@ fn settle_locked(state: &mut State, t: &TokenRef, outcome: Outcome) -> bool {
             let now = Instant::now();
             let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
             ps.retry_at.insert(t.offset, at);
-            // Its key waits for the delay: a revocation no longer runs
-            // what lies above it (see `PartitionState::fill_line`).
+            // Its key waits for the delay: unless it is due before the
+            // fill ends, a revocation no longer runs what lies above it
+            // (see `PartitionState::fill_line`).
             let head = ps.head_of(t.offset);
-            if ps.fills(head) {
+            if ps.fills(head) && !ps.due_in_fill(at) {
                 ps.fill_below = Some(head);
             }
         }
@@ -949,6 +993,10 @@ mod tests {
     use tokio_stream::wrappers::UnboundedReceiverStream;
 
     use super::*;
+
+    /// How long the tests' revocations may fill.
+    const FILL_TIME: Duration = Duration::from_secs(30);
+    const FILL: Option<Duration> = Some(FILL_TIME);
 
     fn record(offset: i64, key: &str) -> Fetched {
         let event = Envelope::new("t", key, format!("{key}@{offset}"));
@@ -1133,7 +1181,7 @@ mod tests {
         e.send(out);
         let d = rx.next().await.unwrap().unwrap();
         assert!(d.begin());
-        e.start_revoking(&[0], false);
+        e.start_revoking(&[0], None);
         assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
         d.ack();
         assert!(e.wait_drained(&[0], Duration::from_millis(20)));
@@ -1160,7 +1208,7 @@ mod tests {
         // Offsets 1 and 2 are out too, queued behind busy handlers.
         let queued = rx.next().await.unwrap().unwrap();
         assert_eq!(e.in_flight(), 3);
-        e.start_revoking(&[0], false);
+        e.start_revoking(&[0], None);
         assert_eq!(e.in_flight(), 1, "the queued ones are given back at once");
         let given_back = Outcome::Nack {
             delay: Duration::ZERO,
@@ -1250,7 +1298,7 @@ mod tests {
         b1.ack();
         // The fill line is 2, past b: a's 0 runs on, c's 3 (queued, not
         // begun) is given back, and 2 and 4 are not needed.
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         assert!(!c3.begin(), "above the fill line: given back");
         assert!(
             !e.wait_drained(&[0], Duration::from_millis(20)),
@@ -1267,7 +1315,7 @@ mod tests {
         // failed event is waited for.
         let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         a0.nack_with_delay(Duration::from_secs(60));
         assert!(e.wait_drained(&[0], Duration::from_millis(20)));
         assert!(e.filled());
@@ -1276,7 +1324,7 @@ mod tests {
         // A key's next event becomes ready while filling: it runs too.
         let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         assert!(!e.filled());
         a0.ack();
         let a1 = rx.next().await.unwrap().unwrap();
@@ -1290,7 +1338,7 @@ mod tests {
 
         // What is running counts as settled: it settles before the commit.
         let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         a0.ack();
         b2.ack();
         let a1 = rx.next().await.unwrap().unwrap();
@@ -1301,10 +1349,85 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_due_before_the_fill_ends_runs_and_keeps_the_line() {
+        // a's 0 fails with a short delay after b's 2 settled: the retry is
+        // due long before the fill ends, so the revocation waits for it
+        // (made ready by the waiting thread itself: in Kafka it is the poll
+        // thread, in its rebalance callback) and for a's 1 after it, and
+        // the commit lies above b instead of handing b on.
+        let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], FILL);
+        a0.nack_with_delay(Duration::from_millis(50));
+        let waiting = std::thread::spawn({
+            let e = e.clone();
+            move || e.wait_drained(&[0], Duration::from_secs(30))
+        });
+        let a0 = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .expect("a's 0 is retried while the revocation waits")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a0.info().coordinates.position, a0.info().attempt), (0, 2));
+        assert!(a0.begin(), "below the line: it runs");
+        a0.ack();
+        let a1 = rx.next().await.unwrap().unwrap();
+        assert_eq!(a1.info().coordinates.position, 1);
+        assert!(a1.begin());
+        assert!(!waiting.is_finished(), "a's 1 is waited for");
+        a1.ack();
+        assert!(waiting.join().unwrap(), "drained once a's 1 settled");
+        assert_eq!(e.remove(&[0]), vec![(0, 3)], "the commit lies above b");
+
+        // Due after the fill ends: the line ends at a's 0 as before.
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], Some(Duration::from_millis(100)));
+        a0.nack_with_delay(Duration::from_secs(1));
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert_eq!(e.remove(&[0]), vec![(0, 0)]);
+
+        // A retry due in time that fails again with a delay past the fill's
+        // end lowers the line then.
+        let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], Some(Duration::from_secs(2)));
+        a0.nack_with_delay(Duration::from_millis(20));
+        let waiting = std::thread::spawn({
+            let e = e.clone();
+            move || e.wait_drained(&[0], Duration::from_secs(2))
+        });
+        let a0 = rx.next().await.unwrap().unwrap();
+        assert!(a0.begin());
+        a0.nack_with_delay(Duration::from_secs(60));
+        assert!(waiting.join().unwrap(), "nothing is left below the line");
+        assert_eq!(e.remove(&[0]), vec![(0, 0)]);
+
+        // Already waiting when the revocation starts: the same.
+        let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        a0.nack_with_delay(Duration::from_millis(50));
+        e.start_revoking(&[0], FILL);
+        assert!(!e.filled(), "a's 0 and 1 lie below the line");
+        let waiting = std::thread::spawn({
+            let e = e.clone();
+            move || e.wait_drained(&[0], Duration::from_secs(30))
+        });
+        for offset in [0, 1] {
+            let d = rx.next().await.unwrap().unwrap();
+            assert_eq!(d.info().coordinates.position, offset);
+            assert!(d.begin());
+            d.ack();
+        }
+        assert!(waiting.join().unwrap());
+        assert_eq!(e.remove(&[0]), vec![(0, 3)]);
+    }
+
+    #[tokio::test]
     async fn a_leave_fills_what_it_owned_and_stops_filling_when_dispatch_stops() {
         let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_leaving();
+        e.start_leaving(FILL_TIME);
         assert!(!e.filled(), "a's 0 and 1 lie below b");
         // Taken while leaving: left for the next owner.
         e.assign(&[(1, Some(0))]);
@@ -1321,7 +1444,7 @@ mod tests {
         a0.ack();
         assert!(waiting.join().unwrap(), "drained once a's 0 settled");
         assert!(e.filled());
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         assert!(e.filled(), "no fill after dispatch stopped");
         assert_eq!(e.remove(&[0]), vec![(0, 1)]);
     }
@@ -1339,7 +1462,7 @@ mod tests {
         let c2 = rx.next().await.unwrap().unwrap();
         assert!(a0.begin() && c2.begin());
         c2.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         assert!(b1.is_owned(), "below c: it would still run");
         assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
         assert!(
@@ -1355,9 +1478,9 @@ mod tests {
         // removes it does not run its events again.
         let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         assert!(!e.wait_drained(&[0], Duration::from_millis(20)));
-        e.start_leaving();
+        e.start_leaving(FILL_TIME);
         assert!(e.filled(), "given up: nothing fills");
         a0.ack();
         assert!(e.filled(), "a's 1 is not dispatched");
@@ -1366,8 +1489,8 @@ mod tests {
         // Lost: the same.
         let (e, _rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_revoking(&[0], false);
-        e.start_leaving();
+        e.start_revoking(&[0], None);
+        e.start_leaving(FILL_TIME);
         a0.ack();
         assert!(e.filled());
         assert_eq!(e.remove(&[0]), vec![(0, 1)]);
@@ -1401,7 +1524,7 @@ mod tests {
         h7.ack();
         // The line is 8 (past h): e's 6 runs once e's 4 settled, though
         // it lies past the window of the commit the broker holds.
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         e4.ack();
         f5.ack();
         let e6 = tokio::time::timeout(Duration::from_secs(5), rx.next())
@@ -1433,7 +1556,7 @@ mod tests {
     async fn a_late_record_behind_a_retry_ends_the_fill_before_it() {
         let (e, _rx, b0, c4) = b0_c4_running_a3_waiting().await;
         c4.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         // a's 2 arrives during the fill, below its line (3), and can only
         // follow a's retry: the fill does not wait for it. Nor for a's 1,
         // which then arrives before a's 2.
@@ -1455,7 +1578,7 @@ mod tests {
         let out = e.ingest(0, record(1, "a"));
         assert!(out.is_empty(), "a waits for its retry");
         c4.ack();
-        e.start_revoking(&[0], true);
+        e.start_revoking(&[0], FILL);
         b0.ack();
         assert!(
             e.wait_drained(&[0], Duration::from_millis(50)),
@@ -1598,7 +1721,7 @@ mod tests {
             (d1, d0)
         };
         assert!(d0.is_owned() && d1.is_owned());
-        e.start_revoking(&[0], false);
+        e.start_revoking(&[0], None);
         assert!(
             !d0.is_owned(),
             "a partition being revoked is on its way out"
@@ -1643,7 +1766,7 @@ mod tests {
         let [a0, b0, a1]: [Delivery; 3] = got.try_into().unwrap();
         let (a0_now, b0_now, a1_now) = (a0.ownership(), b0.ownership(), a1.ownership());
         assert!(a0.begin() && b0.begin());
-        e.start_revoking(&[0], false);
+        e.start_revoking(&[0], None);
         assert!(
             a0_now.is_current() && b0_now.is_current(),
             "a revocation waits for its begun handlers: they are not stopped"

@@ -15,12 +15,15 @@ use std::time::{Duration, Instant};
 /// <position> <start nanos>` to `out` *before* acking each (so a SIGKILL
 /// never loses a handled event from the record), until Ctrl-C. Each
 /// handler first sleeps up to twice `pace` at random (zero: not at all), so
-/// that many run at once and finish out of order.
+/// that many run at once and finish out of order. With `fail_every` n > 0,
+/// every key's events whose number is 1 modulo n fail their first attempt
+/// (retried after `serve`'s back-off, 100 ms; nothing recorded).
 pub async fn work(
     deliveries: keel_core::Deliveries,
     out: &str,
     worker: &str,
     pace: Duration,
+    fail_every: u64,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
@@ -52,6 +55,12 @@ pub async fn work(
             let (key, seq) = text
                 .rsplit_once(':')
                 .ok_or_else(|| Error::fatal(format!("payload `{text}` is not key:seq")))?;
+            if fail_every > 0
+                && info.attempt == 1
+                && seq.parse::<u64>().is_ok_and(|seq| seq % fail_every == 1)
+            {
+                return Err(Error::retriable("fails its first attempt, as asked"));
+            }
             let mut f = file
                 .lock()
                 .map_err(|_| Error::fatal("output file lock poisoned"))?;

@@ -30,20 +30,23 @@ const KEYS: usize = 1_000;
 const PARTITIONS: u32 = 6;
 const WINDOW: usize = 200;
 
-/// Starts a worker whose handlers each take `pace_ms` (and record the event).
+/// Starts a worker whose handlers each take `pace_ms` (and record the
+/// event); with `fail_every` n > 0, each key's events numbered 1 modulo n
+/// fail their first attempt and are retried after a delay.
 fn start(
     bootstrap: &str,
     topic: &str,
     group: &str,
     name: &str,
     dir: &Path,
-    pace_ms: u64,
+    (pace_ms, fail_every): (u64, u64),
 ) -> Worker {
     let child = Command::new(env!("CARGO_BIN_EXE_kafka_group_worker"))
         .args([bootstrap, topic, group, name])
         .arg(dir.join(format!("{name}.log")))
         .arg(WINDOW.to_string())
         .arg(pace_ms.to_string())
+        .arg(fail_every.to_string())
         // Rebalances, commits and warnings: what a failure report quotes.
         .env("RUST_LOG", "warn,keel_consumers=info")
         .stderr(File::create(dir.join(format!("{name}.stderr"))).expect("create a worker's log"))
@@ -141,9 +144,9 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
     let _report = ReportOnFailure(dir.path());
 
     let mut workers = vec![
-        start(&bootstrap, &topic, &group, "w1", dir.path(), 0),
-        start(&bootstrap, &topic, &group, "w2", dir.path(), 0),
-        start(&bootstrap, &topic, &group, "w3", dir.path(), 0),
+        start(&bootstrap, &topic, &group, "w1", dir.path(), (0, 0)),
+        start(&bootstrap, &topic, &group, "w2", dir.path(), (0, 0)),
+        start(&bootstrap, &topic, &group, "w3", dir.path(), (0, 0)),
     ];
     let topic_for_join = topic.clone();
     // Publish while the members work: seq-major, so every key advances.
@@ -172,7 +175,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
         &group,
         "w4",
         dir.path(),
-        0,
+        (0, 0),
     ));
     publishing.await.unwrap();
     wait_until(dir.path(), "all events", |n| n >= EVENTS).await;
@@ -273,7 +276,7 @@ async fn sigkill_and_join_mid_run_lose_nothing_and_keep_key_order() {
 /// handled coming back, and each key runs in order. Handlers take a few
 /// milliseconds, so many run at once, finish out of order, and every
 /// hand-over falls mid-stream with events of other keys settled above ones
-/// still queued.
+/// still queued — or waiting for a retry: some events fail once first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     const KEYS: usize = 300;
@@ -281,6 +284,10 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     const ROUNDS: usize = 36;
     const TOTAL: usize = KEYS * PER_ROUND * ROUNDS;
     const PACE_MS: u64 = 20;
+    // A key's every fourth event fails once and waits 100 ms for its retry:
+    // most hand-overs fall while some key of the partition waits, which a
+    // revocation waits for too (it is due well within the drain timeout).
+    const FAIL_EVERY: u64 = 4;
     let Run {
         _tansu,
         bootstrap,
@@ -290,7 +297,16 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
         dir,
     } = Run::start("handover").await;
     let _report = ReportOnFailure(dir.path());
-    let worker = |name: &str| start(&bootstrap, &topic, &group, name, dir.path(), PACE_MS);
+    let worker = |name: &str| {
+        start(
+            &bootstrap,
+            &topic,
+            &group,
+            name,
+            dir.path(),
+            (PACE_MS, FAIL_EVERY),
+        )
+    };
 
     let mut live = vec![worker("w1")];
     let mut ended = HashMap::new();

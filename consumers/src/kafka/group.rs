@@ -21,7 +21,8 @@
 //! a partition often has events settled above the lowest one still open,
 //! where its commit stops: the revocation first runs the events below the
 //! highest settled one (other keys' queued deliveries, a key's next events
-//! as its earlier ones settle), so the commit hands on no event this member
+//! as its earlier ones settle, a key's delayed retry when it is due within
+//! the drain timeout), so the commit hands on no event this member
 //! handled. Deliveries of a revoked partition above that line that no
 //! handler began (`Delivery::begin`; queued behind busy handlers) are given
 //! back at once, uncommitted, and never run here; so are all of them when
@@ -72,8 +73,9 @@ pub struct KafkaConsumerConfig {
     pub commit_interval_ms: u64,
     /// How long a revocation or a graceful leave waits, in ms, for the
     /// deliveries its handlers are running, and for the events below the
-    /// partition's highest settled or running one (see the module docs), to
-    /// settle before abandoning them uncommitted; deliveries above that
+    /// partition's highest settled or running one (see the module docs,
+    /// retries due within this time included), to settle before
+    /// abandoning them uncommitted; deliveries above that
     /// line still queued for a handler are given back at once. While a
     /// revocation waits, the member's other partitions are not fetched or
     /// committed. Default 10000.
@@ -422,7 +424,8 @@ impl ConsumerContext for KeelContext {
                 // A graceful revocation first runs the events below each
                 // partition's highest settled one, so the commit hands on
                 // none this member handled.
-                self.engine.start_revoking(&revoked, !leaving && !lost);
+                self.engine
+                    .start_revoking(&revoked, (!leaving && !lost).then_some(self.drain_timeout));
                 if lost {
                     tracing::warn!(topic = %self.topic, ?revoked, "assignment lost (this member's session or max.poll.interval.ms expired): nothing is committed for these partitions; their unsettled events go to their new owners");
                 } else if !leaving && !self.engine.wait_drained(&revoked, self.drain_timeout) {
@@ -751,7 +754,7 @@ fn poll_loop(
         // Nothing fills any more: the member's stream is gone (what the
         // leave's consumer loop could still run ran before, see
         // `Membership::start_leaving`).
-        engine.start_revoking(&owned, false);
+        engine.start_revoking(&owned, None);
         engine.wait_drained(&owned, drain_timeout);
     }
     // The final positions, whether or not an earlier async commit of the
@@ -796,7 +799,7 @@ struct KafkaMembership {
 #[async_trait]
 impl Membership for KafkaMembership {
     fn start_leaving(&self) -> bool {
-        self.engine.start_leaving();
+        self.engine.start_leaving(self.drain_timeout);
         true
     }
 

@@ -1231,7 +1231,7 @@ impl Member {
         owned.releasing = true;
         owned.reader.abort();
         let assignment = owned.assignment;
-        self.engine.start_revoking(&[p as i32], false);
+        self.engine.start_revoking(&[p as i32], None);
         let engine = self.engine.clone();
         let pump = self.pump.clone();
         let released = self.released.clone();

@@ -30,5 +30,5 @@ async fn main() -> anyhow::Result<()> {
     let deliveries = consumer
         .subscribe(Subscription::new(topic.clone(), group.clone()).max_in_flight(64))
         .await?;
-    work(deliveries, out, name, std::time::Duration::ZERO).await
+    work(deliveries, out, name, std::time::Duration::ZERO, 0).await
 }
