@@ -17,7 +17,7 @@
 //! assignments, settling deliveries dispatches the next ones directly, and
 //! deliveries are sent to the member's stream after the lock is released.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,10 +61,13 @@ struct PartitionState {
     /// While revoking, the offset below which its records still run (see
     /// [`PartitionState::fill_line`]); `None`: none do.
     fill_below: Option<i64>,
-    /// While filling, when the revocation's wait ends: a delayed retry due
-    /// by then is waited for, not a line's end (see
-    /// [`PartitionState::fill_line`]).
+    /// While filling, until when a delayed retry is waited for rather than
+    /// ending the line: half the revocation's wait, leaving the rest for
+    /// the retry's handler (see [`PartitionState::fill_line`]).
     fill_until: Option<Instant>,
+    /// Events whose retry this fill waits for: once each, so a key that
+    /// keeps failing ends the line at its second failure.
+    fill_waited: HashSet<i64>,
     /// Unacked records by offset (dispatched or not).
     records: BTreeMap<i64, Buffered>,
     queues: HashMap<Bytes, VecDeque<i64>>,
@@ -111,9 +114,10 @@ impl PartitionState {
     /// began; it settles before the commit) run here first (the handlers of
     /// the partition's other keys, and the key's next events as its earlier
     /// ones settle), and the commit then lies above every event this member
-    /// handled. A record waiting for a delayed retry due within the fill's
-    /// time runs when due, as a slow handler would; the line stops below
-    /// one due later, whose key cannot move on in time.
+    /// handled. A record waiting for a delayed retry due within the first
+    /// half of the fill's time runs when due, as a slow handler would
+    /// (once: see `settle_locked`); the line stops below one due later,
+    /// whose key cannot move on in time.
     fn fill_line(&self, running_end: Option<i64>) -> Option<i64> {
         let &position = self.records.keys().next()?;
         let settled_end = self.acked.values().next_back().copied();
@@ -366,6 +370,7 @@ impl Engine {
         for ps in state.partitions.values_mut() {
             ps.revoking = true;
             ps.fill_below = None;
+            ps.fill_until = None;
         }
         drop(state);
         // A revocation waiting for its fill waits no more.
@@ -412,7 +417,9 @@ impl Engine {
         // would run what a fill lets through.
         let fill = fill.filter(|_| !state.stopped);
         let now = Instant::now();
-        let fill_until = fill.map(|f| now.checked_add(f).unwrap_or(now));
+        // Past the clock's range (never, with validated settings): retries
+        // are not waited for.
+        let fill_until = fill.and_then(|f| now.checked_add(f / 2));
         let mut running_end: HashMap<i32, i64> = HashMap::new();
         for t in state.tokens.values().filter(|t| fill.is_some() && t.begun) {
             let end = running_end
@@ -428,10 +435,19 @@ impl Engine {
                 let given_up = ps.revoking && ps.fill_below.is_none();
                 ps.revoking = true;
                 ps.fill_until = fill_until.filter(|_| !given_up);
-                ps.fill_below = if ps.fill_until.is_some() {
+                ps.fill_below = if fill.is_some() && !given_up {
                     ps.fill_line(running_end.get(p).copied())
                 } else {
                     None
+                };
+                ps.fill_waited = match ps.fill_below {
+                    Some(_) => ps
+                        .retry_at
+                        .iter()
+                        .filter(|&(_, &at)| ps.due_in_fill(at))
+                        .map(|(&offset, _)| offset)
+                        .collect(),
+                    None => HashSet::new(),
                 };
             }
         }
@@ -493,6 +509,7 @@ impl Engine {
                 for p in partitions {
                     if let Some(ps) = state.partitions.get_mut(p) {
                         ps.fill_below = None;
+                        ps.fill_until = None;
                     }
                 }
                 return false;
@@ -966,12 +983,29 @@ fn settle_locked(state: &mut State, t: &TokenRef, outcome: Outcome) -> bool {
             let now = Instant::now();
             let at = now.checked_add(delay.min(MAX_NACK_DELAY)).unwrap_or(now);
             ps.retry_at.insert(t.offset, at);
-            // Its key waits for the delay: unless it is due before the
-            // fill ends, a revocation no longer runs what lies above it
-            // (see `PartitionState::fill_line`).
+            // Its key waits for the delay: a revocation no longer runs what
+            // lies above it (see `PartitionState::fill_line`) — unless the
+            // retry is due in time, it is the event's first failure in this
+            // fill, and something this member handled lies above its key
+            // (otherwise waiting only delays the revocation).
             let head = ps.head_of(t.offset);
-            if ps.fills(head) && !ps.due_in_fill(at) {
-                ps.fill_below = Some(head);
+            if ps.fills(head) {
+                let handled_above = || {
+                    ps.acked.values().next_back().is_some_and(|&end| end > head)
+                        || state.tokens.values().any(|o| {
+                            o.begun
+                                && o.partition == t.partition
+                                && o.generation == ps.generation
+                                && o.offset > head
+                        })
+                };
+                let wait =
+                    ps.due_in_fill(at) && !ps.fill_waited.contains(&t.offset) && handled_above();
+                if wait {
+                    ps.fill_waited.insert(t.offset);
+                } else {
+                    ps.fill_below = Some(head);
+                }
             }
         }
     }
@@ -1387,20 +1421,39 @@ mod tests {
         assert!(e.wait_drained(&[0], Duration::from_millis(20)));
         assert_eq!(e.remove(&[0]), vec![(0, 0)]);
 
-        // A retry due in time that fails again with a delay past the fill's
-        // end lowers the line then.
+        // Waited for once: failing again, even with a short delay, ends the
+        // line (a key that keeps failing does not hold the revocation).
         let (e, mut rx, a0, b2) = a0_a1_b2_running().await;
         b2.ack();
-        e.start_revoking(&[0], Some(Duration::from_secs(2)));
+        e.start_revoking(&[0], FILL);
         a0.nack_with_delay(Duration::from_millis(20));
         let waiting = std::thread::spawn({
             let e = e.clone();
-            move || e.wait_drained(&[0], Duration::from_secs(2))
+            move || e.wait_drained(&[0], Duration::from_secs(30))
         });
         let a0 = rx.next().await.unwrap().unwrap();
         assert!(a0.begin());
-        a0.nack_with_delay(Duration::from_secs(60));
+        a0.nack_with_delay(Duration::from_millis(20));
         assert!(waiting.join().unwrap(), "nothing is left below the line");
+        assert_eq!(e.remove(&[0]), vec![(0, 0)]);
+
+        // Due past half the fill's time (the rest is the handler's): not
+        // waited for.
+        let (e, _rx, a0, b2) = a0_a1_b2_running().await;
+        b2.ack();
+        e.start_revoking(&[0], Some(Duration::from_secs(2)));
+        a0.nack_with_delay(Duration::from_millis(1500));
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
+        assert_eq!(e.remove(&[0]), vec![(0, 0)]);
+
+        // Nothing handled above the failed key (the line stood only for
+        // its own running event): waiting would only delay the revocation.
+        let (e, _rx, [a0]) = begun::<1>(&[(0, "a"), (1, "a")]).await;
+        e.start_revoking(&[0], FILL);
+        assert!(!e.filled(), "a's 0 runs below the line");
+        a0.nack_with_delay(Duration::from_millis(20));
+        assert!(e.filled());
+        assert!(e.wait_drained(&[0], Duration::from_millis(20)));
         assert_eq!(e.remove(&[0]), vec![(0, 0)]);
 
         // Already waiting when the revocation starts: the same.

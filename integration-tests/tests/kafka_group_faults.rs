@@ -286,7 +286,7 @@ async fn graceful_joins_and_leaves_hand_on_no_handled_event() {
     const PACE_MS: u64 = 20;
     // A key's every fourth event fails once and waits 100 ms for its retry:
     // most hand-overs fall while some key of the partition waits, which a
-    // revocation waits for too (it is due well within the drain timeout).
+    // revocation waits for too (due well within half the drain timeout).
     const FAIL_EVERY: u64 = 4;
     let Run {
         _tansu,

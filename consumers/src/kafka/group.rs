@@ -21,9 +21,9 @@
 //! a partition often has events settled above the lowest one still open,
 //! where its commit stops: the revocation first runs the events below the
 //! highest settled one (other keys' queued deliveries, a key's next events
-//! as its earlier ones settle, a key's delayed retry when it is due within
-//! the drain timeout), so the commit hands on no event this member
-//! handled. Deliveries of a revoked partition above that line that no
+//! as its earlier ones settle, a key's delayed retry — once — when it is
+//! due within half the drain timeout), so the commit hands on no event this
+//! member handled. Deliveries of a revoked partition above that line that no
 //! handler began (`Delivery::begin`; queued behind busy handlers) are given
 //! back at once, uncommitted, and never run here; so are all of them when
 //! the drain timeout passes first. A graceful leave through `serve()` or a
@@ -74,7 +74,7 @@ pub struct KafkaConsumerConfig {
     /// How long a revocation or a graceful leave waits, in ms, for the
     /// deliveries its handlers are running, and for the events below the
     /// partition's highest settled or running one (see the module docs,
-    /// retries due within this time included), to settle before
+    /// a retry due within half this time included), to settle before
     /// abandoning them uncommitted; deliveries above that
     /// line still queued for a handler are given back at once. While a
     /// revocation waits, the member's other partitions are not fetched or
@@ -116,6 +116,17 @@ impl KafkaConsumerConfig {
                 "must be at least 1",
             ));
         }
+        // A dead member's partitions stand still this long at most, and the
+        // member's timers stay far from overflowing.
+        if self.drain_timeout_ms > MAX_DRAIN_TIMEOUT_MS {
+            return Err(Error::config(
+                "kafka.drain_timeout_ms",
+                format!(
+                    "{} is longer than an hour ({MAX_DRAIN_TIMEOUT_MS})",
+                    self.drain_timeout_ms
+                ),
+            ));
+        }
         for (key, value) in &self.client.librdkafka {
             let fixed = matches!(
                 key.as_str(),
@@ -136,6 +147,9 @@ impl KafkaConsumerConfig {
         Ok(())
     }
 }
+
+/// The longest `drain_timeout_ms`: an hour.
+const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Joins Kafka consumer groups.
 #[derive(Clone, Debug)]
@@ -845,7 +859,18 @@ impl Drop for KafkaMembership {
 mod tests {
     use rdkafka::message::{Header, Headers};
 
-    use super::copy_headers;
+    use super::{KafkaConsumerConfig, copy_headers};
+
+    #[test]
+    fn a_drain_timeout_past_an_hour_is_refused_by_name() {
+        let config = |drain_timeout_ms| KafkaConsumerConfig {
+            drain_timeout_ms,
+            ..KafkaConsumerConfig::default()
+        };
+        assert!(config(3_600_000).validate().is_ok());
+        let e = config(u64::MAX).validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.drain_timeout_ms"), "{e}");
+    }
 
     /// Headers whose second name is not UTF-8, as rdkafka reads them: it
     /// panics on that index.
