@@ -689,19 +689,37 @@ pub async fn replay_from_start(t: &dyn Transport) {
             .start_from(StartFrom::Timestamp(after_all)),
     )
     .await;
+    // Far in the future (a mistyped year; past 2262 a count of
+    // nanoseconds since 1970 no longer fits 64 bits): the end too, not a
+    // wrapped time that replays everything.
+    let far = chrono::DateTime::parse_from_rfc3339("3000-01-01T00:00:00Z")
+        .expect("a valid time")
+        .to_utc();
+    let mut from_future = subscribe(
+        t,
+        Subscription::new(&topic, unique_name("replay-ff")).start_from(StartFrom::Timestamp(far)),
+    )
+    .await;
     settled_assignment(t, &[&from_later], partitions).await;
+    settled_assignment(t, &[&from_future], partitions).await;
     let newest = workload("replay-newest", 3, 2);
     let newest_ids: HashSet<EventId> = newest.iter().map(|e| e.id()).collect();
     publish_all(t, &topic, partitions, newest).await;
-    read_only(
-        t,
-        &mut from_later,
-        &newest_ids,
-        "events after a start time past the last event",
-        "a group starting after the last event got one stored before its start",
-    )
-    .await;
+    for (member, what) in [
+        (&mut from_later, "past the last event"),
+        (&mut from_future, "in the year 3000"),
+    ] {
+        read_only(
+            t,
+            member,
+            &newest_ids,
+            &format!("events after a start time {what}"),
+            &format!("a group starting at a time {what} got an event stored before its start"),
+        )
+        .await;
+    }
     from_later.leave().await.expect("graceful leave");
+    from_future.leave().await.expect("graceful leave");
 }
 
 /// Reads `member` (acking) until it delivered every event of `ids`; any

@@ -623,6 +623,23 @@ async fn ack_on_server(acks: &AckMap, p: i32, ordinal: i64, kind: AckKind) {
 }
 
 impl Member {
+    /// Where a group starting at the end begins: after the stream's last
+    /// event.
+    async fn stream_end(
+        &self,
+        stream: &jetstream::stream::Stream,
+    ) -> Result<consumer::DeliverPolicy> {
+        let last = stream
+            .get_info()
+            .await
+            .map_err(|e| self.error(format!("cannot read the stream: {e}")))?
+            .state
+            .last_sequence;
+        Ok(consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: last.saturating_add(1),
+        })
+    }
+
     fn error(&self, reason: String) -> Error {
         Error::Subscribe {
             topic: self.topic.clone(),
@@ -1129,16 +1146,12 @@ impl Member {
             }
             (None, None) => match self.start {
                 // Resolved now, so a later owner resumes at the same place.
-                StartFrom::Latest => {
-                    let last = stream
-                        .get_info()
-                        .await
-                        .map_err(|e| self.error(format!("cannot read the stream: {e}")))?
-                        .state
-                        .last_sequence;
-                    consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: last.saturating_add(1),
-                    }
+                // A time still to come has no event yet: the end, as for
+                // Kafka (nats-server would also wrap a time past 2262 and
+                // start at the beginning).
+                StartFrom::Latest => self.stream_end(&stream).await?,
+                StartFrom::Timestamp(at) if at > chrono::Utc::now() => {
+                    self.stream_end(&stream).await?
                 }
                 StartFrom::Timestamp(at) => consumer::DeliverPolicy::ByStartTime { start_time: at },
                 _ => consumer::DeliverPolicy::All,
