@@ -170,8 +170,9 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         ..defaults
     };
     relay_config.validate()?;
-    // Before the database is touched: a listen address that cannot be
-    // served is refused with nothing created.
+    // Before the database is touched: no broker to relay to, or a listen
+    // address that cannot be served, is refused with nothing created.
+    crate::broker::broker(config, "relay")?;
     if let Some(listen) = &args.metrics_listen {
         let addr: SocketAddr = tokio::net::lookup_host(listen.as_str())
             .await

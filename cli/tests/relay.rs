@@ -311,7 +311,14 @@ async fn drop_database(url: &str) {
 
 #[test]
 fn relay_refuses_bad_settings_by_name() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            // No broker: refused before the database is touched (nothing
+            // listens on port 1: a relay that connected first would name
+            // the database, and would have created the outbox tables).
+            &["relay", "--database", "postgres://127.0.0.1:1/x"],
+            "`keel relay` needs a broker",
+        ),
         (
             &["--broker", "nats://127.0.0.1:4222", "relay"],
             "--database",
