@@ -150,6 +150,27 @@ fn load_dir(dir: &Path) -> anyhow::Result<Vec<LocalSchema>> {
         bail!("no .avsc files in {}", dir.display());
     }
     out.sort_by(|a, b| (&a.full_name, a.version_hint).cmp(&(&b.full_name, b.version_hint)));
+    // Two files of one type and version: which registers last (and so
+    // becomes the latest) would be the folder's listing order, a guess.
+    if let Some(pair) = out
+        .windows(2)
+        .find(|w| (&w[0].full_name, w[0].version_hint) == (&w[1].full_name, w[1].version_hint))
+    {
+        let version = match pair[0].version_hint {
+            u32::MAX => "no version in their names".to_owned(),
+            v => format!("the same version, v{v}"),
+        };
+        bail!(
+            "{} and {} both define {} with {version}, so their order is unknown: name the \
+             versions {name}.v1.avsc, {name}.v2.avsc, … (the newest may stay {name}.avsc), \
+             or keep one of them out of {}",
+            file_name(&pair[0].path),
+            file_name(&pair[1].path),
+            pair[0].full_name,
+            dir.display(),
+            name = pair[0].full_name,
+        );
+    }
     Ok(out)
 }
 
@@ -487,7 +508,42 @@ async fn diff_command(client: &RegistryClient, args: DiffArgs) -> anyhow::Result
 
 #[cfg(test)]
 mod tests {
-    use super::local_with_references;
+    use super::{load_dir, local_with_references};
+
+    /// Two files of one type and version are refused, naming both: which
+    /// would register last (the latest) would be a guess.
+    #[test]
+    fn two_files_of_one_type_and_version_are_refused() {
+        use std::hash::{BuildHasher, RandomState};
+        let unique = RandomState::new().hash_one(std::process::id());
+        let dir = std::env::temp_dir().join(format!("keel-schema-dup-{unique:016x}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let schema = |fields: &str| {
+            format!(
+                r#"{{"type": "record", "name": "Dup", "namespace": "t", "fields": [{fields}]}}"#
+            )
+        };
+        let a = r#"{"name": "a", "type": "int"}"#;
+        let b = r#"{"name": "b", "type": "int"}"#;
+        std::fs::write(dir.join("t.Dup.avsc"), schema(&format!("{a}, {b}"))).unwrap();
+        std::fs::write(dir.join("t.Dup.old.avsc"), schema(a)).unwrap();
+        let unversioned = load_dir(&dir).map(|_| ()).map_err(|e| format!("{e:#}"));
+        // Versioned, they are in order.
+        std::fs::rename(dir.join("t.Dup.old.avsc"), dir.join("t.Dup.v1.avsc")).unwrap();
+        let versioned = load_dir(&dir).map(|l| l.len());
+        std::fs::write(dir.join("t.Dup.again.v1.avsc"), schema(a)).unwrap();
+        let same_version = load_dir(&dir).map(|_| ()).map_err(|e| format!("{e:#}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = unversioned.unwrap_err();
+        assert!(
+            e.contains("t.Dup.avsc") && e.contains("t.Dup.old.avsc"),
+            "{e}"
+        );
+        assert!(e.contains("no version in their names"), "{e}");
+        assert_eq!(versioned.unwrap(), 2);
+        let e = same_version.unwrap_err();
+        assert!(e.contains("the same version, v1"), "{e}");
+    }
 
     /// A broken file beside the one checked fails the check, and the
     /// error says why that file was read at all.
