@@ -14,7 +14,7 @@ use keel_consumers::kafka::{KafkaConsumerConfig, KafkaGroupConsumer};
 use keel_consumers::nats::{JetStreamConsumerConfig, JetStreamGroupConsumer};
 use keel_consumers::router::dead_letter;
 use keel_core::{
-    BrokerUrl, Envelope, Error, KeelConfig, Publisher, StartFrom, Subscriber, Subscription,
+    BrokerUrl, Envelope, Error, KeelConfig, Publisher, Sent, StartFrom, Subscriber, Subscription,
     TopicSpec,
 };
 use keel_producers::kafka::{
@@ -571,6 +571,8 @@ pub(crate) async fn publish(
             .context("cannot read standard input")?,
     };
     let mut events = Vec::new();
+    // The input line of each event, for what a failure names.
+    let mut line_of = Vec::new();
     for (n, line) in lines.iter().enumerate() {
         // A byte-order mark that editors on Windows put before the text.
         let line = match n {
@@ -599,20 +601,69 @@ pub(crate) async fn publish(
         events.push(
             Envelope::new(event_type.clone(), key, payload).with_source(config.service.clone()),
         );
+        line_of.push(at);
     }
     if events.is_empty() {
         bail!("no events to publish: the input is empty");
     }
-    let publisher = publisher(config, "publish", config.publisher.ack_timeout()).await?;
+    let ack_timeout = config.publisher.ack_timeout();
+    let publisher = publisher(config, "publish", ack_timeout).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
-    let receipts = publisher.publish_batch(&args.topic, events).await?;
-    for (receipt, id) in receipts.iter().zip(ids) {
-        say!(
-            "{}",
-            json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
-        );
+    // Each event's own outcome: when one fails, the receipts of those
+    // stored are still printed, and the error names the lines to send
+    // again. The bound is only for a broker that stops answering (each
+    // event's acknowledgement has its own timeout).
+    let within =
+        ack_timeout.saturating_mul(2 + u32::try_from(events.len() / 1000).unwrap_or(u32::MAX));
+    let outcomes = publisher.publish_each(&args.topic, events, within).await;
+    let mut failed = Vec::new();
+    let mut not_sent = Vec::new();
+    for ((outcome, id), at) in outcomes.into_iter().zip(ids).zip(line_of) {
+        match outcome {
+            Sent::Stored(receipt) => say!(
+                "{}",
+                json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
+            ),
+            Sent::Failed(e) => failed.push(format!("line {at} (event {id}): {e}")),
+            Sent::NotSent => not_sent.push(at),
+        }
     }
-    Ok(())
+    if failed.is_empty() && not_sent.is_empty() {
+        return Ok(());
+    }
+    let total = failed.len() + not_sent.len();
+    let mut why = failed
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if failed.len() > 3 {
+        why.push_str(&format!("; and {} more failed", failed.len() - 3));
+    }
+    if !not_sent.is_empty() {
+        if !why.is_empty() {
+            why.push_str("; ");
+        }
+        why.push_str(&format!("not sent: {}", line_list(&not_sent)));
+    }
+    bail!(
+        "{total} event(s) not published (the stored ones' receipts are on standard output): \
+         {why}. Publish those lines again once the cause is fixed (an event whose \
+         acknowledgement timed out may be stored already: a consumer sees it twice, \
+         under two event ids)"
+    )
+}
+
+/// `lines 3, 4, 7` (the first ten, then how many more).
+fn line_list(lines: &[usize]) -> String {
+    let shown: Vec<String> = lines.iter().take(10).map(ToString::to_string).collect();
+    let more = match lines.len() {
+        n if n > 10 => format!(" and {} more", n - 10),
+        _ => String::new(),
+    };
+    let word = if lines.len() == 1 { "line" } else { "lines" };
+    format!("{word} {}{more}", shown.join(", "))
 }
 
 /// `--to-offset`: one offset for all partitions, or `P=O,P=O`.

@@ -861,6 +861,46 @@ fn broker_commands(broker: &str, partitions: usize) {
         let waited = started.elapsed();
         assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
     }
+    // One event too large among good ones: the receipt of what was stored
+    // still comes out, and the error names the lines to send again (the
+    // client refuses the second at its send, after the first went out;
+    // the third is not sent: its key's order).
+    let partial = format!("{topic}-partial");
+    run(&["topics", "create", &partial]);
+    let huge = "x".repeat(3 << 20);
+    std::fs::write(
+        &bad,
+        format!(
+            "{{\"id\":\"a\",\"n\":1}}\n{{\"id\":\"{huge}\",\"n\":2}}\n{{\"id\":\"c\",\"n\":3}}\n"
+        ),
+    )
+    .expect("write");
+    let out = keel(
+        &[
+            "publish",
+            "--topic",
+            &partial,
+            "--subject",
+            &format!("{topic}-value"),
+            "--file",
+            &bad_arg,
+            "--key",
+            "x",
+        ],
+        dir.path(),
+        &env,
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("line 2 (event "), "{stderr}");
+    let receipts: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a receipt"))
+        .collect();
+    assert_eq!(receipts.len(), 1, "line 1 was stored: {stdout}{stderr}");
+    assert_eq!(receipts[0]["topic"], partial.as_str(), "{stdout}");
+    assert!(stderr.contains("not sent: line 3"), "{stderr}");
+
     // No schema under the topic's default subject: the hint names both ways.
     let other = format!("{topic}-other");
     let out = keel(
