@@ -190,7 +190,9 @@ pub(crate) struct TailArgs {
 pub(crate) enum From {
     /// The oldest stored event.
     Earliest,
-    /// Only events published from now on.
+    /// Only events published once the tail holds its partitions (it says
+    /// so on standard error: `keel tail: reading …`); as with Kafka's own
+    /// console consumer, what is published while it joins is not shown.
     Latest,
 }
 
@@ -913,9 +915,26 @@ pub(crate) async fn tail(
     // Ctrl-C or SIGTERM: either way the tail leaves its group.
     let stop = crate::registry::shutdown_signal();
     tokio::pin!(stop);
+    // Says when the tail holds partitions (their start fixed): from then on
+    // nothing published is missed, which a script starting a tail and
+    // then publishing can wait for.
+    let mut assignment = deliveries.assignment_changes();
+    assignment.mark_changed();
+    let mut announced: Vec<u32> = Vec::new();
+    let mut watching = true;
     while args.count.is_none_or(|n| printed < n) {
         let item = tokio::select! {
             item = deliveries.next() => item,
+            changed = assignment.changed(), if watching => {
+                // The member gone: its stream ends too.
+                watching = changed.is_ok();
+                let owned = assignment.borrow_and_update().clone();
+                if watching && owned != announced && !owned.is_empty() {
+                    note!("keel tail: reading `{}` partitions {owned:?}", args.topic);
+                    announced = owned;
+                }
+                continue;
+            }
             _ = &mut stop => break,
         };
         let Some(item) = item else { break };

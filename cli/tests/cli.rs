@@ -927,6 +927,72 @@ fn broker_commands(broker: &str, partitions: usize) {
         text(&out.stderr)
     );
 
+    // A tail from the latest position says when it holds its partitions;
+    // an event published after that is shown (NATS fixed the start only
+    // about a second in, silently missing what came before).
+    {
+        use std::io::BufRead as _;
+        let mut tail = command(
+            &[
+                "tail", "--topic", &partial, "--from", "latest", "--count", "1",
+            ],
+            dir.path(),
+            &env,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start keel tail");
+        let stderr = std::io::BufReader::new(tail.stderr.take().expect("stderr"));
+        let (lines_in, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines() {
+                if lines_in.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut said = String::new();
+        while !said.contains("keel tail: reading") {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(Ok(line)) => {
+                    said.push_str(&line);
+                    said.push('\n');
+                }
+                _ => {
+                    let _ = tail.kill();
+                    panic!("the tail did not say it reads within 60 s: {said}");
+                }
+            }
+        }
+        std::fs::write(&bad, "{\"id\":\"after\",\"n\":7}\n").expect("write");
+        run(&[
+            "publish",
+            "--topic",
+            &partial,
+            "--subject",
+            &format!("{topic}-value"),
+            "--file",
+            &bad_arg,
+            "--key",
+            "after",
+        ]);
+        let started = std::time::Instant::now();
+        while tail.try_wait().expect("the tail's status").is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = tail.kill();
+                panic!("the tail missed the event published after it said it reads: {said}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = tail.wait_with_output().expect("the tail's output");
+        let shown: serde_json::Value =
+            serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
+        assert_eq!(shown["key"], "after", "{shown}");
+    }
+
     // Read back: decoded events with key, type, headers, partition, offset.
     let tailed = run(&[
         "tail", "--topic", &topic, "--group", &group, "--from", "earliest", "--count", "10",
