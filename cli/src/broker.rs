@@ -32,7 +32,9 @@ pub(crate) enum TopicsCommand {
     /// List topics (Kafka's internal `__…` topics left out).
     #[command(after_help = "Example:\n  keel --broker kafka://127.0.0.1:9092 topics list")]
     List,
-    /// Create a topic; succeeds when it exists with the same partition count.
+    /// Create a topic; succeeds when it exists with the same partition count
+    /// and the settings given (those left out are not compared), and is
+    /// refused, naming each difference, when they differ: nothing is changed.
     #[command(after_help = "Example:\n  \
         keel --broker kafka://127.0.0.1:9092 topics create orders --partitions 12 --retention-ms 604800000")]
     Create(CreateArgs),

@@ -742,6 +742,19 @@ fn broker_commands(broker: &str, partitions: usize) {
     let kept = format!("{topic}-kept");
     run(&["topics", "create", &kept, "--retention-ms", "60000"]);
     run(&["topics", "create", &kept]);
+    run(&["topics", "create", &kept, "--retention-ms", "60000"]);
+    // Another retention for it is refused, naming both, not ignored.
+    let out = keel(
+        &["topics", "create", &kept, "--retention-ms", "120000"],
+        dir.path(),
+        &env,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("60000") && stderr.contains("120000"),
+        "{stderr}"
+    );
     if broker.starts_with("nats://") {
         // NATS holds durations as i64 nanoseconds: a longer retention is
         // refused, naming the flag, not sent wrapped around (this one as

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::transport::{TopicAdmin, TopicSpec};
 use keel_core::{Error, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -154,8 +154,9 @@ impl KafkaAdmin {
     }
 
     /// Creates the topic with `settings` if it does not exist (otherwise as
-    /// [`TopicAdmin::ensure_topic`]; the settings of an existing topic are
-    /// left as they are).
+    /// [`TopicAdmin::ensure_topic`], and an existing topic whose reported
+    /// settings differ from those given is refused, naming each: they are
+    /// not changed).
     pub async fn ensure_topic_with(
         &self,
         spec: &TopicSpec,
@@ -626,9 +627,10 @@ impl KafkaAdmin {
             .create_topics(&[new], &options)
             .await
             .map_err(|e| topic_error(&spec.name, format!("create request failed: {e}"), true))?;
+        let mut existed = false;
         match results.into_iter().next() {
             Some(Ok(_)) => {}
-            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {}
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => existed = true,
             Some(Err((_, code))) => {
                 return Err(topic_error(
                     &spec.name,
@@ -649,6 +651,9 @@ impl KafkaAdmin {
         let deadline = tokio::time::Instant::now() + ADMIN_TIMEOUT;
         loop {
             match self.partitions(&spec.name).await? {
+                Some(n) if n == spec.partitions && existed => {
+                    return self.check_settings(&spec.name, settings).await;
+                }
                 Some(n) if n == spec.partitions => return Ok(()),
                 Some(n) => {
                     return Err(topic_error(
@@ -672,6 +677,80 @@ impl KafkaAdmin {
                 }
             }
         }
+    }
+}
+
+impl KafkaAdmin {
+    /// Refuses an existing topic whose settings differ from those `settings`
+    /// names (the create request did not change them): a retention or
+    /// cleanup policy asked for and silently not had would lose events or
+    /// keep them wrongly. A setting the broker does not report (a
+    /// Kafka-compatible broker may list only those set at creation) is not
+    /// compared, but a missing `cleanup.policy` is Kafka's `delete`.
+    async fn check_settings(&self, topic: &str, settings: &TopicSettings) -> Result<()> {
+        let wanted: Vec<(&str, String)> = [
+            (
+                "retention.ms",
+                settings.retention_ms.map(|ms| ms.to_string()),
+            ),
+            (
+                "cleanup.policy",
+                settings.cleanup_policy.map(|p| p.as_str().to_owned()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+        .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+        let described = self
+            .admin
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+            .await
+            .map_err(|e| topic_error(topic, format!("cannot read its settings: {e}"), true))?;
+        let resource = match described.into_iter().next() {
+            Some(Ok(resource)) => resource,
+            Some(Err(code)) => {
+                return Err(topic_error(
+                    topic,
+                    format!("cannot read its settings: {code}"),
+                    true,
+                ));
+            }
+            None => {
+                return Err(topic_error(
+                    topic,
+                    "cannot read its settings: the broker gave no answer".into(),
+                    true,
+                ));
+            }
+        };
+        let differences: Vec<String> = wanted
+            .iter()
+            .filter_map(|(name, want)| {
+                let have = resource.get(name).and_then(|e| e.value.clone());
+                let have = match (*name, have) {
+                    ("cleanup.policy", None) => "delete".to_owned(),
+                    (_, None) => return None,
+                    (_, Some(have)) => have,
+                };
+                (have != *want).then(|| format!("{name} is {have}, {want} requested"))
+            })
+            .collect();
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(topic_error(
+            topic,
+            format!(
+                "exists with other settings ({}): change them with Kafka's own tools \
+                 (kafka-configs --alter), or leave the flags out to use the topic as it is",
+                differences.join("; ")
+            ),
+            false,
+        ))
     }
 }
 

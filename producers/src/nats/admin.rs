@@ -338,11 +338,9 @@ fn differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
         }
     };
     let limit = |v: Option<i64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
-    diff(
-        "max_age",
-        format!("{:?}", h.max_age),
-        format!("{:?}", w.max_age),
-    );
+    let millis = |d: Duration| format!("{} ms", d.as_millis());
+    let age = |v: Option<Duration>| v.map_or("unlimited".to_owned(), millis);
+    diff("max_age (the retention)", age(h.max_age), age(w.max_age));
     diff("max_bytes", limit(h.max_bytes), limit(w.max_bytes));
     diff("max_messages", limit(h.max_messages), limit(w.max_messages));
     diff(
@@ -352,8 +350,8 @@ fn differences(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     );
     diff(
         "duplicate_window",
-        format!("{:?}", h.duplicate_window),
-        format!("{:?}", w.duplicate_window),
+        millis(h.duplicate_window),
+        millis(w.duplicate_window),
     );
     diff("replicas", h.replicas.to_string(), w.replicas.to_string());
     out
