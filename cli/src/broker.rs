@@ -192,9 +192,10 @@ pub(crate) struct TailArgs {
 pub(crate) enum From {
     /// The oldest stored event.
     Earliest,
-    /// Only events published once the tail holds its partitions (it says
-    /// so on standard error: `keel tail: reading …`); as with Kafka's own
-    /// console consumer, what is published while it joins is not shown.
+    /// Only events published once the tail holds their partition (it lists
+    /// those it holds on standard error: `keel tail: reading …`); as with
+    /// Kafka's own console consumer, what is published while it joins is
+    /// not shown.
     Latest,
 }
 
@@ -917,9 +918,9 @@ pub(crate) async fn tail(
     // Ctrl-C or SIGTERM: either way the tail leaves its group.
     let stop = crate::registry::shutdown_signal();
     tokio::pin!(stop);
-    // Says when the tail holds partitions (their start fixed): from then on
-    // nothing published is missed, which a script starting a tail and
-    // then publishing can wait for.
+    // Says which partitions the tail holds (their start fixed) whenever that
+    // changes: from then on nothing published to them is missed, which a
+    // script starting a tail and then publishing can wait for.
     let mut assignment = deliveries.assignment_changes();
     assignment.mark_changed();
     let mut announced: Vec<u32> = Vec::new();

@@ -425,7 +425,7 @@ async fn redrive(config: &KeelConfig, args: RedriveArgs) -> anyhow::Result<()> {
             );
         }
         note!(
-            "{} of {total} dead letters selected; nothing published (--dry-run)",
+            "{} of {total} dead letters would be redriven; nothing published (--dry-run)",
             selected.len()
         );
         return skipped(foreign.len());
@@ -548,8 +548,8 @@ fn skipped(foreign: usize) -> anyhow::Result<()> {
         return Ok(());
     }
     bail!(
-        "{foreign} selected dead letters were skipped (listed above): they do not name the topic \
-         they came from; publish them yourself (`keel dlq list` shows them) or leave them out \
+        "{foreign} more dead letters matched but were skipped (listed above): they do not name \
+         the topic they came from; publish them yourself (`keel dlq list` shows them) or leave them out \
          with --type, --key, --reason, --since or --until"
     )
 }

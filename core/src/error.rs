@@ -59,8 +59,9 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
-    /// A topic could not be created, described or changed.
-    #[error("cannot manage topic `{topic}`: {reason}")]
+    /// A topic could not be created or described, or is missing or not
+    /// ours to use (a publish's error when no event is at fault).
+    #[error("topic `{topic}`: {reason}")]
     Topic {
         /// The topic concerned.
         topic: String,

@@ -63,10 +63,20 @@ fn walk(
                 Value::Number(number) if number.is_i64() || number.is_u64() => {
                     check_decimal(&number.to_string(), decimal.precision, decimal.scale)
                 }
-                Value::Number(number) => Err(format!(
-                    "{number} is a JSON number with a fraction, which JSON readers take \
-                     as a binary float (inexact); write the decimal as a string: \"{number}\""
-                )),
+                // A fraction, an exponent, or more digits than a 64-bit
+                // integer: JSON readers take it as a binary float.
+                Value::Number(number) => {
+                    let text = number.to_string();
+                    let as_string = match text.contains(['e', 'E']) {
+                        true => "e.g. \"12.50\"".to_owned(),
+                        false => format!("\"{text}\""),
+                    };
+                    Err(format!(
+                        "{text} is a JSON number that is not a 64-bit integer (a fraction, an \
+                         exponent, or too many digits), which JSON readers take as a binary \
+                         float (inexact); write the decimal as a string: {as_string}"
+                    ))
+                }
                 _ => return Fit::OtherKind,
             };
             match checked {
@@ -141,6 +151,17 @@ fn walk(
             }
             Fit::Fits
         }
+        (_, RegularType::Enum(e)) => match value {
+            Value::String(symbol) if e.symbols.iter().any(|s| s == symbol) => Fit::Fits,
+            Value::String(_) => Fit::Bad(at(
+                path,
+                &format!(
+                    "{value} is not one of the enum's symbols ({})",
+                    e.symbols.join(", ")
+                ),
+            )),
+            _ => Fit::OtherKind,
+        },
         (_, RegularType::Array(array)) => {
             let Value::Array(items) = value else {
                 return Fit::OtherKind;
@@ -406,6 +427,25 @@ mod tests {
     }
 
     #[test]
+    fn an_enum_value_not_among_its_symbols_is_refused_by_field() {
+        let schema: SchemaMut = json!({"type": "record", "name": "r", "fields": [
+            {"name": "channel", "type": {"type": "enum", "name": "Channel", "symbols": ["WEB", "STORE"]}},
+            {"name": "maybe", "type": ["null", "Channel"]},
+        ]})
+        .to_string()
+        .parse()
+        .expect("test schema parses");
+        check(&schema, &json!({"channel": "WEB", "maybe": "STORE"})).expect("fits");
+        let e = check(&schema, &json!({"channel": "NOPE"})).expect_err("refused");
+        assert_eq!(
+            e,
+            "field `channel`: \"NOPE\" is not one of the enum's symbols (WEB, STORE)"
+        );
+        let e = check(&schema, &json!({"channel": "WEB", "maybe": "NOPE"})).expect_err("refused");
+        assert!(e.starts_with("field `maybe`: "), "{e}");
+    }
+
+    #[test]
     fn values_the_types_hold_pass() {
         check(&schema(), &order(json!("12.50"), json!(3), Value::Null)).expect("fits");
         for total in [
@@ -446,6 +486,15 @@ mod tests {
         }
         let e = refused(order(json!("1"), json!(3.5), Value::Null));
         assert!(e.contains("write the decimal as a string: \"3.5\""), "{e}");
+        // More digits than an integer holds: no fraction, but a float all
+        // the same (it was said to have a fraction).
+        let huge: Value =
+            serde_json::from_str("123456789012345678901234567890").expect("a JSON number");
+        let e = refused(order(json!("1"), huge, Value::Null));
+        assert!(
+            e.contains("not a 64-bit integer") && e.contains("e.g. \"12.50\""),
+            "{e}"
+        );
         let e = refused(order(json!("1"), json!(123456), Value::Null));
         assert!(e.contains("6 digits before the point"), "{e}");
         let braced = json!("{0193a5b2-7c1d-7e2f-8a3b-4c5d6e7f8091}");

@@ -781,15 +781,11 @@ impl Member {
             record.joined
         };
         if joined > self.joined && self.fenced.is_none() {
-            let host = if record.host.is_empty() {
-                String::new()
-            } else {
-                format!("host {}, ", record.host)
-            };
             self.fenced = Some(format!(
-                "another process ({host}pid {}) joined the group as member `{}` and took its \
+                "another process ({}) joined the group as member `{}` and took its \
                  partitions over; this one stopped (give each process its own member_id)",
-                record.pid, self.id
+                record.whereabouts(),
+                self.id
             ));
         }
     }

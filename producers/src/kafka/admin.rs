@@ -471,9 +471,15 @@ impl KafkaAdmin {
 
     /// A request about no one topic failed: the broker is what to check.
     fn unreachable(&self, reason: String) -> Error {
+        // A TLS client at a plaintext listener (or the other way round)
+        // looks to librdkafka like a transport failure.
+        let tls = match self.client.security.tls {
+            true => "; TLS is on (kafka.tls): does the broker take TLS on that port?",
+            false => "; TLS is off: does the broker require it (kafka.tls)?",
+        };
         Error::Connect {
             broker: self.brokers(),
-            reason: format!("{reason} (is it running and reachable from here?)"),
+            reason: format!("{reason} (is it running and reachable from here{tls})"),
         }
     }
 

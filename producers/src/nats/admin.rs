@@ -781,7 +781,7 @@ impl JetStreamAdmin {
                     "it has {} live member(s) ({}); stop them first, then reset",
                     live.len(),
                     live.iter()
-                        .map(|m| format!("{} on {} pid {}", m.member, m.host, m.pid))
+                        .map(|m| format!("`{}` ({})", m.member, m.whereabouts()))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),

@@ -39,6 +39,17 @@ pub struct MemberRecord {
     pub joined: u64,
 }
 
+impl MemberRecord {
+    /// Where the member runs, for messages: `host h, pid 7` (`pid 7` when
+    /// the host name is unknown).
+    pub fn whereabouts(&self) -> String {
+        match self.host.as_str() {
+            "" => format!("pid {}", self.pid),
+            host => format!("host {host}, pid {}", self.pid),
+        }
+    }
+}
+
 /// A partition's lease.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseRecord {
