@@ -3,6 +3,7 @@
 //! registry on the wire) and `keel tail` (decoded events out as JSON
 //! lines). The broker comes from `--broker kafka://…` or `nats://…`.
 
+use std::collections::HashSet;
 use std::io::BufRead;
 use std::sync::Arc;
 
@@ -614,51 +615,84 @@ pub(crate) async fn publish(
     let ack_timeout = config.publisher.ack_timeout();
     let publisher = publisher(config, "publish", ack_timeout).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
+    let keys: Vec<keel_core::Key> = events.iter().map(|e| e.key().clone()).collect();
     // Each event's own outcome: when one fails, the receipts of those
     // stored are still printed, and the error names the lines to send
-    // again. The bound is only for a broker that stops answering (each
-    // event's acknowledgement has its own timeout).
-    let within =
-        ack_timeout.saturating_mul(2 + u32::try_from(events.len() / 1000).unwrap_or(u32::MAX));
+    // again. Each event's acknowledgement has its own timeout; this bound
+    // is only for a broker that stops answering, and grows with the input
+    // (on NATS a key's events go one round trip at a time).
+    let events_count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+    let within = ack_timeout
+        .saturating_mul(events_count.saturating_add(2))
+        .min(PUBLISH_BOUND);
     let outcomes = publisher.publish_each(&args.topic, events, within).await;
+    let mut stored = 0;
     let mut failed = Vec::new();
     let mut not_sent = Vec::new();
-    for ((outcome, id), at) in outcomes.into_iter().zip(ids).zip(line_of) {
+    // A topic-wide failure (missing, not ours to write): said once.
+    let mut topic_failure = None;
+    // Keys with an event not published: a later one of theirs that was
+    // stored anyway (Kafka pipelines sends) is out of its key's order.
+    let mut broken: HashSet<&keel_core::Key> = HashSet::new();
+    let mut out_of_order = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let (id, at, key) = (&ids[i], line_of[i], &keys[i]);
         match outcome {
-            Sent::Stored(receipt) => say!(
-                "{}",
-                json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
-            ),
-            Sent::Failed(e) => failed.push(format!("line {at} (event {id}): {e}")),
+            Sent::Stored(receipt) => {
+                say!(
+                    "{}",
+                    json!({"topic": &*receipt.topic, "partition": receipt.partition, "offset": receipt.position, "id": id})
+                );
+                stored += 1;
+                if broken.contains(key) {
+                    out_of_order.push(at);
+                }
+                continue;
+            }
+            Sent::Failed(e @ Error::Topic { .. }) => {
+                topic_failure.get_or_insert(e);
+                failed.push(None);
+            }
+            Sent::Failed(e) => failed.push(Some(format!("line {at} (event {id}): {e}"))),
             Sent::NotSent => not_sent.push(at),
         }
+        broken.insert(key);
     }
     if failed.is_empty() && not_sent.is_empty() {
         return Ok(());
     }
-    let total = failed.len() + not_sent.len();
-    let mut why = failed
-        .iter()
-        .take(3)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
-    if failed.len() > 3 {
-        why.push_str(&format!("; and {} more failed", failed.len() - 3));
+    let mut why: Vec<String> = topic_failure.iter().map(ToString::to_string).collect();
+    let reasons: Vec<&String> = failed.iter().flatten().collect();
+    why.extend(reasons.iter().take(3).map(|r| (*r).clone()));
+    if reasons.len() > 3 {
+        why.push(format!("and {} more failed", reasons.len() - 3));
     }
     if !not_sent.is_empty() {
-        if !why.is_empty() {
-            why.push_str("; ");
-        }
-        why.push_str(&format!("not sent: {}", line_list(&not_sent)));
+        why.push(format!("not sent: {}", line_list(&not_sent)));
     }
+    if !out_of_order.is_empty() {
+        why.push(format!(
+            "stored after an earlier event of their key failed, so out of the key's order: {} \
+             (send them again after it to restore the order; consumers then see them twice)",
+            line_list(&out_of_order)
+        ));
+    }
+    let receipts = match stored {
+        0 => "none stored".to_owned(),
+        n => format!("{n} stored: their receipts are on standard output"),
+    };
     bail!(
-        "{total} event(s) not published (the stored ones' receipts are on standard output): \
-         {why}. Publish those lines again once the cause is fixed (an event whose \
-         acknowledgement timed out may be stored already: a consumer sees it twice, \
-         under two event ids)"
+        "{} event(s) not published ({receipts}): {}. Publish those lines again once the cause \
+         is fixed (an event whose acknowledgement timed out may be stored already: a consumer \
+         sees it twice, under two event ids)",
+        failed.len() + not_sent.len(),
+        why.join("; ")
     )
 }
+
+/// The longest `keel publish` waits for its acknowledgements in all (each
+/// also has its own timeout): a week.
+const PUBLISH_BOUND: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// `lines 3, 4, 7` (the first ten, then how many more).
 fn line_list(lines: &[usize]) -> String {

@@ -150,9 +150,16 @@ fn load_dir(dir: &Path) -> anyhow::Result<Vec<LocalSchema>> {
         bail!("no .avsc files in {}", dir.display());
     }
     out.sort_by(|a, b| (&a.full_name, a.version_hint).cmp(&(&b.full_name, b.version_hint)));
-    // Two files of one type and version: which registers last (and so
-    // becomes the latest) would be the folder's listing order, a guess.
-    if let Some(pair) = out
+    Ok(out)
+}
+
+/// Refuses two files of one type and version in `all` (sorted by
+/// [`load_dir`]) for `register`: which registers last, and so becomes the
+/// latest, would be the folder's listing order, a guess. (A check or diff
+/// of one file reads its folder too, where a copy being edited beside its
+/// original is fine.)
+fn refuse_ambiguous_versions(all: &[LocalSchema], dir: &Path) -> anyhow::Result<()> {
+    if let Some(pair) = all
         .windows(2)
         .find(|w| (&w[0].full_name, w[0].version_hint) == (&w[1].full_name, w[1].version_hint))
     {
@@ -171,7 +178,7 @@ fn load_dir(dir: &Path) -> anyhow::Result<Vec<LocalSchema>> {
             name = pair[0].full_name,
         );
     }
-    Ok(out)
+    Ok(())
 }
 
 fn load_file(path: &Path) -> anyhow::Result<LocalSchema> {
@@ -235,6 +242,7 @@ fn dependencies(
 
 async fn register(client: &RegistryClient, args: RegisterArgs) -> anyhow::Result<()> {
     let all = load_dir(&args.dir)?;
+    refuse_ambiguous_versions(&all, &args.dir)?;
     let deps: Vec<Vec<(String, String)>> = all
         .iter()
         .map(|s| dependencies(s, &all))
@@ -508,10 +516,11 @@ async fn diff_command(client: &RegistryClient, args: DiffArgs) -> anyhow::Result
 
 #[cfg(test)]
 mod tests {
-    use super::{load_dir, local_with_references};
+    use super::{load_dir, local_with_references, refuse_ambiguous_versions};
 
-    /// Two files of one type and version are refused, naming both: which
-    /// would register last (the latest) would be a guess.
+    /// Two files of one type and version are refused by a registration,
+    /// naming both: which would register last (the latest) would be a
+    /// guess.
     #[test]
     fn two_files_of_one_type_and_version_are_refused() {
         use std::hash::{BuildHasher, RandomState};
@@ -527,12 +536,19 @@ mod tests {
         let b = r#"{"name": "b", "type": "int"}"#;
         std::fs::write(dir.join("t.Dup.avsc"), schema(&format!("{a}, {b}"))).unwrap();
         std::fs::write(dir.join("t.Dup.old.avsc"), schema(a)).unwrap();
-        let unversioned = load_dir(&dir).map(|_| ()).map_err(|e| format!("{e:#}"));
+        let check = |dir: &std::path::Path| {
+            load_dir(dir)
+                .and_then(|all| refuse_ambiguous_versions(&all, dir).map(|()| all.len()))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let unversioned = check(&dir);
+        // A copy beside its original is fine for a check of one file.
+        let one = local_with_references(&dir.join("t.Dup.avsc")).map(|_| ());
         // Versioned, they are in order.
         std::fs::rename(dir.join("t.Dup.old.avsc"), dir.join("t.Dup.v1.avsc")).unwrap();
-        let versioned = load_dir(&dir).map(|l| l.len());
+        let versioned = check(&dir);
         std::fs::write(dir.join("t.Dup.again.v1.avsc"), schema(a)).unwrap();
-        let same_version = load_dir(&dir).map(|_| ()).map_err(|e| format!("{e:#}"));
+        let same_version = check(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         let e = unversioned.unwrap_err();
         assert!(
@@ -540,6 +556,7 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("no version in their names"), "{e}");
+        one.expect("a check of one file is not refused");
         assert_eq!(versioned.unwrap(), 2);
         let e = same_version.unwrap_err();
         assert!(e.contains("the same version, v1"), "{e}");

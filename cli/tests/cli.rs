@@ -879,7 +879,7 @@ fn broker_commands(broker: &str, partitions: usize) {
     // client refuses the second at its send, after the first went out;
     // the third is not sent: its key's order).
     let partial = format!("{topic}-partial");
-    run(&["topics", "create", &partial]);
+    run(&["topics", "create", &partial, "--partitions", "6"]);
     let huge = "x".repeat(3 << 20);
     std::fs::write(
         &bad,
@@ -968,8 +968,8 @@ fn broker_commands(broker: &str, partitions: usize) {
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let mut said = String::new();
-        // Every partition (the topic's default 6): a member may take them
-        // one at a time (NATS), each listed once its start is fixed.
+        // Every one of its 6 partitions: a member may take them one at a
+        // time (NATS), each listed once its start is fixed.
         while !said.contains("partitions [0, 1, 2, 3, 4, 5]") {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match lines.recv_timeout(left) {

@@ -1149,6 +1149,9 @@ impl Member {
                 StartFrom::Timestamp(at) if at > chrono::Utc::now() => {
                     self.stream_end(&stream).await?
                 }
+                // Before 1970 nothing was stored (and nats-server would
+                // wrap a time before 1678 too): everything.
+                StartFrom::Timestamp(at) if at.timestamp() < 0 => consumer::DeliverPolicy::All,
                 StartFrom::Timestamp(at) => consumer::DeliverPolicy::ByStartTime { start_time: at },
                 _ => consumer::DeliverPolicy::All,
             },

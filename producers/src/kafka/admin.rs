@@ -692,7 +692,8 @@ impl KafkaAdmin {
     /// cleanup policy asked for and silently not had would lose events or
     /// keep them wrongly. A setting the broker does not report (a
     /// Kafka-compatible broker may list only those set at creation) is not
-    /// compared, but a missing `cleanup.policy` is Kafka's `delete`.
+    /// compared, and settings that cannot be read (no DescribeConfigs
+    /// permission, say) only warn: the topic exists as asked for.
     async fn check_settings(&self, topic: &str, settings: &TopicSettings) -> Result<()> {
         let wanted: Vec<(&str, String)> = [
             (
@@ -714,34 +715,23 @@ impl KafkaAdmin {
         let described = self
             .admin
             .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
-            .await
-            .map_err(|e| topic_error(topic, format!("cannot read its settings: {e}"), true))?;
-        let resource = match described.into_iter().next() {
-            Some(Ok(resource)) => resource,
-            Some(Err(code)) => {
-                return Err(topic_error(
-                    topic,
-                    format!("cannot read its settings: {code}"),
-                    true,
-                ));
-            }
-            None => {
-                return Err(topic_error(
-                    topic,
-                    "cannot read its settings: the broker gave no answer".into(),
-                    true,
-                ));
+            .await;
+        let resource = match described.map(|d| d.into_iter().next()) {
+            Ok(Some(Ok(resource))) => resource,
+            unread => {
+                let why = match unread {
+                    Err(e) => e.to_string(),
+                    Ok(Some(Err(code))) => code.to_string(),
+                    _ => "the broker gave no answer".to_owned(),
+                };
+                tracing::warn!(topic, error = %why, "the topic exists; its settings could not be read to compare them with those asked for");
+                return Ok(());
             }
         };
         let differences: Vec<String> = wanted
             .iter()
             .filter_map(|(name, want)| {
-                let have = resource.get(name).and_then(|e| e.value.clone());
-                let have = match (*name, have) {
-                    ("cleanup.policy", None) => "delete".to_owned(),
-                    (_, None) => return None,
-                    (_, Some(have)) => have,
-                };
+                let have = resource.get(name).and_then(|e| e.value.clone())?;
                 (have != *want).then(|| format!("{name} is {have}, {want} requested"))
             })
             .collect();
