@@ -92,7 +92,13 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
             std::fs::File::open(path)
                 .with_context(|| format!("cannot read {flag} {}", path.display()))?;
         }
+        tls.check().await?;
     }
+    // The address before the database: a port in use leaves no database
+    // file behind.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let database = args
         .database
         .or_else(|| config.database.clone())
@@ -100,9 +106,6 @@ async fn serve_registry(config: &KeelConfig, args: ServeArgs) -> anyhow::Result<
     let store = Store::connect(&database)
         .await
         .with_context(|| format!("cannot open the registry's database {}", redact(&database)))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     note!(
         "keel registry: serving {}://{} on {}{}",
         if options.tls.is_some() {

@@ -240,11 +240,22 @@ fn bad_config_is_refused_by_name() {
 #[test]
 fn registry_settings_are_checked_before_serving() {
     let dir = scratch();
-    let cases: [(&[&str], &str); 5] = [
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate").expect("write");
+    // Taken: the registry cannot listen there.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("its address").to_string();
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--tls-cert", "missing.pem", "--tls-key", "missing.key"],
             "--tls-cert missing.pem",
         ),
+        // Files that are there but are no certificate: refused before the
+        // registry says it serves.
+        (
+            &["--tls-cert", "junk.pem", "--tls-key", "junk.pem"],
+            "cannot load the registry's TLS certificate",
+        ),
+        (&["--listen", &taken], "cannot listen on"),
         // Settings that would refuse every request.
         (&["--body-limit", "0"], "--body-limit"),
         (&["--basic-auth", "user:"], "empty password"),
@@ -252,14 +263,10 @@ fn registry_settings_are_checked_before_serving() {
         (&["--basic-auth", "user"], "the colon is missing"),
     ];
     for (flags, says) in cases {
-        let mut args = vec![
-            "registry",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            "sqlite://registry.db",
-        ];
+        let mut args = vec!["registry", "serve", "--database", "sqlite://registry.db"];
+        if !flags.contains(&"--listen") {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
         args.extend(flags);
         let out = keel_within(&args, dir.path(), std::time::Duration::from_secs(30));
         let stderr = text(&out.stderr);

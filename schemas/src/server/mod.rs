@@ -92,6 +92,32 @@ pub struct ServerTls {
     pub private_key: PathBuf,
 }
 
+impl ServerTls {
+    /// Loads the certificate and key as [`serve`] will: a pair that
+    /// cannot serve is refused before anything is opened or announced.
+    pub async fn check(&self) -> std::io::Result<()> {
+        self.load().await.map(drop)
+    }
+
+    async fn load(&self) -> std::io::Result<axum_server::tls_rustls::RustlsConfig> {
+        axum_server::tls_rustls::RustlsConfig::from_pem_chain_file(
+            &self.certificate_chain,
+            &self.private_key,
+        )
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot load the registry's TLS certificate {} and key {}: {e}",
+                    self.certificate_chain.display(),
+                    self.private_key.display()
+                ),
+            )
+        })
+    }
+}
+
 /// How long requests in flight get to finish over HTTPS once shutdown is
 /// asked for (plain HTTP waits for them without a limit, as axum does).
 const TLS_DRAIN: Duration = Duration::from_secs(30);
@@ -117,21 +143,7 @@ pub async fn serve(
             .with_graceful_shutdown(shutdown)
             .await;
     };
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem_chain_file(
-        &tls.certificate_chain,
-        &tls.private_key,
-    )
-    .await
-    .map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot load the registry's TLS certificate {} and key {}: {e}",
-                tls.certificate_chain.display(),
-                tls.private_key.display()
-            ),
-        )
-    })?;
+    let config = tls.load().await?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
