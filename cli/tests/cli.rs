@@ -895,21 +895,22 @@ fn broker_commands(broker: &str, partitions: usize) {
         ),
     )
     .expect("write");
-    let out = keel(
-        &[
+    // `bad`'s lines to the partial topic, under the topic's subject.
+    let subject = format!("{topic}-value");
+    let publish_partial = |key: &'static str| {
+        [
             "publish",
             "--topic",
-            &partial,
+            partial.as_str(),
             "--subject",
-            &format!("{topic}-value"),
+            subject.as_str(),
             "--file",
-            &bad_arg,
+            bad_arg.as_str(),
             "--key",
-            "x",
-        ],
-        dir.path(),
-        &env,
-    );
+            key,
+        ]
+    };
+    let out = keel(&publish_partial("x"), dir.path(), &env);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("line 2 (event "), "{stderr}");
@@ -991,17 +992,7 @@ fn broker_commands(broker: &str, partitions: usize) {
             }
         }
         std::fs::write(&bad, "{\"id\":\"after\",\"n\":7}\n").expect("write");
-        run(&[
-            "publish",
-            "--topic",
-            &partial,
-            "--subject",
-            &format!("{topic}-value"),
-            "--file",
-            &bad_arg,
-            "--key",
-            "after",
-        ]);
+        run(&publish_partial("after"));
         let started = std::time::Instant::now();
         while tail.try_wait().expect("the tail's status").is_none() {
             if started.elapsed() > std::time::Duration::from_secs(60) {

@@ -1382,6 +1382,13 @@ mod tests {
         assert_eq!(e.remove(&[0]), vec![(0, 3)]);
     }
 
+    /// Waits for partition 0 to drain on a thread of its own, as Kafka's
+    /// poll thread does in its rebalance callback.
+    fn drain_in_thread(e: &Arc<Engine>, timeout: Duration) -> std::thread::JoinHandle<bool> {
+        let e = e.clone();
+        std::thread::spawn(move || e.wait_drained(&[0], timeout))
+    }
+
     #[tokio::test]
     async fn a_retry_due_before_the_fill_ends_runs_and_keeps_the_line() {
         // a's 0 fails with a short delay after b's 2 settled: the retry is
@@ -1393,10 +1400,7 @@ mod tests {
         b2.ack();
         e.start_revoking(&[0], FILL);
         a0.nack_with_delay(Duration::from_millis(50));
-        let waiting = std::thread::spawn({
-            let e = e.clone();
-            move || e.wait_drained(&[0], Duration::from_secs(30))
-        });
+        let waiting = drain_in_thread(&e, Duration::from_secs(30));
         let a0 = tokio::time::timeout(Duration::from_secs(5), rx.next())
             .await
             .expect("a's 0 is retried while the revocation waits")
@@ -1427,10 +1431,7 @@ mod tests {
         b2.ack();
         e.start_revoking(&[0], FILL);
         a0.nack_with_delay(Duration::from_millis(20));
-        let waiting = std::thread::spawn({
-            let e = e.clone();
-            move || e.wait_drained(&[0], Duration::from_secs(30))
-        });
+        let waiting = drain_in_thread(&e, Duration::from_secs(30));
         let a0 = rx.next().await.unwrap().unwrap();
         assert!(a0.begin());
         a0.nack_with_delay(Duration::from_millis(20));
@@ -1462,10 +1463,7 @@ mod tests {
         a0.nack_with_delay(Duration::from_millis(50));
         e.start_revoking(&[0], FILL);
         assert!(!e.filled(), "a's 0 and 1 lie below the line");
-        let waiting = std::thread::spawn({
-            let e = e.clone();
-            move || e.wait_drained(&[0], Duration::from_secs(30))
-        });
+        let waiting = drain_in_thread(&e, Duration::from_secs(30));
         for offset in [0, 1] {
             let d = rx.next().await.unwrap().unwrap();
             assert_eq!(d.info().coordinates.position, offset);
@@ -1488,10 +1486,7 @@ mod tests {
         // Dispatch stops (the stream is going): the fill ends, a revocation
         // waiting for it waits only for what runs, and a later revocation
         // does not fill again.
-        let waiting = std::thread::spawn({
-            let e = e.clone();
-            move || e.wait_drained(&[0], Duration::from_secs(30))
-        });
+        let waiting = drain_in_thread(&e, Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
         e.stop_dispatching();
         a0.ack();
