@@ -1124,16 +1124,44 @@ async fn custom_names_migrate_idempotently_and_bad_ones_are_refused() {
     assert!(e.contains("one schema per outbox"), "{e}");
     // A schema a newer Keel migrated: an older relay says so by name
     // instead of sqlx's "previously applied but missing".
-    let future = "INSERT INTO shop._sqlx_migrations \
-                  (version, description, success, checksum, execution_time) \
-                  VALUES (29991231000001, 'from a later Keel', true, '\\x00', 0)";
-    sqlx::query(future).execute(db.pool()).await.unwrap();
+    let unknown = |version: i64, description: &str| {
+        format!(
+            "INSERT INTO shop._sqlx_migrations \
+             (version, description, success, checksum, execution_time) \
+             VALUES ({version}, '{description}', true, '\\x00', 0)"
+        )
+    };
+    let forget =
+        |version: i64| format!("DELETE FROM shop._sqlx_migrations WHERE version = {version}");
+    sqlx::query(&unknown(29991231000001, "keel outbox from a later release"))
+        .execute(db.pool())
+        .await
+        .unwrap();
     let e = tables.migrate(db.pool()).await.unwrap_err().to_string();
     assert!(
         e.contains("migrated by a newer Keel") && e.contains("29991231000001"),
         "{e}"
     );
-    sqlx::query("DELETE FROM shop._sqlx_migrations WHERE version = 29991231000001")
+    sqlx::query(&forget(29991231000001))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    // The application's own sqlx migrations in the same schema (a
+    // timestamp version, as `sqlx migrate add` makes): not "a newer Keel".
+    sqlx::query(&unknown(20260101120000, "create users"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let e = tables.migrate(db.pool()).await.unwrap_err().to_string();
+    assert!(
+        e.contains("not Keel's")
+            && e.contains("20260101120000")
+            && e.contains("create users")
+            && e.contains("schema of its own")
+            && !e.contains("newer Keel"),
+        "{e}"
+    );
+    sqlx::query(&forget(20260101120000))
         .execute(db.pool())
         .await
         .unwrap();

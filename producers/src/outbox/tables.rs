@@ -252,7 +252,11 @@ impl OutboxTables {
                 .execute(&mut conn)
                 .await?;
             let migrator = Migrator::new(Rendered(self.clone())).await?;
-            migrator.run_direct(&mut conn).await.map_err(|e| match e {
+            let e = match migrator.run_direct(&mut conn).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            Err(match e {
                 sqlx::migrate::MigrateError::VersionMismatch(_) => OutboxError::config(
                     "outbox.schema",
                     format!(
@@ -261,19 +265,19 @@ impl OutboxTables {
                         self.schema
                     ),
                 ),
-                sqlx::migrate::MigrateError::VersionMissing(version)
-                    if MIGRATIONS.last().is_some_and(|newest| version > newest.0) =>
-                {
-                    OutboxError::config(
-                        "outbox.schema",
-                        format!(
-                            "schema `{}` was migrated by a newer Keel (its migration {version} is \
-                         unknown to this build, which knows up to {}); run a relay of that \
-                         version or later against it",
-                            self.schema,
-                            MIGRATIONS.last().map_or(0, |m| m.0)
-                        ),
+                sqlx::migrate::MigrateError::VersionMissing(version) => {
+                    // Whose migration is it? Keel's descriptions start with
+                    // "keel"; anything else is another application's sqlx
+                    // migrations sharing the schema's `_sqlx_migrations`.
+                    let description: Option<String> = sqlx::query_scalar(
+                        "SELECT description FROM _sqlx_migrations WHERE version = $1",
                     )
+                    .bind(version)
+                    .fetch_optional(&mut conn)
+                    .await
+                    .ok()
+                    .flatten();
+                    self.unknown_migration(version, description.as_deref())
                 }
                 other => OutboxError::Migrate(other),
             })
@@ -283,6 +287,38 @@ impl OutboxTables {
         // the pool.
         let _ = conn.close().await;
         outcome
+    }
+
+    /// The refusal for a migration recorded in the schema that this build
+    /// does not have: a newer Keel's, or another application's.
+    fn unknown_migration(&self, version: i64, description: Option<&str>) -> OutboxError {
+        let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+        let reason = match description {
+            Some(d)
+                if version > newest
+                    && d.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("keel")) =>
+            {
+                format!(
+                    "schema `{}` was migrated by a newer Keel (its migration {version} is unknown \
+                     to this build, which knows up to {newest}); run a relay of that version or \
+                     later against it",
+                    self.schema
+                )
+            }
+            Some(d) => format!(
+                "schema `{}` holds sqlx migrations that are not Keel's (version {version}, \
+                 \"{d}\"): another application's migrations share its `_sqlx_migrations` table, \
+                 and each would refuse the other's; give the outbox a schema of its own",
+                self.schema
+            ),
+            None => format!(
+                "schema `{}` records sqlx migration {version}, which this build does not know \
+                 (it knows Keel's up to {newest}): a newer Keel's, or another application's; \
+                 give the outbox a schema of its own, or run a newer relay",
+                self.schema
+            ),
+        };
+        OutboxError::config("outbox.schema", reason)
     }
 }
 
