@@ -4,11 +4,13 @@
 //! numbered events over many keys into its transactional outbox (SQLite, a
 //! file in the temp directory) — some transactions roll back — and the
 //! outbox relay publishes the committed ones; a group of members handles
-//! them in parallel, one member leaves mid-run and its partitions move to
-//! the others. The demo then checks what a user would — every committed
-//! event handled and no rolled-back one, per-key order held, the hand-over
-//! seen, every partition committed to its end — and fails (non-zero exit)
-//! if any check does not hold.
+//! them in parallel, scaled out mid-run (one more member joins and takes
+//! its share of the partitions) and back (it leaves and its partitions move
+//! back); then a new group replays the topic from the start of its log. The
+//! demo checks what a user would — every committed event handled and no
+//! rolled-back one, per-key order held, the hand-overs seen, every partition
+//! committed to its end, the replay complete and in order — and fails
+//! (non-zero exit) if any check does not hold.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use clap::Args;
 use keel_consumers::{ServeOptions, serve};
 use keel_core::config::BrokerUrl;
 use keel_core::{
-    DeliveryInfo, Envelope, EventId, KeelConfig, MemoryTransport, Publisher, Subscriber,
+    DeliveryInfo, Envelope, EventId, KeelConfig, MemoryTransport, Publisher, StartFrom, Subscriber,
     Subscription, TopicAdmin, TopicSpec, handler_fn,
 };
 use tokio::sync::{oneshot, watch};
@@ -38,7 +40,8 @@ pub(crate) struct DemoArgs {
     /// Distinct keys (order ids) the events are spread over.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     keys: u32,
-    /// Members of the consumer group; the last one leaves mid-run.
+    /// Members of the consumer group at the start; one more joins a third
+    /// of the way in and leaves at two thirds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=64))]
     members: u32,
     /// Partitions of the demo topic (overrides `topics.partitions`).
@@ -72,9 +75,9 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     let started = Instant::now();
     let partitions = config.topics.partitions;
     ensure!(
-        args.members <= partitions,
-        "--members {} is more than the topic's {partitions} partitions (topics.partitions): \
-         a member without partitions would have nothing to hand over",
+        args.members < partitions,
+        "--members {} leaves no partition of the topic's {partitions} (topics.partitions) for \
+         the member that joins mid-run: give fewer members or more partitions",
         args.members
     );
     let group = config.group().to_owned();
@@ -86,71 +89,26 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         })
         .await?;
     say!(
-        "keel demo: in-memory broker, topic `{TOPIC}` with {partitions} partitions, group `{group}` of {} members",
+        "keel demo: in-memory broker, topic `{TOPIC}` with {partitions} partitions, group `{group}` of {} members (one more joins and leaves mid-run)",
         args.members
     );
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let (progress_tx, mut progress) = watch::channel(0usize);
     let progress_tx = Arc::new(progress_tx);
+    let join = |number: u32, group: String| {
+        Member::start(
+            &transport,
+            Subscription::new(TOPIC, group).max_in_flight(config.consumer.max_in_flight),
+            number,
+            ledger.clone(),
+            progress_tx.clone(),
+        )
+    };
     let mut members = Vec::new();
-    for member in 1..=args.members {
-        let deliveries = transport
-            .subscribe(
-                Subscription::new(TOPIC, &group).max_in_flight(config.consumer.max_in_flight),
-            )
-            .await?;
-        let assignment = deliveries.assignment_changes();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let handler = handler_fn({
-            let (ledger, progress_tx) = (ledger.clone(), progress_tx.clone());
-            move |event: Envelope, _info: DeliveryInfo| {
-                let (ledger, progress_tx) = (ledger.clone(), progress_tx.clone());
-                async move {
-                    let (key, seq) = parse(&event)?;
-                    let distinct = {
-                        let mut l = ledger
-                            .lock()
-                            .map_err(|_| keel_core::Error::fatal("ledger poisoned"))?;
-                        l.per_key.entry(key).or_default().push(seq);
-                        *l.per_member.entry(member).or_default() += 1;
-                        *l.deliveries.entry(event.id()).or_default() += 1;
-                        l.distinct()
-                    };
-                    // The highest count wins: two handlers finishing
-                    // together may send theirs in either order, and a
-                    // lower one sent last would leave the run waiting for
-                    // an event already handled.
-                    progress_tx.send_if_modified(|handled| {
-                        let higher = distinct > *handled;
-                        if higher {
-                            *handled = distinct;
-                        }
-                        higher
-                    });
-                    Ok(())
-                }
-            }
-        });
-        let task = tokio::spawn(serve(
-            deliveries,
-            Arc::new(handler),
-            ServeOptions::default(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-        members.push(Member {
-            number: member,
-            assignment,
-            stop: Some(stop_tx),
-            task: Some(task),
-        });
+    for number in 1..=args.members {
+        members.push(join(number, group.clone()).await?);
     }
-    let before: Vec<Vec<u32>> = members
-        .iter()
-        .map(|m| m.assignment.borrow().clone())
-        .collect();
 
     let outbox = DemoOutbox::open(Arc::new(transport.clone())).await?;
     let publisher = {
@@ -159,17 +117,24 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         tokio::spawn(async move { outbox.write(events, keys).await })
     };
 
-    // Scale in mid-run: the last member leaves once a third is handled.
+    // Scale out a third of the way in: one more member joins and takes its
+    // share of the partitions; scale back two thirds in: it leaves and its
+    // partitions move back.
     let total = args.events as usize;
-    let leave_at = (total / 3).max(1);
+    let join_at = (total / 3).max(1);
+    let leave_at = (total * 2 / 3).max(join_at);
+    wait_for(&mut progress, join_at).await?;
+    let joined_after = *progress.borrow();
+    let mut extra = join(args.members + 1, group.clone()).await?;
+    let taken = extra.assigned().await?;
     wait_for(&mut progress, leave_at).await?;
-    let leaver = members.last_mut().context("no members")?;
     let left_after = *progress.borrow();
-    if let Some(stop) = leaver.stop.take() {
+    if let Some(stop) = extra.stop.take() {
         let _ = stop.send(());
     }
-    let leaver_report = leaver.join().await?;
-    let leaver_number = leaver.number;
+    let extra_report = extra.join().await?;
+    let extra_number = extra.number;
+    let extra_after = extra.assignment.borrow().clone();
 
     let writes = publisher.await.context("orders service task")??;
     wait_for(&mut progress, total).await?;
@@ -185,61 +150,59 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         member.join().await?;
     }
 
-    let ledger = ledger
-        .lock()
-        .map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
-    let redeliveries: u32 = ledger.deliveries.values().map(|n| n - 1).sum();
-    say!(
-        "  outbox     {total} events over {} keys committed in {} SQLite transactions ({} more rolled back); \
-         the relay published {relayed}, each acknowledged by the broker",
-        // Fewer events than keys use one key each.
-        args.keys.min(args.events),
-        writes.committed_transactions,
-        writes.rolled_back_transactions,
-    );
-    ensure!(
-        relayed == total as u64,
-        "the relay published {relayed} events for {total} committed"
-    );
-    ensure!(
-        !ledger.per_key.contains_key(ROLLED_BACK_KEY),
-        "an event of a rolled-back transaction was handled"
-    );
-    ensure!(
-        ledger.distinct() == total,
-        "only {} of {total} events were handled",
-        ledger.distinct()
-    );
-    let shares: Vec<String> = ledger
-        .per_member
-        .iter()
-        .map(|(m, n)| format!("#{m}: {n}"))
-        .collect();
-    say!(
-        "  handled    {total} of {total} events, {redeliveries} re-deliveries; per member {}",
-        shares.join(", ")
-    );
-
-    let mut keys_checked = 0;
-    for (key, seqs) in &ledger.per_key {
-        ensure!(
-            seqs.windows(2).all(|w| w[0] <= w[1]),
-            "per-key order broken for {key}: {seqs:?}"
+    // The ledger's lock is not held past this block (the replay awaits).
+    {
+        let ledger = ledger
+            .lock()
+            .map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
+        let redeliveries: u32 = ledger.deliveries.values().map(|n| n - 1).sum();
+        say!(
+            "  outbox     {total} events over {} keys committed in {} SQLite transactions ({} more rolled back); \
+             the relay published {relayed}, each acknowledged by the broker",
+            // Fewer events than keys use one key each.
+            args.keys.min(args.events),
+            writes.committed_transactions,
+            writes.rolled_back_transactions,
         );
-        keys_checked += 1;
-    }
-    say!(
-        "  order      held for all {keys_checked} keys: every key's events handled in publish order"
-    );
+        ensure!(
+            relayed == total as u64,
+            "the relay published {relayed} events for {total} committed"
+        );
+        ensure!(
+            !ledger.per_key.contains_key(ROLLED_BACK_KEY),
+            "an event of a rolled-back transaction was handled"
+        );
+        ensure!(
+            ledger.distinct() == total,
+            "only {} of {total} events were handled",
+            ledger.distinct()
+        );
+        let shares: Vec<String> = ledger
+            .per_member
+            .iter()
+            .map(|(m, n)| format!("#{m}: {n}"))
+            .collect();
+        say!(
+            "  handled    {total} of {total} events, {redeliveries} re-deliveries; per member {}",
+            shares.join(", ")
+        );
 
-    let moved: Vec<u32> = before[(leaver_number - 1) as usize].clone();
+        let keys_checked = check_order(&ledger)?;
+        say!(
+            "  order      held for all {keys_checked} keys: every key's events handled in publish order"
+        );
+    }
+
     ensure!(
-        !moved.is_empty(),
-        "member #{leaver_number} never owned a partition"
+        extra_after.is_empty(),
+        "member #{extra_number} kept partitions {extra_after:?} after it left"
     );
+    let mut owned: Vec<u32> = after.iter().flatten().copied().collect();
+    owned.sort_unstable();
     ensure!(
-        after[(leaver_number - 1) as usize].is_empty(),
-        "member #{leaver_number} kept partitions"
+        owned == (0..partitions).collect::<Vec<u32>>(),
+        "after member #{extra_number} left, the others own partitions {owned:?}, not each of \
+         0..{partitions} once"
     );
     let owners: Vec<String> = after
         .iter()
@@ -248,9 +211,10 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .map(|(i, a)| format!("#{} {:?}", i + 1, a))
         .collect();
     say!(
-        "  rebalance  member #{leaver_number} left after {left_after} events (it handled {}); \
-         its partitions {moved:?} moved: now {}",
-        leaver_report.handled,
+        "  rebalance  member #{extra_number} joined after {joined_after} events and took \
+         partitions {taken:?}; it handled {} and left after {left_after} events; its \
+         partitions moved back: now {}",
+        extra_report.handled,
         owners.join(", ")
     );
 
@@ -263,6 +227,40 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         "committed positions {committed:?} do not cover all {total} events"
     );
     say!("  committed  every partition of group `{group}` at the end of its log");
+
+    // Replay: a new group reads the topic again from the start of its log,
+    // as a team re-reads a topic after an incident.
+    let replay_group = format!("{group}-replay");
+    let replay = Arc::new(Mutex::new(Ledger::default()));
+    let (replay_tx, mut replayed) = watch::channel(0usize);
+    let mut reader = Member::start(
+        &transport,
+        Subscription::new(TOPIC, &replay_group)
+            .start_from(StartFrom::Earliest)
+            .max_in_flight(config.consumer.max_in_flight),
+        1,
+        replay.clone(),
+        Arc::new(replay_tx),
+    )
+    .await?;
+    wait_for(&mut replayed, total).await?;
+    if let Some(stop) = reader.stop.take() {
+        let _ = stop.send(());
+    }
+    reader.join().await?;
+    let replay = replay
+        .lock()
+        .map_err(|_| anyhow::anyhow!("replay ledger poisoned"))?;
+    ensure!(
+        replay.distinct() == total && !replay.per_key.contains_key(ROLLED_BACK_KEY),
+        "the replay read {} distinct events, not the {total} committed",
+        replay.distinct()
+    );
+    let keys_replayed = check_order(&replay)?;
+    say!(
+        "  replay     group `{replay_group}` re-read all {total} events from the start of the \
+         log, in order for all {keys_replayed} keys"
+    );
     say!("demo OK in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -275,6 +273,82 @@ struct Member {
 }
 
 impl Member {
+    /// Subscribes as member `number` and serves its deliveries, recording
+    /// each handled event in `ledger` and the count of distinct events
+    /// handled in `progress`.
+    async fn start(
+        transport: &MemoryTransport,
+        subscription: Subscription,
+        number: u32,
+        ledger: Arc<Mutex<Ledger>>,
+        progress: Arc<watch::Sender<usize>>,
+    ) -> anyhow::Result<Member> {
+        let deliveries = transport.subscribe(subscription).await?;
+        let assignment = deliveries.assignment_changes();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let handler = handler_fn(move |event: Envelope, _info: DeliveryInfo| {
+            let (ledger, progress) = (ledger.clone(), progress.clone());
+            async move {
+                let (key, seq) = parse(&event)?;
+                let distinct = {
+                    let mut l = ledger
+                        .lock()
+                        .map_err(|_| keel_core::Error::fatal("ledger poisoned"))?;
+                    l.per_key.entry(key).or_default().push(seq);
+                    *l.per_member.entry(number).or_default() += 1;
+                    *l.deliveries.entry(event.id()).or_default() += 1;
+                    l.distinct()
+                };
+                // The highest count wins: two handlers finishing together
+                // may send theirs in either order, and a lower one sent
+                // last would leave the run waiting for an event already
+                // handled.
+                progress.send_if_modified(|handled| {
+                    let higher = distinct > *handled;
+                    if higher {
+                        *handled = distinct;
+                    }
+                    higher
+                });
+                Ok(())
+            }
+        });
+        let task = tokio::spawn(serve(
+            deliveries,
+            Arc::new(handler),
+            ServeOptions::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(Member {
+            number,
+            assignment,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// Waits until the member owns partitions (the others hand theirs over
+    /// once their running handlers finish) and returns them.
+    async fn assigned(&mut self) -> anyhow::Result<Vec<u32>> {
+        let wait = self
+            .assignment
+            .wait_for(|partitions| !partitions.is_empty());
+        match tokio::time::timeout(STALL, wait).await {
+            Ok(Ok(partitions)) => Ok(partitions.to_vec()),
+            Ok(Err(_)) => bail!(
+                "member #{} stopped before it owned a partition",
+                self.number
+            ),
+            Err(_) => bail!(
+                "member #{} owned no partition {} s after it joined: the rebalance is stuck",
+                self.number,
+                STALL.as_secs()
+            ),
+        }
+    }
+
     async fn join(&mut self) -> anyhow::Result<keel_consumers::ServeReport> {
         match self.task.take() {
             Some(task) => Ok(task
@@ -450,6 +524,18 @@ fn remove_outbox_files(path: &std::path::Path) {
         file.push(suffix);
         let _ = std::fs::remove_file(file);
     }
+}
+
+/// Checks that every key's events were handled in publish order (a
+/// re-delivery may repeat one) and returns how many keys were checked.
+fn check_order(ledger: &Ledger) -> anyhow::Result<usize> {
+    for (key, seqs) in &ledger.per_key {
+        ensure!(
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "per-key order broken for {key}: {seqs:?}"
+        );
+    }
+    Ok(ledger.per_key.len())
 }
 
 fn parse(event: &Envelope) -> keel_core::Result<(String, u32)> {

@@ -122,8 +122,11 @@ fn demo_prints_what_it_proved() {
         "the relay published 3000",
         "handled    3000 of 3000 events",
         "order      held for all 50 keys",
-        "rebalance  member #3 left after",
+        "rebalance  member #4 joined after",
+        "its partitions moved back: now #1 [",
         "committed  every partition",
+        "replay     group `",
+        "re-read all 3000 events from the start of the log, in order for all 50 keys",
         "demo OK",
     ] {
         assert!(stdout.contains(line), "missing `{line}` in:\n{stdout}");
