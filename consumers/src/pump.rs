@@ -13,7 +13,7 @@
 //! assignment (lost and taken again, or re-opened by the transport), are
 //! stopped: the partition's owner runs their events again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,38 +84,73 @@ type Running = HashMap<Id, Handling>;
 /// before, and a transport re-opens a partition (reading it again from
 /// its last acknowledged position) without changing the list.
 fn stop_unowned(owned: &[u32], running: &mut Running) {
-    let mut stopped = 0usize;
+    let mut aborted = 0usize;
     running.retain(|_, handling| {
         // A delivery settled is not current either, but its task ends
         // without another await (`serve` and the router settle last):
-        // stopping it changes nothing, and it is not counted.
+        // stopping it changes nothing. One that ends before the abort
+        // takes effect is not reported as stopped (see [`Stopped`]).
         if handling.task.is_finished() {
             return true; // joined in the pump's next turn
         }
         let kept = owned.contains(&handling.partition) && handling.ownership.is_current();
         if !kept {
             handling.task.abort();
-            stopped += 1;
+            aborted += 1;
         }
         kept
     });
-    if stopped > 0 {
-        tracing::warn!(
-            stopped,
+    if aborted > 0 {
+        tracing::debug!(
+            aborted,
             ?owned,
-            "stopped handlers of partitions this member no longer owns, or owns under a later assignment; their events are delivered again"
+            "stopping handlers of partitions no longer owned"
         );
     }
 }
 
-/// Forgets a finished task; reports a panic outside the handler.
-fn finished(running: &mut Running, result: std::result::Result<(Id, ()), tokio::task::JoinError>) {
-    let id = match &result {
-        Ok((id, ())) => *id,
-        Err(e) => e.id(),
-    };
-    running.remove(&id);
-    report_panic(result.map(|_| ()));
+/// Handler tasks that [`stop_unowned`] actually stopped (joined as
+/// cancelled), by partition, until reported. A task that had settled its
+/// delivery and was only ending when the abort came completes instead, and
+/// is not counted: its event is not delivered again.
+#[derive(Default)]
+struct Stopped(BTreeMap<u32, usize>);
+
+impl Stopped {
+    /// Forgets a finished task; counts it if it was stopped, and reports a
+    /// panic outside the handler.
+    fn finished(
+        &mut self,
+        running: &mut Running,
+        result: std::result::Result<(Id, ()), tokio::task::JoinError>,
+    ) {
+        let id = match &result {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let handling = running.remove(&id);
+        if let (Err(e), Some(handling)) = (&result, handling)
+            && e.is_cancelled()
+        {
+            *self.0.entry(handling.partition).or_default() += 1;
+        }
+        report_panic(result.map(|_| ()));
+    }
+
+    /// Says what was stopped since the last report, once.
+    fn report(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let stopped: usize = self.0.values().sum();
+        let partitions: Vec<u32> = self.0.keys().copied().collect();
+        tracing::warn!(
+            stopped,
+            ?partitions,
+            "stopped handlers of partitions this member no longer owns, or owns under a later assignment; their events are delivered again"
+        );
+        self.0.clear();
+    }
 }
 
 /// Runs `work` on every item of `deliveries`, at most `permits` at once
@@ -139,6 +174,7 @@ where
     deliveries.begin_on_read(false);
     let mut tasks = JoinSet::new();
     let mut running = Running::new();
+    let mut stopped = Stopped::default();
     // A stream, not `changed()` in each turn's select: its wait stays
     // registered between turns instead of being set up and torn down for
     // every event.
@@ -149,8 +185,9 @@ where
     let mut last_call: Option<Pin<Box<Sleep>>> = None;
     let outcome = 'pump: loop {
         while let Some(result) = tasks.try_join_next_with_id() {
-            finished(&mut running, result);
+            stopped.finished(&mut running, result);
         }
+        stopped.report();
         if last_call.is_some() && deliveries.ready_to_leave() {
             break Ok(());
         }
@@ -169,7 +206,7 @@ where
             // While leaving, a handler's settlement may be the last one
             // needed: look again when one ends.
             Some(result) = tasks.join_next_with_id(), if last_call.is_some() => {
-                finished(&mut running, result);
+                stopped.finished(&mut running, result);
                 continue;
             }
             Some(owned) = assignment.next() => {
@@ -219,7 +256,7 @@ where
                         // pool is shared): this pump's own handler ending may
                         // be the last settlement the leave waits for.
                         Some(result) = tasks.join_next_with_id(), if last_call.is_some() => {
-                            finished(&mut running, result);
+                            stopped.finished(&mut running, result);
                             if deliveries.ready_to_leave() {
                                 break 'pump Ok(());
                             }
@@ -268,13 +305,13 @@ where
     // Nothing more is taken: a revocation from now on waits only for the
     // handlers running.
     deliveries.stop_taking();
-    let running = async {
-        while let Some(finished) = tasks.join_next().await {
-            report_panic(finished);
+    let ending = async {
+        while let Some(result) = tasks.join_next_with_id().await {
+            stopped.finished(&mut running, result);
         }
     };
     match deliveries.drain_timeout() {
-        None => running.await,
+        None => ending.await,
         Some(limit) => {
             // A leave that first ran what the transport still delivered
             // keeps to one drain timeout in all.
@@ -284,7 +321,7 @@ where
                     .saturating_duration_since(tokio::time::Instant::now()),
                 None => limit,
             };
-            if tokio::time::timeout(limit, running).await.is_err() {
+            if tokio::time::timeout(limit, ending).await.is_err() {
                 // Handlers stuck past the transport's drain timeout would
                 // hold the leave (and the process) for ever: dropped, their
                 // events are nacked and go to the next owner uncommitted,
@@ -298,6 +335,7 @@ where
             }
         }
     }
+    stopped.report();
     let left = deliveries.leave().await;
     outcome?;
     left
@@ -388,6 +426,44 @@ mod tests {
         fn is_current(&self, token: u64) -> bool {
             !self.stale.lock().unwrap().contains(&token)
         }
+    }
+
+    /// Only a task the abort actually stopped counts as stopped: one that
+    /// had settled and completed before the abort came is not reported
+    /// (its event is not delivered again), nor is one that ended on its own.
+    #[tokio::test]
+    async fn only_handlers_the_abort_stopped_are_reported_as_stopped() {
+        let owner = Arc::new(Owner::default());
+        let ownership = |token| delivery_on(&owner, token, token as u32).ownership();
+        let mut tasks = JoinSet::new();
+        let mut running = Running::new();
+        let done = tasks.spawn(async {});
+        let stuck = tasks.spawn(std::future::pending());
+        for (handle, partition) in [(&done, 1), (&stuck, 2)] {
+            running.insert(
+                handle.id(),
+                Handling {
+                    partition,
+                    ownership: ownership(u64::from(partition)),
+                    task: handle.clone(),
+                },
+            );
+        }
+        // The first task has run to its end before the aborts: stopping it
+        // changes nothing.
+        while !done.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        done.abort();
+        stuck.abort();
+        let mut stopped = Stopped::default();
+        while let Some(result) = tasks.join_next_with_id().await {
+            stopped.finished(&mut running, result);
+        }
+        assert!(running.is_empty());
+        assert_eq!(stopped.0, BTreeMap::from([(2, 1)]));
+        stopped.report();
+        assert!(stopped.0.is_empty(), "reported once");
     }
 
     /// Deliveries of `tokens` (positions alike, a key each) settled by `owner`.
