@@ -261,6 +261,67 @@ async fn a_bad_event_fails_its_batch_before_anything_is_sent() {
     assert!(e.to_string().contains("no-such-topic-here"), "{e}");
 }
 
+/// A stream's size limit raised after the publisher refused an event by
+/// it (the fix for outbox rows parked as too large): the same publisher
+/// stores the event once asked again, without a restart — through
+/// `publish`, `publish_batch` and `publish_each` (the relay's) alike.
+#[tokio::test]
+async fn a_size_limit_raised_on_the_server_is_seen_by_the_same_publisher() {
+    async fn publish(s: &Setup, way: &str, event: Envelope) -> keel_core::Result<()> {
+        match way {
+            "publish" => s.publisher.publish(&s.topic, event).await.map(drop),
+            "publish_batch" => s
+                .publisher
+                .publish_batch(&s.topic, vec![event])
+                .await
+                .map(drop),
+            _ => match s
+                .publisher
+                .publish_each(&s.topic, vec![event], Duration::from_secs(5))
+                .await
+                .pop()
+            {
+                Some(keel_core::Sent::Stored(_)) => Ok(()),
+                Some(keel_core::Sent::Failed(e)) => Err(e),
+                other => panic!("one outcome expected: {other:?}"),
+            },
+        }
+    }
+    for way in ["publish", "publish_batch", "publish_each"] {
+        let s = setup(
+            1,
+            StreamSettings {
+                max_message_size: Some(2048),
+                ..StreamSettings::default()
+            },
+        )
+        .await;
+        let big = || Envelope::new("keel.test.Big", "k", vec![b'x'; 4096]);
+        let e = publish(&s, way, big()).await.unwrap_err();
+        assert!(e.to_string().contains("max_message_size"), "{way}: {e}");
+        let js = s.client.jetstream().await.unwrap();
+        let mut config = js
+            .get_stream(&s.topic)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        config.max_message_size = 64 * 1024;
+        js.update_stream(config).await.unwrap();
+        // The publisher reads a stream again at most once a second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        publish(&s, way, big())
+            .await
+            .unwrap_or_else(|e| panic!("{way}: {e}"));
+        let d = s.admin.describe_topic(&s.topic).await.unwrap();
+        assert_eq!(d.messages_per_partition, vec![1], "{way}");
+        s.admin.delete_topic(&s.topic).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn streams_are_created_once_and_never_changed_silently() {
     let s = setup(4, StreamSettings::default()).await;

@@ -94,7 +94,16 @@ struct StreamShape {
     max_message_size: Option<usize>,
     /// The server's `max_payload` when the stream was looked up.
     max_payload: usize,
+    /// When the stream was looked up (see [`SHAPE_RECHECK`]).
+    read_at: std::time::Instant,
 }
+
+/// A cached stream shape that refuses an event by size is read again when
+/// it is at least this old: the limit may have been raised since (the fix
+/// for rows the outbox relay parked as too large, then requeued). Younger
+/// answers stand, so a run of oversized events costs a lookup a second at
+/// most.
+const SHAPE_RECHECK: Duration = Duration::from_secs(1);
 
 /// An event ready to send.
 struct Prepared {
@@ -336,12 +345,36 @@ impl JetStreamPublisher {
             max_message_size: usize::try_from(info.config.max_message_size)
                 .ok()
                 .filter(|s| *s > 0),
+            read_at: std::time::Instant::now(),
         };
         self.shapes
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(topic.to_owned(), shape.clone());
         Ok(shape)
+    }
+
+    /// The stream's shape read again when `shape`, which refused an event
+    /// by size, is older than [`SHAPE_RECHECK`]; `None` when it is recent.
+    async fn reread(&self, topic: &str, shape: &StreamShape) -> Result<Option<StreamShape>> {
+        if shape.read_at.elapsed() < SHAPE_RECHECK {
+            return Ok(None);
+        }
+        self.forget_shape(topic);
+        self.shape(topic).await.map(Some)
+    }
+
+    /// The shape `event` is checked against, and the check: a refusal by
+    /// an old shape is checked again against the stream as it is now.
+    async fn checked(&self, topic: &str, event: &Envelope) -> Result<StreamShape> {
+        let shape = self.shape(topic).await?;
+        match self.check(topic, &shape, event) {
+            Ok(()) => Ok(shape),
+            Err(e) => match self.reread(topic, &shape).await? {
+                Some(fresh) => self.check(topic, &fresh, event).map(|()| fresh),
+                None => Err(e),
+            },
+        }
     }
 
     fn forget_shape(&self, topic: &str) {
@@ -516,8 +549,7 @@ impl JetStreamPublisher {
         event: Envelope,
         expected: u64,
     ) -> Result<Receipt> {
-        let shape = self.shape(topic).await?;
-        self.check(topic, &shape, &event)?;
+        let shape = self.checked(topic, &event).await?;
         let mut prepared = self.prepare(topic, &shape, &event)?;
         prepared.message = prepared.message.expected_last_subject_sequence(expected);
         let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
@@ -759,8 +791,7 @@ impl Publisher for JetStreamPublisher {
     async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic, partition = tracing::field::Empty);
         async {
-            let shape = self.shape(topic).await?;
-            self.check(topic, &shape, &event)?;
+            let shape = self.checked(topic, &event).await?;
             let prepared = self.prepare(topic, &shape, &event)?;
             tracing::Span::current().record("partition", prepared.partition);
             let (partition, ack) = self.send(topic, &event.id(), prepared).await?;
@@ -772,18 +803,27 @@ impl Publisher for JetStreamPublisher {
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
-        let shape = self.shape(topic).await?;
+        let mut shape = self.shape(topic).await?;
         // Everything is checked before anything is sent.
-        events.iter().enumerate().try_for_each(|(i, e)| {
-            self.check(topic, &shape, e).map_err(|err| {
-                crate::batch_failure(
-                    err,
-                    topic,
-                    e.id(),
-                    format!("event {} of {}; nothing was sent", i + 1, events.len()),
-                )
+        let check_all = |shape: &StreamShape| {
+            events.iter().enumerate().try_for_each(|(i, e)| {
+                self.check(topic, shape, e).map_err(|err| {
+                    crate::batch_failure(
+                        err,
+                        topic,
+                        e.id(),
+                        format!("event {} of {}; nothing was sent", i + 1, events.len()),
+                    )
+                })
             })
-        })?;
+        };
+        if let Err(e) = check_all(&shape) {
+            let Some(fresh) = self.reread(topic, &shape).await? else {
+                return Err(e);
+            };
+            check_all(&fresh)?;
+            shape = fresh;
+        }
         let (done, stopped) = self
             .send_batch(topic, &shape, &events, events.len(), None)
             .await;
@@ -836,17 +876,25 @@ impl Publisher for JetStreamPublisher {
             }
         };
         // The events before the first that cannot go out as it is go.
-        let mut refused = None;
-        let sendable = events
-            .iter()
-            .position(|event| match self.check(topic, &shape, event) {
-                Ok(()) => false,
-                Err(e) => {
-                    refused = Some(e);
-                    true
-                }
-            })
-            .unwrap_or(total);
+        let first_refused = |shape: &StreamShape| {
+            events
+                .iter()
+                .enumerate()
+                .find_map(|(i, event)| self.check(topic, shape, event).err().map(|e| (i, e)))
+        };
+        let mut refused = first_refused(&shape);
+        let mut shape = shape;
+        if refused.is_some()
+            && let Ok(Some(fresh)) =
+                crate::bounded(topic, Some(limit), self.reread(topic, &shape)).await
+        {
+            refused = first_refused(&fresh);
+            shape = fresh;
+        }
+        let (sendable, refused) = match refused {
+            Some((i, e)) => (i, Some(e)),
+            None => (total, None),
+        };
         let (done, stopped) = self
             .send_batch(topic, &shape, &events, sendable, Some(limit))
             .await;
@@ -924,12 +972,20 @@ impl Publisher for JetStreamPublisher {
             size += name.len() + value.len() + 4;
             headers.insert(name, value.as_str());
         }
-        let limit = [shape.max_message_size, Some(shape.max_payload)]
-            .into_iter()
-            .flatten()
-            .filter(|l| *l > 0)
-            .min();
-        if let Some(limit) = limit
+        let limit = |shape: &StreamShape| {
+            [shape.max_message_size, Some(shape.max_payload)]
+                .into_iter()
+                .flatten()
+                .filter(|l| *l > 0)
+                .min()
+        };
+        let mut shape = shape;
+        if limit(&shape).is_some_and(|limit| size > limit)
+            && let Some(fresh) = self.reread(topic, &shape).await?
+        {
+            shape = fresh;
+        }
+        if let Some(limit) = limit(&shape)
             && size > limit
         {
             return Err(publish_error(
