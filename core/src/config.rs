@@ -657,23 +657,59 @@ pub fn redact(text: &str) -> String {
         .join(",")
 }
 
-/// `text` with the value of every `password` parameter (PostgreSQL's
-/// `?password=…`) replaced by `***`.
+/// Query parameters whose values are secrets (compared without case):
+/// PostgreSQL's `password`, and the API keys and tokens a registry or proxy
+/// may take in its URL.
+const SECRET_PARAMS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "sslpassword",
+    "secret",
+    "client_secret",
+    "token",
+    "access_token",
+    "auth_token",
+    "auth",
+    "apikey",
+    "api_key",
+    "api-key",
+    "key",
+    "sig",
+    "signature",
+    "credentials",
+];
+
+/// `text` with the value of every secret query parameter
+/// ([`SECRET_PARAMS`], e.g. PostgreSQL's `?password=…`, a registry's
+/// `?apikey=…`) replaced by `***`.
 fn redact_query(tail: &str) -> String {
     let mut out = String::with_capacity(tail.len());
     let mut rest = tail;
-    while let Some(at) = rest.to_ascii_lowercase().find("password=") {
-        let starts_param = at == 0 || rest[..at].ends_with(['?', '&', ';']);
-        let value = at + "password=".len();
-        out.push_str(&rest[..value]);
-        rest = &rest[value..];
-        if starts_param {
-            let end = rest.find(['&', '#', ';']).unwrap_or(rest.len());
-            out.push_str("***");
-            rest = &rest[end..];
+    // A parameter starts the text (a query cut by a list's `,` split) or
+    // follows `?`, `&` or `;`.
+    let mut at_param = true;
+    while !rest.is_empty() {
+        if at_param {
+            let name_end = rest.find(['=', '?', '&', ';', '#', '/', '@', ':']);
+            if let Some(eq) = name_end.filter(|&i| rest[i..].starts_with('='))
+                && SECRET_PARAMS
+                    .iter()
+                    .any(|secret| rest[..eq].eq_ignore_ascii_case(secret))
+            {
+                out.push_str(&rest[..=eq]);
+                out.push_str("***");
+                let value = &rest[eq + 1..];
+                rest = &value[value.find(['&', '#', ';']).unwrap_or(value.len())..];
+                at_param = false;
+                continue;
+            }
         }
+        let Some(c) = rest.chars().next() else { break };
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+        at_param = matches!(c, '?' | '&' | ';');
     }
-    out.push_str(rest);
     out
 }
 
@@ -892,6 +928,16 @@ mod tests {
                 "http://nu:S3cretReg@127.0.0.1:1",
                 "http://nu:***@127.0.0.1:1",
             ),
+            // A registry's API key or token in its query.
+            (
+                "http://127.0.0.1:18999/?apikey=RegKey",
+                "http://127.0.0.1:18999/?apikey=***",
+            ),
+            (
+                "https://r.example/x?a=1&Token=t0k;api_key=k#frag",
+                "https://r.example/x?a=1&Token=***;api_key=***#frag",
+            ),
+            ("http://h/?keys=1&monkey=2", "http://h/?keys=1&monkey=2"),
         ] {
             assert_eq!(redact(url), shown);
         }

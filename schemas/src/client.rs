@@ -190,7 +190,7 @@ impl RegistryClient {
             }
         }
         let http = builder.build().map_err(|e| SchemaError::Unreachable {
-            url: base.to_string(),
+            url: self::shown(&base),
             cause: chain(&e).into(),
         })?;
         Ok(RegistryClient {
@@ -211,7 +211,10 @@ impl RegistryClient {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| {
-                SchemaError::Settings(format!("registry URL `{}` cannot have a path", self.base))
+                SchemaError::Settings(format!(
+                    "registry URL `{}` cannot have a path",
+                    shown(&self.base)
+                ))
             })?
             .pop_if_empty()
             .extend(segments);
@@ -230,6 +233,8 @@ impl RegistryClient {
     ) -> Result<T> {
         let mut delay = self.options.backoff;
         let mut attempt = 0;
+        // For messages: no key or token of the query.
+        let shown_url = shown(&url);
         loop {
             let mut request = self
                 .http
@@ -255,9 +260,12 @@ impl RegistryClient {
                         Ok(text) => text,
                         Err(Some(e)) => {
                             break 'answer SchemaError::Unreachable {
-                                url: self.base.to_string(),
-                                cause: format!("the answer from {url} broke off: {}", chain(&e))
-                                    .into(),
+                                url: shown(&self.base),
+                                cause: format!(
+                                    "the answer from {shown_url} broke off: {}",
+                                    chain(&e.without_url())
+                                )
+                                .into(),
                             };
                         }
                         Err(None) => {
@@ -265,7 +273,7 @@ impl RegistryClient {
                                 status: status.as_u16(),
                                 code: 0,
                                 message: format!(
-                                    "the answer from {url} is larger than {} MiB; \
+                                    "the answer from {shown_url} is larger than {} MiB; \
                                      is this URL a schema registry?",
                                     MAX_ANSWER_BYTES >> 20
                                 ),
@@ -276,7 +284,7 @@ impl RegistryClient {
                         return serde_json::from_str(&text).map_err(|e| SchemaError::Registry {
                             status: status.as_u16(),
                             code: 0,
-                            message: format!("unexpected answer from {url}: {e}"),
+                            message: format!("unexpected answer from {shown_url}: {e}"),
                         });
                     }
                     let error = match serde_json::from_str::<ErrorBody>(&text) {
@@ -290,7 +298,7 @@ impl RegistryClient {
                             code: i64::from(status.as_u16()),
                             message: if text.trim().is_empty() {
                                 format!(
-                                    "{} from {url} with no error body (is this URL a \
+                                    "{} from {shown_url} with no error body (is this URL a \
                                      Confluent-compatible schema registry?)",
                                     status.canonical_reason().unwrap_or("no answer")
                                 )
@@ -306,8 +314,8 @@ impl RegistryClient {
                     }
                 }
                 Err(e) => SchemaError::Unreachable {
-                    url: self.base.to_string(),
-                    cause: chain(&e).into(),
+                    url: shown(&self.base),
+                    cause: chain(&e.without_url()).into(),
                 },
             };
             if attempt >= self.options.retries {
@@ -482,6 +490,12 @@ impl RegistryClient {
 
 /// An error and its causes on one line (reqwest's own message omits the
 /// cause, e.g. "connection refused").
+/// `url` for a message: credentials and secret query parameters (an API
+/// key, a token) masked.
+fn shown(url: &Url) -> String {
+    keel_core::config::redact(url.as_str())
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
@@ -661,6 +675,18 @@ mod tests {
             .await
             .expect_err("nothing listens there");
         assert!(!unreachable.to_string().contains("S3cret"), "{unreachable}");
+        // An API key or token in the query (for a proxy in front of the
+        // registry) is sent along but never shown either.
+        let unreachable = RegistryClient::new("http://127.0.0.1:1/?apikey=RegKey", quick.clone())
+            .expect("client")
+            .subjects()
+            .await
+            .expect_err("nothing listens there")
+            .to_string();
+        assert!(
+            !unreachable.contains("RegKey") && unreachable.contains("apikey=***"),
+            "{unreachable}"
+        );
         for bad in ["ftp://nu:S3cret@h", "ht!tp://nu:S3cret@h"] {
             let e = RegistryClient::new(bad, quick.clone()).expect_err("refused");
             assert!(!e.to_string().contains("S3cret"), "{e}");
