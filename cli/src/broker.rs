@@ -726,11 +726,29 @@ fn offsets(text: &str) -> anyhow::Result<ResetTo> {
 }
 
 pub(crate) fn rfc3339(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
-    let at: DateTime<Utc> = DateTime::parse_from_rfc3339(text)
-        .with_context(|| format!("{flag} `{text}` is not RFC 3339 (e.g. 2026-11-27T12:00:00Z)"))?
-        .into();
+    let at: DateTime<Utc> = match DateTime::parse_from_rfc3339(text) {
+        Ok(at) => at.into(),
+        Err(e) => {
+            // chrono says only "premature end of input" for the two usual
+            // slips; name them.
+            let date = text.get(..10).unwrap_or(text);
+            let why = if DateTime::parse_from_rfc3339(&format!("{text}Z")).is_ok() {
+                "it has no time-zone offset: add `Z` for UTC, or one like `+01:00`".to_owned()
+            } else if chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_err() {
+                format!("`{date}` is not a date (year-month-day)")
+            } else if text.len() == 10 {
+                "it is a date without a time: add one, e.g. `T00:00:00Z`".to_owned()
+            } else {
+                e.to_string()
+            };
+            bail!("{flag} `{text}` is not an RFC 3339 time (e.g. 2026-11-27T12:00:00Z): {why}");
+        }
+    };
     if at.timestamp_millis() < 0 {
-        bail!("{flag} `{text}` is before 1970; Kafka timestamps start at the Unix epoch");
+        bail!(
+            "{flag} `{text}` is before 1970: event times start at the Unix epoch; give \
+             1970-01-01T00:00:00Z or later"
+        );
     }
     Ok(at)
 }
@@ -1048,6 +1066,25 @@ pub(crate) async fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_that_are_not_rfc_3339_say_what_is_missing() {
+        let e = |text: &str| rfc3339("--since", text).expect_err(text).to_string();
+        assert!(e("2026-12-04 11:12:30").contains("no time-zone offset"));
+        assert!(e("2026-12-04T11:12:30").contains("no time-zone offset"));
+        assert!(e("2026-13-04").contains("`2026-13-04` is not a date"));
+        assert!(e("2026-12-04").contains("a date without a time"));
+        assert!(e("yesterday").contains("is not a date"));
+        let before = e("1900-01-01T00:00:00Z");
+        assert!(
+            before.contains("before 1970") && !before.contains("Kafka"),
+            "{before}"
+        );
+        assert_eq!(
+            rfc3339("--since", "2026-12-04 11:12:30Z").expect("a space is RFC 3339's too"),
+            rfc3339("--since", "2026-12-04T11:12:30Z").expect("valid"),
+        );
+    }
 
     #[test]
     fn a_kafka_partition_ends_at_its_last_offset_whatever_gaps_lie_below() {

@@ -427,6 +427,14 @@ fn bad_flags_and_environment_are_refused_by_name() {
         "{}",
         text(&out.stderr)
     );
+    // An empty config that is no regular file (`/dev/null`) is read, not
+    // called missing.
+    let out = keel(
+        &["--config", "/dev/null", "demo", "--events", "10"],
+        dir.path(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
     let out = keel(&["demo", "--events", "0"], dir.path(), &[]);
     assert_eq!(

@@ -522,7 +522,9 @@ impl KeelConfig {
                     ),
                 ));
             }
-            if !path.is_file() {
+            // Not `is_file`: `/dev/null` or a pipe is a config to read
+            // (empty, or what another program writes), not a missing file.
+            if !path.exists() {
                 return Err(Error::config(
                     "config",
                     format!("config file `{}` does not exist", path.display()),
