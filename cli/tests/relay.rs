@@ -97,6 +97,32 @@ async fn relay_publishes_serves_metrics_and_stops_on_sigterm() {
     // The relay migrates the outbox; enqueue once the tables are there
     // (the archive comes with the last migration, each of which commits on
     // its own: the leases table of the first is not enough).
+    // Every counter is there from the start, at 0 (rate() and absence
+    // alerts need the series before the first row is published).
+    let scrape = || async {
+        match reqwest::get(format!("http://localhost:{port}/metrics")).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+    let started = Instant::now();
+    let before = loop {
+        let metrics = scrape().await;
+        if metrics.contains("keel_outbox_parked_total")
+            || started.elapsed() > Duration::from_secs(30)
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for counter in [
+        "keel_outbox_published_total 0",
+        "keel_outbox_publish_failures_total 0",
+        "keel_outbox_parked_total 0",
+        "keel_outbox_failed_batches_total 0",
+    ] {
+        assert!(before.contains(counter), "no `{counter}` in:\n{before}");
+    }
     let pool = PgPool::connect(&url).await.expect("connect");
     enqueue_three_once_migrated(&pool, &topic).await;
     wait_for_archived(&pool, 3, Duration::from_secs(30)).await;

@@ -775,6 +775,16 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time to claim, publish and mark one batch"
     );
+    // Every counter is exported from the start, at 0: `rate()` and alerts
+    // on a series' absence then work before the first row is published.
+    for counter in [
+        "keel_outbox_published_total",
+        "keel_outbox_publish_failures_total",
+        "keel_outbox_parked_total",
+        "keel_outbox_failed_batches_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
 }
 
 /// What became of one batch at the broker.
