@@ -406,7 +406,11 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                 "lag"
             );
             for p in &lags {
-                let position = p.position.map_or("-".to_owned(), |c| c.to_string());
+                let position = match (p.position, p.starts_at) {
+                    (Some(sequence), _) => sequence.to_string(),
+                    (None, Some(_)) => "by time".to_owned(),
+                    (None, None) => "-".to_owned(),
+                };
                 say!(
                     "{:>9}  {position:>12}  {:>12}  {:>12}  {:>10}",
                     p.partition,
@@ -421,7 +425,27 @@ pub(crate) async fn lag(config: &KeelConfig, args: LagArgs) -> anyhow::Result<()
                 args.group,
                 args.topic
             );
-            if lags.iter().all(|p| p.position.is_none()) {
+            let by_time: Vec<(u32, String)> = lags
+                .iter()
+                .filter(|p| p.position.is_none())
+                .filter_map(|p| p.starts_at.map(|at| (p.partition, at.to_rfc3339())))
+                .collect();
+            if let Some((_, first)) = by_time.first() {
+                let partitions: Vec<u32> = by_time.iter().map(|(p, _)| *p).collect();
+                let mut times: Vec<&str> = by_time.iter().map(|(_, t)| t.as_str()).collect();
+                times.dedup();
+                let when = if times.len() == 1 {
+                    first.clone()
+                } else {
+                    times.join(" / ")
+                };
+                say!(
+                    "group {} was reset to {when} and has not read from there yet on partitions \
+                     {partitions:?}: each starts with its first event at or after that time (the \
+                     sequence shows once read)",
+                    args.group
+                );
+            } else if lags.iter().all(|p| p.position.is_none()) {
                 say!(
                     "group {} has committed nothing on {} (a misspelt name, or a group that has \
                      not run on it yet)",

@@ -381,7 +381,11 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     s.publisher.publish_batch(&s.topic, batch).await.unwrap();
     let before = s.admin.lag(&group, &s.topic).await.unwrap();
     assert_eq!(before.iter().map(|p| p.lag()).sum::<u64>(), 10);
-    assert!(before.iter().all(|p| p.position.is_none()));
+    assert!(
+        before
+            .iter()
+            .all(|p| p.position.is_none() && p.starts_at.is_none())
+    );
 
     let mut member = join(&s.client, &s.topic, &group).await;
     read_acked(&mut member, 10).await;
@@ -396,6 +400,30 @@ async fn lag_counts_what_the_group_has_not_handled_and_reset_replays() {
     let after = s.admin.lag(&group, &s.topic).await.unwrap();
     assert_eq!(after.iter().map(|p| p.lag()).sum::<u64>(), 0, "{after:?}");
     assert!(after.iter().all(|p| p.position.is_some()));
+
+    // Reset to a time before everything: the group's start is that time
+    // until it reads (not "committed nothing"), and all is pending again.
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    s.admin
+        .reset_group(
+            &group,
+            &s.topic,
+            ResetTo::Timestamp(hour_ago.timestamp_millis()),
+            Duration::from_secs(4),
+        )
+        .await
+        .unwrap();
+    let by_time = s.admin.lag(&group, &s.topic).await.unwrap();
+    assert_eq!(
+        by_time.iter().map(|p| p.lag()).sum::<u64>(),
+        10,
+        "{by_time:?}"
+    );
+    for p in &by_time {
+        assert!(p.position.is_none(), "{p:?}");
+        let at = p.starts_at.expect("a start by time");
+        assert_eq!(at.timestamp_millis(), hour_ago.timestamp_millis(), "{p:?}");
+    }
 
     s.admin
         .reset_group(&group, &s.topic, ResetTo::Earliest, Duration::from_secs(4))

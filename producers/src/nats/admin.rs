@@ -161,6 +161,10 @@ pub struct PartitionPending {
     /// The next stream sequence the group will handle (its ack floor + 1),
     /// if it has a position on this partition.
     pub position: Option<u64>,
+    /// Where the group starts when it was set to a time (`keel group reset
+    /// --to-datetime`) and has not read from there yet: the first event at
+    /// or after it (its sequence is known once delivered).
+    pub starts_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Events not yet delivered to the group.
     pub pending: u64,
     /// Events delivered but not yet acknowledged.
@@ -733,12 +737,19 @@ impl JetStreamAdmin {
                 Ok(info) => out.push(PartitionPending {
                     partition: p,
                     position: next_sequence(&info),
+                    starts_at: match resume_policy(&info) {
+                        consumer::DeliverPolicy::ByStartTime { start_time } => {
+                            Some(start_time.with_timezone(&chrono::Utc))
+                        }
+                        _ => None,
+                    },
                     pending: info.num_pending,
                     ack_pending: info.num_ack_pending as u64,
                 }),
                 Err(e) if is_not_found(&e) => out.push(PartitionPending {
                     partition: p,
                     position: None,
+                    starts_at: None,
                     pending: description
                         .messages_per_partition
                         .get(p as usize)
