@@ -526,23 +526,41 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
             } else {
                 bail!("say where to: --to-earliest, --to-latest, --to-datetime or --to-offset");
             };
-            match broker {
+            // Whether the group had a position before (a reset of a name
+            // never used sets one up, as Kafka's own tool does: said, so a
+            // misspelt name does not pass unnoticed).
+            let new_group = match broker {
                 Broker::Kafka(client) => {
                     let admin = KafkaAdmin::new(&client, -1)?;
+                    let before = admin.lag(&args.group, &args.topic).await?;
                     let positions = admin.reset_group(&args.group, &args.topic, to).await?;
                     for (partition, offset) in positions {
                         say!("{}\tpartition {partition}\t-> {offset}", args.topic);
                     }
+                    before.iter().all(|p| p.committed.is_none())
                 }
                 Broker::Nats(client) => {
                     let admin = JetStreamAdmin::connect(&client).await?;
+                    let before = admin.lag(&args.group, &args.topic).await?;
                     let positions = admin
                         .reset_group(&args.group, &args.topic, to, NATS_LIVENESS)
                         .await?;
                     for (partition, start) in positions {
                         say!("{}\tpartition {partition}\t-> {start}", args.topic);
                     }
+                    before
+                        .iter()
+                        .all(|p| p.position.is_none() && p.starts_at.is_none())
                 }
+            };
+            if new_group {
+                note!(
+                    "group `{}` had no position on `{}` before: it starts where shown when it \
+                     first runs (if the name is misspelt, reset the right one; this one is \
+                     left set up)",
+                    args.group,
+                    args.topic
+                );
             }
         }
     }

@@ -1066,6 +1066,29 @@ fn broker_commands(broker: &str, partitions: usize) {
     let reset = reset_to_earliest();
     assert_eq!(reset.lines().count(), partitions, "{reset}");
     assert!(run(&["group", "list"]).contains(&group));
+    // A reset of a name with no position (misspelt?) says so; of a group
+    // that had one, it does not.
+    let reset_stderr = |group: &str| {
+        let out = keel(
+            &[
+                "group",
+                "reset",
+                "--group",
+                group,
+                "--topic",
+                &topic,
+                "--to-earliest",
+            ],
+            dir.path(),
+            &env,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let fresh = reset_stderr(&format!("{group}-fresh"));
+    assert!(fresh.contains("had no position"), "{fresh}");
+    let known = reset_stderr(&group);
+    assert!(!known.contains("had no position"), "{known}");
     // The reset group reads everything again.
     let again = run(&[
         "tail", "--topic", &topic, "--group", &group, "--count", "10",
