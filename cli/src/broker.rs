@@ -236,10 +236,14 @@ pub(crate) async fn publisher(
 
 pub(crate) fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broker> {
     match &config.broker {
-        BrokerUrl::Kafka { bootstrap } => Ok(Broker::Kafka(KafkaClientConfig {
-            security: config.kafka.clone(),
-            ..KafkaClientConfig::new(bootstrap.clone())
-        })),
+        BrokerUrl::Kafka { bootstrap } => {
+            let client = KafkaClientConfig {
+                security: config.kafka.clone(),
+                ..KafkaClientConfig::new(bootstrap.clone())
+            };
+            say_if_kafka_is_silent(&client);
+            Ok(Broker::Kafka(client))
+        }
         BrokerUrl::Nats { servers } => Ok(Broker::Nats(NatsClientConfig {
             auth: config.nats.clone(),
             ..NatsClientConfig::new(servers.join(","))
@@ -249,6 +253,36 @@ pub(crate) fn broker(config: &KeelConfig, command: &str) -> anyhow::Result<Broke
              the configured broker is {other}"
         ),
     }
+}
+
+/// How long a Kafka broker may keep silent before the command says it is
+/// still waiting.
+const KAFKA_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// librdkafka waits for an unreachable broker as long as each request's
+/// timeout (30 s by default) without a word: once per process, a thread of
+/// its own asks the broker and, with no answer within [`KAFKA_PATIENCE`],
+/// says so on stderr while the command goes on waiting. (A plain thread:
+/// it never holds the process's exit, as a blocking task of the runtime
+/// would.)
+fn say_if_kafka_is_silent(client: &KafkaClientConfig) {
+    static ASKED: std::sync::Once = std::sync::Once::new();
+    ASKED.call_once(|| {
+        let client = client.clone();
+        let _ = std::thread::Builder::new()
+            .name("keel-kafka-patience".into())
+            .spawn(move || {
+                if !client.answers_within(KAFKA_PATIENCE) {
+                    note!(
+                        "keel: no answer from Kafka at {} after {} s; still waiting (a request \
+                         gives up after its timeout, 30 s by default): is the broker up, the \
+                         address right, and does it need TLS or SASL?",
+                        keel_core::config::redact(&client.bootstrap.join(",")),
+                        KAFKA_PATIENCE.as_secs()
+                    );
+                }
+            });
+    });
 }
 
 pub(crate) async fn topics(config: &KeelConfig, command: TopicsCommand) -> anyhow::Result<()> {

@@ -883,12 +883,17 @@ fn broker_commands(broker: &str, partitions: usize) {
                 "x",
             ],
             dir.path(),
-            &[env[0], ("KEEL_PUBLISHER__ACK_TIMEOUT_MS", "1000")],
+            &[env[0], ("KEEL_PUBLISHER__ACK_TIMEOUT_MS", "6000")],
         );
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("timed out"), "{stderr}");
-        // 1 s asked; the default would be 30 s.
+        // The wait is not silent: after 3 s the broker's silence is said.
+        assert!(
+            stderr.contains("no answer from Kafka at 127.0.0.1:1 after 3 s"),
+            "{stderr}"
+        );
+        // 6 s asked; the default would be 30 s.
         let waited = started.elapsed();
         assert!(waited < std::time::Duration::from_secs(15), "{waited:?}");
     }

@@ -46,6 +46,22 @@ impl KafkaClientConfig {
         }
     }
 
+    /// Whether a broker answers within `timeout`: the cluster's id (known
+    /// from the first connection's metadata), else its metadata. Blocks:
+    /// call it off the async threads. `true` when librdkafka refuses the
+    /// settings themselves (using them fails with its own message).
+    pub fn answers_within(&self, timeout: Duration) -> bool {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let started = std::time::Instant::now();
+        let Ok(client) = self.client_config().create::<BaseConsumer>() else {
+            return true;
+        };
+        client.client().fetch_cluster_id(timeout).is_some()
+            || client
+                .fetch_metadata(None, timeout.saturating_sub(started.elapsed()))
+                .is_ok()
+    }
+
     /// Refuses invalid settings, naming them.
     pub fn validate(&self) -> Result<()> {
         if self.bootstrap.is_empty() || self.bootstrap.iter().any(|b| b.trim().is_empty()) {
