@@ -67,8 +67,9 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     if !matches!(config.broker, BrokerUrl::Memory { .. }) {
         bail!(
             "`keel demo` runs on the embedded in-memory broker (broker = memory://), not {}; \
-             leave out --broker (and KEEL_BROKER); the integration tests run the same \
-             checks against Kafka and NATS (infra/local/test.sh)",
+             leave out --broker, KEEL_BROKER and keel.toml's `broker` (or pass \
+             --broker memory://); the integration tests run the same checks against Kafka and \
+             NATS (infra/local/test.sh)",
             config.broker.redacted()
         );
     }

@@ -647,7 +647,7 @@ async fn read_dead_letters(
     let mut ends = reader
         .ends_per_partition(topic)
         .await
-        .with_context(|| format!("cannot read dead-letter topic `{topic}`; does it exist?"))?;
+        .with_context(|| format!("cannot read dead-letter topic `{topic}`"))?;
     let mut left = ends.iter().filter(|end| **end != End::Reached).count();
     if left == 0 {
         return Ok(());

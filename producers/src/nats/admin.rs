@@ -212,11 +212,12 @@ pub(crate) fn topic_error(topic: &str, reason: impl Into<String>, retriable: boo
     }
 }
 
+/// An error of a group's administration (reset, lag, deletion), worded as
+/// Kafka's: ``topic `t`: consumer group `g`: …``.
 fn group_error(group: &str, topic: &str, reason: impl Into<String>) -> Error {
-    Error::Subscribe {
+    Error::Topic {
         topic: topic.to_owned(),
-        group: group.to_owned(),
-        reason: reason.into(),
+        reason: format!("consumer group `{group}`: {}", reason.into()),
         retriable: false,
         source: None,
     }
