@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use keel_core::KeelConfig;
 use keel_core::config::redact;
+use keel_producers::outbox::error::OutboxError;
 use keel_producers::outbox::{OutboxRelay, OutboxTables, RelayConfig};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
@@ -169,7 +170,7 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         retention: Duration::from_secs(args.retention_hours.saturating_mul(3600)),
         ..defaults
     };
-    relay_config.validate()?;
+    relay_config.validate().map_err(flag_named)?;
     // Before the database is touched: no broker to relay to, or a listen
     // address that cannot be served, is refused with nothing created.
     crate::broker::broker(config, "relay")?;
@@ -201,7 +202,8 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         note!("keel relay: stopped before the broker could be reached");
         return Ok(());
     };
-    let relay = OutboxRelay::new(pool, tables.clone(), publisher, relay_config)?;
+    let relay =
+        OutboxRelay::new(pool, tables.clone(), publisher, relay_config).map_err(flag_named)?;
     note!(
         "relaying {} in database `{}` on {}:{} to {} (Ctrl-C to stop)",
         tables.channel(),
@@ -210,7 +212,7 @@ pub(crate) async fn run(config: &KeelConfig, args: RelayArgs) -> anyhow::Result<
         options.get_port(),
         config.broker.redacted()
     );
-    relay.run(shutdown).await?;
+    relay.run(shutdown).await.map_err(flag_named)?;
     Ok(())
 }
 
@@ -242,5 +244,31 @@ async fn publisher(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// The relay's settings by the flags that set them here (the library
+/// names them as a `RelayConfig`'s fields, which `keel.toml` does not have).
+fn flag_named(e: OutboxError) -> OutboxError {
+    match e {
+        OutboxError::Config { setting, reason } => {
+            let flag = match setting.as_str() {
+                "relay.relay_id" => "--relay-id",
+                "relay.batch_size" => "--batch-size",
+                "relay.max_batch_bytes" => "--max-batch-bytes",
+                "relay.slots" => "--slots",
+                "relay.max_attempts" => "--max-attempts",
+                "relay.session_timeout" | "relay.heartbeat" | "relay.publish_timeout" => {
+                    "--session-timeout-secs"
+                }
+                "relay.retention" => "--retention-hours",
+                _ => return OutboxError::Config { setting, reason },
+            };
+            OutboxError::Config {
+                setting: flag.to_owned(),
+                reason,
+            }
+        }
+        other => other,
     }
 }

@@ -337,7 +337,7 @@ async fn drop_database(url: &str) {
 
 #[test]
 fn relay_refuses_bad_settings_by_name() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             // No broker: refused before the database is touched (nothing
             // listens on port 1: a relay that connected first would name
@@ -385,6 +385,19 @@ fn relay_refuses_bad_settings_by_name() {
                 "127.0.0.1:notaport",
             ],
             "--metrics-listen 127.0.0.1:notaport",
+        ),
+        (
+            // Named by its flag (`relay.batch_size` is no keel.toml key).
+            &[
+                "--broker",
+                "nats://127.0.0.1:4222",
+                "relay",
+                "--database",
+                "postgres://127.0.0.1:1/x",
+                "--batch-size",
+                "0",
+            ],
+            "invalid setting `--batch-size`",
         ),
     ];
     for (args, expected) in cases {
