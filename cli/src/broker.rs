@@ -566,25 +566,28 @@ pub(crate) async fn group(config: &KeelConfig, command: GroupCommand) -> anyhow:
             let new_group = match broker {
                 Broker::Kafka(client) => {
                     let admin = KafkaAdmin::new(&client, -1)?;
-                    let before = admin.lag(&args.group, &args.topic).await?;
+                    // Best effort: a reset does not fail for the note.
+                    let before = admin.lag(&args.group, &args.topic).await.ok();
                     let positions = admin.reset_group(&args.group, &args.topic, to).await?;
                     for (partition, offset) in positions {
                         say!("{}\tpartition {partition}\t-> {offset}", args.topic);
                     }
-                    before.iter().all(|p| p.committed.is_none())
+                    before.is_some_and(|before| before.iter().all(|p| p.committed.is_none()))
                 }
                 Broker::Nats(client) => {
                     let admin = JetStreamAdmin::connect(&client).await?;
-                    let before = admin.lag(&args.group, &args.topic).await?;
+                    let before = admin.lag(&args.group, &args.topic).await.ok();
                     let positions = admin
                         .reset_group(&args.group, &args.topic, to, NATS_LIVENESS)
                         .await?;
                     for (partition, start) in positions {
                         say!("{}\tpartition {partition}\t-> {start}", args.topic);
                     }
-                    before
-                        .iter()
-                        .all(|p| p.position.is_none() && p.starts_at.is_none())
+                    before.is_some_and(|before| {
+                        before
+                            .iter()
+                            .all(|p| p.position.is_none() && p.starts_at.is_none())
+                    })
                 }
             };
             if new_group {

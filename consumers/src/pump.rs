@@ -73,6 +73,8 @@ struct Handling {
     partition: u32,
     ownership: Ownership,
     task: AbortHandle,
+    /// [`stop_unowned`] aborted it.
+    aborted: bool,
 }
 
 /// The handler tasks running, by task.
@@ -85,21 +87,23 @@ type Running = HashMap<Id, Handling>;
 /// its last acknowledged position) without changing the list.
 fn stop_unowned(owned: &[u32], running: &mut Running) {
     let mut aborted = 0usize;
-    running.retain(|_, handling| {
+    // Every entry stays until its task is joined ([`Stopped::finished`]
+    // tells a stopped one by it).
+    for handling in running.values_mut() {
         // A delivery settled is not current either, but its task ends
         // without another await (`serve` and the router settle last):
         // stopping it changes nothing. One that ends before the abort
         // takes effect is not reported as stopped (see [`Stopped`]).
-        if handling.task.is_finished() {
-            return true; // joined in the pump's next turn
+        if handling.aborted || handling.task.is_finished() {
+            continue; // joined in the pump's next turn
         }
         let kept = owned.contains(&handling.partition) && handling.ownership.is_current();
         if !kept {
             handling.task.abort();
+            handling.aborted = true;
             aborted += 1;
         }
-        kept
-    });
+    }
     if aborted > 0 {
         tracing::debug!(
             aborted,
@@ -131,6 +135,7 @@ impl Stopped {
         let handling = running.remove(&id);
         if let (Err(e), Some(handling)) = (&result, handling)
             && e.is_cancelled()
+            && handling.aborted
         {
             *self.0.entry(handling.partition).or_default() += 1;
         }
@@ -299,6 +304,7 @@ where
                 partition,
                 ownership,
                 task: handle,
+                aborted: false,
             },
         );
     };
@@ -446,16 +452,17 @@ mod tests {
                     partition,
                     ownership: ownership(u64::from(partition)),
                     task: handle.clone(),
+                    aborted: false,
                 },
             );
         }
-        // The first task has run to its end before the aborts: stopping it
-        // changes nothing.
+        // The first task has run to its end before the partitions go:
+        // stopping it changes nothing; the second is stopped.
         while !done.is_finished() {
             tokio::task::yield_now().await;
         }
-        done.abort();
-        stuck.abort();
+        stop_unowned(&[], &mut running);
+        assert_eq!(running.len(), 2, "kept until joined");
         let mut stopped = Stopped::default();
         while let Some(result) = tasks.join_next_with_id().await {
             stopped.finished(&mut running, result);

@@ -488,14 +488,14 @@ impl RegistryClient {
     }
 }
 
-/// An error and its causes on one line (reqwest's own message omits the
-/// cause, e.g. "connection refused").
 /// `url` for a message: credentials and secret query parameters (an API
 /// key, a token) masked.
 fn shown(url: &Url) -> String {
     keel_core::config::redact(url.as_str())
 }
 
+/// An error and its causes on one line (reqwest's own message omits the
+/// cause, e.g. "connection refused").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();

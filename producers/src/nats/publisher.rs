@@ -356,12 +356,13 @@ impl JetStreamPublisher {
 
     /// The stream's shape read again when `shape`, which refused an event
     /// by size, is older than [`SHAPE_RECHECK`]; `None` when it is recent.
+    /// A lookup that fails is `None` too: the refusal stands as it was.
     async fn reread(&self, topic: &str, shape: &StreamShape) -> Result<Option<StreamShape>> {
         if shape.read_at.elapsed() < SHAPE_RECHECK {
             return Ok(None);
         }
         self.forget_shape(topic);
-        self.shape(topic).await.map(Some)
+        Ok(self.shape(topic).await.ok())
     }
 
     /// The shape `event` is checked against, and the check: a refusal by
