@@ -130,10 +130,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     let taken = extra.assigned().await?;
     wait_for(&mut progress, leave_at).await?;
     let left_after = *progress.borrow();
-    if let Some(stop) = extra.stop.take() {
-        let _ = stop.send(());
-    }
-    let extra_report = extra.join().await?;
+    let extra_report = extra.leave().await?;
     let extra_number = extra.number;
     let extra_after = extra.assignment.borrow().clone();
 
@@ -145,10 +142,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .map(|m| m.assignment.borrow().clone())
         .collect();
     for member in &mut members {
-        if let Some(stop) = member.stop.take() {
-            let _ = stop.send(());
-        }
-        member.join().await?;
+        member.leave().await?;
     }
 
     // The ledger's lock is not held past this block (the replay awaits).
@@ -245,10 +239,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     )
     .await?;
     wait_for(&mut replayed, total).await?;
-    if let Some(stop) = reader.stop.take() {
-        let _ = stop.send(());
-    }
-    reader.join().await?;
+    reader.leave().await?;
     let replay = replay
         .lock()
         .map_err(|_| anyhow::anyhow!("replay ledger poisoned"))?;
@@ -348,6 +339,14 @@ impl Member {
                 STALL.as_secs()
             ),
         }
+    }
+
+    /// Stops the member (a graceful leave) and waits for it.
+    async fn leave(&mut self) -> anyhow::Result<keel_consumers::ServeReport> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join().await
     }
 
     async fn join(&mut self) -> anyhow::Result<keel_consumers::ServeReport> {
