@@ -274,9 +274,8 @@ fn say_if_kafka_is_silent(client: &KafkaClientConfig) {
             .spawn(move || {
                 if !client.answers_within(KAFKA_PATIENCE) {
                     note!(
-                        "keel: no answer from Kafka at {} after {} s; still waiting (a request \
-                         gives up after its timeout, 30 s by default): is the broker up, the \
-                         address right, and does it need TLS or SASL?",
+                        "keel: no answer from Kafka at {} after {} s; still trying: is the \
+                         broker up, the address right, and does it need TLS or SASL?",
                         keel_core::config::redact(&client.bootstrap.join(",")),
                         KAFKA_PATIENCE.as_secs()
                     );

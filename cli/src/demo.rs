@@ -45,7 +45,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=64))]
     members: u32,
     /// Partitions of the demo topic (overrides `topics.partitions`).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(keel_core::config::MAX_PARTITIONS)))]
     pub(crate) partitions: Option<u32>,
 }
 
@@ -127,9 +127,11 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
     wait_for(&mut progress, join_at).await?;
     let joined_after = *progress.borrow();
     let mut extra = join(args.members + 1, group.clone()).await?;
-    let taken = extra.assigned().await?;
+    extra.assigned().await?;
     wait_for(&mut progress, leave_at).await?;
     let left_after = *progress.borrow();
+    // What it held by then: a cooperative hand-over may come in steps.
+    let held = extra.assignment.borrow().clone();
     let extra_report = extra.leave().await?;
     let extra_number = extra.number;
     let extra_after = extra.assignment.borrow().clone();
@@ -207,7 +209,7 @@ pub(crate) async fn run(config: &KeelConfig, args: &DemoArgs) -> anyhow::Result<
         .collect();
     say!(
         "  rebalance  member #{extra_number} joined after {joined_after} events and took \
-         partitions {taken:?}; it handled {} and left after {left_after} events; its \
+         partitions {held:?}; it handled {} and left after {left_after} events; its \
          partitions moved back: now {}",
         extra_report.handled,
         owners.join(", ")

@@ -130,8 +130,10 @@ impl Filter {
 
     /// What the selection makes of `record`.
     fn pick(&self, record: &RawRecord) -> Pick {
-        if !self.came_from_origin(record) {
-            return Pick::OtherTopic;
+        match self.came_from_origin(record) {
+            Some(true) => {}
+            Some(false) => return Pick::OtherTopic,
+            None => return Pick::NoOrigin,
         }
         let fields_differ = self
             .event_type
@@ -162,13 +164,14 @@ impl Filter {
     }
 
     /// Whether `record` came from the `--topic` asked for (see `origin`).
-    fn came_from_origin(&self, record: &RawRecord) -> bool {
+    /// `None`: it names no topic where one is required.
+    fn came_from_origin(&self, record: &RawRecord) -> Option<bool> {
         let Some(origin) = &self.origin else {
-            return true;
+            return Some(true);
         };
         match record.header(headers::TOPIC).filter(|t| !t.is_empty()) {
-            Some(t) => t == origin,
-            None => !self.origin_required,
+            Some(t) => Some(t == origin),
+            None => (!self.origin_required).then_some(true),
         }
     }
 }
@@ -179,6 +182,8 @@ enum Pick {
     Taken,
     /// It names another original topic than `--topic`.
     OtherTopic,
+    /// It names no original topic, and one is required (`--dlq-topic`).
+    NoOrigin,
     /// `--since`/`--until` alone left it out: it carries no readable
     /// dead-letter time (another producer's letter).
     Untimed,
@@ -190,6 +195,7 @@ enum Pick {
 #[derive(Default)]
 struct LeftOut {
     other_topic: usize,
+    no_origin: usize,
     untimed: usize,
 }
 
@@ -197,6 +203,7 @@ impl LeftOut {
     fn count(&mut self, pick: &Pick) {
         match pick {
             Pick::OtherTopic => self.other_topic += 1,
+            Pick::NoOrigin => self.no_origin += 1,
             Pick::Untimed => self.untimed += 1,
             Pick::Taken | Pick::Other => {}
         }
@@ -206,9 +213,17 @@ impl LeftOut {
     fn report(&self, topic: &str, other_topic: &str) {
         if self.other_topic > 0 {
             note!(
-                "{} records in {topic} name another original topic than --topic, or none \
-                 (not Keel dead letters); {other_topic}",
+                "{} dead letters in {topic} name another original topic than --topic; \
+                 {other_topic}",
                 self.other_topic
+            );
+        }
+        if self.no_origin > 0 {
+            note!(
+                "{} records in {topic} name no original topic (no `{}` header): not dead \
+                 letters of Keel's router, left where they are (is {topic} a dead-letter topic?)",
+                self.no_origin,
+                headers::TOPIC
             );
         }
         if self.untimed > 0 {
@@ -836,7 +851,7 @@ mod tests {
         // A shared dead-letter topic read for one topic: it must be named.
         let f = Filter::new(&args(Some("orders"), Some("all.dlq"))).unwrap();
         assert_eq!(f.pick(&letter(Some("orders"))), Pick::Taken);
-        assert_eq!(f.pick(&letter(None)), Pick::OtherTopic);
+        assert_eq!(f.pick(&letter(None)), Pick::NoOrigin);
         let f = Filter::new(&args(None, Some("all.dlq"))).unwrap();
         assert_eq!(f.pick(&letter(Some("payments"))), Pick::Taken);
         assert_eq!(f.pick(&letter(None)), Pick::Taken);

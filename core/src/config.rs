@@ -530,7 +530,7 @@ impl KeelConfig {
                     format!("config file `{}` does not exist", path.display()),
                 ));
             }
-            figment = figment.merge(Toml::file_exact(path));
+            figment = figment.merge(ConfigFile::read(path)?);
         }
         figment = figment.merge(
             Env::prefixed("KEEL_")
@@ -679,8 +679,19 @@ const SECRET_PARAMS: &[&str] = &[
     "key",
     "sig",
     "signature",
+    "credential",
     "credentials",
 ];
+
+/// Whether a query parameter named `name` holds a secret: it is one of
+/// [`SECRET_PARAMS`], or its last `-`, `_` or `.` part is
+/// (`old_password`, AWS's `X-Amz-Signature` and `X-Amz-Security-Token`).
+fn secret_param(name: &str) -> bool {
+    let last = name.rsplit(['-', '_', '.']).next().unwrap_or(name);
+    SECRET_PARAMS
+        .iter()
+        .any(|secret| name.eq_ignore_ascii_case(secret) || last.eq_ignore_ascii_case(secret))
+}
 
 /// `text` with the value of every secret query parameter
 /// ([`SECRET_PARAMS`], e.g. PostgreSQL's `?password=…`, a registry's
@@ -695,9 +706,7 @@ fn redact_query(tail: &str) -> String {
         if at_param {
             let name_end = rest.find(['=', '?', '&', ';', '#', '/', '@', ':']);
             if let Some(eq) = name_end.filter(|&i| rest[i..].starts_with('='))
-                && SECRET_PARAMS
-                    .iter()
-                    .any(|secret| rest[..eq].eq_ignore_ascii_case(secret))
+                && secret_param(&rest[..eq])
             {
                 out.push_str(&rest[..=eq]);
                 out.push_str("***");
@@ -715,6 +724,60 @@ fn redact_query(tail: &str) -> String {
     out
 }
 
+/// The most a config file may hold. A `keel.toml` is a few KiB: more is
+/// the wrong file (or a device such as `/dev/zero`, which never ends).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// A config file's TOML, read at most [`MAX_CONFIG_BYTES`] of it, that
+/// names the file in its errors as figment's own file provider does.
+struct ConfigFile {
+    path: std::path::PathBuf,
+    text: String,
+}
+
+impl ConfigFile {
+    fn read(path: &Path) -> Result<ConfigFile> {
+        use std::io::Read;
+        let cannot = |why: String| {
+            Error::config(
+                "config",
+                format!("cannot read config file `{}`: {why}", path.display()),
+            )
+        };
+        let file = std::fs::File::open(path).map_err(|e| cannot(e.to_string()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| cannot(e.to_string()))?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(cannot(format!(
+                "it holds more than {} KiB, which no keel.toml does; is it the right file?",
+                MAX_CONFIG_BYTES / 1024
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            cannot(format!(
+                "it is not UTF-8 text (byte {})",
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            text,
+        })
+    }
+}
+
+impl figment::Provider for ConfigFile {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(&self) -> figment::Result<figment::value::Map<figment::Profile, figment::value::Dict>> {
+        Toml::string(&self.text).data()
+    }
+}
+
 fn figment_error(err: figment::Error) -> Error {
     use figment::error::Kind;
     // Report the first error: one fix at a time reads better than a pile.
@@ -728,7 +791,25 @@ fn figment_error(err: figment::Error) -> Error {
             if path.last() != Some(field) {
                 path.push(field.clone());
             }
-            format!("unknown setting; expected one of: {}", expected.join(", "))
+            let from_env = err
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            // `KEEL_TOPICS_PARTITIONS` reads as a top-level `topics_partitions`.
+            let nested = field
+                .match_indices('_')
+                .map(|(i, _)| (&field[..i], &field[i + 1..]))
+                .find(|(section, _)| expected.contains(section))
+                .filter(|_| from_env);
+            match nested {
+                Some((section, rest)) => format!(
+                    "unknown setting; a nested setting takes a double underscore: \
+                     KEEL_{}__{} for `{section}.{rest}`",
+                    section.to_ascii_uppercase(),
+                    rest.to_ascii_uppercase()
+                ),
+                None => format!("unknown setting; expected one of: {}", expected.join(", ")),
+            }
         }
         Kind::Message(msg) => {
             // Our own validation errors (from `try_from`) already say
@@ -920,7 +1001,12 @@ mod tests {
             ),
             (
                 "postgres://h/x?old_password=s3",
-                "postgres://h/x?old_password=s3",
+                "postgres://h/x?old_password=***",
+            ),
+            // A presigned URL's signature, credential and session token.
+            (
+                "https://s3.example/b?X-Amz-Credential=AK%2F1&X-Amz-Signature=ab12&X-Amz-Security-Token=t&X-Amz-Expires=60",
+                "https://s3.example/b?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&X-Amz-Expires=60",
             ),
             (
                 "postgres://h/x?options=a,b&password=s3",
@@ -985,6 +1071,41 @@ mod tests {
                 msg.contains("`partitions`") && msg.contains("KEEL_"),
                 "{msg}"
             );
+            jail.clear_env();
+            jail.set_env("KEEL_TOPICS_PARTITIONS", "4");
+            let msg = KeelConfig::load(None).unwrap_err().to_string();
+            assert!(
+                msg.contains("`topics_partitions`")
+                    && msg.contains("KEEL_TOPICS__PARTITIONS for `topics.partitions`"),
+                "{msg}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn a_config_file_that_never_ends_or_is_no_text_is_refused() {
+        let msg = KeelConfig::load(Some(Path::new("/dev/zero")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/dev/zero") && msg.contains("more than 1024 KiB"),
+            "{msg}"
+        );
+        figment::Jail::expect_with(|jail| {
+            let binary = jail.directory().join("keel.toml");
+            std::fs::write(&binary, b"broker = \"memory://\"\n\xff\xfe").unwrap();
+            let msg = KeelConfig::load(Some(&binary)).unwrap_err().to_string();
+            assert!(
+                msg.contains("not UTF-8") && msg.contains("byte 21"),
+                "{msg}"
+            );
+            // A file's own mistakes still name the file.
+            jail.create_file("bad.toml", "broker = 12\n")?;
+            let bad = jail.directory().join("bad.toml");
+            let msg = KeelConfig::load(Some(&bad)).unwrap_err().to_string();
+            assert!(msg.contains("broker") && msg.contains("bad.toml"), "{msg}");
             Ok(())
         });
     }
