@@ -286,10 +286,26 @@ fn registry_settings_are_checked_before_serving() {
 #[test]
 fn bad_flags_and_environment_are_refused_by_name() {
     let dir = scratch();
+    // A flag out of range is named as the flag, a setting as the setting.
     let out = keel(&["demo", "--partitions", "0"], dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("'--partitions <PARTITIONS>': 0 is not in 1..=10000"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = keel(&["demo"], dir.path(), &[("KEEL_TOPICS__PARTITIONS", "0")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("`topics.partitions`"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A nested setting's variable with one underscore: the hint says two.
+    let out = keel(&["demo"], dir.path(), &[("KEEL_TOPICS_PARTITIONS", "3")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("KEEL_TOPICS__PARTITIONS for `topics.partitions`"),
         "{}",
         text(&out.stderr)
     );
@@ -937,6 +953,37 @@ fn broker_commands(broker: &str, partitions: usize) {
     assert_eq!(receipts.len(), 1, "line 1 was stored: {stdout}{stderr}");
     assert_eq!(receipts[0]["topic"], partial.as_str(), "{stdout}");
     assert!(stderr.contains("not sent: line 3"), "{stderr}");
+    if !broker.starts_with("nats://") {
+        // A misspelt topic is named at once, not after the acknowledgement
+        // timeout (30 s here) librdkafka would hold its events for.
+        let missing = format!("{topic}-missing");
+        let started = std::time::Instant::now();
+        let out = keel(
+            &[
+                "publish",
+                "--topic",
+                &missing,
+                "--subject",
+                &subject,
+                "--file",
+                &bad_arg,
+                "--key",
+                "x",
+            ],
+            dir.path(),
+            &env,
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("no such topic")
+                && stderr.contains(&format!("keel topics create {missing}"))
+                && stderr.contains("none stored"),
+            "{stderr}"
+        );
+        let waited = started.elapsed();
+        assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+    }
 
     // No schema under the topic's default subject: the hint names both ways.
     let other = format!("{topic}-other");

@@ -202,11 +202,10 @@ async fn what_cannot_be_published_is_a_clear_error() {
 
 /// A topic the broker does not have is named as such, not reported as a
 /// timeout (librdkafka holds a topic's events it does not know until their
-/// timeout): for one publish, after the acknowledgement timeout, and for
-/// `publish_each`, after its bound — its first call to the topic too, as
-/// the outbox relay's first batch is (the question is asked when the batch
-/// starts: a bounded publish does not wait for it on a timeout). (tansu,
-/// like the test compose file's Kafka, does not create topics on demand.)
+/// timeout): a publisher's first publish to a topic asks the broker first
+/// and names a missing topic at once, sending nothing; a later one, after
+/// its acknowledgement timeout (or `publish_each`'s bound). (tansu, like
+/// the test compose file's Kafka, does not create topics on demand.)
 #[tokio::test]
 async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
     let bootstrap = kafka_bootstrap().await;
@@ -218,13 +217,19 @@ async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
         })
         .unwrap()
     };
-    // A bounded publish first, nothing asked about the topic before: its
-    // bound (5 s) passes before librdkafka's own timeout (30 s) would
-    // start the question, and leaves the one asked at the start (at most
-    // 1 s) time to be answered on a loaded machine.
+    // A bounded publish first, nothing asked about the topic before: it is
+    // answered before the acknowledgement timeout (30 s) that librdkafka
+    // would hold the events for, well inside its bound.
     let fresh = publisher(30_000);
     let created_later = unique_name("missing");
-    assert_each_names_the_missing_topic(&fresh, &created_later, Duration::from_secs(5)).await;
+    let started = std::time::Instant::now();
+    assert_each_names_the_missing_topic(&fresh, &created_later, Duration::from_secs(60)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the first publish to a missing topic was answered after {:?}, as if librdkafka had \
+         held its events until their timeout",
+        started.elapsed()
+    );
     // Created since: once a batch is stored there, a timeout is a timeout
     // again, not named after the old answer.
     KafkaAdmin::new(&KafkaClientConfig::new([bootstrap.clone()]), 1)
@@ -260,15 +265,42 @@ async fn a_missing_topic_is_named_not_reported_as_a_timeout() {
         "{e}"
     );
 
-    let publisher = publisher(2_000);
+    // One publish: named at once the first time (an acknowledgement
+    // timeout of 30 s would not have passed); after that, the events are
+    // sent, and named after their timeout.
+    let publisher = publisher(30_000);
     let topic = unique_name("missing");
+    let started = std::time::Instant::now();
     let err = publisher
         .publish(&topic, Envelope::new("t", "k", "x"))
         .await
         .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
     assert!(matches!(err, keel_core::Error::Topic { .. }), "{err:?}");
     assert!(!err.is_retriable(), "{err}");
     assert!(err.to_string().contains("no such topic"), "{err}");
+    let publisher = KafkaPublisher::new(KafkaPublisherConfig {
+        client: KafkaClientConfig::new([bootstrap.clone()]),
+        ack_timeout_ms: 2_000,
+        ..KafkaPublisherConfig::default()
+    })
+    .unwrap();
+    let err = publisher
+        .publish_batch(&topic, vec![Envelope::new("t", "k", "x")])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no such topic"),
+        "first batch: {err}"
+    );
+    let err = publisher
+        .publish(&topic, Envelope::new("t", "k", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no such topic"),
+        "after a timeout: {err}"
+    );
     assert_each_names_the_missing_topic(&publisher, &topic, Duration::from_millis(1_500)).await;
 }
 

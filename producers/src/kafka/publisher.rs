@@ -209,6 +209,24 @@ impl KafkaPublisher {
         checks.answers.contains_key(topic) || checks.asking.contains(topic)
     }
 
+    /// Before this publisher's first publish to `topic`: whether the
+    /// broker says it has no such topic, waiting for its answer at most
+    /// [`METADATA_TIMEOUT`] (or `within`, if shorter). librdkafka would hold
+    /// the events of a topic it does not know until their acknowledgement
+    /// timeout (30 s by default) and then report a timeout; asked first, a
+    /// misspelt topic is named at once and nothing is sent. (As Kafka's
+    /// own producers fetch a topic's metadata before its first send.) A
+    /// broker that does not answer in time is not taken as an answer.
+    async fn missing_at_first(&self, topic: &str, within: Option<Duration>) -> bool {
+        if self.asked_about(topic) {
+            return false;
+        }
+        let wait = within.map_or(METADATA_TIMEOUT, |w| w.min(METADATA_TIMEOUT));
+        tokio::time::timeout(wait, self.topic_missing(topic, true))
+            .await
+            .unwrap_or(false)
+    }
+
     /// Waits until every enqueued event was acknowledged or failed.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         let (_, producer) = self.producer();
@@ -502,6 +520,9 @@ impl Publisher for KafkaPublisher {
     async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
         async {
+            if self.missing_at_first(topic, None).await {
+                return Err(missing_topic(topic));
+            }
             let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
                 .acknowledged(&topic.into(), What::Event(event.id()), future)
@@ -515,6 +536,9 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let total = events.len();
+        if total > 0 && self.missing_at_first(topic, None).await {
+            return Err(missing_topic(topic));
+        }
         let mut receipts = Vec::with_capacity(total);
         // The first failure is the batch's; the rest are still awaited, so
         // none is left unobserved.
@@ -550,13 +574,16 @@ impl Publisher for KafkaPublisher {
         within: Duration,
     ) -> Vec<Sent> {
         let total = events.len();
-        // The first bounded publish to a topic asks, in the background,
-        // whether the broker has it: a batch that times out for want of
-        // the topic then says so, the first one included (the question is
-        // not waited for on a timeout, to keep to the bound).
-        if !self.asked_about(topic) {
-            self.topic_missing(topic, false).await;
+        // The first publish to a topic asks whether the broker has it,
+        // within the bound; later ones ask (in the background) only when
+        // their events time out, and say so then.
+        let started = tokio::time::Instant::now();
+        if total > 0 && self.missing_at_first(topic, Some(within)).await {
+            return (0..total)
+                .map(|_| Sent::Failed(missing_topic(topic)))
+                .collect();
         }
+        let within = within.saturating_sub(started.elapsed());
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
             .send_batch(topic, events, Some(within), |acked| {
@@ -583,6 +610,9 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
+        if self.missing_at_first(topic, None).await {
+            return Err(missing_topic(topic));
+        }
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(Header {
