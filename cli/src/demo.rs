@@ -324,13 +324,13 @@ impl Member {
     }
 
     /// Waits until the member owns partitions (the others hand theirs over
-    /// once their running handlers finish) and returns them.
-    async fn assigned(&mut self) -> anyhow::Result<Vec<u32>> {
+    /// once their running handlers finish).
+    async fn assigned(&mut self) -> anyhow::Result<()> {
         let wait = self
             .assignment
             .wait_for(|partitions| !partitions.is_empty());
         match tokio::time::timeout(STALL, wait).await {
-            Ok(Ok(partitions)) => Ok(partitions.to_vec()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => bail!(
                 "member #{} stopped before it owned a partition",
                 self.number

@@ -220,10 +220,10 @@ impl LeftOut {
         }
         if self.no_origin > 0 {
             note!(
-                "{} records in {topic} name no original topic (no `{}` header): not dead \
-                 letters of Keel's router, left where they are (is {topic} a dead-letter topic?)",
-                self.no_origin,
-                headers::TOPIC
+                "records in {topic} that name no original topic (no `{}` header), so are \
+                 no dead letters of Keel's router, left out: {} (is {topic} a dead-letter topic?)",
+                headers::TOPIC,
+                self.no_origin
             );
         }
         if self.untimed > 0 {

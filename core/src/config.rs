@@ -778,6 +778,10 @@ impl figment::Provider for ConfigFile {
     }
 }
 
+/// The top-level settings that are tables (`[topics]`, …): their fields'
+/// variables take a double underscore (`KEEL_TOPICS__PARTITIONS`).
+const SECTIONS: &[&str] = &["topics", "consumer", "publisher", "nats", "kafka"];
+
 fn figment_error(err: figment::Error) -> Error {
     use figment::error::Kind;
     // Report the first error: one fix at a time reads better than a pile.
@@ -799,8 +803,8 @@ fn figment_error(err: figment::Error) -> Error {
             let nested = field
                 .match_indices('_')
                 .map(|(i, _)| (&field[..i], &field[i + 1..]))
-                .find(|(section, _)| expected.contains(section))
-                .filter(|_| from_env);
+                .find(|(section, _)| SECTIONS.contains(section))
+                .filter(|_| from_env && path.len() == 1);
             match nested {
                 Some((section, rest)) => format!(
                     "unknown setting; a nested setting takes a double underscore: \
@@ -1077,6 +1081,14 @@ mod tests {
             assert!(
                 msg.contains("`topics_partitions`")
                     && msg.contains("KEEL_TOPICS__PARTITIONS for `topics.partitions`"),
+                "{msg}"
+            );
+            // A setting that is no table keeps its one name: no such hint.
+            jail.clear_env();
+            jail.set_env("KEEL_DATABASE_URL", "postgres://h/db");
+            let msg = KeelConfig::load(None).unwrap_err().to_string();
+            assert!(
+                msg.contains("`database_url`") && msg.contains("expected one of: broker"),
                 "{msg}"
             );
             Ok(())

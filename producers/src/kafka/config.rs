@@ -180,6 +180,15 @@ fn is_bool(value: &str, want: bool) -> bool {
     spellings.iter().any(|s| value.eq_ignore_ascii_case(s))
 }
 
+/// How long librdkafka keeps the events of a topic the broker does not
+/// list before failing them as an unknown topic
+/// (`topic.metadata.propagation.max.ms`; librdkafka's default is 30 s, so
+/// a misspelt topic was reported only as a timeout, after 30 s). A broker
+/// that creates topics on demand, or a topic just created elsewhere that
+/// has not reached the broker asked, is listed well within it, and its
+/// events go out. Overridable through `librdkafka`.
+pub const UNKNOWN_TOPIC_WAIT_MS: u64 = 5_000;
+
 impl KafkaPublisherConfig {
     /// The acknowledgement timeout.
     pub fn ack_timeout(&self) -> Duration {
@@ -270,6 +279,10 @@ impl KafkaPublisherConfig {
         c.set("linger.ms", self.linger_ms.to_string());
         c.set("batch.size", self.batch_size.to_string());
         c.set("delivery.timeout.ms", self.ack_timeout_ms.to_string());
+        c.set(
+            "topic.metadata.propagation.max.ms",
+            UNKNOWN_TOPIC_WAIT_MS.min(self.ack_timeout_ms).to_string(),
+        );
         // Raw settings last, but never over the guarantees (validated above).
         for (k, v) in &self.client.librdkafka {
             if !GUARANTEES.iter().any(|(key, _, _)| key == k) {

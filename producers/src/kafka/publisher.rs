@@ -209,24 +209,6 @@ impl KafkaPublisher {
         checks.answers.contains_key(topic) || checks.asking.contains(topic)
     }
 
-    /// Before this publisher's first publish to `topic`: whether the
-    /// broker says it has no such topic, waiting for its answer at most
-    /// [`METADATA_TIMEOUT`] (or `within`, if shorter). librdkafka would hold
-    /// the events of a topic it does not know until their acknowledgement
-    /// timeout (30 s by default) and then report a timeout; asked first, a
-    /// misspelt topic is named at once and nothing is sent. (As Kafka's
-    /// own producers fetch a topic's metadata before its first send.) A
-    /// broker that does not answer in time is not taken as an answer.
-    async fn missing_at_first(&self, topic: &str, within: Option<Duration>) -> bool {
-        if self.asked_about(topic) {
-            return false;
-        }
-        let wait = within.map_or(METADATA_TIMEOUT, |w| w.min(METADATA_TIMEOUT));
-        tokio::time::timeout(wait, self.topic_missing(topic, true))
-            .await
-            .unwrap_or(false)
-    }
-
     /// Waits until every enqueued event was acknowledged or failed.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         let (_, producer) = self.producer();
@@ -294,6 +276,9 @@ impl KafkaPublisher {
                     record = back;
                     tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
                 }
+                // librdkafka already found the topic missing (see
+                // `UNKNOWN_TOPIC_WAIT_MS`): refused at once.
+                Err((e, _)) if unknown_topic(&e) => return Err(missing_topic(topic)),
                 Err((e, _)) => {
                     self.recover(generation, &e);
                     let retriable = retriable(&e);
@@ -384,6 +369,8 @@ impl KafkaPublisher {
                 let retriable = retriable(&e);
                 let why = "the broker did not acknowledge it";
                 let why = match e.rdkafka_error_code() {
+                    // Not listed by the broker for `UNKNOWN_TOPIC_WAIT_MS`.
+                    _ if unknown_topic(&e) => return Err(missing_topic(topic)),
                     Some(RDKafkaErrorCode::MessageTimedOut) => {
                         if self.topic_missing(topic, true).await {
                             return Err(missing_topic(topic));
@@ -499,6 +486,14 @@ fn missing_topic(topic: &str) -> Error {
     }
 }
 
+/// Whether librdkafka failed an event for want of its topic.
+fn unknown_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+    )
+}
+
 /// Whether librdkafka's error may go away by trying again.
 fn retriable(e: &KafkaError) -> bool {
     !matches!(
@@ -520,9 +515,6 @@ impl Publisher for KafkaPublisher {
     async fn publish(&self, topic: &str, event: Envelope) -> Result<Receipt> {
         let span = tracing::debug_span!("publish", event_id = %event.id(), event_type = event.event_type(), topic);
         async {
-            if self.missing_at_first(topic, None).await {
-                return Err(missing_topic(topic));
-            }
             let future = self.enqueue(&self.producer(), topic, &event).await?;
             let receipt = self
                 .acknowledged(&topic.into(), What::Event(event.id()), future)
@@ -536,9 +528,6 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, topic: &str, events: Vec<Envelope>) -> Result<Vec<Receipt>> {
         let total = events.len();
-        if total > 0 && self.missing_at_first(topic, None).await {
-            return Err(missing_topic(topic));
-        }
         let mut receipts = Vec::with_capacity(total);
         // The first failure is the batch's; the rest are still awaited, so
         // none is left unobserved.
@@ -574,16 +563,13 @@ impl Publisher for KafkaPublisher {
         within: Duration,
     ) -> Vec<Sent> {
         let total = events.len();
-        // The first publish to a topic asks whether the broker has it,
-        // within the bound; later ones ask (in the background) only when
-        // their events time out, and say so then.
-        let started = tokio::time::Instant::now();
-        if total > 0 && self.missing_at_first(topic, Some(within)).await {
-            return (0..total)
-                .map(|_| Sent::Failed(missing_topic(topic)))
-                .collect();
+        // The first bounded publish to a topic asks, in the background,
+        // whether the broker has it: a batch that times out for want of
+        // the topic then says so, the first one included (the question is
+        // not waited for on a timeout, to keep to the bound).
+        if !self.asked_about(topic) {
+            self.topic_missing(topic, false).await;
         }
-        let within = within.saturating_sub(started.elapsed());
         let mut outcomes = Vec::with_capacity(total);
         let stopped = self
             .send_batch(topic, events, Some(within), |acked| {
@@ -610,9 +596,6 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish_record(&self, topic: &str, record: RawRecord) -> Result<Receipt> {
-        if self.missing_at_first(topic, None).await {
-            return Err(missing_topic(topic));
-        }
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(Header {
