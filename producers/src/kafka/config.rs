@@ -385,6 +385,26 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_topic_is_waited_for_5_s_or_the_ack_timeout_unless_set() {
+        let wait = |config: &KafkaPublisherConfig| {
+            config
+                .client_config()
+                .get("topic.metadata.propagation.max.ms")
+                .map(str::to_owned)
+        };
+        let mut config = KafkaPublisherConfig::default();
+        assert_eq!(wait(&config).as_deref(), Some("5000"));
+        config.ack_timeout_ms = 2_000;
+        assert_eq!(wait(&config).as_deref(), Some("2000"));
+        config.client.librdkafka = [(
+            "topic.metadata.propagation.max.ms".to_owned(),
+            "30000".to_owned(),
+        )]
+        .into();
+        assert_eq!(wait(&config).as_deref(), Some("30000"));
+    }
+
+    #[test]
     fn security_settings_translate_and_validate() {
         let mut config = KafkaClientConfig::new(["a:9092", "b:9092"]);
         config.security = KafkaSecurity {
