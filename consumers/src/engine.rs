@@ -588,6 +588,18 @@ impl Engine {
                 got = record.offset,
                 "the first record fetched after assignment lies past the start position; offsets in between were not delivered"
             );
+        } else if let Some(end) = ps.fetched_end
+            && record.offset > end
+        {
+            // Usual on a compacted topic (hence debug); on one that is not,
+            // the broker skipped records.
+            tracing::debug!(
+                topic = %topic,
+                partition,
+                expected = end,
+                got = record.offset,
+                "offsets skipped between two fetched records"
+            );
         }
         let late = ps.fetched_end.is_some_and(|end| record.offset < end);
         if late {

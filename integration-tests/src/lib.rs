@@ -995,9 +995,14 @@ pub async fn delete_nats_topic(topic: &str) {
 
 /// Keel's Kafka transport for tests: 100 ms commits, a 10 s session.
 pub async fn kafka_transport() -> keel_consumers::kafka::KafkaTransport {
+    kafka_transport_on(&kafka_bootstrap().await)
+}
+
+/// [`kafka_transport`] on the broker at `bootstrap` (a test's own).
+pub fn kafka_transport_on(bootstrap: &str) -> keel_consumers::kafka::KafkaTransport {
     use keel_consumers::kafka::{KafkaConsumerConfig, KafkaTransport};
     use keel_producers::kafka::{KafkaClientConfig, KafkaPublisherConfig};
-    let client = KafkaClientConfig::new([kafka_bootstrap().await]);
+    let client = KafkaClientConfig::new([bootstrap.to_owned()]);
     KafkaTransport::new(
         KafkaPublisherConfig {
             client: client.clone(),
