@@ -40,7 +40,8 @@ struct Chain {
     db: TestDatabase,
     registry: String,
     topics: Topics,
-    /// Each worker's stderr, `<name>.log`: quoted when the chain stalls.
+    /// Each worker's stderr, `<name>.log`, and this process's warnings,
+    /// `relay.log`: quoted when the chain stalls.
     logs: TempDir,
     /// For a stall report: the groups' committed offsets (Kafka).
     kafka: Option<KafkaAdmin>,
@@ -348,6 +349,15 @@ async fn chain(broker: &'static str, bootstrap: Option<String>, transport: Arc<d
     } else {
         transport.clone()
     };
+    // This process's warnings (the relay's: a topic it cannot publish to,
+    // a row parked) go to `relay.log`, quoted with the workers' by a stall.
+    let logs = TempDir::new();
+    let relay_log = File::create(logs.path().join("relay.log")).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::sync::Mutex::new(relay_log))
+        .with_ansi(false)
+        .try_init();
     let relay = RunningRelay::spawn(
         OutboxRelay::new(
             db.pool().clone(),
@@ -365,7 +375,7 @@ async fn chain(broker: &'static str, bootstrap: Option<String>, transport: Arc<d
         db,
         registry: registry.url.clone(),
         topics,
-        logs: TempDir::new(),
+        logs,
         kafka: kafka.map(|client| KafkaAdmin::new(&client, 1).unwrap()),
         bootstrap,
         order_ids,
