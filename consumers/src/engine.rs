@@ -591,8 +591,8 @@ impl Engine {
         } else if let Some(end) = ps.fetched_end
             && record.offset > end
         {
-            // Usual on a compacted topic (hence debug); on one that is not,
-            // the broker skipped records.
+            // Usual on a compacted topic or past transaction markers (hence
+            // debug); otherwise the broker skipped records.
             tracing::debug!(
                 topic = %topic,
                 partition,
