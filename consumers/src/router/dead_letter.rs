@@ -363,12 +363,29 @@ impl Layer for DeadLetters {
         match next.run(ctx).await {
             Verdict::DeadLetter { error, reason } => match self.send(ctx, &error, reason).await {
                 Ok(topic) => Verdict::DeadLettered { topic, reason },
-                Err(e) => Verdict::Backoff {
-                    error: Error::retriable(format!(
-                        "cannot store the dead letter ({e}) of an event that failed ({error})"
-                    )),
-                    delay: Some(self.retry_delay),
-                },
+                Err(e) => {
+                    // Refused for good (too large for the dead-letter
+                    // topic, or not ours to write): only a change to that
+                    // topic lets it through, so say which.
+                    let remedy = if e.is_retriable() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; `{}` refuses it as it is: raise that topic's size limit \
+                             (Kafka `max.message.bytes`, JetStream `max_msg_size`) or grant \
+                             the write; until then the event is tried again every {:?} and \
+                             later events of its key wait",
+                            self.topic_for(&ctx.info().coordinates.topic),
+                            self.retry_delay
+                        )
+                    };
+                    Verdict::Backoff {
+                        error: Error::retriable(format!(
+                            "cannot store the dead letter ({e}) of an event that failed ({error}){remedy}"
+                        )),
+                        delay: Some(self.retry_delay),
+                    }
+                }
             },
             other => other,
         }
@@ -603,14 +620,24 @@ mod tests {
             error.len()
         );
         assert!(error.contains("xxx"), "{error}");
-        // Too large even so: backed off, not lost.
+        // Too large even so: backed off, not lost, naming the topic to fix.
         let verdict = fail_for_good(
             &dlq,
             Envelope::new("e", "k", vec![7u8; 3_000]),
             &"x".repeat(10_000),
         )
         .await;
-        assert!(matches!(verdict, Verdict::Backoff { .. }), "{verdict:?}");
+        let Verdict::Backoff { error, delay } = verdict else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(delay, Some(Duration::from_secs(5)));
+        let error = error.to_string();
+        assert!(
+            error.contains("`orders.dlq` refuses it as it is")
+                && error.contains("size limit (Kafka `max.message.bytes`")
+                && error.contains("every 5s and later events of its key wait"),
+            "{error}"
+        );
     }
 
     #[tokio::test]
