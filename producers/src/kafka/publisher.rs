@@ -421,13 +421,12 @@ fn publish_error(
         .as_ref()
         .and_then(KafkaError::rdkafka_error_code)
         .is_some_and(|code| {
-            matches!(
-                code,
-                RDKafkaErrorCode::UnknownTopicOrPartition
-                    | RDKafkaErrorCode::UnknownTopic
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-            )
+            is_unknown_topic(code)
+                || matches!(
+                    code,
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed
+                )
         });
     if about_topic {
         // The topic is missing or not ours to write: no event's fault, so
@@ -458,17 +457,11 @@ fn publish_error(
 /// Whether `metadata` lists `topic` with an unknown-topic error, or not
 /// at all.
 fn listed_as_missing(metadata: &rdkafka::metadata::Metadata, topic: &str) -> bool {
-    let unknown = |e| {
-        matches!(
-            RDKafkaErrorCode::from(e),
-            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
-        )
-    };
     metadata
         .topics()
         .iter()
         .filter(|t| super::admin::topic_name(t) == Some(topic))
-        .all(|t| t.error().is_some_and(unknown))
+        .all(|t| t.error().is_some_and(|e| is_unknown_topic(e.into())))
 }
 
 /// A publish to a topic the broker does not have: no event's fault, and
@@ -488,9 +481,14 @@ fn missing_topic(topic: &str) -> Error {
 
 /// Whether librdkafka failed an event for want of its topic.
 fn unknown_topic(e: &KafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(is_unknown_topic)
+}
+
+/// Whether `code` says the broker has no such topic.
+fn is_unknown_topic(code: RDKafkaErrorCode) -> bool {
     matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+        code,
+        RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition
     )
 }
 
